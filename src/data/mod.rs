@@ -1,0 +1,6 @@
+//! Data: IDX files, in-memory datasets, seeded batching.
+
+pub mod dataset;
+pub mod idx;
+
+pub use dataset::{epoch_order, load_split, resolve_data_dir, Dataset, InputNorm};

@@ -1,0 +1,7 @@
+//! Pure functions on slices: the numerical core every layer calls.
+
+pub mod batch_norm;
+pub mod im2col;
+pub mod loss;
+pub mod matmul;
+pub mod pool;

@@ -1,0 +1,15 @@
+//! normlab: Batch Normalization and its relatives in CNN training, exact to PyTorch and fast
+//! on a CPU. See ARCHITECTURE.md for the map.
+
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod kernels;
+pub mod models;
+pub mod nn;
+pub mod optim;
+pub mod tensor;
+pub mod train;
+
+pub use error::{Error, Result};
+pub use tensor::Tensor;

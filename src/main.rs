@@ -1,0 +1,295 @@
+//! The `normlab` command: a thin layer over the library. Parsing, progress bars, printing.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use normlab::checkpoint::load_model;
+use normlab::data::{load_split, resolve_data_dir};
+use normlab::optim::{OptimizerConfig, OptimizerKind, Schedule};
+use normlab::train::{self, EpochMetrics, Reporter, Start, TrainConfig};
+use normlab::Result;
+
+#[derive(Parser)]
+#[command(
+    name = "normlab",
+    version,
+    about = "Batch Normalization and its relatives in CNN training"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on MNIST-format data (Fashion-MNIST by default).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on the test set in eval mode (running statistics).
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// seed-cnn, mlp, or vgg[:cfg] (cfg like 32,32,M,64,64,M,128,128,M).
+    #[arg(long, default_value = "seed-cnn")]
+    model: String,
+    /// Normalization after each conv/linear layer: bn[:opts] or none.
+    #[arg(long, default_value = "bn")]
+    norm: String,
+    /// Number of epochs [default: 10].
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    #[arg(long, default_value = "adam")]
+    optimizer: OptimizerKind,
+    /// Learning rate [default: 1e-3 for adam/adamw, 0.01 for sgd].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// SGD momentum, or Adam's beta1.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Nesterov momentum (SGD only).
+    #[arg(long)]
+    nesterov: bool,
+    /// L2 penalty (SGD, Adam) or decoupled decay (AdamW).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Exempt norm parameters (gamma, beta) and biases from weight decay.
+    #[arg(long)]
+    no_decay_norm_bias: bool,
+    #[arg(long, default_value = "constant")]
+    schedule: Schedule,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Folder with the IDX files [default: $NORMLAB_DATA, ./data/fashion-mnist,
+    /// /usr/share/datasets/fashion-mnist].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder [default: runs/<model>-<norm>, never overwriting an earlier run].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder where it stopped (its config is reused; --epochs and
+    /// --threads may be given).
+    #[arg(long, conflicts_with = "out")]
+    resume: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A model.safetensors written by `normlab train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    test_limit: Option<usize>,
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_threads(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if n == 0 {
+        return Err(normlab::Error::invalid("--threads must be at least 1"));
+    }
+    // Only the first call in a process sets the pool; later ones keep it.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    Ok(n)
+}
+
+/// Progress bars and one table row per epoch.
+struct CliReporter {
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter for CliReporter {
+    fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize) {
+        let bar = ProgressBar::new(batches as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        bar.enable_steady_tick(Duration::from_millis(250));
+        self.bar = Some(bar);
+    }
+
+    fn batch(&mut self, mean_loss: f64, images_per_sec: f64) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s"));
+            bar.inc(1);
+        }
+    }
+
+    fn epoch_end(&mut self, m: &EpochMetrics) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        println!(
+            "{:>5}  {:>9.2e}  {:>10.4}  {:>9.4}  {:>9.4}  {:>8.4}  {:>7.1}  {:>8.0}",
+            m.epoch,
+            m.lr,
+            m.train_loss,
+            m.train_accuracy,
+            m.test_loss,
+            m.test_accuracy,
+            m.seconds,
+            m.images_per_sec
+        );
+    }
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    let (start, out) = match &a.resume {
+        Some(dir) => {
+            let threads = a.threads.map(|t| init_threads(Some(t))).transpose()?;
+            if threads.is_none() {
+                // The stored thread count applies; read it back for the pool.
+                let m = std::fs::read_to_string(dir.join("metrics.json")).ok();
+                let stored = m.and_then(|t| serde_json::from_str::<train::RunMetrics>(&t).ok());
+                init_threads(stored.map(|s| s.config.threads))?;
+            }
+            (
+                Start::Resume {
+                    epochs: a.epochs,
+                    threads,
+                },
+                dir.clone(),
+            )
+        }
+        None => {
+            let threads = init_threads(a.threads)?;
+            let lr = a.lr.unwrap_or(if a.optimizer == OptimizerKind::Sgd {
+                0.01
+            } else {
+                1e-3
+            });
+            let config = TrainConfig {
+                model: a.model.clone(),
+                norm: a.norm.clone(),
+                epochs: a.epochs.unwrap_or(10),
+                batch_size: a.batch_size,
+                optimizer: OptimizerConfig {
+                    kind: a.optimizer,
+                    lr,
+                    momentum: a.momentum,
+                    nesterov: a.nesterov,
+                    weight_decay: a.weight_decay,
+                    no_decay_norm_and_bias: a.no_decay_norm_bias,
+                    ..OptimizerConfig::default()
+                },
+                schedule: a.schedule,
+                seed: a.seed,
+                threads,
+                train_limit: a.train_limit,
+                test_limit: a.test_limit,
+                data: a.data.clone(),
+            };
+            config.validate()?;
+            let name = format!(
+                "{}-{}",
+                a.model.replace([':', ','], "_"),
+                a.norm.replace([':', ',', '='], "_")
+            );
+            let out = a
+                .out
+                .clone()
+                .unwrap_or_else(|| train::fresh_run_dir(&PathBuf::from("runs"), &name));
+            (Start::Fresh(config), out)
+        }
+    };
+    println!("run folder: {}", out.display());
+    println!(
+        "{:>5}  {:>9}  {:>10}  {:>9}  {:>9}  {:>8}  {:>7}  {:>8}",
+        "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img/s"
+    );
+    let m = train::train(start, &out, &mut CliReporter { bar: None })?;
+    println!(
+        "done: test accuracy {:.4}, test loss {:.4}, {:.0} training images/s; wrote {}",
+        m.test_accuracy,
+        m.test_loss,
+        m.train_images_per_sec,
+        out.display()
+    );
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    if a.batch_size == 0 {
+        return Err(normlab::Error::invalid("--batch-size must be at least 1"));
+    }
+    let (mut model, meta) = load_model(&a.checkpoint)?;
+    let dir = resolve_data_dir(a.data.as_deref())?;
+    let mut test = load_split(&dir, false)?;
+    if let Some(n) = a.test_limit {
+        test.truncate(n);
+    }
+    if test.shape != meta.spec.input {
+        return Err(normlab::Error::invalid(format!(
+            "checkpoint expects images {:?}, data in {} are {:?}",
+            meta.spec.input,
+            dir.display(),
+            test.shape
+        )));
+    }
+    let (loss, acc) = train::evaluate(&mut model, &test, meta.input_norm, a.batch_size)?;
+    if a.json {
+        let j = serde_json::json!({
+            "checkpoint": a.checkpoint, "model": meta.spec.model, "norm": meta.spec.norm,
+            "epoch": meta.epoch, "test_images": test.len(), "test_loss": loss, "test_accuracy": acc,
+        });
+        println!("{j}");
+    } else {
+        println!(
+            "model: {} ({}), norm {}",
+            meta.spec.model,
+            model.summary(),
+            meta.spec.norm
+        );
+        println!(
+            "test images {}  test loss {loss:.4}  test accuracy {acc:.4}",
+            test.len()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => run_train(a),
+        Command::Eval(a) => run_eval(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Model builders: seed-cnn (the articles' network), mlp (the BN paper's MNIST network) and
+//! vgg (a configurable conv stack). A model is a Sequential plus the spec that rebuilds it.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::nn::activation::{ReLU, Sigmoid};
+use crate::nn::conv2d::Conv2d;
+use crate::nn::linear::Linear;
+use crate::nn::norm_spec::NormSpec;
+use crate::nn::pool::{Flatten, MaxPool2d};
+use crate::nn::{Mode, Sequential};
+use crate::tensor::Tensor;
+
+/// The default VGG configuration: numbers are 3x3 conv widths, `M` a 2x2 max-pool.
+pub const DEFAULT_VGG: &str = "32,32,M,64,64,M,128,128,M";
+
+/// Everything needed to rebuild a model's structure; stored in checkpoint metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// `seed-cnn`, `mlp` or `vgg:<cfg>`.
+    pub model: String,
+    /// Canonical norm spec (see `NormSpec`'s Display).
+    pub norm: String,
+    /// Input [C, H, W].
+    pub input: [usize; 3],
+    pub classes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Arch {
+    SeedCnn,
+    Mlp,
+    Vgg(Vec<Option<usize>>),
+}
+
+fn parse_arch(model: &str) -> Result<Arch> {
+    let (name, cfg) = model.split_once(':').unwrap_or((model, ""));
+    match (name, cfg) {
+        ("seed-cnn", "") => Ok(Arch::SeedCnn),
+        ("mlp", "") => Ok(Arch::Mlp),
+        ("vgg", cfg) => {
+            let cfg = if cfg.is_empty() { DEFAULT_VGG } else { cfg };
+            let items = cfg
+                .split(',')
+                .map(|t| match t.trim() {
+                    "M" | "m" => Ok(None),
+                    w => match w.parse::<usize>() {
+                        Ok(c) if c > 0 => Ok(Some(c)),
+                        _ => Err(Error::invalid(format!(
+                            "vgg cfg item '{w}' is neither a width > 0 nor M"
+                        ))),
+                    },
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if !items.iter().any(|i| i.is_some()) {
+                return Err(Error::invalid(format!("vgg cfg '{cfg}' has no conv layer")));
+            }
+            Ok(Arch::Vgg(items))
+        }
+        _ => Err(Error::invalid(format!(
+            "unknown model '{model}' (known: seed-cnn, mlp, vgg[:cfg])"
+        ))),
+    }
+}
+
+pub struct Model {
+    pub spec: ModelSpec,
+    pub net: Sequential,
+}
+
+impl ModelSpec {
+    /// Canonicalizes and validates; errors name the bad part.
+    pub fn new(model: &str, norm: &str, input: [usize; 3], classes: usize) -> Result<Self> {
+        let arch = parse_arch(model)?;
+        let norm_spec: NormSpec = norm.parse()?;
+        let model = match arch {
+            Arch::Vgg(_) if !model.contains(':') => format!("vgg:{DEFAULT_VGG}"),
+            _ => model.to_string(),
+        };
+        Ok(ModelSpec {
+            model,
+            norm: norm_spec.to_string(),
+            input,
+            classes,
+        })
+    }
+}
+
+impl Model {
+    /// Builds the model with PyTorch-style random initialization from `seed`.
+    pub fn build(spec: &ModelSpec, seed: u64) -> Result<Model> {
+        let arch = parse_arch(&spec.model)?;
+        let norm: NormSpec = spec.norm.parse()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let [c, h, w] = spec.input;
+        let bias = norm.wants_bias();
+        let mut net = Sequential::default();
+        let push_norm = |net: &mut Sequential, name: String, dims: usize, ch: usize| {
+            if let Some(layer) = norm.build(dims, ch) {
+                net.layers.push((name, layer));
+            }
+        };
+        match arch {
+            Arch::SeedCnn => {
+                net.push("conv1", Conv2d::new(c, 32, 3, 1, 1, bias, &mut rng));
+                push_norm(&mut net, "bn1".into(), 2, 32);
+                net.push("", ReLU::default());
+                net.push("", MaxPool2d::new(2, 2));
+                net.push("", Flatten::default());
+                net.push(
+                    "fc1",
+                    Linear::new(32 * (h / 2) * (w / 2), spec.classes, true, &mut rng),
+                );
+            }
+            Arch::Mlp => {
+                let mut width = c * h * w;
+                for i in 1..=3 {
+                    net.push(&format!("fc{i}"), Linear::new(width, 100, bias, &mut rng));
+                    push_norm(&mut net, format!("bn{i}"), 1, 100);
+                    net.push("", Sigmoid::default());
+                    width = 100;
+                }
+                net.push("fc4", Linear::new(width, spec.classes, true, &mut rng));
+            }
+            Arch::Vgg(items) => {
+                let (mut ch, mut hh, mut ww) = (c, h, w);
+                let mut k = 0;
+                for item in items {
+                    match item {
+                        Some(out) => {
+                            k += 1;
+                            net.push(
+                                &format!("conv{k}"),
+                                Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng),
+                            );
+                            push_norm(&mut net, format!("bn{k}"), 2, out);
+                            net.push("", ReLU::default());
+                            ch = out;
+                        }
+                        None => {
+                            if hh < 2 || ww < 2 {
+                                return Err(Error::invalid(format!(
+                                    "vgg cfg pools a {hh}x{ww} map below 1x1"
+                                )));
+                            }
+                            net.push("", MaxPool2d::new(2, 2));
+                            hh /= 2;
+                            ww /= 2;
+                        }
+                    }
+                }
+                net.push("", Flatten::default());
+                net.push(
+                    "fc1",
+                    Linear::new(ch * hh * ww, spec.classes, true, &mut rng),
+                );
+            }
+        }
+        // The first layer never needs dL/dx (it is the data).
+        if let Some((_, first)) = net.layers.first_mut() {
+            first.set_input_grad(false);
+        }
+        Ok(Model {
+            spec: spec.clone(),
+            net,
+        })
+    }
+
+    pub fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let [c, h, w] = self.spec.input;
+        if x.shape.len() != 4 || x.shape[1..] != [c, h, w] {
+            return Err(Error::shape(
+                &self.spec.model,
+                format!("expected input [N, {c}, {h}, {w}], got {:?}", x.shape),
+            ));
+        }
+        if self.spec.model == "mlp" {
+            return self
+                .net
+                .forward(&x.clone().reshaped(&[x.batch(), c * h * w])?, mode);
+        }
+        self.net.forward(x, mode)
+    }
+
+    pub fn backward(&mut self, dlogits: &Tensor) -> Result<()> {
+        self.net.backward(dlogits)?;
+        Ok(())
+    }
+
+    /// Total number of learnable values.
+    pub fn parameter_count(&mut self) -> usize {
+        self.net
+            .named_params()
+            .iter()
+            .map(|(_, p)| p.value.len())
+            .sum()
+    }
+
+    /// The layers' PyTorch kinds in order, for a printed summary.
+    pub fn summary(&self) -> String {
+        self.net
+            .layers
+            .iter()
+            .map(|(n, l)| {
+                if n.is_empty() {
+                    l.kind().to_string()
+                } else {
+                    format!("{n}:{}", l.kind())
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    }
+}

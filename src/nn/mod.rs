@@ -1,0 +1,15 @@
+//! Layers: plain structs with `forward` and `backward` side by side.
+
+pub mod activation;
+pub mod batch_norm;
+pub mod conv2d;
+pub mod dropout;
+pub mod init;
+pub mod layer;
+pub mod linear;
+pub mod norm_spec;
+pub mod pool;
+pub mod sequential;
+
+pub use layer::{BufferMut, Layer, Mode, Param, ParamKind};
+pub use sequential::Sequential;

@@ -1,0 +1,429 @@
+//! The training loop: seeded batches, forward, loss, backward, optimizer step; evaluation each
+//! epoch; atomic checkpoints; exact resume; a clear stop when the loss diverges.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointMeta, Entry};
+use crate::data::{epoch_order, load_split, resolve_data_dir, Dataset, InputNorm};
+use crate::error::{Error, Result};
+use crate::kernels::loss::softmax_cross_entropy;
+use crate::models::{Model, ModelSpec};
+use crate::nn::Mode;
+use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
+use crate::tensor::Tensor;
+
+/// Everything that defines a run; stored in metrics.json and reused by `--resume`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: String,
+    pub norm: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    pub seed: u64,
+    pub threads: usize,
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    pub data: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "seed-cnn".into(),
+            norm: "bn".into(),
+            epochs: 10,
+            batch_size: 128,
+            optimizer: OptimizerConfig::default(),
+            schedule: Schedule::Constant,
+            seed: 0,
+            threads: 2,
+            train_limit: None,
+            test_limit: None,
+            data: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(Error::invalid("--epochs must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::invalid("--batch-size must be at least 1"));
+        }
+        if self.train_limit == Some(0) || self.test_limit == Some(0) {
+            return Err(Error::invalid(
+                "--train-limit and --test-limit must be at least 1",
+            ));
+        }
+        self.optimizer.validate()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based.
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    pub seconds: f64,
+    pub images_per_sec: f64,
+}
+
+/// metrics.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunMetrics {
+    pub config: TrainConfig,
+    pub data_dir: PathBuf,
+    pub input_norm: InputNorm,
+    pub model_parameters: usize,
+    /// "running", "complete" or "diverged".
+    pub status: String,
+    pub epochs: Vec<EpochMetrics>,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// Mean of the per-epoch training rates.
+    pub train_images_per_sec: f64,
+}
+
+/// Receives progress; the CLI draws bars, studies stay quiet.
+pub trait Reporter {
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
+    fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64) {}
+    fn epoch_end(&mut self, _m: &EpochMetrics) {}
+}
+
+/// A reporter that says nothing.
+pub struct Quiet;
+impl Reporter for Quiet {}
+
+/// Mean loss and accuracy of `model` in eval mode over `data`.
+pub fn evaluate(
+    model: &mut Model,
+    data: &Dataset,
+    norm: InputNorm,
+    batch_size: usize,
+) -> Result<(f64, f64)> {
+    let (mut x, mut y) = (Tensor::default(), Vec::new());
+    let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+    let order: Vec<usize> = (0..data.len()).collect();
+    let mut dlogits = Vec::new();
+    for idx in order.chunks(batch_size.max(1)) {
+        data.batch(idx, norm, &mut x, &mut y);
+        let logits = model.forward(&x, Mode::Eval)?;
+        dlogits.resize(logits.len(), 0.0);
+        let (loss, c) = softmax_cross_entropy(&logits.data, &y, data.classes, &mut dlogits);
+        loss_sum += loss * idx.len() as f64;
+        correct += c;
+    }
+    let n = data.len().max(1) as f64;
+    Ok((loss_sum / n, correct as f64 / n))
+}
+
+/// Where a run's files live.
+pub struct RunFiles {
+    pub dir: PathBuf,
+}
+
+impl RunFiles {
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn train_state(&self) -> PathBuf {
+        self.dir.join("train_state.safetensors")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.json")
+    }
+}
+
+fn save_metrics(files: &RunFiles, m: &RunMetrics) -> Result<()> {
+    let json = serde_json::to_vec_pretty(m).expect("metrics serialize");
+    checkpoint::write_atomic(&files.metrics(), &json)
+}
+
+/// Optimizer buffers under `<state>.<param name>`, with the step and epoch in the metadata.
+fn save_train_state(
+    files: &RunFiles,
+    opt: &Optimizer,
+    names: &[String],
+    epoch: usize,
+) -> Result<()> {
+    let (first, second) = match opt.config.kind {
+        OptimizerKind::Sgd => ("momentum_buffer", ""),
+        _ => ("exp_avg", "exp_avg_sq"),
+    };
+    let mut entries = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        if let Some(b) = opt.first.get(i) {
+            entries.push(Entry::f32(format!("{first}.{name}"), &[b.len()], b));
+        }
+        if let Some(b) = opt.second.get(i) {
+            entries.push(Entry::f32(format!("{second}.{name}"), &[b.len()], b));
+        }
+    }
+    let mut md = HashMap::new();
+    md.insert("step".to_string(), opt.step.to_string());
+    md.insert("epoch".to_string(), epoch.to_string());
+    checkpoint::write_atomic(&files.train_state(), &checkpoint::serialize(&entries, md)?)
+}
+
+fn load_train_state(files: &RunFiles, opt: &mut Optimizer, model: &mut Model) -> Result<usize> {
+    let path = files.train_state();
+    let bytes = checkpoint::read_safetensors(&path)?;
+    let md = checkpoint::metadata(&path, &bytes)?;
+    let num = |k: &str| -> Result<u64> {
+        md.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::checkpoint(&path, format!("metadata has no valid '{k}'")))
+    };
+    opt.step = num("step")?;
+    let epoch = num("epoch")? as usize;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    if opt.step > 0 {
+        let (first, second) = match opt.config.kind {
+            OptimizerKind::Sgd => ("momentum_buffer", None),
+            _ => ("exp_avg", Some("exp_avg_sq")),
+        };
+        for (name, p) in model.net.named_params() {
+            let shape = [p.value.len()];
+            opt.first.push(checkpoint::tensor_f32(
+                &path,
+                &st,
+                &format!("{first}.{name}"),
+                &shape,
+            )?);
+            if let Some(s) = second {
+                opt.second.push(checkpoint::tensor_f32(
+                    &path,
+                    &st,
+                    &format!("{s}.{name}"),
+                    &shape,
+                )?);
+            }
+        }
+    }
+    Ok(epoch)
+}
+
+/// Picks `runs/<name>`, or `runs/<name>-2`, `-3`, ... so an earlier run is never overwritten.
+pub fn fresh_run_dir(root: &Path, name: &str) -> PathBuf {
+    let mut dir = root.join(name);
+    let mut k = 2;
+    while dir.exists() {
+        dir = root.join(format!("{name}-{k}"));
+        k += 1;
+    }
+    dir
+}
+
+/// How a run starts: fresh into `out`, or continuing the run in `out`.
+pub enum Start {
+    Fresh(TrainConfig),
+    /// Continue the run in the folder; `epochs`/`threads` may override the stored config.
+    Resume {
+        epochs: Option<usize>,
+        threads: Option<usize>,
+    },
+}
+
+/// Trains as `start` says, writing the run folder `out`; returns the final metrics.
+pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<RunMetrics> {
+    let files = RunFiles {
+        dir: out.to_path_buf(),
+    };
+    let (config, history) = match start {
+        Start::Fresh(config) => {
+            config.validate()?;
+            if files.metrics().exists() || files.model().exists() {
+                return Err(Error::invalid(format!(
+                    "{} already holds a run; continue it with --resume {} or choose another --out",
+                    out.display(),
+                    out.display()
+                )));
+            }
+            (config, Vec::new())
+        }
+        Start::Resume { epochs, threads } => {
+            let path = files.metrics();
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let prev: RunMetrics = serde_json::from_str(&text).map_err(|e| {
+                Error::checkpoint(&path, format!("not a normlab metrics.json ({e})"))
+            })?;
+            let mut config = prev.config;
+            if let Some(e) = epochs {
+                config.epochs = e;
+            }
+            if let Some(t) = threads {
+                config.threads = t;
+            }
+            config.validate()?;
+            (config, prev.epochs)
+        }
+    };
+    let data_dir = resolve_data_dir(config.data.as_deref())?;
+    let mut train_set = load_split(&data_dir, true)?;
+    let mut test_set = load_split(&data_dir, false)?;
+    let input_norm = train_set.pixel_stats();
+    if let Some(n) = config.train_limit {
+        train_set.truncate(n);
+    }
+    if let Some(n) = config.test_limit {
+        test_set.truncate(n);
+    }
+    let spec = ModelSpec::new(
+        &config.model,
+        &config.norm,
+        train_set.shape,
+        train_set.classes,
+    )?;
+    let mut model = Model::build(&spec, config.seed)?;
+    if spec.model == "mlp"
+        && spec.norm.starts_with("bn")
+        && train_set.len() % config.batch_size == 1
+    {
+        return Err(Error::invalid(format!(
+            "{} training samples in batches of {} leave a last batch of 1, on which BatchNorm1d cannot \
+             train; choose another --batch-size or --train-limit",
+            train_set.len(),
+            config.batch_size
+        )));
+    }
+    let mut opt = Optimizer::new(config.optimizer.clone());
+    let names: Vec<String> = model
+        .net
+        .named_params()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut start_epoch = 0;
+    if !history.is_empty() {
+        let (bytes, path) = (checkpoint::read_safetensors(&files.model())?, files.model());
+        checkpoint::load_state_dict(&path, &bytes, &mut model)?;
+        start_epoch = load_train_state(&files, &mut opt, &mut model)?;
+        if start_epoch != history.len() {
+            return Err(Error::checkpoint(
+                files.train_state(),
+                format!(
+                    "records epoch {start_epoch} but metrics.json has {} epochs",
+                    history.len()
+                ),
+            ));
+        }
+    }
+    let mut metrics = RunMetrics {
+        config: config.clone(),
+        data_dir: data_dir.clone(),
+        input_norm,
+        model_parameters: model.parameter_count(),
+        status: "running".into(),
+        epochs: history,
+        test_accuracy: 0.0,
+        test_loss: 0.0,
+        train_images_per_sec: 0.0,
+    };
+    summarize(&mut metrics);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    save_metrics(&files, &metrics)?;
+
+    let bs = config.batch_size;
+    let batches = train_set.len().div_ceil(bs);
+    let (mut x, mut y) = (Tensor::default(), Vec::new());
+    let mut dlogits = Tensor::default();
+    for epoch in start_epoch..config.epochs {
+        let lr = config
+            .schedule
+            .lr(config.optimizer.lr, epoch, config.epochs);
+        reporter.epoch_start(epoch + 1, config.epochs, batches);
+        let order = epoch_order(train_set.len(), config.seed, epoch, true);
+        let t0 = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        for (b, idx) in order.chunks(bs).enumerate() {
+            train_set.batch(idx, input_norm, &mut x, &mut y);
+            model.net.zero_grad();
+            model.net.set_step_seed(
+                config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+            );
+            let logits = model.forward(&x, Mode::Train)?;
+            dlogits.resize_to(&logits.shape);
+            let (loss, c) =
+                softmax_cross_entropy(&logits.data, &y, train_set.classes, &mut dlogits.data);
+            if !loss.is_finite() {
+                metrics.status = "diverged".into();
+                save_metrics(&files, &metrics)?;
+                return Err(Error::Diverged(format!(
+                    "loss became {loss} at epoch {}, batch {} (lr {lr}); the last good checkpoint (epoch {}) \
+                     is kept in {}",
+                    epoch + 1,
+                    b + 1,
+                    epoch,
+                    out.display()
+                )));
+            }
+            model.backward(&dlogits)?;
+            opt.step(&mut model.net.named_params(), lr);
+            loss_sum += loss * idx.len() as f64;
+            correct += c;
+            seen += idx.len();
+            reporter.batch(
+                loss_sum / seen as f64,
+                seen as f64 / t0.elapsed().as_secs_f64(),
+            );
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let (test_loss, test_accuracy) = evaluate(&mut model, &test_set, input_norm, 1000)?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen as f64,
+            train_accuracy: correct as f64 / seen as f64,
+            test_loss,
+            test_accuracy,
+            seconds,
+            images_per_sec: seen as f64 / seconds,
+        };
+        reporter.epoch_end(&m);
+        metrics.epochs.push(m);
+        summarize(&mut metrics);
+        if epoch + 1 == config.epochs {
+            metrics.status = "complete".into();
+        }
+        // Optimizer state first, then the model, then the metrics that point at both.
+        save_train_state(&files, &opt, &names, epoch + 1)?;
+        let meta = CheckpointMeta {
+            spec: spec.clone(),
+            input_norm,
+            epoch: epoch + 1,
+        };
+        checkpoint::save_model(&files.model(), &mut model, &meta)?;
+        save_metrics(&files, &metrics)?;
+    }
+    if metrics.epochs.len() >= config.epochs {
+        metrics.status = "complete".into();
+        save_metrics(&files, &metrics)?;
+    }
+    Ok(metrics)
+}
+
+fn summarize(m: &mut RunMetrics) {
+    if let Some(last) = m.epochs.last() {
+        m.test_accuracy = last.test_accuracy;
+        m.test_loss = last.test_loss;
+    }
+    if !m.epochs.is_empty() {
+        m.train_images_per_sec =
+            m.epochs.iter().map(|e| e.images_per_sec).sum::<f64>() / m.epochs.len() as f64;
+    }
+}
