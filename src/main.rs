@@ -27,6 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model on MNIST-format data (Fashion-MNIST by default).
+    #[command(allow_negative_numbers = true)]
     Train(TrainArgs),
     /// Evaluate a checkpoint on the test set in eval mode (running statistics).
     Eval(EvalArgs),

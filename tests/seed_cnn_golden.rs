@@ -26,7 +26,14 @@ fn run(kind: OptimizerKind, lr: f64, weight_decay: f64, nesterov: bool, prefix: 
     let spec = ModelSpec::new("seed-cnn", "bn", [1, 28, 28], 10).unwrap();
     let mut model = Model::build(&spec, 0).unwrap();
     load(&mut model, &g, "init");
-    let cfg = OptimizerConfig { kind, lr, momentum: 0.9, weight_decay, nesterov, ..OptimizerConfig::default() };
+    let cfg = OptimizerConfig {
+        kind,
+        lr,
+        momentum: 0.9,
+        weight_decay,
+        nesterov,
+        ..OptimizerConfig::default()
+    };
     let mut opt = Optimizer::new(cfg);
     let want_losses = g.f64s(&format!("{prefix}.losses"));
     for (s, want) in want_losses.iter().enumerate() {
@@ -36,18 +43,29 @@ fn run(kind: OptimizerKind, lr: f64, weight_decay: f64, nesterov: bool, prefix: 
         let logits = model.forward(&x, Mode::Train).unwrap();
         let mut dlogits = normlab::Tensor::zeros(&logits.shape);
         let (loss, _) = softmax_cross_entropy(&logits.data, &y, 10, &mut dlogits.data);
-        assert!((loss - want).abs() <= 1e-4 * want.abs().max(1.0), "{prefix} step {s}: loss {loss} vs {want}");
+        assert!(
+            (loss - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "{prefix} step {s}: loss {loss} vs {want}"
+        );
         model.backward(&dlogits).unwrap();
         opt.step(&mut model.net.named_params(), lr);
     }
     for (name, p) in model.net.named_params() {
-        assert_close(&format!("{prefix} {name}"), &p.value.data, &g.tensor(&format!("{prefix}.{name}")).data, 1e-4);
+        assert_close(
+            &format!("{prefix} {name}"),
+            &p.value.data,
+            &g.tensor(&format!("{prefix}.{name}")).data,
+            1e-4,
+        );
     }
     for (name, b) in model.net.named_buffers() {
         match b {
-            BufferMut::F32(t) => {
-                assert_close(&format!("{prefix} {name}"), &t.data, &g.tensor(&format!("{prefix}.{name}")).data, 1e-4)
-            }
+            BufferMut::F32(t) => assert_close(
+                &format!("{prefix} {name}"),
+                &t.data,
+                &g.tensor(&format!("{prefix}.{name}")).data,
+                1e-4,
+            ),
             BufferMut::I64(v) => assert_eq!(*v, g.i64s(&format!("{prefix}.{name}"))[0]),
         }
     }

@@ -66,9 +66,11 @@ impl FromStr for NormSpec {
                         "momentum" => cfg.momentum = Some(parse_f64(key, v)?),
                         "affine" => cfg.affine = parse_bool(key, v)?,
                         "track" => cfg.track_running_stats = parse_bool(key, v)?,
-                        _ => return Err(Error::invalid(format!(
+                        _ => {
+                            return Err(Error::invalid(format!(
                             "unknown option '{key}' for bn (known: eps, momentum, affine, track)"
-                        ))),
+                        )))
+                        }
                     }
                 }
                 cfg.validate()?;

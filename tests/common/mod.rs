@@ -9,7 +9,9 @@ use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 pub fn golden_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/goldens")
+        .join(name)
 }
 
 /// A golden file written by scripts/make_goldens.py.
@@ -40,27 +42,46 @@ impl Golden {
     /// An F32 tensor (F64 is narrowed).
     pub fn tensor(&self, key: &str) -> Tensor {
         let st = self.st();
-        let t = st.tensor(key).unwrap_or_else(|_| panic!("golden has no {key}"));
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("golden has no {key}"));
         let data: Vec<f32> = match t.dtype() {
-            Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F64 => t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+            Dtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
             d => panic!("{key}: unexpected dtype {d:?}"),
         };
-        Tensor { shape: t.shape().to_vec(), data }
+        Tensor {
+            shape: t.shape().to_vec(),
+            data,
+        }
     }
 
     pub fn f64s(&self, key: &str) -> Vec<f64> {
         let st = self.st();
         let t = st.tensor(key).unwrap();
         assert_eq!(t.dtype(), Dtype::F64);
-        t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
+        t.data()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
 
     pub fn i64s(&self, key: &str) -> Vec<i64> {
         let st = self.st();
         let t = st.tensor(key).unwrap();
         assert_eq!(t.dtype(), Dtype::I64);
-        t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+        t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
 }
 
@@ -72,7 +93,13 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
 /// As `assert_close`, with the scale at least `floor`: for a result that is analytically zero
 /// (dx of a batch of two), the natural scale is the incoming gradient's, not the noise's.
 pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: length {} vs {}",
+        got.len(),
+        want.len()
+    );
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(floor);
     let (mut worst, mut at) = (0.0f32, 0);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {

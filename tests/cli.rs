@@ -1,0 +1,462 @@
+//! The `normlab` binary end to end on small synthetic IDX data: determinism, exact resume,
+//! eval of a checkpoint, and a clear one-line error (never a panic) for bad input.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn normlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_normlab"))
+        .args(args)
+        .env_remove("NORMLAB_DATA")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = normlab(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "normlab {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs a command that must fail; returns its error line after checking there is exactly one
+/// `error:` line and no panic.
+fn fails(args: &[&str]) -> String {
+    let out = normlab(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "normlab {args:?} should fail");
+    assert!(
+        !stderr.contains("panicked"),
+        "normlab {args:?} panicked: {stderr}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "want one error line for {args:?}, got: {stderr}"
+    );
+    errors[0].to_string()
+}
+
+fn idx_bytes(dims: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    b.extend_from_slice(payload);
+    b
+}
+
+/// A learnable toy set in MNIST format: class k lights rows 2k..2k+3, plus noise.
+fn write_dataset(dir: &Path, train: usize, test: usize, gz_train: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let make = |n: usize, salt: u32| {
+        let (mut images, mut labels) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let label = (i % 10) as u8;
+            labels.push(label);
+            for p in 0..784u32 {
+                let row = p / 28;
+                let noise = ((p.wrapping_mul(2654435761) ^ (i as u32 + salt).wrapping_mul(40503))
+                    >> 7)
+                    % 60;
+                let on = row >= 2 * label as u32 && row < 2 * label as u32 + 3;
+                images.push(if on { 180 + noise as u8 } else { noise as u8 });
+            }
+        }
+        (images, labels)
+    };
+    let (ti, tl) = make(train, 0);
+    let (vi, vl) = make(test, 99);
+    let img = idx_bytes(&[train as u32, 28, 28], &ti);
+    if gz_train {
+        let f = std::fs::File::create(dir.join("train-images-idx3-ubyte.gz")).unwrap();
+        let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        e.write_all(&img).unwrap();
+        e.finish().unwrap();
+    } else {
+        std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
+    }
+    std::fs::write(
+        dir.join("train-labels-idx1-ubyte"),
+        idx_bytes(&[train as u32], &tl),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("t10k-images-idx3-ubyte"),
+        idx_bytes(&[test as u32, 28, 28], &vi),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("t10k-labels-idx1-ubyte"),
+        idx_bytes(&[test as u32], &vl),
+    )
+    .unwrap();
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn metrics(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap()
+}
+
+/// The per-epoch numbers without the timings, which legitimately differ between runs.
+fn learning_curve(m: &serde_json::Value) -> Vec<(f64, f64, f64, f64)> {
+    m["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let f = |k: &str| e[k].as_f64().unwrap();
+            (
+                f("train_loss"),
+                f("train_accuracy"),
+                f("test_loss"),
+                f("test_accuracy"),
+            )
+        })
+        .collect()
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+const QUICK: &[&str] = &["--batch-size", "32", "--seed", "3"];
+
+#[test]
+fn training_is_deterministic_across_threads_and_resumes_exactly() {
+    let t = tmp();
+    let data = t.path().join("data");
+    write_dataset(&data, 300, 100, true);
+    let run = |out: &PathBuf, extra: &[&str]| {
+        let mut args = vec!["train", "--data", s(&data), "--out", s(out)];
+        args.extend_from_slice(QUICK);
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+    run(&a, &["--epochs", "2", "--threads", "2"]);
+    run(&b, &["--epochs", "2", "--threads", "1"]);
+    assert_eq!(learning_curve(&metrics(&a)), learning_curve(&metrics(&b)));
+    assert_eq!(
+        tensors(&a.join("model.safetensors")),
+        tensors(&b.join("model.safetensors"))
+    );
+
+    // One epoch, then --resume to two, lands exactly where the uninterrupted run did.
+    run(&c, &["--epochs", "1", "--threads", "2"]);
+    assert_eq!(metrics(&c)["epochs"].as_array().unwrap().len(), 1);
+    ok(&["train", "--resume", s(&c), "--epochs", "2"]);
+    assert_eq!(learning_curve(&metrics(&a)), learning_curve(&metrics(&c)));
+    assert_eq!(
+        tensors(&a.join("model.safetensors")),
+        tensors(&c.join("model.safetensors"))
+    );
+    assert_eq!(
+        tensors(&a.join("train_state.safetensors")),
+        tensors(&c.join("train_state.safetensors"))
+    );
+
+    let m = metrics(&a);
+    assert_eq!(m["status"], "complete");
+    for key in ["test_accuracy", "test_loss", "train_images_per_sec"] {
+        assert!(m[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert!(
+        m["test_accuracy"].as_f64().unwrap() > 0.5,
+        "the toy set is learnable: {}",
+        m["test_accuracy"]
+    );
+
+    // eval rebuilds the model from the checkpoint's metadata and reproduces the test accuracy.
+    let json = ok(&[
+        "eval",
+        "--checkpoint",
+        s(&a.join("model.safetensors")),
+        "--data",
+        s(&data),
+        "--json",
+    ]);
+    let e: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(e["test_accuracy"], m["test_accuracy"]);
+    assert!((e["test_loss"].as_f64().unwrap() - m["test_loss"].as_f64().unwrap()).abs() < 1e-9);
+
+    // A fresh run never overwrites an existing one.
+    let err = fails(&["train", "--data", s(&data), "--out", s(&a), "--epochs", "1"]);
+    assert!(err.contains("already holds a run"), "{err}");
+}
+
+#[test]
+fn checkpoint_uses_pytorch_names_layouts_and_dtypes() {
+    let t = tmp();
+    let data = t.path().join("data");
+    write_dataset(&data, 64, 20, false);
+    let out = t.path().join("run");
+    ok(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+    ]);
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want: &[(&str, &[usize], safetensors::Dtype)] = &[
+        ("conv1.weight", &[32, 1, 3, 3], safetensors::Dtype::F32),
+        ("bn1.weight", &[32], safetensors::Dtype::F32),
+        ("bn1.bias", &[32], safetensors::Dtype::F32),
+        ("bn1.running_mean", &[32], safetensors::Dtype::F32),
+        ("bn1.running_var", &[32], safetensors::Dtype::F32),
+        ("bn1.num_batches_tracked", &[], safetensors::Dtype::I64),
+        ("fc1.weight", &[10, 6272], safetensors::Dtype::F32),
+        ("fc1.bias", &[10], safetensors::Dtype::F32),
+    ];
+    assert_eq!(st.names().len(), want.len());
+    for (name, shape, dtype) in want {
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.shape(), *shape, "{name}");
+        assert_eq!(t.dtype(), *dtype, "{name}");
+    }
+    let nbt = i64::from_le_bytes(
+        st.tensor("bn1.num_batches_tracked")
+            .unwrap()
+            .data()
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(nbt, 2, "two batches of 32 were tracked");
+}
+
+#[test]
+fn bad_data_gives_one_clear_error() {
+    let t = tmp();
+    let good = t.path().join("good");
+    write_dataset(&good, 40, 20, false);
+    let variant = |name: &str, file: &str, bytes: Vec<u8>| {
+        let dir = t.path().join(name);
+        write_dataset(&dir, 40, 20, false);
+        std::fs::write(dir.join(file), bytes).unwrap();
+        dir
+    };
+    let img = std::fs::read(good.join("train-images-idx3-ubyte")).unwrap();
+    let truncated = variant(
+        "trunc",
+        "train-images-idx3-ubyte",
+        img[..img.len() - 100].to_vec(),
+    );
+    let mut magic = img.clone();
+    magic[2] = 0x0d;
+    let bad_magic = variant("magic", "train-images-idx3-ubyte", magic);
+    let mismatch = variant(
+        "count",
+        "train-labels-idx1-ubyte",
+        idx_bytes(&[39], &[1; 39]),
+    );
+    let bad_label = variant(
+        "label",
+        "train-labels-idx1-ubyte",
+        idx_bytes(&[40], &[11; 40]),
+    );
+    let corrupt_gz = {
+        let dir = t.path().join("gz");
+        write_dataset(&dir, 40, 20, false);
+        std::fs::remove_file(dir.join("train-images-idx3-ubyte")).unwrap();
+        std::fs::write(
+            dir.join("train-images-idx3-ubyte.gz"),
+            b"\x1f\x8b\x08\x00garbage",
+        )
+        .unwrap();
+        dir
+    };
+    let cases: &[(&Path, &str)] = &[
+        (&truncated, "truncated"),
+        (&bad_magic, "magic"),
+        (&mismatch, "39 labels but"),
+        (&bad_label, "label 11"),
+        (&corrupt_gz, "gzip"),
+        (Path::new("/nonexistent/dir"), "dataset-fashion-mnist"),
+    ];
+    for (dir, want) in cases {
+        let out = t.path().join("never");
+        let err = fails(&["train", "--data", s(dir), "--out", s(&out), "--epochs", "1"]);
+        assert!(
+            err.contains(want),
+            "{}: want '{want}' in: {err}",
+            dir.display()
+        );
+        assert!(!out.exists(), "nothing is written when the data is bad");
+    }
+}
+
+#[test]
+fn bad_options_and_checkpoints_give_one_clear_error() {
+    let t = tmp();
+    let data = t.path().join("data");
+    write_dataset(&data, 64, 20, false);
+    let d = s(&data);
+    let out = t.path().join("o");
+    let o = s(&out);
+    for (args, want) in [
+        (
+            vec!["train", "--data", d, "--out", o, "--optimizer", "rmsprop"],
+            "rmsprop",
+        ),
+        (vec!["train", "--data", d, "--out", o, "--lr", "-1"], "--lr"),
+        (
+            vec!["train", "--data", d, "--out", o, "--batch-size", "0"],
+            "--batch-size",
+        ),
+        (
+            vec!["train", "--data", d, "--out", o, "--norm", "bn:eps=0"],
+            "eps",
+        ),
+        (
+            vec!["train", "--data", d, "--out", o, "--norm", "bn:momentum=2"],
+            "momentum",
+        ),
+        (
+            vec!["train", "--data", d, "--out", o, "--norm", "whitening"],
+            "unknown norm",
+        ),
+        (
+            vec!["train", "--data", d, "--out", o, "--model", "vgg:32,X"],
+            "vgg cfg",
+        ),
+        (
+            vec!["train", "--data", d, "--out", o, "--schedule", "linear"],
+            "linear",
+        ),
+        (
+            vec!["train", "--data", d, "--out", o, "--epochs", "0"],
+            "--epochs",
+        ),
+        (
+            vec!["train", "--data", d, "--out", o, "--threads", "0"],
+            "--threads",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                d,
+                "--out",
+                o,
+                "--model",
+                "mlp",
+                "--train-limit",
+                "33",
+                "--batch-size",
+                "32",
+            ],
+            "last batch of 1",
+        ),
+    ] {
+        let err = fails(&args);
+        assert!(err.contains(want), "{args:?}: want '{want}' in: {err}");
+    }
+    assert!(!out.exists());
+
+    // Checkpoints: missing, not safetensors, tensors that do not match the metadata.
+    let garbage = t.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a checkpoint").unwrap();
+    let err = fails(&["eval", "--checkpoint", s(&garbage), "--data", d]);
+    assert!(err.contains("not a readable safetensors"), "{err}");
+    let err = fails(&[
+        "eval",
+        "--checkpoint",
+        "/nonexistent.safetensors",
+        "--data",
+        d,
+    ]);
+    assert!(err.contains("/nonexistent.safetensors"), "{err}");
+
+    let run = t.path().join("run");
+    ok(&[
+        "train",
+        "--data",
+        d,
+        "--out",
+        s(&run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+    ]);
+    let ckpt = run.join("model.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    // Same tensors, metadata claiming a VGG: a mismatch, reported by tensor name.
+    let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = &text[8..header_end];
+    let lied = header.replace("seed-cnn", "vgg:8,M");
+    let mut forged = Vec::new();
+    forged.extend_from_slice(&(lied.len() as u64).to_le_bytes());
+    forged.extend_from_slice(lied.as_bytes());
+    forged.extend_from_slice(&bytes[header_end..]);
+    let mismatched = t.path().join("mismatched.safetensors");
+    std::fs::write(&mismatched, forged).unwrap();
+    let err = fails(&["eval", "--checkpoint", s(&mismatched), "--data", d]);
+    assert!(
+        err.contains("conv1.weight") || err.contains("unexpected tensors"),
+        "{err}"
+    );
+    // Truncated file.
+    let cut = t.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&["eval", "--checkpoint", s(&cut), "--data", d]);
+    assert!(err.contains("not a readable safetensors"), "{err}");
+    // Resume from a folder that holds no run.
+    let err = fails(&["train", "--resume", s(&t.path().join("empty"))]);
+    assert!(err.contains("metrics.json"), "{err}");
+}
+
+#[test]
+fn divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint() {
+    let t = tmp();
+    let data = t.path().join("data");
+    write_dataset(&data, 64, 20, false);
+    let out = t.path().join("run");
+    // An absurd rate without BN: ReLU activations overflow f32 within a few steps.
+    let err = fails(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--norm",
+        "none",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e30",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+    ]);
+    assert!(
+        err.contains("training diverged") && err.contains("last good checkpoint"),
+        "{err}"
+    );
+    assert_eq!(metrics(&out)["status"], "diverged");
+}
