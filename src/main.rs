@@ -105,6 +105,9 @@ struct EvalArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Write the predicted class of every test image to FILE as a JSON array.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
 }
 
 fn init_threads(threads: Option<usize>) -> Result<usize> {
@@ -258,7 +261,12 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             test.shape
         )));
     }
-    let (loss, acc) = train::evaluate(&mut model, &test, meta.input_norm, a.batch_size)?;
+    let ev = train::evaluate(&mut model, &test, meta.input_norm, a.batch_size)?;
+    let (loss, acc) = (ev.loss, ev.accuracy);
+    if let Some(path) = &a.predictions {
+        let json = serde_json::to_vec(&ev.predictions).expect("predictions serialize");
+        normlab::checkpoint::write_atomic(path, &json)?;
+    }
     if a.json {
         let j = serde_json::json!({
             "checkpoint": a.checkpoint, "model": meta.spec.model, "norm": meta.spec.norm,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, CheckpointMeta, Entry};
 use crate::data::{epoch_order, load_split, resolve_data_dir, Dataset, InputNorm};
 use crate::error::{Error, Result};
-use crate::kernels::loss::softmax_cross_entropy;
+use crate::kernels::loss::{argmax, softmax_cross_entropy};
 use crate::models::{Model, ModelSpec};
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
@@ -108,17 +108,22 @@ pub trait Reporter {
 pub struct Quiet;
 impl Reporter for Quiet {}
 
-/// Mean loss and accuracy of `model` in eval mode over `data`.
-pub fn evaluate(
-    model: &mut Model,
-    data: &Dataset,
-    norm: InputNorm,
-    batch_size: usize,
-) -> Result<(f64, f64)> {
+/// A model's results on a dataset in eval mode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// The predicted class of every sample, in order.
+    pub predictions: Vec<u8>,
+}
+
+/// Mean loss, accuracy and predictions of `model` in eval mode over `data`.
+pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: usize) -> Result<Evaluation> {
     let (mut x, mut y) = (Tensor::default(), Vec::new());
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
     let order: Vec<usize> = (0..data.len()).collect();
     let mut dlogits = Vec::new();
+    let mut predictions = Vec::with_capacity(data.len());
     for idx in order.chunks(batch_size.max(1)) {
         data.batch(idx, norm, &mut x, &mut y);
         let logits = model.forward(&x, Mode::Eval)?;
@@ -126,9 +131,10 @@ pub fn evaluate(
         let (loss, c) = softmax_cross_entropy(&logits.data, &y, data.classes, &mut dlogits);
         loss_sum += loss * idx.len() as f64;
         correct += c;
+        predictions.extend(logits.data.chunks(data.classes).map(|z| argmax(z) as u8));
     }
     let n = data.len().max(1) as f64;
-    Ok((loss_sum / n, correct as f64 / n))
+    Ok(Evaluation { loss: loss_sum / n, accuracy: correct as f64 / n, predictions })
 }
 
 /// Where a run's files live.
@@ -383,7 +389,8 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             );
         }
         let seconds = t0.elapsed().as_secs_f64();
-        let (test_loss, test_accuracy) = evaluate(&mut model, &test_set, input_norm, 1000)?;
+        let test = evaluate(&mut model, &test_set, input_norm, 1000)?;
+        let (test_loss, test_accuracy) = (test.loss, test.accuracy);
         let m = EpochMetrics {
             epoch: epoch + 1,
             lr,

@@ -86,7 +86,7 @@ mod tests {
         for d in dims {
             b.extend_from_slice(&d.to_be_bytes());
         }
-        b.extend(std::iter::repeat(7).take(payload));
+        b.extend(std::iter::repeat_n(7, payload));
         b
     }
 
