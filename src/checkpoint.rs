@@ -90,8 +90,7 @@ pub fn serialize(entries: &[Entry], metadata: HashMap<String, String>) -> Result
                 .map_err(|err| Error::invalid(format!("tensor {}: {err}", e.name)))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, &Some(metadata))
-        .map_err(|e| Error::invalid(format!("safetensors: {e}")))
+    safetensors::serialize(views, &Some(metadata)).map_err(|e| Error::invalid(format!("safetensors: {e}")))
 }
 
 /// The model's state dict, in PyTorch names and layouts.
@@ -154,10 +153,7 @@ pub fn tensor_f32(path: &Path, st: &SafeTensors, name: &str, shape: &[usize]) ->
     if t.shape() != shape {
         return Err(Error::checkpoint(
             path,
-            format!(
-                "tensor '{name}' has shape {:?}, the model expects {shape:?}",
-                t.shape()
-            ),
+            format!("tensor '{name}' has shape {:?}, the model expects {shape:?}", t.shape()),
         ));
     }
     Ok(t.data()
@@ -171,10 +167,7 @@ fn tensor_i64(path: &Path, st: &SafeTensors, name: &str) -> Result<i64> {
         .tensor(name)
         .map_err(|_| Error::checkpoint(path, format!("missing tensor '{name}'")))?;
     if t.dtype() != Dtype::I64 || t.data().len() != 8 {
-        return Err(Error::checkpoint(
-            path,
-            format!("tensor '{name}' must be a scalar I64"),
-        ));
+        return Err(Error::checkpoint(path, format!("tensor '{name}' must be a scalar I64")));
     }
     Ok(i64::from_le_bytes(t.data().try_into().expect("8 bytes")))
 }
@@ -217,12 +210,8 @@ pub fn load_model(path: &Path) -> Result<(Model, CheckpointMeta)> {
     let bytes = read_safetensors(path)?;
     let md = metadata(path, &bytes)?;
     let get = |key: &str| {
-        md.get(key).ok_or_else(|| {
-            Error::checkpoint(
-                path,
-                format!("metadata has no '{key}' (not written by normlab train?)"),
-            )
-        })
+        md.get(key)
+            .ok_or_else(|| Error::checkpoint(path, format!("metadata has no '{key}' (not written by normlab train?)")))
     };
     let spec: ModelSpec = serde_json::from_str(get(META_MODEL)?)
         .map_err(|e| Error::checkpoint(path, format!("bad '{META_MODEL}' metadata: {e}")))?;

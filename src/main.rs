@@ -116,9 +116,7 @@ fn init_threads(threads: Option<usize>) -> Result<usize> {
         return Err(normlab::Error::invalid("--threads must be at least 1"));
     }
     // Only the first call in a process sets the pool; later ones keep it.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     Ok(n)
 }
 
@@ -131,11 +129,9 @@ impl Reporter for CliReporter {
     fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize) {
         let bar = ProgressBar::new(batches as u64);
         bar.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed})")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(format!("{epoch}/{epochs}"));
         bar.enable_steady_tick(Duration::from_millis(250));
@@ -155,14 +151,7 @@ impl Reporter for CliReporter {
         }
         println!(
             "{:>5}  {:>9.2e}  {:>10.4}  {:>9.4}  {:>9.4}  {:>8.4}  {:>7.1}  {:>8.0}",
-            m.epoch,
-            m.lr,
-            m.train_loss,
-            m.train_accuracy,
-            m.test_loss,
-            m.test_accuracy,
-            m.seconds,
-            m.images_per_sec
+            m.epoch, m.lr, m.train_loss, m.train_accuracy, m.test_loss, m.test_accuracy, m.seconds, m.images_per_sec
         );
     }
 }
@@ -187,11 +176,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
         }
         None => {
             let threads = init_threads(a.threads)?;
-            let lr = a.lr.unwrap_or(if a.optimizer == OptimizerKind::Sgd {
-                0.01
-            } else {
-                1e-3
-            });
+            let lr =
+                a.lr.unwrap_or(if a.optimizer == OptimizerKind::Sgd { 0.01 } else { 1e-3 });
             let config = TrainConfig {
                 model: a.model.clone(),
                 norm: a.norm.clone(),

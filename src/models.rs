@@ -110,10 +110,7 @@ impl Model {
                 net.push("", ReLU::default());
                 net.push("", MaxPool2d::new(2, 2));
                 net.push("", Flatten::default());
-                net.push(
-                    "fc1",
-                    Linear::new(32 * (h / 2) * (w / 2), spec.classes, true, &mut rng),
-                );
+                net.push("fc1", Linear::new(32 * (h / 2) * (w / 2), spec.classes, true, &mut rng));
             }
             Arch::Mlp => {
                 let mut width = c * h * w;
@@ -132,19 +129,14 @@ impl Model {
                     match item {
                         Some(out) => {
                             k += 1;
-                            net.push(
-                                &format!("conv{k}"),
-                                Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng),
-                            );
+                            net.push(&format!("conv{k}"), Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng));
                             push_norm(&mut net, format!("bn{k}"), 2, out);
                             net.push("", ReLU::default());
                             ch = out;
                         }
                         None => {
                             if hh < 2 || ww < 2 {
-                                return Err(Error::invalid(format!(
-                                    "vgg cfg pools a {hh}x{ww} map below 1x1"
-                                )));
+                                return Err(Error::invalid(format!("vgg cfg pools a {hh}x{ww} map below 1x1")));
                             }
                             net.push("", MaxPool2d::new(2, 2));
                             hh /= 2;
@@ -153,10 +145,7 @@ impl Model {
                     }
                 }
                 net.push("", Flatten::default());
-                net.push(
-                    "fc1",
-                    Linear::new(ch * hh * ww, spec.classes, true, &mut rng),
-                );
+                net.push("fc1", Linear::new(ch * hh * ww, spec.classes, true, &mut rng));
             }
         }
         // The first layer never needs dL/dx (it is the data).
@@ -169,7 +158,8 @@ impl Model {
         })
     }
 
-    pub fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// Forward pass; the input moves in (callers build a fresh batch each step).
+    pub fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
         let [c, h, w] = self.spec.input;
         if x.shape.len() != 4 || x.shape[1..] != [c, h, w] {
             return Err(Error::shape(
@@ -178,25 +168,20 @@ impl Model {
             ));
         }
         if self.spec.model == "mlp" {
-            return self
-                .net
-                .forward(&x.clone().reshaped(&[x.batch(), c * h * w])?, mode);
+            let flat = [x.batch(), c * h * w];
+            return self.net.forward(x.reshaped(&flat)?, mode);
         }
         self.net.forward(x, mode)
     }
 
-    pub fn backward(&mut self, dlogits: &Tensor) -> Result<()> {
+    pub fn backward(&mut self, dlogits: Tensor) -> Result<()> {
         self.net.backward(dlogits)?;
         Ok(())
     }
 
     /// Total number of learnable values.
     pub fn parameter_count(&mut self) -> usize {
-        self.net
-            .named_params()
-            .iter()
-            .map(|(_, p)| p.value.len())
-            .sum()
+        self.net.named_params().iter().map(|(_, p)| p.value.len()).sum()
     }
 
     /// The layers' PyTorch kinds in order, for a printed summary.

@@ -62,9 +62,7 @@ impl OptimizerConfig {
             )));
         }
         if self.nesterov && (self.kind != OptimizerKind::Sgd || self.momentum == 0.0) {
-            return Err(Error::invalid(
-                "--nesterov needs --optimizer sgd with --momentum > 0",
-            ));
+            return Err(Error::invalid("--nesterov needs --optimizer sgd with --momentum > 0"));
         }
         Ok(())
     }
@@ -111,57 +109,23 @@ impl Optimizer {
     pub fn step(&mut self, params: &mut [(String, &mut Param)], lr: f64) {
         let cfg = self.config.clone();
         if self.first.is_empty() {
-            self.first = params
-                .iter()
-                .map(|(_, p)| vec![0.0; p.value.len()])
-                .collect();
+            self.first = params.iter().map(|(_, p)| vec![0.0; p.value.len()]).collect();
             if cfg.kind != OptimizerKind::Sgd {
-                self.second = params
-                    .iter()
-                    .map(|(_, p)| vec![0.0; p.value.len()])
-                    .collect();
+                self.second = params.iter().map(|(_, p)| vec![0.0; p.value.len()]).collect();
             }
         }
         self.step += 1;
         let t = self.step as i32;
         for (i, (_, p)) in params.iter_mut().enumerate() {
-            let decays = !(cfg.no_decay_norm_and_bias
-                && matches!(p.kind, ParamKind::Norm | ParamKind::Bias));
+            let decays = !(cfg.no_decay_norm_and_bias && matches!(p.kind, ParamKind::Norm | ParamKind::Bias));
             let wd = if decays { cfg.weight_decay } else { 0.0 };
             let (w, g) = (&mut p.value.data, &p.grad.data);
             match cfg.kind {
-                OptimizerKind::Sgd => sgd_update(
-                    w,
-                    g,
-                    &mut self.first[i],
-                    lr,
-                    cfg.momentum,
-                    cfg.nesterov,
-                    wd,
-                    t == 1,
-                ),
-                OptimizerKind::Adam => adam_update(
-                    w,
-                    g,
-                    &mut self.first[i],
-                    &mut self.second[i],
-                    lr,
-                    &cfg,
-                    wd,
-                    0.0,
-                    t,
-                ),
-                OptimizerKind::Adamw => adam_update(
-                    w,
-                    g,
-                    &mut self.first[i],
-                    &mut self.second[i],
-                    lr,
-                    &cfg,
-                    0.0,
-                    wd,
-                    t,
-                ),
+                OptimizerKind::Sgd => sgd_update(w, g, &mut self.first[i], lr, cfg.momentum, cfg.nesterov, wd, t == 1),
+                OptimizerKind::Adam => adam_update(w, g, &mut self.first[i], &mut self.second[i], lr, &cfg, wd, 0.0, t),
+                OptimizerKind::Adamw => {
+                    adam_update(w, g, &mut self.first[i], &mut self.second[i], lr, &cfg, 0.0, wd, t)
+                }
             }
         }
     }
@@ -169,16 +133,7 @@ impl Optimizer {
 
 // d = g + wd·w;  buf = μ·buf + d (buf = d on the first step);  w -= lr·(nesterov ? d + μ·buf : buf)
 #[allow(clippy::too_many_arguments)]
-fn sgd_update(
-    w: &mut [f32],
-    g: &[f32],
-    buf: &mut [f32],
-    lr: f64,
-    mu: f64,
-    nesterov: bool,
-    wd: f64,
-    first: bool,
-) {
+fn sgd_update(w: &mut [f32], g: &[f32], buf: &mut [f32], lr: f64, mu: f64, nesterov: bool, wd: f64, first: bool) {
     let (lr, mu, wd) = (lr as f32, mu as f32, wd as f32);
     for ((wv, &gv), b) in w.iter_mut().zip(g).zip(buf.iter_mut()) {
         let mut d = gv + wd * *wv;
@@ -258,10 +213,7 @@ impl Schedule {
                 }
                 lr
             }
-            Schedule::Cosine => {
-                base * 0.5
-                    * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos())
-            }
+            Schedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos()),
         }
     }
 }

@@ -60,9 +60,7 @@ impl TrainConfig {
             return Err(Error::invalid("--batch-size must be at least 1"));
         }
         if self.train_limit == Some(0) || self.test_limit == Some(0) {
-            return Err(Error::invalid(
-                "--train-limit and --test-limit must be at least 1",
-            ));
+            return Err(Error::invalid("--train-limit and --test-limit must be at least 1"));
         }
         self.optimizer.validate()
     }
@@ -126,7 +124,7 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
     let mut predictions = Vec::with_capacity(data.len());
     for idx in order.chunks(batch_size.max(1)) {
         data.batch(idx, norm, &mut x, &mut y);
-        let logits = model.forward(&x, Mode::Eval)?;
+        let logits = model.forward(std::mem::take(&mut x), Mode::Eval)?;
         dlogits.resize(logits.len(), 0.0);
         let (loss, c) = softmax_cross_entropy(&logits.data, &y, data.classes, &mut dlogits);
         loss_sum += loss * idx.len() as f64;
@@ -134,7 +132,11 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
         predictions.extend(logits.data.chunks(data.classes).map(|z| argmax(z) as u8));
     }
     let n = data.len().max(1) as f64;
-    Ok(Evaluation { loss: loss_sum / n, accuracy: correct as f64 / n, predictions })
+    Ok(Evaluation {
+        loss: loss_sum / n,
+        accuracy: correct as f64 / n,
+        predictions,
+    })
 }
 
 /// Where a run's files live.
@@ -160,12 +162,7 @@ fn save_metrics(files: &RunFiles, m: &RunMetrics) -> Result<()> {
 }
 
 /// Optimizer buffers under `<state>.<param name>`, with the step and epoch in the metadata.
-fn save_train_state(
-    files: &RunFiles,
-    opt: &Optimizer,
-    names: &[String],
-    epoch: usize,
-) -> Result<()> {
+fn save_train_state(files: &RunFiles, opt: &Optimizer, names: &[String], epoch: usize) -> Result<()> {
     let (first, second) = match opt.config.kind {
         OptimizerKind::Sgd => ("momentum_buffer", ""),
         _ => ("exp_avg", "exp_avg_sq"),
@@ -196,8 +193,7 @@ fn load_train_state(files: &RunFiles, opt: &mut Optimizer, model: &mut Model) ->
     };
     opt.step = num("step")?;
     let epoch = num("epoch")? as usize;
-    let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
     if opt.step > 0 {
         let (first, second) = match opt.config.kind {
             OptimizerKind::Sgd => ("momentum_buffer", None),
@@ -205,19 +201,11 @@ fn load_train_state(files: &RunFiles, opt: &mut Optimizer, model: &mut Model) ->
         };
         for (name, p) in model.net.named_params() {
             let shape = [p.value.len()];
-            opt.first.push(checkpoint::tensor_f32(
-                &path,
-                &st,
-                &format!("{first}.{name}"),
-                &shape,
-            )?);
+            opt.first
+                .push(checkpoint::tensor_f32(&path, &st, &format!("{first}.{name}"), &shape)?);
             if let Some(s) = second {
-                opt.second.push(checkpoint::tensor_f32(
-                    &path,
-                    &st,
-                    &format!("{s}.{name}"),
-                    &shape,
-                )?);
+                opt.second
+                    .push(checkpoint::tensor_f32(&path, &st, &format!("{s}.{name}"), &shape)?);
             }
         }
     }
@@ -247,9 +235,7 @@ pub enum Start {
 
 /// Trains as `start` says, writing the run folder `out`; returns the final metrics.
 pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<RunMetrics> {
-    let files = RunFiles {
-        dir: out.to_path_buf(),
-    };
+    let files = RunFiles { dir: out.to_path_buf() };
     let (config, history) = match start {
         Start::Fresh(config) => {
             config.validate()?;
@@ -265,9 +251,8 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         Start::Resume { epochs, threads } => {
             let path = files.metrics();
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let prev: RunMetrics = serde_json::from_str(&text).map_err(|e| {
-                Error::checkpoint(&path, format!("not a normlab metrics.json ({e})"))
-            })?;
+            let prev: RunMetrics = serde_json::from_str(&text)
+                .map_err(|e| Error::checkpoint(&path, format!("not a normlab metrics.json ({e})")))?;
             let mut config = prev.config;
             if let Some(e) = epochs {
                 config.epochs = e;
@@ -289,17 +274,9 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     if let Some(n) = config.test_limit {
         test_set.truncate(n);
     }
-    let spec = ModelSpec::new(
-        &config.model,
-        &config.norm,
-        train_set.shape,
-        train_set.classes,
-    )?;
+    let spec = ModelSpec::new(&config.model, &config.norm, train_set.shape, train_set.classes)?;
     let mut model = Model::build(&spec, config.seed)?;
-    if spec.model == "mlp"
-        && spec.norm.starts_with("bn")
-        && train_set.len() % config.batch_size == 1
-    {
+    if spec.model == "mlp" && spec.norm.starts_with("bn") && train_set.len() % config.batch_size == 1 {
         return Err(Error::invalid(format!(
             "{} training samples in batches of {} leave a last batch of 1, on which BatchNorm1d cannot \
              train; choose another --batch-size or --train-limit",
@@ -308,12 +285,7 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         )));
     }
     let mut opt = Optimizer::new(config.optimizer.clone());
-    let names: Vec<String> = model
-        .net
-        .named_params()
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let names: Vec<String> = model.net.named_params().into_iter().map(|(n, _)| n).collect();
     let mut start_epoch = 0;
     if !history.is_empty() {
         let (bytes, path) = (checkpoint::read_safetensors(&files.model())?, files.model());
@@ -349,9 +321,7 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     let (mut x, mut y) = (Tensor::default(), Vec::new());
     let mut dlogits = Tensor::default();
     for epoch in start_epoch..config.epochs {
-        let lr = config
-            .schedule
-            .lr(config.optimizer.lr, epoch, config.epochs);
+        let lr = config.schedule.lr(config.optimizer.lr, epoch, config.epochs);
         reporter.epoch_start(epoch + 1, config.epochs, batches);
         let order = epoch_order(train_set.len(), config.seed, epoch, true);
         let t0 = Instant::now();
@@ -359,13 +329,12 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         for (b, idx) in order.chunks(bs).enumerate() {
             train_set.batch(idx, input_norm, &mut x, &mut y);
             model.net.zero_grad();
-            model.net.set_step_seed(
-                config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
-            );
-            let logits = model.forward(&x, Mode::Train)?;
+            model
+                .net
+                .set_step_seed(config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+            let logits = model.forward(std::mem::take(&mut x), Mode::Train)?;
             dlogits.resize_to(&logits.shape);
-            let (loss, c) =
-                softmax_cross_entropy(&logits.data, &y, train_set.classes, &mut dlogits.data);
+            let (loss, c) = softmax_cross_entropy(&logits.data, &y, train_set.classes, &mut dlogits.data);
             if !loss.is_finite() {
                 metrics.status = "diverged".into();
                 save_metrics(&files, &metrics)?;
@@ -378,15 +347,12 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
                     out.display()
                 )));
             }
-            model.backward(&dlogits)?;
+            model.backward(std::mem::take(&mut dlogits))?;
             opt.step(&mut model.net.named_params(), lr);
             loss_sum += loss * idx.len() as f64;
             correct += c;
             seen += idx.len();
-            reporter.batch(
-                loss_sum / seen as f64,
-                seen as f64 / t0.elapsed().as_secs_f64(),
-            );
+            reporter.batch(loss_sum / seen as f64, seen as f64 / t0.elapsed().as_secs_f64());
         }
         let seconds = t0.elapsed().as_secs_f64();
         let test = evaluate(&mut model, &test_set, input_norm, 1000)?;
@@ -430,7 +396,6 @@ fn summarize(m: &mut RunMetrics) {
         m.test_loss = last.test_loss;
     }
     if !m.epochs.is_empty() {
-        m.train_images_per_sec =
-            m.epochs.iter().map(|e| e.images_per_sec).sum::<f64>() / m.epochs.len() as f64;
+        m.train_images_per_sec = m.epochs.iter().map(|e| e.images_per_sec).sum::<f64>() / m.epochs.len() as f64;
     }
 }

@@ -33,15 +33,10 @@ fn batch_norm_matches_pytorch() {
             bn.running_var = Some(g.tensor(&p("running_var_in")));
             bn.num_batches_tracked = 3;
         }
-        let y = bn.forward(&x, Mode::Train).unwrap();
-        assert_close(
-            &format!("{what} y_train"),
-            &y.data,
-            &g.tensor(&p("y_train")).data,
-            1e-5,
-        );
+        let y = bn.forward(x.clone(), Mode::Train).unwrap();
+        assert_close(&format!("{what} y_train"), &y.data, &g.tensor(&p("y_train")).data, 1e-5);
         let dy = g.tensor(&p("dy"));
-        let dx = bn.backward(&dy).unwrap();
+        let dx = bn.backward(dy.clone()).unwrap();
         assert_close_scaled(
             &format!("{what} dx"),
             &dx.data,
@@ -51,19 +46,9 @@ fn batch_norm_matches_pytorch() {
         );
         if cfg.affine {
             let dw = &bn.weight.as_ref().unwrap().grad.data;
-            assert_close(
-                &format!("{what} dweight"),
-                dw,
-                &g.tensor(&p("dweight")).data,
-                1e-4,
-            );
+            assert_close(&format!("{what} dweight"), dw, &g.tensor(&p("dweight")).data, 1e-4);
             let db = &bn.bias.as_ref().unwrap().grad.data;
-            assert_close(
-                &format!("{what} dbias"),
-                db,
-                &g.tensor(&p("dbias")).data,
-                1e-4,
-            );
+            assert_close(&format!("{what} dbias"), db, &g.tensor(&p("dbias")).data, 1e-4);
         }
         if cfg.track_running_stats {
             let rm = &bn.running_mean.as_ref().unwrap().data;
@@ -91,13 +76,8 @@ fn batch_norm_matches_pytorch() {
                 "{what}: no buffers when not tracking"
             );
         }
-        let ye = bn.forward(&g.tensor(&p("x_eval")), Mode::Eval).unwrap();
-        assert_close(
-            &format!("{what} y_eval"),
-            &ye.data,
-            &g.tensor(&p("y_eval")).data,
-            1e-5,
-        );
+        let ye = bn.forward(g.tensor(&p("x_eval")), Mode::Eval).unwrap();
+        assert_close(&format!("{what} y_eval"), &ye.data, &g.tensor(&p("y_eval")).data, 1e-5);
     }
 }
 
@@ -105,7 +85,7 @@ fn batch_norm_matches_pytorch() {
 fn one_value_per_channel_in_training_is_an_error() {
     let mut bn1 = BatchNorm::new(1, 4, BatchNormConfig::default());
     let err = bn1
-        .forward(&normlab::Tensor::zeros(&[1, 4]), Mode::Train)
+        .forward(normlab::Tensor::zeros(&[1, 4]), Mode::Train)
         .unwrap_err()
         .to_string();
     assert!(
@@ -113,18 +93,10 @@ fn one_value_per_channel_in_training_is_an_error() {
         "{err}"
     );
     let mut bn2 = BatchNorm::new(2, 3, BatchNormConfig::default());
-    assert!(bn2
-        .forward(&normlab::Tensor::zeros(&[1, 3, 1, 1]), Mode::Train)
-        .is_err());
+    assert!(bn2.forward(normlab::Tensor::zeros(&[1, 3, 1, 1]), Mode::Train).is_err());
     // Eval mode with running statistics is fine on a single value.
-    assert!(bn2
-        .forward(&normlab::Tensor::zeros(&[1, 3, 1, 1]), Mode::Eval)
-        .is_ok());
+    assert!(bn2.forward(normlab::Tensor::zeros(&[1, 3, 1, 1]), Mode::Eval).is_ok());
     // Wrong rank and channel count are errors, not panics.
-    assert!(bn2
-        .forward(&normlab::Tensor::zeros(&[2, 3]), Mode::Train)
-        .is_err());
-    assert!(bn2
-        .forward(&normlab::Tensor::zeros(&[2, 5, 2, 2]), Mode::Train)
-        .is_err());
+    assert!(bn2.forward(normlab::Tensor::zeros(&[2, 3]), Mode::Train).is_err());
+    assert!(bn2.forward(normlab::Tensor::zeros(&[2, 5, 2, 2]), Mode::Train).is_err());
 }

@@ -26,16 +26,9 @@ fn fails(args: &[&str]) -> String {
     let out = normlab(args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "normlab {args:?} should fail");
-    assert!(
-        !stderr.contains("panicked"),
-        "normlab {args:?} panicked: {stderr}"
-    );
+    assert!(!stderr.contains("panicked"), "normlab {args:?} panicked: {stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(
-        errors.len(),
-        1,
-        "want one error line for {args:?}, got: {stderr}"
-    );
+    assert_eq!(errors.len(), 1, "want one error line for {args:?}, got: {stderr}");
     errors[0].to_string()
 }
 
@@ -58,9 +51,7 @@ fn write_dataset(dir: &Path, train: usize, test: usize, gz_train: bool) {
             labels.push(label);
             for p in 0..784u32 {
                 let row = p / 28;
-                let noise = ((p.wrapping_mul(2654435761) ^ (i as u32 + salt).wrapping_mul(40503))
-                    >> 7)
-                    % 60;
+                let noise = ((p.wrapping_mul(2654435761) ^ (i as u32 + salt).wrapping_mul(40503)) >> 7) % 60;
                 let on = row >= 2 * label as u32 && row < 2 * label as u32 + 3;
                 images.push(if on { 180 + noise as u8 } else { noise as u8 });
             }
@@ -78,21 +69,13 @@ fn write_dataset(dir: &Path, train: usize, test: usize, gz_train: bool) {
     } else {
         std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
     }
-    std::fs::write(
-        dir.join("train-labels-idx1-ubyte"),
-        idx_bytes(&[train as u32], &tl),
-    )
-    .unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx_bytes(&[train as u32], &tl)).unwrap();
     std::fs::write(
         dir.join("t10k-images-idx3-ubyte"),
         idx_bytes(&[test as u32, 28, 28], &vi),
     )
     .unwrap();
-    std::fs::write(
-        dir.join("t10k-labels-idx1-ubyte"),
-        idx_bytes(&[test as u32], &vl),
-    )
-    .unwrap();
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_bytes(&[test as u32], &vl)).unwrap();
 }
 
 fn s(p: &Path) -> &str {
@@ -111,12 +94,7 @@ fn learning_curve(m: &serde_json::Value) -> Vec<(f64, f64, f64, f64)> {
         .iter()
         .map(|e| {
             let f = |k: &str| e[k].as_f64().unwrap();
-            (
-                f("train_loss"),
-                f("train_accuracy"),
-                f("test_loss"),
-                f("test_accuracy"),
-            )
+            (f("train_loss"), f("train_accuracy"), f("test_loss"), f("test_accuracy"))
         })
         .collect()
 }
@@ -124,11 +102,7 @@ fn learning_curve(m: &serde_json::Value) -> Vec<(f64, f64, f64, f64)> {
 fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec()))
-        .collect();
+    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
     v.sort();
     v
 }
@@ -237,13 +211,7 @@ fn checkpoint_uses_pytorch_names_layouts_and_dtypes() {
         assert_eq!(t.shape(), *shape, "{name}");
         assert_eq!(t.dtype(), *dtype, "{name}");
     }
-    let nbt = i64::from_le_bytes(
-        st.tensor("bn1.num_batches_tracked")
-            .unwrap()
-            .data()
-            .try_into()
-            .unwrap(),
-    );
+    let nbt = i64::from_le_bytes(st.tensor("bn1.num_batches_tracked").unwrap().data().try_into().unwrap());
     assert_eq!(nbt, 2, "two batches of 32 were tracked");
 }
 
@@ -259,33 +227,17 @@ fn bad_data_gives_one_clear_error() {
         dir
     };
     let img = std::fs::read(good.join("train-images-idx3-ubyte")).unwrap();
-    let truncated = variant(
-        "trunc",
-        "train-images-idx3-ubyte",
-        img[..img.len() - 100].to_vec(),
-    );
+    let truncated = variant("trunc", "train-images-idx3-ubyte", img[..img.len() - 100].to_vec());
     let mut magic = img.clone();
     magic[2] = 0x0d;
     let bad_magic = variant("magic", "train-images-idx3-ubyte", magic);
-    let mismatch = variant(
-        "count",
-        "train-labels-idx1-ubyte",
-        idx_bytes(&[39], &[1; 39]),
-    );
-    let bad_label = variant(
-        "label",
-        "train-labels-idx1-ubyte",
-        idx_bytes(&[40], &[11; 40]),
-    );
+    let mismatch = variant("count", "train-labels-idx1-ubyte", idx_bytes(&[39], &[1; 39]));
+    let bad_label = variant("label", "train-labels-idx1-ubyte", idx_bytes(&[40], &[11; 40]));
     let corrupt_gz = {
         let dir = t.path().join("gz");
         write_dataset(&dir, 40, 20, false);
         std::fs::remove_file(dir.join("train-images-idx3-ubyte")).unwrap();
-        std::fs::write(
-            dir.join("train-images-idx3-ubyte.gz"),
-            b"\x1f\x8b\x08\x00garbage",
-        )
-        .unwrap();
+        std::fs::write(dir.join("train-images-idx3-ubyte.gz"), b"\x1f\x8b\x08\x00garbage").unwrap();
         dir
     };
     let cases: &[(&Path, &str)] = &[
@@ -299,11 +251,7 @@ fn bad_data_gives_one_clear_error() {
     for (dir, want) in cases {
         let out = t.path().join("never");
         let err = fails(&["train", "--data", s(dir), "--out", s(&out), "--epochs", "1"]);
-        assert!(
-            err.contains(want),
-            "{}: want '{want}' in: {err}",
-            dir.display()
-        );
+        assert!(err.contains(want), "{}: want '{want}' in: {err}", dir.display());
         assert!(!out.exists(), "nothing is written when the data is bad");
     }
 }
@@ -326,10 +274,7 @@ fn bad_options_and_checkpoints_give_one_clear_error() {
             vec!["train", "--data", d, "--out", o, "--batch-size", "0"],
             "--batch-size",
         ),
-        (
-            vec!["train", "--data", d, "--out", o, "--norm", "bn:eps=0"],
-            "eps",
-        ),
+        (vec!["train", "--data", d, "--out", o, "--norm", "bn:eps=0"], "eps"),
         (
             vec!["train", "--data", d, "--out", o, "--norm", "bn:momentum=2"],
             "momentum",
@@ -338,22 +283,10 @@ fn bad_options_and_checkpoints_give_one_clear_error() {
             vec!["train", "--data", d, "--out", o, "--norm", "whitening"],
             "unknown norm",
         ),
-        (
-            vec!["train", "--data", d, "--out", o, "--model", "vgg:32,X"],
-            "vgg cfg",
-        ),
-        (
-            vec!["train", "--data", d, "--out", o, "--schedule", "linear"],
-            "linear",
-        ),
-        (
-            vec!["train", "--data", d, "--out", o, "--epochs", "0"],
-            "--epochs",
-        ),
-        (
-            vec!["train", "--data", d, "--out", o, "--threads", "0"],
-            "--threads",
-        ),
+        (vec!["train", "--data", d, "--out", o, "--model", "vgg:32,X"], "vgg cfg"),
+        (vec!["train", "--data", d, "--out", o, "--schedule", "linear"], "linear"),
+        (vec!["train", "--data", d, "--out", o, "--epochs", "0"], "--epochs"),
+        (vec!["train", "--data", d, "--out", o, "--threads", "0"], "--threads"),
         (
             vec![
                 "train",
@@ -381,13 +314,7 @@ fn bad_options_and_checkpoints_give_one_clear_error() {
     std::fs::write(&garbage, b"this is not a checkpoint").unwrap();
     let err = fails(&["eval", "--checkpoint", s(&garbage), "--data", d]);
     assert!(err.contains("not a readable safetensors"), "{err}");
-    let err = fails(&[
-        "eval",
-        "--checkpoint",
-        "/nonexistent.safetensors",
-        "--data",
-        d,
-    ]);
+    let err = fails(&["eval", "--checkpoint", "/nonexistent.safetensors", "--data", d]);
     assert!(err.contains("/nonexistent.safetensors"), "{err}");
 
     let run = t.path().join("run");

@@ -22,12 +22,8 @@ fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
 }
 
 fn objective(layer: &mut dyn Layer, x: &Tensor, r: &Tensor) -> f64 {
-    let y = layer.forward(x, Mode::Train).unwrap();
-    y.data
-        .iter()
-        .zip(&r.data)
-        .map(|(&a, &b)| a as f64 * b as f64)
-        .sum()
+    let y = layer.forward(x.clone(), Mode::Train).unwrap();
+    y.data.iter().zip(&r.data).map(|(&a, &b)| a as f64 * b as f64).sum()
 }
 
 /// Relative error ||a - n|| / max(||a||, ||n||) over the checked coordinates.
@@ -46,13 +42,13 @@ fn rel_err(analytic: &[f64], numeric: &[f64]) -> f64 {
 /// Checks up to `samples` coordinates of dx and of each parameter's gradient.
 fn check(name: &str, layer: &mut dyn Layer, x: Tensor, h: f32) {
     let mut rng = ChaCha8Rng::seed_from_u64(42);
-    let y = layer.forward(&x, Mode::Train).unwrap();
+    let y = layer.forward(x.clone(), Mode::Train).unwrap();
     let r = random(&y.shape, &mut rng);
     for (_, p) in layer.params() {
         p.grad.data.fill(0.0);
     }
-    layer.forward(&x, Mode::Train).unwrap();
-    let dx = layer.backward(&r).unwrap();
+    layer.forward(x.clone(), Mode::Train).unwrap();
+    let dx = layer.backward(r.clone()).unwrap();
     let samples = 24;
     let pick = |len: usize, rng: &mut ChaCha8Rng| -> Vec<usize> {
         if len <= samples {
@@ -78,11 +74,7 @@ fn check(name: &str, layer: &mut dyn Layer, x: Tensor, h: f32) {
         "{name}: dx relative error {e:.2e}\nanalytic {ana:?}\nnumeric {num:?}"
     );
     // Parameter gradients.
-    let grads: Vec<Vec<f32>> = layer
-        .params()
-        .iter()
-        .map(|(_, p)| p.grad.data.clone())
-        .collect();
+    let grads: Vec<Vec<f32>> = layer.params().iter().map(|(_, p)| p.grad.data.clone()).collect();
     let count = grads.len();
     for (k, grad) in grads.iter().enumerate().take(count) {
         let (mut ana, mut num) = (Vec::new(), Vec::new());
@@ -110,20 +102,10 @@ fn conv2d_gradients() {
     let mut g = rng();
     let mut conv = Conv2d::new(3, 4, 3, 1, 1, true, &mut g);
     conv.set_input_grad(true);
-    check(
-        "conv 3x3 pad 1",
-        &mut conv,
-        random(&[2, 3, 5, 6], &mut g),
-        1e-2,
-    );
+    check("conv 3x3 pad 1", &mut conv, random(&[2, 3, 5, 6], &mut g), 1e-2);
     let mut strided = Conv2d::new(2, 3, 3, 2, 0, false, &mut g);
     strided.set_input_grad(true);
-    check(
-        "conv 3x3 stride 2",
-        &mut strided,
-        random(&[2, 2, 7, 7], &mut g),
-        1e-2,
-    );
+    check("conv 3x3 stride 2", &mut strided, random(&[2, 2, 7, 7], &mut g), 1e-2);
 }
 
 #[test]
@@ -136,18 +118,8 @@ fn linear_gradients() {
 #[test]
 fn activation_gradients() {
     let mut g = rng();
-    check(
-        "relu",
-        &mut ReLU::default(),
-        random(&[3, 4, 5], &mut g),
-        1e-3,
-    );
-    check(
-        "sigmoid",
-        &mut Sigmoid::default(),
-        random(&[3, 10], &mut g),
-        1e-2,
-    );
+    check("relu", &mut ReLU::default(), random(&[3, 4, 5], &mut g), 1e-3);
+    check("sigmoid", &mut Sigmoid::default(), random(&[3, 10], &mut g), 1e-2);
     let mut drop = Dropout::new(0.3).unwrap();
     drop.set_step_seed(5);
     check("dropout", &mut drop, random(&[4, 10], &mut g), 1e-2);
@@ -174,12 +146,7 @@ fn pooling_gradients() {
         random(&[2, 3, 4, 4], &mut g),
         1e-2,
     );
-    check(
-        "flatten",
-        &mut Flatten::default(),
-        random(&[2, 3, 2, 2], &mut g),
-        1e-2,
-    );
+    check("flatten", &mut Flatten::default(), random(&[2, 3, 2, 2], &mut g), 1e-2);
 }
 
 #[test]
@@ -225,9 +192,6 @@ fn softmax_cross_entropy_gradient() {
         p.data[i] -= 2.0 * h;
         let (fm, _) = softmax_cross_entropy(&p.data, &labels, 6, &mut scratch);
         let num = (fp - fm) / (2.0 * h as f64);
-        assert!(
-            (num - analytic as f64).abs() < 1e-4,
-            "dlogit {i}: {num} vs {analytic}"
-        );
+        assert!((num - analytic as f64).abs() < 1e-4, "dlogit {i}: {num} vs {analytic}");
     }
 }

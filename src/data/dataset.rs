@@ -121,17 +121,13 @@ pub fn resolve_data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     candidates.push(PathBuf::from("data/fashion-mnist"));
     candidates.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
-    candidates
-        .iter()
-        .find(|d| holds_idx(d))
-        .cloned()
-        .ok_or_else(|| {
-            let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
-            Error::DataMissing(format!(
-                "no MNIST-format data found (looked in {}); {install}",
-                looked.join(", ")
-            ))
-        })
+    candidates.iter().find(|d| holds_idx(d)).cloned().ok_or_else(|| {
+        let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
+        Error::DataMissing(format!(
+            "no MNIST-format data found (looked in {}); {install}",
+            looked.join(", ")
+        ))
+    })
 }
 
 /// Loads one split (`train` or `test`) from an MNIST-format directory and checks that image
@@ -159,16 +155,10 @@ pub fn load_split(dir: &Path, train: bool) -> Result<Dataset> {
         ));
     }
     if images.dims[0] == 0 || images.dims[1] == 0 || images.dims[2] == 0 {
-        return Err(Error::data(
-            &img_path,
-            format!("empty image array {:?}", images.dims),
-        ));
+        return Err(Error::data(&img_path, format!("empty image array {:?}", images.dims)));
     }
     if let Some(bad) = labels.data.iter().find(|&&l| l >= 10) {
-        return Err(Error::data(
-            &lbl_path,
-            format!("label {bad} is outside 0..9"),
-        ));
+        return Err(Error::data(&lbl_path, format!("label {bad} is outside 0..9")));
     }
     Ok(Dataset {
         images: images.data,
@@ -183,9 +173,7 @@ pub fn load_split(dir: &Path, train: bool) -> Result<Dataset> {
 pub fn epoch_order(len: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
     if shuffle {
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            seed ^ (epoch as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407),
-        );
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
         order.shuffle(&mut rng);
     }
     order

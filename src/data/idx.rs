@@ -32,10 +32,7 @@ pub fn read_idx(path: &Path, expected_rank: usize) -> Result<IdxArray> {
 /// Parses IDX bytes; the error is a message without the path.
 pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> std::result::Result<IdxArray, String> {
     if bytes.len() < 4 {
-        return Err(format!(
-            "file is {} bytes, too short for an IDX header",
-            bytes.len()
-        ));
+        return Err(format!("file is {} bytes, too short for an IDX header", bytes.len()));
     }
     if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
         return Err(format!(
@@ -45,9 +42,7 @@ pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> std::result::Result<IdxA
     }
     let rank = bytes[3] as usize;
     if rank != expected_rank {
-        return Err(format!(
-            "IDX file has {rank} dimensions, expected {expected_rank}"
-        ));
+        return Err(format!("IDX file has {rank} dimensions, expected {expected_rank}"));
     }
     let header = 4 + 4 * rank;
     if bytes.len() < header {
@@ -57,9 +52,7 @@ pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> std::result::Result<IdxA
         ));
     }
     let dims: Vec<usize> = (0..rank)
-        .map(|i| {
-            u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
-        })
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
     let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     let Some(count) = count else {
@@ -102,18 +95,10 @@ mod tests {
         let mut bad = idx(3, &[2, 3, 4], 24);
         bad[2] = 0x0d;
         assert!(parse_idx(&bad, 3).unwrap_err().contains("magic"));
-        assert!(parse_idx(&idx(1, &[5], 5), 3)
-            .unwrap_err()
-            .contains("dimensions"));
-        assert!(parse_idx(&idx(3, &[2, 3, 4], 23), 3)
-            .unwrap_err()
-            .contains("truncated"));
-        assert!(parse_idx(&idx(3, &[2, 3, 4], 25), 3)
-            .unwrap_err()
-            .contains("25"));
+        assert!(parse_idx(&idx(1, &[5], 5), 3).unwrap_err().contains("dimensions"));
+        assert!(parse_idx(&idx(3, &[2, 3, 4], 23), 3).unwrap_err().contains("truncated"));
+        assert!(parse_idx(&idx(3, &[2, 3, 4], 25), 3).unwrap_err().contains("25"));
         assert!(parse_idx(&[0, 0], 3).is_err());
-        assert!(parse_idx(&idx(3, &[2], 0)[..8], 3)
-            .unwrap_err()
-            .contains("header"));
+        assert!(parse_idx(&idx(3, &[2], 0)[..8], 3).unwrap_err().contains("header"));
     }
 }

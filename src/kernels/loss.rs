@@ -2,12 +2,7 @@
 
 /// loss = mean_n( logsumexp(z_n) - z_n[label_n] ); dz = (softmax(z) - onehot(label)) / N.
 /// Returns the loss and the number of rows whose argmax equals the label.
-pub fn softmax_cross_entropy(
-    logits: &[f32],
-    labels: &[u8],
-    k: usize,
-    dlogits: &mut [f32],
-) -> (f64, usize) {
+pub fn softmax_cross_entropy(logits: &[f32], labels: &[u8], k: usize, dlogits: &mut [f32]) -> (f64, usize) {
     let n = labels.len();
     let mut total = 0.0f64;
     let mut correct = 0;

@@ -24,24 +24,9 @@ pub fn matmul(
     accumulate: bool,
     threads: usize,
 ) {
-    assert!(
-        c.len() >= m * n,
-        "matmul: C has {} values, needs {}",
-        c.len(),
-        m * n
-    );
-    assert!(
-        a.len() >= m * k,
-        "matmul: A has {} values, needs {}",
-        a.len(),
-        m * k
-    );
-    assert!(
-        b.len() >= k * n,
-        "matmul: B has {} values, needs {}",
-        b.len(),
-        k * n
-    );
+    assert!(c.len() >= m * n, "matmul: C has {} values, needs {}", c.len(), m * n);
+    assert!(a.len() >= m * k, "matmul: A has {} values, needs {}", a.len(), m * k);
+    assert!(b.len() >= k * n, "matmul: B has {} values, needs {}", b.len(), k * n);
     if m == 0 || n == 0 {
         return;
     }
@@ -102,16 +87,8 @@ mod tests {
             for j in 0..n {
                 let mut s = 0.0;
                 for p in 0..k {
-                    let av = if ta == Op::N {
-                        a[i * k + p]
-                    } else {
-                        a[p * m + i]
-                    };
-                    let bv = if tb == Op::N {
-                        b[p * n + j]
-                    } else {
-                        b[j * k + p]
-                    };
+                    let av = if ta == Op::N { a[i * k + p] } else { a[p * m + i] };
+                    let bv = if tb == Op::N { b[p * n + j] } else { b[j * k + p] };
                     s += av * bv;
                 }
                 c[i * n + j] = s;

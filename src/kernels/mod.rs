@@ -5,3 +5,4 @@ pub mod im2col;
 pub mod loss;
 pub mod matmul;
 pub mod pool;
+pub mod reduce;

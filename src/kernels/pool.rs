@@ -46,13 +46,7 @@ pub fn max_pool_forward(
 }
 
 /// dx[argmax] += dy: each output's gradient goes to the input that won its window.
-pub fn max_pool_backward(
-    dy: &[f32],
-    argmax: &[u32],
-    plane_in: usize,
-    plane_out: usize,
-    dx: &mut [f32],
-) {
+pub fn max_pool_backward(dy: &[f32], argmax: &[u32], plane_in: usize, plane_out: usize, dx: &mut [f32]) {
     dx.par_chunks_mut(plane_in)
         .zip(dy.par_chunks(plane_out).zip(argmax.par_chunks(plane_out)))
         .for_each(|(dxp, (dyp, ap))| {
@@ -67,21 +61,19 @@ pub fn max_pool_backward(
 pub fn avg_pool_forward(x: &[f32], h: usize, w: usize, k: usize, s: usize, y: &mut [f32]) {
     let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
     let inv = 1.0 / (k * k) as f32;
-    y.par_chunks_mut(oh * ow)
-        .zip(x.par_chunks(h * w))
-        .for_each(|(yp, xp)| {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut acc = 0.0f32;
-                    for i in 0..k {
-                        for j in 0..k {
-                            acc += xp[(oy * s + i) * w + ox * s + j];
-                        }
+    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut acc = 0.0f32;
+                for i in 0..k {
+                    for j in 0..k {
+                        acc += xp[(oy * s + i) * w + ox * s + j];
                     }
-                    yp[oy * ow + ox] = acc * inv;
                 }
+                yp[oy * ow + ox] = acc * inv;
             }
-        });
+        }
+    });
 }
 
 /// dx[window] += dy / (k*k).

@@ -1,4 +1,4 @@
-//! Pointwise activations. Each keeps its output, which is all its backward needs.
+//! Pointwise activations, computed in place on the tensor they receive.
 
 use rayon::prelude::*;
 
@@ -8,9 +8,11 @@ use crate::tensor::Tensor;
 
 const CHUNK: usize = 1 << 14;
 
+/// ReLU keeps a one-byte mask of the positive inputs, a quarter of a copy of the output.
 #[derive(Default)]
 pub struct ReLU {
-    output: Tensor,
+    mask: Vec<u8>,
+    shape: Vec<usize>,
 }
 
 impl Layer for ReLU {
@@ -19,37 +21,42 @@ impl Layer for ReLU {
     }
 
     // y = max(x, 0)
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut y = x.clone();
-        y.data
-            .par_chunks_mut(CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    fn forward(&mut self, mut x: Tensor, mode: Mode) -> Result<Tensor> {
         if mode == Mode::Train {
-            self.output.clone_from(&y);
+            self.mask.resize(x.len(), 0);
+            self.shape.clone_from(&x.shape);
+            x.data
+                .par_chunks_mut(CHUNK)
+                .zip(self.mask.par_chunks_mut(CHUNK))
+                .for_each(|(c, m)| {
+                    for (v, k) in c.iter_mut().zip(m) {
+                        *k = (*v > 0.0) as u8;
+                        *v = v.max(0.0);
+                    }
+                });
+        } else {
+            x.data
+                .par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
         }
-        Ok(y)
+        Ok(x)
     }
 
-    // dx = dy · [y > 0]
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
-        if dy.shape != self.output.shape {
+    // dx = dy · [x > 0]
+    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
+        if dy.shape != self.shape {
             return Err(Error::shape(
                 "ReLU",
                 format!("gradient {:?} does not match output", dy.shape),
             ));
         }
-        let mut dx = dy.clone();
-        dx.data
+        dy.data
             .par_chunks_mut(CHUNK)
-            .zip(self.output.data.par_chunks(CHUNK))
-            .for_each(|(d, y)| {
-                d.iter_mut().zip(y).for_each(|(g, &v)| {
-                    if v <= 0.0 {
-                        *g = 0.0
-                    }
-                })
+            .zip(self.mask.par_chunks(CHUNK))
+            .for_each(|(d, m)| {
+                d.iter_mut().zip(m).for_each(|(g, &k)| *g *= k as f32);
             });
-        Ok(dx)
+        Ok(dy)
     }
 }
 
@@ -64,30 +71,28 @@ impl Layer for Sigmoid {
     }
 
     // y = 1 / (1 + e^-x)
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut y = x.clone();
-        y.data
+    fn forward(&mut self, mut x: Tensor, mode: Mode) -> Result<Tensor> {
+        x.data
             .par_chunks_mut(CHUNK)
             .for_each(|c| c.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())));
         if mode == Mode::Train {
-            self.output.clone_from(&y);
+            self.output.clone_from(&x);
         }
-        Ok(y)
+        Ok(x)
     }
 
     // dx = dy · y · (1 - y)
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
         if dy.shape != self.output.shape {
             return Err(Error::shape(
                 "Sigmoid",
                 format!("gradient {:?} does not match output", dy.shape),
             ));
         }
-        let mut dx = dy.clone();
-        dx.data
+        dy.data
             .par_chunks_mut(CHUNK)
             .zip(self.output.data.par_chunks(CHUNK))
             .for_each(|(d, y)| d.iter_mut().zip(y).for_each(|(g, &v)| *g *= v * (1.0 - v)));
-        Ok(dx)
+        Ok(dy)
     }
 }

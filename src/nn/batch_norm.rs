@@ -30,16 +30,11 @@ impl Default for BatchNormConfig {
 impl BatchNormConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.eps > 0.0 && self.eps.is_finite()) {
-            return Err(Error::invalid(format!(
-                "BatchNorm eps must be > 0, got {}",
-                self.eps
-            )));
+            return Err(Error::invalid(format!("BatchNorm eps must be > 0, got {}", self.eps)));
         }
         if let Some(m) = self.momentum {
             if !(0.0..=1.0).contains(&m) {
-                return Err(Error::invalid(format!(
-                    "BatchNorm momentum must be in [0, 1], got {m}"
-                )));
+                return Err(Error::invalid(format!("BatchNorm momentum must be in [0, 1], got {m}")));
             }
         }
         Ok(())
@@ -78,10 +73,7 @@ impl BatchNorm {
             (None, None)
         };
         let (running_mean, running_var) = if config.track_running_stats {
-            (
-                Some(Tensor::zeros(&[channels])),
-                Some(Tensor::full(&[channels], 1.0)),
-            )
+            (Some(Tensor::zeros(&[channels])), Some(Tensor::full(&[channels], 1.0)))
         } else {
             (None, None)
         };
@@ -126,10 +118,7 @@ impl BatchNorm {
         if x.shape[1] != self.channels {
             return Err(Error::shape(
                 self.name(),
-                format!(
-                    "expected {} channels, got input {:?}",
-                    self.channels, x.shape
-                ),
+                format!("expected {} channels, got input {:?}", self.channels, x.shape),
             ));
         }
         Ok((x.shape[0], x.shape[1], x.shape[2..].iter().product()))
@@ -159,8 +148,8 @@ impl Layer for BatchNorm {
     }
 
     // y = (x - mean) / sqrt(var + eps) * gamma + beta
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let (n, c, s) = self.view(x)?;
+    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
+        let (n, c, s) = self.view(&x)?;
         let use_batch_stats = mode == Mode::Train || !self.config.track_running_stats;
         let mut mean = vec![0.0f32; c];
         let mut var = vec![0.0f32; c];
@@ -189,7 +178,7 @@ impl Layer for BatchNorm {
         let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
         k::batch_norm_apply(&x.data, n, c, s, &mean, &invstd, gamma, beta, &mut y.data);
         if mode == Mode::Train {
-            self.cache.input.clone_from(x);
+            self.cache.input = x;
             self.cache.mean = mean;
             self.cache.invstd = invstd;
         }
@@ -197,7 +186,7 @@ impl Layer for BatchNorm {
     }
 
     // dx = gamma·invstd/m · (m·dy - Σdy - x̂·Σdy·x̂),  dgamma = Σdy·x̂,  dbeta = Σdy
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
         let x = &self.cache.input;
         if x.is_empty() || dy.shape != x.shape {
             return Err(Error::shape(
@@ -209,23 +198,12 @@ impl Layer for BatchNorm {
         let (mean, invstd) = (&self.cache.mean, &self.cache.invstd);
         let mut sum_dy = vec![0.0f64; c];
         let mut sum_dy_xhat = vec![0.0f64; c];
-        k::batch_norm_grad_sums(
-            &x.data,
-            &dy.data,
-            n,
-            c,
-            s,
-            mean,
-            invstd,
-            &mut sum_dy,
-            &mut sum_dy_xhat,
-        );
-        let mut dx = Tensor::zeros(&x.shape);
+        k::batch_norm_grad_sums(&x.data, &dy.data, n, c, s, mean, invstd, &mut sum_dy, &mut sum_dy_xhat);
         let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         // Backward follows a training forward, which always normalizes with batch statistics.
         k::batch_norm_backward_input(
             &x.data,
-            &dy.data,
+            &mut dy.data,
             n,
             c,
             s,
@@ -234,7 +212,6 @@ impl Layer for BatchNorm {
             gamma,
             &sum_dy,
             &sum_dy_xhat,
-            &mut dx.data,
         );
         if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
             for ch in 0..c {
@@ -242,7 +219,7 @@ impl Layer for BatchNorm {
                 b.grad.data[ch] += sum_dy[ch] as f32;
             }
         }
-        Ok(dx)
+        Ok(dy)
     }
 
     fn params(&mut self) -> Vec<(&'static str, &mut Param)> {
@@ -261,10 +238,7 @@ impl Layer for BatchNorm {
             (Some(rm), Some(rv)) => vec![
                 ("running_mean", BufferMut::F32(rm)),
                 ("running_var", BufferMut::F32(rv)),
-                (
-                    "num_batches_tracked",
-                    BufferMut::I64(&mut self.num_batches_tracked),
-                ),
+                ("num_batches_tracked", BufferMut::I64(&mut self.num_batches_tracked)),
             ],
             _ => Vec::new(),
         }

@@ -77,10 +77,7 @@ impl Conv2d {
         if c != self.in_channels {
             return Err(Error::shape(
                 "Conv2d",
-                format!(
-                    "expected {} input channels, got input {:?}",
-                    self.in_channels, x.shape
-                ),
+                format!("expected {} input channels, got input {:?}", self.in_channels, x.shape),
             ));
         }
         if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
@@ -110,8 +107,8 @@ impl Layer for Conv2d {
     }
 
     // y_n = W[OC, C*k*k] · im2col(x_n) + b
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let g = self.geometry(x)?;
+    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
+        let g = self.geometry(&x)?;
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
         let oc = self.out_channels;
@@ -134,18 +131,16 @@ impl Layer for Conv2d {
                 },
             );
         if mode == Mode::Train {
-            self.input.clone_from(x);
+            self.input = x;
         }
         Ok(y)
     }
 
     // dW = Σ_n dy_n · im2col(x_n)ᵀ,  db = Σ dy,  dx_n = col2im(Wᵀ · dy_n)
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
         let x = &self.input;
         if x.is_empty() {
-            return Err(Error::invalid(
-                "Conv2d backward called without a training forward",
-            ));
+            return Err(Error::invalid("Conv2d backward called without a training forward"));
         }
         let g = self.geometry(x)?;
         let n = x.batch();

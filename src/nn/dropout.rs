@@ -35,43 +35,31 @@ impl Layer for Dropout {
     }
 
     // y = x · mask / (1 - p), mask ~ Bernoulli(1 - p)
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, mut x: Tensor, mode: Mode) -> Result<Tensor> {
         if mode == Mode::Eval || self.p == 0.0 {
             self.mask = Tensor::full(&x.shape, 1.0);
-            return Ok(x.clone());
+            return Ok(x);
         }
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         let scale = 1.0 / (1.0 - self.p);
         self.mask.resize_to(&x.shape);
         for m in self.mask.data.iter_mut() {
-            *m = if rng.gen::<f32>() < self.p {
-                0.0
-            } else {
-                scale
-            };
+            *m = if rng.gen::<f32>() < self.p { 0.0 } else { scale };
         }
-        let mut y = x.clone();
-        y.data
-            .iter_mut()
-            .zip(&self.mask.data)
-            .for_each(|(v, m)| *v *= m);
-        Ok(y)
+        x.data.iter_mut().zip(&self.mask.data).for_each(|(v, m)| *v *= m);
+        Ok(x)
     }
 
     // dx = dy · mask / (1 - p)
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
         if dy.shape != self.mask.shape {
             return Err(Error::shape(
                 "Dropout",
                 format!("gradient {:?} does not match output", dy.shape),
             ));
         }
-        let mut dx = dy.clone();
-        dx.data
-            .iter_mut()
-            .zip(&self.mask.data)
-            .for_each(|(v, m)| *v *= m);
-        Ok(dx)
+        dy.data.iter_mut().zip(&self.mask.data).for_each(|(v, m)| *v *= m);
+        Ok(dy)
     }
 
     fn set_step_seed(&mut self, seed: u64) {

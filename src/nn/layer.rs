@@ -43,11 +43,12 @@ pub trait Layer: Send {
     /// The PyTorch class this layer corresponds to, for messages ("Conv2d", "BatchNorm2d").
     fn kind(&self) -> &'static str;
 
-    /// Computes the output; in `Mode::Train` it also caches what `backward` needs.
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor>;
+    /// Computes the output; in `Mode::Train` it also caches what `backward` needs. Tensors move
+    /// through the network by value so a layer can keep its input or work in place, uncopied.
+    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor>;
 
     /// Given dL/dy of the last training forward, adds parameter gradients and returns dL/dx.
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor>;
+    fn backward(&mut self, dy: Tensor) -> Result<Tensor>;
 
     /// Learnable parameters with their state-dict keys ("weight", "bias").
     fn params(&mut self) -> Vec<(&'static str, &mut Param)> {

@@ -15,12 +15,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(
-        in_features: usize,
-        out_features: usize,
-        bias: bool,
-        rng: &mut impl rand::Rng,
-    ) -> Self {
+    pub fn new(in_features: usize, out_features: usize, bias: bool, rng: &mut impl rand::Rng) -> Self {
         let w = crate::nn::init::uniform_fan_in(rng, out_features * in_features, in_features);
         let weight = Param::new(
             Tensor {
@@ -53,10 +48,7 @@ impl Linear {
         if x.shape.len() != 2 || x.shape[1] != self.in_features {
             return Err(Error::shape(
                 "Linear",
-                format!(
-                    "expected input [N, {}], got {:?}",
-                    self.in_features, x.shape
-                ),
+                format!("expected input [N, {}], got {:?}", self.in_features, x.shape),
             ));
         }
         Ok(())
@@ -78,8 +70,8 @@ impl Layer for Linear {
     }
 
     // y[N, out] = x[N, in] · Wᵀ + b
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.check(x)?;
+    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
+        self.check(&x)?;
         let (n, i, o) = (x.batch(), self.in_features, self.out_features);
         let mut y = Tensor::zeros(&[n, o]);
         matmul(
@@ -96,19 +88,17 @@ impl Layer for Linear {
         );
         if let Some(b) = &self.bias {
             for row in y.data.chunks_mut(o) {
-                row.iter_mut()
-                    .zip(&b.value.data)
-                    .for_each(|(v, bv)| *v += bv);
+                row.iter_mut().zip(&b.value.data).for_each(|(v, bv)| *v += bv);
             }
         }
         if mode == Mode::Train {
-            self.input.clone_from(x);
+            self.input = x;
         }
         Ok(y)
     }
 
     // dW = dyᵀ · x,  db = Σ_n dy,  dx = dy · W
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
         let x = &self.input;
         let (n, i, o) = (x.batch(), self.in_features, self.out_features);
         if x.is_empty() || dy.shape != [n, o] {

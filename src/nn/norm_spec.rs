@@ -57,9 +57,9 @@ impl FromStr for NormSpec {
             "bn" => {
                 let mut cfg = BatchNormConfig::default();
                 for kv in opts.split(',').filter(|o| !o.is_empty()) {
-                    let (key, v) = kv.split_once('=').ok_or_else(|| {
-                        Error::invalid(format!("norm option '{kv}' in '{s}' is not key=value"))
-                    })?;
+                    let (key, v) = kv
+                        .split_once('=')
+                        .ok_or_else(|| Error::invalid(format!("norm option '{kv}' in '{s}' is not key=value")))?;
                     match key {
                         "eps" => cfg.eps = parse_f64(key, v)?,
                         "momentum" if v == "none" => cfg.momentum = None,
@@ -68,17 +68,15 @@ impl FromStr for NormSpec {
                         "track" => cfg.track_running_stats = parse_bool(key, v)?,
                         _ => {
                             return Err(Error::invalid(format!(
-                            "unknown option '{key}' for bn (known: eps, momentum, affine, track)"
-                        )))
+                                "unknown option '{key}' for bn (known: eps, momentum, affine, track)"
+                            )))
                         }
                     }
                 }
                 cfg.validate()?;
                 Ok(NormSpec::Batch(cfg))
             }
-            _ => Err(Error::invalid(format!(
-                "unknown norm spec '{s}' (known: none, bn)"
-            ))),
+            _ => Err(Error::invalid(format!("unknown norm spec '{s}' (known: none, bn)"))),
         }
     }
 }
@@ -106,11 +104,7 @@ mod tests {
 
     #[test]
     fn specs_round_trip_and_reject_bad_values() {
-        for s in [
-            "none",
-            "bn",
-            "bn:momentum=none,eps=0.001,affine=false,track=false",
-        ] {
+        for s in ["none", "bn", "bn:momentum=none,eps=0.001,affine=false,track=false"] {
             let spec: NormSpec = s.parse().unwrap();
             assert_eq!(spec.to_string().parse::<NormSpec>().unwrap(), spec);
         }

@@ -44,13 +44,11 @@ impl Layer for MaxPool2d {
         "MaxPool2d"
     }
 
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        let out = pooled_shape("MaxPool2d", x, self.kernel, self.stride)?;
+    fn forward(&mut self, x: Tensor, _mode: Mode) -> Result<Tensor> {
+        let out = pooled_shape("MaxPool2d", &x, self.kernel, self.stride)?;
         let mut y = Tensor::zeros(&out);
         self.argmax.resize(y.len(), 0);
-        let [n, c, h, w] = x.shape[..] else {
-            unreachable!()
-        };
+        let [n, c, h, w] = x.shape[..] else { unreachable!() };
         pool::max_pool_forward(
             &x.data,
             n * c,
@@ -65,7 +63,7 @@ impl Layer for MaxPool2d {
         Ok(y)
     }
 
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
         if dy.len() != self.argmax.len() || self.in_shape.len() != 4 {
             return Err(Error::shape(
                 "MaxPool2d",
@@ -101,26 +99,17 @@ impl Layer for AvgPool2d {
         "AvgPool2d"
     }
 
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        let out = pooled_shape("AvgPool2d", x, self.kernel, self.stride)?;
+    fn forward(&mut self, x: Tensor, _mode: Mode) -> Result<Tensor> {
+        let out = pooled_shape("AvgPool2d", &x, self.kernel, self.stride)?;
         let mut y = Tensor::zeros(&out);
-        pool::avg_pool_forward(
-            &x.data,
-            x.shape[2],
-            x.shape[3],
-            self.kernel,
-            self.stride,
-            &mut y.data,
-        );
+        pool::avg_pool_forward(&x.data, x.shape[2], x.shape[3], self.kernel, self.stride, &mut y.data);
         self.in_shape.clone_from(&x.shape);
         Ok(y)
     }
 
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
         if self.in_shape.len() != 4 {
-            return Err(Error::invalid(
-                "AvgPool2d backward called without a forward",
-            ));
+            return Err(Error::invalid("AvgPool2d backward called without a forward"));
         }
         let mut dx = Tensor::zeros(&self.in_shape);
         let (h, w) = (self.in_shape[2], self.in_shape[3]);
@@ -140,7 +129,7 @@ impl Layer for GlobalAvgPool {
         "AdaptiveAvgPool2d"
     }
 
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: Tensor, _mode: Mode) -> Result<Tensor> {
         let [n, c, h, w] = x.shape[..] else {
             return Err(Error::shape(
                 "GlobalAvgPool",
@@ -148,20 +137,14 @@ impl Layer for GlobalAvgPool {
             ));
         };
         let inv = 1.0 / (h * w) as f32;
-        let data = x
-            .data
-            .chunks(h * w)
-            .map(|p| p.iter().sum::<f32>() * inv)
-            .collect();
+        let data = x.data.chunks(h * w).map(|p| p.iter().sum::<f32>() * inv).collect();
         self.in_shape.clone_from(&x.shape);
         Tensor::from_vec(&[n, c], data)
     }
 
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
         let [_, _, h, w] = self.in_shape[..] else {
-            return Err(Error::invalid(
-                "GlobalAvgPool backward called without a forward",
-            ));
+            return Err(Error::invalid("GlobalAvgPool backward called without a forward"));
         };
         let inv = 1.0 / (h * w) as f32;
         let mut dx = Tensor::zeros(&self.in_shape);
@@ -183,12 +166,13 @@ impl Layer for Flatten {
         "Flatten"
     }
 
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: Tensor, _mode: Mode) -> Result<Tensor> {
         self.in_shape.clone_from(&x.shape);
-        x.clone().reshaped(&[x.batch(), x.sample_len()])
+        let shape = [x.batch(), x.sample_len()];
+        x.reshaped(&shape)
     }
 
-    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
-        dy.clone().reshaped(&self.in_shape)
+    fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
+        dy.reshaped(&self.in_shape)
     }
 }

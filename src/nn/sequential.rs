@@ -15,18 +15,18 @@ impl Sequential {
         self.layers.push((name.to_string(), Box::new(layer)));
     }
 
-    pub fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut h = x.clone();
+    pub fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
+        let mut h = x;
         for (_, layer) in self.layers.iter_mut() {
-            h = layer.forward(&h, mode)?;
+            h = layer.forward(h, mode)?;
         }
         Ok(h)
     }
 
-    pub fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
-        let mut g = dy.clone();
+    pub fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
+        let mut g = dy;
         for (_, layer) in self.layers.iter_mut().rev() {
-            g = layer.backward(&g)?;
+            g = layer.backward(g)?;
         }
         Ok(g)
     }
@@ -61,10 +61,7 @@ impl Sequential {
 
     pub fn set_step_seed(&mut self, seed: u64) {
         for (i, (_, layer)) in self.layers.iter_mut().enumerate() {
-            layer.set_step_seed(
-                seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .wrapping_add(i as u64),
-            );
+            layer.set_step_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64));
         }
     }
 }

@@ -42,9 +42,7 @@ impl Golden {
     /// An F32 tensor (F64 is narrowed).
     pub fn tensor(&self, key: &str) -> Tensor {
         let st = self.st();
-        let t = st
-            .tensor(key)
-            .unwrap_or_else(|_| panic!("golden has no {key}"));
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("golden has no {key}"));
         let data: Vec<f32> = match t.dtype() {
             Dtype::F32 => t
                 .data()
@@ -93,13 +91,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
 /// As `assert_close`, with the scale at least `floor`: for a result that is analytically zero
 /// (dx of a batch of two), the natural scale is the incoming gradient's, not the noise's.
 pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: length {} vs {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(floor);
     let (mut worst, mut at) = (0.0f32, 0);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
