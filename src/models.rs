@@ -98,15 +98,16 @@ impl Model {
         let [c, h, w] = spec.input;
         let bias = norm.wants_bias();
         let mut net = Sequential::default();
-        let push_norm = |net: &mut Sequential, name: String, dims: usize, ch: usize| {
-            if let Some(layer) = norm.build(dims, ch) {
+        let push_norm = |net: &mut Sequential, name: String, sample_shape: &[usize]| -> Result<()> {
+            if let Some(layer) = norm.build(sample_shape, &name)? {
                 net.layers.push((name, layer));
             }
+            Ok(())
         };
         match arch {
             Arch::SeedCnn => {
                 net.push("conv1", Conv2d::new(c, 32, 3, 1, 1, bias, &mut rng));
-                push_norm(&mut net, "bn1".into(), 2, 32);
+                push_norm(&mut net, "bn1".into(), &[32, h, w])?;
                 net.push("", ReLU::default());
                 net.push("", MaxPool2d::new(2, 2));
                 net.push("", Flatten::default());
@@ -116,7 +117,7 @@ impl Model {
                 let mut width = c * h * w;
                 for i in 1..=3 {
                     net.push(&format!("fc{i}"), Linear::new(width, 100, bias, &mut rng));
-                    push_norm(&mut net, format!("bn{i}"), 1, 100);
+                    push_norm(&mut net, format!("bn{i}"), &[100])?;
                     net.push("", Sigmoid::default());
                     width = 100;
                 }
@@ -130,7 +131,7 @@ impl Model {
                         Some(out) => {
                             k += 1;
                             net.push(&format!("conv{k}"), Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng));
-                            push_norm(&mut net, format!("bn{k}"), 2, out);
+                            push_norm(&mut net, format!("bn{k}"), &[out, hh, ww])?;
                             net.push("", ReLU::default());
                             ch = out;
                         }

@@ -19,6 +19,7 @@ fn batch_norm_matches_pytorch() {
             momentum: case["momentum"].as_f64(),
             affine: case["affine"].as_bool().unwrap(),
             track_running_stats: case["track"].as_bool().unwrap(),
+            ..Default::default()
         };
         let what = format!("case {i} {} {:?}", case["name"], case["shape"]);
         let dims = case["dims"].as_u64().unwrap() as usize;

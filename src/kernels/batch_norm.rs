@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::reduce::{mean_var, sum_dy_and_dy_x};
+use crate::kernels::reduce::{mean_var, sum_dy_and_dy_x, Center};
 
 /// The S-long run of channel `ch` in sample `i`.
 #[inline]
@@ -14,9 +14,9 @@ fn run(x: &[f32], c: usize, s: usize, i: usize, ch: usize) -> &[f32] {
 }
 
 /// Per-channel mean and biased variance: mean = Σx/m, var = Σ(x-mean)²/m with m = N*S.
-pub fn batch_norm_stats(x: &[f32], n: usize, c: usize, s: usize, mean: &mut [f32], var: &mut [f32]) {
+pub fn batch_norm_stats(x: &[f32], n: usize, c: usize, s: usize, mean: &mut [f64], var: &mut [f32]) {
     debug_assert_eq!(x.len(), n * c * s);
-    let stats: Vec<(f32, f32)> = (0..c)
+    let stats: Vec<(f64, f32)> = (0..c)
         .into_par_iter()
         .map(|ch| mean_var((0..n).map(|i| run(x, c, s, i, ch))))
         .collect();
@@ -35,13 +35,14 @@ pub fn inverse_std(var: &[f32], eps: f64, invstd: &mut [f32]) {
 
 /// y = (x - mean) * scale + shift per channel (scale = invstd·gamma, shift = beta).
 #[allow(clippy::too_many_arguments)]
-pub fn normalize_affine(x: &[f32], c: usize, s: usize, mean: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
+pub fn normalize_affine(x: &[f32], c: usize, s: usize, mean: &[f64], scale: &[f32], shift: &[f32], y: &mut [f32]) {
+    let center: Vec<Center> = mean.iter().map(|&m| Center::new(m)).collect();
     y.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).for_each(|(ys, xs)| {
         for ch in 0..c {
-            let (mu, a, b) = (mean[ch], scale[ch], shift[ch]);
+            let (mu, a, b) = (center[ch], scale[ch], shift[ch]);
             let r = ch * s..(ch + 1) * s;
             for (o, &v) in ys[r.clone()].iter_mut().zip(&xs[r]) {
-                *o = (v - mu) * a + b;
+                *o = mu.sub(v) * a + b;
             }
         }
     });
@@ -54,7 +55,7 @@ pub fn batch_norm_apply(
     n: usize,
     c: usize,
     s: usize,
-    mean: &[f32],
+    mean: &[f64],
     invstd: &[f32],
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
@@ -74,7 +75,7 @@ pub fn batch_norm_grad_sums(
     n: usize,
     c: usize,
     s: usize,
-    mean: &[f32],
+    mean: &[f64],
     invstd: &[f32],
     sum_dy: &mut [f64],
     sum_dy_xhat: &mut [f64],
@@ -84,7 +85,7 @@ pub fn batch_norm_grad_sums(
         .map(|ch| {
             let (mut sd, mut sdx) = (0.0f64, 0.0f64);
             for i in 0..n {
-                let (a, b) = sum_dy_and_dy_x(run(x, c, s, i, ch), run(dy, c, s, i, ch), mean[ch]);
+                let (a, b) = sum_dy_and_dy_x(run(x, c, s, i, ch), run(dy, c, s, i, ch), Center::new(mean[ch]));
                 sd += a;
                 sdx += b;
             }
@@ -106,7 +107,7 @@ pub fn batch_norm_backward_input(
     n: usize,
     c: usize,
     s: usize,
-    mean: &[f32],
+    mean: &[f64],
     invstd: &[f32],
     gamma: Option<&[f32]>,
     sum_dy: &[f64],
@@ -114,19 +115,19 @@ pub fn batch_norm_backward_input(
 ) {
     let m = (n * s) as f64;
     // dx = k * (dy - a - (x - mean) * b') with k = gamma*invstd, a = Σdy/m, b' = invstd·Σdy·x̂/m.
-    let coef: Vec<(f32, f32, f32, f32)> = (0..c)
+    let coef: Vec<(f32, f32, f32, Center)> = (0..c)
         .map(|ch| {
             let k = gamma.map_or(1.0, |g| g[ch]) * invstd[ch];
             let a = (sum_dy[ch] / m) as f32;
             let b = (sum_dy_xhat[ch] / m * invstd[ch] as f64) as f32;
-            (k, a, b, mean[ch])
+            (k, a, b, Center::new(mean[ch]))
         })
         .collect();
     dy.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).for_each(|(ds, xs)| {
         for (ch, &(k, a, b, mu)) in coef.iter().enumerate() {
             let r = ch * s..(ch + 1) * s;
             for (o, &xv) in ds[r.clone()].iter_mut().zip(&xs[r]) {
-                *o = k * (*o - a - (xv - mu) * b);
+                *o = k * (*o - a - mu.sub(xv) * b);
             }
         }
     });

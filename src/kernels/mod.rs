@@ -1,8 +1,10 @@
 //! Pure functions on slices: the numerical core every layer calls.
 
 pub mod batch_norm;
+pub mod group_norm;
 pub mod im2col;
 pub mod loss;
+pub mod lp_norm;
 pub mod matmul;
 pub mod pool;
 pub mod reduce;

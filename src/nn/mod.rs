@@ -4,6 +4,7 @@ pub mod activation;
 pub mod batch_norm;
 pub mod conv2d;
 pub mod dropout;
+pub mod group_norm;
 pub mod init;
 pub mod layer;
 pub mod linear;

@@ -4,16 +4,36 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::nn::batch_norm::{BatchNorm, BatchNormConfig};
+use crate::kernels::lp_norm::LpKind;
+use crate::nn::batch_norm::{BatchNorm, BatchNormConfig, BatchStats};
+use crate::nn::group_norm::{GroupNorm, WithinSample, WithinSampleConfig};
 use crate::nn::layer::Layer;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NormSpec {
     /// No normalization; the layer before keeps its bias.
     None,
-    /// BatchNorm1d/2d.
+    /// BatchNorm1d/2d and its variants (Ghost, Renorm, Lp).
     Batch(BatchNormConfig),
+    /// GroupNorm with G groups; `None` means min(32, C).
+    Group { groups: Option<usize>, eps: f64, affine: bool },
+    /// LayerNorm (both forms) and InstanceNorm.
+    Within(WithinSampleConfig),
 }
+
+/// Every spec with one line on what it does (`normlab norms`).
+pub const CATALOG: &[(&str, &str)] = &[
+    ("none", "no normalization; the conv/linear layer before keeps its bias"),
+    ("bn", "BatchNorm1d/2d: batch statistics per channel; options momentum=0.1|none, eps=1e-5, affine, track"),
+    ("gn:G", "GroupNorm: statistics per sample over G channel groups (gn alone: min(32, C) groups); eps, affine"),
+    ("ln", "LayerNorm of the GN paper: GroupNorm(1), statistics over (C,H,W), per-channel affine; eps, affine"),
+    ("layernorm", "PyTorch nn.LayerNorm over the trailing dims (C,H,W) with an elementwise affine; eps, affine"),
+    ("in", "InstanceNorm: statistics per (sample, channel); PyTorch defaults affine=false, track=false; momentum"),
+    ("brn", "Batch Renormalization: r, d corrections toward running stats; rmax=3, dmax=5, warmup=1000 steps"),
+    ("ghost:V", "Ghost BatchNorm: BN statistics over virtual batches of V samples (V must divide the batch)"),
+    ("bn-l1", "Lp BatchNorm: subtract the batch mean, divide by the mean L1 norm (Santurkar et al.)"),
+    ("bn-linf", "Lp BatchNorm: subtract the batch mean, divide by the L-infinity norm (Santurkar et al.)"),
+];
 
 impl NormSpec {
     /// True when the preceding conv/linear layer should have a bias (nothing re-centres its output).
@@ -21,12 +41,27 @@ impl NormSpec {
         matches!(self, NormSpec::None)
     }
 
-    /// The layer for `channels` features: `dims` 1 after a Linear, 2 after a Conv2d.
-    pub fn build(&self, dims: usize, channels: usize) -> Option<Box<dyn Layer>> {
-        match self {
+    /// The layer for a per-sample shape of [C] (after a linear layer) or [C, H, W] (after a
+    /// conv); `layer` names it in errors ("bn1").
+    pub fn build(&self, sample_shape: &[usize], layer: &str) -> Result<Option<Box<dyn Layer>>> {
+        let c = sample_shape[0];
+        let dims = if sample_shape.len() == 3 { 2 } else { 1 };
+        Ok(match *self {
             NormSpec::None => None,
-            NormSpec::Batch(cfg) => Some(Box::new(BatchNorm::new(dims, channels, *cfg))),
-        }
+            NormSpec::Batch(cfg) => Some(Box::new(BatchNorm::new(dims, c, cfg))),
+            NormSpec::Group { groups, eps, affine } => {
+                let g = groups.unwrap_or(c.min(32));
+                let cfg = WithinSampleConfig {
+                    kind: WithinSample::Group(g),
+                    eps,
+                    affine,
+                    track_running_stats: false,
+                    momentum: 0.1,
+                };
+                Some(Box::new(GroupNorm::new(cfg, sample_shape, layer)?))
+            }
+            NormSpec::Within(cfg) => Some(Box::new(GroupNorm::new(cfg, sample_shape, layer)?)),
+        })
     }
 }
 
@@ -34,50 +69,148 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
-        _ => Err(Error::invalid(format!(
-            "norm option {key} takes true or false, got '{v}'"
-        ))),
+        _ => Err(Error::invalid(format!("norm option {key} takes true or false, got '{v}'"))),
     }
 }
 
-fn parse_f64(key: &str, v: &str) -> Result<f64> {
-    v.parse::<f64>()
-        .map_err(|_| Error::invalid(format!("norm option {key} takes a number, got '{v}'")))
+fn parse_num<T: FromStr>(key: &str, v: &str) -> Result<T> {
+    v.parse::<T>().map_err(|_| Error::invalid(format!("norm option {key} takes a number, got '{v}'")))
+}
+
+/// Splits `name:a,k=v,...` into the name, an optional leading bare value and the key=value pairs.
+fn split(spec: &str) -> Result<(&str, Option<&str>, Vec<(&str, &str)>)> {
+    let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    let mut bare = None;
+    let mut pairs = Vec::new();
+    for (i, item) in rest.split(',').filter(|o| !o.is_empty()).enumerate() {
+        match item.split_once('=') {
+            Some((k, v)) => pairs.push((k, v)),
+            None if i == 0 => bare = Some(item),
+            None => return Err(Error::invalid(format!("norm option '{item}' in '{spec}' is not key=value"))),
+        }
+    }
+    Ok((name, bare, pairs))
+}
+
+fn unknown(key: &str, name: &str, known: &str) -> Error {
+    Error::invalid(format!("unknown option '{key}' for {name} (known: {known})"))
 }
 
 impl FromStr for NormSpec {
     type Err = Error;
 
-    /// `none`, `bn`, or `bn:momentum=0.01,eps=1e-3,affine=false,track=false` (`momentum=none`
-    /// for the cumulative average).
-    fn from_str(s: &str) -> Result<Self> {
-        let (name, opts) = s.split_once(':').unwrap_or((s, ""));
+    fn from_str(spec: &str) -> Result<Self> {
+        let (name, bare, pairs) = split(spec)?;
+        let needs_bare = matches!(name, "ghost");
+        let takes_bare = matches!(name, "ghost" | "gn");
+        if bare.is_some() && !takes_bare {
+            return Err(Error::invalid(format!("norm option '{}' in '{spec}' is not key=value", bare.unwrap_or(""))));
+        }
+        if needs_bare && bare.is_none() {
+            return Err(Error::invalid(format!("'{spec}': ghost needs a virtual batch size, as in ghost:16")));
+        }
         match name {
-            "none" if opts.is_empty() => Ok(NormSpec::None),
-            "bn" => {
+            "none" if pairs.is_empty() => Ok(NormSpec::None),
+            "bn" | "brn" | "ghost" | "bn-l1" | "bn-linf" => {
                 let mut cfg = BatchNormConfig::default();
-                for kv in opts.split(',').filter(|o| !o.is_empty()) {
-                    let (key, v) = kv
-                        .split_once('=')
-                        .ok_or_else(|| Error::invalid(format!("norm option '{kv}' in '{s}' is not key=value")))?;
+                let (mut rmax, mut dmax, mut warmup) = (3.0, 5.0, 1000u64);
+                cfg.stats = match name {
+                    "ghost" => {
+                        let v: usize = parse_num("virtual batch", bare.unwrap_or(""))?;
+                        BatchStats::Ghost(v)
+                    }
+                    "bn-l1" => BatchStats::Lp(LpKind::L1),
+                    "bn-linf" => BatchStats::Lp(LpKind::Linf),
+                    _ => BatchStats::Standard,
+                };
+                for (key, v) in pairs {
                     match key {
-                        "eps" => cfg.eps = parse_f64(key, v)?,
+                        "eps" => cfg.eps = parse_num(key, v)?,
                         "momentum" if v == "none" => cfg.momentum = None,
-                        "momentum" => cfg.momentum = Some(parse_f64(key, v)?),
+                        "momentum" => cfg.momentum = Some(parse_num(key, v)?),
                         "affine" => cfg.affine = parse_bool(key, v)?,
                         "track" => cfg.track_running_stats = parse_bool(key, v)?,
+                        "rmax" if name == "brn" => rmax = parse_num(key, v)?,
+                        "dmax" if name == "brn" => dmax = parse_num(key, v)?,
+                        "warmup" if name == "brn" => warmup = parse_num(key, v)?,
                         _ => {
-                            return Err(Error::invalid(format!(
-                                "unknown option '{key}' for bn (known: eps, momentum, affine, track)"
-                            )))
+                            let extra = if name == "brn" { ", rmax, dmax, warmup" } else { "" };
+                            return Err(unknown(key, name, &format!("eps, momentum, affine, track{extra}")));
                         }
                     }
+                }
+                if name == "brn" {
+                    if !cfg.track_running_stats {
+                        return Err(Error::invalid("brn needs running statistics (track=true)"));
+                    }
+                    cfg.stats = BatchStats::Renorm { rmax, dmax, warmup };
                 }
                 cfg.validate()?;
                 Ok(NormSpec::Batch(cfg))
             }
-            _ => Err(Error::invalid(format!("unknown norm spec '{s}' (known: none, bn)"))),
+            "gn" => {
+                let groups = match bare {
+                    Some(g) => match g.parse::<usize>() {
+                        Ok(g) if g > 0 => Some(g),
+                        _ => return Err(Error::invalid(format!("gn groups must be a whole number > 0, got '{g}'"))),
+                    },
+                    None => None,
+                };
+                let (mut eps, mut affine) = (1e-5, true);
+                for (key, v) in pairs {
+                    match key {
+                        "eps" => eps = parse_num(key, v)?,
+                        "affine" => affine = parse_bool(key, v)?,
+                        _ => return Err(unknown(key, name, "eps, affine")),
+                    }
+                }
+                check_eps(eps)?;
+                Ok(NormSpec::Group { groups, eps, affine })
+            }
+            "ln" | "layernorm" | "in" => {
+                let instance = name == "in";
+                let mut cfg = WithinSampleConfig {
+                    kind: match name {
+                        "ln" => WithinSample::Layer,
+                        "layernorm" => WithinSample::LayerElementwise,
+                        _ => WithinSample::Instance,
+                    },
+                    eps: 1e-5,
+                    affine: !instance,
+                    track_running_stats: false,
+                    momentum: 0.1,
+                };
+                for (key, v) in pairs {
+                    match key {
+                        "eps" => cfg.eps = parse_num(key, v)?,
+                        "affine" => cfg.affine = parse_bool(key, v)?,
+                        "track" if instance => cfg.track_running_stats = parse_bool(key, v)?,
+                        "momentum" if instance => cfg.momentum = parse_num(key, v)?,
+                        _ => {
+                            let known = if instance { "eps, affine, track, momentum" } else { "eps, affine" };
+                            return Err(unknown(key, name, known));
+                        }
+                    }
+                }
+                check_eps(cfg.eps)?;
+                if !(0.0..=1.0).contains(&cfg.momentum) {
+                    return Err(Error::invalid(format!("in momentum must be in [0, 1], got {}", cfg.momentum)));
+                }
+                Ok(NormSpec::Within(cfg))
+            }
+            _ => {
+                let known: Vec<&str> = CATALOG.iter().map(|(s, _)| *s).collect();
+                Err(Error::invalid(format!("unknown norm spec '{spec}' (known: {})", known.join(", "))))
+            }
         }
+    }
+}
+
+fn check_eps(eps: f64) -> Result<()> {
+    if eps > 0.0 && eps.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("norm eps must be > 0, got {eps}")))
     }
 }
 
@@ -88,12 +221,30 @@ impl fmt::Display for NormSpec {
             NormSpec::None => write!(f, "none"),
             NormSpec::Batch(c) => {
                 let m = c.momentum.map_or("none".to_string(), |m| m.to_string());
-                write!(
-                    f,
-                    "bn:momentum={m},eps={},affine={},track={}",
-                    c.eps, c.affine, c.track_running_stats
-                )
+                let common = format!("momentum={m},eps={},affine={},track={}", c.eps, c.affine, c.track_running_stats);
+                match c.stats {
+                    BatchStats::Standard => write!(f, "bn:{common}"),
+                    BatchStats::Ghost(v) => write!(f, "ghost:{v},{common}"),
+                    BatchStats::Renorm { rmax, dmax, warmup } => {
+                        write!(f, "brn:rmax={rmax},dmax={dmax},warmup={warmup},{common}")
+                    }
+                    BatchStats::Lp(LpKind::L1) => write!(f, "bn-l1:{common}"),
+                    BatchStats::Lp(LpKind::Linf) => write!(f, "bn-linf:{common}"),
+                }
             }
+            NormSpec::Group { groups, eps, affine } => match groups {
+                Some(g) => write!(f, "gn:{g},eps={eps},affine={affine}"),
+                None => write!(f, "gn:eps={eps},affine={affine}"),
+            },
+            NormSpec::Within(c) => match c.kind {
+                WithinSample::Layer => write!(f, "ln:eps={},affine={}", c.eps, c.affine),
+                WithinSample::LayerElementwise => write!(f, "layernorm:eps={},affine={}", c.eps, c.affine),
+                _ => write!(
+                    f,
+                    "in:eps={},affine={},track={},momentum={}",
+                    c.eps, c.affine, c.track_running_stats, c.momentum
+                ),
+            },
         }
     }
 }
@@ -104,20 +255,57 @@ mod tests {
 
     #[test]
     fn specs_round_trip_and_reject_bad_values() {
-        for s in ["none", "bn", "bn:momentum=none,eps=0.001,affine=false,track=false"] {
-            let spec: NormSpec = s.parse().unwrap();
-            assert_eq!(spec.to_string().parse::<NormSpec>().unwrap(), spec);
+        for s in [
+            "none",
+            "bn",
+            "bn:momentum=none,eps=0.001,affine=false,track=false",
+            "gn",
+            "gn:4",
+            "gn:8,eps=1e-3,affine=false",
+            "ln",
+            "layernorm:affine=false",
+            "in",
+            "in:affine=true,track=true,momentum=0.2",
+            "brn",
+            "brn:rmax=2,dmax=1,warmup=50",
+            "ghost:16",
+            "ghost:8,momentum=0.01",
+            "bn-l1",
+            "bn-linf:eps=1e-3",
+        ] {
+            let spec: NormSpec = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert_eq!(spec.to_string().parse::<NormSpec>().unwrap(), spec, "{s}");
         }
         for bad in [
             "bn:eps=0",
             "bn:eps=-1",
             "bn:momentum=1.5",
+            "bn:momentum=-0.1",
             "bn:affine=maybe",
             "bn:foo=1",
             "gnx",
             "bn:eps",
+            "gn:0",
+            "gn:x",
+            "ghost",
+            "ghost:0",
+            "ln:track=true",
+            "in:momentum=2",
+            "brn:rmax=0.5",
+            "brn:track=false",
+            "layernorm:eps=0",
+            "none:eps=1",
         ] {
             assert!(bad.parse::<NormSpec>().is_err(), "{bad} should fail");
         }
+    }
+
+    #[test]
+    fn group_count_must_divide_channels() {
+        let spec: NormSpec = "gn:5".parse().unwrap();
+        let err = spec.build(&[32, 4, 4], "bn1").err().unwrap().to_string();
+        assert!(err.contains("bn1") && err.contains("C % G"), "{err}");
+        let auto: NormSpec = "gn".parse().unwrap();
+        assert!(auto.build(&[16, 4, 4], "bn1").is_ok(), "gn alone uses min(32, C) groups");
     }
 }

@@ -1,0 +1,220 @@
+//! Within-sample norms: GroupNorm(G), LayerNorm as GroupNorm(1) with a per-channel affine (the
+//! GN paper's LN), InstanceNorm2d (G = C, optional affine and running statistics) and
+//! PyTorch's nn.LayerNorm with an elementwise affine over the trailing dimensions.
+
+use crate::error::{Error, Result};
+use crate::kernels::{batch_norm as bnk, group_norm as k};
+use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WithinSample {
+    /// nn.GroupNorm(G, C).
+    Group(usize),
+    /// GroupNorm(1, C): normalize over (C, H, W), per-channel affine.
+    Layer,
+    /// nn.InstanceNorm1d/2d: one set per (n, c).
+    Instance,
+    /// nn.LayerNorm(normalized_shape = trailing dims), elementwise affine.
+    LayerElementwise,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WithinSampleConfig {
+    pub kind: WithinSample,
+    pub eps: f64,
+    pub affine: bool,
+    /// InstanceNorm only: keep running statistics (PyTorch's track_running_stats).
+    pub track_running_stats: bool,
+    /// InstanceNorm only: momentum of the running statistics.
+    pub momentum: f64,
+}
+
+#[derive(Default)]
+struct Cache {
+    input: Tensor,
+    mean: Vec<f64>,
+    invstd: Vec<f32>,
+}
+
+pub struct GroupNorm {
+    pub config: WithinSampleConfig,
+    /// Channels (dimension 1) of the input.
+    pub channels: usize,
+    /// Per-sample shape [C] or [C, H, W] the layer was built for.
+    pub sample_shape: Vec<usize>,
+    pub weight: Option<Param>,
+    pub bias: Option<Param>,
+    pub running_mean: Option<Tensor>,
+    pub running_var: Option<Tensor>,
+    pub num_batches_tracked: i64,
+    cache: Cache,
+}
+
+impl GroupNorm {
+    /// `sample_shape` is [C] after a linear layer or [C, H, W] after a conv.
+    pub fn new(config: WithinSampleConfig, sample_shape: &[usize], layer: &str) -> Result<Self> {
+        let channels = sample_shape[0];
+        if let WithinSample::Group(g) = config.kind {
+            if g == 0 || channels % g != 0 {
+                return Err(Error::invalid(format!(
+                    "{layer}: GroupNorm needs the {channels} channels to split into {g} equal groups (C % G != 0)"
+                )));
+            }
+        }
+        if !(config.eps > 0.0 && config.eps.is_finite()) {
+            return Err(Error::invalid(format!("{layer}: eps must be > 0, got {}", config.eps)));
+        }
+        if !(0.0..=1.0).contains(&config.momentum) {
+            return Err(Error::invalid(format!("{layer}: momentum must be in [0, 1], got {}", config.momentum)));
+        }
+        let affine_shape = match config.kind {
+            WithinSample::LayerElementwise => sample_shape.to_vec(),
+            _ => vec![channels],
+        };
+        let (weight, bias) = if config.affine {
+            (
+                Some(Param::new(Tensor::full(&affine_shape, 1.0), ParamKind::Norm)),
+                Some(Param::new(Tensor::zeros(&affine_shape), ParamKind::Norm)),
+            )
+        } else {
+            (None, None)
+        };
+        let tracks = config.kind == WithinSample::Instance && config.track_running_stats;
+        Ok(GroupNorm {
+            config,
+            channels,
+            sample_shape: sample_shape.to_vec(),
+            weight,
+            bias,
+            running_mean: tracks.then(|| Tensor::zeros(&[channels])),
+            running_var: tracks.then(|| Tensor::full(&[channels], 1.0)),
+            num_batches_tracked: 0,
+            cache: Cache::default(),
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self.config.kind {
+            WithinSample::Group(_) => "GroupNorm",
+            WithinSample::Layer | WithinSample::LayerElementwise => "LayerNorm",
+            WithinSample::Instance if self.sample_shape.len() == 3 => "InstanceNorm2d",
+            WithinSample::Instance => "InstanceNorm1d",
+        }
+    }
+
+    /// (N, C', S', G) of the kernels' view for input `x`.
+    fn view(&self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        if x.shape.len() < 2 || x.shape[1..] != self.sample_shape[..] {
+            return Err(Error::shape(
+                self.name(),
+                format!("expected input [N, {}], got {:?}", join(&self.sample_shape), x.shape),
+            ));
+        }
+        let (n, c, s) = (x.shape[0], self.channels, x.sample_len() / self.channels);
+        Ok(match self.config.kind {
+            WithinSample::Group(g) => (n, c, s, g),
+            WithinSample::Layer => (n, c, s, 1),
+            WithinSample::Instance => (n, c, s, c),
+            WithinSample::LayerElementwise => (n, c * s, 1, 1),
+        })
+    }
+
+    /// InstanceNorm: running = (1-m)·running + m·mean over samples of the per-instance
+    /// statistics (variance unbiased over the S values), as PyTorch does.
+    fn update_running_stats(&mut self, mean: &[f64], var: &[f32], n: usize, s: usize) {
+        let (Some(rm), Some(rv)) = (self.running_mean.as_mut(), self.running_var.as_mut()) else {
+            return;
+        };
+        let m = self.config.momentum;
+        let unbias = s as f64 / (s as f64 - 1.0);
+        for ch in 0..self.channels {
+            let bm: f64 = (0..n).map(|i| mean[i * self.channels + ch]).sum::<f64>() / n as f64;
+            let bv: f64 = (0..n).map(|i| var[i * self.channels + ch] as f64 * unbias).sum::<f64>() / n as f64;
+            rm.data[ch] = ((1.0 - m) * rm.data[ch] as f64 + m * bm) as f32;
+            rv.data[ch] = ((1.0 - m) * rv.data[ch] as f64 + m * bv) as f32;
+        }
+    }
+}
+
+fn join(dims: &[usize]) -> String {
+    dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+impl Layer for GroupNorm {
+    fn kind(&self) -> &'static str {
+        self.name()
+    }
+
+    // y = (x - mean_set) / sqrt(var_set + eps) * gamma + beta, one set per (n, group)
+    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
+        let (n, c, s, groups) = self.view(&x)?;
+        let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
+        let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
+        let mut y = Tensor::zeros(&x.shape);
+        if mode == Mode::Eval && self.running_mean.is_some() {
+            // InstanceNorm with running statistics normalizes like BatchNorm in eval mode.
+            let rv = &self.running_var.as_ref().expect("tracked").data;
+            let mut invstd = vec![0.0; c];
+            bnk::inverse_std(rv, self.config.eps, &mut invstd);
+            let rm: Vec<f64> = self.running_mean.as_ref().expect("tracked").data.iter().map(|&v| v as f64).collect();
+            bnk::batch_norm_apply(&x.data, n, c, s, &rm, &invstd, gamma, beta, &mut y.data);
+            return Ok(y);
+        }
+        if self.config.kind == WithinSample::Instance && s <= 1 {
+            return Err(Error::shape(
+                self.name(),
+                format!("Expected more than 1 spatial element when training, got input size {:?}", x.shape),
+            ));
+        }
+        let sets = n * groups;
+        let (mut mean, mut var) = (vec![0.0f64; sets], vec![0.0f32; sets]);
+        k::group_norm_stats(&x.data, n, c, s, groups, &mut mean, &mut var);
+        let mut invstd = vec![0.0f32; sets];
+        bnk::inverse_std(&var, self.config.eps, &mut invstd);
+        k::group_norm_apply(&x.data, c, s, groups, &mean, &invstd, gamma, beta, &mut y.data);
+        if mode == Mode::Train {
+            self.update_running_stats(&mean, &var, n, s);
+            self.cache = Cache { input: x, mean, invstd };
+        }
+        Ok(y)
+    }
+
+    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
+        let x = &self.cache.input;
+        if x.is_empty() || dy.shape != x.shape {
+            return Err(Error::shape(self.name(), format!("gradient {:?} does not match the last forward", dy.shape)));
+        }
+        let (n, c, s, groups) = self.view(x)?;
+        let gamma = self.weight.as_ref().map(|p| p.value.data.clone());
+        let (dg, db) = match (self.weight.as_mut(), self.bias.as_mut()) {
+            (Some(w), Some(b)) => (Some(w.grad.data.as_mut_slice()), Some(b.grad.data.as_mut_slice())),
+            _ => (None, None),
+        };
+        let (mean, invstd) = (&self.cache.mean, &self.cache.invstd);
+        k::group_norm_backward(&x.data, &mut dy.data, n, c, s, groups, mean, invstd, gamma.as_deref(), dg, db);
+        Ok(dy)
+    }
+
+    fn params(&mut self) -> Vec<(&'static str, &mut Param)> {
+        let mut v = Vec::new();
+        if let Some(w) = self.weight.as_mut() {
+            v.push(("weight", w));
+        }
+        if let Some(b) = self.bias.as_mut() {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {
+        match (self.running_mean.as_mut(), self.running_var.as_mut()) {
+            (Some(rm), Some(rv)) => vec![
+                ("running_mean", BufferMut::F32(rm)),
+                ("running_var", BufferMut::F32(rv)),
+                ("num_batches_tracked", BufferMut::I64(&mut self.num_batches_tracked)),
+            ],
+            _ => Vec::new(),
+        }
+    }
+}
