@@ -124,7 +124,181 @@ def seed_cnn_steps():
     print("seed_cnn_steps.safetensors written")
 
 
+def _data(shape, g, offset=0.0, spread=1.0):
+    """float32 inputs, returned as float64 so the reference is computed exactly on them."""
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * spread + offset).float().double()
+
+
+def _rand_affine(module, g):
+    with torch.no_grad():
+        if getattr(module, "weight", None) is not None:
+            module.weight.copy_((torch.rand(module.weight.shape, generator=g) + 0.5).float().double())
+            module.bias.copy_(torch.randn(module.bias.shape, generator=g).float().double())
+
+
+def renorm_reference(x, gamma, beta, rm, rv, t, eps, momentum, rmax, dmax, warmup):
+    """Batch Renormalization (Ioffe 2017, Keras' renorm): r and d are constants for backward."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    w = float(warmup)
+    ramp = lambda end: min(max((t - w / 8) / (end - w / 8), 0.0), 1.0)
+    rmax_t, dmax_t = 1 + (rmax - 1) * ramp(w), dmax * ramp(w * 5 / 8)
+    mu = x.mean(dims)
+    var = x.var(dims, unbiased=False)
+    sigma_b = (var + eps).sqrt()
+    sigma = (rv + eps).sqrt()
+    r = (sigma_b / sigma).clamp(1 / rmax_t, rmax_t).detach()
+    d = ((mu - rm) / sigma).clamp(-dmax_t, dmax_t).detach()
+    xhat = (x - mu.view(shape)) / sigma_b.view(shape)
+    y = gamma.view(shape) * (xhat * r.view(shape) + d.view(shape)) + beta.view(shape)
+    m = x.numel() / x.shape[1]
+    new_rm = (1 - momentum) * rm + momentum * mu.detach()
+    new_rv = (1 - momentum) * rv + momentum * var.detach() * m / (m - 1)
+    return y, new_rm, new_rv
+
+
+def lp_reference(x, gamma, beta, rm, rs, eps, momentum, p):
+    """Lp-norm BN (Santurkar et al.): centre by the batch mean, divide by mean |z| or max |z|."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mu = x.mean(dims, keepdim=True)
+    z = x - mu
+    if p == "l1":
+        scale = z.abs().mean(dims, keepdim=True)
+    else:
+        scale = z.abs().amax(dim=dims, keepdim=True)
+    y = gamma.view(shape) * z / (scale + eps) + beta.view(shape)
+    new_rm = (1 - momentum) * rm + momentum * mu.detach().flatten()
+    new_rs = (1 - momentum) * rs + momentum * scale.detach().flatten()
+    return y, new_rm, new_rs
+
+
+def norm_family_cases():
+    """Every spec PyTorch has (and transcriptions of Batch Renorm and Lp BN): a train step
+    through `normlab layer`'s tensor names, then an eval forward with the updated buffers."""
+    g = torch.Generator().manual_seed(99)
+    tensors, cases = {}, []
+
+    def module_case(spec, make, shape, offset=0.0, spread=1.0, eval_after=True, constant_channel=False):
+        i = len(cases)
+        p = f"case{i}."
+        module = make(shape).double()
+        _rand_affine(module, g)
+        x = _data(shape, g, offset, spread)
+        if constant_channel:
+            x[:, 0] = offset + 0.5
+        x.requires_grad_(True)
+        dy = _data(shape, g)
+        inputs = {"x": x.detach(), "dy": dy}
+        if getattr(module, "weight", None) is not None:
+            inputs["weight"], inputs["bias"] = module.weight.detach().clone(), module.bias.detach().clone()
+        if getattr(module, "running_mean", None) is not None:
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=g).float().double() * 0.1)
+                module.running_var.copy_((torch.rand(module.running_var.shape, generator=g) + 0.5).float().double())
+            inputs["running_mean"], inputs["running_var"] = module.running_mean.clone(), module.running_var.clone()
+        module.train()
+        y = module(x)
+        y.backward(dy)
+        out = {"y": y.detach(), "dx": x.grad}
+        if "weight" in inputs:
+            out["dweight"], out["dbias"] = module.weight.grad, module.bias.grad
+        if "running_mean" in inputs:
+            out["running_mean"], out["running_var"] = module.running_mean, module.running_var
+        for k, v in inputs.items():
+            tensors[p + "in." + k] = v.float()
+        for k, v in out.items():
+            tensors[p + "out." + k] = v.float()
+        if eval_after:
+            module.eval()
+            xe = _data(shape, g, offset, spread)
+            with torch.no_grad():
+                tensors[p + "eval.x"] = xe.float()
+                tensors[p + "eval.y"] = module(xe).float()
+        cases.append(dict(spec=spec, shape=list(shape), eval=eval_after))
+
+    GN = lambda G, affine=True: (lambda s: nn.GroupNorm(G, s[1], affine=affine))
+    LNE = lambda affine=True: (lambda s: nn.LayerNorm(list(s[1:]), elementwise_affine=affine))
+    IN2 = lambda **kw: (lambda s: nn.InstanceNorm2d(s[1], **kw))
+    IN1 = lambda **kw: (lambda s: nn.InstanceNorm1d(s[1], **kw))
+    BN2 = lambda **kw: (lambda s: nn.BatchNorm2d(s[1], **kw))
+    BN1 = lambda **kw: (lambda s: nn.BatchNorm1d(s[1], **kw))
+    for G in (1, 2, 3, 6):
+        module_case(f"gn:{G}", GN(G), (4, 6, 5, 5))
+    module_case("gn:4", GN(4), (1, 12, 3, 3))
+    module_case("gn:3", GN(3), (3, 6, 1, 1))
+    module_case("gn:5", GN(5), (2, 10))
+    module_case("gn:2,affine=false", GN(2, False), (3, 4, 3, 3))
+    module_case("gn", GN(5), (2, 5, 4, 4))
+    module_case("ln", GN(1), (4, 6, 5, 5))
+    module_case("ln", GN(1), (1, 5, 4, 4))
+    module_case("ln", GN(1), (5, 7))
+    module_case("layernorm", LNE(), (4, 6, 5, 5))
+    module_case("layernorm", LNE(), (1, 3, 2, 2))
+    module_case("layernorm", LNE(), (6, 10))
+    module_case("layernorm:affine=false", LNE(False), (3, 5, 3, 3))
+    module_case("in", IN2(), (4, 6, 5, 5))
+    module_case("in", IN2(), (1, 3, 4, 4))
+    module_case("in:affine=true", IN2(affine=True), (3, 5, 4, 3))
+    module_case("in:affine=true,track=true", IN2(affine=True, track_running_stats=True), (4, 6, 5, 5))
+    module_case("in:track=true,momentum=0.3", IN2(track_running_stats=True, momentum=0.3), (2, 3, 4, 4))
+    module_case("in", IN1(), (3, 5, 7))
+    module_case("bn", BN2(), (5, 7, 3, 3))
+    module_case("bn", BN1(), (9, 5))
+    # Large offsets and small spreads, and a constant channel (y = beta, finite gradients).
+    for offset, spread in ((1e4, 1e-2), (1e6, 1.0)):
+        module_case("bn", BN2(), (8, 3, 6, 6), offset, spread)
+        module_case("gn:2", GN(2), (4, 6, 5, 5), offset, spread)
+        module_case("layernorm", LNE(), (3, 4, 5, 5), offset, spread)
+        module_case("in:affine=true", IN2(affine=True), (3, 4, 5, 5), offset, spread)
+    module_case("bn", BN2(), (4, 3, 5, 5), constant_channel=True)
+    module_case("in:affine=true", IN2(affine=True), (2, 3, 4, 4), constant_channel=True)
+
+    # Transcribed formulas (torch autograd in float64), no PyTorch module to compare with.
+    def formula_case(spec, shape, run, t=3):
+        i = len(cases)
+        p = f"case{i}."
+        c = shape[1]
+        x = _data(shape, g, 0.3, 1.7).requires_grad_(True)
+        dy = _data(shape, g)
+        gamma = (torch.rand(c, generator=g) + 0.5).float().double().requires_grad_(True)
+        beta = torch.randn(c, generator=g).float().double().requires_grad_(True)
+        rm = (torch.randn(c, generator=g) * 0.5).float().double()
+        rv = (torch.rand(c, generator=g) * 3 + 0.2).float().double()
+        y, new_rm, new_rv = run(x, gamma, beta, rm, rv, t)
+        y.backward(dy)
+        ins = dict(x=x.detach(), dy=dy, weight=gamma.detach(), bias=beta.detach(), running_mean=rm)
+        var_key = "running_scale" if spec.startswith("bn-l") else "running_var"
+        ins[var_key] = rv
+        ins_i64 = {"num_batches_tracked": torch.tensor(t, dtype=torch.int64)}
+        outs = dict(y=y.detach(), dx=x.grad, dweight=gamma.grad, dbias=beta.grad, running_mean=new_rm)
+        outs[var_key] = new_rv
+        for k, v in ins.items():
+            tensors[p + "in." + k] = v.float()
+        for k, v in ins_i64.items():
+            tensors[p + "in." + k] = v
+        for k, v in outs.items():
+            tensors[p + "out." + k] = v.float()
+        cases.append(dict(spec=spec, shape=list(shape), eval=False))
+
+    brn = lambda rmax, dmax, warmup, eps=1e-5, m=0.1: (
+        lambda x, gm, bt, rm, rv, t: renorm_reference(x, gm, bt, rm, rv, t, eps, m, rmax, dmax, warmup))
+    formula_case("brn:rmax=3,dmax=5,warmup=100", (6, 4, 3, 3), brn(3, 5, 100), t=1000)
+    formula_case("brn:rmax=3,dmax=5,warmup=100", (6, 4, 3, 3), brn(3, 5, 100), t=40)
+    formula_case("brn:rmax=1.5,dmax=0.5,warmup=8", (8, 5), brn(1.5, 0.5, 8), t=500)
+    formula_case("brn:rmax=3,dmax=5,warmup=100", (4, 3, 2, 2), brn(3, 5, 100), t=0)
+    lp = lambda p, eps=1e-5, m=0.1: (lambda x, gm, bt, rm, rs, t: lp_reference(x, gm, bt, rm, rs, eps, m, p))
+    formula_case("bn-l1", (5, 4, 3, 3), lp("l1"))
+    formula_case("bn-l1", (7, 6), lp("l1"))
+    formula_case("bn-linf", (5, 4, 3, 3), lp("linf"))
+    formula_case("bn-linf", (7, 6), lp("linf"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "norm_family.safetensors"),
+              metadata={"cases": json.dumps(cases)})
+    print(f"norm_family.safetensors: {len(cases)} cases")
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     batch_norm_cases()
     seed_cnn_steps()
+    norm_family_cases()

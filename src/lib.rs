@@ -2,6 +2,7 @@
 //! on a CPU. See ARCHITECTURE.md for the map.
 
 pub mod checkpoint;
+pub mod conformance;
 pub mod data;
 pub mod error;
 pub mod kernels;

@@ -31,6 +31,27 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a checkpoint on the test set in eval mode (running statistics).
     Eval(EvalArgs),
+    /// List every --norm spec with what it does.
+    Norms,
+    /// Run one normalization layer on tensors from a safetensors file (conformance checks).
+    Layer(LayerArgs),
+}
+
+#[derive(Args)]
+struct LayerArgs {
+    /// A --norm spec, e.g. bn, gn:4, layernorm, in:affine=true.
+    #[arg(long)]
+    spec: String,
+    /// Safetensors with `x` and optionally `dy`, `weight`, `bias`, `running_mean`,
+    /// `running_var`, `num_batches_tracked`.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write `y` (and `dx`, `dweight`, `dbias` when `dy` is given) and the buffers.
+    #[arg(long)]
+    output: PathBuf,
+    /// Forward in eval mode (running statistics).
+    #[arg(long)]
+    eval: bool,
 }
 
 #[derive(Args)]
@@ -279,6 +300,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => run_train(a),
         Command::Eval(a) => run_eval(a),
+        Command::Norms => {
+            for (spec, what) in normlab::nn::norm_spec::CATALOG {
+                println!("{spec:<10} {what}");
+            }
+            Ok(())
+        }
+        Command::Layer(a) => normlab::conformance::layer_command(&a.spec, &a.input, &a.output, a.eval).map(|n| {
+            println!("wrote {} tensors to {}", n, a.output.display());
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,7 @@ use crate::data::{epoch_order, load_split, resolve_data_dir, Dataset, InputNorm}
 use crate::error::{Error, Result};
 use crate::kernels::loss::{argmax, softmax_cross_entropy};
 use crate::models::{Model, ModelSpec};
+use crate::nn::norm_spec::NormSpec;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
 use crate::tensor::Tensor;
@@ -276,7 +277,9 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     }
     let spec = ModelSpec::new(&config.model, &config.norm, train_set.shape, train_set.classes)?;
     let mut model = Model::build(&spec, config.seed)?;
-    if spec.model == "mlp" && spec.norm.starts_with("bn") && train_set.len() % config.batch_size == 1 {
+    let norm: NormSpec = spec.norm.parse()?;
+    norm.check_batches(config.batch_size, train_set.len() % config.batch_size)?;
+    if spec.model == "mlp" && matches!(norm, NormSpec::Batch(_)) && train_set.len() % config.batch_size == 1 {
         return Err(Error::invalid(format!(
             "{} training samples in batches of {} leave a last batch of 1, on which BatchNorm1d cannot \
              train; choose another --batch-size or --train-limit",

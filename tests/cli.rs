@@ -387,3 +387,177 @@ fn divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint() {
     );
     assert_eq!(metrics(&out)["status"], "diverged");
 }
+
+#[test]
+fn layer_command_runs_a_norm_and_rejects_bad_input() {
+    use normlab::checkpoint::{serialize, Entry};
+    use std::collections::HashMap;
+    let t = tmp();
+    let write = |name: &str, entries: Vec<Entry>| {
+        let p = t.path().join(name);
+        std::fs::write(&p, serialize(&entries, HashMap::new()).unwrap()).unwrap();
+        p
+    };
+    let x: Vec<f32> = (0..4 * 6 * 2 * 2).map(|i| (i as f32 * 0.37).sin()).collect();
+    let good = write(
+        "in.safetensors",
+        vec![
+            Entry::f32("x".into(), &[4, 6, 2, 2], &x),
+            Entry::f32("dy".into(), &[4, 6, 2, 2], &x),
+        ],
+    );
+    let out = t.path().join("out.safetensors");
+    ok(&["layer", "--spec", "gn:3", "--input", s(&good), "--output", s(&out)]);
+    let names: Vec<String> = tensors(&out).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["dbias", "dweight", "dx", "y"]);
+    ok(&["layer", "--spec", "bn", "--input", s(&good), "--output", s(&out)]);
+    let names: Vec<String> = tensors(&out).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "dbias",
+            "dweight",
+            "dx",
+            "num_batches_tracked",
+            "running_mean",
+            "running_var",
+            "y"
+        ]
+    );
+
+    let no_x = write("nox.safetensors", vec![Entry::f32("dy".into(), &[2, 2], &[1.0; 4])]);
+    let bad_dy = write(
+        "baddy.safetensors",
+        vec![
+            Entry::f32("x".into(), &[4, 6, 2, 2], &x),
+            Entry::f32("dy".into(), &[4, 6, 4], &x),
+        ],
+    );
+    let bad_w = write(
+        "badw.safetensors",
+        vec![
+            Entry::f32("x".into(), &[4, 6, 2, 2], &x),
+            Entry::f32("weight".into(), &[5], &[1.0; 5]),
+        ],
+    );
+    let garbage = t.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"nope").unwrap();
+    for (spec, input, want) in [
+        ("gn:4", &good, "C % G"),
+        ("ghost:3", &good, "virtual batch 3"),
+        ("bn:eps=0", &good, "eps"),
+        ("bn:momentum=1.5", &good, "momentum"),
+        ("in:momentum=-1", &good, "momentum"),
+        ("whiten", &good, "unknown norm spec"),
+        ("gn:2,foo=1", &good, "unknown option 'foo'"),
+        ("bn", &no_x, "no tensor 'x'"),
+        ("bn", &bad_dy, "'dy' has shape"),
+        ("bn", &bad_w, "'weight' has shape"),
+        ("bn", &garbage, "not a readable safetensors"),
+    ] {
+        let err = fails(&["layer", "--spec", spec, "--input", s(input), "--output", s(&out)]);
+        assert!(err.contains(want), "{spec}: want '{want}' in: {err}");
+    }
+}
+
+#[test]
+fn every_norm_spec_trains_evaluates_and_resumes() {
+    let t = tmp();
+    let data = t.path().join("data");
+    write_dataset(&data, 64, 20, false);
+    for spec in [
+        "none",
+        "bn",
+        "gn:4",
+        "gn",
+        "ln",
+        "layernorm",
+        "in",
+        "in:affine=true,track=true",
+        "brn",
+        "ghost:8",
+        "bn-l1",
+        "bn-linf",
+    ] {
+        let out = t.path().join(spec.replace([':', ',', '='], "_"));
+        let args = [
+            "train",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--norm",
+            spec,
+        ];
+        ok(&args);
+        ok(&["train", "--resume", s(&out), "--epochs", "2"]);
+        assert_eq!(metrics(&out)["epochs"].as_array().unwrap().len(), 2, "{spec}");
+        let json = ok(&[
+            "eval",
+            "--checkpoint",
+            s(&out.join("model.safetensors")),
+            "--data",
+            s(&data),
+            "--json",
+        ]);
+        let e: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(e["test_accuracy"], metrics(&out)["test_accuracy"], "{spec}");
+    }
+    let err = fails(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&t.path().join("x")),
+        "--norm",
+        "gn:5",
+    ]);
+    assert!(err.contains("bn1") && err.contains("C % G"), "{err}");
+    let err = fails(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&t.path().join("y")),
+        "--norm",
+        "ghost:5",
+        "--batch-size",
+        "16",
+    ]);
+    assert!(
+        err.contains("virtual batch 5") && err.contains("batch size (16)"),
+        "{err}"
+    );
+    // 60 images in batches of 16 leave a last batch of 12, which 8 does not divide.
+    let err = fails(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&t.path().join("z")),
+        "--norm",
+        "ghost:8",
+        "--batch-size",
+        "16",
+        "--train-limit",
+        "60",
+    ]);
+    assert!(err.contains("last batch of the epoch (12)"), "{err}");
+    let err = fails(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&t.path().join("w")),
+        "--model",
+        "mlp",
+        "--norm",
+        "in",
+    ]);
+    assert!(err.contains("InstanceNorm needs spatial values"), "{err}");
+    assert!(!t.path().join("y").exists() && !t.path().join("z").exists() && !t.path().join("w").exists());
+}

@@ -195,3 +195,55 @@ fn softmax_cross_entropy_gradient() {
         assert!((num - analytic as f64).abs() < 1e-4, "dlogit {i}: {num} vs {analytic}");
     }
 }
+
+/// Builds the layer for `spec` on a per-sample shape, with non-trivial affine parameters.
+fn norm_layer(spec: &str, sample_shape: &[usize], g: &mut ChaCha8Rng) -> Box<dyn Layer> {
+    let norm: normlab::nn::norm_spec::NormSpec = spec.parse().unwrap();
+    let mut layer = norm.build(sample_shape, "test").unwrap().unwrap();
+    for (_, p) in layer.params() {
+        p.value.data.iter_mut().for_each(|v| *v += g.gen_range(-0.5..0.5));
+    }
+    layer
+}
+
+#[test]
+fn every_norm_spec_has_correct_gradients() {
+    let mut g = rng();
+    for (spec, shape) in [
+        ("bn:momentum=none", vec![4, 3, 3, 3]),
+        ("gn:2", vec![3, 4, 3, 3]),
+        ("gn:2", vec![4, 6]),
+        ("ln", vec![2, 3, 3, 3]),
+        ("ln", vec![3, 5]),
+        ("layernorm", vec![2, 3, 2, 3]),
+        ("in:affine=true", vec![2, 3, 3, 3]),
+        ("in:affine=true,track=true", vec![2, 3, 3, 3]),
+        ("ghost:2", vec![6, 3, 2, 2]),
+        ("ghost:3", vec![6, 4]),
+        ("bn-l1", vec![4, 3, 3, 3]),
+        ("bn-l1", vec![7, 4]),
+        ("bn-linf", vec![4, 3, 3, 3]),
+        ("bn-linf", vec![7, 4]),
+    ] {
+        let mut layer = norm_layer(spec, &shape[1..], &mut g);
+        let x = random(&shape, &mut g);
+        check(spec, layer.as_mut(), x, 1e-2);
+    }
+}
+
+#[test]
+fn batch_renorm_gradients_with_r_and_d_clipped() {
+    // r and d are constants for backward (stop-gradient); where they sit at their clip limits
+    // they are locally constant in x too, so finite differences see the same function.
+    // momentum=0 keeps the running statistics (and so the clipping) fixed across the probes.
+    let mut g = rng();
+    let mut layer = norm_layer("brn:rmax=2,dmax=1,warmup=8,momentum=0", &[3, 3, 3], &mut g);
+    for (key, b) in layer.buffers() {
+        match b {
+            normlab::nn::BufferMut::F32(t) if key == "running_mean" => t.data.fill(50.0),
+            normlab::nn::BufferMut::F32(t) => t.data.fill(1e4),
+            normlab::nn::BufferMut::I64(n) => *n = 1_000_000,
+        }
+    }
+    check("brn clipped", layer.as_mut(), random(&[4, 3, 3, 3], &mut g), 1e-2);
+}

@@ -31,17 +31,20 @@ pub fn group_norm_apply(
     y: &mut [f32],
 ) {
     let cg = c / groups;
-    y.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).enumerate().for_each(|(i, (ys, xs))| {
-        for ch in 0..c {
-            let k = i * groups + ch / cg;
-            let a = invstd[k] * gamma.map_or(1.0, |g| g[ch]);
-            let (mu, b) = (Center::new(mean[k]), beta.map_or(0.0, |b| b[ch]));
-            let r = ch * s..(ch + 1) * s;
-            for (o, &v) in ys[r.clone()].iter_mut().zip(&xs[r]) {
-                *o = mu.sub(v) * a + b;
+    y.par_chunks_mut(c * s)
+        .zip(x.par_chunks(c * s))
+        .enumerate()
+        .for_each(|(i, (ys, xs))| {
+            for ch in 0..c {
+                let k = i * groups + ch / cg;
+                let a = invstd[k] * gamma.map_or(1.0, |g| g[ch]);
+                let (mu, b) = (Center::new(mean[k]), beta.map_or(0.0, |b| b[ch]));
+                let r = ch * s..(ch + 1) * s;
+                for (o, &v) in ys[r.clone()].iter_mut().zip(&xs[r]) {
+                    *o = mu.sub(v) * a + b;
+                }
             }
-        }
-    });
+        });
 }
 
 /// Backward in place over dy, with g = dy·gamma inside each (n, group) set of m values:
@@ -68,7 +71,11 @@ pub fn group_norm_backward(
         .into_par_iter()
         .map(|nc| {
             let k = (nc / c) * groups + (nc % c) / cg;
-            sum_dy_and_dy_x(&x[nc * s..(nc + 1) * s], &dy[nc * s..(nc + 1) * s], Center::new(mean[k]))
+            sum_dy_and_dy_x(
+                &x[nc * s..(nc + 1) * s],
+                &dy[nc * s..(nc + 1) * s],
+                Center::new(mean[k]),
+            )
         })
         .collect();
     if let (Some(dg), Some(db)) = (dgamma, dbeta) {
@@ -83,27 +90,30 @@ pub fn group_norm_backward(
             db[ch] += sb as f32;
         }
     }
-    dy.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).enumerate().for_each(|(i, (ds, xs))| {
-        for g in 0..groups {
-            let k = i * groups + g;
-            let (mu, is) = (Center::new(mean[k]), invstd[k]);
-            // Σg and Σg·x̂ over the group, g = dy·gamma.
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for ch in g * cg..(g + 1) * cg {
-                let gm = gamma.map_or(1.0, |gv| gv[ch]) as f64;
-                let (sd, sdx) = per_channel[i * c + ch];
-                sg += gm * sd;
-                sgx += gm * sdx * is as f64;
-            }
-            let (a, b) = ((sg / m) as f32, (sgx / m * is as f64) as f32);
-            for ch in g * cg..(g + 1) * cg {
-                let k2 = is * gamma.map_or(1.0, |gv| gv[ch]);
-                let r = ch * s..(ch + 1) * s;
-                for (o, &xv) in ds[r.clone()].iter_mut().zip(&xs[r]) {
-                    // dx = invstd·(g - a - (x - mean)·b) with g = gamma·dy
-                    *o = k2 * *o - is * (a + mu.sub(xv) * b);
+    dy.par_chunks_mut(c * s)
+        .zip(x.par_chunks(c * s))
+        .enumerate()
+        .for_each(|(i, (ds, xs))| {
+            for g in 0..groups {
+                let k = i * groups + g;
+                let (mu, is) = (Center::new(mean[k]), invstd[k]);
+                // Σg and Σg·x̂ over the group, g = dy·gamma.
+                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+                for ch in g * cg..(g + 1) * cg {
+                    let gm = gamma.map_or(1.0, |gv| gv[ch]) as f64;
+                    let (sd, sdx) = per_channel[i * c + ch];
+                    sg += gm * sd;
+                    sgx += gm * sdx * is as f64;
+                }
+                let (a, b) = ((sg / m) as f32, (sgx / m * is as f64) as f32);
+                for ch in g * cg..(g + 1) * cg {
+                    let k2 = is * gamma.map_or(1.0, |gv| gv[ch]);
+                    let r = ch * s..(ch + 1) * s;
+                    for (o, &xv) in ds[r.clone()].iter_mut().zip(&xs[r]) {
+                        // dx = invstd·(g - a - (x - mean)·b) with g = gamma·dy
+                        *o = k2 * *o - is * (a + mu.sub(xv) * b);
+                    }
                 }
             }
-        }
-    });
+        });
 }

@@ -14,7 +14,10 @@ pub struct Center {
 impl Center {
     pub fn new(mean: f64) -> Self {
         let hi = mean as f32;
-        Center { hi, lo: (mean - hi as f64) as f32 }
+        Center {
+            hi,
+            lo: (mean - hi as f64) as f32,
+        }
     }
     #[inline(always)]
     pub fn sub(&self, x: f32) -> f32 {
@@ -99,7 +102,10 @@ where
     };
     // Pass 1 around the first value: Σ(x - x₀) stays small however large the offset.
     let m: usize = runs.clone().map(|r| r.len()).sum();
-    let s1: f64 = runs.clone().map(|r| sum_shifted(r, Center { hi: shift, lo: 0.0 })).sum();
+    let s1: f64 = runs
+        .clone()
+        .map(|r| sum_shifted(r, Center { hi: shift, lo: 0.0 }))
+        .sum();
     let mean = shift as f64 + s1 / m as f64;
     let (mut sd, mut sq) = (0.0f64, 0.0f64);
     for r in runs {

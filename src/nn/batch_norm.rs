@@ -60,9 +60,9 @@ impl BatchNormConfig {
         }
         match self.stats {
             BatchStats::Ghost(0) => Err(Error::invalid("ghost BN virtual batch must be at least 1")),
-            BatchStats::Renorm { rmax, dmax, .. } if !(rmax >= 1.0 && dmax >= 0.0) => {
-                Err(Error::invalid(format!("batch renorm needs rmax >= 1 and dmax >= 0, got {rmax}, {dmax}")))
-            }
+            BatchStats::Renorm { rmax, dmax, .. } if !(rmax >= 1.0 && dmax >= 0.0) => Err(Error::invalid(format!(
+                "batch renorm needs rmax >= 1 and dmax >= 0, got {rmax}, {dmax}"
+            ))),
             _ => Ok(()),
         }
     }
@@ -138,9 +138,16 @@ impl BatchNorm {
             1 => matches!(x.shape.len(), 2 | 3),
             _ => x.shape.len() == 4,
         };
-        let want = if self.dims == 1 { "[N, C] or [N, C, L]" } else { "[N, C, H, W]" };
+        let want = if self.dims == 1 {
+            "[N, C] or [N, C, L]"
+        } else {
+            "[N, C, H, W]"
+        };
         if !ok_rank {
-            return Err(Error::shape(self.name(), format!("expected input {want}, got {:?}", x.shape)));
+            return Err(Error::shape(
+                self.name(),
+                format!("expected input {want}, got {:?}", x.shape),
+            ));
         }
         if x.shape[1] != self.channels {
             return Err(Error::shape(
@@ -154,7 +161,7 @@ impl BatchNorm {
     /// Samples per statistics set: the virtual batch for Ghost BN, else the whole batch.
     fn set_size(&self, n: usize) -> Result<usize> {
         match self.config.stats {
-            BatchStats::Ghost(v) if n % v != 0 => Err(Error::shape(
+            BatchStats::Ghost(v) if !n.is_multiple_of(v) => Err(Error::shape(
                 self.name(),
                 format!("ghost BN virtual batch {v} does not divide the batch of {n}"),
             )),
@@ -195,7 +202,14 @@ impl BatchNorm {
     /// Eval with running statistics: y = (x - running_mean)·γ/σ + β with σ = sqrt(running_var
     /// + eps), or (running_scale + eps) for Lp BN.
     fn forward_running(&self, x: &Tensor, n: usize, c: usize, s: usize) -> Tensor {
-        let rm: Vec<f64> = self.running_mean.as_ref().expect("tracked").data.iter().map(|&v| v as f64).collect();
+        let rm: Vec<f64> = self
+            .running_mean
+            .as_ref()
+            .expect("tracked")
+            .data
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         let rv = &self.running_var.as_ref().expect("tracked").data;
         let mut invstd = vec![0.0f32; c];
         match self.config.stats {
@@ -228,7 +242,10 @@ impl Layer for BatchNorm {
         if v * s <= 1 {
             return Err(Error::shape(
                 self.name(),
-                format!("Expected more than 1 value per channel when training, got input size {:?}", x.shape),
+                format!(
+                    "Expected more than 1 value per channel when training, got input size {:?}",
+                    x.shape
+                ),
             ));
         }
         let sets = n / v;
@@ -267,10 +284,17 @@ impl Layer for BatchNorm {
             }
         }
         // y = γ·(x̂·r + d) + β = (x - mean)·(γ·r·invstd) + (β + γ·d)
-        let shift: Vec<f32> = (0..c).map(|ch| self.beta_or_zero(ch) + self.gamma_or_one(ch) * d[ch]).collect();
+        let shift: Vec<f32> = (0..c)
+            .map(|ch| self.beta_or_zero(ch) + self.gamma_or_one(ch) * d[ch])
+            .collect();
         for j in 0..sets {
-            let scale: Vec<f32> = (0..c).map(|ch| invstd[j * c + ch] * self.gamma_or_one(ch) * r[ch]).collect();
-            let (xs, ys) = (&x.data[j * block..(j + 1) * block], &mut y.data[j * block..(j + 1) * block]);
+            let scale: Vec<f32> = (0..c)
+                .map(|ch| invstd[j * c + ch] * self.gamma_or_one(ch) * r[ch])
+                .collect();
+            let (xs, ys) = (
+                &x.data[j * block..(j + 1) * block],
+                &mut y.data[j * block..(j + 1) * block],
+            );
             k::normalize_affine(xs, c, s, &mean[j * c..(j + 1) * c], &scale, &shift, ys);
         }
         if mode == Mode::Train && self.config.track_running_stats {
@@ -290,7 +314,14 @@ impl Layer for BatchNorm {
             }
         }
         if mode == Mode::Train {
-            self.cache = Cache { input: x, mean, invstd, r, d, lp };
+            self.cache = Cache {
+                input: x,
+                mean,
+                invstd,
+                r,
+                d,
+                lp,
+            };
         }
         Ok(y)
     }
@@ -300,7 +331,10 @@ impl Layer for BatchNorm {
     fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
         let x = &self.cache.input;
         if x.is_empty() || dy.shape != x.shape {
-            return Err(Error::shape(self.name(), format!("gradient {:?} does not match the last forward", dy.shape)));
+            return Err(Error::shape(
+                self.name(),
+                format!("gradient {:?} does not match the last forward", dy.shape),
+            ));
         }
         let (n, c, s) = self.view(x)?;
         if let BatchStats::Lp(kind) = self.config.stats {
@@ -320,7 +354,10 @@ impl Layer for BatchNorm {
         let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
         let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0f64; c], vec![0.0f64; c]);
         for j in 0..n / v {
-            let (mean, invstd) = (&self.cache.mean[j * c..(j + 1) * c], &self.cache.invstd[j * c..(j + 1) * c]);
+            let (mean, invstd) = (
+                &self.cache.mean[j * c..(j + 1) * c],
+                &self.cache.invstd[j * c..(j + 1) * c],
+            );
             let xs = &x.data[j * block..(j + 1) * block];
             let ds = &mut dy.data[j * block..(j + 1) * block];
             k::batch_norm_grad_sums(xs, ds, v, c, s, mean, invstd, &mut sum_dy, &mut sum_dy_xhat);
@@ -351,7 +388,11 @@ impl Layer for BatchNorm {
     }
 
     fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {
-        let var_key = if matches!(self.config.stats, BatchStats::Lp(_)) { "running_scale" } else { "running_var" };
+        let var_key = if matches!(self.config.stats, BatchStats::Lp(_)) {
+            "running_scale"
+        } else {
+            "running_var"
+        };
         match (self.running_mean.as_mut(), self.running_var.as_mut()) {
             (Some(rm), Some(rv)) => vec![
                 ("running_mean", BufferMut::F32(rm)),

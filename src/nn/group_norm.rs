@@ -56,17 +56,25 @@ impl GroupNorm {
     pub fn new(config: WithinSampleConfig, sample_shape: &[usize], layer: &str) -> Result<Self> {
         let channels = sample_shape[0];
         if let WithinSample::Group(g) = config.kind {
-            if g == 0 || channels % g != 0 {
+            if g == 0 || !channels.is_multiple_of(g) {
                 return Err(Error::invalid(format!(
                     "{layer}: GroupNorm needs the {channels} channels to split into {g} equal groups (C % G != 0)"
                 )));
             }
         }
+        if config.kind == WithinSample::Instance && sample_shape.len() < 2 {
+            return Err(Error::invalid(format!(
+                "{layer}: InstanceNorm needs spatial values per channel; features of shape [{channels}] have one"
+            )));
+        }
         if !(config.eps > 0.0 && config.eps.is_finite()) {
             return Err(Error::invalid(format!("{layer}: eps must be > 0, got {}", config.eps)));
         }
         if !(0.0..=1.0).contains(&config.momentum) {
-            return Err(Error::invalid(format!("{layer}: momentum must be in [0, 1], got {}", config.momentum)));
+            return Err(Error::invalid(format!(
+                "{layer}: momentum must be in [0, 1], got {}",
+                config.momentum
+            )));
         }
         let affine_shape = match config.kind {
             WithinSample::LayerElementwise => sample_shape.to_vec(),
@@ -152,19 +160,21 @@ impl Layer for GroupNorm {
         let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
         let mut y = Tensor::zeros(&x.shape);
-        if mode == Mode::Eval && self.running_mean.is_some() {
+        if let (Mode::Eval, Some(rm), Some(rv)) = (mode, self.running_mean.as_ref(), self.running_var.as_ref()) {
             // InstanceNorm with running statistics normalizes like BatchNorm in eval mode.
-            let rv = &self.running_var.as_ref().expect("tracked").data;
             let mut invstd = vec![0.0; c];
-            bnk::inverse_std(rv, self.config.eps, &mut invstd);
-            let rm: Vec<f64> = self.running_mean.as_ref().expect("tracked").data.iter().map(|&v| v as f64).collect();
+            bnk::inverse_std(&rv.data, self.config.eps, &mut invstd);
+            let rm: Vec<f64> = rm.data.iter().map(|&v| v as f64).collect();
             bnk::batch_norm_apply(&x.data, n, c, s, &rm, &invstd, gamma, beta, &mut y.data);
             return Ok(y);
         }
         if self.config.kind == WithinSample::Instance && s <= 1 {
             return Err(Error::shape(
                 self.name(),
-                format!("Expected more than 1 spatial element when training, got input size {:?}", x.shape),
+                format!(
+                    "Expected more than 1 spatial element when training, got input size {:?}",
+                    x.shape
+                ),
             ));
         }
         let sets = n * groups;
@@ -183,7 +193,10 @@ impl Layer for GroupNorm {
     fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
         let x = &self.cache.input;
         if x.is_empty() || dy.shape != x.shape {
-            return Err(Error::shape(self.name(), format!("gradient {:?} does not match the last forward", dy.shape)));
+            return Err(Error::shape(
+                self.name(),
+                format!("gradient {:?} does not match the last forward", dy.shape),
+            ));
         }
         let (n, c, s, groups) = self.view(x)?;
         let gamma = self.weight.as_ref().map(|p| p.value.data.clone());
@@ -192,7 +205,19 @@ impl Layer for GroupNorm {
             _ => (None, None),
         };
         let (mean, invstd) = (&self.cache.mean, &self.cache.invstd);
-        k::group_norm_backward(&x.data, &mut dy.data, n, c, s, groups, mean, invstd, gamma.as_deref(), dg, db);
+        k::group_norm_backward(
+            &x.data,
+            &mut dy.data,
+            n,
+            c,
+            s,
+            groups,
+            mean,
+            invstd,
+            gamma.as_deref(),
+            dg,
+            db,
+        );
         Ok(dy)
     }
 

@@ -16,7 +16,11 @@ pub enum NormSpec {
     /// BatchNorm1d/2d and its variants (Ghost, Renorm, Lp).
     Batch(BatchNormConfig),
     /// GroupNorm with G groups; `None` means min(32, C).
-    Group { groups: Option<usize>, eps: f64, affine: bool },
+    Group {
+        groups: Option<usize>,
+        eps: f64,
+        affine: bool,
+    },
     /// LayerNorm (both forms) and InstanceNorm.
     Within(WithinSampleConfig),
 }
@@ -24,21 +28,68 @@ pub enum NormSpec {
 /// Every spec with one line on what it does (`normlab norms`).
 pub const CATALOG: &[(&str, &str)] = &[
     ("none", "no normalization; the conv/linear layer before keeps its bias"),
-    ("bn", "BatchNorm1d/2d: batch statistics per channel; options momentum=0.1|none, eps=1e-5, affine, track"),
-    ("gn:G", "GroupNorm: statistics per sample over G channel groups (gn alone: min(32, C) groups); eps, affine"),
-    ("ln", "LayerNorm of the GN paper: GroupNorm(1), statistics over (C,H,W), per-channel affine; eps, affine"),
-    ("layernorm", "PyTorch nn.LayerNorm over the trailing dims (C,H,W) with an elementwise affine; eps, affine"),
-    ("in", "InstanceNorm: statistics per (sample, channel); PyTorch defaults affine=false, track=false; momentum"),
-    ("brn", "Batch Renormalization: r, d corrections toward running stats; rmax=3, dmax=5, warmup=1000 steps"),
-    ("ghost:V", "Ghost BatchNorm: BN statistics over virtual batches of V samples (V must divide the batch)"),
-    ("bn-l1", "Lp BatchNorm: subtract the batch mean, divide by the mean L1 norm (Santurkar et al.)"),
-    ("bn-linf", "Lp BatchNorm: subtract the batch mean, divide by the L-infinity norm (Santurkar et al.)"),
+    (
+        "bn",
+        "BatchNorm1d/2d: batch statistics per channel; options momentum=0.1|none, eps=1e-5, affine, track",
+    ),
+    (
+        "gn:G",
+        "GroupNorm: statistics per sample over G channel groups (gn alone: min(32, C) groups); eps, affine",
+    ),
+    (
+        "ln",
+        "LayerNorm of the GN paper: GroupNorm(1), statistics over (C,H,W), per-channel affine; eps, affine",
+    ),
+    (
+        "layernorm",
+        "PyTorch nn.LayerNorm over the trailing dims (C,H,W) with an elementwise affine; eps, affine",
+    ),
+    (
+        "in",
+        "InstanceNorm: statistics per (sample, channel); PyTorch defaults affine=false, track=false; momentum",
+    ),
+    (
+        "brn",
+        "Batch Renormalization: r, d corrections toward running stats; rmax=3, dmax=5, warmup=1000 steps",
+    ),
+    (
+        "ghost:V",
+        "Ghost BatchNorm: BN statistics over virtual batches of V samples (V must divide the batch)",
+    ),
+    (
+        "bn-l1",
+        "Lp BatchNorm: subtract the batch mean, divide by the mean L1 norm (Santurkar et al.)",
+    ),
+    (
+        "bn-linf",
+        "Lp BatchNorm: subtract the batch mean, divide by the L-infinity norm (Santurkar et al.)",
+    ),
 ];
 
 impl NormSpec {
     /// True when the preceding conv/linear layer should have a bias (nothing re-centres its output).
     pub fn wants_bias(&self) -> bool {
         matches!(self, NormSpec::None)
+    }
+
+    /// Checks, before training starts, that every batch of an epoch (`batch`, and a last
+    /// partial batch `last`) suits the norm: Ghost BN's virtual batch must divide both.
+    pub fn check_batches(&self, batch: usize, last: usize) -> Result<()> {
+        if let NormSpec::Batch(BatchNormConfig {
+            stats: BatchStats::Ghost(v),
+            ..
+        }) = *self
+        {
+            for (what, n) in [("batch size", batch), ("last batch of the epoch", last)] {
+                if n > 0 && n % v != 0 {
+                    return Err(Error::invalid(format!(
+                        "ghost BN virtual batch {v} does not divide the {what} ({n}); choose a --batch-size and \
+                         --train-limit that are multiples of {v}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The layer for a per-sample shape of [C] (after a linear layer) or [C, H, W] (after a
@@ -69,16 +120,22 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
-        _ => Err(Error::invalid(format!("norm option {key} takes true or false, got '{v}'"))),
+        _ => Err(Error::invalid(format!(
+            "norm option {key} takes true or false, got '{v}'"
+        ))),
     }
 }
 
 fn parse_num<T: FromStr>(key: &str, v: &str) -> Result<T> {
-    v.parse::<T>().map_err(|_| Error::invalid(format!("norm option {key} takes a number, got '{v}'")))
+    v.parse::<T>()
+        .map_err(|_| Error::invalid(format!("norm option {key} takes a number, got '{v}'")))
 }
 
+/// A spec split into its name, an optional leading bare value and its key=value pairs.
+type SplitSpec<'a> = (&'a str, Option<&'a str>, Vec<(&'a str, &'a str)>);
+
 /// Splits `name:a,k=v,...` into the name, an optional leading bare value and the key=value pairs.
-fn split(spec: &str) -> Result<(&str, Option<&str>, Vec<(&str, &str)>)> {
+fn split(spec: &str) -> Result<SplitSpec<'_>> {
     let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
     let mut bare = None;
     let mut pairs = Vec::new();
@@ -86,7 +143,11 @@ fn split(spec: &str) -> Result<(&str, Option<&str>, Vec<(&str, &str)>)> {
         match item.split_once('=') {
             Some((k, v)) => pairs.push((k, v)),
             None if i == 0 => bare = Some(item),
-            None => return Err(Error::invalid(format!("norm option '{item}' in '{spec}' is not key=value"))),
+            None => {
+                return Err(Error::invalid(format!(
+                    "norm option '{item}' in '{spec}' is not key=value"
+                )))
+            }
         }
     }
     Ok((name, bare, pairs))
@@ -104,10 +165,15 @@ impl FromStr for NormSpec {
         let needs_bare = matches!(name, "ghost");
         let takes_bare = matches!(name, "ghost" | "gn");
         if bare.is_some() && !takes_bare {
-            return Err(Error::invalid(format!("norm option '{}' in '{spec}' is not key=value", bare.unwrap_or(""))));
+            return Err(Error::invalid(format!(
+                "norm option '{}' in '{spec}' is not key=value",
+                bare.unwrap_or("")
+            )));
         }
         if needs_bare && bare.is_none() {
-            return Err(Error::invalid(format!("'{spec}': ghost needs a virtual batch size, as in ghost:16")));
+            return Err(Error::invalid(format!(
+                "'{spec}': ghost needs a virtual batch size, as in ghost:16"
+            )));
         }
         match name {
             "none" if pairs.is_empty() => Ok(NormSpec::None),
@@ -152,7 +218,11 @@ impl FromStr for NormSpec {
                 let groups = match bare {
                     Some(g) => match g.parse::<usize>() {
                         Ok(g) if g > 0 => Some(g),
-                        _ => return Err(Error::invalid(format!("gn groups must be a whole number > 0, got '{g}'"))),
+                        _ => {
+                            return Err(Error::invalid(format!(
+                                "gn groups must be a whole number > 0, got '{g}'"
+                            )))
+                        }
                     },
                     None => None,
                 };
@@ -187,20 +257,30 @@ impl FromStr for NormSpec {
                         "track" if instance => cfg.track_running_stats = parse_bool(key, v)?,
                         "momentum" if instance => cfg.momentum = parse_num(key, v)?,
                         _ => {
-                            let known = if instance { "eps, affine, track, momentum" } else { "eps, affine" };
+                            let known = if instance {
+                                "eps, affine, track, momentum"
+                            } else {
+                                "eps, affine"
+                            };
                             return Err(unknown(key, name, known));
                         }
                     }
                 }
                 check_eps(cfg.eps)?;
                 if !(0.0..=1.0).contains(&cfg.momentum) {
-                    return Err(Error::invalid(format!("in momentum must be in [0, 1], got {}", cfg.momentum)));
+                    return Err(Error::invalid(format!(
+                        "in momentum must be in [0, 1], got {}",
+                        cfg.momentum
+                    )));
                 }
                 Ok(NormSpec::Within(cfg))
             }
             _ => {
                 let known: Vec<&str> = CATALOG.iter().map(|(s, _)| *s).collect();
-                Err(Error::invalid(format!("unknown norm spec '{spec}' (known: {})", known.join(", "))))
+                Err(Error::invalid(format!(
+                    "unknown norm spec '{spec}' (known: {})",
+                    known.join(", ")
+                )))
             }
         }
     }
@@ -221,7 +301,10 @@ impl fmt::Display for NormSpec {
             NormSpec::None => write!(f, "none"),
             NormSpec::Batch(c) => {
                 let m = c.momentum.map_or("none".to_string(), |m| m.to_string());
-                let common = format!("momentum={m},eps={},affine={},track={}", c.eps, c.affine, c.track_running_stats);
+                let common = format!(
+                    "momentum={m},eps={},affine={},track={}",
+                    c.eps, c.affine, c.track_running_stats
+                );
                 match c.stats {
                     BatchStats::Standard => write!(f, "bn:{common}"),
                     BatchStats::Ghost(v) => write!(f, "ghost:{v},{common}"),
@@ -306,6 +389,9 @@ mod tests {
         let err = spec.build(&[32, 4, 4], "bn1").err().unwrap().to_string();
         assert!(err.contains("bn1") && err.contains("C % G"), "{err}");
         let auto: NormSpec = "gn".parse().unwrap();
-        assert!(auto.build(&[16, 4, 4], "bn1").is_ok(), "gn alone uses min(32, C) groups");
+        assert!(
+            auto.build(&[16, 4, 4], "bn1").is_ok(),
+            "gn alone uses min(32, C) groups"
+        );
     }
 }

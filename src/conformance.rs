@@ -1,0 +1,152 @@
+//! `normlab layer`: run one normalization layer on tensors from a safetensors file, so anyone
+//! can compare normlab with another framework on their own data. The golden tests use it too.
+
+use std::path::Path;
+
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+
+use crate::checkpoint::{self, Entry};
+use crate::error::{Error, Result};
+use crate::nn::norm_spec::NormSpec;
+use crate::nn::{BufferMut, Mode};
+use crate::tensor::Tensor;
+
+/// Input tensors by name: `x`, and optionally `dy`, `weight`, `bias` and the buffers.
+pub struct LayerInputs<'a> {
+    path: &'a Path,
+    st: SafeTensors<'a>,
+}
+
+impl<'a> LayerInputs<'a> {
+    pub fn parse(path: &'a Path, bytes: &'a [u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file ({e})")))?;
+        Ok(LayerInputs { path, st })
+    }
+
+    fn f32(&self, name: &str) -> Result<Option<Tensor>> {
+        let Ok(t) = self.st.tensor(name) else { return Ok(None) };
+        if t.dtype() != Dtype::F32 {
+            return Err(Error::checkpoint(
+                self.path,
+                format!("tensor '{name}' is {:?}, expected F32", t.dtype()),
+            ));
+        }
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        Ok(Some(Tensor {
+            shape: t.shape().to_vec(),
+            data,
+        }))
+    }
+
+    fn i64(&self, name: &str) -> Result<Option<i64>> {
+        let Ok(t) = self.st.tensor(name) else { return Ok(None) };
+        if t.dtype() != Dtype::I64 || t.data().len() != 8 {
+            return Err(Error::checkpoint(
+                self.path,
+                format!("tensor '{name}' must be a scalar I64"),
+            ));
+        }
+        Ok(Some(i64::from_le_bytes(t.data().try_into().expect("8 bytes"))))
+    }
+}
+
+/// Runs the layer `spec` once: forward in train mode (or eval with `eval`), then backward when
+/// `dy` is given. Returns `y`, `dx`, `dweight`, `dbias` and the updated buffers.
+pub fn run_layer(spec: &str, inputs: &LayerInputs, eval: bool) -> Result<Vec<Entry>> {
+    let path = inputs.path;
+    let norm: NormSpec = spec.parse()?;
+    let x = inputs
+        .f32("x")?
+        .ok_or_else(|| Error::checkpoint(path, "has no tensor 'x' (the layer input)"))?;
+    if !(2..=4).contains(&x.shape.len()) || x.shape.contains(&0) {
+        return Err(Error::checkpoint(
+            path,
+            format!("'x' must be [N, C], [N, C, L] or [N, C, H, W], got {:?}", x.shape),
+        ));
+    }
+    if x.data.iter().any(|v| !v.is_finite()) {
+        return Err(Error::checkpoint(path, "'x' holds NaN or infinite values"));
+    }
+    let dy = inputs.f32("dy")?;
+    if let Some(dy) = &dy {
+        if dy.shape != x.shape {
+            return Err(Error::checkpoint(
+                path,
+                format!("'dy' has shape {:?}, 'x' has {:?}", dy.shape, x.shape),
+            ));
+        }
+        if eval {
+            return Err(Error::invalid(
+                "backward runs after a training forward; drop --eval or leave out 'dy'",
+            ));
+        }
+    }
+    let mut layer = norm
+        .build(&x.shape[1..], "layer")?
+        .ok_or_else(|| Error::invalid("spec 'none' has no layer to run"))?;
+    for (key, p) in layer.params() {
+        if let Some(t) = inputs.f32(key)? {
+            if t.shape != p.value.shape {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("'{key}' has shape {:?}, the layer expects {:?}", t.shape, p.value.shape),
+                ));
+            }
+            p.value = t;
+        }
+    }
+    for (key, b) in layer.buffers() {
+        match b {
+            BufferMut::F32(t) => {
+                if let Some(v) = inputs.f32(key)? {
+                    if v.shape != t.shape {
+                        return Err(Error::checkpoint(
+                            path,
+                            format!("'{key}' has shape {:?}, the layer expects {:?}", v.shape, t.shape),
+                        ));
+                    }
+                    *t = v;
+                }
+            }
+            BufferMut::I64(v) => {
+                if let Some(n) = inputs.i64(key)? {
+                    *v = n;
+                }
+            }
+        }
+    }
+    let mode = if eval { Mode::Eval } else { Mode::Train };
+    let y = layer.forward(x, mode)?;
+    let mut out = vec![Entry::f32("y".into(), &y.shape, &y.data)];
+    if let Some(dy) = dy {
+        let dx = layer.backward(dy)?;
+        out.push(Entry::f32("dx".into(), &dx.shape, &dx.data));
+        for (key, p) in layer.params() {
+            out.push(Entry::f32(format!("d{key}"), &p.grad.shape, &p.grad.data));
+        }
+    }
+    for (key, b) in layer.buffers() {
+        out.push(match b {
+            BufferMut::F32(t) => Entry::f32(key.to_string(), &t.shape, &t.data),
+            BufferMut::I64(v) => Entry::i64(key.to_string(), *v),
+        });
+    }
+    Ok(out)
+}
+
+/// The whole command: read `input`, run, write `output` atomically.
+pub fn layer_command(spec: &str, input: &Path, output: &Path, eval: bool) -> Result<usize> {
+    let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+    let inputs = LayerInputs::parse(input, &bytes)?;
+    let entries = run_layer(spec, &inputs, eval)?;
+    let mut md = std::collections::HashMap::new();
+    md.insert("normlab.spec".to_string(), spec.parse::<NormSpec>()?.to_string());
+    checkpoint::write_atomic(output, &checkpoint::serialize(&entries, md)?)?;
+    Ok(entries.len())
+}
