@@ -8,6 +8,7 @@ use safetensors::SafeTensors;
 
 use crate::checkpoint::{self, Entry};
 use crate::error::{Error, Result};
+use crate::nn::layer::{backward_once, forward_once};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::{BufferMut, Mode};
 use crate::tensor::Tensor;
@@ -88,7 +89,7 @@ pub fn run_layer(spec: &str, inputs: &LayerInputs, eval: bool) -> Result<Vec<Ent
         }
     }
     let mut layer = norm
-        .build(&x.shape[1..], "layer")?
+        .build(&x.shape[1..], "layer", false)?
         .ok_or_else(|| Error::invalid("spec 'none' has no layer to run"))?;
     for (key, p) in layer.params() {
         if let Some(t) = inputs.f32(key)? {
@@ -122,10 +123,10 @@ pub fn run_layer(spec: &str, inputs: &LayerInputs, eval: bool) -> Result<Vec<Ent
         }
     }
     let mode = if eval { Mode::Eval } else { Mode::Train };
-    let y = layer.forward(x, mode)?;
+    let y = forward_once(layer.as_mut(), &x, mode)?;
     let mut out = vec![Entry::f32("y".into(), &y.shape, &y.data)];
     if let Some(dy) = dy {
-        let dx = layer.backward(dy)?;
+        let dx = backward_once(layer.as_mut(), &x, &y, &dy)?;
         out.push(Entry::f32("dx".into(), &dx.shape, &dx.data));
         for (key, p) in layer.params() {
             out.push(Entry::f32(format!("d{key}"), &p.grad.shape, &p.grad.data));

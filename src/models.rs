@@ -10,7 +10,7 @@ use crate::nn::activation::{ReLU, Sigmoid};
 use crate::nn::conv2d::Conv2d;
 use crate::nn::linear::Linear;
 use crate::nn::norm_spec::NormSpec;
-use crate::nn::pool::{Flatten, MaxPool2d};
+use crate::nn::pool::MaxPool2d;
 use crate::nn::{Mode, Sequential};
 use crate::tensor::Tensor;
 
@@ -98,27 +98,31 @@ impl Model {
         let [c, h, w] = spec.input;
         let bias = norm.wants_bias();
         let mut net = Sequential::default();
-        let push_norm = |net: &mut Sequential, name: String, sample_shape: &[usize]| -> Result<()> {
-            if let Some(layer) = norm.build(sample_shape, &name)? {
-                net.layers.push((name, layer));
+        // The norm after a conv/linear layer, with the ReLU that follows it fused in; without
+        // a norm, a plain ReLU.
+        let push_norm_relu = |net: &mut Sequential, name: String, sample_shape: &[usize]| -> Result<()> {
+            match norm.build(sample_shape, &name, true)? {
+                Some(layer) => net.push_boxed(&name, layer),
+                None => net.push("", ReLU),
             }
             Ok(())
         };
         match arch {
             Arch::SeedCnn => {
                 net.push("conv1", Conv2d::new(c, 32, 3, 1, 1, bias, &mut rng));
-                push_norm(&mut net, "bn1".into(), &[32, h, w])?;
-                net.push("", ReLU::default());
+                push_norm_relu(&mut net, "bn1".into(), &[32, h, w])?;
                 net.push("", MaxPool2d::new(2, 2));
-                net.push("", Flatten::default());
+                // Linear reads [N, 32, 14, 14] as [N, 6272]: PyTorch's Flatten without the copy.
                 net.push("fc1", Linear::new(32 * (h / 2) * (w / 2), spec.classes, true, &mut rng));
             }
             Arch::Mlp => {
                 let mut width = c * h * w;
                 for i in 1..=3 {
                     net.push(&format!("fc{i}"), Linear::new(width, 100, bias, &mut rng));
-                    push_norm(&mut net, format!("bn{i}"), &[100])?;
-                    net.push("", Sigmoid::default());
+                    if let Some(layer) = norm.build(&[100], &format!("bn{i}"), false)? {
+                        net.push_boxed(&format!("bn{i}"), layer);
+                    }
+                    net.push("", Sigmoid);
                     width = 100;
                 }
                 net.push("fc4", Linear::new(width, spec.classes, true, &mut rng));
@@ -131,8 +135,7 @@ impl Model {
                         Some(out) => {
                             k += 1;
                             net.push(&format!("conv{k}"), Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng));
-                            push_norm(&mut net, format!("bn{k}"), &[out, hh, ww])?;
-                            net.push("", ReLU::default());
+                            push_norm_relu(&mut net, format!("bn{k}"), &[out, hh, ww])?;
                             ch = out;
                         }
                         None => {
@@ -145,7 +148,6 @@ impl Model {
                         }
                     }
                 }
-                net.push("", Flatten::default());
                 net.push("fc1", Linear::new(ch * hh * ww, spec.classes, true, &mut rng));
             }
         }
@@ -159,30 +161,35 @@ impl Model {
         })
     }
 
-    /// Forward pass; the input moves in (callers build a fresh batch each step).
-    pub fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
+    /// The input buffer: fill it (the data loader writes batches straight into it), then call
+    /// `forward`.
+    pub fn input_mut(&mut self) -> &mut Tensor {
+        self.net.input_mut()
+    }
+
+    /// Runs the network on the input set through `input_mut`; returns the logits.
+    pub fn forward(&mut self, mode: Mode) -> Result<&Tensor> {
         let [c, h, w] = self.spec.input;
+        let x = self.net.input_mut();
         if x.shape.len() != 4 || x.shape[1..] != [c, h, w] {
             return Err(Error::shape(
                 &self.spec.model,
                 format!("expected input [N, {c}, {h}, {w}], got {:?}", x.shape),
             ));
         }
-        if self.spec.model == "mlp" {
-            let flat = [x.batch(), c * h * w];
-            return self.net.forward(x.reshaped(&flat)?, mode);
-        }
-        self.net.forward(x, mode)
+        self.net.forward(mode)
     }
 
-    pub fn backward(&mut self, dlogits: Tensor) -> Result<()> {
-        self.net.backward(dlogits)?;
-        Ok(())
+    /// Backward after a training forward, once the loss has filled the logits' gradient.
+    pub fn backward(&mut self) -> Result<()> {
+        self.net.backward()
     }
 
     /// Total number of learnable values.
     pub fn parameter_count(&mut self) -> usize {
-        self.net.named_params().iter().map(|(_, p)| p.value.len()).sum()
+        let mut n = 0;
+        self.net.visit_params(&mut |p| n += p.value.len());
+        n
     }
 
     /// The layers' PyTorch kinds in order, for a printed summary.

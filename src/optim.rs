@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::nn::{Param, ParamKind};
+use crate::nn::{ParamKind, Sequential};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -105,29 +105,34 @@ impl Optimizer {
         }
     }
 
-    /// One update of every parameter with learning rate `lr` (the schedule's value now).
-    pub fn step(&mut self, params: &mut [(String, &mut Param)], lr: f64) {
-        let cfg = self.config.clone();
+    /// One update of every parameter of `net` with learning rate `lr` (the schedule's value now).
+    pub fn step(&mut self, net: &mut Sequential, lr: f64) {
         if self.first.is_empty() {
-            self.first = params.iter().map(|(_, p)| vec![0.0; p.value.len()]).collect();
-            if cfg.kind != OptimizerKind::Sgd {
-                self.second = params.iter().map(|(_, p)| vec![0.0; p.value.len()]).collect();
-            }
+            let kind = self.config.kind;
+            let (first, second) = (&mut self.first, &mut self.second);
+            net.visit_params(&mut |p| {
+                first.push(vec![0.0; p.value.len()]);
+                if kind != OptimizerKind::Sgd {
+                    second.push(vec![0.0; p.value.len()]);
+                }
+            });
         }
         self.step += 1;
         let t = self.step as i32;
-        for (i, (_, p)) in params.iter_mut().enumerate() {
+        let cfg = &self.config;
+        let (first, second) = (&mut self.first, &mut self.second);
+        let mut i = 0;
+        net.visit_params(&mut |p| {
             let decays = !(cfg.no_decay_norm_and_bias && matches!(p.kind, ParamKind::Norm | ParamKind::Bias));
             let wd = if decays { cfg.weight_decay } else { 0.0 };
             let (w, g) = (&mut p.value.data, &p.grad.data);
             match cfg.kind {
-                OptimizerKind::Sgd => sgd_update(w, g, &mut self.first[i], lr, cfg.momentum, cfg.nesterov, wd, t == 1),
-                OptimizerKind::Adam => adam_update(w, g, &mut self.first[i], &mut self.second[i], lr, &cfg, wd, 0.0, t),
-                OptimizerKind::Adamw => {
-                    adam_update(w, g, &mut self.first[i], &mut self.second[i], lr, &cfg, 0.0, wd, t)
-                }
+                OptimizerKind::Sgd => sgd_update(w, g, &mut first[i], lr, cfg.momentum, cfg.nesterov, wd, t == 1),
+                OptimizerKind::Adam => adam_update(w, g, &mut first[i], &mut second[i], lr, cfg, wd, 0.0, t),
+                OptimizerKind::Adamw => adam_update(w, g, &mut first[i], &mut second[i], lr, cfg, 0.0, wd, t),
             }
-        }
+            i += 1;
+        });
     }
 }
 

@@ -16,7 +16,6 @@ use crate::models::{Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
-use crate::tensor::Tensor;
 
 /// Everything that defines a run; stored in metrics.json and reused by `--resume`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -118,16 +117,16 @@ pub struct Evaluation {
 
 /// Mean loss, accuracy and predictions of `model` in eval mode over `data`.
 pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: usize) -> Result<Evaluation> {
-    let (mut x, mut y) = (Tensor::default(), Vec::new());
+    let mut y = Vec::new();
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
     let order: Vec<usize> = (0..data.len()).collect();
-    let mut dlogits = Vec::new();
     let mut predictions = Vec::with_capacity(data.len());
     for idx in order.chunks(batch_size.max(1)) {
-        data.batch(idx, norm, &mut x, &mut y);
-        let logits = model.forward(std::mem::take(&mut x), Mode::Eval)?;
-        dlogits.resize(logits.len(), 0.0);
-        let (loss, c) = softmax_cross_entropy(&logits.data, &y, data.classes, &mut dlogits);
+        data.batch(idx, norm, model.input_mut(), &mut y);
+        model.forward(Mode::Eval)?;
+        let (logits, dlogits) = model.net.output_and_grad();
+        dlogits.resize_to(&logits.shape);
+        let (loss, c) = softmax_cross_entropy(&logits.data, &y, data.classes, &mut dlogits.data);
         loss_sum += loss * idx.len() as f64;
         correct += c;
         predictions.extend(logits.data.chunks(data.classes).map(|z| argmax(z) as u8));
@@ -289,6 +288,7 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     }
     let mut opt = Optimizer::new(config.optimizer.clone());
     let names: Vec<String> = model.net.named_params().into_iter().map(|(n, _)| n).collect();
+    let mut y = Vec::new();
     let mut start_epoch = 0;
     if !history.is_empty() {
         let (bytes, path) = (checkpoint::read_safetensors(&files.model())?, files.model());
@@ -321,8 +321,6 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
 
     let bs = config.batch_size;
     let batches = train_set.len().div_ceil(bs);
-    let (mut x, mut y) = (Tensor::default(), Vec::new());
-    let mut dlogits = Tensor::default();
     for epoch in start_epoch..config.epochs {
         let lr = config.schedule.lr(config.optimizer.lr, epoch, config.epochs);
         reporter.epoch_start(epoch + 1, config.epochs, batches);
@@ -330,12 +328,12 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         let t0 = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         for (b, idx) in order.chunks(bs).enumerate() {
-            train_set.batch(idx, input_norm, &mut x, &mut y);
+            train_set.batch(idx, input_norm, model.input_mut(), &mut y);
             model.net.zero_grad();
-            model
-                .net
-                .set_step_seed(config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let logits = model.forward(std::mem::take(&mut x), Mode::Train)?;
+            let step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+            model.net.set_step_seed(step_seed);
+            model.forward(Mode::Train)?;
+            let (logits, dlogits) = model.net.output_and_grad();
             dlogits.resize_to(&logits.shape);
             let (loss, c) = softmax_cross_entropy(&logits.data, &y, train_set.classes, &mut dlogits.data);
             if !loss.is_finite() {
@@ -350,8 +348,8 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
                     out.display()
                 )));
             }
-            model.backward(std::mem::take(&mut dlogits))?;
-            opt.step(&mut model.net.named_params(), lr);
+            model.backward()?;
+            opt.step(&mut model.net, lr);
             loss_sum += loss * idx.len() as f64;
             correct += c;
             seen += idx.len();

@@ -4,6 +4,7 @@ mod common;
 
 use common::{assert_close, assert_close_scaled, Golden};
 use normlab::nn::batch_norm::{BatchNorm, BatchNormConfig};
+use normlab::nn::layer::{backward_once, forward_once};
 use normlab::nn::{Layer, Mode};
 use serde_json::Value;
 
@@ -34,10 +35,10 @@ fn batch_norm_matches_pytorch() {
             bn.running_var = Some(g.tensor(&p("running_var_in")));
             bn.num_batches_tracked = 3;
         }
-        let y = bn.forward(x.clone(), Mode::Train).unwrap();
+        let y = forward_once(&mut bn, &x, Mode::Train).unwrap();
         assert_close(&format!("{what} y_train"), &y.data, &g.tensor(&p("y_train")).data, 1e-5);
         let dy = g.tensor(&p("dy"));
-        let dx = bn.backward(dy.clone()).unwrap();
+        let dx = backward_once(&mut bn, &x, &y, &dy).unwrap();
         assert_close_scaled(
             &format!("{what} dx"),
             &dx.data,
@@ -77,7 +78,7 @@ fn batch_norm_matches_pytorch() {
                 "{what}: no buffers when not tracking"
             );
         }
-        let ye = bn.forward(g.tensor(&p("x_eval")), Mode::Eval).unwrap();
+        let ye = forward_once(&mut bn, &g.tensor(&p("x_eval")), Mode::Eval).unwrap();
         assert_close(&format!("{what} y_eval"), &ye.data, &g.tensor(&p("y_eval")).data, 1e-5);
     }
 }
@@ -85,8 +86,7 @@ fn batch_norm_matches_pytorch() {
 #[test]
 fn one_value_per_channel_in_training_is_an_error() {
     let mut bn1 = BatchNorm::new(1, 4, BatchNormConfig::default());
-    let err = bn1
-        .forward(normlab::Tensor::zeros(&[1, 4]), Mode::Train)
+    let err = forward_once(&mut bn1, &normlab::Tensor::zeros(&[1, 4]), Mode::Train)
         .unwrap_err()
         .to_string();
     assert!(
@@ -94,10 +94,10 @@ fn one_value_per_channel_in_training_is_an_error() {
         "{err}"
     );
     let mut bn2 = BatchNorm::new(2, 3, BatchNormConfig::default());
-    assert!(bn2.forward(normlab::Tensor::zeros(&[1, 3, 1, 1]), Mode::Train).is_err());
+    assert!(forward_once(&mut bn2, &normlab::Tensor::zeros(&[1, 3, 1, 1]), Mode::Train).is_err());
     // Eval mode with running statistics is fine on a single value.
-    assert!(bn2.forward(normlab::Tensor::zeros(&[1, 3, 1, 1]), Mode::Eval).is_ok());
+    assert!(forward_once(&mut bn2, &normlab::Tensor::zeros(&[1, 3, 1, 1]), Mode::Eval).is_ok());
     // Wrong rank and channel count are errors, not panics.
-    assert!(bn2.forward(normlab::Tensor::zeros(&[2, 3]), Mode::Train).is_err());
-    assert!(bn2.forward(normlab::Tensor::zeros(&[2, 5, 2, 2]), Mode::Train).is_err());
+    assert!(forward_once(&mut bn2, &normlab::Tensor::zeros(&[2, 3]), Mode::Train).is_err());
+    assert!(forward_once(&mut bn2, &normlab::Tensor::zeros(&[2, 5, 2, 2]), Mode::Train).is_err());
 }

@@ -133,6 +133,7 @@ fn serialize_run(spec: &str, path: &Path, input: &[u8], eval: bool) -> normlab::
 #[test]
 fn ghost_batch_norm_is_batch_norm_on_each_virtual_batch() {
     use normlab::nn::batch_norm::{BatchNorm, BatchNormConfig, BatchStats};
+    use normlab::nn::layer::{backward_once, forward_once};
     use normlab::nn::{Layer, Mode};
     use normlab::Tensor;
     let (n, c, h, w, v) = (8, 3, 4, 4, 2);
@@ -156,12 +157,15 @@ fn ghost_batch_norm_is_batch_norm_on_each_virtual_batch() {
     }
     let gamma = ghost.weight.as_ref().unwrap().value.clone();
     let beta = ghost.bias.as_ref().unwrap().value.clone();
-    let y = ghost
-        .forward(Tensor::from_vec(&[n, c, h, w], x.clone()).unwrap(), Mode::Train)
-        .unwrap();
-    let dx = ghost
-        .backward(Tensor::from_vec(&[n, c, h, w], dy.clone()).unwrap())
-        .unwrap();
+    let xt = Tensor::from_vec(&[n, c, h, w], x.clone()).unwrap();
+    let y = forward_once(&mut ghost, &xt, Mode::Train).unwrap();
+    let dx = backward_once(
+        &mut ghost,
+        &xt,
+        &y,
+        &Tensor::from_vec(&[n, c, h, w], dy.clone()).unwrap(),
+    )
+    .unwrap();
     let block = v * c * h * w;
     let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
     let (mut mean_rm, mut mean_rv) = (vec![0.0f32; c], vec![0.0f32; c]);
@@ -170,7 +174,7 @@ fn ghost_batch_norm_is_batch_norm_on_each_virtual_batch() {
         bn.weight.as_mut().unwrap().value = gamma.clone();
         bn.bias.as_mut().unwrap().value = beta.clone();
         let xs = Tensor::from_vec(&[v, c, h, w], x[j * block..(j + 1) * block].to_vec()).unwrap();
-        let ys = bn.forward(xs, Mode::Train).unwrap();
+        let ys = forward_once(&mut bn, &xs, Mode::Train).unwrap();
         assert_close(
             &format!("ghost y, virtual batch {j}"),
             &y.data[j * block..(j + 1) * block],
@@ -178,7 +182,7 @@ fn ghost_batch_norm_is_batch_norm_on_each_virtual_batch() {
             1e-6,
         );
         let ds = Tensor::from_vec(&[v, c, h, w], dy[j * block..(j + 1) * block].to_vec()).unwrap();
-        let dxs = bn.backward(ds).unwrap();
+        let dxs = backward_once(&mut bn, &xs, &ys, &ds).unwrap();
         assert_close(
             &format!("ghost dx, virtual batch {j}"),
             &dx.data[j * block..(j + 1) * block],
@@ -217,8 +221,7 @@ fn ghost_batch_norm_is_batch_norm_on_each_virtual_batch() {
             ..Default::default()
         },
     );
-    let err = bad
-        .forward(Tensor::zeros(&[8, c, 2, 2]), Mode::Train)
+    let err = forward_once(&mut bad, &Tensor::zeros(&[8, c, 2, 2]), Mode::Train)
         .unwrap_err()
         .to_string();
     assert!(err.contains("virtual batch 3") && err.contains("8"), "{err}");
@@ -226,6 +229,7 @@ fn ghost_batch_norm_is_batch_norm_on_each_virtual_batch() {
 
 #[test]
 fn a_constant_channel_or_group_gives_beta_and_finite_gradients() {
+    use normlab::nn::layer::{backward_once, forward_once};
     use normlab::nn::norm_spec::{NormSpec, CATALOG};
     use normlab::nn::Mode;
     use normlab::Tensor;
@@ -237,18 +241,18 @@ fn a_constant_channel_or_group_gives_beta_and_finite_gradients() {
             s => s,
         };
         let norm: NormSpec = spec.parse().unwrap();
-        let mut layer = norm.build(&[4, 3, 3], "test").unwrap().unwrap();
+        let mut layer = norm.build(&[4, 3, 3], "test", true).unwrap().unwrap();
         for (key, p) in layer.params() {
             let fill = if key == "bias" { 0.25 } else { 1.5 };
             p.value.data.fill(fill);
         }
         let x = Tensor::full(&[4, 4, 3, 3], 1234.5);
-        let y = layer.forward(x, Mode::Train).unwrap();
+        let y = forward_once(layer.as_mut(), &x, Mode::Train).unwrap();
         assert!(
             y.data.iter().all(|&v| (v - 0.25).abs() < 1e-6),
             "{spec}: y = beta on constant input"
         );
-        let dx = layer.backward(Tensor::full(&[4, 4, 3, 3], 0.5)).unwrap();
+        let dx = backward_once(layer.as_mut(), &x, &y, &Tensor::full(&[4, 4, 3, 3], 0.5)).unwrap();
         assert!(dx.data.iter().all(|v| v.is_finite()), "{spec}: finite dx");
         for (key, p) in layer.params() {
             assert!(p.grad.data.iter().all(|v| v.is_finite()), "{spec}: finite d{key}");

@@ -40,15 +40,17 @@ fn run(kind: OptimizerKind, lr: f64, weight_decay: f64, nesterov: bool, prefix: 
         let x = g.tensor(&format!("x{s}"));
         let y: Vec<u8> = g.i64s(&format!("y{s}")).iter().map(|&v| v as u8).collect();
         model.net.zero_grad();
-        let logits = model.forward(x.clone(), Mode::Train).unwrap();
-        let mut dlogits = normlab::Tensor::zeros(&logits.shape);
+        *model.input_mut() = x;
+        model.forward(Mode::Train).unwrap();
+        let (logits, dlogits) = model.net.output_and_grad();
+        dlogits.resize_to(&logits.shape);
         let (loss, _) = softmax_cross_entropy(&logits.data, &y, 10, &mut dlogits.data);
         assert!(
             (loss - want).abs() <= 1e-4 * want.abs().max(1.0),
             "{prefix} step {s}: loss {loss} vs {want}"
         );
-        model.backward(dlogits.clone()).unwrap();
-        opt.step(&mut model.net.named_params(), lr);
+        model.backward().unwrap();
+        opt.step(&mut model.net, lr);
     }
     for (name, p) in model.net.named_params() {
         assert_close(

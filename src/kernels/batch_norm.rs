@@ -1,134 +1,219 @@
 //! BatchNorm kernels on an (N, C, S) view of NCHW data (S = H*W; S = 1 for BatchNorm1d).
-//! Statistics are per channel over the N strided runs `x[n, c, :]`. Reductions run per
-//! channel (f32 lanes within a run, f64 across runs) and writes per sample, so results do
-//! not depend on the thread count.
+//! A channel's statistics set is its N strided runs `x[n, c, :]`. The training kernels work
+//! one channel at a time (channels in parallel): the first pass brings the channel's runs into
+//! cache, the later passes read them from there, so the forward moves about two tensor-sizes of
+//! memory (x in, y out) and the backward about three (x, dy in, dx out) when a channel fits in
+//! L2. Sums run in f32 over eight lanes within a run and in f64 across runs; results do not
+//! depend on the thread count. An optional ReLU is fused after the affine.
 
 use rayon::prelude::*;
 
 use crate::kernels::reduce::{mean_var, sum_dy_and_dy_x, Center};
+use crate::kernels::simd::{multiversion, SharedOut};
 
-/// The S-long run of channel `ch` in sample `i`.
-#[inline]
-fn run(x: &[f32], c: usize, s: usize, i: usize, ch: usize) -> &[f32] {
-    &x[(i * c + ch) * s..(i * c + ch + 1) * s]
-}
-
-/// Per-channel mean and biased variance: mean = Σx/m, var = Σ(x-mean)²/m with m = N*S.
-pub fn batch_norm_stats(x: &[f32], n: usize, c: usize, s: usize, mean: &mut [f64], var: &mut [f32]) {
-    debug_assert_eq!(x.len(), n * c * s);
-    let stats: Vec<(f64, f32)> = (0..c)
-        .into_par_iter()
-        .map(|ch| mean_var((0..n).map(|i| run(x, c, s, i, ch))))
-        .collect();
-    for (ch, (mu, v)) in stats.into_iter().enumerate() {
-        mean[ch] = mu;
-        var[ch] = v;
-    }
+/// A channel's batch statistics: f64 mean and biased variance.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ChannelStats {
+    pub mean: f64,
+    pub var: f32,
 }
 
 /// invstd = 1 / sqrt(var + eps), computed in f64 then rounded once.
-pub fn inverse_std(var: &[f32], eps: f64, invstd: &mut [f32]) {
-    for (o, &v) in invstd.iter_mut().zip(var) {
-        *o = (1.0 / (v as f64 + eps).sqrt()) as f32;
+pub fn inverse_std(var: f32, eps: f64) -> f32 {
+    (1.0 / (var as f64 + eps).sqrt()) as f32
+}
+
+/// y = (x - mean)·a + b over one run, then max(·, 0) when `relu`.
+#[inline(always)]
+pub fn apply_run(x: &[f32], y: &mut [f32], center: Center, a: f32, b: f32, relu: bool) {
+    if relu {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (center.sub(v) * a + b).max(0.0);
+        }
+    } else {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = center.sub(v) * a + b;
+        }
     }
 }
 
-/// y = (x - mean) * scale + shift per channel (scale = invstd·gamma, shift = beta).
+multiversion! {
+    /// Per-channel statistics over the channel's runs (corrected two-pass, f64 mean).
+    pub fn channel_stats(x: &[f32], c: usize, s: usize, n: usize, ch: usize) -> ChannelStats {
+        let (mean, var) = mean_var((0..n).map(|i| &x[(i * c + ch) * s..(i * c + ch + 1) * s]));
+        ChannelStats { mean, var }
+    }
+}
+
+/// Training forward: per channel, statistics, then y = act((x - mean)·scale + shift) where
+/// `affine(ch, stats)` gives (scale, shift) — γ·invstd and β for BatchNorm, with Batch Renorm's
+/// r and d folded in for it. `stats` receives each channel's statistics.
 #[allow(clippy::too_many_arguments)]
-pub fn normalize_affine(x: &[f32], c: usize, s: usize, mean: &[f64], scale: &[f32], shift: &[f32], y: &mut [f32]) {
-    let center: Vec<Center> = mean.iter().map(|&m| Center::new(m)).collect();
+pub fn batch_norm_forward_train(
+    x: &[f32],
+    y: &mut [f32],
+    n: usize,
+    c: usize,
+    s: usize,
+    relu: bool,
+    stats: &mut [ChannelStats],
+    affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync),
+) {
+    debug_assert_eq!(x.len(), n * c * s);
+    let out = SharedOut::new(y);
+    stats
+        .par_iter_mut()
+        .enumerate()
+        .for_each(|(ch, st)| forward_channel(x, &out, n, c, s, ch, relu, st, affine));
+}
+
+multiversion! {
+    /// One channel of the training forward: statistics, then the affine over its runs.
+    fn forward_channel(x: &[f32], out: &SharedOut, n: usize, c: usize, s: usize, ch: usize, relu: bool, st: &mut ChannelStats, affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync)) {
+        let (mean, var) = mean_var((0..n).map(|i| &x[(i * c + ch) * s..(i * c + ch + 1) * s]));
+        *st = ChannelStats { mean, var };
+        let (a, b) = affine(ch, *st);
+        let center = Center::new(mean);
+        for i in 0..n {
+            let off = (i * c + ch) * s;
+            // SAFETY: run (i, ch) belongs to this channel's task alone.
+            let yr = unsafe { out.run(off, s) };
+            apply_run(&x[off..off + s], yr, center, a, b, relu);
+        }
+    }
+}
+
+/// Eval (or any fixed-statistics) forward: y = act((x - mean[c])·scale[c] + shift[c]),
+/// parallel over samples.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_forward_fixed(
+    x: &[f32],
+    y: &mut [f32],
+    c: usize,
+    s: usize,
+    mean: &[f64],
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+) {
     y.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).for_each(|(ys, xs)| {
         for ch in 0..c {
-            let (mu, a, b) = (center[ch], scale[ch], shift[ch]);
             let r = ch * s..(ch + 1) * s;
-            for (o, &v) in ys[r.clone()].iter_mut().zip(&xs[r]) {
-                *o = mu.sub(v) * a + b;
-            }
+            apply_run(
+                &xs[r.clone()],
+                &mut ys[r],
+                Center::new(mean[ch]),
+                scale[ch],
+                shift[ch],
+                relu,
+            );
         }
     });
 }
 
-/// y = (x - mean) * invstd * gamma + beta, per channel; gamma = 1 and beta = 0 when absent.
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm_apply(
-    x: &[f32],
-    n: usize,
-    c: usize,
-    s: usize,
-    mean: &[f64],
-    invstd: &[f32],
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    debug_assert_eq!(x.len(), n * c * s);
-    let scale: Vec<f32> = (0..c).map(|ch| invstd[ch] * gamma.map_or(1.0, |g| g[ch])).collect();
-    let shift: Vec<f32> = (0..c).map(|ch| beta.map_or(0.0, |b| b[ch])).collect();
-    normalize_affine(x, c, s, mean, &scale, &shift, y);
+/// What backward needs per channel.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ChannelGrad {
+    pub mean: f64,
+    pub invstd: f32,
+    /// The factor on x̂ in the output: γ (γ·r for Batch Renorm).
+    pub gain: f32,
 }
 
-/// Per-channel Σdy and Σdy·x̂ with x̂ = (x - mean) * invstd.
+/// Σdy and Σdy·x̂ of a channel (dy masked by y > 0 when `relu`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ChannelSums {
+    pub sum_dy: f64,
+    pub sum_dy_xhat: f64,
+}
+
+/// Σg and Σg·(x - mean) over a run, g = dy (· [y > 0] when `relu`).
+#[inline(always)]
+pub fn grad_sums_run(x: &[f32], y: &[f32], dy: &[f32], center: Center, relu: bool) -> (f64, f64) {
+    if !relu {
+        return sum_dy_and_dy_x(x, dy, center);
+    }
+    const L: usize = 8;
+    let (mut s, mut p) = ([0.0f32; L], [0.0f32; L]);
+    let chunks = x.len() / L * L;
+    for j in (0..chunks).step_by(L) {
+        for l in 0..L {
+            let g = if y[j + l] > 0.0 { dy[j + l] } else { 0.0 };
+            s[l] += g;
+            p[l] += g * center.sub(x[j + l]);
+        }
+    }
+    let (mut st, mut pt) = (0.0f64, 0.0f64);
+    for j in chunks..x.len() {
+        let g = if y[j] > 0.0 { dy[j] } else { 0.0 };
+        st += g as f64;
+        pt += g as f64 * center.sub(x[j]) as f64;
+    }
+    (
+        s.iter().map(|&v| v as f64).sum::<f64>() + st,
+        p.iter().map(|&v| v as f64).sum::<f64>() + pt,
+    )
+}
+
+/// dx = k·(g - a - (x - mean)·b) over a run, g = dy (· [y > 0] when `relu`).
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn batch_norm_grad_sums(
+fn dx_run(x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32], center: Center, k: f32, a: f32, b: f32, relu: bool) {
+    if relu {
+        for (((o, &xv), &yv), &g) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+            let g = if yv > 0.0 { g } else { 0.0 };
+            *o = k * (g - a - center.sub(xv) * b);
+        }
+    } else {
+        for ((o, &xv), &g) in dx.iter_mut().zip(x).zip(dy) {
+            *o = k * (g - a - center.sub(xv) * b);
+        }
+    }
+}
+
+/// Training backward: per channel, Σdy and Σdy·x̂, then
+/// dx = gain·invstd/m · (m·dy - Σdy - x̂·Σdy·x̂) (m = N·S); `sums` receives the sums for the
+/// parameter gradients. With `relu`, dy is first masked by y > 0 (y is the fused output).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_train(
     x: &[f32],
+    y: &[f32],
     dy: &[f32],
+    dx: &mut [f32],
     n: usize,
     c: usize,
     s: usize,
-    mean: &[f64],
-    invstd: &[f32],
-    sum_dy: &mut [f64],
-    sum_dy_xhat: &mut [f64],
+    relu: bool,
+    grads: &[ChannelGrad],
+    sums: &mut [ChannelSums],
 ) {
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
+    let m = (n * s) as f64;
+    let out = SharedOut::new(dx);
+    sums.par_iter_mut()
+        .zip(grads.par_iter())
+        .enumerate()
+        .for_each(|(ch, (sum, g))| {
+            let center = Center::new(g.mean);
             let (mut sd, mut sdx) = (0.0f64, 0.0f64);
             for i in 0..n {
-                let (a, b) = sum_dy_and_dy_x(run(x, c, s, i, ch), run(dy, c, s, i, ch), Center::new(mean[ch]));
+                let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+                let (a, b) = grad_sums_run(&x[r.clone()], &y[r.clone()], &dy[r], center, relu);
                 sd += a;
                 sdx += b;
             }
-            (sd, sdx * invstd[ch] as f64)
-        })
-        .collect();
-    for (ch, (a, b)) in sums.into_iter().enumerate() {
-        sum_dy[ch] = a;
-        sum_dy_xhat[ch] = b;
-    }
-}
-
-/// Training-mode input gradient, in place over dy:
-/// dx = gamma*invstd/m * (m*dy - Σdy - x̂*Σdy·x̂), m = N*S.
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm_backward_input(
-    x: &[f32],
-    dy: &mut [f32],
-    n: usize,
-    c: usize,
-    s: usize,
-    mean: &[f64],
-    invstd: &[f32],
-    gamma: Option<&[f32]>,
-    sum_dy: &[f64],
-    sum_dy_xhat: &[f64],
-) {
-    let m = (n * s) as f64;
-    // dx = k * (dy - a - (x - mean) * b') with k = gamma*invstd, a = Σdy/m, b' = invstd·Σdy·x̂/m.
-    let coef: Vec<(f32, f32, f32, Center)> = (0..c)
-        .map(|ch| {
-            let k = gamma.map_or(1.0, |g| g[ch]) * invstd[ch];
-            let a = (sum_dy[ch] / m) as f32;
-            let b = (sum_dy_xhat[ch] / m * invstd[ch] as f64) as f32;
-            (k, a, b, Center::new(mean[ch]))
-        })
-        .collect();
-    dy.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).for_each(|(ds, xs)| {
-        for (ch, &(k, a, b, mu)) in coef.iter().enumerate() {
-            let r = ch * s..(ch + 1) * s;
-            for (o, &xv) in ds[r.clone()].iter_mut().zip(&xs[r]) {
-                *o = k * (*o - a - mu.sub(xv) * b);
+            *sum = ChannelSums {
+                sum_dy: sd,
+                sum_dy_xhat: sdx * g.invstd as f64,
+            };
+            let k = g.gain * g.invstd;
+            let a = (sd / m) as f32;
+            let b = (sum.sum_dy_xhat / m * g.invstd as f64) as f32;
+            for i in 0..n {
+                let off = (i * c + ch) * s;
+                let r = off..off + s;
+                // SAFETY: run (i, ch) belongs to this channel's task alone.
+                let dr = unsafe { out.run(off, s) };
+                dx_run(&x[r.clone()], &y[r.clone()], &dy[r], dr, center, k, a, b, relu);
             }
-        }
-    });
+        });
 }

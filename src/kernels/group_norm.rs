@@ -1,119 +1,135 @@
 //! Within-sample statistics on an (N, C, S) view: GroupNorm(G) takes one set per (n, g), a
 //! contiguous block of (C/G)·S values. LayerNorm (G = 1) and InstanceNorm (G = C) are the same
-//! kernels; PyTorch's elementwise nn.LayerNorm is the (N, C·H·W, 1) view with G = 1.
+//! kernels; PyTorch's elementwise nn.LayerNorm is the (N, C·H·W, 1) view with G = 1. Blocks run
+//! in parallel; each is read from memory once and revisited in cache.
 
 use rayon::prelude::*;
 
-use crate::kernels::reduce::{mean_var, sum_dy_and_dy_x, Center};
+use crate::kernels::batch_norm::{apply_run, grad_sums_run, ChannelStats};
+use crate::kernels::reduce::{mean_var, Center};
+use crate::kernels::simd::multiversion;
 
-/// Per-(n, g) mean and biased variance, written at index n*G + g.
-pub fn group_norm_stats(x: &[f32], n: usize, c: usize, s: usize, groups: usize, mean: &mut [f64], var: &mut [f32]) {
-    let block = c / groups * s;
-    debug_assert_eq!(x.len(), n * c * s);
-    let stats: Vec<(f64, f32)> = x.par_chunks(block).map(|b| mean_var(b.chunks(4096))).collect();
-    for (i, (mu, v)) in stats.into_iter().enumerate() {
-        mean[i] = mu;
-        var[i] = v;
+/// Values per f32 run inside a block before the f64 combine.
+const RUN: usize = 4096;
+
+multiversion! {
+    fn block_stats(block: &[f32]) -> ChannelStats {
+        let (mean, var) = mean_var(block.chunks(RUN));
+        ChannelStats { mean, var }
     }
 }
 
-/// y = (x - mean[n,g]) * invstd[n,g] * gamma[c] + beta[c].
+/// Training forward: per (n, g) block, statistics (into `stats[n·G + g]`), then
+/// y = act((x - mean)·invstd·γ[c] + β[c]).
 #[allow(clippy::too_many_arguments)]
-pub fn group_norm_apply(
+pub fn group_norm_forward_train(
     x: &[f32],
+    y: &mut [f32],
     c: usize,
     s: usize,
     groups: usize,
-    mean: &[f64],
-    invstd: &[f32],
+    eps: f64,
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
-    y: &mut [f32],
+    relu: bool,
+    stats: &mut [ChannelStats],
 ) {
     let cg = c / groups;
-    y.par_chunks_mut(c * s)
-        .zip(x.par_chunks(c * s))
+    let block = cg * s;
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .zip(stats.par_iter_mut())
         .enumerate()
-        .for_each(|(i, (ys, xs))| {
-            for ch in 0..c {
-                let k = i * groups + ch / cg;
-                let a = invstd[k] * gamma.map_or(1.0, |g| g[ch]);
-                let (mu, b) = (Center::new(mean[k]), beta.map_or(0.0, |b| b[ch]));
-                let r = ch * s..(ch + 1) * s;
-                for (o, &v) in ys[r.clone()].iter_mut().zip(&xs[r]) {
-                    *o = mu.sub(v) * a + b;
-                }
+        .for_each(|(k, ((yb, xb), st))| {
+            *st = block_stats(xb);
+            let invstd = crate::kernels::batch_norm::inverse_std(st.var, eps);
+            let center = Center::new(st.mean);
+            let g0 = (k % groups) * cg;
+            for j in 0..cg {
+                let ch = g0 + j;
+                let a = invstd * gamma.map_or(1.0, |g| g[ch]);
+                let b = beta.map_or(0.0, |b| b[ch]);
+                apply_run(&xb[j * s..(j + 1) * s], &mut yb[j * s..(j + 1) * s], center, a, b, relu);
             }
         });
 }
 
-/// Backward in place over dy, with g = dy·gamma inside each (n, group) set of m values:
-/// dx = invstd/m · (m·g - Σg - x̂·Σg·x̂);  dgamma[c] += Σ dy·x̂;  dbeta[c] += Σ dy.
+/// dx over one channel run of a block: dx = k·g - invstd·(a + (x - mean)·b), g = dy (· [y > 0]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block_dx_run(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    center: Center,
+    k: f32,
+    invstd: f32,
+    a: f32,
+    b: f32,
+    relu: bool,
+) {
+    for (((o, &xv), &yv), &g) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+        let g = if relu && yv <= 0.0 { 0.0 } else { g };
+        *o = k * g - invstd * (a + center.sub(xv) * b);
+    }
+}
+
+/// Backward: with g = γ·dy inside each (n, group) set of m values,
+/// dx = invstd/m · (m·g - Σg - x̂·Σg·x̂); per (n, c) the sums Σdy and Σdy·x̂ go to
+/// `channel_sums[n·C + c]` for the parameter gradients. With `relu`, dy is masked by y > 0.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_backward(
     x: &[f32],
-    dy: &mut [f32],
-    n: usize,
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
     c: usize,
     s: usize,
     groups: usize,
-    mean: &[f64],
-    invstd: &[f32],
+    eps: f64,
     gamma: Option<&[f32]>,
-    dgamma: Option<&mut [f32]>,
-    dbeta: Option<&mut [f32]>,
+    relu: bool,
+    stats: &[ChannelStats],
+    channel_sums: &mut [(f64, f64)],
 ) {
     let cg = c / groups;
-    let m = (cg * s) as f64;
-    // Per (n, channel): Σdy and Σdy·(x - mean) — the parameter gradients and, weighted by
-    // gamma, the group sums.
-    let per_channel: Vec<(f64, f64)> = (0..n * c)
-        .into_par_iter()
-        .map(|nc| {
-            let k = (nc / c) * groups + (nc % c) / cg;
-            sum_dy_and_dy_x(
-                &x[nc * s..(nc + 1) * s],
-                &dy[nc * s..(nc + 1) * s],
-                Center::new(mean[k]),
-            )
-        })
-        .collect();
-    if let (Some(dg), Some(db)) = (dgamma, dbeta) {
-        for ch in 0..c {
-            let (mut sg, mut sb) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let (sd, sdx) = per_channel[i * c + ch];
-                sg += sdx * invstd[i * groups + ch / cg] as f64;
-                sb += sd;
-            }
-            dg[ch] += sg as f32;
-            db[ch] += sb as f32;
-        }
-    }
-    dy.par_chunks_mut(c * s)
-        .zip(x.par_chunks(c * s))
+    let block = cg * s;
+    let m = block as f64;
+    dx.par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(y.par_chunks(block)).zip(dy.par_chunks(block)))
+        .zip(channel_sums.par_chunks_mut(cg).zip(stats.par_iter()))
         .enumerate()
-        .for_each(|(i, (ds, xs))| {
-            for g in 0..groups {
-                let k = i * groups + g;
-                let (mu, is) = (Center::new(mean[k]), invstd[k]);
-                // Σg and Σg·x̂ over the group, g = dy·gamma.
-                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-                for ch in g * cg..(g + 1) * cg {
-                    let gm = gamma.map_or(1.0, |gv| gv[ch]) as f64;
-                    let (sd, sdx) = per_channel[i * c + ch];
-                    sg += gm * sd;
-                    sgx += gm * sdx * is as f64;
-                }
-                let (a, b) = ((sg / m) as f32, (sgx / m * is as f64) as f32);
-                for ch in g * cg..(g + 1) * cg {
-                    let k2 = is * gamma.map_or(1.0, |gv| gv[ch]);
-                    let r = ch * s..(ch + 1) * s;
-                    for (o, &xv) in ds[r.clone()].iter_mut().zip(&xs[r]) {
-                        // dx = invstd·(g - a - (x - mean)·b) with g = gamma·dy
-                        *o = k2 * *o - is * (a + mu.sub(xv) * b);
-                    }
-                }
+        .for_each(|(k, ((dxb, ((xb, yb), db)), (sums, st)))| {
+            let invstd = crate::kernels::batch_norm::inverse_std(st.var, eps);
+            let center = Center::new(st.mean);
+            let g0 = (k % groups) * cg;
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for j in 0..cg {
+                let r = j * s..(j + 1) * s;
+                let (sd, sdx) = grad_sums_run(&xb[r.clone()], &yb[r.clone()], &db[r], center, relu);
+                let sdx_hat = sdx * invstd as f64;
+                sums[j] = (sd, sdx_hat);
+                let gm = gamma.map_or(1.0, |g| g[g0 + j]) as f64;
+                sg += gm * sd;
+                sgx += gm * sdx_hat;
+            }
+            let (a, b) = ((sg / m) as f32, (sgx / m * invstd as f64) as f32);
+            for j in 0..cg {
+                let r = j * s..(j + 1) * s;
+                let kk = invstd * gamma.map_or(1.0, |g| g[g0 + j]);
+                block_dx_run(
+                    &xb[r.clone()],
+                    &yb[r.clone()],
+                    &db[r.clone()],
+                    &mut dxb[r],
+                    center,
+                    kk,
+                    invstd,
+                    a,
+                    b,
+                    relu,
+                );
             }
         });
 }

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::reduce::{mean_var, Center};
+use crate::kernels::simd::SharedOut;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LpKind {
@@ -14,10 +15,9 @@ pub enum LpKind {
 /// Per channel of an (N, C, S) view: the mean, the scale (mean|x - mean| for L1, max|x - mean|
 /// for L∞) and the term backward needs: mean(sign(x - mean)) for L1, or for L∞ the flat index
 /// of the largest |x - mean| and its sign (encoded as index·2 + (sign < 0)).
-pub fn lp_stats(x: &[f32], n: usize, c: usize, s: usize, kind: LpKind) -> Vec<(f64, f32, f64)> {
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
+pub fn lp_stats(x: &[f32], n: usize, c: usize, s: usize, kind: LpKind, out: &mut [(f64, f32, f64)]) {
+    out.par_iter_mut().enumerate().for_each(|(ch, o)| {
+        *o = {
             let runs = (0..n).map(|i| &x[(i * c + ch) * s..(i * c + ch + 1) * s]);
             let (mean, _) = mean_var(runs);
             let center = Center::new(mean);
@@ -50,83 +50,71 @@ pub fn lp_stats(x: &[f32], n: usize, c: usize, s: usize, kind: LpKind) -> Vec<(f
                     (mean, best, (at * 2 + neg as usize) as f64)
                 }
             }
-        })
-        .collect()
+        };
+    });
 }
 
-/// Backward in place over dy for one channel layout, with u = (x - mean)/(scale + eps) and
-/// g = gamma·dy over the m = N·S values of a channel:
+/// Backward, per channel in parallel, with u = (x - mean)/(scale + eps) and g = gamma·dy
+/// (dy masked by y > 0 when `relu`) over the m = N·S values of a channel:
 /// dx_j = (g_j - mean(g))/s' - Σ(g·u)/(m·s') · (w_j - mean(w)),
 /// w = sign(x - mean) for L1; w = m·sign(z*)·[j = argmax|z|] for L∞.
+/// `sums[c]` receives (Σdy, Σdy·u) for the parameter gradients.
 #[allow(clippy::too_many_arguments)]
 pub fn lp_backward(
     x: &[f32],
-    dy: &mut [f32],
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
     n: usize,
     c: usize,
     s: usize,
     kind: LpKind,
+    relu: bool,
     stats: &[(f64, f32, f64)],
     eps: f64,
     gamma: Option<&[f32]>,
-    dgamma: Option<&mut [f32]>,
-    dbeta: Option<&mut [f32]>,
+    sums: &mut [(f64, f64)],
 ) {
     let m = (n * s) as f64;
-    // Per channel: Σdy and Σdy·u.
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let (mean, scale, _) = stats[ch];
-            let center = Center::new(mean);
-            let inv = 1.0 / (scale as f64 + eps);
-            let (mut sd, mut sdu) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let off = (i * c + ch) * s;
-                for (&xv, &dv) in x[off..off + s].iter().zip(&dy[off..off + s]) {
-                    sd += dv as f64;
-                    sdu += dv as f64 * center.sub(xv) as f64 * inv;
-                }
-            }
-            (sd, sdu)
-        })
-        .collect();
-    if let (Some(dg), Some(db)) = (dgamma, dbeta) {
-        for ch in 0..c {
-            dg[ch] += sums[ch].1 as f32;
-            db[ch] += sums[ch].0 as f32;
-        }
-    }
-    for ch in 0..c {
+    let out = SharedOut::new(dx);
+    let grad = |j: usize| if relu && y[j] <= 0.0 { 0.0 } else { dy[j] as f64 };
+    sums.par_iter_mut().enumerate().for_each(|(ch, sum)| {
         let (mean, scale, extra) = stats[ch];
         let center = Center::new(mean);
-        let gm = gamma.map_or(1.0, |g| g[ch]) as f64;
         let inv = 1.0 / (scale as f64 + eps);
-        let mean_g = gm * sums[ch].0 / m;
-        let coef = gm * sums[ch].1 * inv / m;
-        match kind {
-            LpKind::L1 => {
-                let mean_w = extra;
-                for i in 0..n {
-                    let off = (i * c + ch) * s;
-                    for (o, &xv) in dy[off..off + s].iter_mut().zip(&x[off..off + s]) {
-                        let z = center.sub(xv);
-                        let w = if z == 0.0 { 0.0 } else { z.signum() as f64 };
-                        *o = ((gm * *o as f64 - mean_g) * inv - coef * (w - mean_w)) as f32;
-                    }
-                }
-            }
-            LpKind::Linf => {
-                let at = extra as usize / 2;
-                let sign = if extra as usize % 2 == 1 { -1.0 } else { 1.0 };
-                for i in 0..n {
-                    let off = (i * c + ch) * s;
-                    for o in dy[off..off + s].iter_mut() {
-                        *o = ((gm * *o as f64 - mean_g) * inv + coef * sign) as f32;
-                    }
-                }
-                dy[at] -= (coef * m * sign) as f32;
+        let (mut sd, mut sdu) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            let off = (i * c + ch) * s;
+            for (j, &xv) in x.iter().enumerate().skip(off).take(s) {
+                let g = grad(j);
+                sd += g;
+                sdu += g * center.sub(xv) as f64 * inv;
             }
         }
-    }
+        *sum = (sd, sdu);
+        let gm = gamma.map_or(1.0, |g| g[ch]) as f64;
+        let mean_g = gm * sd / m;
+        let coef = gm * sdu * inv / m;
+        let (argmax, sign) = (extra as usize / 2, if extra as usize % 2 == 1 { -1.0 } else { 1.0 });
+        for i in 0..n {
+            let off = (i * c + ch) * s;
+            // SAFETY: run (i, ch) belongs to this channel's task alone.
+            let dr = unsafe { out.run(off, s) };
+            for (k, o) in dr.iter_mut().enumerate() {
+                let j = off + k;
+                let base = (gm * grad(j) - mean_g) * inv;
+                *o = match kind {
+                    LpKind::L1 => {
+                        let z = center.sub(x[j]);
+                        let w = if z == 0.0 { 0.0 } else { z.signum() as f64 };
+                        (base - coef * (w - extra)) as f32
+                    }
+                    LpKind::Linf => {
+                        let spike = if j == argmax { coef * m * sign } else { 0.0 };
+                        (base + coef * sign - spike) as f32
+                    }
+                };
+            }
+        }
+    });
 }

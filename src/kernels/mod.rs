@@ -8,3 +8,4 @@ pub mod lp_norm;
 pub mod matmul;
 pub mod pool;
 pub mod reduce;
+pub mod simd;

@@ -26,7 +26,7 @@ impl Center {
 }
 
 /// Σ (x - shift) and Σ (x - shift)² over a run.
-#[inline]
+#[inline(always)]
 pub fn sum_and_sq_shifted(run: &[f32], shift: Center) -> (f64, f64) {
     let mut s = [0.0f32; LANES];
     let mut q = [0.0f32; LANES];
@@ -52,7 +52,7 @@ pub fn sum_and_sq_shifted(run: &[f32], shift: Center) -> (f64, f64) {
 }
 
 /// Σ (x - shift) over a run.
-#[inline]
+#[inline(always)]
 pub fn sum_shifted(run: &[f32], shift: Center) -> f64 {
     let mut s = [0.0f32; LANES];
     let chunks = run.chunks_exact(LANES);
@@ -66,7 +66,7 @@ pub fn sum_shifted(run: &[f32], shift: Center) -> f64 {
 }
 
 /// Σ dy and Σ dy·(x - shift) over a run.
-#[inline]
+#[inline(always)]
 pub fn sum_dy_and_dy_x(x: &[f32], dy: &[f32], shift: Center) -> (f64, f64) {
     let mut s = [0.0f32; LANES];
     let mut p = [0.0f32; LANES];
@@ -93,6 +93,7 @@ pub fn sum_dy_and_dy_x(x: &[f32], dy: &[f32], shift: Center) -> (f64, f64) {
 /// Mean and biased variance of values seen as runs, by the corrected two-pass algorithm:
 /// pass 1 finds the mean around a shift (the first value, so a large offset never enters an
 /// f32 sum), pass 2 sums d = x - mean and d², and var = (Σd² - (Σd)²/m) / m.
+#[inline(always)]
 pub fn mean_var<'a, I>(runs: I) -> (f64, f32)
 where
     I: Iterator<Item = &'a [f32]> + Clone,

@@ -1,4 +1,4 @@
-//! Pointwise activations, computed in place on the tensor they receive.
+//! Pointwise activations. Backward reads the stored output, so they keep no state.
 
 use rayon::prelude::*;
 
@@ -8,12 +8,18 @@ use crate::tensor::Tensor;
 
 const CHUNK: usize = 1 << 14;
 
-/// ReLU keeps a one-byte mask of the positive inputs, a quarter of a copy of the output.
-#[derive(Default)]
-pub struct ReLU {
-    mask: Vec<u8>,
-    shape: Vec<usize>,
+fn check(layer: &str, y: &Tensor, dy: &Tensor) -> Result<()> {
+    if dy.shape != y.shape {
+        return Err(Error::shape(
+            layer,
+            format!("gradient {:?} does not match output {:?}", dy.shape, y.shape),
+        ));
+    }
+    Ok(())
 }
+
+#[derive(Default)]
+pub struct ReLU;
 
 impl Layer for ReLU {
     fn kind(&self) -> &'static str {
@@ -21,49 +27,35 @@ impl Layer for ReLU {
     }
 
     // y = max(x, 0)
-    fn forward(&mut self, mut x: Tensor, mode: Mode) -> Result<Tensor> {
-        if mode == Mode::Train {
-            self.mask.resize(x.len(), 0);
-            self.shape.clone_from(&x.shape);
-            x.data
-                .par_chunks_mut(CHUNK)
-                .zip(self.mask.par_chunks_mut(CHUNK))
-                .for_each(|(c, m)| {
-                    for (v, k) in c.iter_mut().zip(m) {
-                        *k = (*v > 0.0) as u8;
-                        *v = v.max(0.0);
-                    }
-                });
-        } else {
-            x.data
-                .par_chunks_mut(CHUNK)
-                .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
-        }
-        Ok(x)
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+        y.resize_to(&x.shape);
+        y.data
+            .par_chunks_mut(CHUNK)
+            .zip(x.data.par_chunks(CHUNK))
+            .for_each(|(o, i)| {
+                o.iter_mut().zip(i).for_each(|(o, &v)| *o = v.max(0.0));
+            });
+        Ok(())
     }
 
-    // dx = dy · [x > 0]
-    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
-        if dy.shape != self.shape {
-            return Err(Error::shape(
-                "ReLU",
-                format!("gradient {:?} does not match output", dy.shape),
-            ));
-        }
-        dy.data
+    // dx = dy · [y > 0]
+    fn backward(&mut self, _x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        check("ReLU", y, dy)?;
+        dx.resize_to(&dy.shape);
+        dx.data
             .par_chunks_mut(CHUNK)
-            .zip(self.mask.par_chunks(CHUNK))
-            .for_each(|(d, m)| {
-                d.iter_mut().zip(m).for_each(|(g, &k)| *g *= k as f32);
+            .zip(dy.data.par_chunks(CHUNK).zip(y.data.par_chunks(CHUNK)))
+            .for_each(|(o, (d, y))| {
+                for ((o, &g), &v) in o.iter_mut().zip(d).zip(y) {
+                    *o = if v > 0.0 { g } else { 0.0 };
+                }
             });
-        Ok(dy)
+        Ok(())
     }
 }
 
 #[derive(Default)]
-pub struct Sigmoid {
-    output: Tensor,
-}
+pub struct Sigmoid;
 
 impl Layer for Sigmoid {
     fn kind(&self) -> &'static str {
@@ -71,28 +63,29 @@ impl Layer for Sigmoid {
     }
 
     // y = 1 / (1 + e^-x)
-    fn forward(&mut self, mut x: Tensor, mode: Mode) -> Result<Tensor> {
-        x.data
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+        y.resize_to(&x.shape);
+        y.data
             .par_chunks_mut(CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())));
-        if mode == Mode::Train {
-            self.output.clone_from(&x);
-        }
-        Ok(x)
+            .zip(x.data.par_chunks(CHUNK))
+            .for_each(|(o, i)| {
+                o.iter_mut().zip(i).for_each(|(o, &v)| *o = 1.0 / (1.0 + (-v).exp()));
+            });
+        Ok(())
     }
 
     // dx = dy · y · (1 - y)
-    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
-        if dy.shape != self.output.shape {
-            return Err(Error::shape(
-                "Sigmoid",
-                format!("gradient {:?} does not match output", dy.shape),
-            ));
-        }
-        dy.data
+    fn backward(&mut self, _x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        check("Sigmoid", y, dy)?;
+        dx.resize_to(&dy.shape);
+        dx.data
             .par_chunks_mut(CHUNK)
-            .zip(self.output.data.par_chunks(CHUNK))
-            .for_each(|(d, y)| d.iter_mut().zip(y).for_each(|(g, &v)| *g *= v * (1.0 - v)));
-        Ok(dy)
+            .zip(dy.data.par_chunks(CHUNK).zip(y.data.par_chunks(CHUNK)))
+            .for_each(|(o, (d, y))| {
+                for ((o, &g), &v) in o.iter_mut().zip(d).zip(y) {
+                    *o = g * v * (1.0 - v);
+                }
+            });
+        Ok(())
     }
 }

@@ -4,8 +4,10 @@
 //! combined: Ghost BN (virtual batches), Batch Renormalization (r, d corrections toward the
 //! running statistics) and Lp-norm BN (L1 or L∞ scale instead of the standard deviation).
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm as k;
+use crate::kernels::batch_norm::{self as k, ChannelGrad, ChannelStats, ChannelSums};
 use crate::kernels::lp_norm::{self, LpKind};
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
@@ -68,18 +70,24 @@ impl BatchNormConfig {
     }
 }
 
-/// What the last training forward leaves for backward.
+/// Per-step working state, sized once and reused: statistics of the last training forward and
+/// what backward derives from them.
 #[derive(Default)]
-struct Cache {
-    input: Tensor,
+struct Scratch {
     /// Per (virtual batch, channel).
-    mean: Vec<f64>,
-    invstd: Vec<f32>,
+    stats: Vec<ChannelStats>,
     /// Batch Renorm's corrections per channel (r = 1, d = 0 otherwise).
     r: Vec<f32>,
     d: Vec<f32>,
-    /// Lp BN's per-channel statistics.
+    /// Lp BN's per-channel (mean, scale, backward term).
     lp: Vec<(f64, f32, f64)>,
+    grads: Vec<ChannelGrad>,
+    sums: Vec<ChannelSums>,
+    lp_sums: Vec<(f64, f64)>,
+    /// Fixed-statistics apply: mean, scale, shift per channel.
+    mean: Vec<f64>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
 }
 
 pub struct BatchNorm {
@@ -87,13 +95,15 @@ pub struct BatchNorm {
     pub dims: usize,
     pub channels: usize,
     pub config: BatchNormConfig,
+    /// A ReLU fused after the affine (forward and backward), when the model has one there.
+    pub relu: bool,
     pub weight: Option<Param>,
     pub bias: Option<Param>,
     pub running_mean: Option<Tensor>,
     /// The running variance; for Lp BN the running Lp scale (state-dict key `running_scale`).
     pub running_var: Option<Tensor>,
     pub num_batches_tracked: i64,
-    cache: Cache,
+    scratch: Scratch,
 }
 
 impl BatchNorm {
@@ -120,15 +130,23 @@ impl BatchNorm {
             running_mean,
             running_var,
             num_batches_tracked: 0,
-            cache: Cache::default(),
+            relu: false,
+            scratch: Scratch::default(),
         }
     }
 
+    /// The same layer with a ReLU fused after it.
+    pub fn with_relu(mut self) -> Self {
+        self.relu = true;
+        self
+    }
+
     fn name(&self) -> &'static str {
-        if self.dims == 1 {
-            "BatchNorm1d"
-        } else {
-            "BatchNorm2d"
+        match (self.dims, self.relu) {
+            (1, false) => "BatchNorm1d",
+            (1, true) => "BatchNorm1d+ReLU",
+            (_, false) => "BatchNorm2d",
+            (_, true) => "BatchNorm2d+ReLU",
         }
     }
 
@@ -187,43 +205,94 @@ impl BatchNorm {
         (1.0 + (rmax - 1.0) * ramp(w), dmax * ramp(w * 5.0 / 8.0))
     }
 
-    fn gamma(&self) -> Option<&[f32]> {
-        self.weight.as_ref().map(|p| p.value.data.as_slice())
+    fn gamma_or_one(&self, ch: usize) -> f32 {
+        self.weight.as_ref().map_or(1.0, |w| w.value.data[ch])
     }
 
     fn beta_or_zero(&self, ch: usize) -> f32 {
         self.bias.as_ref().map_or(0.0, |b| b.value.data[ch])
     }
 
-    fn gamma_or_one(&self, ch: usize) -> f32 {
-        self.weight.as_ref().map_or(1.0, |w| w.value.data[ch])
+    /// Eval with running statistics: y = act((x - running_mean)·γ/σ + β) with σ =
+    /// sqrt(running_var + eps), or running_scale + eps for Lp BN.
+    fn forward_running(&mut self, x: &Tensor, y: &mut Tensor, c: usize, s: usize) {
+        let rm = &self.running_mean.as_ref().expect("tracked").data;
+        let rv = &self.running_var.as_ref().expect("tracked").data;
+        let lp = matches!(self.config.stats, BatchStats::Lp(_));
+        let eps = self.config.eps;
+        let mut scale = std::mem::take(&mut self.scratch.scale);
+        let mut shift = std::mem::take(&mut self.scratch.shift);
+        let mut mean = std::mem::take(&mut self.scratch.mean);
+        scale.clear();
+        shift.clear();
+        mean.clear();
+        for ch in 0..c {
+            let inv = if lp {
+                (1.0 / (rv[ch] as f64 + eps)) as f32
+            } else {
+                k::inverse_std(rv[ch], eps)
+            };
+            scale.push(inv * self.gamma_or_one(ch));
+            shift.push(self.beta_or_zero(ch));
+            mean.push(rm[ch] as f64);
+        }
+        k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
+        self.scratch.scale = scale;
+        self.scratch.shift = shift;
+        self.scratch.mean = mean;
     }
 
-    /// Eval with running statistics: y = (x - running_mean)·γ/σ + β with σ = sqrt(running_var
-    /// + eps), or (running_scale + eps) for Lp BN.
-    fn forward_running(&self, x: &Tensor, n: usize, c: usize, s: usize) -> Tensor {
-        let rm: Vec<f64> = self
-            .running_mean
-            .as_ref()
-            .expect("tracked")
-            .data
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
-        let rv = &self.running_var.as_ref().expect("tracked").data;
-        let mut invstd = vec![0.0f32; c];
-        match self.config.stats {
-            BatchStats::Lp(_) => {
-                for (o, &v) in invstd.iter_mut().zip(rv) {
-                    *o = (1.0 / (v as f64 + self.config.eps)) as f32;
-                }
-            }
-            _ => k::inverse_std(rv, self.config.eps, &mut invstd),
+    /// y = act((x - mean)·γ·inv(ch) + β + γ·d) with the statistics in `sc.stats` (one set):
+    /// Batch Renorm (inv = r·invstd) and Lp BN (inv = 1/(scale + eps)).
+    fn apply_fixed(
+        &self,
+        sc: &mut Scratch,
+        x: &Tensor,
+        y: &mut Tensor,
+        c: usize,
+        s: usize,
+        inv: impl Fn(&Scratch, usize) -> f32,
+    ) {
+        let (mut mean, mut scale, mut shift) = (
+            std::mem::take(&mut sc.mean),
+            std::mem::take(&mut sc.scale),
+            std::mem::take(&mut sc.shift),
+        );
+        mean.clear();
+        scale.clear();
+        shift.clear();
+        for ch in 0..c {
+            mean.push(sc.stats[ch].mean);
+            scale.push(inv(sc, ch) * self.gamma_or_one(ch));
+            shift.push(self.beta_or_zero(ch) + self.gamma_or_one(ch) * sc.d[ch]);
         }
-        let mut y = Tensor::zeros(&x.shape);
-        let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
-        k::batch_norm_apply(&x.data, n, c, s, &rm, &invstd, self.gamma(), beta, &mut y.data);
-        y
+        k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
+        (sc.mean, sc.scale, sc.shift) = (mean, scale, shift);
+    }
+
+    /// running = (1 - f)·running + f·batch, with batch statistics averaged over virtual batches
+    /// (Keras' Ghost BN) and the variance unbiased over each set's `m` values.
+    fn update_running_stats(&mut self, c: usize, sets: usize, m: usize) {
+        if !self.config.track_running_stats {
+            return;
+        }
+        let f = self.next_factor();
+        let lp = matches!(self.config.stats, BatchStats::Lp(_));
+        let unbias = if lp { 1.0 } else { m as f64 / (m - 1) as f64 };
+        let (st, lps) = (&self.scratch.stats, &self.scratch.lp);
+        let rm = self.running_mean.as_mut().expect("tracked");
+        let rv = self.running_var.as_mut().expect("tracked");
+        for ch in 0..c {
+            let (bm, bv) = if lp {
+                (lps[ch].0, lps[ch].1 as f64)
+            } else {
+                let bm = (0..sets).map(|j| st[j * c + ch].mean).sum::<f64>() / sets as f64;
+                let bv = (0..sets).map(|j| st[j * c + ch].var as f64).sum::<f64>() / sets as f64;
+                (bm, bv * unbias)
+            };
+            rm.data[ch] = ((1.0 - f) * rm.data[ch] as f64 + f * bm) as f32;
+            rv.data[ch] = ((1.0 - f) * rv.data[ch] as f64 + f * bv) as f32;
+        }
     }
 }
 
@@ -232,11 +301,13 @@ impl Layer for BatchNorm {
         self.name()
     }
 
-    // y = (x - mean) / sqrt(var + eps) * gamma + beta
-    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
-        let (n, c, s) = self.view(&x)?;
+    // y = (x - mean) / sqrt(var + eps) * gamma + beta   (then max(·, 0) when fused)
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+        let (n, c, s) = self.view(x)?;
+        y.resize_to(&x.shape);
         if mode == Mode::Eval && self.config.track_running_stats {
-            return Ok(self.forward_running(&x, n, c, s));
+            self.forward_running(x, y, c, s);
+            return Ok(());
         }
         let v = self.set_size(n)?;
         if v * s <= 1 {
@@ -248,143 +319,155 @@ impl Layer for BatchNorm {
                 ),
             ));
         }
-        let sets = n / v;
-        let block = v * c * s;
-        let mut y = Tensor::zeros(&x.shape);
-        let (mut mean, mut var) = (vec![0.0f64; sets * c], vec![0.0f32; sets * c]);
-        let mut invstd = vec![0.0f32; sets * c];
-        let (mut r, mut d) = (vec![1.0f32; c], vec![0.0f32; c]);
-        let mut lp = Vec::new();
+        let (sets, block, eps, relu) = (n / v, v * c * s, self.config.eps, self.relu);
+        let mut sc = std::mem::take(&mut self.scratch);
+        sc.stats.resize(sets * c, ChannelStats::default());
+        sc.r.clear();
+        sc.r.resize(c, 1.0);
+        sc.d.clear();
+        sc.d.resize(c, 0.0);
         match self.config.stats {
-            BatchStats::Lp(kind) => {
-                lp = lp_norm::lp_stats(&x.data, n, c, s, kind);
-                for (ch, &(mu, scale, _)) in lp.iter().enumerate() {
-                    mean[ch] = mu;
-                    var[ch] = scale;
-                    invstd[ch] = (1.0 / (scale as f64 + self.config.eps)) as f32;
-                }
-            }
-            _ => {
+            BatchStats::Standard | BatchStats::Ghost(_) => {
+                let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
+                let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
+                let affine = |ch: usize, st: ChannelStats| {
+                    (
+                        k::inverse_std(st.var, eps) * gamma.map_or(1.0, |g| g[ch]),
+                        beta.map_or(0.0, |b| b[ch]),
+                    )
+                };
                 for j in 0..sets {
-                    let xs = &x.data[j * block..(j + 1) * block];
-                    k::batch_norm_stats(xs, v, c, s, &mut mean[j * c..(j + 1) * c], &mut var[j * c..(j + 1) * c]);
+                    let r = j * block..(j + 1) * block;
+                    let st = &mut sc.stats[j * c..(j + 1) * c];
+                    k::batch_norm_forward_train(&x.data[r.clone()], &mut y.data[r], v, c, s, relu, st, &affine);
                 }
-                k::inverse_std(&var, self.config.eps, &mut invstd);
+            }
+            BatchStats::Renorm { rmax, dmax, warmup } => {
+                sc.stats
+                    .par_iter_mut()
+                    .enumerate()
+                    .for_each(|(ch, st)| *st = k::channel_stats(&x.data, c, s, n, ch));
+                if let (Some(rm), Some(rv)) = (self.running_mean.as_ref(), self.running_var.as_ref()) {
+                    let (rmax, dmax) = self.renorm_limits(rmax, dmax, warmup);
+                    for ch in 0..c {
+                        let sigma = (rv.data[ch] as f64 + eps).sqrt();
+                        let sigma_b = (sc.stats[ch].var as f64 + eps).sqrt();
+                        sc.r[ch] = (sigma_b / sigma).clamp(1.0 / rmax, rmax) as f32;
+                        sc.d[ch] = ((sc.stats[ch].mean - rm.data[ch] as f64) / sigma).clamp(-dmax, dmax) as f32;
+                    }
+                }
+                self.apply_fixed(&mut sc, x, y, c, s, |sc, ch| {
+                    k::inverse_std(sc.stats[ch].var, eps) * sc.r[ch]
+                });
+            }
+            BatchStats::Lp(kind) => {
+                sc.lp.resize(c, (0.0, 0.0, 0.0));
+                lp_norm::lp_stats(&x.data, n, c, s, kind, &mut sc.lp);
+                for (st, lp) in sc.stats.iter_mut().zip(&sc.lp) {
+                    *st = ChannelStats { mean: lp.0, var: lp.1 };
+                }
+                self.apply_fixed(&mut sc, x, y, c, s, |sc, ch| (1.0 / (sc.lp[ch].1 as f64 + eps)) as f32);
             }
         }
-        if let (BatchStats::Renorm { rmax, dmax, warmup }, Some(rm), Some(rv)) =
-            (self.config.stats, self.running_mean.as_ref(), self.running_var.as_ref())
-        {
-            let (rmax, dmax) = self.renorm_limits(rmax, dmax, warmup);
-            for ch in 0..c {
-                let sigma = (rv.data[ch] as f64 + self.config.eps).sqrt();
-                let sigma_b = 1.0 / invstd[ch] as f64;
-                r[ch] = (sigma_b / sigma).clamp(1.0 / rmax, rmax) as f32;
-                d[ch] = ((mean[ch] - rm.data[ch] as f64) / sigma).clamp(-dmax, dmax) as f32;
-            }
-        }
-        // y = γ·(x̂·r + d) + β = (x - mean)·(γ·r·invstd) + (β + γ·d)
-        let shift: Vec<f32> = (0..c)
-            .map(|ch| self.beta_or_zero(ch) + self.gamma_or_one(ch) * d[ch])
-            .collect();
-        for j in 0..sets {
-            let scale: Vec<f32> = (0..c)
-                .map(|ch| invstd[j * c + ch] * self.gamma_or_one(ch) * r[ch])
-                .collect();
-            let (xs, ys) = (
-                &x.data[j * block..(j + 1) * block],
-                &mut y.data[j * block..(j + 1) * block],
-            );
-            k::normalize_affine(xs, c, s, &mean[j * c..(j + 1) * c], &scale, &shift, ys);
-        }
-        if mode == Mode::Train && self.config.track_running_stats {
-            let f = self.next_factor();
-            // Unbiased variance over each set's v·s values; ghost sets are averaged (Keras).
-            let unbias = match self.config.stats {
-                BatchStats::Lp(_) => 1.0,
-                _ => (v * s) as f64 / (v * s - 1) as f64,
-            };
-            let rm = self.running_mean.as_mut().expect("tracked");
-            let rv = self.running_var.as_mut().expect("tracked");
-            for ch in 0..c {
-                let bm = (0..sets).map(|j| mean[j * c + ch]).sum::<f64>() / sets as f64;
-                let bv = (0..sets).map(|j| var[j * c + ch] as f64).sum::<f64>() / sets as f64 * unbias;
-                rm.data[ch] = ((1.0 - f) * rm.data[ch] as f64 + f * bm) as f32;
-                rv.data[ch] = ((1.0 - f) * rv.data[ch] as f64 + f * bv) as f32;
-            }
-        }
+        self.scratch = sc;
         if mode == Mode::Train {
-            self.cache = Cache {
-                input: x,
-                mean,
-                invstd,
-                r,
-                d,
-                lp,
-            };
+            self.update_running_stats(c, sets, v * s);
         }
-        Ok(y)
+        Ok(())
     }
 
     // dx = γ·r·invstd/m · (m·dy - Σdy - x̂·Σdy·x̂) per statistics set,
     // dγ = Σdy·(x̂·r + d),  dβ = Σdy  (r = 1, d = 0 but for Batch Renorm; Lp BN has its own)
-    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
-        let x = &self.cache.input;
-        if x.is_empty() || dy.shape != x.shape {
+    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        let (n, c, s) = self.view(x)?;
+        if dy.shape != x.shape || y.shape != x.shape {
             return Err(Error::shape(
                 self.name(),
-                format!("gradient {:?} does not match the last forward", dy.shape),
+                format!("gradient {:?} does not match the input {:?}", dy.shape, x.shape),
             ));
         }
-        let (n, c, s) = self.view(x)?;
-        if let BatchStats::Lp(kind) = self.config.stats {
-            let gamma = self.weight.as_ref().map(|p| p.value.data.clone());
-            let (dg, db) = match (self.weight.as_mut(), self.bias.as_mut()) {
-                (Some(w), Some(b)) => (Some(w.grad.data.as_mut_slice()), Some(b.grad.data.as_mut_slice())),
-                _ => (None, None),
-            };
-            let (eps, lp) = (self.config.eps, &self.cache.lp);
-            lp_norm::lp_backward(&x.data, &mut dy.data, n, c, s, kind, lp, eps, gamma.as_deref(), dg, db);
-            return Ok(dy);
-        }
         let v = self.set_size(n)?;
-        let block = v * c * s;
-        let (r, d) = (&self.cache.r, &self.cache.d);
-        let gamma_r: Vec<f32> = (0..c).map(|ch| self.gamma_or_one(ch) * r[ch]).collect();
-        let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
-        let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0f64; c], vec![0.0f64; c]);
-        for j in 0..n / v {
-            let (mean, invstd) = (
-                &self.cache.mean[j * c..(j + 1) * c],
-                &self.cache.invstd[j * c..(j + 1) * c],
+        if self.scratch.stats.len() != (n / v) * c {
+            return Err(Error::invalid(format!(
+                "{} backward needs a training forward first",
+                self.name()
+            )));
+        }
+        dx.resize_to(&x.shape);
+        let mut sc = std::mem::take(&mut self.scratch);
+        let (eps, relu) = (self.config.eps, self.relu);
+        if let BatchStats::Lp(kind) = self.config.stats {
+            let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
+            sc.lp_sums.resize(c, (0.0, 0.0));
+            lp_norm::lp_backward(
+                &x.data,
+                &y.data,
+                &dy.data,
+                &mut dx.data,
+                n,
+                c,
+                s,
+                kind,
+                relu,
+                &sc.lp,
+                eps,
+                gamma,
+                &mut sc.lp_sums,
             );
-            let xs = &x.data[j * block..(j + 1) * block];
-            let ds = &mut dy.data[j * block..(j + 1) * block];
-            k::batch_norm_grad_sums(xs, ds, v, c, s, mean, invstd, &mut sum_dy, &mut sum_dy_xhat);
-            k::batch_norm_backward_input(xs, ds, v, c, s, mean, invstd, Some(&gamma_r), &sum_dy, &sum_dy_xhat);
+            if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+                for ch in 0..c {
+                    w.grad.data[ch] += sc.lp_sums[ch].1 as f32;
+                    b.grad.data[ch] += sc.lp_sums[ch].0 as f32;
+                }
+            }
+            self.scratch = sc;
+            return Ok(());
+        }
+        let block = v * c * s;
+        sc.grads.resize(c, ChannelGrad::default());
+        sc.sums.resize(c, ChannelSums::default());
+        for j in 0..n / v {
             for ch in 0..c {
-                dgamma[ch] += sum_dy_xhat[ch] * r[ch] as f64 + sum_dy[ch] * d[ch] as f64;
-                dbeta[ch] += sum_dy[ch];
+                let st = sc.stats[j * c + ch];
+                let gain = self.gamma_or_one(ch) * sc.r[ch];
+                sc.grads[ch] = ChannelGrad {
+                    mean: st.mean,
+                    invstd: k::inverse_std(st.var, eps),
+                    gain,
+                };
+            }
+            let r = j * block..(j + 1) * block;
+            k::batch_norm_backward_train(
+                &x.data[r.clone()],
+                &y.data[r.clone()],
+                &dy.data[r.clone()],
+                &mut dx.data[r],
+                v,
+                c,
+                s,
+                relu,
+                &sc.grads,
+                &mut sc.sums,
+            );
+            if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+                for ch in 0..c {
+                    let sum = sc.sums[ch];
+                    w.grad.data[ch] += (sum.sum_dy_xhat * sc.r[ch] as f64 + sum.sum_dy * sc.d[ch] as f64) as f32;
+                    b.grad.data[ch] += sum.sum_dy as f32;
+                }
             }
         }
-        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-            for ch in 0..c {
-                w.grad.data[ch] += dgamma[ch] as f32;
-                b.grad.data[ch] += dbeta[ch] as f32;
-            }
-        }
-        Ok(dy)
+        self.scratch = sc;
+        Ok(())
     }
 
-    fn params(&mut self) -> Vec<(&'static str, &mut Param)> {
-        let mut v = Vec::new();
+    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
         if let Some(w) = self.weight.as_mut() {
-            v.push(("weight", w));
+            f("weight", w);
         }
         if let Some(b) = self.bias.as_mut() {
-            v.push(("bias", b));
+            f("bias", b);
         }
-        v
     }
 
     fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {

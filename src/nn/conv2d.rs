@@ -1,4 +1,5 @@
-//! Conv2d: im2col + gemm per sample, samples in parallel.
+//! Conv2d: im2col + gemm per sample, over a fixed number of sample groups in parallel. Each
+//! group owns its im2col scratch and its weight-gradient partial sum, kept between steps.
 
 use rayon::prelude::*;
 
@@ -8,9 +9,9 @@ use crate::kernels::matmul::{matmul, Op};
 use crate::nn::layer::{Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
-/// Weight-gradient partial sums are taken over this many fixed groups of samples, then added
-/// in order, so dW is bit-identical for any thread count.
-const GRAD_GROUPS: usize = 8;
+/// Samples are split into this many fixed groups; partial weight gradients are added in group
+/// order, so dW is bit-identical for any thread count.
+const GROUPS: usize = 8;
 
 pub struct Conv2d {
     pub in_channels: usize,
@@ -21,7 +22,14 @@ pub struct Conv2d {
     pub weight: Param,
     pub bias: Option<Param>,
     input_grad: bool,
-    input: Tensor,
+    groups: Vec<GroupScratch>,
+}
+
+/// What one sample group works in: its im2col buffer and its [dW | db] partial sum.
+#[derive(Default)]
+struct GroupScratch {
+    col: Vec<f32>,
+    partial: Vec<f32>,
 }
 
 impl Conv2d {
@@ -63,7 +71,7 @@ impl Conv2d {
             weight,
             bias,
             input_grad: true,
-            input: Tensor::default(),
+            groups: Vec::new(),
         }
     }
 
@@ -99,6 +107,29 @@ impl Conv2d {
             padding: self.padding,
         })
     }
+
+    /// Samples per group, and the scratch sized for `groups` groups.
+    fn prepare(&mut self, n: usize, g: &ConvGeometry) -> usize {
+        let per_group = n.div_ceil(GROUPS).max(1);
+        let groups = n.div_ceil(per_group);
+        let col_len = g.col_rows() * g.col_cols();
+        let partial_len = self.out_channels * (g.col_rows() + 1);
+        self.groups.resize_with(groups, GroupScratch::default);
+        for s in self.groups.iter_mut() {
+            s.col.resize(col_len, 0.0);
+            s.partial.resize(partial_len, 0.0);
+        }
+        per_group
+    }
+}
+
+/// gemm's own threads for a lone sample (latency at batch 1); otherwise samples run in parallel.
+fn gemm_threads(n: usize) -> usize {
+    if n == 1 {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
 }
 
 impl Layer for Conv2d {
@@ -107,41 +138,37 @@ impl Layer for Conv2d {
     }
 
     // y_n = W[OC, C*k*k] · im2col(x_n) + b
-    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
-        let g = self.geometry(&x)?;
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+        let g = self.geometry(x)?;
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
         let oc = self.out_channels;
-        let mut y = Tensor::zeros(&[n, oc, g.out_h(), g.out_w()]);
-        let w = &self.weight.value.data;
-        let bias = self.bias.as_ref().map(|b| &b.value.data);
+        let per_group = self.prepare(n, &g);
+        y.resize_to(&[n, oc, g.out_h(), g.out_w()]);
+        let (w, bias) = (&self.weight.value.data, self.bias.as_ref().map(|b| &b.value.data));
+        let xs = x.sample_len();
+        let threads = gemm_threads(n);
         y.data
-            .par_chunks_mut(oc * cols)
-            .zip(x.data.par_chunks(x.sample_len()))
-            .for_each_init(
-                || vec![0.0f32; rows * cols],
-                |col, (ys, xs)| {
-                    im2col(xs, &g, col);
-                    matmul(ys, oc, cols, rows, w, Op::N, col, Op::N, false, 1);
+            .par_chunks_mut(per_group * oc * cols)
+            .zip(x.data.par_chunks(per_group * xs))
+            .zip(self.groups.par_iter_mut())
+            .for_each(|((yg, xg), scratch)| {
+                let col = &mut scratch.col;
+                for (ys, xi) in yg.chunks_mut(oc * cols).zip(xg.chunks(xs)) {
+                    im2col(xi, &g, col);
+                    matmul(ys, oc, cols, rows, w, Op::N, col, Op::N, false, threads);
                     if let Some(b) = bias {
                         for (plane, &bv) in ys.chunks_mut(cols).zip(b.iter()) {
                             plane.iter_mut().for_each(|v| *v += bv);
                         }
                     }
-                },
-            );
-        if mode == Mode::Train {
-            self.input = x;
-        }
-        Ok(y)
+                }
+            });
+        Ok(())
     }
 
     // dW = Σ_n dy_n · im2col(x_n)ᵀ,  db = Σ dy,  dx_n = col2im(Wᵀ · dy_n)
-    fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
-        let x = &self.input;
-        if x.is_empty() {
-            return Err(Error::invalid("Conv2d backward called without a training forward"));
-        }
+    fn backward(&mut self, x: &Tensor, _y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         let g = self.geometry(x)?;
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
@@ -152,60 +179,54 @@ impl Layer for Conv2d {
                 format!("gradient {:?} does not match output", dy.shape),
             ));
         }
-        let per_group = n.div_ceil(GRAD_GROUPS).max(1);
+        let per_group = self.prepare(n, &g);
         let xs = x.sample_len();
-        let partials: Vec<Vec<f32>> = (0..n.div_ceil(per_group))
-            .into_par_iter()
-            .map(|grp| {
-                let mut dw = vec![0.0f32; oc * rows];
-                let mut col = vec![0.0f32; rows * cols];
-                for i in grp * per_group..((grp + 1) * per_group).min(n) {
-                    im2col(&x.data[i * xs..(i + 1) * xs], &g, &mut col);
-                    let dyi = &dy.data[i * oc * cols..(i + 1) * oc * cols];
-                    matmul(&mut dw, oc, rows, cols, dyi, Op::N, &col, Op::T, true, 1);
+        let input_grad = self.input_grad;
+        dx.resize_to(&x.shape);
+        let w = &self.weight.value.data;
+        let threads = gemm_threads(n);
+        self.groups
+            .par_iter_mut()
+            .zip(dy.data.par_chunks(per_group * oc * cols))
+            .zip(x.data.par_chunks(per_group * xs))
+            .zip(dx.data.par_chunks_mut(per_group * xs))
+            .for_each(|(((scratch, dyg), xg), dxg)| {
+                let GroupScratch { col, partial } = scratch;
+                partial.fill(0.0);
+                let (dw, db) = partial.split_at_mut(oc * rows);
+                for ((dyi, xi), dxi) in dyg.chunks(oc * cols).zip(xg.chunks(xs)).zip(dxg.chunks_mut(xs)) {
+                    im2col(xi, &g, col);
+                    matmul(dw, oc, rows, cols, dyi, Op::N, col, Op::T, true, threads);
+                    for (o, plane) in db.iter_mut().zip(dyi.chunks(cols)) {
+                        *o += plane.iter().sum::<f32>();
+                    }
+                    if input_grad {
+                        // The column buffer is free again: reuse it for Wᵀ·dy.
+                        matmul(col, rows, cols, oc, w, Op::T, dyi, Op::N, false, threads);
+                        col2im(col, &g, dxi);
+                    }
                 }
-                dw
-            })
-            .collect();
-        let dw = &mut self.weight.grad.data;
-        for p in &partials {
-            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-        }
-        if let Some(b) = self.bias.as_mut() {
-            for i in 0..n {
-                for (o, plane) in b
-                    .grad
+            });
+        let wg = &mut self.weight.grad.data;
+        for s in &self.groups {
+            wg.iter_mut().zip(&s.partial[..oc * rows]).for_each(|(a, b)| *a += b);
+            if let Some(b) = self.bias.as_mut() {
+                b.grad
                     .data
                     .iter_mut()
-                    .zip(dy.data[i * oc * cols..].chunks(cols).take(oc))
-                {
-                    *o += plane.iter().sum::<f32>();
-                }
+                    .zip(&s.partial[oc * rows..])
+                    .for_each(|(a, v)| *a += v);
             }
         }
-        let mut dx = Tensor::zeros(&x.shape);
-        if self.input_grad {
-            let w = &self.weight.value.data;
-            dx.data
-                .par_chunks_mut(xs)
-                .zip(dy.data.par_chunks(oc * cols))
-                .for_each_init(
-                    || vec![0.0f32; rows * cols],
-                    |dcol, (dxs, dys)| {
-                        matmul(dcol, rows, cols, oc, w, Op::T, dys, Op::N, false, 1);
-                        col2im(dcol, &g, dxs);
-                    },
-                );
-        }
-        Ok(dx)
+        // Without input_grad (the network's first layer) dx is sized but left unspecified.
+        Ok(())
     }
 
-    fn params(&mut self) -> Vec<(&'static str, &mut Param)> {
-        let mut v = vec![("weight", &mut self.weight)];
+    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
+        f("weight", &mut self.weight);
         if let Some(b) = self.bias.as_mut() {
-            v.push(("bias", b));
+            f("bias", b);
         }
-        v
     }
 
     fn set_input_grad(&mut self, needed: bool) {

@@ -11,7 +11,8 @@ use crate::tensor::Tensor;
 pub struct Dropout {
     pub p: f32,
     seed: u64,
-    mask: Tensor,
+    /// 0 or 1/(1-p) per value of the last training forward.
+    mask: Vec<f32>,
 }
 
 impl Dropout {
@@ -24,7 +25,7 @@ impl Dropout {
         Ok(Dropout {
             p,
             seed: 0,
-            mask: Tensor::default(),
+            mask: Vec::new(),
         })
     }
 }
@@ -35,31 +36,41 @@ impl Layer for Dropout {
     }
 
     // y = x · mask / (1 - p), mask ~ Bernoulli(1 - p)
-    fn forward(&mut self, mut x: Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+        y.resize_to(&x.shape);
+        self.mask.resize(x.len(), 1.0);
         if mode == Mode::Eval || self.p == 0.0 {
-            self.mask = Tensor::full(&x.shape, 1.0);
-            return Ok(x);
+            self.mask.fill(1.0);
+        } else {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            let scale = 1.0 / (1.0 - self.p);
+            for m in self.mask.iter_mut() {
+                *m = if rng.gen::<f32>() < self.p { 0.0 } else { scale };
+            }
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        let scale = 1.0 / (1.0 - self.p);
-        self.mask.resize_to(&x.shape);
-        for m in self.mask.data.iter_mut() {
-            *m = if rng.gen::<f32>() < self.p { 0.0 } else { scale };
-        }
-        x.data.iter_mut().zip(&self.mask.data).for_each(|(v, m)| *v *= m);
-        Ok(x)
+        y.data
+            .iter_mut()
+            .zip(&x.data)
+            .zip(&self.mask)
+            .for_each(|((o, v), m)| *o = v * m);
+        Ok(())
     }
 
     // dx = dy · mask / (1 - p)
-    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
-        if dy.shape != self.mask.shape {
+    fn backward(&mut self, _x: &Tensor, _y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        if dy.len() != self.mask.len() {
             return Err(Error::shape(
                 "Dropout",
                 format!("gradient {:?} does not match output", dy.shape),
             ));
         }
-        dy.data.iter_mut().zip(&self.mask.data).for_each(|(v, m)| *v *= m);
-        Ok(dy)
+        dx.resize_to(&dy.shape);
+        dx.data
+            .iter_mut()
+            .zip(&dy.data)
+            .zip(&self.mask)
+            .for_each(|((o, g), m)| *o = g * m);
+        Ok(())
     }
 
     fn set_step_seed(&mut self, seed: u64) {

@@ -3,7 +3,8 @@
 //! PyTorch's nn.LayerNorm with an elementwise affine over the trailing dimensions.
 
 use crate::error::{Error, Result};
-use crate::kernels::{batch_norm as bnk, group_norm as k};
+use crate::kernels::batch_norm::{self as bnk, ChannelStats};
+use crate::kernels::group_norm as k;
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
@@ -30,11 +31,17 @@ pub struct WithinSampleConfig {
     pub momentum: f64,
 }
 
+/// Per-step working state, sized once and reused.
 #[derive(Default)]
-struct Cache {
-    input: Tensor,
+struct Scratch {
+    /// Per (n, group) statistics of the last training forward.
+    stats: Vec<ChannelStats>,
+    /// Per (n, channel) Σdy and Σdy·x̂.
+    channel_sums: Vec<(f64, f64)>,
+    /// Running-statistics apply: mean, scale, shift per channel.
     mean: Vec<f64>,
-    invstd: Vec<f32>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
 }
 
 pub struct GroupNorm {
@@ -48,7 +55,9 @@ pub struct GroupNorm {
     pub running_mean: Option<Tensor>,
     pub running_var: Option<Tensor>,
     pub num_batches_tracked: i64,
-    cache: Cache,
+    /// A ReLU fused after the affine (forward and backward), when the model has one there.
+    pub relu: bool,
+    scratch: Scratch,
 }
 
 impl GroupNorm {
@@ -98,11 +107,25 @@ impl GroupNorm {
             running_mean: tracks.then(|| Tensor::zeros(&[channels])),
             running_var: tracks.then(|| Tensor::full(&[channels], 1.0)),
             num_batches_tracked: 0,
-            cache: Cache::default(),
+            relu: false,
+            scratch: Scratch::default(),
         })
     }
 
+    /// The same layer with a ReLU fused after it.
+    pub fn with_relu(mut self) -> Self {
+        self.relu = true;
+        self
+    }
+
     fn name(&self) -> &'static str {
+        if self.relu {
+            return match self.config.kind {
+                WithinSample::Group(_) => "GroupNorm+ReLU",
+                WithinSample::Layer | WithinSample::LayerElementwise => "LayerNorm+ReLU",
+                WithinSample::Instance => "InstanceNorm+ReLU",
+            };
+        }
         match self.config.kind {
             WithinSample::Group(_) => "GroupNorm",
             WithinSample::Layer | WithinSample::LayerElementwise => "LayerNorm",
@@ -130,15 +153,19 @@ impl GroupNorm {
 
     /// InstanceNorm: running = (1-m)·running + m·mean over samples of the per-instance
     /// statistics (variance unbiased over the S values), as PyTorch does.
-    fn update_running_stats(&mut self, mean: &[f64], var: &[f32], n: usize, s: usize) {
+    fn update_running_stats(&mut self, n: usize, s: usize) {
+        let st = &self.scratch.stats;
         let (Some(rm), Some(rv)) = (self.running_mean.as_mut(), self.running_var.as_mut()) else {
             return;
         };
         let m = self.config.momentum;
         let unbias = s as f64 / (s as f64 - 1.0);
         for ch in 0..self.channels {
-            let bm: f64 = (0..n).map(|i| mean[i * self.channels + ch]).sum::<f64>() / n as f64;
-            let bv: f64 = (0..n).map(|i| var[i * self.channels + ch] as f64 * unbias).sum::<f64>() / n as f64;
+            let bm: f64 = (0..n).map(|i| st[i * self.channels + ch].mean).sum::<f64>() / n as f64;
+            let bv: f64 = (0..n)
+                .map(|i| st[i * self.channels + ch].var as f64 * unbias)
+                .sum::<f64>()
+                / n as f64;
             rm.data[ch] = ((1.0 - m) * rm.data[ch] as f64 + m * bm) as f32;
             rv.data[ch] = ((1.0 - m) * rv.data[ch] as f64 + m * bv) as f32;
         }
@@ -155,18 +182,26 @@ impl Layer for GroupNorm {
     }
 
     // y = (x - mean_set) / sqrt(var_set + eps) * gamma + beta, one set per (n, group)
-    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
-        let (n, c, s, groups) = self.view(&x)?;
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+        let (n, c, s, groups) = self.view(x)?;
+        y.resize_to(&x.shape);
         let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
-        let mut y = Tensor::zeros(&x.shape);
+        let (eps, relu) = (self.config.eps, self.relu);
         if let (Mode::Eval, Some(rm), Some(rv)) = (mode, self.running_mean.as_ref(), self.running_var.as_ref()) {
             // InstanceNorm with running statistics normalizes like BatchNorm in eval mode.
-            let mut invstd = vec![0.0; c];
-            bnk::inverse_std(&rv.data, self.config.eps, &mut invstd);
-            let rm: Vec<f64> = rm.data.iter().map(|&v| v as f64).collect();
-            bnk::batch_norm_apply(&x.data, n, c, s, &rm, &invstd, gamma, beta, &mut y.data);
-            return Ok(y);
+            let sc = &mut self.scratch;
+            sc.mean.clear();
+            sc.scale.clear();
+            sc.shift.clear();
+            for ch in 0..c {
+                sc.mean.push(rm.data[ch] as f64);
+                sc.scale
+                    .push(bnk::inverse_std(rv.data[ch], eps) * gamma.map_or(1.0, |g| g[ch]));
+                sc.shift.push(beta.map_or(0.0, |b| b[ch]));
+            }
+            bnk::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &sc.mean, &sc.scale, &sc.shift, relu);
+            return Ok(());
         }
         if self.config.kind == WithinSample::Instance && s <= 1 {
             return Err(Error::shape(
@@ -177,59 +212,70 @@ impl Layer for GroupNorm {
                 ),
             ));
         }
-        let sets = n * groups;
-        let (mut mean, mut var) = (vec![0.0f64; sets], vec![0.0f32; sets]);
-        k::group_norm_stats(&x.data, n, c, s, groups, &mut mean, &mut var);
-        let mut invstd = vec![0.0f32; sets];
-        bnk::inverse_std(&var, self.config.eps, &mut invstd);
-        k::group_norm_apply(&x.data, c, s, groups, &mean, &invstd, gamma, beta, &mut y.data);
+        self.scratch.stats.resize(n * groups, ChannelStats::default());
+        let stats = &mut self.scratch.stats;
+        k::group_norm_forward_train(&x.data, &mut y.data, c, s, groups, eps, gamma, beta, relu, stats);
         if mode == Mode::Train {
-            self.update_running_stats(&mean, &var, n, s);
-            self.cache = Cache { input: x, mean, invstd };
+            self.update_running_stats(n, s);
         }
-        Ok(y)
+        Ok(())
     }
 
-    fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
-        let x = &self.cache.input;
-        if x.is_empty() || dy.shape != x.shape {
+    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        let (n, c, s, groups) = self.view(x)?;
+        if dy.shape != x.shape || y.shape != x.shape {
             return Err(Error::shape(
                 self.name(),
-                format!("gradient {:?} does not match the last forward", dy.shape),
+                format!("gradient {:?} does not match the input {:?}", dy.shape, x.shape),
             ));
         }
-        let (n, c, s, groups) = self.view(x)?;
-        let gamma = self.weight.as_ref().map(|p| p.value.data.clone());
-        let (dg, db) = match (self.weight.as_mut(), self.bias.as_mut()) {
-            (Some(w), Some(b)) => (Some(w.grad.data.as_mut_slice()), Some(b.grad.data.as_mut_slice())),
-            _ => (None, None),
-        };
-        let (mean, invstd) = (&self.cache.mean, &self.cache.invstd);
+        if self.scratch.stats.len() != n * groups {
+            return Err(Error::invalid(format!(
+                "{} backward needs a training forward first",
+                self.name()
+            )));
+        }
+        dx.resize_to(&x.shape);
+        let sc = &mut self.scratch;
+        sc.channel_sums.resize(n * c, (0.0, 0.0));
+        let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
+        let (eps, relu) = (self.config.eps, self.relu);
         k::group_norm_backward(
             &x.data,
-            &mut dy.data,
-            n,
+            &y.data,
+            &dy.data,
+            &mut dx.data,
             c,
             s,
             groups,
-            mean,
-            invstd,
-            gamma.as_deref(),
-            dg,
-            db,
+            eps,
+            gamma,
+            relu,
+            &sc.stats,
+            &mut sc.channel_sums,
         );
-        Ok(dy)
+        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+            for ch in 0..c {
+                let (mut sg, mut sb) = (0.0f64, 0.0f64);
+                for i in 0..n {
+                    let (sd, sdx) = sc.channel_sums[i * c + ch];
+                    sg += sdx;
+                    sb += sd;
+                }
+                w.grad.data[ch] += sg as f32;
+                b.grad.data[ch] += sb as f32;
+            }
+        }
+        Ok(())
     }
 
-    fn params(&mut self) -> Vec<(&'static str, &mut Param)> {
-        let mut v = Vec::new();
+    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
         if let Some(w) = self.weight.as_mut() {
-            v.push(("weight", w));
+            f("weight", w);
         }
         if let Some(b) = self.bias.as_mut() {
-            v.push(("bias", b));
+            f("bias", b);
         }
-        v
     }
 
     fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {

@@ -1,5 +1,10 @@
 //! The Layer abstraction: explicit forward (train or eval) and backward, parameters with
 //! gradients, and buffers, all under PyTorch state-dict names.
+//!
+//! Activations live outside the layers (the Sequential keeps one tensor per layer boundary),
+//! as in llm.c: forward writes `y` from `x`, backward reads the same `x` and `y` and writes
+//! `dx`. Output tensors are reused from step to step, so a training step allocates nothing
+//! once the first batch has sized every buffer.
 
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -43,16 +48,22 @@ pub trait Layer: Send {
     /// The PyTorch class this layer corresponds to, for messages ("Conv2d", "BatchNorm2d").
     fn kind(&self) -> &'static str;
 
-    /// Computes the output; in `Mode::Train` it also caches what `backward` needs. Tensors move
-    /// through the network by value so a layer can keep its input or work in place, uncopied.
-    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor>;
+    /// Writes the output for `x` into `y`, resizing it in place (its allocation is reused). In
+    /// `Mode::Train` it keeps the small state backward needs (statistics, argmax, masks).
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()>;
 
-    /// Given dL/dy of the last training forward, adds parameter gradients and returns dL/dx.
-    fn backward(&mut self, dy: Tensor) -> Result<Tensor>;
+    /// Given the last training forward's `x` and `y` and dL/dy, adds parameter gradients and
+    /// writes dL/dx into `dx` (resized in place).
+    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()>;
 
-    /// Learnable parameters with their state-dict keys ("weight", "bias").
+    /// Calls `f` with each learnable parameter and its state-dict key ("weight", "bias").
+    fn visit_params<'a>(&'a mut self, _f: &mut dyn FnMut(&'static str, &'a mut Param)) {}
+
+    /// The learnable parameters with their keys (allocates; not for the training step).
     fn params(&mut self) -> Vec<(&'static str, &mut Param)> {
-        Vec::new()
+        let mut v = Vec::new();
+        self.visit_params(&mut |k, p| v.push((k, p)));
+        v
     }
 
     /// Buffers with their state-dict keys ("running_mean", "num_batches_tracked").
@@ -65,4 +76,18 @@ pub trait Layer: Send {
 
     /// Seeds the layer's randomness for the coming step (dropout), so runs replay exactly.
     fn set_step_seed(&mut self, _seed: u64) {}
+}
+
+/// Runs one layer on its own, allocating its output: for tests and the conformance command.
+pub fn forward_once(layer: &mut dyn Layer, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    let mut y = Tensor::default();
+    layer.forward(x, &mut y, mode)?;
+    Ok(y)
+}
+
+/// Backward of one layer on its own after `forward_once`, allocating dx.
+pub fn backward_once(layer: &mut dyn Layer, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let mut dx = Tensor::default();
+    layer.backward(x, y, dy, &mut dx)?;
+    Ok(dx)
 }

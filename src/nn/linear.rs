@@ -1,4 +1,5 @@
-//! Linear: y = x Wᵀ + b with PyTorch's [out, in] weight layout.
+//! Linear: y = x Wᵀ + b with PyTorch's [out, in] weight layout. An input [N, ...] is read as
+//! [N, in] (what nn.Flatten before it would give), so models need no flatten copy.
 
 use crate::error::{Error, Result};
 use crate::kernels::matmul::{matmul, Op};
@@ -11,7 +12,6 @@ pub struct Linear {
     pub weight: Param,
     pub bias: Option<Param>,
     input_grad: bool,
-    input: Tensor,
 }
 
 impl Linear {
@@ -40,15 +40,17 @@ impl Linear {
             weight,
             bias,
             input_grad: true,
-            input: Tensor::default(),
         }
     }
 
     fn check(&self, x: &Tensor) -> Result<()> {
-        if x.shape.len() != 2 || x.shape[1] != self.in_features {
+        if x.shape.len() < 2 || x.sample_len() != self.in_features {
             return Err(Error::shape(
                 "Linear",
-                format!("expected input [N, {}], got {:?}", self.in_features, x.shape),
+                format!(
+                    "expected input [N, {}] (or [N, ...] of that size), got {:?}",
+                    self.in_features, x.shape
+                ),
             ));
         }
         Ok(())
@@ -70,10 +72,10 @@ impl Layer for Linear {
     }
 
     // y[N, out] = x[N, in] · Wᵀ + b
-    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
-        self.check(&x)?;
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+        self.check(x)?;
         let (n, i, o) = (x.batch(), self.in_features, self.out_features);
-        let mut y = Tensor::zeros(&[n, o]);
+        y.resize_to(&[n, o]);
         matmul(
             &mut y.data,
             n,
@@ -91,20 +93,17 @@ impl Layer for Linear {
                 row.iter_mut().zip(&b.value.data).for_each(|(v, bv)| *v += bv);
             }
         }
-        if mode == Mode::Train {
-            self.input = x;
-        }
-        Ok(y)
+        Ok(())
     }
 
     // dW = dyᵀ · x,  db = Σ_n dy,  dx = dy · W
-    fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
-        let x = &self.input;
+    fn backward(&mut self, x: &Tensor, _y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        self.check(x)?;
         let (n, i, o) = (x.batch(), self.in_features, self.out_features);
-        if x.is_empty() || dy.shape != [n, o] {
+        if dy.shape != [n, o] {
             return Err(Error::shape(
                 "Linear",
-                format!("gradient {:?} does not match the last forward", dy.shape),
+                format!("gradient {:?} does not match the output [{n}, {o}]", dy.shape),
             ));
         }
         let t = gemm_threads(n * o * i);
@@ -125,7 +124,7 @@ impl Layer for Linear {
                 b.grad.data.iter_mut().zip(row).for_each(|(g, d)| *g += d);
             }
         }
-        let mut dx = Tensor::zeros(&[n, i]);
+        dx.resize_to(&x.shape);
         if self.input_grad {
             matmul(
                 &mut dx.data,
@@ -140,15 +139,14 @@ impl Layer for Linear {
                 t,
             );
         }
-        Ok(dx)
+        Ok(())
     }
 
-    fn params(&mut self) -> Vec<(&'static str, &mut Param)> {
-        let mut v = vec![("weight", &mut self.weight)];
+    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
+        f("weight", &mut self.weight);
         if let Some(b) = self.bias.as_mut() {
-            v.push(("bias", b));
+            f("bias", b);
         }
-        v
     }
 
     fn set_input_grad(&mut self, needed: bool) {

@@ -93,13 +93,15 @@ impl NormSpec {
     }
 
     /// The layer for a per-sample shape of [C] (after a linear layer) or [C, H, W] (after a
-    /// conv); `layer` names it in errors ("bn1").
-    pub fn build(&self, sample_shape: &[usize], layer: &str) -> Result<Option<Box<dyn Layer>>> {
+    /// conv); `layer` names it in errors ("bn1"). With `relu` a following ReLU is fused in.
+    pub fn build(&self, sample_shape: &[usize], layer: &str, relu: bool) -> Result<Option<Box<dyn Layer>>> {
         let c = sample_shape[0];
         let dims = if sample_shape.len() == 3 { 2 } else { 1 };
+        let fuse_bn = |l: BatchNorm| if relu { l.with_relu() } else { l };
+        let fuse_gn = |l: GroupNorm| if relu { l.with_relu() } else { l };
         Ok(match *self {
             NormSpec::None => None,
-            NormSpec::Batch(cfg) => Some(Box::new(BatchNorm::new(dims, c, cfg))),
+            NormSpec::Batch(cfg) => Some(Box::new(fuse_bn(BatchNorm::new(dims, c, cfg)))),
             NormSpec::Group { groups, eps, affine } => {
                 let g = groups.unwrap_or(c.min(32));
                 let cfg = WithinSampleConfig {
@@ -109,9 +111,9 @@ impl NormSpec {
                     track_running_stats: false,
                     momentum: 0.1,
                 };
-                Some(Box::new(GroupNorm::new(cfg, sample_shape, layer)?))
+                Some(Box::new(fuse_gn(GroupNorm::new(cfg, sample_shape, layer)?)))
             }
-            NormSpec::Within(cfg) => Some(Box::new(GroupNorm::new(cfg, sample_shape, layer)?)),
+            NormSpec::Within(cfg) => Some(Box::new(fuse_gn(GroupNorm::new(cfg, sample_shape, layer)?))),
         })
     }
 }
@@ -386,11 +388,11 @@ mod tests {
     #[test]
     fn group_count_must_divide_channels() {
         let spec: NormSpec = "gn:5".parse().unwrap();
-        let err = spec.build(&[32, 4, 4], "bn1").err().unwrap().to_string();
+        let err = spec.build(&[32, 4, 4], "bn1", false).err().unwrap().to_string();
         assert!(err.contains("bn1") && err.contains("C % G"), "{err}");
         let auto: NormSpec = "gn".parse().unwrap();
         assert!(
-            auto.build(&[16, 4, 4], "bn1").is_ok(),
+            auto.build(&[16, 4, 4], "bn1", true).is_ok(),
             "gn alone uses min(32, C) groups"
         );
     }

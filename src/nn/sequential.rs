@@ -1,34 +1,64 @@
-//! Sequential: named layers run in order; names give the state-dict prefixes.
+//! Sequential: named layers run in order; names give the state-dict prefixes. It owns the
+//! activations between layers (and their gradients), reused from step to step.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::layer::{BufferMut, Layer, Mode, Param};
 use crate::tensor::Tensor;
 
 #[derive(Default)]
 pub struct Sequential {
     pub layers: Vec<(String, Box<dyn Layer>)>,
+    /// acts[0] is the input, acts[i + 1] the output of layer i.
+    acts: Vec<Tensor>,
+    /// grads[i] is dL/d acts[i].
+    grads: Vec<Tensor>,
 }
 
 impl Sequential {
     /// Adds a layer; `name` is its state-dict prefix ("conv1"), empty for parameterless ones.
     pub fn push(&mut self, name: &str, layer: impl Layer + 'static) {
-        self.layers.push((name.to_string(), Box::new(layer)));
+        self.push_boxed(name, Box::new(layer));
     }
 
-    pub fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
-        let mut h = x;
-        for (_, layer) in self.layers.iter_mut() {
-            h = layer.forward(h, mode)?;
-        }
-        Ok(h)
+    pub fn push_boxed(&mut self, name: &str, layer: Box<dyn Layer>) {
+        self.layers.push((name.to_string(), layer));
     }
 
-    pub fn backward(&mut self, dy: Tensor) -> Result<Tensor> {
-        let mut g = dy;
-        for (_, layer) in self.layers.iter_mut().rev() {
-            g = layer.backward(g)?;
+    fn size_buffers(&mut self) {
+        let n = self.layers.len() + 1;
+        self.acts.resize_with(n, Tensor::default);
+        self.grads.resize_with(n, Tensor::default);
+    }
+
+    /// The input tensor, to be filled in place (by the data loader) before `forward`.
+    pub fn input_mut(&mut self) -> &mut Tensor {
+        self.size_buffers();
+        &mut self.acts[0]
+    }
+
+    /// Runs every layer on the input set through `input_mut`; returns the output.
+    pub fn forward(&mut self, mode: Mode) -> Result<&Tensor> {
+        self.size_buffers();
+        for (i, (_, layer)) in self.layers.iter_mut().enumerate() {
+            let (done, rest) = self.acts.split_at_mut(i + 1);
+            layer.forward(&done[i], &mut rest[0], mode)?;
         }
-        Ok(g)
+        Ok(&self.acts[self.layers.len()])
+    }
+
+    /// Backward through every layer after a training forward; the first layer skips dL/dx.
+    pub fn backward(&mut self) -> Result<()> {
+        let last = self.layers.len();
+        if self.acts.len() != last + 1 || self.grads[last].shape != self.acts[last].shape {
+            return Err(Error::invalid(
+                "backward needs a training forward and dL/doutput of the output's shape",
+            ));
+        }
+        for (i, (_, layer)) in self.layers.iter_mut().enumerate().rev() {
+            let (lower, upper) = self.grads.split_at_mut(i + 1);
+            layer.backward(&self.acts[i], &self.acts[i + 1], &upper[0], &mut lower[i])?;
+        }
+        Ok(())
     }
 
     /// Every parameter as ("conv1.weight", param), in a fixed order.
@@ -53,10 +83,22 @@ impl Sequential {
         out
     }
 
-    pub fn zero_grad(&mut self) {
-        for (_, p) in self.named_params() {
-            p.grad.data.fill(0.0);
+    /// Calls `f` with every parameter in `named_params` order, without allocating.
+    pub fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        for (_, layer) in self.layers.iter_mut() {
+            layer.visit_params(&mut |_, p| f(p));
         }
+    }
+
+    pub fn zero_grad(&mut self) {
+        self.visit_params(&mut |p| p.grad.data.fill(0.0));
+    }
+
+    /// The output of the last forward and its gradient buffer, for the loss to fill.
+    pub fn output_and_grad(&mut self) -> (&Tensor, &mut Tensor) {
+        self.size_buffers();
+        let last = self.layers.len();
+        (&self.acts[last], &mut self.grads[last])
     }
 
     pub fn set_step_seed(&mut self, seed: u64) {
