@@ -1,6 +1,7 @@
 //! normlab: Batch Normalization and its relatives in CNN training, exact to PyTorch and fast
 //! on a CPU. See ARCHITECTURE.md for the map.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod conformance;
 pub mod data;

@@ -33,8 +33,22 @@ enum Command {
     Eval(EvalArgs),
     /// List every --norm spec with what it does.
     Norms,
+    /// Time the norm kernels and end-to-end training on this machine.
+    Bench(BenchArgs),
     /// Run one normalization layer on tensors from a safetensors file (conformance checks).
     Layer(LayerArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Also write the results as JSON to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Fewer repetitions (a rough look in seconds).
+    #[arg(long)]
+    quick: bool,
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -295,6 +309,53 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_bench(a: BenchArgs) -> Result<()> {
+    let threads = init_threads(a.threads)?;
+    let total = (normlab::bench::KERNELS.len() * normlab::bench::SHAPES.len() + 3) as u64;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} {msg} ({per_sec})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let report = normlab::bench::run(a.quick, &mut |what| {
+        bar.set_message(what.to_string());
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "threads {threads}; memory copy {:.1} GB/s (read + write)",
+        report.copy_gb_per_s
+    );
+    println!(
+        "{:<18} {:<18} {:>9} {:>9} {:>7}",
+        "kernel", "shape (N,C,H,W)", "ms", "GB/s", "copy%"
+    );
+    for k in &report.kernels {
+        let shape = format!("{:?}", k.shape);
+        println!(
+            "{:<18} {:<18} {:>9.3} {:>9.1} {:>6.0}%",
+            k.kernel,
+            shape,
+            k.ms,
+            k.gb_per_s,
+            100.0 * k.copy_fraction
+        );
+    }
+    for t in &report.training {
+        println!(
+            "training {:<30} batch {:>4}: {:>8.0} images/s",
+            t.model, t.batch_size, t.images_per_sec
+        );
+    }
+    if let Some(path) = &a.json {
+        let json = serde_json::to_vec_pretty(&report).expect("report serializes");
+        normlab::checkpoint::write_atomic(path, &json)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -306,6 +367,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
+        Command::Bench(a) => run_bench(a),
         Command::Layer(a) => normlab::conformance::layer_command(&a.spec, &a.input, &a.output, a.eval).map(|n| {
             println!("wrote {} tensors to {}", n, a.output.display());
         }),

@@ -139,6 +139,29 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
     })
 }
 
+/// One training step on the batch already in `model.input_mut()`: forward, softmax
+/// cross-entropy against `labels`, backward, optimizer update. Returns the mean loss and the
+/// number of correct predictions; a non-finite loss returns before any update.
+pub fn train_step(
+    model: &mut Model,
+    opt: &mut Optimizer,
+    labels: &[u8],
+    classes: usize,
+    lr: f64,
+) -> Result<(f64, usize)> {
+    model.net.zero_grad();
+    model.forward(Mode::Train)?;
+    let (logits, dlogits) = model.net.output_and_grad();
+    dlogits.resize_to(&logits.shape);
+    let (loss, correct) = softmax_cross_entropy(&logits.data, labels, classes, &mut dlogits.data);
+    if !loss.is_finite() {
+        return Ok((loss, correct));
+    }
+    model.backward()?;
+    opt.step(&mut model.net, lr);
+    Ok((loss, correct))
+}
+
 /// Where a run's files live.
 pub struct RunFiles {
     pub dir: PathBuf,
@@ -329,13 +352,9 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         for (b, idx) in order.chunks(bs).enumerate() {
             train_set.batch(idx, input_norm, model.input_mut(), &mut y);
-            model.net.zero_grad();
             let step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
             model.net.set_step_seed(step_seed);
-            model.forward(Mode::Train)?;
-            let (logits, dlogits) = model.net.output_and_grad();
-            dlogits.resize_to(&logits.shape);
-            let (loss, c) = softmax_cross_entropy(&logits.data, &y, train_set.classes, &mut dlogits.data);
+            let (loss, c) = train_step(&mut model, &mut opt, &y, train_set.classes, lr)?;
             if !loss.is_finite() {
                 metrics.status = "diverged".into();
                 save_metrics(&files, &metrics)?;
@@ -348,8 +367,6 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
                     out.display()
                 )));
             }
-            model.backward()?;
-            opt.step(&mut model.net, lr);
             loss_sum += loss * idx.len() as f64;
             correct += c;
             seen += idx.len();

@@ -96,19 +96,18 @@ pub fn batch_norm_forward_fixed(
     shift: &[f32],
     relu: bool,
 ) {
-    y.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).for_each(|(ys, xs)| {
-        for ch in 0..c {
-            let r = ch * s..(ch + 1) * s;
-            apply_run(
-                &xs[r.clone()],
-                &mut ys[r],
-                Center::new(mean[ch]),
-                scale[ch],
-                shift[ch],
-                relu,
-            );
+    y.par_chunks_mut(c * s)
+        .zip(x.par_chunks(c * s))
+        .for_each(|(ys, xs)| apply_sample(xs, ys, s, mean, scale, shift, relu));
+}
+
+multiversion! {
+    /// One sample's channels with fixed statistics.
+    fn apply_sample(xs: &[f32], ys: &mut [f32], s: usize, mean: &[f64], scale: &[f32], shift: &[f32], relu: bool) {
+        for (ch, (xr, yr)) in xs.chunks(s).zip(ys.chunks_mut(s)).enumerate() {
+            apply_run(xr, yr, Center::new(mean[ch]), scale[ch], shift[ch], relu);
         }
-    });
+    }
 }
 
 /// What backward needs per channel.
@@ -135,19 +134,20 @@ pub fn grad_sums_run(x: &[f32], y: &[f32], dy: &[f32], center: Center, relu: boo
     }
     const L: usize = 8;
     let (mut s, mut p) = ([0.0f32; L], [0.0f32; L]);
-    let chunks = x.len() / L * L;
-    for j in (0..chunks).step_by(L) {
+    let (xc, yc, dc) = (x.chunks_exact(L), y.chunks_exact(L), dy.chunks_exact(L));
+    let (xt, yt, dt) = (xc.remainder(), yc.remainder(), dc.remainder());
+    for ((xv, yv), dv) in xc.zip(yc).zip(dc) {
         for l in 0..L {
-            let g = if y[j + l] > 0.0 { dy[j + l] } else { 0.0 };
+            let g = if yv[l] > 0.0 { dv[l] } else { 0.0 };
             s[l] += g;
-            p[l] += g * center.sub(x[j + l]);
+            p[l] += g * center.sub(xv[l]);
         }
     }
     let (mut st, mut pt) = (0.0f64, 0.0f64);
-    for j in chunks..x.len() {
-        let g = if y[j] > 0.0 { dy[j] } else { 0.0 };
+    for ((&xv, &yv), &g) in xt.iter().zip(yt).zip(dt) {
+        let g = if yv > 0.0 { g } else { 0.0 };
         st += g as f64;
-        pt += g as f64 * center.sub(x[j]) as f64;
+        pt += g as f64 * center.sub(xv) as f64;
     }
     (
         s.iter().map(|&v| v as f64).sum::<f64>() + st,
@@ -192,28 +192,30 @@ pub fn batch_norm_backward_train(
     sums.par_iter_mut()
         .zip(grads.par_iter())
         .enumerate()
-        .for_each(|(ch, (sum, g))| {
-            let center = Center::new(g.mean);
-            let (mut sd, mut sdx) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let r = (i * c + ch) * s..(i * c + ch + 1) * s;
-                let (a, b) = grad_sums_run(&x[r.clone()], &y[r.clone()], &dy[r], center, relu);
-                sd += a;
-                sdx += b;
-            }
-            *sum = ChannelSums {
-                sum_dy: sd,
-                sum_dy_xhat: sdx * g.invstd as f64,
-            };
-            let k = g.gain * g.invstd;
-            let a = (sd / m) as f32;
-            let b = (sum.sum_dy_xhat / m * g.invstd as f64) as f32;
-            for i in 0..n {
-                let off = (i * c + ch) * s;
-                let r = off..off + s;
-                // SAFETY: run (i, ch) belongs to this channel's task alone.
-                let dr = unsafe { out.run(off, s) };
-                dx_run(&x[r.clone()], &y[r.clone()], &dy[r], dr, center, k, a, b, relu);
-            }
-        });
+        .for_each(|(ch, (sum, g))| backward_channel(x, y, dy, &out, n, c, s, ch, relu, m, g, sum));
+}
+
+multiversion! {
+    /// One channel of the training backward: its sums, then dx over its runs.
+    fn backward_channel(x: &[f32], y: &[f32], dy: &[f32], out: &SharedOut, n: usize, c: usize, s: usize, ch: usize, relu: bool, m: f64, g: &ChannelGrad, sum: &mut ChannelSums) {
+        let center = Center::new(g.mean);
+        let (mut sd, mut sdx) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+            let (a, b) = grad_sums_run(&x[r.clone()], &y[r.clone()], &dy[r], center, relu);
+            sd += a;
+            sdx += b;
+        }
+        *sum = ChannelSums { sum_dy: sd, sum_dy_xhat: sdx * g.invstd as f64 };
+        let k = g.gain * g.invstd;
+        let a = (sd / m) as f32;
+        let b = (sum.sum_dy_xhat / m * g.invstd as f64) as f32;
+        for i in 0..n {
+            let off = (i * c + ch) * s;
+            let r = off..off + s;
+            // SAFETY: run (i, ch) belongs to this channel's task alone.
+            let dr = unsafe { out.run(off, s) };
+            dx_run(&x[r.clone()], &y[r.clone()], &dy[r], dr, center, k, a, b, relu);
+        }
+    }
 }

@@ -5,19 +5,12 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::batch_norm::{apply_run, grad_sums_run, ChannelStats};
+use crate::kernels::batch_norm::{apply_run, grad_sums_run, inverse_std, ChannelStats};
 use crate::kernels::reduce::{mean_var, Center};
 use crate::kernels::simd::multiversion;
 
 /// Values per f32 run inside a block before the f64 combine.
 const RUN: usize = 4096;
-
-multiversion! {
-    fn block_stats(block: &[f32]) -> ChannelStats {
-        let (mean, var) = mean_var(block.chunks(RUN));
-        ChannelStats { mean, var }
-    }
-}
 
 /// Training forward: per (n, g) block, statistics (into `stats[n·G + g]`), then
 /// y = act((x - mean)·invstd·γ[c] + β[c]).
@@ -41,37 +34,34 @@ pub fn group_norm_forward_train(
         .zip(stats.par_iter_mut())
         .enumerate()
         .for_each(|(k, ((yb, xb), st))| {
-            *st = block_stats(xb);
-            let invstd = crate::kernels::batch_norm::inverse_std(st.var, eps);
-            let center = Center::new(st.mean);
             let g0 = (k % groups) * cg;
-            for j in 0..cg {
-                let ch = g0 + j;
-                let a = invstd * gamma.map_or(1.0, |g| g[ch]);
-                let b = beta.map_or(0.0, |b| b[ch]);
-                apply_run(&xb[j * s..(j + 1) * s], &mut yb[j * s..(j + 1) * s], center, a, b, relu);
-            }
+            let gamma = gamma.map(|g| &g[g0..g0 + cg]);
+            let beta = beta.map(|b| &b[g0..g0 + cg]);
+            forward_block(xb, yb, s, eps, gamma, beta, relu, st);
         });
 }
 
-/// dx over one channel run of a block: dx = k·g - invstd·(a + (x - mean)·b), g = dy (· [y > 0]).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block_dx_run(
-    x: &[f32],
-    y: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    center: Center,
-    k: f32,
-    invstd: f32,
-    a: f32,
-    b: f32,
-    relu: bool,
-) {
-    for (((o, &xv), &yv), &g) in dx.iter_mut().zip(x).zip(y).zip(dy) {
-        let g = if relu && yv <= 0.0 { 0.0 } else { g };
-        *o = k * g - invstd * (a + center.sub(xv) * b);
+multiversion! {
+    /// One block: statistics, then y = act((x - mean)·invstd·γ[j] + β[j]) over its channel runs
+    /// of length s (s = 1 is nn.LayerNorm's elementwise affine).
+    fn forward_block(xb: &[f32], yb: &mut [f32], s: usize, eps: f64, gamma: Option<&[f32]>, beta: Option<&[f32]>, relu: bool, st: &mut ChannelStats) {
+        let (mean, var) = mean_var(xb.chunks(RUN));
+        *st = ChannelStats { mean, var };
+        let invstd = inverse_std(var, eps);
+        let center = Center::new(mean);
+        if s == 1 {
+            // Elementwise affine: one pass over the block with per-element γ, β.
+            for (j, (o, &v)) in yb.iter_mut().zip(xb).enumerate() {
+                let a = invstd * gamma.map_or(1.0, |g| g[j]);
+                let z = center.sub(v) * a + beta.map_or(0.0, |b| b[j]);
+                *o = if relu { z.max(0.0) } else { z };
+            }
+            return;
+        }
+        for (j, (xr, yr)) in xb.chunks(s).zip(yb.chunks_mut(s)).enumerate() {
+            let a = invstd * gamma.map_or(1.0, |g| g[j]);
+            apply_run(xr, yr, center, a, beta.map_or(0.0, |b| b[j]), relu);
+        }
     }
 }
 
@@ -95,41 +85,43 @@ pub fn group_norm_backward(
 ) {
     let cg = c / groups;
     let block = cg * s;
-    let m = block as f64;
     dx.par_chunks_mut(block)
         .zip(x.par_chunks(block).zip(y.par_chunks(block)).zip(dy.par_chunks(block)))
         .zip(channel_sums.par_chunks_mut(cg).zip(stats.par_iter()))
         .enumerate()
         .for_each(|(k, ((dxb, ((xb, yb), db)), (sums, st)))| {
-            let invstd = crate::kernels::batch_norm::inverse_std(st.var, eps);
-            let center = Center::new(st.mean);
             let g0 = (k % groups) * cg;
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for j in 0..cg {
-                let r = j * s..(j + 1) * s;
-                let (sd, sdx) = grad_sums_run(&xb[r.clone()], &yb[r.clone()], &db[r], center, relu);
-                let sdx_hat = sdx * invstd as f64;
-                sums[j] = (sd, sdx_hat);
-                let gm = gamma.map_or(1.0, |g| g[g0 + j]) as f64;
-                sg += gm * sd;
-                sgx += gm * sdx_hat;
-            }
-            let (a, b) = ((sg / m) as f32, (sgx / m * invstd as f64) as f32);
-            for j in 0..cg {
-                let r = j * s..(j + 1) * s;
-                let kk = invstd * gamma.map_or(1.0, |g| g[g0 + j]);
-                block_dx_run(
-                    &xb[r.clone()],
-                    &yb[r.clone()],
-                    &db[r.clone()],
-                    &mut dxb[r],
-                    center,
-                    kk,
-                    invstd,
-                    a,
-                    b,
-                    relu,
-                );
-            }
+            let gamma = gamma.map(|g| &g[g0..g0 + cg]);
+            backward_block(xb, yb, db, dxb, s, eps, gamma, relu, st, sums);
         });
+}
+
+multiversion! {
+    /// One block's backward: per channel run Σg and Σg·x̂ (into `sums`), then
+    /// dx = invstd·(γ·g - Σγg/m - x̂·Σγg·x̂/m).
+    fn backward_block(xb: &[f32], yb: &[f32], db: &[f32], dxb: &mut [f32], s: usize, eps: f64, gamma: Option<&[f32]>, relu: bool, st: &ChannelStats, sums: &mut [(f64, f64)]) {
+        let invstd = inverse_std(st.var, eps);
+        let center = Center::new(st.mean);
+        let m = xb.len() as f64;
+        let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+        for (j, sum) in sums.iter_mut().enumerate() {
+            let r = j * s..(j + 1) * s;
+            let (sd, sdx) = grad_sums_run(&xb[r.clone()], &yb[r.clone()], &db[r], center, relu);
+            let sdx_hat = sdx * invstd as f64;
+            *sum = (sd, sdx_hat);
+            let gm = gamma.map_or(1.0, |g| g[j]) as f64;
+            sg += gm * sd;
+            sgx += gm * sdx_hat;
+        }
+        let (a, b) = ((sg / m) as f32, (sgx / m * invstd as f64) as f32);
+        for (j, ((dxr, xr), (yr, dr))) in
+            dxb.chunks_mut(s).zip(xb.chunks(s)).zip(yb.chunks(s).zip(db.chunks(s))).enumerate()
+        {
+            let k = invstd * gamma.map_or(1.0, |g| g[j]);
+            for (((o, &xv), &yv), &g) in dxr.iter_mut().zip(xr).zip(yr).zip(dr) {
+                let g = if relu && yv <= 0.0 { 0.0 } else { g };
+                *o = k * g - invstd * (a + center.sub(xv) * b);
+            }
+        }
+    }
 }

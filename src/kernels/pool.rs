@@ -16,6 +16,9 @@ pub fn max_pool_forward(
 ) {
     let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
     debug_assert_eq!(y.len(), planes * oh * ow);
+    if k == 2 && s == 2 {
+        return max_pool_2x2(x, h, w, y, argmax);
+    }
     y.par_chunks_mut(oh * ow)
         .zip(argmax.par_chunks_mut(oh * ow))
         .zip(x.par_chunks(h * w))
@@ -40,6 +43,35 @@ pub fn max_pool_forward(
                     }
                     yp[oy * ow + ox] = best;
                     ap[oy * ow + ox] = at as u32;
+                }
+            }
+        });
+}
+
+/// The common 2×2 / stride 2 window, two input rows at a time; same winner rule as above (the
+/// first maximum in row-major order; NaN wins).
+fn max_pool_2x2(x: &[f32], h: usize, w: usize, y: &mut [f32], argmax: &mut [u32]) {
+    let (oh, ow) = (h / 2, w / 2);
+    y.par_chunks_mut(oh * ow)
+        .zip(argmax.par_chunks_mut(oh * ow))
+        .zip(x.par_chunks(h * w))
+        .for_each(|((yp, ap), xp)| {
+            for oy in 0..oh {
+                let (r0, r1) = (
+                    &xp[2 * oy * w..2 * oy * w + w],
+                    &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + w],
+                );
+                let (yr, ar) = (&mut yp[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
+                for ox in 0..ow {
+                    let cand = [r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]];
+                    let mut best = 0;
+                    for j in 1..4 {
+                        if cand[j] > cand[best] || (cand[j].is_nan() && !cand[best].is_nan()) {
+                            best = j;
+                        }
+                    }
+                    yr[ox] = cand[best];
+                    ar[ox] = ((2 * oy + best / 2) * w + 2 * ox + best % 2) as u32;
                 }
             }
         });

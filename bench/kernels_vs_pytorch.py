@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""normlab's kernels and training against PyTorch's, side by side, same thread count.
+
+  .venv-torch/bin/python bench/kernels_vs_pytorch.py [--threads 2] [--quick] [--json FILE]
+
+Runs `normlab bench --json` (the kernels through normlab's layer code, plus end-to-end
+training on random data), then times PyTorch on the same shapes and models in this process,
+and prints normlab/PyTorch speed ratios (> 1 means normlab is faster).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VGG_DEFAULT = "32,32,M,64,64,M,128,128,M"
+
+
+def median_time(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def torch_kernel(kernel, shape, reps):
+    n, c, h, w = shape
+    if kernel.startswith("bn"):
+        layer = nn.BatchNorm2d(c)
+    elif kernel.startswith("gn"):
+        layer = nn.GroupNorm(min(32, c), c)
+    elif kernel.startswith("ln"):
+        layer = nn.GroupNorm(1, c)
+    else:
+        layer = nn.InstanceNorm2d(c)
+    x = torch.rand(shape) * 4 - 2
+    dy = torch.rand(shape) * 4 - 2
+    if kernel == "bn_eval_fwd":
+        layer.eval()
+
+        def run():
+            with torch.no_grad():
+                layer(x)
+    elif kernel == "bn_train_fwd":
+        layer.train()
+
+        def run():
+            with torch.no_grad():
+                layer(x)
+    else:
+        layer.train()
+        xg = x.clone().requires_grad_(True)
+
+        def run():
+            xg.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(xg).backward(dy)
+    return median_time(run, reps)
+
+
+def build(model_name):
+    if model_name == "seed-cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 14 * 14, 10))
+    cfg = model_name.split(":", 1)[1] if ":" in model_name else VGG_DEFAULT
+    layers, c, hw = [], 1, 28
+    for item in cfg.split(","):
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            hw //= 2
+        else:
+            layers += [nn.Conv2d(c, int(item), 3, padding=1, bias=False), nn.BatchNorm2d(int(item)), nn.ReLU()]
+            c = int(item)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * hw * hw, 10))
+
+
+def torch_training(model_name, batch, steps):
+    torch.manual_seed(0)
+    model = build(model_name)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(batch, 1, 28, 28) * 4 - 2
+    y = torch.arange(batch) % 10
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return batch / median_time(step, steps)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    exe = os.environ.get("NORMLAB", "target/release/normlab")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        cmd = [exe, "bench", "--threads", str(args.threads), "--json", out] + (["--quick"] if args.quick else [])
+        subprocess.run(cmd, check=True, capture_output=True)
+        with open(out) as f:
+            nl = json.load(f)
+    reps = 3 if args.quick else 15
+    print(f"threads {args.threads}, torch {torch.__version__}; memory copy {nl['copy_gb_per_s']:.1f} GB/s")
+    print(f"{'kernel':<18} {'shape':<18} {'normlab ms':>10} {'torch ms':>9} {'ratio':>6} {'copy%':>6}")
+    rows = []
+    for k in nl["kernels"]:
+        t = torch_kernel(k["kernel"], tuple(k["shape"]), reps) * 1e3
+        ratio = t / k["ms"]
+        rows.append(dict(k, torch_ms=t, ratio=ratio))
+        print(f"{k['kernel']:<18} {str(k['shape']):<18} {k['ms']:>10.3f} {t:>9.3f} {ratio:>6.2f} "
+              f"{100 * k['copy_fraction']:>5.0f}%")
+    print("minimum ratio per kernel:")
+    for name in dict.fromkeys(r["kernel"] for r in rows):
+        rs = [r["ratio"] for r in rows if r["kernel"] == name]
+        print(f"  {name:<18} min {min(rs):.2f}x  median {statistics.median(rs):.2f}x")
+    training = []
+    for t in nl["training"]:
+        pt = torch_training(t["model"].replace("vgg:", "vgg:"), t["batch_size"], 3 if args.quick else 10)
+        ratio = t["images_per_sec"] / pt
+        training.append(dict(t, torch_images_per_sec=pt, ratio=ratio))
+        print(f"training {t['model']:<30} normlab {t['images_per_sec']:>7.0f} img/s  torch {pt:>7.0f} img/s  "
+              f"ratio {ratio:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(threads=args.threads, copy_gb_per_s=nl["copy_gb_per_s"], kernels=rows,
+                           training=training), f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

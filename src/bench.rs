@@ -1,0 +1,181 @@
+//! `normlab bench`: the norm kernels on the shapes that matter, through the real layer code,
+//! as time, GB/s of tensor traffic and the fraction of this machine's copy bandwidth (measured
+//! by the same command), plus end-to-end training images/s of seed-cnn and vgg.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::models::{Model, ModelSpec, DEFAULT_VGG};
+use crate::nn::norm_spec::NormSpec;
+use crate::nn::Mode;
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::tensor::Tensor;
+use crate::train::train_step;
+
+/// The (N, C, H, W) shapes of the speed issue.
+pub const SHAPES: [[usize; 4]; 6] = [
+    [128, 32, 28, 28],
+    [128, 64, 14, 14],
+    [64, 128, 16, 16],
+    [32, 256, 7, 7],
+    [8, 64, 56, 56],
+    [256, 16, 32, 32],
+];
+
+/// What is timed: the norm spec, the passes, and how many tensor-sizes of traffic they need.
+pub const KERNELS: [(&str, &str, &str, f64); 6] = [
+    ("bn_train_fwd", "bn", "fwd", 2.0),
+    ("bn_train_fwd_bwd", "bn", "fwd+bwd", 5.0),
+    ("bn_eval_fwd", "bn", "eval", 2.0),
+    ("gn_fwd_bwd", "gn", "fwd+bwd", 5.0),
+    ("ln_fwd_bwd", "ln", "fwd+bwd", 5.0),
+    ("in_fwd_bwd", "in", "fwd+bwd", 5.0),
+];
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelResult {
+    pub kernel: String,
+    pub spec: String,
+    pub shape: [usize; 4],
+    pub ms: f64,
+    /// Tensor traffic (tensor-sizes × bytes) per second.
+    pub gb_per_s: f64,
+    pub copy_fraction: f64,
+    pub traffic_tensor_sizes: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainResult {
+    pub model: String,
+    pub batch_size: usize,
+    pub images_per_sec: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub threads: usize,
+    /// Parallel memory copy of a 256 MiB buffer, counting bytes read plus bytes written.
+    pub copy_gb_per_s: f64,
+    pub kernels: Vec<KernelResult>,
+    pub training: Vec<TrainResult>,
+}
+
+/// Median of `reps` timings of `f` (seconds), after one warm-up call.
+fn time_median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+/// Copy bandwidth: 256 MiB copied in parallel chunks, (read + write) bytes per second.
+pub fn copy_bandwidth(reps: usize) -> f64 {
+    let n = 64 << 20;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let secs = time_median(reps, || {
+        dst.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(())
+    })
+    .expect("copy cannot fail");
+    std::hint::black_box(&dst);
+    2.0 * (n * 4) as f64 / secs / 1e9
+}
+
+fn random_tensor(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
+    let n = shape.iter().product();
+    Tensor {
+        shape: shape.to_vec(),
+        data: (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect(),
+    }
+}
+
+/// Times one kernel on one shape through the layer's forward/backward.
+pub fn bench_kernel(kernel: &str, spec: &str, passes: &str, shape: [usize; 4], reps: usize) -> Result<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let norm: NormSpec = spec.parse()?;
+    let mut layer = norm.build(&shape[1..], kernel, false)?.expect("a norm");
+    let x = random_tensor(&shape, &mut rng);
+    let dy = random_tensor(&shape, &mut rng);
+    let (mut y, mut dx) = (Tensor::default(), Tensor::default());
+    time_median(reps, || {
+        match passes {
+            "eval" => layer.forward(&x, &mut y, Mode::Eval)?,
+            "fwd" => layer.forward(&x, &mut y, Mode::Train)?,
+            _ => {
+                layer.forward(&x, &mut y, Mode::Train)?;
+                layer.backward(&x, &y, &dy, &mut dx)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Training images/s of `model` on random data through the real training step.
+pub fn bench_training(model: &str, batch: usize, steps: usize) -> Result<f64> {
+    let spec = ModelSpec::new(model, "bn", [1, 28, 28], 10)?;
+    let mut m = Model::build(&spec, 0)?;
+    let mut opt = Optimizer::new(OptimizerConfig::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let x = random_tensor(&[batch, 1, 28, 28], &mut rng);
+    let labels: Vec<u8> = (0..batch).map(|i| (i % 10) as u8).collect();
+    let secs = time_median(steps, || {
+        m.input_mut().clone_from(&x);
+        train_step(&mut m, &mut opt, &labels, 10, 1e-3).map(|_| ())
+    })?;
+    Ok(batch as f64 / secs)
+}
+
+/// Everything, with `progress` called before each measurement.
+pub fn run(quick: bool, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    let reps = if quick { 3 } else { 15 };
+    progress("memory copy");
+    let copy = copy_bandwidth(reps);
+    let mut kernels = Vec::new();
+    for (kernel, spec, passes, traffic) in KERNELS {
+        for shape in SHAPES {
+            progress(&format!("{kernel} {shape:?}"));
+            let secs = bench_kernel(kernel, spec, passes, shape, reps)?;
+            let bytes = shape.iter().product::<usize>() as f64 * 4.0 * traffic;
+            let gbps = bytes / secs / 1e9;
+            kernels.push(KernelResult {
+                kernel: kernel.into(),
+                spec: spec.into(),
+                shape,
+                ms: secs * 1e3,
+                gb_per_s: gbps,
+                copy_fraction: gbps / copy,
+                traffic_tensor_sizes: traffic,
+            });
+        }
+    }
+    let mut training = Vec::new();
+    for model in ["seed-cnn".to_string(), format!("vgg:{DEFAULT_VGG}")] {
+        progress(&format!("training {model}"));
+        let steps = if quick { 3 } else { 10 };
+        let ips = bench_training(&model, 128, steps)?;
+        training.push(TrainResult {
+            model,
+            batch_size: 128,
+            images_per_sec: ips,
+        });
+    }
+    Ok(BenchReport {
+        threads: rayon::current_num_threads(),
+        copy_gb_per_s: copy,
+        kernels,
+        training,
+    })
+}
