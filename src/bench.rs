@@ -138,13 +138,14 @@ pub fn bench_training(model: &str, batch: usize, steps: usize) -> Result<f64> {
     Ok(batch as f64 / secs)
 }
 
-/// Everything, with `progress` called before each measurement.
-pub fn run(quick: bool, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+/// Everything whose name contains `filter` (all when empty), with `progress` called before
+/// each measurement.
+pub fn run(quick: bool, filter: &str, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     let reps = if quick { 3 } else { 15 };
     progress("memory copy");
     let copy = copy_bandwidth(reps);
     let mut kernels = Vec::new();
-    for (kernel, spec, passes, traffic) in KERNELS {
+    for (kernel, spec, passes, traffic) in KERNELS.into_iter().filter(|k| k.0.contains(filter)) {
         for shape in SHAPES {
             progress(&format!("{kernel} {shape:?}"));
             let secs = bench_kernel(kernel, spec, passes, shape, reps)?;
@@ -162,7 +163,8 @@ pub fn run(quick: bool, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
         }
     }
     let mut training = Vec::new();
-    for model in ["seed-cnn".to_string(), format!("vgg:{DEFAULT_VGG}")] {
+    let models = ["seed-cnn".to_string(), format!("vgg:{DEFAULT_VGG}")];
+    for model in models.into_iter().filter(|m| filter.is_empty() || m.contains(filter) || filter == "training") {
         progress(&format!("training {model}"));
         let steps = if quick { 3 } else { 10 };
         let ips = bench_training(&model, 128, steps)?;

@@ -47,6 +47,9 @@ struct BenchArgs {
     /// Fewer repetitions (a rough look in seconds).
     #[arg(long)]
     quick: bool,
+    /// Only the kernels or models whose name contains this (e.g. bn_train, gn, training).
+    #[arg(long, default_value = "")]
+    filter: String,
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -318,7 +321,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let report = normlab::bench::run(a.quick, &mut |what| {
+    let report = normlab::bench::run(a.quick, &a.filter, &mut |what| {
         bar.set_message(what.to_string());
         bar.inc(1);
     })?;

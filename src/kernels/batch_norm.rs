@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::reduce::{mean_var, sum_dy_and_dy_x, Center};
+use crate::kernels::reduce::{lanes_total, mean_var, sum_dy_and_dy_x, Center};
 use crate::kernels::simd::{multiversion, SharedOut};
 
 /// A channel's batch statistics: f64 mean and biased variance.
@@ -137,6 +137,9 @@ pub fn grad_sums_run(x: &[f32], y: &[f32], dy: &[f32], center: Center, relu: boo
     let (xc, yc, dc) = (x.chunks_exact(L), y.chunks_exact(L), dy.chunks_exact(L));
     let (xt, yt, dt) = (xc.remainder(), yc.remainder(), dc.remainder());
     for ((xv, yv), dv) in xc.zip(yc).zip(dc) {
+        let xv: &[f32; L] = xv.try_into().expect("exact chunk");
+        let yv: &[f32; L] = yv.try_into().expect("exact chunk");
+        let dv: &[f32; L] = dv.try_into().expect("exact chunk");
         for l in 0..L {
             let g = if yv[l] > 0.0 { dv[l] } else { 0.0 };
             s[l] += g;
@@ -149,10 +152,7 @@ pub fn grad_sums_run(x: &[f32], y: &[f32], dy: &[f32], center: Center, relu: boo
         st += g as f64;
         pt += g as f64 * center.sub(xv) as f64;
     }
-    (
-        s.iter().map(|&v| v as f64).sum::<f64>() + st,
-        p.iter().map(|&v| v as f64).sum::<f64>() + pt,
-    )
+    (lanes_total(s) + st, lanes_total(p) + pt)
 }
 
 /// dx = k·(g - a - (x - mean)·b) over a run, g = dy (· [y > 0] when `relu`).

@@ -3,6 +3,13 @@
 
 const LANES: usize = 8;
 
+/// The f64 total of eight f32 lanes. The lanes pass through `black_box` first: without it,
+/// LLVM sees each lane converted on its own after the loop and scalarizes the whole loop.
+#[inline(always)]
+pub fn lanes_total(lanes: [f32; LANES]) -> f64 {
+    std::hint::black_box(lanes).iter().map(|&v| v as f64).sum()
+}
+
 /// A mean carried as f32 hi + lo (hi + lo = the f64 mean to ~48 bits): `(x - hi) - lo` is
 /// exact in its first step for x near hi, so a large offset never swamps a small spread.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,6 +40,7 @@ pub fn sum_and_sq_shifted(run: &[f32], shift: Center) -> (f64, f64) {
     let chunks = run.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
+        let c: &[f32; LANES] = c.try_into().expect("exact chunk");
         for l in 0..LANES {
             let d = shift.sub(c[l]);
             s[l] += d;
@@ -45,10 +53,7 @@ pub fn sum_and_sq_shifted(run: &[f32], shift: Center) -> (f64, f64) {
         st += d;
         qt += d * d;
     }
-    (
-        s.iter().map(|&v| v as f64).sum::<f64>() + st,
-        q.iter().map(|&v| v as f64).sum::<f64>() + qt,
-    )
+    (lanes_total(s) + st, lanes_total(q) + qt)
 }
 
 /// Σ (x - shift) over a run.
@@ -58,11 +63,12 @@ pub fn sum_shifted(run: &[f32], shift: Center) -> f64 {
     let chunks = run.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
+        let c: &[f32; LANES] = c.try_into().expect("exact chunk");
         for l in 0..LANES {
             s[l] += shift.sub(c[l]);
         }
     }
-    s.iter().map(|&v| v as f64).sum::<f64>() + tail.iter().map(|&v| shift.sub(v) as f64).sum::<f64>()
+    lanes_total(s) + tail.iter().map(|&v| shift.sub(v) as f64).sum::<f64>()
 }
 
 /// Σ dy and Σ dy·(x - shift) over a run.
@@ -74,6 +80,7 @@ pub fn sum_dy_and_dy_x(x: &[f32], dy: &[f32], shift: Center) -> (f64, f64) {
     let dc = dy.chunks_exact(LANES);
     let (xt, dt) = (xc.remainder(), dc.remainder());
     for (xv, dv) in xc.zip(dc) {
+        let (xv, dv): (&[f32; LANES], &[f32; LANES]) = (xv.try_into().expect("exact"), dv.try_into().expect("exact"));
         for l in 0..LANES {
             s[l] += dv[l];
             p[l] += dv[l] * shift.sub(xv[l]);
@@ -84,10 +91,7 @@ pub fn sum_dy_and_dy_x(x: &[f32], dy: &[f32], shift: Center) -> (f64, f64) {
         st += dv as f64;
         pt += dv as f64 * shift.sub(xv) as f64;
     }
-    (
-        s.iter().map(|&v| v as f64).sum::<f64>() + st,
-        p.iter().map(|&v| v as f64).sum::<f64>() + pt,
-    )
+    (lanes_total(s) + st, lanes_total(p) + pt)
 }
 
 /// Mean and biased variance of values seen as runs, by the corrected two-pass algorithm:
