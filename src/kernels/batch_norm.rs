@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::reduce::{lanes_total, mean_var, sum_dy_and_dy_x, Center};
+use crate::kernels::reduce::{mean_var, Center, PairSums};
 use crate::kernels::simd::{multiversion, SharedOut};
 
 /// A channel's batch statistics: f64 mean and biased variance.
@@ -126,35 +126,6 @@ pub struct ChannelSums {
     pub sum_dy_xhat: f64,
 }
 
-/// Σg and Σg·(x - mean) over a run, g = dy (· [y > 0] when `relu`).
-#[inline(always)]
-pub fn grad_sums_run(x: &[f32], y: &[f32], dy: &[f32], center: Center, relu: bool) -> (f64, f64) {
-    if !relu {
-        return sum_dy_and_dy_x(x, dy, center);
-    }
-    const L: usize = 8;
-    let (mut s, mut p) = ([0.0f32; L], [0.0f32; L]);
-    let (xc, yc, dc) = (x.chunks_exact(L), y.chunks_exact(L), dy.chunks_exact(L));
-    let (xt, yt, dt) = (xc.remainder(), yc.remainder(), dc.remainder());
-    for ((xv, yv), dv) in xc.zip(yc).zip(dc) {
-        let xv: &[f32; L] = xv.try_into().expect("exact chunk");
-        let yv: &[f32; L] = yv.try_into().expect("exact chunk");
-        let dv: &[f32; L] = dv.try_into().expect("exact chunk");
-        for l in 0..L {
-            let g = if yv[l] > 0.0 { dv[l] } else { 0.0 };
-            s[l] += g;
-            p[l] += g * center.sub(xv[l]);
-        }
-    }
-    let (mut st, mut pt) = (0.0f64, 0.0f64);
-    for ((&xv, &yv), &g) in xt.iter().zip(yt).zip(dt) {
-        let g = if yv > 0.0 { g } else { 0.0 };
-        st += g as f64;
-        pt += g as f64 * center.sub(xv) as f64;
-    }
-    (lanes_total(s) + st, lanes_total(p) + pt)
-}
-
 /// dx = k·(g - a - (x - mean)·b) over a run, g = dy (· [y > 0] when `relu`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -199,13 +170,12 @@ multiversion! {
     /// One channel of the training backward: its sums, then dx over its runs.
     fn backward_channel(x: &[f32], y: &[f32], dy: &[f32], out: &SharedOut, n: usize, c: usize, s: usize, ch: usize, relu: bool, m: f64, g: &ChannelGrad, sum: &mut ChannelSums) {
         let center = Center::new(g.mean);
-        let (mut sd, mut sdx) = (0.0f64, 0.0f64);
+        let mut acc = PairSums::new();
         for i in 0..n {
             let r = (i * c + ch) * s..(i * c + ch + 1) * s;
-            let (a, b) = grad_sums_run(&x[r.clone()], &y[r.clone()], &dy[r], center, relu);
-            sd += a;
-            sdx += b;
+            acc.add_grad(&x[r.clone()], relu.then(|| &y[r.clone()]), &dy[r], center);
         }
+        let (sd, sdx) = acc.totals();
         *sum = ChannelSums { sum_dy: sd, sum_dy_xhat: sdx * g.invstd as f64 };
         let k = g.gain * g.invstd;
         let a = (sd / m) as f32;

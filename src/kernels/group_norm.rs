@@ -5,8 +5,8 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::batch_norm::{apply_run, grad_sums_run, inverse_std, ChannelStats};
-use crate::kernels::reduce::{mean_var, Center};
+use crate::kernels::batch_norm::{apply_run, inverse_std, ChannelStats};
+use crate::kernels::reduce::{mean_var, Center, PairSums};
 use crate::kernels::simd::multiversion;
 
 /// Values per f32 run inside a block before the f64 combine.
@@ -106,7 +106,9 @@ multiversion! {
         let (mut sg, mut sgx) = (0.0f64, 0.0f64);
         for (j, sum) in sums.iter_mut().enumerate() {
             let r = j * s..(j + 1) * s;
-            let (sd, sdx) = grad_sums_run(&xb[r.clone()], &yb[r.clone()], &db[r], center, relu);
+            let mut acc = PairSums::new();
+            acc.add_grad(&xb[r.clone()], relu.then(|| &yb[r.clone()]), &db[r], center);
+            let (sd, sdx) = acc.totals();
             let sdx_hat = sdx * invstd as f64;
             *sum = (sd, sdx_hat);
             let gm = gamma.map_or(1.0, |g| g[j]) as f64;

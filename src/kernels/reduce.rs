@@ -32,66 +32,119 @@ impl Center {
     }
 }
 
-/// Σ (x - shift) and Σ (x - shift)² over a run.
-#[inline(always)]
-pub fn sum_and_sq_shifted(run: &[f32], shift: Center) -> (f64, f64) {
-    let mut s = [0.0f32; LANES];
-    let mut q = [0.0f32; LANES];
-    let chunks = run.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        let c: &[f32; LANES] = c.try_into().expect("exact chunk");
-        for l in 0..LANES {
-            let d = shift.sub(c[l]);
-            s[l] += d;
-            q[l] += d * d;
-        }
-    }
-    let (mut st, mut qt) = (0.0f64, 0.0f64);
-    for &v in tail {
-        let d = shift.sub(v) as f64;
-        st += d;
-        qt += d * d;
-    }
-    (lanes_total(s) + st, lanes_total(q) + qt)
+/// Values a lane accumulates in f32 before its sum moves to f64.
+const FLUSH: usize = 4096;
+
+/// Running sums over many runs: f32 lanes (flushed to f64 every `FLUSH` values, so no lane sums
+/// more than FLUSH/8 terms) plus f64 totals, so short runs pay no per-run conversion.
+#[derive(Clone, Copy)]
+pub struct PairSums {
+    a: [f32; LANES],
+    b: [f32; LANES],
+    pending: usize,
+    pub total_a: f64,
+    pub total_b: f64,
 }
 
-/// Σ (x - shift) over a run.
-#[inline(always)]
-pub fn sum_shifted(run: &[f32], shift: Center) -> f64 {
-    let mut s = [0.0f32; LANES];
-    let chunks = run.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        let c: &[f32; LANES] = c.try_into().expect("exact chunk");
-        for l in 0..LANES {
-            s[l] += shift.sub(c[l]);
+impl PairSums {
+    #[inline(always)]
+    pub fn new() -> Self {
+        PairSums { a: [0.0; LANES], b: [0.0; LANES], pending: 0, total_a: 0.0, total_b: 0.0 }
+    }
+
+    #[inline(always)]
+    fn after(&mut self, n: usize) {
+        self.pending += n;
+        if self.pending >= FLUSH {
+            self.flush();
         }
     }
-    lanes_total(s) + tail.iter().map(|&v| shift.sub(v) as f64).sum::<f64>()
+
+    #[inline(always)]
+    pub fn flush(&mut self) {
+        self.total_a += lanes_total(self.a);
+        self.total_b += lanes_total(self.b);
+        self.a = [0.0; LANES];
+        self.b = [0.0; LANES];
+        self.pending = 0;
+    }
+
+    /// Adds Σ(x - c) and Σ(x - c)² of a run.
+    #[inline(always)]
+    pub fn add_centered_and_sq(&mut self, run: &[f32], c: Center) {
+        let chunks = run.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for ch in chunks {
+            let ch: &[f32; LANES] = ch.try_into().expect("exact chunk");
+            for l in 0..LANES {
+                let d = c.sub(ch[l]);
+                self.a[l] += d;
+                self.b[l] += d * d;
+            }
+        }
+        for &v in tail {
+            let d = c.sub(v) as f64;
+            self.total_a += d;
+            self.total_b += d * d;
+        }
+        self.after(run.len());
+    }
+
+    /// Adds Σg and Σg·(x - c) of a run, g = dy, or dy·[y > 0] when `mask` is given.
+    #[inline(always)]
+    pub fn add_grad(&mut self, x: &[f32], mask: Option<&[f32]>, dy: &[f32], c: Center) {
+        let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
+        let (xt, dt) = (xc.remainder(), dc.remainder());
+        match mask {
+            None => {
+                for (xv, dv) in xc.zip(dc) {
+                    let (xv, dv): (&[f32; LANES], &[f32; LANES]) =
+                        (xv.try_into().expect("exact"), dv.try_into().expect("exact"));
+                    for l in 0..LANES {
+                        self.a[l] += dv[l];
+                        self.b[l] += dv[l] * c.sub(xv[l]);
+                    }
+                }
+                for (&xv, &g) in xt.iter().zip(dt) {
+                    self.total_a += g as f64;
+                    self.total_b += g as f64 * c.sub(xv) as f64;
+                }
+            }
+            Some(y) => {
+                let yc = y.chunks_exact(LANES);
+                let yt = yc.remainder();
+                for ((xv, yv), dv) in xc.zip(yc).zip(dc) {
+                    let xv: &[f32; LANES] = xv.try_into().expect("exact");
+                    let yv: &[f32; LANES] = yv.try_into().expect("exact");
+                    let dv: &[f32; LANES] = dv.try_into().expect("exact");
+                    for l in 0..LANES {
+                        let g = if yv[l] > 0.0 { dv[l] } else { 0.0 };
+                        self.a[l] += g;
+                        self.b[l] += g * c.sub(xv[l]);
+                    }
+                }
+                for ((&xv, &yv), &g) in xt.iter().zip(yt).zip(dt) {
+                    let g = if yv > 0.0 { g as f64 } else { 0.0 };
+                    self.total_a += g;
+                    self.total_b += g * c.sub(xv) as f64;
+                }
+            }
+        }
+        self.after(x.len());
+    }
+
+    /// The f64 totals, with everything pending flushed.
+    #[inline(always)]
+    pub fn totals(mut self) -> (f64, f64) {
+        self.flush();
+        (self.total_a, self.total_b)
+    }
 }
 
-/// Σ dy and Σ dy·(x - shift) over a run.
-#[inline(always)]
-pub fn sum_dy_and_dy_x(x: &[f32], dy: &[f32], shift: Center) -> (f64, f64) {
-    let mut s = [0.0f32; LANES];
-    let mut p = [0.0f32; LANES];
-    let xc = x.chunks_exact(LANES);
-    let dc = dy.chunks_exact(LANES);
-    let (xt, dt) = (xc.remainder(), dc.remainder());
-    for (xv, dv) in xc.zip(dc) {
-        let (xv, dv): (&[f32; LANES], &[f32; LANES]) = (xv.try_into().expect("exact"), dv.try_into().expect("exact"));
-        for l in 0..LANES {
-            s[l] += dv[l];
-            p[l] += dv[l] * shift.sub(xv[l]);
-        }
+impl Default for PairSums {
+    fn default() -> Self {
+        Self::new()
     }
-    let (mut st, mut pt) = (0.0f64, 0.0f64);
-    for (&xv, &dv) in xt.iter().zip(dt) {
-        st += dv as f64;
-        pt += dv as f64 * shift.sub(xv) as f64;
-    }
-    (lanes_total(s) + st, lanes_total(p) + pt)
 }
 
 /// Mean and biased variance of values seen as runs, by the corrected two-pass algorithm:
@@ -102,22 +155,24 @@ pub fn mean_var<'a, I>(runs: I) -> (f64, f32)
 where
     I: Iterator<Item = &'a [f32]> + Clone,
 {
-    let Some(shift) = runs.clone().find_map(|r| r.first().copied()) else {
+    let Some(first) = runs.clone().find_map(|r| r.first().copied()) else {
         return (0.0, 0.0);
     };
     // Pass 1 around the first value: Σ(x - x₀) stays small however large the offset.
-    let m: usize = runs.clone().map(|r| r.len()).sum();
-    let s1: f64 = runs
-        .clone()
-        .map(|r| sum_shifted(r, Center { hi: shift, lo: 0.0 }))
-        .sum();
-    let mean = shift as f64 + s1 / m as f64;
-    let (mut sd, mut sq) = (0.0f64, 0.0f64);
-    for r in runs {
-        let (a, b) = sum_and_sq_shifted(r, Center::new(mean));
-        sd += a;
-        sq += b;
+    let shift = Center { hi: first, lo: 0.0 };
+    let mut p1 = PairSums::new();
+    let mut m = 0usize;
+    for r in runs.clone() {
+        p1.add_centered_and_sq(r, shift);
+        m += r.len();
     }
+    let (s1, _) = p1.totals();
+    let mean = first as f64 + s1 / m as f64;
+    let mut p2 = PairSums::new();
+    for r in runs {
+        p2.add_centered_and_sq(r, Center::new(mean));
+    }
+    let (sd, sq) = p2.totals();
     let var = ((sq - sd * sd / m as f64) / m as f64).max(0.0);
     (mean + sd / m as f64, var as f32)
 }
