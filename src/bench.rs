@@ -166,7 +166,7 @@ pub fn run(quick: bool, filter: &str, progress: &mut dyn FnMut(&str)) -> Result<
     let models = ["seed-cnn".to_string(), format!("vgg:{DEFAULT_VGG}")];
     for model in models.into_iter().filter(|m| filter.is_empty() || m.contains(filter) || filter == "training") {
         progress(&format!("training {model}"));
-        let steps = if quick { 3 } else { 10 };
+        let steps = if quick { 3 } else { 40 };
         let ips = bench_training(&model, 128, steps)?;
         training.push(TrainResult {
             model,

@@ -158,6 +158,14 @@ fn init_threads(threads: Option<usize>) -> Result<usize> {
     Ok(n)
 }
 
+/// Runs `f` on a worker of the global pool: parallel kernels then start from inside the pool,
+/// where an idle worker steals at once, instead of waking the whole pool from outside per call.
+fn in_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let mut out = None;
+    rayon::scope(|s| s.spawn(|_| out = Some(f())));
+    out.expect("the scope ran the job")
+}
+
 /// Progress bars and one table row per epoch.
 struct CliReporter {
     bar: Option<ProgressBar>,
@@ -255,7 +263,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         "{:>5}  {:>9}  {:>10}  {:>9}  {:>9}  {:>8}  {:>7}  {:>8}",
         "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img/s"
     );
-    let m = train::train(start, &out, &mut CliReporter { bar: None })?;
+    let m = in_pool(|| train::train(start, &out, &mut CliReporter { bar: None }))?;
     println!(
         "done: test accuracy {:.4}, test loss {:.4}, {:.0} training images/s; wrote {}",
         m.test_accuracy,
@@ -285,7 +293,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             test.shape
         )));
     }
-    let ev = train::evaluate(&mut model, &test, meta.input_norm, a.batch_size)?;
+    let ev = in_pool(|| train::evaluate(&mut model, &test, meta.input_norm, a.batch_size))?;
     let (loss, acc) = (ev.loss, ev.accuracy);
     if let Some(path) = &a.predictions {
         let json = serde_json::to_vec(&ev.predictions).expect("predictions serialize");
@@ -321,9 +329,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let report = normlab::bench::run(a.quick, &a.filter, &mut |what| {
-        bar.set_message(what.to_string());
-        bar.inc(1);
+    let report = in_pool(|| {
+        normlab::bench::run(a.quick, &a.filter, &mut |what| {
+            bar.set_message(what.to_string());
+            bar.inc(1);
+        })
     })?;
     bar.finish_and_clear();
     println!(

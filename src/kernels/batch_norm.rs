@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::reduce::{mean_var, Center, PairSums};
+use crate::kernels::reduce::{mean_var, relu_mask, Center, PairSums};
 use crate::kernels::simd::{multiversion, SharedOut};
 
 /// A channel's batch statistics: f64 mean and biased variance.
@@ -132,7 +132,7 @@ pub struct ChannelSums {
 fn dx_run(x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32], center: Center, k: f32, a: f32, b: f32, relu: bool) {
     if relu {
         for (((o, &xv), &yv), &g) in dx.iter_mut().zip(x).zip(y).zip(dy) {
-            let g = if yv > 0.0 { g } else { 0.0 };
+            let g = relu_mask(yv, g);
             *o = k * (g - a - center.sub(xv) * b);
         }
     } else {

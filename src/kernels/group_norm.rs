@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::batch_norm::{apply_run, inverse_std, ChannelStats};
-use crate::kernels::reduce::{mean_var, Center, PairSums};
+use crate::kernels::reduce::{mean_var, relu_mask, Center, PairSums};
 use crate::kernels::simd::multiversion;
 
 /// Values per f32 run inside a block before the f64 combine.
@@ -120,9 +120,14 @@ multiversion! {
             dxb.chunks_mut(s).zip(xb.chunks(s)).zip(yb.chunks(s).zip(db.chunks(s))).enumerate()
         {
             let k = invstd * gamma.map_or(1.0, |g| g[j]);
-            for (((o, &xv), &yv), &g) in dxr.iter_mut().zip(xr).zip(yr).zip(dr) {
-                let g = if relu && yv <= 0.0 { 0.0 } else { g };
-                *o = k * g - invstd * (a + center.sub(xv) * b);
+            if relu {
+                for (((o, &xv), &yv), &g) in dxr.iter_mut().zip(xr).zip(yr).zip(dr) {
+                    *o = k * relu_mask(yv, g) - invstd * (a + center.sub(xv) * b);
+                }
+            } else {
+                for ((o, &xv), &g) in dxr.iter_mut().zip(xr).zip(dr) {
+                    *o = k * g - invstd * (a + center.sub(xv) * b);
+                }
             }
         }
     }

@@ -62,16 +62,17 @@ fn max_pool_2x2(x: &[f32], h: usize, w: usize, y: &mut [f32], argmax: &mut [u32]
                     &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + w],
                 );
                 let (yr, ar) = (&mut yp[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
+                let base = (2 * oy * w) as u32;
                 for ox in 0..ow {
-                    let cand = [r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]];
-                    let mut best = 0;
-                    for j in 1..4 {
-                        if cand[j] > cand[best] || (cand[j].is_nan() && !cand[best].is_nan()) {
-                            best = j;
-                        }
+                    // Branch-free (selects, not jumps): random data would mispredict branches.
+                    let (mut best, mut at) = (r0[2 * ox], 0u32);
+                    for (j, v) in [(1u32, r0[2 * ox + 1]), (w as u32, r1[2 * ox]), (w as u32 + 1, r1[2 * ox + 1])] {
+                        let wins = v > best || (v.is_nan() & !best.is_nan());
+                        best = if wins { v } else { best };
+                        at = if wins { j } else { at };
                     }
-                    yr[ox] = cand[best];
-                    ar[ox] = ((2 * oy + best / 2) * w + 2 * ox + best % 2) as u32;
+                    yr[ox] = best;
+                    ar[ox] = base + 2 * ox as u32 + at;
                 }
             }
         });

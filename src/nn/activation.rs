@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::kernels::reduce::relu_mask;
 use crate::nn::layer::{Layer, Mode};
 use crate::tensor::Tensor;
 
@@ -47,7 +48,7 @@ impl Layer for ReLU {
             .zip(dy.data.par_chunks(CHUNK).zip(y.data.par_chunks(CHUNK)))
             .for_each(|(o, (d, y))| {
                 for ((o, &g), &v) in o.iter_mut().zip(d).zip(y) {
-                    *o = if v > 0.0 { g } else { 0.0 };
+                    *o = relu_mask(v, g);
                 }
             });
         Ok(())
