@@ -164,7 +164,10 @@ pub fn run(quick: bool, filter: &str, progress: &mut dyn FnMut(&str)) -> Result<
     }
     let mut training = Vec::new();
     let models = ["seed-cnn".to_string(), format!("vgg:{DEFAULT_VGG}")];
-    for model in models.into_iter().filter(|m| filter.is_empty() || m.contains(filter) || filter == "training") {
+    for model in models
+        .into_iter()
+        .filter(|m| filter.is_empty() || m.contains(filter) || filter == "training")
+    {
         progress(&format!("training {model}"));
         let steps = if quick { 3 } else { 40 };
         let ips = bench_training(&model, 128, steps)?;

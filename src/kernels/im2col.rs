@@ -162,7 +162,15 @@ mod tests {
     #[test]
     fn stride_one_paths_match_the_definition() {
         for (k, p, h, w) in [(3, 1, 5, 6), (3, 0, 4, 4), (5, 2, 6, 5), (1, 0, 3, 3), (3, 2, 2, 3)] {
-            let g = ConvGeometry { channels: 2, height: h, width: w, kernel_h: k, kernel_w: k, stride: 1, padding: p };
+            let g = ConvGeometry {
+                channels: 2,
+                height: h,
+                width: w,
+                kernel_h: k,
+                kernel_w: k,
+                stride: 1,
+                padding: p,
+            };
             let x: Vec<f32> = (0..2 * h * w).map(|i| i as f32 + 1.0).collect();
             let (oh, ow) = (g.out_h(), g.out_w());
             let mut col = vec![f32::NAN; g.col_rows() * oh * ow];
@@ -175,9 +183,16 @@ mod tests {
                     for j in 0..k {
                         for oy in 0..oh {
                             for ox in 0..ow {
-                                let (iy, ix) = (oy as isize + i as isize - p as isize, ox as isize + j as isize - p as isize);
+                                let (iy, ix) = (
+                                    oy as isize + i as isize - p as isize,
+                                    ox as isize + j as isize - p as isize,
+                                );
                                 let inside = iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w;
-                                let v = if inside { x[c * h * w + iy as usize * w + ix as usize] } else { 0.0 };
+                                let v = if inside {
+                                    x[c * h * w + iy as usize * w + ix as usize]
+                                } else {
+                                    0.0
+                                };
                                 let row = (c * k + i) * k + j;
                                 assert_eq!(col[row * oh * ow + oy * ow + ox], v, "k{k} p{p} row {row} ({oy},{ox})");
                                 if inside {

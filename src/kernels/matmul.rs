@@ -1,6 +1,18 @@
 //! Matrix products through the `gemm` crate, behind one safe, bounds-checked call.
 
+use std::cell::Cell;
+
 use gemm::Parallelism;
+
+thread_local! {
+    static IN_GEMM: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while this thread is inside a gemm call. gemm allocates its packing buffers on every
+/// call (its API takes no workspace); this lets an allocation counter tell those from normlab's.
+pub fn inside_gemm() -> bool {
+    IN_GEMM.with(|f| f.get())
+}
 
 /// How a row-major operand is read: as stored, or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +62,7 @@ pub fn matmul(
     } else {
         Parallelism::None
     };
+    IN_GEMM.with(|f| f.set(true));
     // SAFETY: the asserts above guarantee every index gemm touches lies inside the slices,
     // and `c` is borrowed mutably, so it cannot alias `a` or `b`.
     unsafe {
@@ -75,6 +88,7 @@ pub fn matmul(
             parallelism,
         );
     }
+    IN_GEMM.with(|f| f.set(false));
 }
 
 #[cfg(test)]

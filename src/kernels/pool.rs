@@ -66,7 +66,11 @@ fn max_pool_2x2(x: &[f32], h: usize, w: usize, y: &mut [f32], argmax: &mut [u32]
                 for ox in 0..ow {
                     // Branch-free (selects, not jumps): random data would mispredict branches.
                     let (mut best, mut at) = (r0[2 * ox], 0u32);
-                    for (j, v) in [(1u32, r0[2 * ox + 1]), (w as u32, r1[2 * ox]), (w as u32 + 1, r1[2 * ox + 1])] {
+                    for (j, v) in [
+                        (1u32, r0[2 * ox + 1]),
+                        (w as u32, r1[2 * ox]),
+                        (w as u32 + 1, r1[2 * ox + 1]),
+                    ] {
                         let wins = v > best || (v.is_nan() & !best.is_nan());
                         best = if wins { v } else { best };
                         at = if wins { j } else { at };

@@ -56,7 +56,13 @@ pub struct PairSums {
 impl PairSums {
     #[inline(always)]
     pub fn new() -> Self {
-        PairSums { a: [0.0; LANES], b: [0.0; LANES], pending: 0, total_a: 0.0, total_b: 0.0 }
+        PairSums {
+            a: [0.0; LANES],
+            b: [0.0; LANES],
+            pending: 0,
+            total_a: 0.0,
+            total_b: 0.0,
+        }
     }
 
     #[inline(always)]
@@ -172,7 +178,14 @@ where
         }
     }
     if k < 16 {
-        for &v in runs.clone().find(|r| !r.is_empty()).unwrap_or(&[]).iter().skip(1).take(63) {
+        for &v in runs
+            .clone()
+            .find(|r| !r.is_empty())
+            .unwrap_or(&[])
+            .iter()
+            .skip(1)
+            .take(63)
+        {
             head += v as f64;
             k += 1;
         }
@@ -213,7 +226,10 @@ mod tests {
             let (mean, var) = mean_var(data.chunks(49));
             let (em, ev) = exact(&data);
             assert!((mean - em).abs() < 1e-7 * em.abs(), "mean {mean} vs {em}");
-            assert!(((var as f64) - ev).abs() < 1e-5 * ev, "var {var} vs {ev} (outlier {outlier})");
+            assert!(
+                ((var as f64) - ev).abs() < 1e-5 * ev,
+                "var {var} vs {ev} (outlier {outlier})"
+            );
         }
     }
 }
