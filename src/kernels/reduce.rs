@@ -84,6 +84,7 @@ impl PairSums {
 
     /// Adds Σ(x - c) and Σ(x - c)² of a run.
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // explicit lanes are what the vectorizer needs
     pub fn add_centered_and_sq(&mut self, run: &[f32], c: Center) {
         let chunks = run.chunks_exact(LANES);
         let tail = chunks.remainder();
@@ -105,6 +106,7 @@ impl PairSums {
 
     /// Adds Σg and Σg·(x - c) of a run, g = dy, or dy·[y > 0] when `mask` is given.
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // explicit lanes are what the vectorizer needs
     pub fn add_grad(&mut self, x: &[f32], mask: Option<&[f32]>, dy: &[f32], c: Center) {
         let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
         let (xt, dt) = (xc.remainder(), dc.remainder());
