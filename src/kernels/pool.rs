@@ -19,6 +19,13 @@ pub fn max_pool_forward(
     if k == 2 && s == 2 {
         return max_pool_2x2(x, h, w, y, argmax);
     }
+    max_pool_generic(x, h, w, k, s, y, argmax);
+}
+
+/// Any window and stride: the first maximum in row-major order wins; NaN wins.
+#[allow(clippy::too_many_arguments)]
+fn max_pool_generic(x: &[f32], h: usize, w: usize, k: usize, s: usize, y: &mut [f32], argmax: &mut [u32]) {
+    let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
     y.par_chunks_mut(oh * ow)
         .zip(argmax.par_chunks_mut(oh * ow))
         .zip(x.par_chunks(h * w))
@@ -49,37 +56,36 @@ pub fn max_pool_forward(
 }
 
 /// The common 2×2 / stride 2 window, two input rows at a time; same winner rule as above (the
-/// first maximum in row-major order; NaN wins).
+/// first maximum in row-major order; NaN wins). Branch-free selects, column pair by column
+/// pair, so random data costs no mispredictions and the loop can vectorize.
 fn max_pool_2x2(x: &[f32], h: usize, w: usize, y: &mut [f32], argmax: &mut [u32]) {
     let (oh, ow) = (h / 2, w / 2);
-    y.par_chunks_mut(oh * ow)
-        .zip(argmax.par_chunks_mut(oh * ow))
-        .zip(x.par_chunks(h * w))
-        .for_each(|((yp, ap), xp)| {
+    // b beats a: larger, or NaN where a is not.
+    #[inline(always)]
+    fn beats(b: f32, a: f32) -> bool {
+        (b > a) | (b.is_nan() & !a.is_nan())
+    }
+    y.par_chunks_mut(oh * ow).zip(argmax.par_chunks_mut(oh * ow)).zip(x.par_chunks(h * w)).for_each(
+        |((yp, ap), xp)| {
             for oy in 0..oh {
-                let (r0, r1) = (
-                    &xp[2 * oy * w..2 * oy * w + w],
-                    &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + w],
-                );
+                let r0 = &xp[2 * oy * w..2 * oy * w + 2 * ow];
+                let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
                 let (yr, ar) = (&mut yp[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
                 let base = (2 * oy * w) as u32;
-                for ox in 0..ow {
-                    // Branch-free (selects, not jumps): random data would mispredict branches.
-                    let (mut best, mut at) = (r0[2 * ox], 0u32);
-                    for (j, v) in [
-                        (1u32, r0[2 * ox + 1]),
-                        (w as u32, r1[2 * ox]),
-                        (w as u32 + 1, r1[2 * ox + 1]),
-                    ] {
-                        let wins = v > best || (v.is_nan() & !best.is_nan());
-                        best = if wins { v } else { best };
-                        at = if wins { j } else { at };
-                    }
-                    yr[ox] = best;
-                    ar[ox] = base + 2 * ox as u32 + at;
+                for (ox, ((o, a), (p0, p1))) in
+                    yr.iter_mut().zip(ar.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))).enumerate()
+                {
+                    let t = beats(p0[1], p0[0]);
+                    let (m0, i0) = (if t { p0[1] } else { p0[0] }, t as u32);
+                    let b = beats(p1[1], p1[0]);
+                    let (m1, i1) = (if b { p1[1] } else { p1[0] }, w as u32 + b as u32);
+                    let s = beats(m1, m0);
+                    *o = if s { m1 } else { m0 };
+                    *a = base + 2 * ox as u32 + if s { i1 } else { i0 };
                 }
             }
-        });
+        },
+    );
 }
 
 /// dx[argmax] += dy: each output's gradient goes to the input that won its window.
@@ -132,4 +138,28 @@ pub fn avg_pool_backward(dy: &[f32], h: usize, w: usize, k: usize, s: usize, dx:
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_2x2_path_picks_the_same_winner_as_the_general_loop() {
+        let (h, w) = (6, 8);
+        // Ties, repeated values, negative zeros and NaNs in several positions.
+        let mut x: Vec<f32> = (0..2 * h * w).map(|i| ((i * 7) % 5) as f32 - 2.0).collect();
+        x[3] = f32::NAN;
+        x[w + 12] = f32::NAN;
+        x[w + 13] = f32::NAN;
+        x[40] = -0.0;
+        let n = 2 * (h / 2) * (w / 2);
+        let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0; n], vec![0; n], vec![0.0; n], vec![0; n]);
+        max_pool_2x2(&x, h, w, &mut y1, &mut a1);
+        max_pool_generic(&x, h, w, 2, 2, &mut y2, &mut a2);
+        assert_eq!(a1, a2);
+        for (p, q) in y1.iter().zip(&y2) {
+            assert!(p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()));
+        }
+    }
 }
