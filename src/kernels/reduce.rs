@@ -164,7 +164,7 @@ impl Default for PairSums {
 
 /// Mean and biased variance of values seen as runs, in one pass of shifted sums: with K an
 /// estimate of the mean (the first value of each of up to 64 runs, i.e. of different samples,
-/// topped up from the first run when there are few runs), Σd and Σd² of d = x - K give
+/// topped up with eight values spread over the first run when there are few runs), Σd and Σd² of d = x - K give
 /// mean = K + Σd/m and var = (Σd² - (Σd)²/m)/m. K sits within a few standard deviations of
 /// the mean, so the subtraction loses almost nothing, and a large offset never enters an f32 sum.
 #[inline(always)]
@@ -180,14 +180,10 @@ where
         }
     }
     if k < 16 {
-        for &v in runs
-            .clone()
-            .find(|r| !r.is_empty())
-            .unwrap_or(&[])
-            .iter()
-            .skip(1)
-            .take(63)
-        {
+        // Few runs: add eight evenly spaced values of the first run (cheap for short blocks).
+        let first = runs.clone().find(|r| !r.is_empty()).unwrap_or(&[]);
+        let step = (first.len() / 8).max(1);
+        for &v in first.iter().skip(step).step_by(step).take(8) {
             head += v as f64;
             k += 1;
         }
