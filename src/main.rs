@@ -31,12 +31,30 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a checkpoint on the test set in eval mode (running statistics).
     Eval(EvalArgs),
+    /// Fold every eval-mode BatchNorm into the conv/linear layer before it.
+    Fold(FoldArgs),
     /// List every --norm spec with what it does.
     Norms,
     /// Time the norm kernels and end-to-end training on this machine.
     Bench(BenchArgs),
     /// Run one normalization layer on tensors from a safetensors file (conformance checks).
     Layer(LayerArgs),
+}
+
+#[derive(Args)]
+struct FoldArgs {
+    /// A model.safetensors written by `normlab train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Folder for the folded model.safetensors and fold.json.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    test_limit: Option<usize>,
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -146,6 +164,9 @@ struct EvalArgs {
     /// Write the predicted class of every test image to FILE as a JSON array.
     #[arg(long)]
     predictions: Option<PathBuf>,
+    /// Fold BatchNorm into the layers before it first, and evaluate the folded model.
+    #[arg(long)]
+    fold: bool,
 }
 
 fn init_threads(threads: Option<usize>) -> Result<usize> {
@@ -280,19 +301,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         return Err(normlab::Error::invalid("--batch-size must be at least 1"));
     }
     let (mut model, meta) = load_model(&a.checkpoint)?;
-    let dir = resolve_data_dir(a.data.as_deref())?;
-    let mut test = load_split(&dir, false)?;
-    if let Some(n) = a.test_limit {
-        test.truncate(n);
+    if a.fold {
+        model = normlab::fold::fold(&mut model)?;
     }
-    if test.shape != meta.spec.input {
-        return Err(normlab::Error::invalid(format!(
-            "checkpoint expects images {:?}, data in {} are {:?}",
-            meta.spec.input,
-            dir.display(),
-            test.shape
-        )));
-    }
+    let test = test_split(a.data.as_deref(), a.test_limit, meta.spec.input)?;
     let ev = in_pool(|| train::evaluate(&mut model, &test, meta.input_norm, a.batch_size))?;
     let (loss, acc) = (ev.loss, ev.accuracy);
     if let Some(path) = &a.predictions {
@@ -317,6 +329,72 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             test.len()
         );
     }
+    Ok(())
+}
+
+/// Loads the test split a checkpoint was trained for, checking the image shape.
+fn test_split(data: Option<&std::path::Path>, limit: Option<usize>, input: [usize; 3]) -> Result<normlab::data::Dataset> {
+    let dir = resolve_data_dir(data)?;
+    let mut test = load_split(&dir, false)?;
+    if let Some(n) = limit {
+        test.truncate(n);
+    }
+    if test.shape != input {
+        return Err(normlab::Error::invalid(format!(
+            "the checkpoint expects images {:?}, the data in {} are {:?}",
+            input,
+            dir.display(),
+            test.shape
+        )));
+    }
+    Ok(test)
+}
+
+fn run_fold(a: FoldArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let (mut model, meta) = load_model(&a.checkpoint)?;
+    let mut folded = normlab::fold::fold(&mut model)?;
+    let test = test_split(a.data.as_deref(), a.test_limit, meta.spec.input)?;
+    let out = a.out.join("model.safetensors");
+    if out == a.checkpoint {
+        return Err(normlab::Error::invalid("--out would overwrite the input checkpoint; choose another folder"));
+    }
+    let report = in_pool(|| -> Result<serde_json::Value> {
+        let diff = normlab::fold::max_logit_difference(&mut model, &mut folded, &test, meta.input_norm, 500)?;
+        let mut lat = Vec::new();
+        for batch in [1usize, 128] {
+            let reps = if batch == 1 { 200 } else { 20 };
+            let before = normlab::bench::inference_latency(&mut model, batch, reps)?;
+            let after = normlab::bench::inference_latency(&mut folded, batch, reps)?;
+            lat.push(serde_json::json!({"batch": batch, "unfolded_ms": before * 1e3, "folded_ms": after * 1e3,
+                "speedup": before / after}));
+        }
+        let acc = train::evaluate(&mut folded, &test, meta.input_norm, 1000)?.accuracy;
+        Ok(serde_json::json!({
+            "checkpoint": a.checkpoint, "folded_checkpoint": out, "model": meta.spec.model,
+            "norm_before": meta.spec.norm, "test_images": test.len(),
+            "max_abs_logit_difference": diff, "folded_test_accuracy": acc, "latency": lat,
+        }))
+    })?;
+    let fmeta = normlab::checkpoint::CheckpointMeta { spec: folded.spec.clone(), ..meta };
+    normlab::checkpoint::save_model(&out, &mut folded, &fmeta)?;
+    let json = serde_json::to_vec_pretty(&report).expect("report serializes");
+    normlab::checkpoint::write_atomic(&a.out.join("fold.json"), &json)?;
+    println!("folded {} ({}) -> {}", report["model"].as_str().unwrap_or(""), folded.summary(), out.display());
+    let diff = report["max_abs_logit_difference"].as_f64().unwrap_or(f64::NAN);
+    println!("largest |logit difference| over {} test images: {diff:.3e}", test.len());
+    println!("folded test accuracy {:.4}", report["folded_test_accuracy"].as_f64().unwrap_or(0.0));
+    println!("{:>6} {:>13} {:>11} {:>8}", "batch", "unfolded ms", "folded ms", "speedup");
+    for l in report["latency"].as_array().into_iter().flatten() {
+        println!(
+            "{:>6} {:>13.3} {:>11.3} {:>7.2}x",
+            l["batch"],
+            l["unfolded_ms"].as_f64().unwrap_or(0.0),
+            l["folded_ms"].as_f64().unwrap_or(0.0),
+            l["speedup"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("wrote {}", a.out.join("fold.json").display());
     Ok(())
 }
 
@@ -381,6 +459,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Bench(a) => run_bench(a),
+        Command::Fold(a) => run_fold(a),
         Command::Layer(a) => normlab::conformance::layer_command(&a.spec, &a.input, &a.output, a.eval).map(|n| {
             println!("wrote {} tensors to {}", n, a.output.display());
         }),

@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::nn::activation::{ReLU, Sigmoid};
+use crate::nn::activation::Sigmoid;
 use crate::nn::conv2d::Conv2d;
 use crate::nn::linear::Linear;
 use crate::nn::norm_spec::NormSpec;
@@ -20,7 +20,7 @@ pub const DEFAULT_VGG: &str = "32,32,M,64,64,M,128,128,M";
 /// Everything needed to rebuild a model's structure; stored in checkpoint metadata.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
-    /// `seed-cnn`, `mlp` or `vgg:<cfg>`.
+    /// `seed-cnn` (or `seed-cnn:W` for W conv filters, as pruning leaves it), `mlp` or `vgg:<cfg>`.
     pub model: String,
     /// Canonical norm spec (see `NormSpec`'s Display).
     pub norm: String,
@@ -31,7 +31,8 @@ pub struct ModelSpec {
 
 #[derive(Clone, Debug, PartialEq)]
 enum Arch {
-    SeedCnn,
+    /// The conv width (32 in the articles).
+    SeedCnn(usize),
     Mlp,
     Vgg(Vec<Option<usize>>),
 }
@@ -39,7 +40,11 @@ enum Arch {
 fn parse_arch(model: &str) -> Result<Arch> {
     let (name, cfg) = model.split_once(':').unwrap_or((model, ""));
     match (name, cfg) {
-        ("seed-cnn", "") => Ok(Arch::SeedCnn),
+        ("seed-cnn", "") => Ok(Arch::SeedCnn(32)),
+        ("seed-cnn", w) => match w.parse::<usize>() {
+            Ok(w) if w > 0 => Ok(Arch::SeedCnn(w)),
+            _ => Err(Error::invalid(format!("seed-cnn width '{w}' is not a whole number > 0"))),
+        },
         ("mlp", "") => Ok(Arch::Mlp),
         ("vgg", cfg) => {
             let cfg = if cfg.is_empty() { DEFAULT_VGG } else { cfg };
@@ -61,7 +66,7 @@ fn parse_arch(model: &str) -> Result<Arch> {
             Ok(Arch::Vgg(items))
         }
         _ => Err(Error::invalid(format!(
-            "unknown model '{model}' (known: seed-cnn, mlp, vgg[:cfg])"
+            "unknown model '{model}' (known: seed-cnn[:width], mlp, vgg[:cfg])"
         ))),
     }
 }
@@ -98,22 +103,25 @@ impl Model {
         let [c, h, w] = spec.input;
         let bias = norm.wants_bias();
         let mut net = Sequential::default();
-        // The norm after a conv/linear layer, with the ReLU that follows it fused in; without
-        // a norm, a plain ReLU.
+        // The ReLU after a conv is fused into the norm that follows the conv, or without a norm
+        // into the conv itself (bias and ReLU applied while its output is in cache).
+        let fuse_into_conv = norm == NormSpec::None;
+        let push_conv = |net: &mut Sequential, name: &str, conv: Conv2d| {
+            net.push(name, if fuse_into_conv { conv.with_relu() } else { conv });
+        };
         let push_norm_relu = |net: &mut Sequential, name: String, sample_shape: &[usize]| -> Result<()> {
-            match norm.build(sample_shape, &name, true)? {
-                Some(layer) => net.push_boxed(&name, layer),
-                None => net.push("", ReLU),
+            if let Some(layer) = norm.build(sample_shape, &name, true)? {
+                net.push_boxed(&name, layer);
             }
             Ok(())
         };
         match arch {
-            Arch::SeedCnn => {
-                net.push("conv1", Conv2d::new(c, 32, 3, 1, 1, bias, &mut rng));
-                push_norm_relu(&mut net, "bn1".into(), &[32, h, w])?;
+            Arch::SeedCnn(width) => {
+                push_conv(&mut net, "conv1", Conv2d::new(c, width, 3, 1, 1, bias, &mut rng));
+                push_norm_relu(&mut net, "bn1".into(), &[width, h, w])?;
                 net.push("", MaxPool2d::new(2, 2));
-                // Linear reads [N, 32, 14, 14] as [N, 6272]: PyTorch's Flatten without the copy.
-                net.push("fc1", Linear::new(32 * (h / 2) * (w / 2), spec.classes, true, &mut rng));
+                // Linear reads [N, W, 14, 14] as [N, W*196]: PyTorch's Flatten without the copy.
+                net.push("fc1", Linear::new(width * (h / 2) * (w / 2), spec.classes, true, &mut rng));
             }
             Arch::Mlp => {
                 let mut width = c * h * w;
@@ -134,7 +142,7 @@ impl Model {
                     match item {
                         Some(out) => {
                             k += 1;
-                            net.push(&format!("conv{k}"), Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng));
+                            push_conv(&mut net, &format!("conv{k}"), Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng));
                             push_norm_relu(&mut net, format!("bn{k}"), &[out, hh, ww])?;
                             ch = out;
                         }

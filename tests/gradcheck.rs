@@ -104,6 +104,9 @@ fn conv2d_gradients() {
     let mut conv = Conv2d::new(3, 4, 3, 1, 1, true, &mut g);
     conv.set_input_grad(true);
     check("conv 3x3 pad 1", &mut conv, random(&[2, 3, 5, 6], &mut g), 1e-2);
+    let mut fused = Conv2d::new(3, 4, 3, 1, 1, true, &mut g).with_relu();
+    fused.set_input_grad(true);
+    check("conv + fused relu", &mut fused, random(&[2, 3, 5, 6], &mut g), 1e-3);
     let mut strided = Conv2d::new(2, 3, 3, 2, 0, false, &mut g);
     strided.set_input_grad(true);
     check("conv 3x3 stride 2", &mut strided, random(&[2, 2, 7, 7], &mut g), 1e-2);

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::kernels::im2col::{col2im, im2col, ConvGeometry};
 use crate::kernels::matmul::{matmul, Op};
+use crate::kernels::reduce::relu_mask;
 use crate::nn::layer::{Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
@@ -22,14 +23,18 @@ pub struct Conv2d {
     pub weight: Param,
     pub bias: Option<Param>,
     input_grad: bool,
+    /// A ReLU fused after the bias (forward and backward), when no norm sits between.
+    pub relu: bool,
     groups: Vec<GroupScratch>,
 }
 
-/// What one sample group works in: its im2col buffer and its [dW | db] partial sum.
+/// What one sample group works in: its im2col buffer, its [dW | db] partial sum, and (with a
+/// fused ReLU) one sample's masked output gradient.
 #[derive(Default)]
 struct GroupScratch {
     col: Vec<f32>,
     partial: Vec<f32>,
+    masked: Vec<f32>,
 }
 
 impl Conv2d {
@@ -71,8 +76,15 @@ impl Conv2d {
             weight,
             bias,
             input_grad: true,
+            relu: false,
             groups: Vec::new(),
         }
+    }
+
+    /// The same layer with a ReLU fused after it.
+    pub fn with_relu(mut self) -> Self {
+        self.relu = true;
+        self
     }
 
     fn geometry(&self, x: &Tensor) -> Result<ConvGeometry> {
@@ -115,9 +127,11 @@ impl Conv2d {
         let col_len = g.col_rows() * g.col_cols();
         let partial_len = self.out_channels * (g.col_rows() + 1);
         self.groups.resize_with(groups, GroupScratch::default);
+        let masked_len = if self.relu { self.out_channels * g.col_cols() } else { 0 };
         for s in self.groups.iter_mut() {
             s.col.resize(col_len, 0.0);
             s.partial.resize(partial_len, 0.0);
+            s.masked.resize(masked_len, 0.0);
         }
         per_group
     }
@@ -134,7 +148,11 @@ fn gemm_threads(n: usize) -> usize {
 
 impl Layer for Conv2d {
     fn kind(&self) -> &'static str {
-        "Conv2d"
+        if self.relu {
+            "Conv2d+ReLU"
+        } else {
+            "Conv2d"
+        }
     }
 
     // y_n = W[OC, C*k*k] · im2col(x_n) + b
@@ -148,6 +166,7 @@ impl Layer for Conv2d {
         let (w, bias) = (&self.weight.value.data, self.bias.as_ref().map(|b| &b.value.data));
         let xs = x.sample_len();
         let threads = gemm_threads(n);
+        let relu = self.relu;
         y.data
             .par_chunks_mut(per_group * oc * cols)
             .zip(x.data.par_chunks(per_group * xs))
@@ -157,10 +176,16 @@ impl Layer for Conv2d {
                 for (ys, xi) in yg.chunks_mut(oc * cols).zip(xg.chunks(xs)) {
                     im2col(xi, &g, col);
                     matmul(ys, oc, cols, rows, w, Op::N, col, Op::N, false, threads);
-                    if let Some(b) = bias {
-                        for (plane, &bv) in ys.chunks_mut(cols).zip(b.iter()) {
-                            plane.iter_mut().for_each(|v| *v += bv);
-                        }
+                    // Epilogue while the sample's output is in cache: + bias, then ReLU.
+                    match (bias, relu) {
+                        (Some(b), true) => ys.chunks_mut(cols).zip(b.iter()).for_each(|(p, &bv)| {
+                            p.iter_mut().for_each(|v| *v = (*v + bv).max(0.0));
+                        }),
+                        (Some(b), false) => ys.chunks_mut(cols).zip(b.iter()).for_each(|(p, &bv)| {
+                            p.iter_mut().for_each(|v| *v += bv);
+                        }),
+                        (None, true) => ys.iter_mut().for_each(|v| *v = v.max(0.0)),
+                        (None, false) => {}
                     }
                 }
             });
@@ -168,7 +193,7 @@ impl Layer for Conv2d {
     }
 
     // dW = Σ_n dy_n · im2col(x_n)ᵀ,  db = Σ dy,  dx_n = col2im(Wᵀ · dy_n)
-    fn backward(&mut self, x: &Tensor, _y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         let g = self.geometry(x)?;
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
@@ -185,16 +210,30 @@ impl Layer for Conv2d {
         dx.resize_to(&x.shape);
         let w = &self.weight.value.data;
         let threads = gemm_threads(n);
+        let relu = self.relu;
+        if y.shape != dy.shape {
+            return Err(Error::shape("Conv2d", format!("output {:?} does not match gradient {:?}", y.shape, dy.shape)));
+        }
         self.groups
             .par_iter_mut()
-            .zip(dy.data.par_chunks(per_group * oc * cols))
+            .zip(dy.data.par_chunks(per_group * oc * cols).zip(y.data.par_chunks(per_group * oc * cols)))
             .zip(x.data.par_chunks(per_group * xs))
             .zip(dx.data.par_chunks_mut(per_group * xs))
-            .for_each(|(((scratch, dyg), xg), dxg)| {
-                let GroupScratch { col, partial } = scratch;
+            .for_each(|(((scratch, (dyg, yg)), xg), dxg)| {
+                let GroupScratch { col, partial, masked } = scratch;
                 partial.fill(0.0);
                 let (dw, db) = partial.split_at_mut(oc * rows);
-                for ((dyi, xi), dxi) in dyg.chunks(oc * cols).zip(xg.chunks(xs)).zip(dxg.chunks_mut(xs)) {
+                let samples = dyg.chunks(oc * cols).zip(yg.chunks(oc * cols));
+                for (((dyi, yi), xi), dxi) in samples.zip(xg.chunks(xs)).zip(dxg.chunks_mut(xs)) {
+                    // With a fused ReLU the gradient reaching the conv is dy·[y > 0].
+                    let dyi: &[f32] = if relu {
+                        for ((m, &g), &v) in masked.iter_mut().zip(dyi).zip(yi) {
+                            *m = relu_mask(v, g);
+                        }
+                        masked
+                    } else {
+                        dyi
+                    };
                     im2col(xi, &g, col);
                     matmul(dw, oc, rows, cols, dyi, Op::N, col, Op::T, true, threads);
                     for (o, plane) in db.iter_mut().zip(dyi.chunks(cols)) {

@@ -1,0 +1,126 @@
+//! BN folding for inference: every eval-mode BatchNorm is merged into the conv or linear layer
+//! before it (PyTorch's fuse_conv_bn_eval): with s = γ / sqrt(running_var + eps),
+//! W' = W·s per output channel and b' = (b − running_mean)·s + β. The folded model is the same
+//! architecture with `--norm none`, whose conv/linear layers carry the bias.
+
+use std::collections::HashMap;
+
+use crate::data::{Dataset, InputNorm};
+use crate::error::{Error, Result};
+use crate::models::{Model, ModelSpec};
+use crate::nn::batch_norm::BatchStats;
+use crate::nn::norm_spec::NormSpec;
+use crate::nn::{BufferMut, Mode};
+use crate::tensor::Tensor;
+
+/// Every tensor of a model's state dict by name (int64 buffers as one-value tensors).
+pub fn state_map(model: &mut Model) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    for (name, p) in model.net.named_params() {
+        out.insert(name, p.value.clone());
+    }
+    for (name, b) in model.net.named_buffers() {
+        if let BufferMut::F32(t) = b {
+            out.insert(name, t.clone());
+        }
+    }
+    out
+}
+
+/// The per-channel (scale, shift) that a norm layer `prefix` applies in eval mode.
+fn bn_affine(state: &HashMap<String, Tensor>, prefix: &str, eps: f64, lp: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+    let get = |k: &str| {
+        state
+            .get(&format!("{prefix}.{k}"))
+            .ok_or_else(|| Error::invalid(format!("{prefix} has no {k}: only BatchNorm with running statistics folds")))
+    };
+    let rm = get("running_mean")?;
+    let rv = get(if lp { "running_scale" } else { "running_var" })?;
+    let c = rm.len();
+    let gamma = state.get(&format!("{prefix}.weight")).map(|t| t.data.clone()).unwrap_or_else(|| vec![1.0; c]);
+    let beta = state.get(&format!("{prefix}.bias")).map(|t| t.data.clone()).unwrap_or_else(|| vec![0.0; c]);
+    let mut scale = Vec::with_capacity(c);
+    let mut shift = Vec::with_capacity(c);
+    for ch in 0..c {
+        let inv = if lp { 1.0 / (rv.data[ch] as f64 + eps) } else { 1.0 / (rv.data[ch] as f64 + eps).sqrt() };
+        let s = gamma[ch] as f64 * inv;
+        scale.push(s as f32);
+        // b' = (b − rm)·s + β, with b added by the caller (b·s) when the layer had a bias.
+        shift.push((beta[ch] as f64 - rm.data[ch] as f64 * s) as f32);
+    }
+    Ok((scale, shift))
+}
+
+/// The folded model: same architecture, no norm layers, conv/linear weights and biases
+/// absorbing each BatchNorm's eval-mode affine.
+pub fn fold(model: &mut Model) -> Result<Model> {
+    let norm: NormSpec = model.spec.norm.parse()?;
+    let NormSpec::Batch(cfg) = norm else {
+        return Err(Error::invalid(format!(
+            "the checkpoint has no BatchNorm layers to fold (its norm is {})",
+            model.spec.norm
+        )));
+    };
+    if !cfg.track_running_stats {
+        return Err(Error::invalid(
+            "BatchNorm without running statistics (track=false) normalizes with batch statistics in eval mode and cannot be folded",
+        ));
+    }
+    let lp = matches!(cfg.stats, BatchStats::Lp(_));
+    let state = state_map(model);
+    // Which weight layer each norm follows: the layer just before it in the Sequential.
+    let mut follows: Vec<(String, String)> = Vec::new();
+    let names: Vec<String> = model.net.layers.iter().map(|(n, _)| n.clone()).collect();
+    for (i, (name, layer)) in model.net.layers.iter().enumerate() {
+        if layer.kind().starts_with("BatchNorm") {
+            let prev = names[..i].iter().rev().find(|n| !n.is_empty()).cloned().unwrap_or_default();
+            follows.push((prev, name.clone()));
+        }
+    }
+    let spec = ModelSpec { norm: NormSpec::None.to_string(), ..model.spec.clone() };
+    let mut folded = Model::build(&spec, 0)?;
+    for (name, p) in folded.net.named_params() {
+        let (layer, key) = name.rsplit_once('.').unwrap_or((name.as_str(), ""));
+        let bn = follows.iter().find(|(w, _)| w == layer).map(|(_, b)| b.as_str());
+        let original = state.get(&name);
+        match (bn, key) {
+            (None, _) => {
+                let t = original.ok_or_else(|| Error::invalid(format!("{name} missing from the checkpoint")))?;
+                p.value = t.clone();
+            }
+            (Some(bn), "weight") => {
+                let (scale, _) = bn_affine(&state, bn, cfg.eps, lp)?;
+                let w = original.ok_or_else(|| Error::invalid(format!("{name} missing from the checkpoint")))?;
+                let per_out = w.len() / scale.len();
+                let mut v = w.clone();
+                for (row, &s) in v.data.chunks_mut(per_out).zip(&scale) {
+                    row.iter_mut().for_each(|x| *x *= s);
+                }
+                p.value = v;
+            }
+            (Some(bn), _) => {
+                let (scale, shift) = bn_affine(&state, bn, cfg.eps, lp)?;
+                let b = original.map(|t| t.data.clone()).unwrap_or_else(|| vec![0.0; scale.len()]);
+                p.value.data = b.iter().zip(&scale).zip(&shift).map(|((&b, &s), &t)| b * s + t).collect();
+            }
+        }
+    }
+    Ok(folded)
+}
+
+/// The largest |logit difference| between two models over a dataset in eval mode.
+pub fn max_logit_difference(a: &mut Model, b: &mut Model, data: &Dataset, norm: InputNorm, batch: usize) -> Result<f32> {
+    let order: Vec<usize> = (0..data.len()).collect();
+    let mut labels = Vec::new();
+    let mut worst = 0.0f32;
+    for idx in order.chunks(batch.max(1)) {
+        data.batch(idx, norm, a.input_mut(), &mut labels);
+        b.input_mut().clone_from(a.input_mut());
+        let la = a.forward(Mode::Eval)?.clone();
+        let lb = b.forward(Mode::Eval)?;
+        for (x, y) in la.data.iter().zip(&lb.data) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    Ok(worst)
+}
