@@ -133,7 +133,7 @@ pub fn bench_training(model: &str, batch: usize, steps: usize) -> Result<f64> {
     let labels: Vec<u8> = (0..batch).map(|i| (i % 10) as u8).collect();
     let secs = time_median(steps, || {
         m.input_mut().clone_from(&x);
-        train_step(&mut m, &mut opt, &labels, 10, 1e-3).map(|_| ())
+        train_step(&mut m, &mut opt, &labels, 10, 1e-3, 0.0).map(|_| ())
     })?;
     Ok(batch as f64 / secs)
 }

@@ -11,6 +11,8 @@ pub mod kernels;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod plot;
+pub mod slimming;
 pub mod tensor;
 pub mod train;
 

@@ -35,10 +35,34 @@ enum Command {
     Fold(FoldArgs),
     /// List every --norm spec with what it does.
     Norms,
+    /// Network slimming: remove the channels with the smallest BN |γ|, optionally fine-tune.
+    Prune(PruneArgs),
     /// Time the norm kernels and end-to-end training on this machine.
     Bench(BenchArgs),
     /// Run one normalization layer on tensors from a safetensors file (conformance checks).
     Layer(LayerArgs),
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// A model.safetensors of seed-cnn or vgg with BatchNorm (e.g. trained with --sparsity).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Fraction of all BN channels to remove, in [0, 1): one global |γ| threshold.
+    #[arg(long)]
+    percent: f64,
+    /// Fine-tune the pruned model for this many epochs (the original run's settings).
+    #[arg(long)]
+    finetune: Option<usize>,
+    /// Folder for model.safetensors (pruned), prune.json, gamma.svg and finetune/.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    test_limit: Option<usize>,
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -143,6 +167,12 @@ struct TrainArgs {
     /// --threads may be given).
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
+    /// Network slimming: add LAMBDA·sign(γ) to the gradient of every BN scale γ.
+    #[arg(long, default_value_t = 0.0)]
+    sparsity: f64,
+    /// Initial value of every BN scale γ (slimming uses 0.5; PyTorch's default is 1).
+    #[arg(long)]
+    gamma_init: Option<f32>,
 }
 
 #[derive(Args)]
@@ -265,6 +295,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
                 train_limit: a.train_limit,
                 test_limit: a.test_limit,
                 data: a.data.clone(),
+                sparsity: a.sparsity,
+                gamma_init: a.gamma_init,
+                init_from: None,
             };
             config.validate()?;
             let name = format!(
@@ -348,6 +381,38 @@ fn test_split(data: Option<&std::path::Path>, limit: Option<usize>, input: [usiz
         )));
     }
     Ok(test)
+}
+
+fn run_prune(a: PruneArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let req = normlab::slimming::PruneRequest {
+        checkpoint: a.checkpoint.clone(),
+        percent: a.percent,
+        finetune: a.finetune.filter(|&e| e > 0),
+        out: a.out.clone(),
+        data: a.data.clone(),
+        test_limit: a.test_limit,
+    };
+    let r = in_pool(|| normlab::slimming::run_prune(&req, &mut CliReporter { bar: None }))?;
+    println!("pruned {} -> {} (threshold |γ| <= {:.5})", r.model_before, r.model_after, r.plan.threshold.max(0.0));
+    println!("{:<8} {:<8} {:>8} {:>8}", "conv", "bn", "before", "after");
+    for l in &r.plan.layers {
+        println!("{:<8} {:<8} {:>8} {:>8}", l.conv, l.bn, l.before, l.after);
+    }
+    let pct = |b: usize, a: usize| 100.0 * (1.0 - a as f64 / b.max(1) as f64);
+    println!("parameters {} -> {} (-{:.1}%)", r.parameters_before, r.parameters_after, pct(r.parameters_before, r.parameters_after));
+    println!("FLOPs/image {} -> {} (-{:.1}%)", r.flops_before, r.flops_after, pct(r.flops_before, r.flops_after));
+    print!("test accuracy ({} images): before {:.4}, after pruning {:.4}", r.test_images, r.accuracy_before, r.accuracy_after_prune);
+    match r.accuracy_after_finetune {
+        Some(f) => println!(", after fine-tuning {f:.4}"),
+        None => println!(),
+    }
+    println!("{:>6} {:>11} {:>10} {:>8}", "batch", "before ms", "after ms", "speedup");
+    for l in &r.latency {
+        println!("{:>6} {:>11.3} {:>10.3} {:>7.2}x", l.batch, l.before_ms, l.after_ms, l.speedup);
+    }
+    println!("wrote {} and {}", r.pruned_checkpoint.display(), a.out.join("prune.json").display());
+    Ok(())
 }
 
 fn run_fold(a: FoldArgs) -> Result<()> {
@@ -460,6 +525,7 @@ fn main() -> ExitCode {
         }
         Command::Bench(a) => run_bench(a),
         Command::Fold(a) => run_fold(a),
+        Command::Prune(a) => run_prune(a),
         Command::Layer(a) => normlab::conformance::layer_command(&a.spec, &a.input, &a.output, a.eval).map(|n| {
             println!("wrote {} tensors to {}", n, a.output.display());
         }),

@@ -77,6 +77,33 @@ pub struct Model {
 }
 
 impl ModelSpec {
+    /// Forward floating-point operations per image of the conv and linear layers (2 per
+    /// multiply-add; norms, activations and pooling are not counted).
+    pub fn flops(&self) -> Result<usize> {
+        let [c, h, w] = self.input;
+        let macs = match parse_arch(&self.model)? {
+            Arch::SeedCnn(width) => c * width * 9 * h * w + width * (h / 2) * (w / 2) * self.classes,
+            Arch::Mlp => c * h * w * 100 + 2 * 100 * 100 + 100 * self.classes,
+            Arch::Vgg(items) => {
+                let (mut ch, mut hh, mut ww, mut total) = (c, h, w, 0);
+                for item in items {
+                    match item {
+                        Some(out) => {
+                            total += ch * out * 9 * hh * ww;
+                            ch = out;
+                        }
+                        None => {
+                            hh /= 2;
+                            ww /= 2;
+                        }
+                    }
+                }
+                total + ch * hh * ww * self.classes
+            }
+        };
+        Ok(2 * macs)
+    }
+
     /// Canonicalizes and validates; errors name the bad part.
     pub fn new(model: &str, norm: &str, input: [usize; 3], classes: usize) -> Result<Self> {
         let arch = parse_arch(model)?;

@@ -31,6 +31,15 @@ pub struct TrainConfig {
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
     pub data: Option<PathBuf>,
+    /// Network slimming: λ of the L1 penalty on every norm scale γ (0 = off).
+    #[serde(default)]
+    pub sparsity: f64,
+    /// Initial value of every norm scale γ (PyTorch's is 1; slimming uses 0.5).
+    #[serde(default)]
+    pub gamma_init: Option<f32>,
+    /// Start from these weights (a checkpoint of the same architecture, e.g. a pruned one).
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -47,6 +56,9 @@ impl Default for TrainConfig {
             train_limit: None,
             test_limit: None,
             data: None,
+            sparsity: 0.0,
+            gamma_init: None,
+            init_from: None,
         }
     }
 }
@@ -61,6 +73,14 @@ impl TrainConfig {
         }
         if self.train_limit == Some(0) || self.test_limit == Some(0) {
             return Err(Error::invalid("--train-limit and --test-limit must be at least 1"));
+        }
+        if !(self.sparsity >= 0.0 && self.sparsity.is_finite()) {
+            return Err(Error::invalid(format!("--sparsity must be >= 0, got {}", self.sparsity)));
+        }
+        if let Some(g) = self.gamma_init {
+            if !g.is_finite() {
+                return Err(Error::invalid(format!("--gamma-init must be a finite number, got {g}")));
+            }
         }
         self.optimizer.validate()
     }
@@ -141,13 +161,15 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
 
 /// One training step on the batch already in `model.input_mut()`: forward, softmax
 /// cross-entropy against `labels`, backward, optimizer update. Returns the mean loss and the
-/// number of correct predictions; a non-finite loss returns before any update.
+/// number of correct predictions; a non-finite loss returns before any update. With
+/// `sparsity` λ > 0, λ·sign(γ) is added to every norm scale's gradient after backward.
 pub fn train_step(
     model: &mut Model,
     opt: &mut Optimizer,
     labels: &[u8],
     classes: usize,
     lr: f64,
+    sparsity: f64,
 ) -> Result<(f64, usize)> {
     model.net.zero_grad();
     model.forward(Mode::Train)?;
@@ -158,6 +180,9 @@ pub fn train_step(
         return Ok((loss, correct));
     }
     model.backward()?;
+    if sparsity > 0.0 {
+        model.net.add_norm_scale_l1(sparsity as f32);
+    }
     opt.step(&mut model.net, lr);
     Ok((loss, correct))
 }
@@ -309,6 +334,23 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             config.batch_size
         )));
     }
+    if history.is_empty() {
+        if let Some(g) = config.gamma_init {
+            model.net.set_norm_scales(g);
+        }
+        if let Some(path) = &config.init_from {
+            let (init, meta) = checkpoint::load_model(path)?;
+            if meta.spec != spec {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("holds {} ({}), the run trains {} ({})", meta.spec.model, meta.spec.norm, spec.model, spec.norm),
+                ));
+            }
+            let mut init = init;
+            let bytes = serialize_model(&mut init)?;
+            checkpoint::load_state_dict(path, &bytes, &mut model)?;
+        }
+    }
     let mut opt = Optimizer::new(config.optimizer.clone());
     let names: Vec<String> = model.net.named_params().into_iter().map(|(n, _)| n).collect();
     let mut y = Vec::new();
@@ -354,7 +396,7 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             train_set.batch(idx, input_norm, model.input_mut(), &mut y);
             let step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
             model.net.set_step_seed(step_seed);
-            let (loss, c) = train_step(&mut model, &mut opt, &y, train_set.classes, lr)?;
+            let (loss, c) = train_step(&mut model, &mut opt, &y, train_set.classes, lr, config.sparsity)?;
             if !loss.is_finite() {
                 metrics.status = "diverged".into();
                 save_metrics(&files, &metrics)?;
@@ -406,6 +448,11 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         save_metrics(&files, &metrics)?;
     }
     Ok(metrics)
+}
+
+/// A model's state dict as safetensors bytes.
+fn serialize_model(model: &mut Model) -> Result<Vec<u8>> {
+    checkpoint::serialize(&checkpoint::state_dict(model), HashMap::new())
 }
 
 fn summarize(m: &mut RunMetrics) {

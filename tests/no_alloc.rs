@@ -57,7 +57,7 @@ fn training_steps_after_the_first_allocate_nothing() {
                 // clone_from reuses the input's allocation once it has one.
                 m.input_mut().clone_from(&x);
                 let before = ALLOCS.load(Ordering::SeqCst);
-                train_step(&mut m, &mut opt, &labels, 10, 1e-3).unwrap();
+                train_step(&mut m, &mut opt, &labels, 10, 1e-3, 1e-4).unwrap();
                 let during = ALLOCS.load(Ordering::SeqCst) - before;
                 if step == 2 {
                     assert_eq!(during, 0, "{model} {norm}: step {step} allocated {during} times");

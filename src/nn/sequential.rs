@@ -2,7 +2,7 @@
 //! activations between layers (and their gradients), reused from step to step.
 
 use crate::error::{Error, Result};
-use crate::nn::layer::{BufferMut, Layer, Mode, Param};
+use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
 #[derive(Default)]
@@ -87,6 +87,31 @@ impl Sequential {
     pub fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param)) {
         for (_, layer) in self.layers.iter_mut() {
             layer.visit_params(&mut |_, p| f(p));
+        }
+    }
+
+    /// Network slimming's L1 subgradient: grad(γ) += λ·sign(γ) for the scale γ of every norm
+    /// layer (sign(0) = 0, as torch.sign).
+    pub fn add_norm_scale_l1(&mut self, lambda: f32) {
+        for (_, layer) in self.layers.iter_mut() {
+            layer.visit_params(&mut |key, p| {
+                if key == "weight" && p.kind == ParamKind::Norm {
+                    for (g, &w) in p.grad.data.iter_mut().zip(&p.value.data) {
+                        *g += lambda * if w > 0.0 { 1.0 } else if w < 0.0 { -1.0 } else { 0.0 };
+                    }
+                }
+            });
+        }
+    }
+
+    /// Sets the scale γ of every norm layer to `value` (slimming starts from γ = 0.5).
+    pub fn set_norm_scales(&mut self, value: f32) {
+        for (_, layer) in self.layers.iter_mut() {
+            layer.visit_params(&mut |key, p| {
+                if key == "weight" && p.kind == ParamKind::Norm {
+                    p.value.data.fill(value);
+                }
+            });
         }
     }
 
