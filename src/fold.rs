@@ -30,19 +30,31 @@ pub fn state_map(model: &mut Model) -> HashMap<String, Tensor> {
 /// The per-channel (scale, shift) that a norm layer `prefix` applies in eval mode.
 fn bn_affine(state: &HashMap<String, Tensor>, prefix: &str, eps: f64, lp: bool) -> Result<(Vec<f32>, Vec<f32>)> {
     let get = |k: &str| {
-        state
-            .get(&format!("{prefix}.{k}"))
-            .ok_or_else(|| Error::invalid(format!("{prefix} has no {k}: only BatchNorm with running statistics folds")))
+        state.get(&format!("{prefix}.{k}")).ok_or_else(|| {
+            Error::invalid(format!(
+                "{prefix} has no {k}: only BatchNorm with running statistics folds"
+            ))
+        })
     };
     let rm = get("running_mean")?;
     let rv = get(if lp { "running_scale" } else { "running_var" })?;
     let c = rm.len();
-    let gamma = state.get(&format!("{prefix}.weight")).map(|t| t.data.clone()).unwrap_or_else(|| vec![1.0; c]);
-    let beta = state.get(&format!("{prefix}.bias")).map(|t| t.data.clone()).unwrap_or_else(|| vec![0.0; c]);
+    let gamma = state
+        .get(&format!("{prefix}.weight"))
+        .map(|t| t.data.clone())
+        .unwrap_or_else(|| vec![1.0; c]);
+    let beta = state
+        .get(&format!("{prefix}.bias"))
+        .map(|t| t.data.clone())
+        .unwrap_or_else(|| vec![0.0; c]);
     let mut scale = Vec::with_capacity(c);
     let mut shift = Vec::with_capacity(c);
     for ch in 0..c {
-        let inv = if lp { 1.0 / (rv.data[ch] as f64 + eps) } else { 1.0 / (rv.data[ch] as f64 + eps).sqrt() };
+        let inv = if lp {
+            1.0 / (rv.data[ch] as f64 + eps)
+        } else {
+            1.0 / (rv.data[ch] as f64 + eps).sqrt()
+        };
         let s = gamma[ch] as f64 * inv;
         scale.push(s as f32);
         // b' = (b − rm)·s + β, with b added by the caller (b·s) when the layer had a bias.
@@ -73,11 +85,19 @@ pub fn fold(model: &mut Model) -> Result<Model> {
     let names: Vec<String> = model.net.layers.iter().map(|(n, _)| n.clone()).collect();
     for (i, (name, layer)) in model.net.layers.iter().enumerate() {
         if layer.kind().starts_with("BatchNorm") {
-            let prev = names[..i].iter().rev().find(|n| !n.is_empty()).cloned().unwrap_or_default();
+            let prev = names[..i]
+                .iter()
+                .rev()
+                .find(|n| !n.is_empty())
+                .cloned()
+                .unwrap_or_default();
             follows.push((prev, name.clone()));
         }
     }
-    let spec = ModelSpec { norm: NormSpec::None.to_string(), ..model.spec.clone() };
+    let spec = ModelSpec {
+        norm: NormSpec::None.to_string(),
+        ..model.spec.clone()
+    };
     let mut folded = Model::build(&spec, 0)?;
     for (name, p) in folded.net.named_params() {
         let (layer, key) = name.rsplit_once('.').unwrap_or((name.as_str(), ""));
@@ -100,8 +120,15 @@ pub fn fold(model: &mut Model) -> Result<Model> {
             }
             (Some(bn), _) => {
                 let (scale, shift) = bn_affine(&state, bn, cfg.eps, lp)?;
-                let b = original.map(|t| t.data.clone()).unwrap_or_else(|| vec![0.0; scale.len()]);
-                p.value.data = b.iter().zip(&scale).zip(&shift).map(|((&b, &s), &t)| b * s + t).collect();
+                let b = original
+                    .map(|t| t.data.clone())
+                    .unwrap_or_else(|| vec![0.0; scale.len()]);
+                p.value.data = b
+                    .iter()
+                    .zip(&scale)
+                    .zip(&shift)
+                    .map(|((&b, &s), &t)| b * s + t)
+                    .collect();
             }
         }
     }
@@ -109,7 +136,13 @@ pub fn fold(model: &mut Model) -> Result<Model> {
 }
 
 /// The largest |logit difference| between two models over a dataset in eval mode.
-pub fn max_logit_difference(a: &mut Model, b: &mut Model, data: &Dataset, norm: InputNorm, batch: usize) -> Result<f32> {
+pub fn max_logit_difference(
+    a: &mut Model,
+    b: &mut Model,
+    data: &Dataset,
+    norm: InputNorm,
+    batch: usize,
+) -> Result<f32> {
     let order: Vec<usize> = (0..data.len()).collect();
     let mut labels = Vec::new();
     let mut worst = 0.0f32;

@@ -36,6 +36,7 @@ enum Command {
     /// List every --norm spec with what it does.
     Norms,
     /// Network slimming: remove the channels with the smallest BN |γ|, optionally fine-tune.
+    #[command(allow_negative_numbers = true)]
     Prune(PruneArgs),
     /// Time the norm kernels and end-to-end training on this machine.
     Bench(BenchArgs),
@@ -366,7 +367,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 /// Loads the test split a checkpoint was trained for, checking the image shape.
-fn test_split(data: Option<&std::path::Path>, limit: Option<usize>, input: [usize; 3]) -> Result<normlab::data::Dataset> {
+fn test_split(
+    data: Option<&std::path::Path>,
+    limit: Option<usize>,
+    input: [usize; 3],
+) -> Result<normlab::data::Dataset> {
     let dir = resolve_data_dir(data)?;
     let mut test = load_split(&dir, false)?;
     if let Some(n) = limit {
@@ -394,24 +399,49 @@ fn run_prune(a: PruneArgs) -> Result<()> {
         test_limit: a.test_limit,
     };
     let r = in_pool(|| normlab::slimming::run_prune(&req, &mut CliReporter { bar: None }))?;
-    println!("pruned {} -> {} (threshold |γ| <= {:.5})", r.model_before, r.model_after, r.plan.threshold.max(0.0));
+    println!(
+        "pruned {} -> {} (threshold |γ| <= {:.5})",
+        r.model_before,
+        r.model_after,
+        r.plan.threshold.max(0.0)
+    );
     println!("{:<8} {:<8} {:>8} {:>8}", "conv", "bn", "before", "after");
     for l in &r.plan.layers {
         println!("{:<8} {:<8} {:>8} {:>8}", l.conv, l.bn, l.before, l.after);
     }
     let pct = |b: usize, a: usize| 100.0 * (1.0 - a as f64 / b.max(1) as f64);
-    println!("parameters {} -> {} (-{:.1}%)", r.parameters_before, r.parameters_after, pct(r.parameters_before, r.parameters_after));
-    println!("FLOPs/image {} -> {} (-{:.1}%)", r.flops_before, r.flops_after, pct(r.flops_before, r.flops_after));
-    print!("test accuracy ({} images): before {:.4}, after pruning {:.4}", r.test_images, r.accuracy_before, r.accuracy_after_prune);
+    println!(
+        "parameters {} -> {} (-{:.1}%)",
+        r.parameters_before,
+        r.parameters_after,
+        pct(r.parameters_before, r.parameters_after)
+    );
+    println!(
+        "FLOPs/image {} -> {} (-{:.1}%)",
+        r.flops_before,
+        r.flops_after,
+        pct(r.flops_before, r.flops_after)
+    );
+    print!(
+        "test accuracy ({} images): before {:.4}, after pruning {:.4}",
+        r.test_images, r.accuracy_before, r.accuracy_after_prune
+    );
     match r.accuracy_after_finetune {
         Some(f) => println!(", after fine-tuning {f:.4}"),
         None => println!(),
     }
     println!("{:>6} {:>11} {:>10} {:>8}", "batch", "before ms", "after ms", "speedup");
     for l in &r.latency {
-        println!("{:>6} {:>11.3} {:>10.3} {:>7.2}x", l.batch, l.before_ms, l.after_ms, l.speedup);
+        println!(
+            "{:>6} {:>11.3} {:>10.3} {:>7.2}x",
+            l.batch, l.before_ms, l.after_ms, l.speedup
+        );
     }
-    println!("wrote {} and {}", r.pruned_checkpoint.display(), a.out.join("prune.json").display());
+    println!(
+        "wrote {} and {}",
+        r.pruned_checkpoint.display(),
+        a.out.join("prune.json").display()
+    );
     Ok(())
 }
 
@@ -422,7 +452,9 @@ fn run_fold(a: FoldArgs) -> Result<()> {
     let test = test_split(a.data.as_deref(), a.test_limit, meta.spec.input)?;
     let out = a.out.join("model.safetensors");
     if out == a.checkpoint {
-        return Err(normlab::Error::invalid("--out would overwrite the input checkpoint; choose another folder"));
+        return Err(normlab::Error::invalid(
+            "--out would overwrite the input checkpoint; choose another folder",
+        ));
     }
     let report = in_pool(|| -> Result<serde_json::Value> {
         let diff = normlab::fold::max_logit_difference(&mut model, &mut folded, &test, meta.input_norm, 500)?;
@@ -431,8 +463,10 @@ fn run_fold(a: FoldArgs) -> Result<()> {
             let reps = if batch == 1 { 200 } else { 20 };
             let before = normlab::bench::inference_latency(&mut model, batch, reps)?;
             let after = normlab::bench::inference_latency(&mut folded, batch, reps)?;
-            lat.push(serde_json::json!({"batch": batch, "unfolded_ms": before * 1e3, "folded_ms": after * 1e3,
-                "speedup": before / after}));
+            lat.push(
+                serde_json::json!({"batch": batch, "unfolded_ms": before * 1e3, "folded_ms": after * 1e3,
+                "speedup": before / after}),
+            );
         }
         let acc = train::evaluate(&mut folded, &test, meta.input_norm, 1000)?.accuracy;
         Ok(serde_json::json!({
@@ -441,15 +475,29 @@ fn run_fold(a: FoldArgs) -> Result<()> {
             "max_abs_logit_difference": diff, "folded_test_accuracy": acc, "latency": lat,
         }))
     })?;
-    let fmeta = normlab::checkpoint::CheckpointMeta { spec: folded.spec.clone(), ..meta };
+    let fmeta = normlab::checkpoint::CheckpointMeta {
+        spec: folded.spec.clone(),
+        ..meta
+    };
     normlab::checkpoint::save_model(&out, &mut folded, &fmeta)?;
     let json = serde_json::to_vec_pretty(&report).expect("report serializes");
     normlab::checkpoint::write_atomic(&a.out.join("fold.json"), &json)?;
-    println!("folded {} ({}) -> {}", report["model"].as_str().unwrap_or(""), folded.summary(), out.display());
+    println!(
+        "folded {} ({}) -> {}",
+        report["model"].as_str().unwrap_or(""),
+        folded.summary(),
+        out.display()
+    );
     let diff = report["max_abs_logit_difference"].as_f64().unwrap_or(f64::NAN);
     println!("largest |logit difference| over {} test images: {diff:.3e}", test.len());
-    println!("folded test accuracy {:.4}", report["folded_test_accuracy"].as_f64().unwrap_or(0.0));
-    println!("{:>6} {:>13} {:>11} {:>8}", "batch", "unfolded ms", "folded ms", "speedup");
+    println!(
+        "folded test accuracy {:.4}",
+        report["folded_test_accuracy"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:>6} {:>13} {:>11} {:>8}",
+        "batch", "unfolded ms", "folded ms", "speedup"
+    );
     for l in report["latency"].as_array().into_iter().flatten() {
         println!(
             "{:>6} {:>13.3} {:>11.3} {:>7.2}x",

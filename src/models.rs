@@ -43,7 +43,9 @@ fn parse_arch(model: &str) -> Result<Arch> {
         ("seed-cnn", "") => Ok(Arch::SeedCnn(32)),
         ("seed-cnn", w) => match w.parse::<usize>() {
             Ok(w) if w > 0 => Ok(Arch::SeedCnn(w)),
-            _ => Err(Error::invalid(format!("seed-cnn width '{w}' is not a whole number > 0"))),
+            _ => Err(Error::invalid(format!(
+                "seed-cnn width '{w}' is not a whole number > 0"
+            ))),
         },
         ("mlp", "") => Ok(Arch::Mlp),
         ("vgg", cfg) => {
@@ -148,7 +150,10 @@ impl Model {
                 push_norm_relu(&mut net, "bn1".into(), &[width, h, w])?;
                 net.push("", MaxPool2d::new(2, 2));
                 // Linear reads [N, W, 14, 14] as [N, W*196]: PyTorch's Flatten without the copy.
-                net.push("fc1", Linear::new(width * (h / 2) * (w / 2), spec.classes, true, &mut rng));
+                net.push(
+                    "fc1",
+                    Linear::new(width * (h / 2) * (w / 2), spec.classes, true, &mut rng),
+                );
             }
             Arch::Mlp => {
                 let mut width = c * h * w;
@@ -169,7 +174,11 @@ impl Model {
                     match item {
                         Some(out) => {
                             k += 1;
-                            push_conv(&mut net, &format!("conv{k}"), Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng));
+                            push_conv(
+                                &mut net,
+                                &format!("conv{k}"),
+                                Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng),
+                            );
                             push_norm_relu(&mut net, format!("bn{k}"), &[out, hh, ww])?;
                             ch = out;
                         }

@@ -22,7 +22,12 @@ pub fn gamma_histogram_svg(gammas: &[f32], threshold: f32, percent: f64) -> Resu
     {
         let root = SVGBackend::with_string(&mut svg, (760, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let title = format!("BN scale factors |γ| of {} channels; threshold at {:.0}% = {:.4}", gammas.len(), 100.0 * percent, threshold.max(0.0));
+        let title = format!(
+            "BN scale factors |γ| of {} channels; threshold at {:.0}% = {:.4}",
+            gammas.len(),
+            100.0 * percent,
+            threshold.max(0.0)
+        );
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 18))
             .margin(12)
@@ -39,7 +44,11 @@ pub fn gamma_histogram_svg(gammas: &[f32], threshold: f32, percent: f64) -> Resu
         chart
             .draw_series(counts.iter().enumerate().map(|(i, &c)| {
                 let x0 = i as f32 * width;
-                let color = if x0 + width <= threshold { RED.mix(0.6) } else { BLUE.mix(0.6) };
+                let color = if x0 + width <= threshold {
+                    RED.mix(0.6)
+                } else {
+                    BLUE.mix(0.6)
+                };
                 Rectangle::new([(x0, 0.0), (x0 + width, c as f32)], color.filled())
             }))
             .map_err(plot_err)?
@@ -47,12 +56,20 @@ pub fn gamma_histogram_svg(gammas: &[f32], threshold: f32, percent: f64) -> Resu
             .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], BLUE.mix(0.6).filled()));
         if threshold.is_finite() && threshold > 0.0 {
             chart
-                .draw_series(LineSeries::new([(threshold, 0.0), (threshold, top)], BLACK.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    [(threshold, 0.0), (threshold, top)],
+                    BLACK.stroke_width(2),
+                ))
                 .map_err(plot_err)?
                 .label("threshold")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(2)));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
     }
     Ok(svg)

@@ -39,7 +39,10 @@ pub struct PrunePlan {
 fn conv_bn_pairs(model: &Model) -> Result<Vec<(String, String)>> {
     let name = model.spec.model.split(':').next().unwrap_or("");
     if name != "seed-cnn" && name != "vgg" {
-        return Err(Error::invalid(format!("pruning supports seed-cnn and vgg, not {}", model.spec.model)));
+        return Err(Error::invalid(format!(
+            "pruning supports seed-cnn and vgg, not {}",
+            model.spec.model
+        )));
     }
     let NormSpec::Batch(cfg) = model.spec.norm.parse::<NormSpec>()? else {
         return Err(Error::invalid(format!(
@@ -48,7 +51,9 @@ fn conv_bn_pairs(model: &Model) -> Result<Vec<(String, String)>> {
         )));
     };
     if !cfg.affine {
-        return Err(Error::invalid("BatchNorm without affine parameters has no γ to prune by"));
+        return Err(Error::invalid(
+            "BatchNorm without affine parameters has no γ to prune by",
+        ));
     }
     let mut pairs = Vec::new();
     let mut last_conv = None;
@@ -56,7 +61,9 @@ fn conv_bn_pairs(model: &Model) -> Result<Vec<(String, String)>> {
         if layer.kind().starts_with("Conv2d") {
             last_conv = Some(n.clone());
         } else if layer.kind().starts_with("BatchNorm") {
-            let conv = last_conv.take().ok_or_else(|| Error::invalid(format!("{n} follows no conv layer")))?;
+            let conv = last_conv
+                .take()
+                .ok_or_else(|| Error::invalid(format!("{n} follows no conv layer")))?;
             pairs.push((conv, n.clone()));
         }
     }
@@ -67,7 +74,9 @@ fn conv_bn_pairs(model: &Model) -> Result<Vec<(String, String)>> {
 /// layer keeps at least its largest one.
 pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
     if !(0.0..1.0).contains(&percent) {
-        return Err(Error::invalid(format!("--percent must be in [0, 1) (a fraction of the channels), got {percent}")));
+        return Err(Error::invalid(format!(
+            "--percent must be in [0, 1) (a fraction of the channels), got {percent}"
+        )));
     }
     let pairs = conv_bn_pairs(model)?;
     let state = state_map(model);
@@ -85,7 +94,9 @@ pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
         all.extend(gamma(bn)?);
     }
     if all.iter().any(|g| !g.is_finite()) {
-        return Err(Error::invalid("a BN γ is NaN or infinite; the checkpoint cannot be pruned"));
+        return Err(Error::invalid(
+            "a BN γ is NaN or infinite; the checkpoint cannot be pruned",
+        ));
     }
     let mut sorted = all.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
@@ -99,15 +110,28 @@ pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
             let best = (0..g.len()).max_by(|&a, &b| g[a].total_cmp(&g[b])).unwrap_or(0);
             keep.push(best);
         }
-        layers.push(LayerPlan { conv, bn, before: g.len(), after: keep.len(), keep });
+        layers.push(LayerPlan {
+            conv,
+            bn,
+            before: g.len(),
+            after: keep.len(),
+            keep,
+        });
     }
-    Ok(PrunePlan { percent, threshold, layers, gammas: all })
+    Ok(PrunePlan {
+        percent,
+        threshold,
+        layers,
+        gammas: all,
+    })
 }
 
 /// Rows `keep` of a tensor whose first dimension is split into `groups` equal rows.
 fn take_rows(t: &Tensor, keep: &[usize]) -> Vec<f32> {
     let row = t.len() / t.shape[0];
-    keep.iter().flat_map(|&r| t.data[r * row..(r + 1) * row].iter().copied()).collect()
+    keep.iter()
+        .flat_map(|&r| t.data[r * row..(r + 1) * row].iter().copied())
+        .collect()
 }
 
 /// Columns of an [rows, in] matrix whose input is `groups` channels of `per` values each: keeps
@@ -137,23 +161,49 @@ pub fn apply(model: &mut Model, plan: &PrunePlan) -> Result<Model> {
         let mut it = widths.iter();
         let items: Vec<String> = cfg
             .split(',')
-            .map(|t| if t.trim().eq_ignore_ascii_case("M") { "M".to_string() } else { it.next().map_or(String::new(), |w| w.to_string()) })
+            .map(|t| {
+                if t.trim().eq_ignore_ascii_case("M") {
+                    "M".to_string()
+                } else {
+                    it.next().map_or(String::new(), |w| w.to_string())
+                }
+            })
             .collect();
         format!("vgg:{}", items.join(","))
     };
-    let spec = ModelSpec { model: new_model, ..model.spec.clone() };
+    let spec = ModelSpec {
+        model: new_model,
+        ..model.spec.clone()
+    };
     let mut pruned = Model::build(&spec, 0)?;
-    let by_conv: HashMap<&str, usize> = plan.layers.iter().enumerate().map(|(i, l)| (l.conv.as_str(), i)).collect();
-    let by_bn: HashMap<&str, usize> = plan.layers.iter().enumerate().map(|(i, l)| (l.bn.as_str(), i)).collect();
+    let by_conv: HashMap<&str, usize> = plan
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.conv.as_str(), i))
+        .collect();
+    let by_bn: HashMap<&str, usize> = plan
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.bn.as_str(), i))
+        .collect();
     let last_keep = &plan.layers.last().ok_or_else(|| Error::invalid("no BN layers"))?.keep;
-    let get = |n: &str| state.get(n).ok_or_else(|| Error::invalid(format!("{n} missing from the checkpoint")));
+    let get = |n: &str| {
+        state
+            .get(n)
+            .ok_or_else(|| Error::invalid(format!("{n} missing from the checkpoint")))
+    };
     for (name, p) in pruned.net.named_params() {
         let (layer, key) = name.rsplit_once('.').unwrap_or((name.as_str(), ""));
         let old = get(&name)?;
         let data = if let Some(&i) = by_conv.get(layer) {
             let out_kept = take_rows(old, &plan.layers[i].keep);
             if key == "weight" && i > 0 {
-                let t = Tensor { shape: vec![plan.layers[i].after, old.shape[1], old.shape[2], old.shape[3]], data: out_kept };
+                let t = Tensor {
+                    shape: vec![plan.layers[i].after, old.shape[1], old.shape[2], old.shape[3]],
+                    data: out_kept,
+                };
                 take_input_channels(&t, &plan.layers[i - 1].keep, old.shape[2] * old.shape[3])
             } else {
                 out_kept
@@ -168,7 +218,11 @@ pub fn apply(model: &mut Model, plan: &PrunePlan) -> Result<Model> {
             old.data.clone()
         };
         if data.len() != p.value.len() {
-            return Err(Error::invalid(format!("{name}: pruned to {} values, the model needs {}", data.len(), p.value.len())));
+            return Err(Error::invalid(format!(
+                "{name}: pruned to {} values, the model needs {}",
+                data.len(),
+                p.value.len()
+            )));
         }
         p.value.data = data;
     }
@@ -182,7 +236,9 @@ pub fn apply(model: &mut Model, plan: &PrunePlan) -> Result<Model> {
         let layer = name.rsplit_once('.').map_or(name.as_str(), |(l, _)| l);
         match b {
             BufferMut::F32(t) => {
-                let i = *by_bn.get(layer).ok_or_else(|| Error::invalid(format!("{name}: no plan")))?;
+                let i = *by_bn
+                    .get(layer)
+                    .ok_or_else(|| Error::invalid(format!("{name}: no plan")))?;
                 let old = get(&name)?;
                 t.data = plan.layers[i].keep.iter().map(|&c| old.data[c]).collect();
             }
@@ -236,7 +292,10 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
     use crate::checkpoint::{self, CheckpointMeta};
     use crate::data::{load_split, resolve_data_dir};
     if !(0.0..1.0).contains(&req.percent) {
-        return Err(Error::invalid(format!("--percent must be in [0, 1) (a fraction of the channels), got {}", req.percent)));
+        return Err(Error::invalid(format!(
+            "--percent must be in [0, 1) (a fraction of the channels), got {}",
+            req.percent
+        )));
     }
     let pruned_path = req.out.join("model.safetensors");
     let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize()) {
@@ -244,7 +303,9 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
         _ => false,
     };
     if same(&pruned_path, &req.checkpoint) {
-        return Err(Error::invalid("--out would overwrite the input checkpoint; choose another folder"));
+        return Err(Error::invalid(
+            "--out would overwrite the input checkpoint; choose another folder",
+        ));
     }
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let plan = plan(&mut model, req.percent)?;
@@ -254,7 +315,10 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
         test.truncate(n);
     }
     if test.shape != meta.spec.input {
-        return Err(Error::invalid(format!("the checkpoint expects images {:?}, the data are {:?}", meta.spec.input, test.shape)));
+        return Err(Error::invalid(format!(
+            "the checkpoint expects images {:?}, the data are {:?}",
+            meta.spec.input, test.shape
+        )));
     }
     let mut pruned = apply(&mut model, &plan)?;
     let accuracy_before = crate::train::evaluate(&mut model, &test, meta.input_norm, 1000)?.accuracy;
@@ -264,9 +328,17 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
         let reps = if batch == 1 { 200 } else { 20 };
         let before = crate::bench::inference_latency(&mut model, batch, reps)?;
         let after = crate::bench::inference_latency(&mut pruned, batch, reps)?;
-        latency.push(Latency { batch, before_ms: before * 1e3, after_ms: after * 1e3, speedup: before / after });
+        latency.push(Latency {
+            batch,
+            before_ms: before * 1e3,
+            after_ms: after * 1e3,
+            speedup: before / after,
+        });
     }
-    let pmeta = CheckpointMeta { spec: pruned.spec.clone(), ..meta.clone() };
+    let pmeta = CheckpointMeta {
+        spec: pruned.spec.clone(),
+        ..meta.clone()
+    };
     checkpoint::save_model(&pruned_path, &mut pruned, &pmeta)?;
     let svg = crate::plot::gamma_histogram_svg(&plan.gammas, plan.threshold, plan.percent)?;
     checkpoint::write_atomic(&req.out.join("gamma.svg"), svg.as_bytes())?;

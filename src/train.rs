@@ -75,7 +75,10 @@ impl TrainConfig {
             return Err(Error::invalid("--train-limit and --test-limit must be at least 1"));
         }
         if !(self.sparsity >= 0.0 && self.sparsity.is_finite()) {
-            return Err(Error::invalid(format!("--sparsity must be >= 0, got {}", self.sparsity)));
+            return Err(Error::invalid(format!(
+                "--sparsity must be >= 0, got {}",
+                self.sparsity
+            )));
         }
         if let Some(g) = self.gamma_init {
             if !g.is_finite() {
@@ -343,7 +346,10 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             if meta.spec != spec {
                 return Err(Error::checkpoint(
                     path,
-                    format!("holds {} ({}), the run trains {} ({})", meta.spec.model, meta.spec.norm, spec.model, spec.norm),
+                    format!(
+                        "holds {} ({}), the run trains {} ({})",
+                        meta.spec.model, meta.spec.norm, spec.model, spec.norm
+                    ),
                 ));
             }
             let mut init = init;

@@ -65,15 +65,20 @@ fn max_pool_2x2(x: &[f32], h: usize, w: usize, y: &mut [f32], argmax: &mut [u32]
     fn beats(b: f32, a: f32) -> bool {
         (b > a) | (b.is_nan() & !a.is_nan())
     }
-    y.par_chunks_mut(oh * ow).zip(argmax.par_chunks_mut(oh * ow)).zip(x.par_chunks(h * w)).for_each(
-        |((yp, ap), xp)| {
+    y.par_chunks_mut(oh * ow)
+        .zip(argmax.par_chunks_mut(oh * ow))
+        .zip(x.par_chunks(h * w))
+        .for_each(|((yp, ap), xp)| {
             for oy in 0..oh {
                 let r0 = &xp[2 * oy * w..2 * oy * w + 2 * ow];
                 let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
                 let (yr, ar) = (&mut yp[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
                 let base = (2 * oy * w) as u32;
-                for (ox, ((o, a), (p0, p1))) in
-                    yr.iter_mut().zip(ar.iter_mut()).zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))).enumerate()
+                for (ox, ((o, a), (p0, p1))) in yr
+                    .iter_mut()
+                    .zip(ar.iter_mut())
+                    .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
+                    .enumerate()
                 {
                     let t = beats(p0[1], p0[0]);
                     let (m0, i0) = (if t { p0[1] } else { p0[0] }, t as u32);
@@ -84,8 +89,7 @@ fn max_pool_2x2(x: &[f32], h: usize, w: usize, y: &mut [f32], argmax: &mut [u32]
                     *a = base + 2 * ox as u32 + if s { i1 } else { i0 };
                 }
             }
-        },
-    );
+        });
 }
 
 /// dx[argmax] += dy: each output's gradient goes to the input that won its window.

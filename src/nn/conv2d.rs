@@ -212,11 +212,18 @@ impl Layer for Conv2d {
         let threads = gemm_threads(n);
         let relu = self.relu;
         if y.shape != dy.shape {
-            return Err(Error::shape("Conv2d", format!("output {:?} does not match gradient {:?}", y.shape, dy.shape)));
+            return Err(Error::shape(
+                "Conv2d",
+                format!("output {:?} does not match gradient {:?}", y.shape, dy.shape),
+            ));
         }
         self.groups
             .par_iter_mut()
-            .zip(dy.data.par_chunks(per_group * oc * cols).zip(y.data.par_chunks(per_group * oc * cols)))
+            .zip(
+                dy.data
+                    .par_chunks(per_group * oc * cols)
+                    .zip(y.data.par_chunks(per_group * oc * cols)),
+            )
             .zip(x.data.par_chunks(per_group * xs))
             .zip(dx.data.par_chunks_mut(per_group * xs))
             .for_each(|(((scratch, (dyg, yg)), xg), dxg)| {

@@ -97,7 +97,14 @@ impl Sequential {
             layer.visit_params(&mut |key, p| {
                 if key == "weight" && p.kind == ParamKind::Norm {
                     for (g, &w) in p.grad.data.iter_mut().zip(&p.value.data) {
-                        *g += lambda * if w > 0.0 { 1.0 } else if w < 0.0 { -1.0 } else { 0.0 };
+                        *g += lambda
+                            * if w > 0.0 {
+                                1.0
+                            } else if w < 0.0 {
+                                -1.0
+                            } else {
+                                0.0
+                            };
                     }
                 }
             });

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: golden files and tolerance checks.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -1,0 +1,111 @@
+//! Running the `normlab` binary on small synthetic IDX data.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output};
+
+pub fn normlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_normlab"))
+        .args(args)
+        .env_remove("NORMLAB_DATA")
+        .output()
+        .unwrap()
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = normlab(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "normlab {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs a command that must fail; returns its error line after checking there is exactly one
+/// `error:` line and no panic.
+pub fn fails(args: &[&str]) -> String {
+    let out = normlab(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "normlab {args:?} should fail");
+    assert!(!stderr.contains("panicked"), "normlab {args:?} panicked: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "want one error line for {args:?}, got: {stderr}");
+    errors[0].to_string()
+}
+
+pub fn idx_bytes(dims: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    b.extend_from_slice(payload);
+    b
+}
+
+/// A learnable toy set in MNIST format: class k lights rows 2k..2k+3, plus noise.
+pub fn write_dataset(dir: &Path, train: usize, test: usize, gz_train: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let make = |n: usize, salt: u32| {
+        let (mut images, mut labels) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let label = (i % 10) as u8;
+            labels.push(label);
+            for p in 0..784u32 {
+                let row = p / 28;
+                let noise = ((p.wrapping_mul(2654435761) ^ (i as u32 + salt).wrapping_mul(40503)) >> 7) % 60;
+                let on = row >= 2 * label as u32 && row < 2 * label as u32 + 3;
+                images.push(if on { 180 + noise as u8 } else { noise as u8 });
+            }
+        }
+        (images, labels)
+    };
+    let (ti, tl) = make(train, 0);
+    let (vi, vl) = make(test, 99);
+    let img = idx_bytes(&[train as u32, 28, 28], &ti);
+    if gz_train {
+        let f = std::fs::File::create(dir.join("train-images-idx3-ubyte.gz")).unwrap();
+        let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        e.write_all(&img).unwrap();
+        e.finish().unwrap();
+    } else {
+        std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
+    }
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx_bytes(&[train as u32], &tl)).unwrap();
+    std::fs::write(
+        dir.join("t10k-images-idx3-ubyte"),
+        idx_bytes(&[test as u32, 28, 28], &vi),
+    )
+    .unwrap();
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_bytes(&[test as u32], &vl)).unwrap();
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn metrics(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap()
+}
+
+/// The per-epoch numbers without the timings, which legitimately differ between runs.
+pub fn learning_curve(m: &serde_json::Value) -> Vec<(f64, f64, f64, f64)> {
+    m["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let f = |k: &str| e[k].as_f64().unwrap();
+            (f("train_loss"), f("train_accuracy"), f("test_loss"), f("test_accuracy"))
+        })
+        .collect()
+}
+
+pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    v.sort();
+    v
+}
+
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
