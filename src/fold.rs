@@ -80,19 +80,32 @@ pub fn fold(model: &mut Model) -> Result<Model> {
     }
     let lp = matches!(cfg.stats, BatchStats::Lp(_));
     let state = state_map(model);
-    // Which weight layer each norm follows: the layer just before it in the Sequential.
+    // Which weight layer each norm follows, by name: bnK after convK (fcK in the MLP) in the
+    // same parent, a block's shortcut.1 after its shortcut.0.
     let mut follows: Vec<(String, String)> = Vec::new();
-    let names: Vec<String> = model.net.layers.iter().map(|(n, _)| n.clone()).collect();
-    for (i, (name, layer)) in model.net.layers.iter().enumerate() {
-        if layer.kind().starts_with("BatchNorm") {
-            let prev = names[..i]
-                .iter()
-                .rev()
-                .find(|n| !n.is_empty())
-                .cloned()
-                .unwrap_or_default();
-            follows.push((prev, name.clone()));
-        }
+    for key in state.keys().filter(|k| k.ends_with(".running_mean")) {
+        let bn = key.trim_end_matches(".running_mean").to_string();
+        let (parent, last) = bn.rsplit_once('.').map_or(("", bn.as_str()), |(p, l)| (p, l));
+        let join = |leaf: String| {
+            if parent.is_empty() {
+                leaf
+            } else {
+                format!("{parent}.{leaf}")
+            }
+        };
+        let candidates: Vec<String> = if last == "1" && parent.ends_with("shortcut") {
+            vec![format!("{parent}.0")]
+        } else if let Some(k) = last.strip_prefix("bn") {
+            vec![join(format!("conv{k}")), join(format!("fc{k}"))]
+        } else {
+            Vec::new()
+        };
+        let weight = candidates
+            .into_iter()
+            .find(|c| state.contains_key(&format!("{c}.weight")));
+        let weight =
+            weight.ok_or_else(|| Error::invalid(format!("{bn}: no conv or linear layer before it to fold into")))?;
+        follows.push((weight, bn));
     }
     let spec = ModelSpec {
         norm: NormSpec::None.to_string(),

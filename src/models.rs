@@ -10,7 +10,8 @@ use crate::nn::activation::Sigmoid;
 use crate::nn::conv2d::Conv2d;
 use crate::nn::linear::Linear;
 use crate::nn::norm_spec::NormSpec;
-use crate::nn::pool::MaxPool2d;
+use crate::nn::pool::{GlobalAvgPool, MaxPool2d};
+use crate::nn::residual::BasicBlock;
 use crate::nn::{Mode, Sequential};
 use crate::tensor::Tensor;
 
@@ -20,7 +21,8 @@ pub const DEFAULT_VGG: &str = "32,32,M,64,64,M,128,128,M";
 /// Everything needed to rebuild a model's structure; stored in checkpoint metadata.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
-    /// `seed-cnn` (or `seed-cnn:W` for W conv filters, as pruning leaves it), `mlp` or `vgg:<cfg>`.
+    /// `seed-cnn` (or `seed-cnn:W` for W conv filters, as pruning leaves it), `mlp`, `vgg:<cfg>`
+    /// or `resnet:<inner widths of its six blocks>`.
     pub model: String,
     /// Canonical norm spec (see `NormSpec`'s Display).
     pub norm: String,
@@ -35,7 +37,14 @@ enum Arch {
     SeedCnn(usize),
     Mlp,
     Vgg(Vec<Option<usize>>),
+    /// The inner (conv1) width of each of the six basic blocks.
+    ResNet(Vec<usize>),
 }
+
+/// The default ResNet: a 16-channel stem, then three stages of two basic blocks with 16, 32
+/// and 64 channels (strides 1, 2, 2), global average pooling and a linear classifier.
+pub const DEFAULT_RESNET: &str = "16,16,32,32,64,64";
+const RESNET_STAGES: [(usize, usize); 3] = [(16, 1), (32, 2), (64, 2)];
 
 fn parse_arch(model: &str) -> Result<Arch> {
     let (name, cfg) = model.split_once(':').unwrap_or((model, ""));
@@ -67,8 +76,25 @@ fn parse_arch(model: &str) -> Result<Arch> {
             }
             Ok(Arch::Vgg(items))
         }
+        ("resnet", cfg) => {
+            let cfg = if cfg.is_empty() { DEFAULT_RESNET } else { cfg };
+            let mids = cfg
+                .split(',')
+                .map(|t| match t.trim().parse::<usize>() {
+                    Ok(w) if w > 0 => Ok(w),
+                    _ => Err(Error::invalid(format!("resnet width '{t}' is not a whole number > 0"))),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if mids.len() != 6 {
+                return Err(Error::invalid(format!(
+                    "resnet takes six block widths, got {} in '{cfg}'",
+                    mids.len()
+                )));
+            }
+            Ok(Arch::ResNet(mids))
+        }
         _ => Err(Error::invalid(format!(
-            "unknown model '{model}' (known: seed-cnn[:width], mlp, vgg[:cfg])"
+            "unknown model '{model}' (known: seed-cnn[:width], mlp, vgg[:cfg], resnet[:widths])"
         ))),
     }
 }
@@ -102,6 +128,21 @@ impl ModelSpec {
                 }
                 total + ch * hh * ww * self.classes
             }
+            Arch::ResNet(mids) => {
+                let (mut ch, mut hh, mut ww) = (16, h, w);
+                let mut total = c * 16 * 9 * h * w;
+                for (b, &mid) in mids.iter().enumerate() {
+                    let (out, stride) = RESNET_STAGES[b / 2];
+                    let stride = if b % 2 == 0 { stride } else { 1 };
+                    (hh, ww) = ((hh - 1) / stride + 1, (ww - 1) / stride + 1);
+                    total += (ch * mid * 9 + mid * out * 9) * hh * ww;
+                    if stride != 1 || ch != out {
+                        total += ch * out * hh * ww;
+                    }
+                    ch = out;
+                }
+                total + ch * self.classes
+            }
         };
         Ok(2 * macs)
     }
@@ -112,6 +153,7 @@ impl ModelSpec {
         let norm_spec: NormSpec = norm.parse()?;
         let model = match arch {
             Arch::Vgg(_) if !model.contains(':') => format!("vgg:{DEFAULT_VGG}"),
+            Arch::ResNet(_) if !model.contains(':') => format!("resnet:{DEFAULT_RESNET}"),
             _ => model.to_string(),
         };
         Ok(ModelSpec {
@@ -193,6 +235,22 @@ impl Model {
                     }
                 }
                 net.push("fc1", Linear::new(ch * hh * ww, spec.classes, true, &mut rng));
+            }
+            Arch::ResNet(mids) => {
+                push_conv(&mut net, "conv1", Conv2d::new(c, 16, 3, 1, 1, bias, &mut rng));
+                push_norm_relu(&mut net, "bn1".into(), &[16, h, w])?;
+                let (mut ch, mut hh, mut ww) = (16, h, w);
+                for (b, &mid) in mids.iter().enumerate() {
+                    let (out, stride) = RESNET_STAGES[b / 2];
+                    let stride = if b % 2 == 0 { stride } else { 1 };
+                    (hh, ww) = ((hh - 1) / stride + 1, (ww - 1) / stride + 1);
+                    let name = format!("layer{}.{}", b / 2 + 1, b % 2);
+                    let block = BasicBlock::new(ch, mid, out, stride, [hh, ww], &norm, &name, &mut rng)?;
+                    net.push(&name, block);
+                    ch = out;
+                }
+                net.push("", GlobalAvgPool);
+                net.push("fc", Linear::new(ch, spec.classes, true, &mut rng));
             }
         }
         // The first layer never needs dL/dx (it is the data).

@@ -13,11 +13,13 @@ use crate::nn::norm_spec::NormSpec;
 use crate::nn::BufferMut;
 use crate::tensor::Tensor;
 
-/// Channels kept in one conv+BN pair.
+/// Channels kept in one conv+BN pair, and the layer that reads them.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerPlan {
     pub conv: String,
     pub bn: String,
+    /// The conv or linear layer whose inputs are these channels.
+    pub consumer: String,
     pub before: usize,
     pub after: usize,
     #[serde(skip)]
@@ -35,12 +37,14 @@ pub struct PrunePlan {
     pub gammas: Vec<f32>,
 }
 
-/// The conv → BN pairs of a seed-cnn or vgg model, in order.
-fn conv_bn_pairs(model: &Model) -> Result<Vec<(String, String)>> {
+/// The prunable (conv, BN, consumer) triples: for seed-cnn and vgg every conv → BN, read by the
+/// next conv or the classifier; for resnet the inner conv1 → bn1 of each block, read by its
+/// conv2, so every residual addition keeps its width.
+fn prunable(model: &Model) -> Result<Vec<(String, String, String)>> {
     let name = model.spec.model.split(':').next().unwrap_or("");
-    if name != "seed-cnn" && name != "vgg" {
+    if !matches!(name, "seed-cnn" | "vgg" | "resnet") {
         return Err(Error::invalid(format!(
-            "pruning supports seed-cnn and vgg, not {}",
+            "pruning supports seed-cnn, vgg and resnet, not {}",
             model.spec.model
         )));
     }
@@ -55,7 +59,16 @@ fn conv_bn_pairs(model: &Model) -> Result<Vec<(String, String)>> {
             "BatchNorm without affine parameters has no γ to prune by",
         ));
     }
-    let mut pairs = Vec::new();
+    if name == "resnet" {
+        return Ok(model
+            .net
+            .layers
+            .iter()
+            .filter(|(_, l)| l.kind() == "BasicBlock")
+            .map(|(n, _)| (format!("{n}.conv1"), format!("{n}.bn1"), format!("{n}.conv2")))
+            .collect());
+    }
+    let mut pairs: Vec<(String, String)> = Vec::new();
     let mut last_conv = None;
     for (n, layer) in &model.net.layers {
         if layer.kind().starts_with("Conv2d") {
@@ -67,18 +80,25 @@ fn conv_bn_pairs(model: &Model) -> Result<Vec<(String, String)>> {
             pairs.push((conv, n.clone()));
         }
     }
-    Ok(pairs)
+    let classifier = model.net.layers.last().map(|(n, _)| n.clone()).unwrap_or_default();
+    let consumers: Vec<String> = pairs
+        .iter()
+        .skip(1)
+        .map(|(c, _)| c.clone())
+        .chain([classifier])
+        .collect();
+    Ok(pairs.into_iter().zip(consumers).map(|((c, b), n)| (c, b, n)).collect())
 }
 
-/// Chooses the channels to keep: the floor(P·total) smallest |γ| over all BN layers go; each
-/// layer keeps at least its largest one.
+/// Chooses the channels to keep: the floor(P·total) smallest |γ| over all prunable BN layers
+/// go; each layer keeps at least its largest one.
 pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
     if !(0.0..1.0).contains(&percent) {
         return Err(Error::invalid(format!(
             "--percent must be in [0, 1) (a fraction of the channels), got {percent}"
         )));
     }
-    let pairs = conv_bn_pairs(model)?;
+    let triples = prunable(model)?;
     let state = state_map(model);
     let gamma = |bn: &str| -> Result<Vec<f32>> {
         Ok(state
@@ -90,7 +110,7 @@ pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
             .collect())
     };
     let mut all: Vec<f32> = Vec::new();
-    for (_, bn) in &pairs {
+    for (_, bn, _) in &triples {
         all.extend(gamma(bn)?);
     }
     if all.iter().any(|g| !g.is_finite()) {
@@ -103,7 +123,7 @@ pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
     let cut = (sorted.len() as f64 * percent).floor() as usize;
     let threshold = if cut == 0 { f32::NEG_INFINITY } else { sorted[cut - 1] };
     let mut layers = Vec::new();
-    for (conv, bn) in pairs {
+    for (conv, bn, consumer) in triples {
         let g = gamma(&bn)?;
         let mut keep: Vec<usize> = (0..g.len()).filter(|&i| g[i] > threshold).collect();
         if keep.is_empty() {
@@ -113,6 +133,7 @@ pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
         layers.push(LayerPlan {
             conv,
             bn,
+            consumer,
             before: g.len(),
             after: keep.len(),
             keep,
@@ -126,69 +147,65 @@ pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
     })
 }
 
-/// Rows `keep` of a tensor whose first dimension is split into `groups` equal rows.
-fn take_rows(t: &Tensor, keep: &[usize]) -> Vec<f32> {
+/// Rows `keep` of a tensor, its first dimension being the row index.
+fn take_rows(t: &Tensor, keep: &[usize]) -> Tensor {
     let row = t.len() / t.shape[0];
-    keep.iter()
+    let data = keep
+        .iter()
         .flat_map(|&r| t.data[r * row..(r + 1) * row].iter().copied())
-        .collect()
+        .collect();
+    let mut shape = t.shape.clone();
+    shape[0] = keep.len();
+    Tensor { shape, data }
 }
 
-/// Columns of an [rows, in] matrix whose input is `groups` channels of `per` values each: keeps
-/// channels `keep` (for conv weights per = k·k, for the linear layer per = H·W).
-fn take_input_channels(t: &Tensor, keep: &[usize], per: usize) -> Vec<f32> {
+/// Of each row, the input channels `keep` of `channels` equal blocks (k·k values per channel for
+/// a conv weight, H·W for the classifier behind a flatten).
+fn take_inputs(t: &Tensor, keep: &[usize], channels: usize) -> Tensor {
     let rows = t.shape[0];
     let row_len = t.len() / rows;
-    let mut out = Vec::with_capacity(rows * keep.len() * per);
+    let per = row_len / channels;
+    let mut data = Vec::with_capacity(rows * keep.len() * per);
     for r in 0..rows {
         let row = &t.data[r * row_len..(r + 1) * row_len];
         for &c in keep {
-            out.extend_from_slice(&row[c * per..(c + 1) * per]);
+            data.extend_from_slice(&row[c * per..(c + 1) * per]);
         }
     }
-    out
+    let mut shape = t.shape.clone();
+    shape[1] = shape[1] / channels * keep.len();
+    Tensor { shape, data }
+}
+
+/// The pruned model's spec: the same architecture with the new widths.
+fn pruned_spec(spec: &ModelSpec, plan: &PrunePlan) -> ModelSpec {
+    let widths: Vec<String> = plan.layers.iter().map(|l| l.after.to_string()).collect();
+    let (name, cfg) = spec.model.split_once(':').unwrap_or((spec.model.as_str(), ""));
+    let model = match name {
+        "seed-cnn" => format!("seed-cnn:{}", widths[0]),
+        "resnet" => format!("resnet:{}", widths.join(",")),
+        _ => {
+            let mut it = widths.iter();
+            let items: Vec<String> = cfg
+                .split(',')
+                .map(|t| {
+                    if t.trim().eq_ignore_ascii_case("M") {
+                        "M".into()
+                    } else {
+                        it.next().cloned().unwrap_or_default()
+                    }
+                })
+                .collect();
+            format!("vgg:{}", items.join(","))
+        }
+    };
+    ModelSpec { model, ..spec.clone() }
 }
 
 /// The pruned model: new widths in its spec, every tensor cut to the kept channels.
 pub fn apply(model: &mut Model, plan: &PrunePlan) -> Result<Model> {
     let state = state_map(model);
-    let widths: Vec<usize> = plan.layers.iter().map(|l| l.after).collect();
-    let name = model.spec.model.split(':').next().unwrap_or("");
-    let new_model = if name == "seed-cnn" {
-        format!("seed-cnn:{}", widths[0])
-    } else {
-        let cfg = model.spec.model.split_once(':').map(|(_, c)| c).unwrap_or("");
-        let mut it = widths.iter();
-        let items: Vec<String> = cfg
-            .split(',')
-            .map(|t| {
-                if t.trim().eq_ignore_ascii_case("M") {
-                    "M".to_string()
-                } else {
-                    it.next().map_or(String::new(), |w| w.to_string())
-                }
-            })
-            .collect();
-        format!("vgg:{}", items.join(","))
-    };
-    let spec = ModelSpec {
-        model: new_model,
-        ..model.spec.clone()
-    };
-    let mut pruned = Model::build(&spec, 0)?;
-    let by_conv: HashMap<&str, usize> = plan
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.conv.as_str(), i))
-        .collect();
-    let by_bn: HashMap<&str, usize> = plan
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.bn.as_str(), i))
-        .collect();
-    let last_keep = &plan.layers.last().ok_or_else(|| Error::invalid("no BN layers"))?.keep;
+    let mut pruned = Model::build(&pruned_spec(&model.spec, plan), 0)?;
     let get = |n: &str| {
         state
             .get(n)
@@ -196,37 +213,27 @@ pub fn apply(model: &mut Model, plan: &PrunePlan) -> Result<Model> {
     };
     for (name, p) in pruned.net.named_params() {
         let (layer, key) = name.rsplit_once('.').unwrap_or((name.as_str(), ""));
-        let old = get(&name)?;
-        let data = if let Some(&i) = by_conv.get(layer) {
-            let out_kept = take_rows(old, &plan.layers[i].keep);
-            if key == "weight" && i > 0 {
-                let t = Tensor {
-                    shape: vec![plan.layers[i].after, old.shape[1], old.shape[2], old.shape[3]],
-                    data: out_kept,
-                };
-                take_input_channels(&t, &plan.layers[i - 1].keep, old.shape[2] * old.shape[3])
-            } else {
-                out_kept
+        let mut t = get(&name)?.clone();
+        for l in &plan.layers {
+            if l.conv == layer || l.bn == layer {
+                t = take_rows(&t, &l.keep);
             }
-        } else if let Some(&i) = by_bn.get(layer) {
-            plan.layers[i].keep.iter().map(|&c| old.data[c]).collect()
-        } else if key == "weight" {
-            // The classifier: its inputs are the last conv's channels, H·W values each.
-            let per = old.shape[1] / plan.layers.last().map_or(1, |l| l.before);
-            take_input_channels(old, last_keep, per)
-        } else {
-            old.data.clone()
-        };
-        if data.len() != p.value.len() {
+        }
+        for l in &plan.layers {
+            if l.consumer == layer && key == "weight" {
+                t = take_inputs(&t, &l.keep, l.before);
+            }
+        }
+        if t.len() != p.value.len() {
             return Err(Error::invalid(format!(
                 "{name}: pruned to {} values, the model needs {}",
-                data.len(),
+                t.len(),
                 p.value.len()
             )));
         }
-        p.value.data = data;
+        p.value.data = t.data;
     }
-    let nbt: HashMap<String, i64> = model
+    let counts: HashMap<String, i64> = model
         .net
         .named_buffers()
         .into_iter()
@@ -236,13 +243,20 @@ pub fn apply(model: &mut Model, plan: &PrunePlan) -> Result<Model> {
         let layer = name.rsplit_once('.').map_or(name.as_str(), |(l, _)| l);
         match b {
             BufferMut::F32(t) => {
-                let i = *by_bn
-                    .get(layer)
-                    .ok_or_else(|| Error::invalid(format!("{name}: no plan")))?;
-                let old = get(&name)?;
-                t.data = plan.layers[i].keep.iter().map(|&c| old.data[c]).collect();
+                let mut old = get(&name)?.clone();
+                if let Some(l) = plan.layers.iter().find(|l| l.bn == layer) {
+                    old = take_rows(&old, &l.keep);
+                }
+                if old.len() != t.len() {
+                    return Err(Error::invalid(format!(
+                        "{name}: pruned to {} values, the model needs {}",
+                        old.len(),
+                        t.len()
+                    )));
+                }
+                t.data = old.data;
             }
-            BufferMut::I64(v) => *v = nbt.get(&name).copied().unwrap_or(0),
+            BufferMut::I64(v) => *v = counts.get(&name).copied().unwrap_or(0),
         }
     }
     Ok(pruned)

@@ -38,7 +38,12 @@ fn sparsity_adds_lambda_sign_gamma_to_bn_scales_only() {
 
 /// A vgg whose channels `dead` in each BN have γ = β = 0: after BN+ReLU they are exactly 0.
 fn model_with_dead_channels(dead: &[usize]) -> Model {
-    let spec = ModelSpec::new("vgg:6,M,8,M", "bn", [1, 12, 12], 5).unwrap();
+    model_with_dead("vgg:6,M,8,M", dead, |_| true)
+}
+
+/// `model` with γ = β = 0 for channels `dead` of the norms whose name passes `which`.
+fn model_with_dead(model: &str, dead: &[usize], which: impl Fn(&str) -> bool) -> Model {
+    let spec = ModelSpec::new(model, "bn", [1, 12, 12], 5).unwrap();
     let mut m = Model::build(&spec, 7).unwrap();
     // Give the running statistics something non-trivial, as after training.
     for (name, b) in m.net.named_buffers() {
@@ -53,9 +58,11 @@ fn model_with_dead_channels(dead: &[usize]) -> Model {
         }
     }
     for (name, p) in m.net.named_params() {
-        if name.starts_with("bn") {
+        let layer = name.rsplit_once('.').map_or("", |(l, _)| l);
+        if layer.ends_with("bn1") || layer.ends_with("bn2") || layer.ends_with("shortcut.1") {
+            let kill = which(layer);
             for (i, v) in p.value.data.iter_mut().enumerate() {
-                *v = if dead.contains(&i) {
+                *v = if kill && dead.contains(&i) {
                     0.0
                 } else if name.ends_with("weight") {
                     0.8 + 0.1 * i as f32
@@ -66,6 +73,27 @@ fn model_with_dead_channels(dead: &[usize]) -> Model {
         }
     }
     m
+}
+
+#[test]
+fn resnet_pruning_cuts_only_inside_blocks_and_keeps_the_logits() {
+    // Inner channels 0 and 3 of every block are dead: 2 x 6 of the 16+16+32+32+64+64 inner ones.
+    let mut m = model_with_dead("resnet", &[0, 3], |layer| {
+        layer.starts_with("layer") && layer.ends_with("bn1")
+    });
+    let total: usize = [16, 16, 32, 32, 64, 64].iter().sum();
+    let plan = slimming::plan(&mut m, 12.0 / total as f64).unwrap();
+    assert!(plan
+        .layers
+        .iter()
+        .all(|l| l.conv.ends_with("conv1") && l.consumer.ends_with("conv2")));
+    let mut pruned = slimming::apply(&mut m, &plan).unwrap();
+    assert_eq!(pruned.spec.model, "resnet:14,14,30,30,62,62");
+    let x = random_input(&mut m, 3);
+    let (a, b) = (logits(&mut m, &x), logits(&mut pruned, &x));
+    for (p, q) in a.iter().zip(&b) {
+        assert!((p - q).abs() < 1e-4, "logits changed: {a:?} vs {b:?}");
+    }
 }
 
 fn random_input(m: &mut Model, n: usize) -> Tensor {
@@ -115,6 +143,13 @@ fn folding_matches_the_unfolded_model() {
     let (a, b) = (logits(&mut m, &x), logits(&mut folded, &x));
     let worst = a.iter().zip(&b).fold(0.0f32, |w, (p, q)| w.max((p - q).abs()));
     assert!(worst <= 1e-4, "largest logit difference {worst}");
+    // A resnet: the norms inside the blocks fold into the convs inside the blocks.
+    let mut res = model_with_dead("resnet", &[1], |_| true);
+    let mut folded_res = fold(&mut res).unwrap();
+    let x = random_input(&mut res, 2);
+    let (a, b) = (logits(&mut res, &x), logits(&mut folded_res, &x));
+    let worst = a.iter().zip(&b).fold(0.0f32, |w, (p, q)| w.max((p - q).abs()));
+    assert!(worst <= 1e-4, "resnet: largest logit difference {worst}");
     // Through the dataset path too.
     let t = tmp();
     write_dataset(&t.path().join("d"), 20, 20, false);

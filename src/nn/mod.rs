@@ -10,6 +10,7 @@ pub mod layer;
 pub mod linear;
 pub mod norm_spec;
 pub mod pool;
+pub mod residual;
 pub mod sequential;
 
 pub use layer::{BufferMut, Layer, Mode, Param, ParamKind};

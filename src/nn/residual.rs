@@ -1,0 +1,255 @@
+//! The basic residual block of CIFAR-style ResNets:
+//! y = ReLU(norm2(conv2(norm1+ReLU(conv1(x)))) + shortcut(x)), where the shortcut is the
+//! identity, or a 1x1 conv + norm when the stride or width changes. State-dict names follow
+//! torchvision: conv1, bn1, conv2, bn2, shortcut.0 (conv), shortcut.1 (norm).
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::kernels::reduce::relu_mask;
+use crate::nn::conv2d::Conv2d;
+use crate::nn::layer::{BufferMut, Layer, Mode, Param};
+use crate::nn::norm_spec::NormSpec;
+use crate::tensor::Tensor;
+
+const CHUNK: usize = 1 << 14;
+
+pub struct BasicBlock {
+    pub in_channels: usize,
+    /// The inner width (conv1's outputs), the one network slimming prunes.
+    pub mid_channels: usize,
+    pub out_channels: usize,
+    pub stride: usize,
+    pub conv1: Conv2d,
+    pub norm1: Box<dyn Layer>,
+    pub conv2: Conv2d,
+    pub norm2: Box<dyn Layer>,
+    pub shortcut: Option<(Conv2d, Box<dyn Layer>)>,
+    /// h1 = conv1(x), a1 = norm1+ReLU(h1), h2 = conv2(a1), a2 = norm2(h2), hs = shortcut conv, s = its norm.
+    acts: [Tensor; 6],
+    /// Gradients of the same tensors, and of x through each branch.
+    grads: [Tensor; 8],
+}
+
+impl BasicBlock {
+    /// `spatial` is the output [H, W]; errors name the block (`prefix`) when the norm rejects its shape.
+    pub fn new(
+        in_channels: usize,
+        mid_channels: usize,
+        out_channels: usize,
+        stride: usize,
+        spatial: [usize; 2],
+        norm: &NormSpec,
+        prefix: &str,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Self> {
+        let bias = norm.wants_bias();
+        let [h, w] = spatial;
+        // Without a norm (--norm none) the slots hold an identity and conv1 applies the ReLU.
+        let or_identity = |l: Option<Box<dyn Layer>>| l.unwrap_or_else(|| Box::new(Identity));
+        let mut conv1 = Conv2d::new(in_channels, mid_channels, 3, stride, 1, bias, rng);
+        let norm1 = match norm.build(&[mid_channels, h, w], &format!("{prefix}.bn1"), true)? {
+            Some(l) => l,
+            None => {
+                conv1 = conv1.with_relu();
+                Box::new(Identity)
+            }
+        };
+        let conv2 = Conv2d::new(mid_channels, out_channels, 3, 1, 1, bias, rng);
+        let norm2 = or_identity(norm.build(&[out_channels, h, w], &format!("{prefix}.bn2"), false)?);
+        let shortcut = if stride != 1 || in_channels != out_channels {
+            let conv = Conv2d::new(in_channels, out_channels, 1, stride, 0, bias, rng);
+            Some((
+                conv,
+                or_identity(norm.build(&[out_channels, h, w], &format!("{prefix}.shortcut.1"), false)?),
+            ))
+        } else {
+            None
+        };
+        let mut block = BasicBlock {
+            in_channels,
+            mid_channels,
+            out_channels,
+            stride,
+            conv1,
+            norm1,
+            conv2,
+            norm2,
+            shortcut,
+            acts: Default::default(),
+            grads: Default::default(),
+        };
+        block.conv1.set_input_grad(true);
+        Ok(block)
+    }
+}
+
+/// The empty norm slot of a block without normalization.
+struct Identity;
+
+impl Layer for Identity {
+    fn kind(&self) -> &'static str {
+        "Identity"
+    }
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+        y.clone_from(x);
+        Ok(())
+    }
+    fn backward(&mut self, _x: &Tensor, _y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        dx.clone_from(dy);
+        Ok(())
+    }
+}
+
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, b)| *a += b));
+}
+
+impl Layer for BasicBlock {
+    fn kind(&self) -> &'static str {
+        "BasicBlock"
+    }
+
+    // y = ReLU(a2 + s)
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+        if x.shape.len() != 4 || x.shape[1] != self.in_channels {
+            return Err(Error::shape(
+                "BasicBlock",
+                format!("expected [N, {}, H, W], got {:?}", self.in_channels, x.shape),
+            ));
+        }
+        let [h1, a1, h2, a2, hs, s] = &mut self.acts;
+        self.conv1.forward(x, h1, mode)?;
+        self.norm1.forward(h1, a1, mode)?;
+        self.conv2.forward(a1, h2, mode)?;
+        self.norm2.forward(h2, a2, mode)?;
+        let shortcut: &Tensor = match self.shortcut.as_mut() {
+            Some((conv, norm)) => {
+                conv.forward(x, hs, mode)?;
+                norm.forward(hs, s, mode)?;
+                s
+            }
+            None => x,
+        };
+        if shortcut.shape != a2.shape {
+            return Err(Error::shape(
+                "BasicBlock",
+                format!("shortcut {:?} does not match {:?}", shortcut.shape, a2.shape),
+            ));
+        }
+        y.resize_to(&a2.shape);
+        y.data
+            .par_chunks_mut(CHUNK)
+            .zip(a2.data.par_chunks(CHUNK).zip(shortcut.data.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                o.iter_mut()
+                    .zip(a)
+                    .zip(b)
+                    .for_each(|((o, &a), &b)| *o = (a + b).max(0.0))
+            });
+        Ok(())
+    }
+
+    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        if dy.shape != y.shape {
+            return Err(Error::shape(
+                "BasicBlock",
+                format!("gradient {:?} does not match output {:?}", dy.shape, y.shape),
+            ));
+        }
+        let [h1, a1, h2, a2, hs, s] = &self.acts;
+        let [dsum, dh2, da1, dh1, dx_main, dhs, dx_short, _] = &mut self.grads;
+        // The gradient reaching both branches: dy·[y > 0].
+        dsum.resize_to(&dy.shape);
+        dsum.data
+            .par_chunks_mut(CHUNK)
+            .zip(dy.data.par_chunks(CHUNK).zip(y.data.par_chunks(CHUNK)))
+            .for_each(|(o, (g, v))| {
+                o.iter_mut()
+                    .zip(g)
+                    .zip(v)
+                    .for_each(|((o, &g), &v)| *o = relu_mask(v, g))
+            });
+        self.norm2.backward(h2, a2, dsum, dh2)?;
+        self.conv2.backward(a1, h2, dh2, da1)?;
+        self.norm1.backward(h1, a1, da1, dh1)?;
+        self.conv1.backward(x, h1, dh1, dx_main)?;
+        dx.clone_from(dx_main);
+        match self.shortcut.as_mut() {
+            Some((conv, norm)) => {
+                norm.backward(hs, s, dsum, dhs)?;
+                conv.backward(x, hs, dhs, dx_short)?;
+                add_into(&mut dx.data, &dx_short.data);
+            }
+            None => add_into(&mut dx.data, &dsum.data),
+        }
+        Ok(())
+    }
+
+    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
+        self.conv1
+            .visit_params(&mut |k, p| f(if k == "weight" { "conv1.weight" } else { "conv1.bias" }, p));
+        self.norm1
+            .visit_params(&mut |k, p| f(if k == "weight" { "bn1.weight" } else { "bn1.bias" }, p));
+        self.conv2
+            .visit_params(&mut |k, p| f(if k == "weight" { "conv2.weight" } else { "conv2.bias" }, p));
+        self.norm2
+            .visit_params(&mut |k, p| f(if k == "weight" { "bn2.weight" } else { "bn2.bias" }, p));
+        if let Some((conv, norm)) = self.shortcut.as_mut() {
+            conv.visit_params(&mut |k, p| {
+                f(
+                    if k == "weight" {
+                        "shortcut.0.weight"
+                    } else {
+                        "shortcut.0.bias"
+                    },
+                    p,
+                )
+            });
+            norm.visit_params(&mut |k, p| {
+                f(
+                    if k == "weight" {
+                        "shortcut.1.weight"
+                    } else {
+                        "shortcut.1.bias"
+                    },
+                    p,
+                )
+            });
+        }
+    }
+
+    fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {
+        let key = |prefix: &str, k: &str| -> &'static str {
+            match (prefix, k) {
+                ("bn1", "running_mean") => "bn1.running_mean",
+                ("bn1", "running_var") => "bn1.running_var",
+                ("bn1", "running_scale") => "bn1.running_scale",
+                ("bn1", _) => "bn1.num_batches_tracked",
+                ("bn2", "running_mean") => "bn2.running_mean",
+                ("bn2", "running_var") => "bn2.running_var",
+                ("bn2", "running_scale") => "bn2.running_scale",
+                ("bn2", _) => "bn2.num_batches_tracked",
+                (_, "running_mean") => "shortcut.1.running_mean",
+                (_, "running_var") => "shortcut.1.running_var",
+                (_, "running_scale") => "shortcut.1.running_scale",
+                _ => "shortcut.1.num_batches_tracked",
+            }
+        };
+        let mut out = Vec::new();
+        for (k, b) in self.norm1.buffers() {
+            out.push((key("bn1", k), b));
+        }
+        for (k, b) in self.norm2.buffers() {
+            out.push((key("bn2", k), b));
+        }
+        if let Some((_, norm)) = self.shortcut.as_mut() {
+            for (k, b) in norm.buffers() {
+                out.push((key("shortcut.1", k), b));
+            }
+        }
+        out
+    }
+}
