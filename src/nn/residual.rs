@@ -33,6 +33,7 @@ pub struct BasicBlock {
 
 impl BasicBlock {
     /// `spatial` is the output [H, W]; errors name the block (`prefix`) when the norm rejects its shape.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         in_channels: usize,
         mid_channels: usize,
