@@ -103,6 +103,25 @@ multiversion! {
         let invstd = inverse_std(st.var, eps);
         let center = Center::new(st.mean);
         let m = xb.len() as f64;
+        if s == 1 {
+            // nn.LayerNorm's elementwise affine: one pass of per-element sums, one of dx.
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for (j, sum) in sums.iter_mut().enumerate() {
+                let g = if relu { relu_mask(yb[j], db[j]) } else { db[j] };
+                let xhat = center.sub(xb[j]) * invstd;
+                *sum = (g as f64, (g * xhat) as f64);
+                let gm = gamma.map_or(1.0, |gv| gv[j]);
+                sg += (gm * g) as f64;
+                sgx += (gm * g * xhat) as f64;
+            }
+            let (a, b) = ((sg / m) as f32, (sgx / m) as f32);
+            for (j, o) in dxb.iter_mut().enumerate() {
+                let g = if relu { relu_mask(yb[j], db[j]) } else { db[j] };
+                let xhat = center.sub(xb[j]) * invstd;
+                *o = invstd * (gamma.map_or(1.0, |gv| gv[j]) * g - a - xhat * b);
+            }
+            return;
+        }
         let (mut sg, mut sgx) = (0.0f64, 0.0f64);
         for (j, sum) in sums.iter_mut().enumerate() {
             let r = j * s..(j + 1) * s;
