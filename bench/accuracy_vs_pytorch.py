@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Test accuracy per epoch of PyTorch training the articles' network exactly as `normlab train`
+does by default (Adam lr 1e-3, batch 128, constant rate, inputs standardized with the training
+set's mean and std, shuffled every epoch), for several seeds: what a 10-epoch figure for
+seed-cnn looks like when PyTorch produces it.
+
+  .venv-torch/bin/python bench/accuracy_vs_pytorch.py [--epochs 10] [--seeds 0,1,2] [--threads 2]
+"""
+import argparse
+import gzip
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def read_idx(path):
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    rank = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
+
+
+def load(data_dir, stem):
+    for name in (stem, stem + ".gz"):
+        p = os.path.join(data_dir, name)
+        if os.path.exists(p):
+            return read_idx(p)
+    raise SystemExit(f"error: {data_dir} has no {stem}[.gz]")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", default=os.environ.get("NORMLAB_DATA", "/usr/share/datasets/fashion-mnist"))
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    xtr = load(args.data, "train-images-idx3-ubyte").astype(np.float32) / 255.0
+    ytr = torch.from_numpy(load(args.data, "train-labels-idx1-ubyte").astype(np.int64))
+    xte = load(args.data, "t10k-images-idx3-ubyte").astype(np.float32) / 255.0
+    yte = torch.from_numpy(load(args.data, "t10k-labels-idx1-ubyte").astype(np.int64))
+    mean, std = xtr.mean(), xtr.std()
+    xtr = torch.from_numpy((xtr - mean) / std).unsqueeze(1)
+    xte = torch.from_numpy((xte - mean) / std).unsqueeze(1)
+    results = {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 14 * 14, 10))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        accs = []
+        for epoch in range(args.epochs):
+            model.train()
+            perm = torch.randperm(len(xtr))
+            for i in range(0, len(xtr), 128):
+                idx = perm[i:i + 128]
+                opt.zero_grad()
+                F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                acc = (model(xte).argmax(1) == yte).float().mean().item()
+            accs.append(acc)
+        results[seed] = accs
+        print(f"seed {seed}: " + " ".join(f"{a:.4f}" for a in accs))
+    finals = [a[-1] for a in results.values()]
+    print(f"epoch {args.epochs}: mean {np.mean(finals):.4f}, min {min(finals):.4f}, max {max(finals):.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
