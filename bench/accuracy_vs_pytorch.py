@@ -7,30 +7,17 @@ seed-cnn looks like when PyTorch produces it.
   .venv-torch/bin/python bench/accuracy_vs_pytorch.py [--epochs 10] [--seeds 0,1,2] [--threads 2]
 """
 import argparse
-import gzip
 import json
 import os
+import sys
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 
-def read_idx(path):
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    rank = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
-
-
-def load(data_dir, stem):
-    for name in (stem, stem + ".gz"):
-        p = os.path.join(data_dir, name)
-        if os.path.exists(p):
-            return read_idx(p)
-    raise SystemExit(f"error: {data_dir} has no {stem}[.gz]")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from fmnist_torch import load, model as build_model  # noqa: E402
 
 
 def main():
@@ -52,8 +39,7 @@ def main():
     results = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         torch.manual_seed(seed)
-        model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                              nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 14 * 14, 10))
+        model = build_model("seed-cnn")
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         accs = []
         for epoch in range(args.epochs):

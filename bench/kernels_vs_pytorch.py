@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VGG_DEFAULT = "32,32,M,64,64,M,128,128,M"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from fmnist_torch import load, model as build_model  # noqa: E402
 
 
 def median_time(fn, reps):
@@ -68,26 +69,9 @@ def torch_kernel(kernel, shape, reps):
     return median_time(run, reps)
 
 
-def build(model_name):
-    if model_name == "seed-cnn":
-        return nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 14 * 14, 10))
-    cfg = model_name.split(":", 1)[1] if ":" in model_name else VGG_DEFAULT
-    layers, c, hw = [], 1, 28
-    for item in cfg.split(","):
-        if item == "M":
-            layers.append(nn.MaxPool2d(2))
-            hw //= 2
-        else:
-            layers += [nn.Conv2d(c, int(item), 3, padding=1, bias=False), nn.BatchNorm2d(int(item)), nn.ReLU()]
-            c = int(item)
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * hw * hw, 10))
-
-
 def torch_training(model_name, batch, steps):
     torch.manual_seed(0)
-    model = build(model_name)
+    model = build_model(model_name)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(batch, 1, 28, 28) * 4 - 2

@@ -10,7 +10,6 @@ already normalized in memory); normlab's rate is the images/s its `train` comman
 which includes batch assembly and its first, allocating batch.
 """
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -21,48 +20,15 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-VGG_DEFAULT = "32,32,M,64,64,M,128,128,M"
-
-
-def build(model_name):
-    if model_name == "seed-cnn":
-        return nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 14 * 14, 10))
-    cfg = model_name.split(":", 1)[1] if ":" in model_name else VGG_DEFAULT
-    layers, c, hw = [], 1, 28
-    for item in cfg.split(","):
-        if item == "M":
-            layers.append(nn.MaxPool2d(2))
-            hw //= 2
-        else:
-            w = int(item)
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
-            c = w
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * hw * hw, 10))
-
-
-def read_idx(path):
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    rank = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
-
-
-def find(dir_, stem):
-    for name in (stem, stem + ".gz"):
-        if os.path.exists(os.path.join(dir_, name)):
-            return os.path.join(dir_, name)
-    sys.exit(f"error: {dir_} has no {stem}[.gz]; install dataset-fashion-mnist or pass --data")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from fmnist_torch import load, model as build_model  # noqa: E402
 
 
 def pytorch_rate(args, x, y):
     torch.manual_seed(0)
-    model = build(args.model)
+    model = build_model(args.model)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     perm = torch.randperm(len(x))
@@ -104,8 +70,8 @@ def main():
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    images = read_idx(find(args.data, "train-images-idx3-ubyte"))[:args.images].astype(np.float32) / 255.0
-    labels = read_idx(find(args.data, "train-labels-idx1-ubyte"))[:args.images].astype(np.int64)
+    images = load(args.data, "train-images-idx3-ubyte")[:args.images].astype(np.float32) / 255.0
+    labels = load(args.data, "train-labels-idx1-ubyte")[:args.images].astype(np.int64)
     x = torch.from_numpy((images - images.mean()) / images.std()).unsqueeze(1).contiguous()
     y = torch.from_numpy(labels)
     print(f"model {args.model}, {args.images} images, batch {args.batch_size}, {args.threads} threads, "

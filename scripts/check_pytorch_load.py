@@ -4,7 +4,6 @@ check that both predict the same classes on the test set.
 
   .venv-torch/bin/python scripts/check_pytorch_load.py runs/NAME/model.safetensors [DATA_DIR]
 """
-import gzip
 import json
 import os
 import subprocess
@@ -13,38 +12,13 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 
-class SeedCnn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.fc1 = nn.Linear(32 * 14 * 14, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        return self.fc1(torch.flatten(x, 1))
-
-
-def read_idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    rank = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
-
-
-def find(dir_, stem):
-    for name in (stem, stem + ".gz"):
-        if os.path.exists(os.path.join(dir_, name)):
-            return os.path.join(dir_, name)
-    sys.exit(f"error: {dir_} has no {stem}[.gz]")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fmnist_torch import load, seed_cnn  # noqa: E402
 
 
 def main():
@@ -53,11 +27,13 @@ def main():
     with safe_open(ckpt, "pt") as f:
         meta = f.metadata()
     norm = json.loads(meta["normlab.input_norm"])
-    model = SeedCnn()
+    with safe_open(ckpt, "pt") as f:
+        width = f.get_tensor("conv1.weight").shape[0]
+    model = seed_cnn(width)
     model.load_state_dict(load_file(ckpt), strict=True)
     model.eval()
-    images = read_idx(find(data_dir, "t10k-images-idx3-ubyte")).astype(np.float32)
-    labels = read_idx(find(data_dir, "t10k-labels-idx1-ubyte")).astype(np.int64)
+    images = load(data_dir, "t10k-images-idx3-ubyte").astype(np.float32)
+    labels = load(data_dir, "t10k-labels-idx1-ubyte").astype(np.int64)
     x = torch.from_numpy((images / 255.0 - norm["mean"]) / norm["std"]).float().unsqueeze(1)
     with torch.no_grad():
         logits = model(x)

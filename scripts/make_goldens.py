@@ -6,11 +6,15 @@ Writes tests/goldens/*.safetensors. Never edit the outputs by hand; rerun this s
 """
 import json
 import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fmnist_torch import seed_cnn  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "goldens")
 torch.set_num_threads(1)
@@ -77,24 +81,10 @@ def batch_norm_cases():
     print(f"batch_norm.safetensors: {len(cases)} cases")
 
 
-class SeedCnn(nn.Module):
-    """The articles' network: Conv(1->32, 3x3, pad 1, no bias) - BN - ReLU - MaxPool 2 - Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.fc1 = nn.Linear(32 * 14 * 14, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        return self.fc1(torch.flatten(x, 1))
-
-
 def seed_cnn_steps():
     """Three full training steps of seed-cnn with SGD (nesterov, weight decay), Adam (L2) and AdamW."""
     torch.manual_seed(7)
-    init = SeedCnn()
+    init = seed_cnn()
     tensors = {f"init.{k}": v.clone() for k, v in init.state_dict().items()}
     steps, batch = 3, 8
     for s in range(steps):
@@ -106,7 +96,7 @@ def seed_cnn_steps():
         "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.5),
     }
     for name, make in runs.items():
-        model = SeedCnn()
+        model = seed_cnn()
         model.load_state_dict(init.state_dict())
         model.train()
         opt = make(model.parameters())

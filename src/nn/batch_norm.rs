@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{self as k, ChannelGrad, ChannelStats, ChannelSums};
 use crate::kernels::lp_norm::{self, LpKind};
-use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
+use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
 /// How training-mode statistics are taken.
@@ -462,12 +462,7 @@ impl Layer for BatchNorm {
     }
 
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
-        if let Some(w) = self.weight.as_mut() {
-            f("weight", w);
-        }
-        if let Some(b) = self.bias.as_mut() {
-            f("bias", b);
-        }
+        visit_weight_bias(self.weight.as_mut(), self.bias.as_mut(), f);
     }
 
     fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {
@@ -476,13 +471,11 @@ impl Layer for BatchNorm {
         } else {
             "running_var"
         };
-        match (self.running_mean.as_mut(), self.running_var.as_mut()) {
-            (Some(rm), Some(rv)) => vec![
-                ("running_mean", BufferMut::F32(rm)),
-                (var_key, BufferMut::F32(rv)),
-                ("num_batches_tracked", BufferMut::I64(&mut self.num_batches_tracked)),
-            ],
-            _ => Vec::new(),
-        }
+        running_buffers(
+            self.running_mean.as_mut(),
+            self.running_var.as_mut(),
+            var_key,
+            &mut self.num_batches_tracked,
+        )
     }
 }

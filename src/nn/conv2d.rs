@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kernels::im2col::{col2im, im2col, ConvGeometry};
 use crate::kernels::matmul::{matmul, Op};
 use crate::kernels::reduce::relu_mask;
-use crate::nn::layer::{Layer, Mode, Param, ParamKind};
+use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
 /// Samples are split into this many fixed groups; partial weight gradients are added in group
@@ -269,10 +269,7 @@ impl Layer for Conv2d {
     }
 
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
-        f("weight", &mut self.weight);
-        if let Some(b) = self.bias.as_mut() {
-            f("bias", b);
-        }
+        visit_weight_bias(Some(&mut self.weight), self.bias.as_mut(), f);
     }
 
     fn set_input_grad(&mut self, needed: bool) {

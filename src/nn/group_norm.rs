@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{self as bnk, ChannelStats};
 use crate::kernels::group_norm as k;
-use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
+use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,22 +270,15 @@ impl Layer for GroupNorm {
     }
 
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
-        if let Some(w) = self.weight.as_mut() {
-            f("weight", w);
-        }
-        if let Some(b) = self.bias.as_mut() {
-            f("bias", b);
-        }
+        visit_weight_bias(self.weight.as_mut(), self.bias.as_mut(), f);
     }
 
     fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {
-        match (self.running_mean.as_mut(), self.running_var.as_mut()) {
-            (Some(rm), Some(rv)) => vec![
-                ("running_mean", BufferMut::F32(rm)),
-                ("running_var", BufferMut::F32(rv)),
-                ("num_batches_tracked", BufferMut::I64(&mut self.num_batches_tracked)),
-            ],
-            _ => Vec::new(),
-        }
+        running_buffers(
+            self.running_mean.as_mut(),
+            self.running_var.as_mut(),
+            "running_var",
+            &mut self.num_batches_tracked,
+        )
     }
 }

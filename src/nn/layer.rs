@@ -78,6 +78,39 @@ pub trait Layer: Send {
     fn set_step_seed(&mut self, _seed: u64) {}
 }
 
+/// Visits an optional weight and bias as "weight" and "bias": the parameters of conv, linear
+/// and every norm layer.
+pub fn visit_weight_bias<'a>(
+    weight: Option<&'a mut Param>,
+    bias: Option<&'a mut Param>,
+    f: &mut dyn FnMut(&'static str, &'a mut Param),
+) {
+    if let Some(w) = weight {
+        f("weight", w);
+    }
+    if let Some(b) = bias {
+        f("bias", b);
+    }
+}
+
+/// A norm layer's running statistics under PyTorch's names (`var_key` is "running_var", or
+/// "running_scale" for Lp BN); none when the layer keeps none.
+pub fn running_buffers<'a>(
+    mean: Option<&'a mut Tensor>,
+    var: Option<&'a mut Tensor>,
+    var_key: &'static str,
+    count: &'a mut i64,
+) -> Vec<(&'static str, BufferMut<'a>)> {
+    match (mean, var) {
+        (Some(m), Some(v)) => vec![
+            ("running_mean", BufferMut::F32(m)),
+            (var_key, BufferMut::F32(v)),
+            ("num_batches_tracked", BufferMut::I64(count)),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// Runs one layer on its own, allocating its output: for tests and the conformance command.
 pub fn forward_once(layer: &mut dyn Layer, x: &Tensor, mode: Mode) -> Result<Tensor> {
     let mut y = Tensor::default();

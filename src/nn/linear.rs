@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::matmul::{matmul, Op};
-use crate::nn::layer::{Layer, Mode, Param, ParamKind};
+use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
 pub struct Linear {
@@ -143,10 +143,7 @@ impl Layer for Linear {
     }
 
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
-        f("weight", &mut self.weight);
-        if let Some(b) = self.bias.as_mut() {
-            f("bias", b);
-        }
+        visit_weight_bias(Some(&mut self.weight), self.bias.as_mut(), f);
     }
 
     fn set_input_grad(&mut self, needed: bool) {

@@ -1,0 +1,59 @@
+"""What normlab's PyTorch scripts share: the IDX reader and the PyTorch twins of normlab's models."""
+import gzip
+import os
+import sys
+
+import numpy as np
+import torch.nn as nn
+
+VGG_DEFAULT = "32,32,M,64,64,M,128,128,M"
+
+
+def read_idx(path):
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    rank = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
+
+
+def load(data_dir, stem):
+    """One IDX file of an MNIST-format folder, plain or .gz."""
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path):
+            return read_idx(path)
+    sys.exit(f"error: {data_dir} has no {stem}[.gz]; install dataset-fashion-mnist or pass --data")
+
+
+def seed_cnn(width=32):
+    """Conv(1->W, 3x3, pad 1, no bias) - BN - ReLU - MaxPool 2 - Linear, with normlab's names
+    (conv1, bn1, fc1) so load_state_dict(strict=True) takes a normlab checkpoint."""
+    class SeedCnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.fc1 = nn.Linear(width * 14 * 14, 10)
+
+        def forward(self, x):
+            x = nn.functional.max_pool2d(nn.functional.relu(self.bn1(self.conv1(x))), 2)
+            return self.fc1(x.flatten(1))
+
+    return SeedCnn()
+
+
+def model(name):
+    """seed-cnn or vgg[:cfg] (BN + ReLU after every conv) as an nn.Sequential, for benchmarks."""
+    if name == "seed-cnn":
+        return seed_cnn()
+    cfg = name.split(":", 1)[1] if ":" in name else VGG_DEFAULT
+    layers, c, hw = [], 1, 28
+    for item in cfg.split(","):
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            hw //= 2
+        else:
+            layers += [nn.Conv2d(c, int(item), 3, padding=1, bias=False), nn.BatchNorm2d(int(item)), nn.ReLU()]
+            c = int(item)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * hw * hw, 10))
