@@ -13,6 +13,7 @@ pub mod nn;
 pub mod optim;
 pub mod plot;
 pub mod slimming;
+pub mod studies;
 pub mod tensor;
 pub mod train;
 

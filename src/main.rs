@@ -33,6 +33,12 @@ enum Command {
     Eval(EvalArgs),
     /// Fold every eval-mode BatchNorm into the conv/linear layer before it.
     Fold(FoldArgs),
+    /// Run a study (batch-size, learning-rate, regularization): tables, plots, report.html.
+    Study(StudyArgs),
+    /// Run any grid of models x norms x batch sizes x learning rates x seeds.
+    Compare(CompareArgs),
+    /// Rebuild the CSV, plots and report.html of a study folder from its results.json.
+    Report(ReportArgs),
     /// List every --norm spec with what it does.
     Norms,
     /// Network slimming: remove the channels with the smallest BN |γ|, optionally fine-tune.
@@ -42,6 +48,61 @@ enum Command {
     Bench(BenchArgs),
     /// Run one normalization layer on tensors from a safetensors file (conformance checks).
     Layer(LayerArgs),
+}
+
+#[derive(Args)]
+struct StudyArgs {
+    /// batch-size, learning-rate or regularization.
+    name: String,
+    /// A small version that finishes in about two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Seeds per configuration (tables and plots show mean and spread).
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// Results folder [default: studies/<name>, never overwriting an earlier one].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Models separated by ';' (or ',' when no model contains a comma): 'seed-cnn;vgg:16,M,32,M'.
+    #[arg(long, default_value = "seed-cnn")]
+    models: String,
+    /// Norm specs separated by ',' or, when a spec has options, ';': 'bn;gn:8,eps=1e-3;none'.
+    #[arg(long, default_value = "bn,none")]
+    norms: String,
+    #[arg(long, default_value = "128")]
+    batch_sizes: String,
+    #[arg(long, default_value = "0.001")]
+    lrs: String,
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value = "adam")]
+    optimizer: OptimizerKind,
+    #[arg(long)]
+    train_limit: Option<usize>,
+    #[arg(long)]
+    test_limit: Option<usize>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// A folder written by `normlab study` or `normlab compare`.
+    dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -174,6 +235,12 @@ struct TrainArgs {
     /// Initial value of every BN scale γ (slimming uses 0.5; PyTorch's default is 1).
     #[arg(long)]
     gamma_init: Option<f32>,
+    /// Dropout probability before the classifier.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// Multiply every conv/linear weight after initialization by this (init-sensitivity studies).
+    #[arg(long)]
+    init_scale: Option<f32>,
 }
 
 #[derive(Args)]
@@ -299,6 +366,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
                 sparsity: a.sparsity,
                 gamma_init: a.gamma_init,
                 init_from: None,
+                dropout: a.dropout,
+                init_scale: a.init_scale,
             };
             config.validate()?;
             let name = format!(
@@ -386,6 +455,166 @@ fn test_split(
         )));
     }
     Ok(test)
+}
+
+/// The first table and the finding, as the study's summary on screen.
+fn print_analysis(a: &normlab::studies::analysis::Analysis) {
+    println!("{}", a.title);
+    if let Some(t) = a.tables.first() {
+        println!("{}", t.caption);
+        let widths: Vec<usize> = (0..t.header.len())
+            .map(|i| {
+                t.rows
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([t.header[i].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:>w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        println!("{}", line(&t.header));
+        for r in &t.rows {
+            println!("{}", line(r));
+        }
+    }
+    println!("finding: {}", a.finding);
+}
+
+/// A progress bar over a study's runs.
+fn run_bar() -> ProgressBar {
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template("runs [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    bar
+}
+
+fn run_study(a: StudyArgs) -> Result<()> {
+    let threads = init_threads(a.threads)?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| train::fresh_run_dir(&PathBuf::from("studies"), &a.name));
+    let opts = normlab::studies::StudyOptions {
+        quick: a.quick,
+        seeds: a.seeds,
+        out: out.clone(),
+        data: a.data.clone(),
+        threads,
+    };
+    let bar = run_bar();
+    let results = in_pool(|| {
+        normlab::studies::run_study(&a.name, &opts, &mut |i, n, what| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+            bar.set_message(what.to_string());
+        })
+    });
+    bar.finish_and_clear();
+    let results = results?;
+    let an = normlab::studies::analysis::analyze(&results)?;
+    print_analysis(&an);
+    println!(
+        "{} runs in {:.0} s; wrote {}",
+        results.runs.len(),
+        results.seconds,
+        out.join("report.html").display()
+    );
+    Ok(())
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    let sep = if s.contains(';') { ';' } else { ',' };
+    s.split(sep)
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn run_compare(a: CompareArgs) -> Result<()> {
+    let threads = init_threads(a.threads)?;
+    let parse_list = |what: &str, s: &str| -> Result<Vec<f64>> {
+        split_list(s)
+            .iter()
+            .map(|t| {
+                t.parse::<f64>()
+                    .map_err(|_| normlab::Error::invalid(format!("--{what}: '{t}' is not a number")))
+            })
+            .collect()
+    };
+    let batch_sizes: Vec<usize> = parse_list("batch-sizes", &a.batch_sizes)?
+        .iter()
+        .map(|&b| b as usize)
+        .collect();
+    let base = TrainConfig {
+        epochs: a.epochs,
+        optimizer: OptimizerConfig {
+            kind: a.optimizer,
+            lr: 1e-3,
+            ..OptimizerConfig::default()
+        },
+        threads,
+        train_limit: a.train_limit,
+        test_limit: a.test_limit,
+        data: a.data.clone(),
+        ..TrainConfig::default()
+    };
+    let grid = normlab::studies::CompareGrid {
+        models: split_list(&a.models),
+        norms: split_list(&a.norms),
+        batch_sizes,
+        lrs: parse_list("lrs", &a.lrs)?,
+        base,
+    };
+    if a.seeds == 0 {
+        return Err(normlab::Error::invalid("--seeds must be at least 1"));
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| train::fresh_run_dir(&PathBuf::from("studies"), "compare"));
+    let planned = normlab::studies::plan_compare(&grid);
+    normlab::studies::check(&planned, &out, a.data.as_deref())?;
+    let bar = run_bar();
+    let t0 = std::time::Instant::now();
+    let runs = in_pool(|| {
+        normlab::studies::run_grid(&planned, a.seeds, &out, &mut |i, n, what| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+            bar.set_message(what.to_string());
+        })
+    });
+    bar.finish_and_clear();
+    let mut settings = std::collections::BTreeMap::new();
+    settings.insert("epochs".to_string(), a.epochs.to_string());
+    settings.insert("optimizer".to_string(), format!("{:?}", a.optimizer).to_lowercase());
+    settings.insert(
+        "training images".to_string(),
+        a.train_limit.map_or("all".into(), |n| n.to_string()),
+    );
+    let results = normlab::studies::StudyResults {
+        study: "compare".into(),
+        quick: false,
+        seeds: a.seeds,
+        settings,
+        runs: runs?,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    let an = normlab::studies::report::write_all(&results, &out)?;
+    print_analysis(&an);
+    println!("wrote {}", out.join("report.html").display());
+    Ok(())
 }
 
 fn run_prune(a: PruneArgs) -> Result<()> {
@@ -574,6 +803,12 @@ fn main() -> ExitCode {
         Command::Bench(a) => run_bench(a),
         Command::Fold(a) => run_fold(a),
         Command::Prune(a) => run_prune(a),
+        Command::Study(a) => run_study(a),
+        Command::Compare(a) => run_compare(a),
+        Command::Report(a) => normlab::studies::report::rebuild(&a.dir).map(|an| {
+            print_analysis(&an);
+            println!("rebuilt {}", a.dir.join("report.html").display());
+        }),
         Command::Layer(a) => normlab::conformance::layer_command(&a.spec, &a.input, &a.output, a.eval).map(|n| {
             println!("wrote {} tensors to {}", n, a.output.display());
         }),

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::nn::activation::Sigmoid;
 use crate::nn::conv2d::Conv2d;
+use crate::nn::dropout::Dropout;
 use crate::nn::linear::Linear;
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::pool::{GlobalAvgPool, MaxPool2d};
@@ -29,6 +30,10 @@ pub struct ModelSpec {
     /// Input [C, H, W].
     pub input: [usize; 3],
     pub classes: usize,
+    /// Dropout probability before the classifier (0 = none); has no parameters, so PyTorch
+    /// state dicts are unaffected.
+    #[serde(default)]
+    pub dropout: f32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -161,6 +166,7 @@ impl ModelSpec {
             norm: norm_spec.to_string(),
             input,
             classes,
+            dropout: 0.0,
         })
     }
 }
@@ -180,6 +186,12 @@ impl Model {
         let push_conv = |net: &mut Sequential, name: &str, conv: Conv2d| {
             net.push(name, if fuse_into_conv { conv.with_relu() } else { conv });
         };
+        let push_dropout = |net: &mut Sequential| -> Result<()> {
+            if spec.dropout > 0.0 {
+                net.push("", Dropout::new(spec.dropout)?);
+            }
+            Ok(())
+        };
         let push_norm_relu = |net: &mut Sequential, name: String, sample_shape: &[usize]| -> Result<()> {
             if let Some(layer) = norm.build(sample_shape, &name, true)? {
                 net.push_boxed(&name, layer);
@@ -192,6 +204,7 @@ impl Model {
                 push_norm_relu(&mut net, "bn1".into(), &[width, h, w])?;
                 net.push("", MaxPool2d::new(2, 2));
                 // Linear reads [N, W, 14, 14] as [N, W*196]: PyTorch's Flatten without the copy.
+                push_dropout(&mut net)?;
                 net.push(
                     "fc1",
                     Linear::new(width * (h / 2) * (w / 2), spec.classes, true, &mut rng),
@@ -207,6 +220,7 @@ impl Model {
                     net.push("", Sigmoid);
                     width = 100;
                 }
+                push_dropout(&mut net)?;
                 net.push("fc4", Linear::new(width, spec.classes, true, &mut rng));
             }
             Arch::Vgg(items) => {
@@ -234,6 +248,7 @@ impl Model {
                         }
                     }
                 }
+                push_dropout(&mut net)?;
                 net.push("fc1", Linear::new(ch * hh * ww, spec.classes, true, &mut rng));
             }
             Arch::ResNet(mids) => {
@@ -250,6 +265,7 @@ impl Model {
                     ch = out;
                 }
                 net.push("", GlobalAvgPool);
+                push_dropout(&mut net)?;
                 net.push("fc", Linear::new(ch, spec.classes, true, &mut rng));
             }
         }

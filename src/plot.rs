@@ -74,3 +74,147 @@ pub fn gamma_histogram_svg(gammas: &[f32], threshold: f32, percent: f64) -> Resu
     }
     Ok(svg)
 }
+
+/// One line of a line plot: its name and points (x, mean, spread) — the spread (standard
+/// deviation over seeds) is drawn as a vertical bar when non-zero.
+pub type Series = (String, Vec<(f64, f64, f64)>);
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(127, 127, 127),
+    RGBColor(23, 190, 207),
+];
+
+/// A line plot with markers, spread bars and a legend; `log_x` uses a log2 x axis.
+pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], log_x: bool) -> Result<String> {
+    let points = series.iter().flat_map(|(_, p)| p.iter()).filter(|p| p.1.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, m, s) in points {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(m - s);
+        y1 = y1.max(m + s);
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let pad = ((y1 - y0) * 0.08).max(1e-3);
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 440)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let map = |x: f64| if log_x { x.log2() } else { x };
+        let (a, b) = (map(x0), map(x1));
+        let xpad = ((b - a) * 0.04).max(1e-3);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(65)
+            .build_cartesian_2d(a - xpad..b + xpad, y0..y1)
+            .map_err(plot_err)?;
+        let fmt_x = |v: &f64| {
+            if log_x {
+                format!("{}", 2f64.powf(*v).round())
+            } else {
+                format!("{v:.3}")
+            }
+        };
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .x_label_formatter(&fmt_x)
+            .draw()
+            .map_err(plot_err)?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            let ok: Vec<(f64, f64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
+            chart
+                .draw_series(LineSeries::new(
+                    ok.iter().map(|&(x, m, _)| (map(x), m)),
+                    color.stroke_width(2),
+                ))
+                .map_err(plot_err)?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+            chart
+                .draw_series(ok.iter().map(|&(x, m, _)| Circle::new((map(x), m), 4, color.filled())))
+                .map_err(plot_err)?;
+            chart
+                .draw_series(
+                    ok.iter()
+                        .filter(|p| p.2 > 0.0)
+                        .map(|&(x, m, s)| PathElement::new([(map(x), m - s), (map(x), m + s)], color.stroke_width(1))),
+                )
+                .map_err(plot_err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// A bar chart of labelled values with spread bars (value, spread).
+pub fn bars_svg(title: &str, y_label: &str, bars: &[(String, f64, f64)]) -> Result<String> {
+    let top = bars.iter().map(|b| b.1 + b.2).fold(0.0f64, f64::max).max(1e-3) * 1.15;
+    let bottom = bars.iter().map(|b| b.1 - b.2).fold(0.0f64, f64::min) * 1.15;
+    let n = bars.len().max(1);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 460)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(90)
+            .y_label_area_size(65)
+            .build_cartesian_2d(-0.5f64..n as f64 - 0.5, bottom..top)
+            .map_err(plot_err)?;
+        let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+        let fmt_x = |v: &f64| {
+            let i = v.round();
+            if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&fmt_x)
+            .x_label_style(("sans-serif", 11).into_font().transform(FontTransform::Rotate90))
+            .y_desc(y_label)
+            .draw()
+            .map_err(plot_err)?;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                let c = PALETTE[i % PALETTE.len()];
+                Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64 + 0.35, b.1)], c.mix(0.75).filled())
+            }))
+            .map_err(plot_err)?;
+        chart
+            .draw_series(
+                bars.iter().enumerate().filter(|(_, b)| b.2 > 0.0).map(|(i, b)| {
+                    PathElement::new([(i as f64, b.1 - b.2), (i as f64, b.1 + b.2)], BLACK.stroke_width(1))
+                }),
+            )
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}

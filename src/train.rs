@@ -40,6 +40,12 @@ pub struct TrainConfig {
     /// Start from these weights (a checkpoint of the same architecture, e.g. a pruned one).
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Dropout probability before the classifier.
+    #[serde(default)]
+    pub dropout: f32,
+    /// Multiplies every conv/linear weight after PyTorch's initialization (1 = unchanged).
+    #[serde(default)]
+    pub init_scale: Option<f32>,
 }
 
 impl Default for TrainConfig {
@@ -59,6 +65,8 @@ impl Default for TrainConfig {
             sparsity: 0.0,
             gamma_init: None,
             init_from: None,
+            dropout: 0.0,
+            init_scale: None,
         }
     }
 }
@@ -79,6 +87,17 @@ impl TrainConfig {
                 "--sparsity must be >= 0, got {}",
                 self.sparsity
             )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid(format!(
+                "--dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        if let Some(k) = self.init_scale {
+            if !(k > 0.0 && k.is_finite()) {
+                return Err(Error::invalid(format!("--init-scale must be > 0, got {k}")));
+            }
         }
         if let Some(g) = self.gamma_init {
             if !g.is_finite() {
@@ -325,7 +344,10 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     if let Some(n) = config.test_limit {
         test_set.truncate(n);
     }
-    let spec = ModelSpec::new(&config.model, &config.norm, train_set.shape, train_set.classes)?;
+    let spec = ModelSpec {
+        dropout: config.dropout,
+        ..ModelSpec::new(&config.model, &config.norm, train_set.shape, train_set.classes)?
+    };
     let mut model = Model::build(&spec, config.seed)?;
     let norm: NormSpec = spec.norm.parse()?;
     norm.check_batches(config.batch_size, train_set.len() % config.batch_size)?;
@@ -340,6 +362,13 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     if history.is_empty() {
         if let Some(g) = config.gamma_init {
             model.net.set_norm_scales(g);
+        }
+        if let Some(k) = config.init_scale {
+            model.net.visit_params(&mut |p| {
+                if p.kind == crate::nn::ParamKind::Weight {
+                    p.value.data.iter_mut().for_each(|w| *w *= k);
+                }
+            });
         }
         if let Some(path) = &config.init_from {
             let (init, meta) = checkpoint::load_model(path)?;
