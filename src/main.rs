@@ -379,7 +379,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
                 .out
                 .clone()
                 .unwrap_or_else(|| train::fresh_run_dir(&PathBuf::from("runs"), &name));
-            (Start::Fresh(config), out)
+            (Start::Fresh(Box::new(config)), out)
         }
     };
     println!("run folder: {}", out.display());

@@ -360,7 +360,7 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
     if let Some(epochs) = req.finetune {
         let run_dir = req.out.join("finetune");
         let config = finetune_config(&req.checkpoint, &pruned.spec, epochs, &pruned_path, req)?;
-        let m = crate::train::train(crate::train::Start::Fresh(config), &run_dir, reporter)?;
+        let m = crate::train::train(crate::train::Start::Fresh(Box::new(config)), &run_dir, reporter)?;
         accuracy_after_finetune = Some(m.test_accuracy);
         finetune_run = Some(run_dir);
     }

@@ -295,7 +295,7 @@ pub fn fresh_run_dir(root: &Path, name: &str) -> PathBuf {
 
 /// How a run starts: fresh into `out`, or continuing the run in `out`.
 pub enum Start {
-    Fresh(TrainConfig),
+    Fresh(Box<TrainConfig>),
     /// Continue the run in the folder; `epochs`/`threads` may override the stored config.
     Resume {
         epochs: Option<usize>,
@@ -316,7 +316,7 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
                     out.display()
                 )));
             }
-            (config, Vec::new())
+            (*config, Vec::new())
         }
         Start::Resume { epochs, threads } => {
             let path = files.metrics();

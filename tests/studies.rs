@@ -28,7 +28,7 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
         let results: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
         let runs = results["runs"].as_array().unwrap();
-        assert!(runs.len() >= 4 && runs.len() % 2 == 0, "{study}: {} runs", runs.len());
+        assert!(runs.len() >= 4 && runs.len().is_multiple_of(2), "{study}: {} runs", runs.len());
         assert!(runs
             .iter()
             .all(|r| r["status"] == "complete" || r["status"] == "diverged"));

@@ -303,7 +303,7 @@ pub fn run_grid(
             let mut config = p.config.clone();
             config.seed = seed;
             let t0 = std::time::Instant::now();
-            let result = train::train(Start::Fresh(config.clone()), &dir, &mut Quiet);
+            let result = train::train(Start::Fresh(Box::new(config.clone())), &dir, &mut Quiet);
             let metrics = match result {
                 Ok(m) => m,
                 Err(Error::Diverged(_)) => {
