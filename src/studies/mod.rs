@@ -157,8 +157,8 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
             }
             settings.insert("learning rate".into(), "0.02 x batch / 32, SGD momentum 0.9".into());
             settings.insert("epochs".into(), epochs.to_string());
-            settings.insert("training images".into(), train.to_string());
-            settings.insert("test images".into(), test.to_string());
+            settings.insert("training images (at most)".into(), train.to_string());
+            settings.insert("test images (at most)".into(), test.to_string());
         }
         "learning-rate" => {
             let (lrs, scales, epochs, train, test): (&[f64], &[f32], usize, usize, usize) = if opts.quick {
@@ -184,8 +184,8 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
             }
             settings.insert("optimizer".into(), "SGD momentum 0.9, batch 128, constant rate".into());
             settings.insert("epochs".into(), epochs.to_string());
-            settings.insert("training images".into(), train.to_string());
-            settings.insert("test images".into(), test.to_string());
+            settings.insert("training images (at most)".into(), train.to_string());
+            settings.insert("test images (at most)".into(), test.to_string());
         }
         "regularization" => {
             let (epochs, train, test) = if opts.quick { (2, 1024, 500) } else { (10, 4096, 2000) };
@@ -211,7 +211,7 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
                 "training images".into(),
                 format!("{train} (small, so that models can overfit)"),
             );
-            settings.insert("test images".into(), test.to_string());
+            settings.insert("test images (at most)".into(), test.to_string());
         }
         _ => {
             let known: Vec<&str> = STUDIES.iter().map(|(n, _)| *n).collect();
