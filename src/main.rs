@@ -33,7 +33,7 @@ enum Command {
     Eval(EvalArgs),
     /// Fold every eval-mode BatchNorm into the conv/linear layer before it.
     Fold(FoldArgs),
-    /// Run a study (batch-size, learning-rate, regularization): tables, plots, report.html.
+    /// Run a study (batch-size, learning-rate, regularization, ics): tables, plots, report.html.
     Study(StudyArgs),
     /// Run any grid of models x norms x batch sizes x learning rates x seeds.
     Compare(CompareArgs),
@@ -52,7 +52,7 @@ enum Command {
 
 #[derive(Args)]
 struct StudyArgs {
-    /// batch-size, learning-rate or regularization.
+    /// batch-size, learning-rate, regularization or ics.
     name: String,
     /// A small version that finishes in about two minutes.
     #[arg(long)]
@@ -609,6 +609,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         seeds: a.seeds,
         settings,
         runs: runs?,
+        ics: Vec::new(),
         seconds: t0.elapsed().as_secs_f64(),
     };
     let an = normlab::studies::report::write_all(&results, &out)?;

@@ -105,7 +105,10 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
     }
     let pad = ((y1 - y0) * 0.08).max(1e-3);
     // Errors and accuracies are never negative: keep the axis at 0 even when a spread bar dips below.
-    let all_nonneg = series.iter().flat_map(|(_, p)| p.iter()).all(|p| !p.1.is_finite() || p.1 >= 0.0);
+    let all_nonneg = series
+        .iter()
+        .flat_map(|(_, p)| p.iter())
+        .all(|p| !p.1.is_finite() || p.1 >= 0.0);
     let (y0, y1) = (if all_nonneg { (y0 - pad).max(0.0) } else { y0 - pad }, y1 + pad);
     let mut svg = String::new();
     {

@@ -11,7 +11,7 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
     let t = tmp();
     let data = t.path().join("data");
     write_dataset(&data, 256, 64, false);
-    for study in ["batch-size", "learning-rate", "regularization"] {
+    for study in ["batch-size", "learning-rate", "regularization", "ics"] {
         let out = t.path().join(study);
         let text = ok(&[
             "study",
@@ -27,13 +27,24 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
         assert!(text.contains("finding:"), "{study}: {text}");
         let results: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-        let runs = results["runs"].as_array().unwrap();
-        assert!(runs.len() >= 4 && runs.len().is_multiple_of(2), "{study}: {} runs", runs.len());
-        assert!(runs
-            .iter()
-            .all(|r| r["status"] == "complete" || r["status"] == "diverged"));
         let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
-        assert_eq!(csv.lines().count(), runs.len() + 1, "{study}: one CSV row per run");
+        if study == "ics" {
+            let ics = results["ics"].as_array().unwrap();
+            assert_eq!(ics.len(), 4, "bn and none, two seeds");
+            let points: usize = ics.iter().map(|r| r["points"].as_array().unwrap().len()).sum();
+            assert_eq!(csv.lines().count(), points + 1, "one CSV row per measurement");
+        } else {
+            let runs = results["runs"].as_array().unwrap();
+            assert!(
+                runs.len() >= 4 && runs.len().is_multiple_of(2),
+                "{study}: {} runs",
+                runs.len()
+            );
+            assert!(runs
+                .iter()
+                .all(|r| r["status"] == "complete" || r["status"] == "diverged"));
+            assert_eq!(csv.lines().count(), runs.len() + 1, "{study}: one CSV row per run");
+        }
         let html = std::fs::read_to_string(out.join("report.html")).unwrap();
         assert!(html.contains("<svg") && html.contains("What this run found"));
         assert!(

@@ -36,6 +36,11 @@ impl Sequential {
         &mut self.acts[0]
     }
 
+    /// The output of layer `i` in the last forward (probes such as the ICS study read one).
+    pub fn activation(&self, i: usize) -> Option<&Tensor> {
+        self.acts.get(i + 1)
+    }
+
     /// Runs every layer on the input set through `input_mut`; returns the output.
     pub fn forward(&mut self, mode: Mode) -> Result<&Tensor> {
         self.size_buffers();

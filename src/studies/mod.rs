@@ -7,6 +7,7 @@
 //! `report.rs` writes. `normlab report DIR` redoes only that last part from results.json.
 
 pub mod analysis;
+pub mod ics;
 pub mod report;
 
 use std::collections::BTreeMap;
@@ -63,6 +64,9 @@ pub struct StudyResults {
     /// What every run shares (model, epochs, data subset, optimizer).
     pub settings: BTreeMap<String, String>,
     pub runs: Vec<RunRecord>,
+    /// The ics study's measurements (its runs are not grid runs).
+    #[serde(default)]
+    pub ics: Vec<ics::IcsRun>,
     pub seconds: f64,
 }
 
@@ -271,6 +275,11 @@ pub fn check(planned: &[Planned], out: &Path, data: Option<&Path>) -> Result<()>
         let norm: NormSpec = c.norm.parse()?;
         norm.check_batches(c.batch_size, n % c.batch_size)?;
     }
+    prepare_out(out)
+}
+
+/// The output folder must be writable and hold no earlier results.
+fn prepare_out(out: &Path) -> Result<()> {
     if out.join("results.json").exists() {
         return Err(Error::invalid(format!(
             "{} already holds study results; choose another --out",
@@ -346,16 +355,28 @@ pub fn run_study(
     if opts.seeds == 0 {
         return Err(Error::invalid("--seeds must be at least 1"));
     }
-    let (planned, settings) = plan(study, opts)?;
-    check(&planned, &opts.out, opts.data.as_deref())?;
     let t0 = std::time::Instant::now();
-    let runs = run_grid(&planned, opts.seeds, &opts.out, progress)?;
+    let (runs, ics_runs, settings) = if study == "ics" {
+        resolve_data_dir(opts.data.as_deref())?;
+        prepare_out(&opts.out)?;
+        let (ics_runs, settings) = ics::run(opts, progress)?;
+        (Vec::new(), ics_runs, settings)
+    } else {
+        let (planned, settings) = plan(study, opts)?;
+        check(&planned, &opts.out, opts.data.as_deref())?;
+        (
+            run_grid(&planned, opts.seeds, &opts.out, progress)?,
+            Vec::new(),
+            settings,
+        )
+    };
     let results = StudyResults {
         study: study.into(),
         quick: opts.quick,
         seeds: opts.seeds,
         settings,
         runs,
+        ics: ics_runs,
         seconds: t0.elapsed().as_secs_f64(),
     };
     report::write_all(&results, &opts.out)?;

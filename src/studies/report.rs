@@ -15,8 +15,20 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// One row per run: seed, status, every label, final metrics.
+/// One row per run: seed, status, every label, final metrics (ics: one row per measurement).
 pub fn csv(r: &StudyResults) -> String {
+    if !r.ics.is_empty() {
+        let mut out = String::from("study,norm,seed,diverged,step,test_accuracy,p15,p50,p85\n");
+        for run in &r.ics {
+            for p in &run.points {
+                out.push_str(&format!(
+                    "ics,{},{},{},{},{},{},{},{}\n",
+                    run.norm, run.seed, run.diverged, p.step, p.test_accuracy, p.p15, p.p50, p.p85
+                ));
+            }
+        }
+        return out;
+    }
     let keys: Vec<String> = r
         .runs
         .first()
@@ -65,7 +77,7 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
         esc(&r.study),
         if r.quick { " (--quick)" } else { "" },
         r.seeds,
-        r.runs.len(),
+        r.runs.len() + r.ics.len(),
         r.seconds
     ));
     h.push_str(&format!("<p class=\"claim\"><b>The claim.</b> {}</p>\n", esc(&a.claim)));
