@@ -417,7 +417,7 @@ fn ics(r: &StudyResults) -> Result<Analysis> {
     };
     let acc: Vec<Series> = norms
         .iter()
-        .map(|n| (format!("{n}"), series_of(n, &|p| 100.0 * p.test_accuracy)))
+        .map(|n| (n.to_string(), series_of(n, &|p| 100.0 * p.test_accuracy)))
         .collect();
     let mut plots = vec![Plot {
         file: "test_accuracy_vs_steps.svg".into(),
