@@ -33,7 +33,7 @@ enum Command {
     Eval(EvalArgs),
     /// Fold every eval-mode BatchNorm into the conv/linear layer before it.
     Fold(FoldArgs),
-    /// Run a study (batch-size, learning-rate, regularization, ics): tables, plots, report.html.
+    /// Run a study (batch-size, learning-rate, regularization, ics, landscape): tables, plots, report.html.
     Study(StudyArgs),
     /// Run any grid of models x norms x batch sizes x learning rates x seeds.
     Compare(CompareArgs),
@@ -52,7 +52,7 @@ enum Command {
 
 #[derive(Args)]
 struct StudyArgs {
-    /// batch-size, learning-rate, regularization or ics.
+    /// batch-size, learning-rate, regularization, ics or landscape.
     name: String,
     /// A small version that finishes in about two minutes.
     #[arg(long)]
@@ -525,9 +525,9 @@ fn run_study(a: StudyArgs) -> Result<()> {
     let results = results?;
     let an = normlab::studies::analysis::analyze(&results)?;
     print_analysis(&an);
+    let n = results.runs.len() + results.ics.len() + results.landscape.len();
     println!(
-        "{} runs in {:.0} s; wrote {}",
-        results.runs.len(),
+        "{n} runs in {:.0} s; wrote {}",
         results.seconds,
         out.join("report.html").display()
     );
@@ -610,6 +610,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         settings,
         runs: runs?,
         ics: Vec::new(),
+        landscape: Vec::new(),
         seconds: t0.elapsed().as_secs_f64(),
     };
     let an = normlab::studies::report::write_all(&results, &out)?;

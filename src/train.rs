@@ -181,10 +181,24 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
     })
 }
 
-/// One training step on the batch already in `model.input_mut()`: forward, softmax
-/// cross-entropy against `labels`, backward, optimizer update. Returns the mean loss and the
-/// number of correct predictions; a non-finite loss returns before any update. With
-/// `sparsity` λ > 0, λ·sign(γ) is added to every norm scale's gradient after backward.
+/// Forward in train mode, softmax cross-entropy against `labels`, and (for a finite loss)
+/// backward: the parameters' gradients hold dL/dθ of this batch afterwards. Returns the mean
+/// loss and the number of correct predictions.
+pub fn loss_and_grad(model: &mut Model, labels: &[u8], classes: usize) -> Result<(f64, usize)> {
+    model.net.zero_grad();
+    model.forward(Mode::Train)?;
+    let (logits, dlogits) = model.net.output_and_grad();
+    dlogits.resize_to(&logits.shape);
+    let (loss, correct) = softmax_cross_entropy(&logits.data, labels, classes, &mut dlogits.data);
+    if loss.is_finite() {
+        model.backward()?;
+    }
+    Ok((loss, correct))
+}
+
+/// One training step on the batch already in `model.input_mut()`: `loss_and_grad`, then the
+/// optimizer update. A non-finite loss returns before any update. With `sparsity` λ > 0,
+/// λ·sign(γ) is added to every norm scale's gradient after backward.
 pub fn train_step(
     model: &mut Model,
     opt: &mut Optimizer,
@@ -193,15 +207,10 @@ pub fn train_step(
     lr: f64,
     sparsity: f64,
 ) -> Result<(f64, usize)> {
-    model.net.zero_grad();
-    model.forward(Mode::Train)?;
-    let (logits, dlogits) = model.net.output_and_grad();
-    dlogits.resize_to(&logits.shape);
-    let (loss, correct) = softmax_cross_entropy(&logits.data, labels, classes, &mut dlogits.data);
+    let (loss, correct) = loss_and_grad(model, labels, classes)?;
     if !loss.is_finite() {
         return Ok((loss, correct));
     }
-    model.backward()?;
     if sparsity > 0.0 {
         model.net.add_norm_scale_l1(sparsity as f32);
     }

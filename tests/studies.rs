@@ -11,7 +11,7 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
     let t = tmp();
     let data = t.path().join("data");
     write_dataset(&data, 256, 64, false);
-    for study in ["batch-size", "learning-rate", "regularization", "ics"] {
+    for study in ["batch-size", "learning-rate", "regularization", "ics", "landscape"] {
         let out = t.path().join(study);
         let text = ok(&[
             "study",
@@ -28,7 +28,12 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
         let results: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
         let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
-        if study == "ics" {
+        if study == "landscape" {
+            let runs = results["landscape"].as_array().unwrap();
+            assert_eq!(runs.len(), 4, "bn and none, two seeds");
+            let probes: usize = runs.iter().map(|r| r["probes"].as_array().unwrap().len()).sum();
+            assert_eq!(csv.lines().count(), probes + 1, "one CSV row per probe");
+        } else if study == "ics" {
             let ics = results["ics"].as_array().unwrap();
             assert_eq!(ics.len(), 4, "bn and none, two seeds");
             let points: usize = ics.iter().map(|r| r["points"].as_array().unwrap().len()).sum();

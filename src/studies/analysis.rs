@@ -96,6 +96,7 @@ pub fn analyze(r: &StudyResults) -> Result<Analysis> {
         "learning-rate" => learning_rate(r),
         "regularization" => regularization(r),
         "ics" => ics(r),
+        "landscape" => landscape(r),
         _ => compare(r),
     }
 }
@@ -485,6 +486,130 @@ fn ics(r: &StudyResults) -> Result<Analysis> {
         tables: vec![Table {
             caption: "Test accuracy (%) at 10%, 50% and 100% of training, and the range of the median sigmoid input after the first quarter".into(),
             header: vec!["norm".into(), "acc @10%".into(), "acc @50%".into(), "acc @100%".into(), "median range".into()],
+            rows,
+        }],
+        plots,
+    })
+}
+
+fn landscape(r: &StudyResults) -> Result<Analysis> {
+    use crate::studies::landscape::Probe;
+    let norms = ["bn", "none"];
+    let series_of = |norm: &str, f: &dyn Fn(&Probe) -> f64| -> Vec<(f64, f64, f64)> {
+        let runs: Vec<_> = r.landscape.iter().filter(|x| x.norm == norm).collect();
+        let steps: Vec<usize> = runs
+            .first()
+            .map(|x| x.probes.iter().map(|p| p.step).collect())
+            .unwrap_or_default();
+        steps
+            .iter()
+            .map(|&st| {
+                let v: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|x| x.probes.iter().find(|p| p.step == st))
+                    .map(f)
+                    .collect();
+                let (m, s) = mean_std(&v);
+                (st as f64, m, s)
+            })
+            .collect()
+    };
+    let mut loss_series = Vec::new();
+    for n in norms {
+        loss_series.push((format!("{n}: max loss along g"), series_of(n, &|p| p.loss_max)));
+        loss_series.push((format!("{n}: min loss along g"), series_of(n, &|p| p.loss_min)));
+    }
+    let change: Vec<Series> = norms
+        .iter()
+        .map(|n| (n.to_string(), series_of(n, &|p| p.grad_change_max)))
+        .collect();
+    let beta: Vec<Series> = norms
+        .iter()
+        .map(|n| (n.to_string(), series_of(n, &|p| p.beta)))
+        .collect();
+    let plots = vec![
+        Plot {
+            file: "loss_landscape.svg".into(),
+            caption: "Range of the loss at θ − ηg for η in [0.5, 4]·lr, over training".into(),
+            svg: lines_svg(
+                "Loss along the gradient direction (range over step sizes)",
+                "training step",
+                "loss",
+                &loss_series,
+                false,
+            )?,
+        },
+        Plot {
+            file: "gradient_predictiveness.svg".into(),
+            caption: "Largest ‖∇L(θ − ηg) − ∇L(θ)‖ over the step sizes (lower: more predictive gradients)".into(),
+            svg: lines_svg(
+                "Gradient predictiveness",
+                "training step",
+                "max l2 change of the gradient",
+                &change,
+                false,
+            )?,
+        },
+        Plot {
+            file: "beta_smoothness.svg".into(),
+            caption: "Effective β-smoothness: max ‖Δ∇L‖ / ‖ηg‖ over the step sizes".into(),
+            svg: lines_svg("Effective beta-smoothness", "training step", "beta", &beta, false)?,
+        },
+    ];
+    let mut rows = Vec::new();
+    let mut avg = BTreeMap::new();
+    for n in norms {
+        let probes: Vec<&Probe> = r
+            .landscape
+            .iter()
+            .filter(|x| x.norm == n)
+            .flat_map(|x| x.probes.iter())
+            .collect();
+        let m = |f: &dyn Fn(&Probe) -> f64| {
+            mean_std(
+                &probes
+                    .iter()
+                    .map(|p| f(p))
+                    .filter(|v| v.is_finite())
+                    .collect::<Vec<_>>(),
+            )
+            .0
+        };
+        let range = m(&|p| p.loss_max - p.loss_min);
+        let (c, b) = (m(&|p| p.grad_change_max), m(&|p| p.beta));
+        let acc = mean_std(
+            &r.landscape
+                .iter()
+                .filter(|x| x.norm == n)
+                .map(|x| 100.0 * x.test_accuracy)
+                .collect::<Vec<_>>(),
+        )
+        .0;
+        let diverged = r.landscape.iter().filter(|x| x.norm == n && x.diverged).count();
+        avg.insert(n, (range, c, b, acc));
+        rows.push(vec![
+            n.to_string(),
+            format!("{range:.4}"),
+            format!("{c:.4}"),
+            format!("{b:.3}"),
+            format!("{acc:.2}"),
+            diverged.to_string(),
+        ]);
+    }
+    let (b, o) = (avg["bn"], avg["none"]);
+    let smoother = b.0 < o.0 && b.2 < o.2;
+    let finding = format!(
+        "Averaged over training, the loss along the gradient varies over {:.4} with BN and {:.4} without; the gradient changes by up to {:.4} vs {:.4}; effective β-smoothness {:.3} vs {:.3}. Test accuracy {:.2}% with BN, {:.2}% without. {}",
+        b.0, o.0, b.1, o.1, b.2, o.2, b.3, o.3,
+        if smoother { "This agrees with Santurkar et al.: BN makes the landscape smoother and the gradients more predictive." } else { "Here the landscape is not clearly smoother with BN, unlike Santurkar et al." }
+    );
+    Ok(Analysis {
+        title: "Loss landscape: is training with BN smoother?".into(),
+        claim: "Santurkar et al. 2018: BN's benefit comes mainly from a smoother loss landscape — a smaller range of loss along the gradient, more predictive gradients and a smaller effective β-smoothness (VGG on CIFAR-10, SGD lr 0.1).".into(),
+        finding,
+        tables: vec![Table {
+            caption: "Means over all probes: loss range along g, largest gradient change, β-smoothness; final test accuracy".into(),
+            header: vec!["norm".into(), "loss range".into(), "max ‖Δ∇L‖".into(), "β".into(), "test acc (%)".into(), "diverged".into()],
             rows,
         }],
         plots,

@@ -8,6 +8,7 @@
 
 pub mod analysis;
 pub mod ics;
+pub mod landscape;
 pub mod report;
 
 use std::collections::BTreeMap;
@@ -67,6 +68,9 @@ pub struct StudyResults {
     /// The ics study's measurements (its runs are not grid runs).
     #[serde(default)]
     pub ics: Vec<ics::IcsRun>,
+    /// The landscape study's probes.
+    #[serde(default)]
+    pub landscape: Vec<landscape::LandscapeRun>,
     pub seconds: f64,
 }
 
@@ -356,19 +360,27 @@ pub fn run_study(
         return Err(Error::invalid("--seeds must be at least 1"));
     }
     let t0 = std::time::Instant::now();
-    let (runs, ics_runs, settings) = if study == "ics" {
-        resolve_data_dir(opts.data.as_deref())?;
-        prepare_out(&opts.out)?;
-        let (ics_runs, settings) = ics::run(opts, progress)?;
-        (Vec::new(), ics_runs, settings)
-    } else {
-        let (planned, settings) = plan(study, opts)?;
-        check(&planned, &opts.out, opts.data.as_deref())?;
-        (
-            run_grid(&planned, opts.seeds, &opts.out, progress)?,
-            Vec::new(),
-            settings,
-        )
+    let (mut runs, mut ics_runs, mut landscape_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let settings = match study {
+        "ics" | "landscape" => {
+            resolve_data_dir(opts.data.as_deref())?;
+            prepare_out(&opts.out)?;
+            if study == "ics" {
+                let (r, settings) = ics::run(opts, progress)?;
+                ics_runs = r;
+                settings
+            } else {
+                let (r, settings) = landscape::run(opts, progress)?;
+                landscape_runs = r;
+                settings
+            }
+        }
+        _ => {
+            let (planned, settings) = plan(study, opts)?;
+            check(&planned, &opts.out, opts.data.as_deref())?;
+            runs = run_grid(&planned, opts.seeds, &opts.out, progress)?;
+            settings
+        }
     };
     let results = StudyResults {
         study: study.into(),
@@ -377,6 +389,7 @@ pub fn run_study(
         settings,
         runs,
         ics: ics_runs,
+        landscape: landscape_runs,
         seconds: t0.elapsed().as_secs_f64(),
     };
     report::write_all(&results, &opts.out)?;

@@ -17,6 +17,28 @@ fn esc(s: &str) -> String {
 
 /// One row per run: seed, status, every label, final metrics (ics: one row per measurement).
 pub fn csv(r: &StudyResults) -> String {
+    if !r.landscape.is_empty() {
+        let mut out =
+            String::from("study,norm,seed,diverged,step,loss,loss_min,loss_max,grad_change_min,grad_change_max,beta\n");
+        for run in &r.landscape {
+            for p in &run.probes {
+                out.push_str(&format!(
+                    "landscape,{},{},{},{},{},{},{},{},{},{}\n",
+                    run.norm,
+                    run.seed,
+                    run.diverged,
+                    p.step,
+                    p.loss,
+                    p.loss_min,
+                    p.loss_max,
+                    p.grad_change_min,
+                    p.grad_change_max,
+                    p.beta
+                ));
+            }
+        }
+        return out;
+    }
     if !r.ics.is_empty() {
         let mut out = String::from("study,norm,seed,diverged,step,test_accuracy,p15,p50,p85\n");
         for run in &r.ics {
@@ -77,7 +99,7 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
         esc(&r.study),
         if r.quick { " (--quick)" } else { "" },
         r.seeds,
-        r.runs.len() + r.ics.len(),
+        r.runs.len() + r.ics.len() + r.landscape.len(),
         r.seconds
     ));
     h.push_str(&format!("<p class=\"claim\"><b>The claim.</b> {}</p>\n", esc(&a.claim)));
