@@ -56,33 +56,11 @@ impl Tensor {
         self.shape.iter().skip(1).product()
     }
 
-    /// The same data under another shape with the same number of values.
-    pub fn reshaped(mut self, shape: &[usize]) -> Result<Self> {
-        let expected: usize = shape.iter().product();
-        if expected != self.data.len() {
-            return Err(Error::invalid(format!(
-                "cannot reshape {:?} into {shape:?}",
-                self.shape
-            )));
-        }
-        self.shape = shape.to_vec();
-        Ok(self)
-    }
-
     /// Resizes in place to `shape`, reusing the allocation when it is large enough.
     pub fn resize_to(&mut self, shape: &[usize]) {
         self.shape.clear();
         self.shape.extend_from_slice(shape);
         self.data.resize(shape.iter().product(), 0.0);
-    }
-
-    /// (N, C, H*W) of a 2-D (N, C) or 4-D (N, C, H, W) tensor: the view every norm works on.
-    pub fn ncs(&self) -> Option<(usize, usize, usize)> {
-        match self.shape.as_slice() {
-            [n, c] => Some((*n, *c, 1)),
-            [n, c, h, w] => Some((*n, *c, h * w)),
-            _ => None,
-        }
     }
 
     pub fn max_abs(&self) -> f32 {
