@@ -51,6 +51,7 @@ pub struct RunRecord {
     pub steps_per_epoch: usize,
     pub test_accuracy: f64,
     pub test_loss: f64,
+    /// The final model in eval mode on the run's training images.
     pub train_accuracy: f64,
     pub train_loss: f64,
     pub seconds: f64,
@@ -308,6 +309,10 @@ pub fn run_grid(
     let total = planned.len() * seeds;
     let mut records = Vec::with_capacity(total);
     let mut k = 0;
+    // The final train accuracy is measured in eval mode on the run's training images (the
+    // epoch's running average mixes in early batches and, with dropout, noisy forwards).
+    let data_dir = resolve_data_dir(planned.first().and_then(|p| p.config.data.as_deref()))?;
+    let train_set = crate::data::load_split(&data_dir, true)?;
     for p in planned {
         for seed in 0..seeds as u64 {
             let label: Vec<String> = p.labels.iter().map(|(a, b)| format!("{a}={b}")).collect();
@@ -326,7 +331,15 @@ pub fn run_grid(
                 Err(e) => return Err(e),
             };
             let last = metrics.epochs.last();
-            let n = config.train_limit.unwrap_or(60000);
+            let n = config.train_limit.unwrap_or(train_set.len()).min(train_set.len());
+            let train_eval = if metrics.status == "diverged" {
+                None
+            } else {
+                let (mut model, meta) = crate::checkpoint::load_model(&dir.join("model.safetensors"))?;
+                let mut subset = train_set.clone();
+                subset.truncate(n);
+                Some(train::evaluate(&mut model, &subset, meta.input_norm, 1000)?)
+            };
             records.push(RunRecord {
                 labels: p.labels.clone(),
                 seed,
@@ -338,8 +351,8 @@ pub fn run_grid(
                 steps_per_epoch: n.div_ceil(config.batch_size),
                 test_accuracy: last.map_or(f64::NAN, |e| e.test_accuracy),
                 test_loss: last.map_or(f64::NAN, |e| e.test_loss),
-                train_accuracy: last.map_or(f64::NAN, |e| e.train_accuracy),
-                train_loss: last.map_or(f64::NAN, |e| e.train_loss),
+                train_accuracy: train_eval.as_ref().map_or(f64::NAN, |e| e.accuracy),
+                train_loss: train_eval.as_ref().map_or(f64::NAN, |e| e.loss),
                 epochs: metrics.epochs,
                 seconds: t0.elapsed().as_secs_f64(),
             });
