@@ -195,12 +195,15 @@ fn learning_rate(r: &StudyResults) -> Result<Analysis> {
                     .filter(|x| x.status == "complete")
                     .map(|x| 100.0 * x.test_accuracy)
                     .collect();
+                // A run fails when it diverges or ends no better than twice chance (20%).
                 let d = diverged.entry(norm.clone()).or_default();
-                d.0 += cell_runs.len() - acc.len();
+                d.0 += cell_runs.len() - acc.iter().filter(|&&a| a > 20.0).count();
                 d.1 += cell_runs.len();
                 let (m, s) = mean_std(&acc);
                 row.push(if acc.is_empty() {
                     "diverged".into()
+                } else if m <= 20.0 {
+                    format!("{m:.2} (failed)")
                 } else {
                     format!("{m:.2}")
                 });
@@ -231,6 +234,24 @@ fn learning_rate(r: &StudyResults) -> Result<Analysis> {
     }
     let mut header = vec!["norm, init".to_string()];
     header.extend(lrs.iter().map(|l| format!("lr {l}")));
+    // Sensitivity to initialization: at each rate where no scale failed, the accuracy spread
+    // (max − min) across init scales, averaged over those rates.
+    let init_spread = |norm: &str| -> f64 {
+        let mut spreads = Vec::new();
+        for lr in &lrs {
+            let accs: Vec<f64> = values(&r.runs, "init_scale")
+                .iter()
+                .map(|sc| {
+                    let cell = select(&r.runs, &[("norm", norm), ("init_scale", sc), ("lr", &lr.to_string())]);
+                    mean_std(&cell.iter().filter(|x| x.status == "complete").map(|x| 100.0 * x.test_accuracy).collect::<Vec<_>>()).0
+                })
+                .collect();
+            if accs.len() > 1 && accs.iter().all(|&a| a > 20.0) {
+                spreads.push(accs.iter().cloned().fold(f64::MIN, f64::max) - accs.iter().cloned().fold(f64::MAX, f64::min));
+            }
+        }
+        mean_std(&spreads).0
+    };
     let d = |n: &str| diverged.get(n).copied().unwrap_or((0, 0));
     let b = |n: &str| best.get(n).copied().unwrap_or((f64::NAN, f64::NAN));
     let (bn_d, none_d, bn_b, none_b) = (d("bn"), d("none"), b("bn"), b("none"));
@@ -240,9 +261,18 @@ fn learning_rate(r: &StudyResults) -> Result<Analysis> {
         "Here BN shows no clear advantage in usable learning rate, unlike the claim."
     };
     let finding = format!(
-        "Runs that diverged: {} of {} with BN, {} of {} without. Best test accuracy: {:.2}% with BN (lr {}), {:.2}% without (lr {}). {verdict}",
+        "Runs that failed (diverged, or ended at ≤20% test accuracy, twice chance): {} of {} with BN, {} of {} without. Best test accuracy: {:.2}% with BN (lr {}), {:.2}% without (lr {}). {verdict}",
         bn_d.0, bn_d.1, none_d.0, none_d.1, bn_b.0, bn_b.1, none_b.0, none_b.1
     );
+    let (spread_bn, spread_none) = (init_spread("bn"), init_spread("none"));
+    let finding = if spread_bn.is_finite() && spread_none.is_finite() {
+        format!(
+            "{finding} Across init scales, test accuracy varies by {spread_bn:.2} points with BN and {spread_none:.2} without (mean over the rates where no scale failed){}",
+            if spread_bn < spread_none { ": BN makes training less sensitive to initialization." } else { "." }
+        )
+    } else {
+        finding
+    };
     let svg = lines_svg(
         "Final test accuracy against learning rate",
         "learning rate (log scale)",
