@@ -127,6 +127,8 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
         let fmt_x = |v: &f64| {
             if log_x {
                 format!("{}", 2f64.powf(*v).round())
+            } else if x1.abs() >= 10.0 {
+                format!("{v:.0}")
             } else {
                 format!("{v:.3}")
             }
