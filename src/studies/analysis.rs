@@ -90,6 +90,24 @@ fn fmt_cell((m, s, diverged, n): (f64, f64, usize, usize)) -> String {
     t
 }
 
+/// Mean ± std over seeds of `value` at each step of the first run (runs measured on the
+/// same step grid: the ics and landscape studies).
+fn per_step<P>(runs: &[&[P]], step: impl Fn(&P) -> usize, value: &dyn Fn(&P) -> f64) -> Vec<(f64, f64, f64)> {
+    let steps: Vec<usize> = runs.first().map(|r| r.iter().map(&step).collect()).unwrap_or_default();
+    steps
+        .iter()
+        .map(|&st| {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.iter().find(|p| step(p) == st))
+                .map(value)
+                .collect();
+            let (m, s) = mean_std(&v);
+            (st as f64, m, s)
+        })
+        .collect()
+}
+
 pub fn analyze(r: &StudyResults) -> Result<Analysis> {
     match r.study.as_str() {
         "batch-size" => batch_size(r),
@@ -435,25 +453,14 @@ fn compare(r: &StudyResults) -> Result<Analysis> {
 
 fn ics(r: &StudyResults) -> Result<Analysis> {
     let norms = ["bn", "none"];
-    // Mean over seeds of a measured quantity at each step.
-    let series_of = |norm: &str, f: &dyn Fn(&crate::studies::ics::IcsPoint) -> f64| -> Vec<(f64, f64, f64)> {
-        let runs: Vec<_> = r.ics.iter().filter(|x| x.norm == norm).collect();
-        let steps: Vec<usize> = runs
-            .first()
-            .map(|x| x.points.iter().map(|p| p.step).collect())
-            .unwrap_or_default();
-        steps
+    let series_of = |norm: &str, f: &dyn Fn(&crate::studies::ics::IcsPoint) -> f64| {
+        let runs: Vec<&[crate::studies::ics::IcsPoint]> = r
+            .ics
             .iter()
-            .map(|&st| {
-                let v: Vec<f64> = runs
-                    .iter()
-                    .filter_map(|x| x.points.iter().find(|p| p.step == st))
-                    .map(f)
-                    .collect();
-                let (m, s) = mean_std(&v);
-                (st as f64, m, s)
-            })
-            .collect()
+            .filter(|x| x.norm == norm)
+            .map(|x| x.points.as_slice())
+            .collect();
+        per_step(&runs, |p| p.step, f)
     };
     let acc: Vec<Series> = norms
         .iter()
@@ -534,24 +541,14 @@ fn ics(r: &StudyResults) -> Result<Analysis> {
 fn landscape(r: &StudyResults) -> Result<Analysis> {
     use crate::studies::landscape::Probe;
     let norms = ["bn", "none"];
-    let series_of = |norm: &str, f: &dyn Fn(&Probe) -> f64| -> Vec<(f64, f64, f64)> {
-        let runs: Vec<_> = r.landscape.iter().filter(|x| x.norm == norm).collect();
-        let steps: Vec<usize> = runs
-            .first()
-            .map(|x| x.probes.iter().map(|p| p.step).collect())
-            .unwrap_or_default();
-        steps
+    let series_of = |norm: &str, f: &dyn Fn(&Probe) -> f64| {
+        let runs: Vec<&[Probe]> = r
+            .landscape
             .iter()
-            .map(|&st| {
-                let v: Vec<f64> = runs
-                    .iter()
-                    .filter_map(|x| x.probes.iter().find(|p| p.step == st))
-                    .map(f)
-                    .collect();
-                let (m, s) = mean_std(&v);
-                (st as f64, m, s)
-            })
-            .collect()
+            .filter(|x| x.norm == norm)
+            .map(|x| x.probes.as_slice())
+            .collect();
+        per_step(&runs, |p| p.step, f)
     };
     let mut loss_series = Vec::new();
     for n in norms {
