@@ -195,3 +195,29 @@ pub fn inference_latency(model: &mut Model, batch: usize, reps: usize) -> Result
         model.forward(Mode::Eval).map(|_| ())
     })
 }
+
+/// Inference latency of a model before and after a transformation (pruning, folding).
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub batch: usize,
+    pub before_ms: f64,
+    pub after_ms: f64,
+    pub speedup: f64,
+}
+
+/// Median eval-mode latency of both models at batch 1 and 128.
+pub fn compare_latency(before: &mut Model, after: &mut Model) -> Result<Vec<Latency>> {
+    let mut out = Vec::new();
+    for batch in [1usize, 128] {
+        let reps = if batch == 1 { 200 } else { 20 };
+        let b = inference_latency(before, batch, reps)?;
+        let a = inference_latency(after, batch, reps)?;
+        out.push(Latency {
+            batch,
+            before_ms: b * 1e3,
+            after_ms: a * 1e3,
+            speedup: b / a,
+        });
+    }
+    Ok(out)
+}

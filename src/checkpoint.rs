@@ -52,6 +52,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// An error when writing `out` would replace `input` (compared after resolving the paths), so
+/// a command never overwrites the checkpoint it reads.
+pub fn refuse_overwrite(out: &Path, input: &Path) -> Result<()> {
+    let same = match (out.canonicalize(), input.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => out == input,
+    };
+    if same {
+        return Err(Error::invalid(
+            "--out would overwrite the input checkpoint; choose another folder",
+        ));
+    }
+    Ok(())
+}
+
 /// An owned tensor ready for serialization.
 pub struct Entry {
     pub name: String,

@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use crate::data::{Dataset, InputNorm};
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::data::{load_split, resolve_data_dir, Dataset, InputNorm};
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelSpec};
 use crate::nn::batch_norm::BatchStats;
@@ -169,4 +170,70 @@ pub fn max_logit_difference(
         }
     }
     Ok(worst)
+}
+
+/// What `normlab fold` is asked to do.
+pub struct FoldRequest {
+    pub checkpoint: std::path::PathBuf,
+    pub out: std::path::PathBuf,
+    pub data: Option<std::path::PathBuf>,
+    pub test_limit: Option<usize>,
+}
+
+/// fold.json.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FoldReport {
+    pub checkpoint: std::path::PathBuf,
+    pub folded_checkpoint: std::path::PathBuf,
+    pub model: String,
+    /// The folded model's layers.
+    pub layers: String,
+    pub norm_before: String,
+    pub test_images: usize,
+    pub max_abs_logit_difference: f32,
+    pub folded_test_accuracy: f64,
+    /// before = unfolded, after = folded.
+    pub latency: Vec<crate::bench::Latency>,
+}
+
+/// The whole command: fold, compare with the original on the test set, time both, write
+/// DIR/model.safetensors and DIR/fold.json. The input is only read.
+pub fn run_fold(req: &FoldRequest) -> Result<FoldReport> {
+    let out = req.out.join("model.safetensors");
+    checkpoint::refuse_overwrite(&out, &req.checkpoint)?;
+    let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
+    let mut folded = fold(&mut model)?;
+    let dir = resolve_data_dir(req.data.as_deref())?;
+    let mut test = load_split(&dir, false)?;
+    if let Some(n) = req.test_limit {
+        test.truncate(n);
+    }
+    if test.shape != meta.spec.input {
+        return Err(Error::invalid(format!(
+            "the checkpoint expects images {:?}, the data are {:?}",
+            meta.spec.input, test.shape
+        )));
+    }
+    let max_abs_logit_difference = max_logit_difference(&mut model, &mut folded, &test, meta.input_norm, 500)?;
+    let latency = crate::bench::compare_latency(&mut model, &mut folded)?;
+    let folded_test_accuracy = crate::train::evaluate(&mut folded, &test, meta.input_norm, 1000)?.accuracy;
+    let report = FoldReport {
+        checkpoint: req.checkpoint.clone(),
+        folded_checkpoint: out.clone(),
+        model: meta.spec.model.clone(),
+        layers: folded.summary(),
+        norm_before: meta.spec.norm.clone(),
+        test_images: test.len(),
+        max_abs_logit_difference,
+        folded_test_accuracy,
+        latency,
+    };
+    let fmeta = CheckpointMeta {
+        spec: folded.spec.clone(),
+        ..meta
+    };
+    checkpoint::save_model(&out, &mut folded, &fmeta)?;
+    let json = serde_json::to_vec_pretty(&report).expect("report serializes");
+    checkpoint::write_atomic(&req.out.join("fold.json"), &json)?;
+    Ok(report)
 }

@@ -577,43 +577,20 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         lrs: parse_list("lrs", &a.lrs)?,
         base,
     };
-    if a.seeds == 0 {
-        return Err(normlab::Error::invalid("--seeds must be at least 1"));
-    }
     let out = a
         .out
         .clone()
         .unwrap_or_else(|| train::fresh_run_dir(&PathBuf::from("studies"), "compare"));
-    let planned = normlab::studies::plan_compare(&grid);
-    normlab::studies::check(&planned, &out, a.data.as_deref())?;
     let bar = run_bar();
-    let t0 = std::time::Instant::now();
-    let runs = in_pool(|| {
-        normlab::studies::run_grid(&planned, a.seeds, &out, &mut |i, n, what| {
+    let results = in_pool(|| {
+        normlab::studies::run_compare(&grid, a.seeds, &out, &mut |i, n, what| {
             bar.set_length(n as u64);
             bar.set_position(i as u64);
             bar.set_message(what.to_string());
         })
     });
     bar.finish_and_clear();
-    let mut settings = std::collections::BTreeMap::new();
-    settings.insert("epochs".to_string(), a.epochs.to_string());
-    settings.insert("optimizer".to_string(), format!("{:?}", a.optimizer).to_lowercase());
-    settings.insert(
-        "training images".to_string(),
-        a.train_limit.map_or("all".into(), |n| n.to_string()),
-    );
-    let results = normlab::studies::StudyResults {
-        study: "compare".into(),
-        quick: false,
-        seeds: a.seeds,
-        settings,
-        runs: runs?,
-        ics: Vec::new(),
-        landscape: Vec::new(),
-        seconds: t0.elapsed().as_secs_f64(),
-    };
-    let an = normlab::studies::report::write_all(&results, &out)?;
+    let an = normlab::studies::analysis::analyze(&results?)?;
     print_analysis(&an);
     println!("wrote {}", out.join("report.html").display());
     Ok(())
@@ -661,13 +638,7 @@ fn run_prune(a: PruneArgs) -> Result<()> {
         Some(f) => println!(", after fine-tuning {f:.4}"),
         None => println!(),
     }
-    println!("{:>6} {:>11} {:>10} {:>8}", "batch", "before ms", "after ms", "speedup");
-    for l in &r.latency {
-        println!(
-            "{:>6} {:>11.3} {:>10.3} {:>7.2}x",
-            l.batch, l.before_ms, l.after_ms, l.speedup
-        );
-    }
+    print_latency(&r.latency, "before ms", "after ms");
     println!(
         "wrote {} and {}",
         r.pruned_checkpoint.display(),
@@ -678,68 +649,33 @@ fn run_prune(a: PruneArgs) -> Result<()> {
 
 fn run_fold(a: FoldArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let (mut model, meta) = load_model(&a.checkpoint)?;
-    let mut folded = normlab::fold::fold(&mut model)?;
-    let test = test_split(a.data.as_deref(), a.test_limit, meta.spec.input)?;
-    let out = a.out.join("model.safetensors");
-    if out == a.checkpoint {
-        return Err(normlab::Error::invalid(
-            "--out would overwrite the input checkpoint; choose another folder",
-        ));
-    }
-    let report = in_pool(|| -> Result<serde_json::Value> {
-        let diff = normlab::fold::max_logit_difference(&mut model, &mut folded, &test, meta.input_norm, 500)?;
-        let mut lat = Vec::new();
-        for batch in [1usize, 128] {
-            let reps = if batch == 1 { 200 } else { 20 };
-            let before = normlab::bench::inference_latency(&mut model, batch, reps)?;
-            let after = normlab::bench::inference_latency(&mut folded, batch, reps)?;
-            lat.push(
-                serde_json::json!({"batch": batch, "unfolded_ms": before * 1e3, "folded_ms": after * 1e3,
-                "speedup": before / after}),
-            );
-        }
-        let acc = train::evaluate(&mut folded, &test, meta.input_norm, 1000)?.accuracy;
-        Ok(serde_json::json!({
-            "checkpoint": a.checkpoint, "folded_checkpoint": out, "model": meta.spec.model,
-            "norm_before": meta.spec.norm, "test_images": test.len(),
-            "max_abs_logit_difference": diff, "folded_test_accuracy": acc, "latency": lat,
-        }))
-    })?;
-    let fmeta = normlab::checkpoint::CheckpointMeta {
-        spec: folded.spec.clone(),
-        ..meta
+    let req = normlab::fold::FoldRequest {
+        checkpoint: a.checkpoint.clone(),
+        out: a.out.clone(),
+        data: a.data.clone(),
+        test_limit: a.test_limit,
     };
-    normlab::checkpoint::save_model(&out, &mut folded, &fmeta)?;
-    let json = serde_json::to_vec_pretty(&report).expect("report serializes");
-    normlab::checkpoint::write_atomic(&a.out.join("fold.json"), &json)?;
+    let r = in_pool(|| normlab::fold::run_fold(&req))?;
+    println!("folded {} ({}) -> {}", r.model, r.layers, r.folded_checkpoint.display());
     println!(
-        "folded {} ({}) -> {}",
-        report["model"].as_str().unwrap_or(""),
-        folded.summary(),
-        out.display()
+        "largest |logit difference| over {} test images: {:.3e}",
+        r.test_images, r.max_abs_logit_difference
     );
-    let diff = report["max_abs_logit_difference"].as_f64().unwrap_or(f64::NAN);
-    println!("largest |logit difference| over {} test images: {diff:.3e}", test.len());
-    println!(
-        "folded test accuracy {:.4}",
-        report["folded_test_accuracy"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "{:>6} {:>13} {:>11} {:>8}",
-        "batch", "unfolded ms", "folded ms", "speedup"
-    );
-    for l in report["latency"].as_array().into_iter().flatten() {
-        println!(
-            "{:>6} {:>13.3} {:>11.3} {:>7.2}x",
-            l["batch"],
-            l["unfolded_ms"].as_f64().unwrap_or(0.0),
-            l["folded_ms"].as_f64().unwrap_or(0.0),
-            l["speedup"].as_f64().unwrap_or(0.0)
-        );
-    }
+    println!("folded test accuracy {:.4}", r.folded_test_accuracy);
+    print_latency(&r.latency, "unfolded ms", "folded ms");
     println!("wrote {}", a.out.join("fold.json").display());
     Ok(())
+}
+
+/// Before/after inference latency as a table.
+fn print_latency(rows: &[normlab::bench::Latency], before: &str, after: &str) {
+    println!("{:>6} {before:>13} {after:>11} {:>8}", "batch", "speedup");
+    for l in rows {
+        println!(
+            "{:>6} {:>13.3} {:>11.3} {:>7.2}x",
+            l.batch, l.before_ms, l.after_ms, l.speedup
+        );
+    }
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {

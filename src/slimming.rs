@@ -272,14 +272,6 @@ pub struct PruneRequest {
     pub test_limit: Option<usize>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct Latency {
-    pub batch: usize,
-    pub before_ms: f64,
-    pub after_ms: f64,
-    pub speedup: f64,
-}
-
 /// prune.json.
 #[derive(Clone, Debug, Serialize)]
 pub struct PruneReport {
@@ -297,7 +289,7 @@ pub struct PruneReport {
     pub accuracy_after_prune: f64,
     pub accuracy_after_finetune: Option<f64>,
     pub finetune_run: Option<std::path::PathBuf>,
-    pub latency: Vec<Latency>,
+    pub latency: Vec<crate::bench::Latency>,
 }
 
 /// The whole command: prune, measure, write DIR/model.safetensors, DIR/prune.json,
@@ -312,15 +304,7 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
         )));
     }
     let pruned_path = req.out.join("model.safetensors");
-    let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    };
-    if same(&pruned_path, &req.checkpoint) {
-        return Err(Error::invalid(
-            "--out would overwrite the input checkpoint; choose another folder",
-        ));
-    }
+    checkpoint::refuse_overwrite(&pruned_path, &req.checkpoint)?;
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let plan = plan(&mut model, req.percent)?;
     let data_dir = resolve_data_dir(req.data.as_deref())?;
@@ -337,18 +321,7 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
     let mut pruned = apply(&mut model, &plan)?;
     let accuracy_before = crate::train::evaluate(&mut model, &test, meta.input_norm, 1000)?.accuracy;
     let accuracy_after_prune = crate::train::evaluate(&mut pruned, &test, meta.input_norm, 1000)?.accuracy;
-    let mut latency = Vec::new();
-    for batch in [1usize, 128] {
-        let reps = if batch == 1 { 200 } else { 20 };
-        let before = crate::bench::inference_latency(&mut model, batch, reps)?;
-        let after = crate::bench::inference_latency(&mut pruned, batch, reps)?;
-        latency.push(Latency {
-            batch,
-            before_ms: before * 1e3,
-            after_ms: after * 1e3,
-            speedup: before / after,
-        });
-    }
+    let latency = crate::bench::compare_latency(&mut model, &mut pruned)?;
     let pmeta = CheckpointMeta {
         spec: pruned.spec.clone(),
         ..meta.clone()

@@ -363,6 +363,44 @@ pub fn run_grid(
     Ok(records)
 }
 
+/// `normlab compare`: the grid from check to report, like a study.
+pub fn run_compare(
+    grid: &CompareGrid,
+    seeds: usize,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<StudyResults> {
+    if seeds == 0 {
+        return Err(Error::invalid("--seeds must be at least 1"));
+    }
+    let planned = plan_compare(grid);
+    check(&planned, out, grid.base.data.as_deref())?;
+    let t0 = std::time::Instant::now();
+    let runs = run_grid(&planned, seeds, out, progress)?;
+    let mut settings = BTreeMap::new();
+    settings.insert("epochs".to_string(), grid.base.epochs.to_string());
+    settings.insert(
+        "optimizer".to_string(),
+        format!("{:?}", grid.base.optimizer.kind).to_lowercase(),
+    );
+    settings.insert(
+        "training images (at most)".to_string(),
+        grid.base.train_limit.map_or("all".into(), |n| n.to_string()),
+    );
+    let results = StudyResults {
+        study: "compare".into(),
+        quick: false,
+        seeds,
+        settings,
+        runs,
+        ics: Vec::new(),
+        landscape: Vec::new(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    report::write_all(&results, out)?;
+    Ok(results)
+}
+
 /// A study from plan to report.
 pub fn run_study(
     study: &str,
