@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::data::{load_split, resolve_data_dir, Dataset, InputNorm};
+use crate::data::{load_test_for, Dataset, InputNorm};
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelSpec};
 use crate::nn::batch_norm::BatchStats;
@@ -203,17 +203,7 @@ pub fn run_fold(req: &FoldRequest) -> Result<FoldReport> {
     checkpoint::refuse_overwrite(&out, &req.checkpoint)?;
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let mut folded = fold(&mut model)?;
-    let dir = resolve_data_dir(req.data.as_deref())?;
-    let mut test = load_split(&dir, false)?;
-    if let Some(n) = req.test_limit {
-        test.truncate(n);
-    }
-    if test.shape != meta.spec.input {
-        return Err(Error::invalid(format!(
-            "the checkpoint expects images {:?}, the data are {:?}",
-            meta.spec.input, test.shape
-        )));
-    }
+    let test = load_test_for(req.data.as_deref(), req.test_limit, meta.spec.input)?;
     let max_abs_logit_difference = max_logit_difference(&mut model, &mut folded, &test, meta.input_norm, 500)?;
     let latency = crate::bench::compare_latency(&mut model, &mut folded)?;
     let folded_test_accuracy = crate::train::evaluate(&mut folded, &test, meta.input_norm, 1000)?.accuracy;

@@ -8,7 +8,6 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use normlab::checkpoint::load_model;
-use normlab::data::{load_split, resolve_data_dir};
 use normlab::optim::{OptimizerConfig, OptimizerKind, Schedule};
 use normlab::train::{self, EpochMetrics, Reporter, Start, TrainConfig};
 use normlab::Result;
@@ -407,7 +406,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if a.fold {
         model = normlab::fold::fold(&mut model)?;
     }
-    let test = test_split(a.data.as_deref(), a.test_limit, meta.spec.input)?;
+    let test = normlab::data::load_test_for(a.data.as_deref(), a.test_limit, meta.spec.input)?;
     let ev = in_pool(|| train::evaluate(&mut model, &test, meta.input_norm, a.batch_size))?;
     let (loss, acc) = (ev.loss, ev.accuracy);
     if let Some(path) = &a.predictions {
@@ -433,28 +432,6 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Loads the test split a checkpoint was trained for, checking the image shape.
-fn test_split(
-    data: Option<&std::path::Path>,
-    limit: Option<usize>,
-    input: [usize; 3],
-) -> Result<normlab::data::Dataset> {
-    let dir = resolve_data_dir(data)?;
-    let mut test = load_split(&dir, false)?;
-    if let Some(n) = limit {
-        test.truncate(n);
-    }
-    if test.shape != input {
-        return Err(normlab::Error::invalid(format!(
-            "the checkpoint expects images {:?}, the data in {} are {:?}",
-            input,
-            dir.display(),
-            test.shape
-        )));
-    }
-    Ok(test)
 }
 
 /// The first table and the finding, as the study's summary on screen.

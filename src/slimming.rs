@@ -296,7 +296,6 @@ pub struct PruneReport {
 /// DIR/gamma.svg, and fine-tune into DIR/finetune when asked. The input is only read.
 pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) -> Result<PruneReport> {
     use crate::checkpoint::{self, CheckpointMeta};
-    use crate::data::{load_split, resolve_data_dir};
     if !(0.0..1.0).contains(&req.percent) {
         return Err(Error::invalid(format!(
             "--percent must be in [0, 1) (a fraction of the channels), got {}",
@@ -307,17 +306,7 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
     checkpoint::refuse_overwrite(&pruned_path, &req.checkpoint)?;
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let plan = plan(&mut model, req.percent)?;
-    let data_dir = resolve_data_dir(req.data.as_deref())?;
-    let mut test = load_split(&data_dir, false)?;
-    if let Some(n) = req.test_limit {
-        test.truncate(n);
-    }
-    if test.shape != meta.spec.input {
-        return Err(Error::invalid(format!(
-            "the checkpoint expects images {:?}, the data are {:?}",
-            meta.spec.input, test.shape
-        )));
-    }
+    let test = crate::data::load_test_for(req.data.as_deref(), req.test_limit, meta.spec.input)?;
     let mut pruned = apply(&mut model, &plan)?;
     let accuracy_before = crate::train::evaluate(&mut model, &test, meta.input_norm, 1000)?.accuracy;
     let accuracy_after_prune = crate::train::evaluate(&mut pruned, &test, meta.input_norm, 1000)?.accuracy;

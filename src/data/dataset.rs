@@ -168,6 +168,24 @@ pub fn load_split(dir: &Path, train: bool) -> Result<Dataset> {
     })
 }
 
+/// The test split a model with input `input` is evaluated on: found like `resolve_data_dir`,
+/// limited to the first `limit` images, and checked to have the model's image shape.
+pub fn load_test_for(data: Option<&Path>, limit: Option<usize>, input: [usize; 3]) -> Result<Dataset> {
+    let dir = resolve_data_dir(data)?;
+    let mut test = load_split(&dir, false)?;
+    if let Some(n) = limit {
+        test.truncate(n);
+    }
+    if test.shape != input {
+        return Err(Error::invalid(format!(
+            "the checkpoint expects images {input:?}, the data in {} are {:?}",
+            dir.display(),
+            test.shape
+        )));
+    }
+    Ok(test)
+}
+
 /// The order of the samples in 0-based `epoch`: a shuffle seeded by (seed, epoch) alone, so
 /// a resumed run sees exactly the order the uninterrupted one would have.
 pub fn epoch_order(len: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {

@@ -3,4 +3,4 @@
 pub mod dataset;
 pub mod idx;
 
-pub use dataset::{epoch_order, load_split, resolve_data_dir, Dataset, InputNorm};
+pub use dataset::{epoch_order, load_split, load_test_for, resolve_data_dir, Dataset, InputNorm};
