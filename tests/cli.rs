@@ -374,6 +374,7 @@ fn every_norm_spec_trains_evaluates_and_resumes() {
         "ghost:8",
         "bn-l1",
         "bn-linf",
+        "bn-noisy",
     ] {
         let out = t.path().join(spec.replace([':', ',', '='], "_"));
         let args = [

@@ -259,6 +259,8 @@ fn every_norm_spec_has_correct_gradients() {
         ("bn-l1", vec![7, 4]),
         ("bn-linf", vec![4, 3, 3, 3]),
         ("bn-linf", vec![7, 4]),
+        // The noise is drawn from the layer's step seed, fixed across the probes.
+        ("bn-noisy", vec![4, 3, 3, 3]),
     ] {
         for relu in [false, true] {
             let mut layer = norm_layer(spec, &shape[1..], relu, &mut g);

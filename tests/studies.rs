@@ -30,7 +30,7 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
         let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
         if study == "landscape" {
             let runs = results["landscape"].as_array().unwrap();
-            assert_eq!(runs.len(), 4, "bn and none, two seeds");
+            assert_eq!(runs.len(), 6, "bn, none and bn-noisy, two seeds");
             let probes: usize = runs.iter().map(|r| r["probes"].as_array().unwrap().len()).sum();
             assert_eq!(csv.lines().count(), probes + 1, "one CSV row per probe");
         } else if study == "ics" {

@@ -8,6 +8,7 @@ use crate::kernels::lp_norm::LpKind;
 use crate::nn::batch_norm::{BatchNorm, BatchNormConfig, BatchStats};
 use crate::nn::group_norm::{GroupNorm, WithinSample, WithinSampleConfig};
 use crate::nn::layer::Layer;
+use crate::nn::noisy_batch_norm::NoisyBatchNorm;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NormSpec {
@@ -15,6 +16,8 @@ pub enum NormSpec {
     None,
     /// BatchNorm1d/2d and its variants (Ghost, Renorm, Lp).
     Batch(BatchNormConfig),
+    /// Santurkar et al.'s noisy BN: BatchNorm plus random per-sample scale/shift in training.
+    NoisyBatch(BatchNormConfig),
     /// GroupNorm with G groups; `None` means min(32, C).
     Group {
         groups: Option<usize>,
@@ -102,6 +105,7 @@ impl NormSpec {
         Ok(match *self {
             NormSpec::None => None,
             NormSpec::Batch(cfg) => Some(Box::new(fuse_bn(BatchNorm::new(dims, c, cfg)))),
+            NormSpec::NoisyBatch(cfg) => Some(Box::new(NoisyBatchNorm::new(BatchNorm::new(dims, c, cfg), relu))),
             NormSpec::Group { groups, eps, affine } => {
                 let g = groups.unwrap_or(c.min(32));
                 let cfg = WithinSampleConfig {
@@ -179,7 +183,7 @@ impl FromStr for NormSpec {
         }
         match name {
             "none" if pairs.is_empty() => Ok(NormSpec::None),
-            "bn" | "brn" | "ghost" | "bn-l1" | "bn-linf" => {
+            "bn" | "brn" | "ghost" | "bn-l1" | "bn-linf" | "bn-noisy" => {
                 let mut cfg = BatchNormConfig::default();
                 let (mut rmax, mut dmax, mut warmup) = (3.0, 5.0, 1000u64);
                 cfg.stats = match name {
@@ -214,7 +218,11 @@ impl FromStr for NormSpec {
                     cfg.stats = BatchStats::Renorm { rmax, dmax, warmup };
                 }
                 cfg.validate()?;
-                Ok(NormSpec::Batch(cfg))
+                Ok(if name == "bn-noisy" {
+                    NormSpec::NoisyBatch(cfg)
+                } else {
+                    NormSpec::Batch(cfg)
+                })
             }
             "gn" => {
                 let groups = match bare {
@@ -317,6 +325,14 @@ impl fmt::Display for NormSpec {
                     BatchStats::Lp(LpKind::Linf) => write!(f, "bn-linf:{common}"),
                 }
             }
+            NormSpec::NoisyBatch(c) => {
+                let m = c.momentum.map_or("none".to_string(), |m| m.to_string());
+                write!(
+                    f,
+                    "bn-noisy:momentum={m},eps={},affine={},track={}",
+                    c.eps, c.affine, c.track_running_stats
+                )
+            }
             NormSpec::Group { groups, eps, affine } => match groups {
                 Some(g) => write!(f, "gn:{g},eps={eps},affine={affine}"),
                 None => write!(f, "gn:eps={eps},affine={affine}"),
@@ -357,6 +373,7 @@ mod tests {
             "ghost:8,momentum=0.01",
             "bn-l1",
             "bn-linf:eps=1e-3",
+            "bn-noisy",
         ] {
             let spec: NormSpec = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
             assert_eq!(spec.to_string().parse::<NormSpec>().unwrap(), spec, "{s}");

@@ -158,6 +158,9 @@ fn landscape_run(
         }
         train.batch(&order[cursor..cursor + bs], input_norm, model.input_mut(), &mut labels);
         cursor += bs;
+        model
+            .net
+            .set_step_seed(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         if step % every == 0 {
             probes.push(probe(&mut model, &labels, train.classes, lr, etas, step)?);
         }
@@ -182,7 +185,7 @@ fn landscape_run(
     })
 }
 
-/// The study: the net with and without BN for every seed.
+/// The study: the net with BN, without, and with noisy BN, for every seed.
 pub fn run(
     opts: &StudyOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
@@ -205,8 +208,9 @@ pub fn run(
     train.truncate(60000);
     let lr = 0.1;
     let mut runs = Vec::new();
-    let total = 2 * opts.seeds;
-    for (k, (norm, seed)) in ["bn", "none"]
+    let norms = ["bn", "none", "bn-noisy"];
+    let total = norms.len() * opts.seeds;
+    for (k, (norm, seed)) in norms
         .iter()
         .flat_map(|n| (0..opts.seeds as u64).map(move |s| (*n, s)))
         .enumerate()
@@ -225,6 +229,9 @@ pub fn run(
         "step sizes".into(),
         format!("η = {etas:?} × lr along the batch gradient"),
     );
-    settings.insert("not included".into(), "the noisy-BN variant of Santurkar et al.".into());
+    settings.insert(
+        "noisy BN".into(),
+        "bn-noisy: BN, then per sample and unit y = s·x + m, s ~ N(σ_j, 0.1), m ~ U(μ_j ± 0.1), μ_j ~ U(−0.5, 0.5), σ_j ~ U(1, 1.25), redrawn every step".into(),
+    );
     Ok((runs, settings))
 }
