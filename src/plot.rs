@@ -109,7 +109,12 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
         .iter()
         .flat_map(|(_, p)| p.iter())
         .all(|p| !p.1.is_finite() || p.1 >= 0.0);
-    let (y0, y1) = (if all_nonneg { (y0 - pad).max(0.0) } else { y0 - pad }, y1 + pad);
+    // Headroom for the legend in the upper right, so it never covers data points.
+    let legend_room = (y1 - y0).max(1e-3) * 0.08 * series.len() as f64;
+    let (y0, y1) = (
+        if all_nonneg { (y0 - pad).max(0.0) } else { y0 - pad },
+        y1 + pad + legend_room,
+    );
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (760, 440)).into_drawing_area();
@@ -177,7 +182,9 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
 /// A bar chart of labelled values with spread bars (value, spread).
 pub fn bars_svg(title: &str, y_label: &str, bars: &[(String, f64, f64)]) -> Result<String> {
     let top = bars.iter().map(|b| b.1 + b.2).fold(0.0f64, f64::max).max(1e-3) * 1.15;
-    let bottom = bars.iter().map(|b| b.1 - b.2).fold(0.0f64, f64::min) * 1.15;
+    let lowest = bars.iter().map(|b| b.1 - b.2).fold(0.0f64, f64::min) * 1.15;
+    // plotters centres the rotated category labels on the axis: leave room below the lowest bar.
+    let bottom = lowest - 0.2 * (top - lowest);
     let n = bars.len().max(1);
     let mut svg = String::new();
     {
@@ -204,7 +211,7 @@ pub fn bars_svg(title: &str, y_label: &str, bars: &[(String, f64, f64)]) -> Resu
             .disable_x_mesh()
             .x_labels(n)
             .x_label_formatter(&fmt_x)
-            .x_label_style(("sans-serif", 11).into_font().transform(FontTransform::Rotate90))
+            .x_label_style(("sans-serif", 11).into_font().transform(FontTransform::Rotate270))
             .y_desc(y_label)
             .draw()
             .map_err(plot_err)?;
