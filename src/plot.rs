@@ -131,7 +131,13 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
             .map_err(plot_err)?;
         let fmt_x = |v: &f64| {
             if log_x {
-                format!("{}", 2f64.powf(*v).round())
+                // Whole numbers (batch sizes) as such; fractions (learning rates) to 3 digits.
+                let x = 2f64.powf(*v);
+                if x >= 1.0 && (x - x.round()).abs() < 1e-6 {
+                    format!("{}", x.round())
+                } else {
+                    format!("{x:.3}")
+                }
             } else if x1.abs() >= 10.0 {
                 format!("{v:.0}")
             } else {
