@@ -75,6 +75,15 @@ fn error_cell(runs: &[&RunRecord]) -> (f64, f64, usize, usize) {
     (m, s, runs.len() - ok.len(), runs.len())
 }
 
+/// "m" or "m ± s" (s > 0 only with several seeds).
+fn fmt_mean((m, s): (f64, f64), digits: usize) -> String {
+    if s > 0.0 {
+        format!("{m:.digits$} ± {s:.digits$}")
+    } else {
+        format!("{m:.digits$}")
+    }
+}
+
 fn fmt_cell((m, s, diverged, n): (f64, f64, usize, usize)) -> String {
     if diverged == n {
         return "diverged".into();
@@ -221,9 +230,9 @@ fn learning_rate(r: &StudyResults) -> Result<Analysis> {
                 row.push(if acc.is_empty() {
                     "diverged".into()
                 } else if m <= 20.0 {
-                    format!("{m:.2} (failed)")
+                    format!("{} (failed)", fmt_mean((m, s), 2))
                 } else {
-                    format!("{m:.2}")
+                    fmt_mean((m, s), 2)
                 });
                 pts.push((*lr, m, s));
                 if m.is_finite() && m > best.get(&norm).map_or(f64::MIN, |b| b.0) {
@@ -341,9 +350,9 @@ fn regularization(r: &StudyResults) -> Result<Analysis> {
                 gaps.insert(name.clone(), gap.0);
                 rows.push(vec![
                     name.clone(),
-                    format!("{:.2}", train.0),
-                    format!("{:.2}", test.0),
-                    format!("{:.2}", gap.0),
+                    fmt_mean(train, 2),
+                    fmt_mean(test, 2),
+                    fmt_mean(gap, 2),
                 ]);
                 bars.push((name, gap.0, gap.1));
             }
@@ -502,17 +511,18 @@ fn ics(r: &StudyResults) -> Result<Analysis> {
             .collect();
         let range = late.iter().cloned().fold(f64::MIN, f64::max) - late.iter().cloned().fold(f64::MAX, f64::min);
         let accs = &acc.iter().find(|s| s.0 == n).map(|s| s.1.clone()).unwrap_or_default();
+        // (mean, spread over seeds) of the test accuracy at a fraction of training.
         let at = |q: f64| {
             accs.get(((accs.len().max(1) - 1) as f64 * q) as usize)
-                .map_or(f64::NAN, |p| p.1)
+                .map_or((f64::NAN, f64::NAN), |p| (p.1, p.2))
         };
-        drift.insert(n, (range, at(0.1), at(1.0)));
+        drift.insert(n, (range, at(0.1).0, at(1.0).0));
         rows.push(vec![
             n.to_string(),
-            format!("{:.2}", at(0.1)),
-            format!("{:.2}", at(0.5)),
-            format!("{:.2}", at(1.0)),
-            format!("{:.3}", range),
+            fmt_mean(at(0.1), 2),
+            fmt_mean(at(0.5), 2),
+            fmt_mean(at(1.0), 2),
+            format!("{range:.3}"),
         ]);
     }
     let (b, o) = (drift["bn"], drift["none"]);
@@ -598,42 +608,38 @@ fn landscape(r: &StudyResults) -> Result<Analysis> {
     let mut rows = Vec::new();
     let mut avg = BTreeMap::new();
     for &n in &norms {
-        // The probe at step 0 sees the untrained net; the claim is about training itself.
-        let probes: Vec<&Probe> = r
-            .landscape
-            .iter()
-            .filter(|x| x.norm == n)
-            .flat_map(|x| x.probes.iter())
-            .filter(|p| p.step > 0)
-            .collect();
-        let m = |f: &dyn Fn(&Probe) -> f64| {
-            mean_std(
-                &probes
-                    .iter()
-                    .map(|p| f(p))
-                    .filter(|v| v.is_finite())
-                    .collect::<Vec<_>>(),
-            )
-            .0
-        };
-        let range = m(&|p| p.loss_max - p.loss_min);
-        let (c, b) = (m(&|p| p.grad_change_max), m(&|p| p.beta));
-        let acc = mean_std(
-            &r.landscape
+        // Per seed, the mean over its probes after step 0 (the probe at step 0 sees the
+        // untrained net; the claim is about training); then mean ± spread over seeds.
+        let runs: Vec<_> = r.landscape.iter().filter(|x| x.norm == n).collect();
+        let over_seeds = |f: &dyn Fn(&Probe) -> f64| {
+            let per_seed: Vec<f64> = runs
                 .iter()
-                .filter(|x| x.norm == n)
-                .map(|x| 100.0 * x.test_accuracy)
-                .collect::<Vec<_>>(),
-        )
-        .0;
-        let diverged = r.landscape.iter().filter(|x| x.norm == n && x.diverged).count();
-        avg.insert(n, (range, c, b, acc));
+                .map(|x| {
+                    mean_std(
+                        &x.probes
+                            .iter()
+                            .filter(|p| p.step > 0)
+                            .map(f)
+                            .filter(|v| v.is_finite())
+                            .collect::<Vec<_>>(),
+                    )
+                    .0
+                })
+                .filter(|v| v.is_finite())
+                .collect();
+            mean_std(&per_seed)
+        };
+        let range = over_seeds(&|p| p.loss_max - p.loss_min);
+        let (c, b) = (over_seeds(&|p| p.grad_change_max), over_seeds(&|p| p.beta));
+        let acc = mean_std(&runs.iter().map(|x| 100.0 * x.test_accuracy).collect::<Vec<_>>());
+        let diverged = runs.iter().filter(|x| x.diverged).count();
+        avg.insert(n, (range.0, c.0, b.0, acc.0));
         rows.push(vec![
             n.to_string(),
-            format!("{range:.4}"),
-            format!("{c:.4}"),
-            format!("{b:.3}"),
-            format!("{acc:.2}"),
+            fmt_mean(range, 4),
+            fmt_mean(c, 4),
+            fmt_mean(b, 3),
+            fmt_mean(acc, 2),
             diverged.to_string(),
         ]);
     }
