@@ -8,7 +8,9 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::reduce::{mean_var, relu_mask, Center, PairSums};
+use std::ops::Range;
+
+use crate::kernels::reduce::{mean_var, relu_mask, shift_estimate, shifted_mean_var, Center, PairSums};
 use crate::kernels::simd::{multiversion, SharedOut};
 
 /// A channel's batch statistics: f64 mean and biased variance.
@@ -58,8 +60,13 @@ pub fn batch_norm_forward_train(
     relu: bool,
     stats: &mut [ChannelStats],
     affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync),
+    ws: &mut Workspace,
 ) {
     debug_assert_eq!(x.len(), n * c * s);
+    if streams(n, c, s) {
+        forward_train_streaming(x, y, n, c, s, relu, stats, affine, ws);
+        return;
+    }
     let out = SharedOut::new(y);
     stats
         .par_iter_mut()
@@ -157,7 +164,12 @@ pub fn batch_norm_backward_train(
     relu: bool,
     grads: &[ChannelGrad],
     sums: &mut [ChannelSums],
+    ws: &mut Workspace,
 ) {
+    if streams(n, c, s) {
+        backward_train_streaming(x, y, dy, dx, n, c, s, relu, grads, sums, ws);
+        return;
+    }
     let m = (n * s) as f64;
     let out = SharedOut::new(dx);
     sums.par_iter_mut()
@@ -186,6 +198,167 @@ multiversion! {
             // SAFETY: run (i, ch) belongs to this channel's task alone.
             let dr = unsafe { out.run(off, s) };
             dx_run(&x[r.clone()], &y[r.clone()], &dy[r], dr, center, k, a, b, relu);
+        }
+    }
+}
+
+/// Sample chunks of the streaming kernels: set by N alone, so sums do not depend on threads.
+const CHUNKS: usize = 16;
+
+/// Scratch of the streaming kernels, kept by the layer so that a training step allocates nothing.
+#[derive(Clone, Default)]
+pub struct Workspace {
+    accs: Vec<PairSums>,
+    centers: Vec<Center>,
+    mean: Vec<f64>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    slope: Vec<f32>,
+}
+
+impl Workspace {
+    fn reset(&mut self, chunks: usize, c: usize) {
+        self.accs.clear();
+        self.accs.resize(chunks * c, PairSums::new());
+        for v in [&mut self.scale, &mut self.shift, &mut self.slope] {
+            v.resize(c, 0.0);
+        }
+        self.mean.resize(c, 0.0);
+        self.centers.clear();
+    }
+}
+
+/// Whether the training kernels stream over samples (two sequential passes over memory) rather
+/// than work channel by channel (strided runs, the second pass from cache).
+fn streams(n: usize, c: usize, s: usize) -> bool {
+    match std::env::var("NORMLAB_BN_PATH").as_deref() {
+        Ok("stream") => s >= 8,
+        Ok("channel") => false,
+        _ => s >= 64,
+    }
+}
+
+fn chunk_range(n: usize, chunks: usize, j: usize) -> Range<usize> {
+    j * n / chunks..(j + 1) * n / chunks
+}
+
+#[inline(always)]
+fn run_of(x: &[f32], c: usize, s: usize, i: usize, ch: usize) -> &[f32] {
+    &x[(i * c + ch) * s..(i * c + ch + 1) * s]
+}
+
+/// Streaming training forward: shifted sums per (sample chunk, channel) in one sequential pass,
+/// combined in chunk order, then the affine in a second sequential pass (three tensor-sizes of
+/// traffic, each pass at full streaming speed).
+#[allow(clippy::too_many_arguments)]
+fn forward_train_streaming(
+    x: &[f32],
+    y: &mut [f32],
+    n: usize,
+    c: usize,
+    s: usize,
+    relu: bool,
+    stats: &mut [ChannelStats],
+    affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync),
+    ws: &mut Workspace,
+) {
+    let chunks = n.min(CHUNKS);
+    ws.reset(chunks, c);
+    for ch in 0..c {
+        let shift = shift_estimate((0..n).map(|i| run_of(x, c, s, i, ch)));
+        ws.centers.push(shift.unwrap_or(Center::new(0.0)));
+    }
+    let centers = &ws.centers;
+    ws.accs
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(j, accs)| stats_chunk(x, c, s, chunk_range(n, chunks, j), centers, accs));
+    for ch in 0..c {
+        let (mut sd, mut sq) = (0.0, 0.0);
+        for j in 0..chunks {
+            let (a, b) = ws.accs[j * c + ch].totals();
+            sd += a;
+            sq += b;
+        }
+        let (mean, var) = shifted_mean_var(ws.centers[ch], sd, sq, n * s);
+        stats[ch] = ChannelStats { mean, var };
+        let (a, b) = affine(ch, stats[ch]);
+        (ws.mean[ch], ws.scale[ch], ws.shift[ch]) = (mean, a, b);
+    }
+    batch_norm_forward_fixed(x, y, c, s, &ws.mean, &ws.scale, &ws.shift, relu);
+}
+
+multiversion! {
+    /// Σ(x - K) and Σ(x - K)² per channel over a chunk of samples, read in memory order.
+    fn stats_chunk(x: &[f32], c: usize, s: usize, samples: Range<usize>, centers: &[Center], accs: &mut [PairSums]) {
+        for i in samples {
+            for (ch, acc) in accs.iter_mut().enumerate() {
+                acc.add_centered_and_sq(run_of(x, c, s, i, ch), centers[ch]);
+            }
+        }
+    }
+}
+
+/// Streaming training backward: Σg and Σg·(x - mean) per (sample chunk, channel) in one
+/// sequential pass, then dx per sample in a second.
+#[allow(clippy::too_many_arguments)]
+fn backward_train_streaming(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    n: usize,
+    c: usize,
+    s: usize,
+    relu: bool,
+    grads: &[ChannelGrad],
+    sums: &mut [ChannelSums],
+    ws: &mut Workspace,
+) {
+    let chunks = n.min(CHUNKS);
+    let m = (n * s) as f64;
+    ws.reset(chunks, c);
+    ws.centers.extend(grads.iter().map(|g| Center::new(g.mean)));
+    let centers = &ws.centers;
+    ws.accs.par_chunks_mut(c).enumerate().for_each(|(j, accs)| {
+        grad_chunk(x, y, dy, c, s, chunk_range(n, chunks, j), relu, centers, accs)
+    });
+    for (ch, g) in grads.iter().enumerate() {
+        let (mut sd, mut sdx) = (0.0, 0.0);
+        for j in 0..chunks {
+            let (a, b) = ws.accs[j * c + ch].totals();
+            sd += a;
+            sdx += b;
+        }
+        sums[ch] = ChannelSums { sum_dy: sd, sum_dy_xhat: sdx * g.invstd as f64 };
+        ws.scale[ch] = g.gain * g.invstd;
+        ws.shift[ch] = (sd / m) as f32;
+        ws.slope[ch] = (sums[ch].sum_dy_xhat / m * g.invstd as f64) as f32;
+    }
+    let cs = c * s;
+    dx.par_chunks_mut(cs)
+        .zip(x.par_chunks(cs).zip(y.par_chunks(cs)).zip(dy.par_chunks(cs)))
+        .for_each(|(dxs, ((xs, ys), ds))| dx_sample(xs, ys, ds, dxs, s, relu, centers, &ws.scale, &ws.shift, &ws.slope));
+}
+
+multiversion! {
+    /// Σg and Σg·(x - mean) per channel over a chunk of samples, read in memory order.
+    fn grad_chunk(x: &[f32], y: &[f32], dy: &[f32], c: usize, s: usize, samples: Range<usize>, relu: bool, centers: &[Center], accs: &mut [PairSums]) {
+        for i in samples {
+            for (ch, acc) in accs.iter_mut().enumerate() {
+                let mask = relu.then(|| run_of(y, c, s, i, ch));
+                acc.add_grad(run_of(x, c, s, i, ch), mask, run_of(dy, c, s, i, ch), centers[ch]);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One sample's dx = k·(g - a - (x - mean)·b) with per-channel k, a, b.
+    fn dx_sample(xs: &[f32], ys: &[f32], ds: &[f32], dxs: &mut [f32], s: usize, relu: bool, centers: &[Center], k: &[f32], a: &[f32], b: &[f32]) {
+        for (ch, dxr) in dxs.chunks_mut(s).enumerate() {
+            let r = ch * s..(ch + 1) * s;
+            dx_run(&xs[r.clone()], &ys[r.clone()], &ds[r], dxr, centers[ch], k[ch], a[ch], b[ch], relu);
         }
     }
 }

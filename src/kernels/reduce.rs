@@ -172,6 +172,26 @@ pub fn mean_var<'a, I>(runs: I) -> (f64, f32)
 where
     I: Iterator<Item = &'a [f32]> + Clone,
 {
+    let Some(shift) = shift_estimate(runs.clone()) else {
+        return (0.0, 0.0);
+    };
+    let mut acc = PairSums::new();
+    let mut m = 0usize;
+    for r in runs {
+        acc.add_centered_and_sq(r, shift);
+        m += r.len();
+    }
+    let (sd, sq) = acc.totals();
+    shifted_mean_var(shift, sd, sq, m)
+}
+
+/// The shift K of `mean_var`: the mean of the first value of up to 64 runs, topped up with eight
+/// values spread over the first run when there are fewer than 16 runs; None without values.
+#[inline(always)]
+pub fn shift_estimate<'a, I>(runs: I) -> Option<Center>
+where
+    I: Iterator<Item = &'a [f32]> + Clone,
+{
     let (mut head, mut k) = (0.0f64, 0usize);
     for r in runs.clone().take(64) {
         if let Some(&v) = r.first() {
@@ -188,19 +208,14 @@ where
             k += 1;
         }
     }
-    if k == 0 {
-        return (0.0, 0.0);
-    }
-    let shift = Center::new(head / k as f64);
-    let mut acc = PairSums::new();
-    let mut m = 0usize;
-    for r in runs {
-        acc.add_centered_and_sq(r, shift);
-        m += r.len();
-    }
-    let (sd, sq) = acc.totals();
-    let var = ((sq - sd * sd / m as f64) / m as f64).max(0.0);
-    (shift.hi as f64 + shift.lo as f64 + sd / m as f64, var as f32)
+    (k > 0).then(|| Center::new(head / k as f64))
+}
+
+/// mean = K + Σd/m, var = (Σd² - (Σd)²/m)/m from the shifted sums Σd, Σd² of m values.
+#[inline(always)]
+pub fn shifted_mean_var(shift: Center, sum_d: f64, sum_sq: f64, m: usize) -> (f64, f32) {
+    let var = ((sum_sq - sum_d * sum_d / m as f64) / m as f64).max(0.0);
+    (shift.hi as f64 + shift.lo as f64 + sum_d / m as f64, var as f32)
 }
 
 #[cfg(test)]

@@ -88,6 +88,8 @@ struct Scratch {
     mean: Vec<f64>,
     scale: Vec<f32>,
     shift: Vec<f32>,
+    /// The streaming kernels' scratch.
+    ws: k::Workspace,
 }
 
 pub struct BatchNorm {
@@ -339,7 +341,17 @@ impl Layer for BatchNorm {
                 for j in 0..sets {
                     let r = j * block..(j + 1) * block;
                     let st = &mut sc.stats[j * c..(j + 1) * c];
-                    k::batch_norm_forward_train(&x.data[r.clone()], &mut y.data[r], v, c, s, relu, st, &affine);
+                    k::batch_norm_forward_train(
+                        &x.data[r.clone()],
+                        &mut y.data[r],
+                        v,
+                        c,
+                        s,
+                        relu,
+                        st,
+                        &affine,
+                        &mut sc.ws,
+                    );
                 }
             }
             BatchStats::Renorm { rmax, dmax, warmup } => {
@@ -448,6 +460,7 @@ impl Layer for BatchNorm {
                 relu,
                 &sc.grads,
                 &mut sc.sums,
+                &mut sc.ws,
             );
             if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
                 for ch in 0..c {
