@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """normlab's kernels and training against PyTorch's, side by side, same thread count.
 
-  .venv-torch/bin/python bench/kernels_vs_pytorch.py [--threads 2] [--quick] [--json FILE]
+  .venv-torch/bin/python bench/kernels_vs_pytorch.py [--threads 2] [--quick] [--rounds 3] [--json FILE]
 
 Runs `normlab bench --json` (the kernels through normlab's layer code, plus end-to-end
 training on random data), then times PyTorch on the same shapes and models in this process,
-and prints normlab/PyTorch speed ratios (> 1 means normlab is faster).
+and prints normlab/PyTorch speed ratios (> 1 means normlab is faster). A shared host slows
+down in bursts of seconds, so the two sides alternate for --rounds rounds and each side keeps
+its best (smallest) time per kernel and model: the same rule for both.
 """
 import argparse
 import json
@@ -84,26 +86,53 @@ def torch_training(model_name, batch, steps):
     return batch / median_time(step, steps)
 
 
+def best_of(a, b):
+    """normlab's two bench reports merged: the smaller time per kernel, the higher images/s per
+    model, the higher copy bandwidth (so copy fractions stay relative to the best copy seen)."""
+    kernels = []
+    for ka, kb in zip(a["kernels"], b["kernels"]):
+        assert (ka["kernel"], ka["shape"]) == (kb["kernel"], kb["shape"])
+        kernels.append(ka if ka["ms"] <= kb["ms"] else kb)
+    training = [ta if ta["images_per_sec"] >= tb["images_per_sec"] else tb
+                for ta, tb in zip(a["training"], b["training"])]
+    copy = max(a["copy_gb_per_s"], b["copy_gb_per_s"])
+    for k in kernels:
+        k["copy_fraction"] = k["gb_per_s"] / copy
+    return dict(a, kernels=kernels, training=training, copy_gb_per_s=copy)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     exe = os.environ.get("NORMLAB", "target/release/normlab")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "bench.json")
-        cmd = [exe, "bench", "--threads", str(args.threads), "--json", out] + (["--quick"] if args.quick else [])
-        subprocess.run(cmd, check=True, capture_output=True)
-        with open(out) as f:
-            nl = json.load(f)
     reps = 3 if args.quick else 15
-    print(f"threads {args.threads}, torch {torch.__version__}; memory copy {nl['copy_gb_per_s']:.1f} GB/s")
+    nl, torch_ms, torch_ips = None, {}, {}
+    for _ in range(max(1, args.rounds)):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "bench.json")
+            cmd = [exe, "bench", "--threads", str(args.threads), "--json", out] + (["--quick"] if args.quick else [])
+            subprocess.run(cmd, check=True, capture_output=True)
+            with open(out) as f:
+                run = json.load(f)
+        nl = run if nl is None else best_of(nl, run)
+        for k in run["kernels"]:
+            key = (k["kernel"], tuple(k["shape"]))
+            t = torch_kernel(k["kernel"], key[1], reps) * 1e3
+            torch_ms[key] = min(t, torch_ms.get(key, t))
+        for t in run["training"]:
+            ips = torch_training(t["model"], t["batch_size"], 3 if args.quick else 10)
+            torch_ips[t["model"]] = max(ips, torch_ips.get(t["model"], ips))
+    print(f"threads {args.threads}, torch {torch.__version__}, best of {max(1, args.rounds)} alternating rounds; "
+          f"memory copy {nl['copy_gb_per_s']:.1f} GB/s")
     print(f"{'kernel':<18} {'shape':<18} {'normlab ms':>10} {'torch ms':>9} {'ratio':>6} {'copy%':>6}")
     rows = []
     for k in nl["kernels"]:
-        t = torch_kernel(k["kernel"], tuple(k["shape"]), reps) * 1e3
+        t = torch_ms[(k["kernel"], tuple(k["shape"]))]
         ratio = t / k["ms"]
         rows.append(dict(k, torch_ms=t, ratio=ratio))
         print(f"{k['kernel']:<18} {str(k['shape']):<18} {k['ms']:>10.3f} {t:>9.3f} {ratio:>6.2f} "
@@ -114,7 +143,7 @@ def main():
         print(f"  {name:<18} min {min(rs):.2f}x  median {statistics.median(rs):.2f}x")
     training = []
     for t in nl["training"]:
-        pt = torch_training(t["model"].replace("vgg:", "vgg:"), t["batch_size"], 3 if args.quick else 10)
+        pt = torch_ips[t["model"]]
         ratio = t["images_per_sec"] / pt
         training.append(dict(t, torch_images_per_sec=pt, ratio=ratio))
         print(f"training {t['model']:<30} normlab {t['images_per_sec']:>7.0f} img/s  torch {pt:>7.0f} img/s  "

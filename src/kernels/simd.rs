@@ -1,8 +1,8 @@
 //! Runtime CPU dispatch and a shared output for disjoint strided writes.
 
-/// Defines `fn NAME(args) -> ret` whose body is compiled twice: with AVX2+FMA (taken when the
-/// CPU has them, detected at run time) and for the baseline target. The body's loops use
-/// explicit lanes, so both versions compute the same sums in the same order.
+/// Defines `fn NAME(args) -> ret` whose body is compiled three times: with AVX-512, with
+/// AVX2+FMA (each taken when the CPU has it, detected at run time) and for the baseline target.
+/// The body's loops use explicit lanes, so every version computes the same sums in the same order.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -13,6 +13,20 @@ macro_rules! multiversion {
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[inline(never)]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features avx512() was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[inline(never)]
                 #[allow(clippy::too_many_arguments)]
