@@ -140,8 +140,8 @@ pub fn bench_training(model: &str, batch: usize, steps: usize) -> Result<f64> {
 
 /// Everything whose name contains `filter` (all when empty), with `progress` called before
 /// each measurement.
-pub fn run(quick: bool, filter: &str, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
-    let reps = if quick { 3 } else { 15 };
+pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    let reps = reps.unwrap_or(if quick { 3 } else { 15 });
     progress("memory copy");
     let copy = copy_bandwidth(reps);
     let mut kernels = Vec::new();

@@ -150,6 +150,9 @@ struct BenchArgs {
     /// Fewer repetitions (a rough look in seconds).
     #[arg(long)]
     quick: bool,
+    /// Timed repetitions per kernel (the median is reported); default 15, or 3 with --quick.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100000))]
+    reps: Option<u64>,
     /// Only the kernels or models whose name contains this (e.g. bn_train, gn, training).
     #[arg(long, default_value = "")]
     filter: String,
@@ -665,7 +668,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     let report = in_pool(|| {
-        normlab::bench::run(a.quick, &a.filter, &mut |what| {
+        normlab::bench::run(a.quick, a.reps.map(|r| r as usize), &a.filter, &mut |what| {
             bar.set_message(what.to_string());
             bar.inc(1);
         })
