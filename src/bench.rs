@@ -205,13 +205,32 @@ pub struct Latency {
     pub speedup: f64,
 }
 
-/// Median eval-mode latency of both models at batch 1 and 128.
+/// Median eval-mode latency of both models at batch 1 and 128. The two models alternate, one
+/// forward each, so a burst of load on a shared host slows both alike.
 pub fn compare_latency(before: &mut Model, after: &mut Model) -> Result<Vec<Latency>> {
     let mut out = Vec::new();
     for batch in [1usize, 128] {
-        let reps = if batch == 1 { 200 } else { 20 };
-        let b = inference_latency(before, batch, reps)?;
-        let a = inference_latency(after, batch, reps)?;
+        let reps = if batch == 1 { 200 } else { 30 };
+        let [c, h, w] = before.spec.input;
+        let x = random_tensor(&[batch, c, h, w], &mut ChaCha8Rng::seed_from_u64(3));
+        let once = |m: &mut Model| -> Result<f64> {
+            m.input_mut().clone_from(&x);
+            let t0 = Instant::now();
+            m.forward(Mode::Eval)?;
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        once(before)?;
+        once(after)?;
+        let (mut tb, mut ta) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+        for _ in 0..reps {
+            tb.push(once(before)?);
+            ta.push(once(after)?);
+        }
+        let median = |t: &mut Vec<f64>| {
+            t.sort_by(|a, b| a.total_cmp(b));
+            t[t.len() / 2]
+        };
+        let (b, a) = (median(&mut tb), median(&mut ta));
         out.push(Latency {
             batch,
             before_ms: b * 1e3,

@@ -180,11 +180,27 @@ impl Model {
         let [c, h, w] = spec.input;
         let bias = norm.wants_bias();
         let mut net = Sequential::default();
-        // The ReLU after a conv is fused into the norm that follows the conv, or without a norm
-        // into the conv itself (bias and ReLU applied while its output is in cache).
-        let fuse_into_conv = norm == NormSpec::None;
-        let push_conv = |net: &mut Sequential, name: &str, conv: Conv2d| {
-            net.push(name, if fuse_into_conv { conv.with_relu() } else { conv });
+        // The ReLU after a conv is fused into the norm that follows the conv. Without a norm it
+        // goes into the max-pool when one follows (ReLU and max commute, and the pool's output is
+        // a quarter of the size), else into the conv (applied while its output is in cache).
+        let no_norm = norm == NormSpec::None;
+        let push_conv = |net: &mut Sequential, name: &str, conv: Conv2d, pool_follows: bool| {
+            net.push(
+                name,
+                if no_norm && !pool_follows {
+                    conv.with_relu()
+                } else {
+                    conv
+                },
+            );
+        };
+        let pool_after_relu = || {
+            let pool = MaxPool2d::new(2, 2);
+            if no_norm {
+                pool.with_relu()
+            } else {
+                pool
+            }
         };
         let push_dropout = |net: &mut Sequential| -> Result<()> {
             if spec.dropout > 0.0 {
@@ -200,9 +216,9 @@ impl Model {
         };
         match arch {
             Arch::SeedCnn(width) => {
-                push_conv(&mut net, "conv1", Conv2d::new(c, width, 3, 1, 1, bias, &mut rng));
+                push_conv(&mut net, "conv1", Conv2d::new(c, width, 3, 1, 1, bias, &mut rng), true);
                 push_norm_relu(&mut net, "bn1".into(), &[width, h, w])?;
-                net.push("", MaxPool2d::new(2, 2));
+                net.push("", pool_after_relu());
                 // Linear reads [N, W, 14, 14] as [N, W*196]: PyTorch's Flatten without the copy.
                 push_dropout(&mut net)?;
                 net.push(
@@ -226,14 +242,16 @@ impl Model {
             Arch::Vgg(items) => {
                 let (mut ch, mut hh, mut ww) = (c, h, w);
                 let mut k = 0;
-                for item in items {
+                for (i, &item) in items.iter().enumerate() {
                     match item {
                         Some(out) => {
                             k += 1;
+                            let pool_follows = items.get(i + 1) == Some(&None);
                             push_conv(
                                 &mut net,
                                 &format!("conv{k}"),
                                 Conv2d::new(ch, out, 3, 1, 1, bias, &mut rng),
+                                pool_follows,
                             );
                             push_norm_relu(&mut net, format!("bn{k}"), &[out, hh, ww])?;
                             ch = out;
@@ -242,7 +260,15 @@ impl Model {
                             if hh < 2 || ww < 2 {
                                 return Err(Error::invalid(format!("vgg cfg pools a {hh}x{ww} map below 1x1")));
                             }
-                            net.push("", MaxPool2d::new(2, 2));
+                            let after_conv = i > 0 && items[i - 1].is_some();
+                            net.push(
+                                "",
+                                if after_conv {
+                                    pool_after_relu()
+                                } else {
+                                    MaxPool2d::new(2, 2)
+                                },
+                            );
                             hh /= 2;
                             ww /= 2;
                         }
@@ -252,7 +278,7 @@ impl Model {
                 net.push("fc1", Linear::new(ch * hh * ww, spec.classes, true, &mut rng));
             }
             Arch::ResNet(mids) => {
-                push_conv(&mut net, "conv1", Conv2d::new(c, 16, 3, 1, 1, bias, &mut rng));
+                push_conv(&mut net, "conv1", Conv2d::new(c, 16, 3, 1, 1, bias, &mut rng), false);
                 push_norm_relu(&mut net, "bn1".into(), &[16, h, w])?;
                 let (mut ch, mut hh, mut ww) = (16, h, w);
                 for (b, &mid) in mids.iter().enumerate() {

@@ -171,6 +171,18 @@ fn pooling_gradients() {
         1e-3,
     );
     check(
+        "relu+maxpool",
+        &mut MaxPool2d::new(2, 2).with_relu(),
+        random(&[2, 3, 6, 6], &mut g),
+        1e-3,
+    );
+    check(
+        "maxpool 3x3 stride 2",
+        &mut MaxPool2d::new(3, 2).with_relu(),
+        random(&[2, 3, 7, 7], &mut g),
+        1e-3,
+    );
+    check(
         "avgpool",
         &mut AvgPool2d::new(2, 2),
         random(&[2, 3, 6, 4], &mut g),

@@ -2,7 +2,11 @@
 
 use rayon::prelude::*;
 
-/// y[p, oy, ox] = max over the k×k window; `argmax` keeps the flat in-plane index of the winner.
+use crate::kernels::simd::multiversion;
+
+/// y[p, oy, ox] = max over the k×k window (then max(·, 0) when `relu`: a ReLU before the pool
+/// commutes with the max, so it runs here on a quarter of the values); `argmax`, when given
+/// (training), keeps the flat in-plane index of each winner. Inference passes None and skips it.
 #[allow(clippy::too_many_arguments)]
 pub fn max_pool_forward(
     x: &[f32],
@@ -11,15 +15,39 @@ pub fn max_pool_forward(
     w: usize,
     k: usize,
     s: usize,
+    relu: bool,
     y: &mut [f32],
-    argmax: &mut [u32],
+    argmax: Option<&mut [u32]>,
 ) {
     let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
     debug_assert_eq!(y.len(), planes * oh * ow);
+    let plane_out = oh * ow;
+    let mut scratch = Vec::new();
+    let argmax = match argmax {
+        Some(a) => a,
+        None if k == 2 && s == 2 => {
+            y.par_chunks_mut(plane_out)
+                .zip(x.par_chunks(h * w))
+                .for_each(|(yp, xp)| max_pool_2x2_values(xp, w, ow, relu, yp));
+            return;
+        }
+        None => {
+            scratch.resize(y.len(), 0);
+            &mut scratch[..]
+        }
+    };
     if k == 2 && s == 2 {
-        return max_pool_2x2(x, h, w, y, argmax);
+        y.par_chunks_mut(plane_out)
+            .zip(argmax.par_chunks_mut(plane_out))
+            .zip(x.par_chunks(h * w))
+            .for_each(|((yp, ap), xp)| max_pool_2x2_plane(xp, w, ow, relu, yp, ap));
+    } else {
+        max_pool_generic(x, h, w, k, s, y, argmax);
+        if relu {
+            y.par_chunks_mut(plane_out)
+                .for_each(|yp| yp.iter_mut().for_each(|v| *v = v.max(0.0)));
+        }
     }
-    max_pool_generic(x, h, w, k, s, y, argmax);
 }
 
 /// Any window and stride: the first maximum in row-major order wins; NaN wins.
@@ -55,51 +83,90 @@ fn max_pool_generic(x: &[f32], h: usize, w: usize, k: usize, s: usize, y: &mut [
         });
 }
 
-/// The common 2×2 / stride 2 window, two input rows at a time; same winner rule as above (the
-/// first maximum in row-major order; NaN wins). Branch-free selects, column pair by column
-/// pair, so random data costs no mispredictions and the loop can vectorize.
-fn max_pool_2x2(x: &[f32], h: usize, w: usize, y: &mut [f32], argmax: &mut [u32]) {
-    let (oh, ow) = (h / 2, w / 2);
-    // b beats a: larger, or NaN where a is not.
-    #[inline(always)]
-    fn beats(b: f32, a: f32) -> bool {
-        (b > a) | (b.is_nan() & !a.is_nan())
-    }
-    y.par_chunks_mut(oh * ow)
-        .zip(argmax.par_chunks_mut(oh * ow))
-        .zip(x.par_chunks(h * w))
-        .for_each(|((yp, ap), xp)| {
-            for oy in 0..oh {
-                let r0 = &xp[2 * oy * w..2 * oy * w + 2 * ow];
-                let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
-                let (yr, ar) = (&mut yp[oy * ow..(oy + 1) * ow], &mut ap[oy * ow..(oy + 1) * ow]);
-                let base = (2 * oy * w) as u32;
-                for (ox, ((o, a), (p0, p1))) in yr
-                    .iter_mut()
-                    .zip(ar.iter_mut())
-                    .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
-                    .enumerate()
-                {
-                    let t = beats(p0[1], p0[0]);
-                    let (m0, i0) = (if t { p0[1] } else { p0[0] }, t as u32);
-                    let b = beats(p1[1], p1[0]);
-                    let (m1, i1) = (if b { p1[1] } else { p1[0] }, w as u32 + b as u32);
-                    let s = beats(m1, m0);
-                    *o = if s { m1 } else { m0 };
-                    *a = base + 2 * ox as u32 + if s { i1 } else { i0 };
-                }
-            }
-        });
+/// b beats a: larger, or NaN where a is not (the first maximum in row-major order wins).
+#[inline(always)]
+fn beats(b: f32, a: f32) -> bool {
+    (b > a) | (b.is_nan() & !a.is_nan())
 }
 
-/// dx[argmax] += dy: each output's gradient goes to the input that won its window.
-pub fn max_pool_backward(dy: &[f32], argmax: &[u32], plane_in: usize, plane_out: usize, dx: &mut [f32]) {
+#[inline(always)]
+fn relu_if(v: f32, relu: bool) -> f32 {
+    if relu {
+        v.max(0.0)
+    } else {
+        v
+    }
+}
+
+multiversion! {
+    /// One plane of the common 2×2 / stride 2 window, two input rows at a time, with the winner's
+    /// index. Branch-free selects, column pair by column pair, so random data costs no
+    /// mispredictions and the loop vectorizes.
+    fn max_pool_2x2_plane(xp: &[f32], w: usize, ow: usize, relu: bool, yp: &mut [f32], ap: &mut [u32]) {
+        for (oy, (yr, ar)) in yp.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow)).enumerate() {
+            let r0 = &xp[2 * oy * w..2 * oy * w + 2 * ow];
+            let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
+            let base = (2 * oy * w) as u32;
+            for (ox, ((o, a), (p0, p1))) in yr
+                .iter_mut()
+                .zip(ar.iter_mut())
+                .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
+                .enumerate()
+            {
+                let t = beats(p0[1], p0[0]);
+                let (m0, i0) = (if t { p0[1] } else { p0[0] }, t as u32);
+                let b = beats(p1[1], p1[0]);
+                let (m1, i1) = (if b { p1[1] } else { p1[0] }, w as u32 + b as u32);
+                let s = beats(m1, m0);
+                *o = relu_if(if s { m1 } else { m0 }, relu);
+                *a = base + 2 * ox as u32 + if s { i1 } else { i0 };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `max_pool_2x2_plane` without the winners' indices (inference): the same values.
+    fn max_pool_2x2_values(xp: &[f32], w: usize, ow: usize, relu: bool, yp: &mut [f32]) {
+        for (oy, yr) in yp.chunks_exact_mut(ow).enumerate() {
+            let r0 = &xp[2 * oy * w..2 * oy * w + 2 * ow];
+            let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
+            for (o, (p0, p1)) in yr.iter_mut().zip(r0.chunks_exact(2).zip(r1.chunks_exact(2))) {
+                let m0 = if beats(p0[1], p0[0]) { p0[1] } else { p0[0] };
+                let m1 = if beats(p1[1], p1[0]) { p1[1] } else { p1[0] };
+                *o = relu_if(if beats(m1, m0) { m1 } else { m0 }, relu);
+            }
+        }
+    }
+}
+
+/// dx[argmax] += dy: each output's gradient goes to the input that won its window; with a fused
+/// ReLU (`relu_out` = the pool's output) only where that output is > 0.
+pub fn max_pool_backward(
+    dy: &[f32],
+    relu_out: Option<&[f32]>,
+    argmax: &[u32],
+    plane_in: usize,
+    plane_out: usize,
+    dx: &mut [f32],
+) {
     dx.par_chunks_mut(plane_in)
         .zip(dy.par_chunks(plane_out).zip(argmax.par_chunks(plane_out)))
-        .for_each(|(dxp, (dyp, ap))| {
+        .enumerate()
+        .for_each(|(p, (dxp, (dyp, ap)))| {
             dxp.fill(0.0);
-            for (&g, &a) in dyp.iter().zip(ap) {
-                dxp[a as usize] += g;
+            match relu_out {
+                None => {
+                    for (&g, &a) in dyp.iter().zip(ap) {
+                        dxp[a as usize] += g;
+                    }
+                }
+                Some(y) => {
+                    let yp = &y[p * plane_out..(p + 1) * plane_out];
+                    for ((&g, &a), &v) in dyp.iter().zip(ap).zip(yp) {
+                        dxp[a as usize] += crate::kernels::reduce::relu_mask(v, g);
+                    }
+                }
             }
         });
 }
@@ -158,12 +225,17 @@ mod tests {
         x[w + 13] = f32::NAN;
         x[40] = -0.0;
         let n = 2 * (h / 2) * (w / 2);
-        let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0; n], vec![0; n], vec![0.0; n], vec![0; n]);
-        max_pool_2x2(&x, h, w, &mut y1, &mut a1);
+        let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0f32; n], vec![0; n], vec![0.0f32; n], vec![0; n]);
+        max_pool_forward(&x, 2, h, w, 2, 2, false, &mut y1, Some(&mut a1));
         max_pool_generic(&x, h, w, 2, 2, &mut y2, &mut a2);
         assert_eq!(a1, a2);
-        for (p, q) in y1.iter().zip(&y2) {
-            assert!(p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()));
-        }
+        let same = |p: &f32, q: &f32| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan());
+        assert!(y1.iter().zip(&y2).all(|(p, q)| same(p, q)));
+        // Inference (no winners) gives the same values; the fused ReLU is max(·, 0) after the max.
+        let mut y3 = vec![0.0f32; n];
+        max_pool_forward(&x, 2, h, w, 2, 2, false, &mut y3, None);
+        assert!(y1.iter().zip(&y3).all(|(p, q)| same(p, q)));
+        max_pool_forward(&x, 2, h, w, 2, 2, true, &mut y3, None);
+        assert!(y1.iter().zip(&y3).all(|(p, q)| same(&p.max(0.0), q)));
     }
 }

@@ -39,6 +39,21 @@ pub fn relu_mask(y: f32, g: f32) -> f32 {
     f32::from_bits(g.to_bits() & ((y > 0.0) as u32).wrapping_neg())
 }
 
+crate::kernels::simd::multiversion! {
+    /// v = v + bias[row] (then max(·, 0) when `relu`) over rows of `cols` values: a conv's
+    /// epilogue while its output is in cache.
+    pub fn add_bias_relu(v: &mut [f32], cols: usize, bias: Option<&[f32]>, relu: bool) {
+        for (r, row) in v.chunks_mut(cols).enumerate() {
+            let b = bias.map_or(0.0, |b| b[r]);
+            if relu {
+                row.iter_mut().for_each(|x| *x = (*x + b).max(0.0));
+            } else {
+                row.iter_mut().for_each(|x| *x += b);
+            }
+        }
+    }
+}
+
 /// Values a lane accumulates in f32 before its sum moves to f64.
 const FLUSH: usize = 4096;
 

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::kernels::im2col::{col2im, im2col, ConvGeometry};
 use crate::kernels::matmul::{matmul, Op};
-use crate::kernels::reduce::relu_mask;
+use crate::kernels::reduce::{add_bias_relu, relu_mask};
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
@@ -177,15 +177,8 @@ impl Layer for Conv2d {
                     im2col(xi, &g, col);
                     matmul(ys, oc, cols, rows, w, Op::N, col, Op::N, false, threads);
                     // Epilogue while the sample's output is in cache: + bias, then ReLU.
-                    match (bias, relu) {
-                        (Some(b), true) => ys.chunks_mut(cols).zip(b.iter()).for_each(|(p, &bv)| {
-                            p.iter_mut().for_each(|v| *v = (*v + bv).max(0.0));
-                        }),
-                        (Some(b), false) => ys.chunks_mut(cols).zip(b.iter()).for_each(|(p, &bv)| {
-                            p.iter_mut().for_each(|v| *v += bv);
-                        }),
-                        (None, true) => ys.iter_mut().for_each(|v| *v = v.max(0.0)),
-                        (None, false) => {}
+                    if bias.is_some() || relu {
+                        add_bias_relu(ys, cols, bias.map(|b| b.as_slice()), relu);
                     }
                 }
             });

@@ -34,6 +34,8 @@ fn check_grad(layer: &str, y: &Tensor, dy: &Tensor) -> Result<()> {
 pub struct MaxPool2d {
     pub kernel: usize,
     pub stride: usize,
+    /// A ReLU fused before the pool (applied after it: the two commute), for a conv without a norm.
+    pub relu: bool,
     /// The flat in-plane index of each output's winner, from the last forward.
     argmax: Vec<u32>,
 }
@@ -43,20 +45,38 @@ impl MaxPool2d {
         MaxPool2d {
             kernel,
             stride,
+            relu: false,
             argmax: Vec::new(),
         }
+    }
+
+    /// The same pool with the preceding ReLU fused into it.
+    pub fn with_relu(mut self) -> Self {
+        self.relu = true;
+        self
     }
 }
 
 impl Layer for MaxPool2d {
     fn kind(&self) -> &'static str {
-        "MaxPool2d"
+        if self.relu {
+            "ReLU+MaxPool2d"
+        } else {
+            "MaxPool2d"
+        }
     }
 
-    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
         let out = pooled_shape("MaxPool2d", x, self.kernel, self.stride)?;
         y.resize_to(&out);
-        self.argmax.resize(y.len(), 0);
+        // Only a training forward is followed by a backward; inference skips the winners.
+        let argmax = if mode == Mode::Train {
+            self.argmax.resize(y.len(), 0);
+            Some(&mut self.argmax[..])
+        } else {
+            self.argmax.clear();
+            None
+        };
         let [n, c, h, w] = x.shape[..] else {
             unreachable!("checked by pooled_shape")
         };
@@ -67,18 +87,23 @@ impl Layer for MaxPool2d {
             w,
             self.kernel,
             self.stride,
+            self.relu,
             &mut y.data,
-            &mut self.argmax,
+            argmax,
         );
         Ok(())
     }
 
     fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         check_grad("MaxPool2d", y, dy)?;
+        if self.argmax.len() != y.len() {
+            return Err(Error::invalid("MaxPool2d backward needs a training forward first"));
+        }
         dx.resize_to(&x.shape);
         let plane_in = x.shape[2] * x.shape[3];
         let plane_out = dy.shape[2] * dy.shape[3];
-        pool::max_pool_backward(&dy.data, &self.argmax, plane_in, plane_out, &mut dx.data);
+        let relu_out = self.relu.then_some(y.data.as_slice());
+        pool::max_pool_backward(&dy.data, relu_out, &self.argmax, plane_in, plane_out, &mut dx.data);
         Ok(())
     }
 }
