@@ -1,4 +1,6 @@
-//! im2col / col2im for one sample: turn a convolution into a matrix product.
+//! im2col / col2im for one sample: turn a convolution into a matrix product. The column matrix
+//! has C·kh·kw rows of oh·ow values; rows lie `ld` values apart, so several samples can sit side
+//! by side in one matrix (sample p at column offset p·oh·ow, ld = P·oh·ow) for one larger gemm.
 
 /// Geometry of a 2-D convolution over one sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,18 +41,18 @@ fn valid_cols(g: &ConvGeometry, j: usize, ow: usize) -> (usize, usize) {
 }
 
 /// col[(c,i,j), (oy,ox)] = x[c, oy*s + i - p, ox*s + j - p], zero outside the image.
-pub fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
+pub fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
     let (oh, ow) = (g.out_h(), g.out_w());
+    assert!(ld >= oh * ow && col.len() >= (g.col_rows() - 1) * ld + oh * ow);
     if g.stride == 1 {
-        return im2col_stride1(x, g, col, oh, ow);
+        return im2col_stride1(x, g, col, oh, ow, ld);
     }
-    debug_assert_eq!(col.len(), g.col_rows() * oh * ow);
     let mut row = 0;
     for c in 0..g.channels {
         let plane = &x[c * g.height * g.width..(c + 1) * g.height * g.width];
         for i in 0..g.kernel_h {
             for j in 0..g.kernel_w {
-                let out = &mut col[row * oh * ow..(row + 1) * oh * ow];
+                let out = &mut col[row * ld..row * ld + oh * ow];
                 for oy in 0..oh {
                     let iy = (oy * g.stride + i) as isize - g.padding as isize;
                     let out_row = &mut out[oy * ow..(oy + 1) * ow];
@@ -75,14 +77,15 @@ pub fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
 }
 
 /// Stride 1: each output row is a shifted copy of an input row, zero-padded at the ends.
-fn im2col_stride1(x: &[f32], g: &ConvGeometry, col: &mut [f32], oh: usize, ow: usize) {
+fn im2col_stride1(x: &[f32], g: &ConvGeometry, col: &mut [f32], oh: usize, ow: usize, ld: usize) {
     let (h, w, p) = (g.height, g.width, g.padding);
-    let mut rows = col.chunks_exact_mut(oh * ow);
+    let mut row = 0;
     for c in 0..g.channels {
         let plane = &x[c * h * w..(c + 1) * h * w];
         for i in 0..g.kernel_h {
             for j in 0..g.kernel_w {
-                let out = rows.next().expect("col has C*kh*kw rows");
+                let out = &mut col[row * ld..row * ld + oh * ow];
+                row += 1;
                 let (lo, hi) = valid_cols(g, j, ow);
                 for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
                     let iy = oy + i;
@@ -101,17 +104,19 @@ fn im2col_stride1(x: &[f32], g: &ConvGeometry, col: &mut [f32], oh: usize, ow: u
 }
 
 /// The adjoint of im2col: dx[c, y, x] = sum of dcol over every (i, j, oy, ox) that read it.
-pub fn col2im(dcol: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
+pub fn col2im(dcol: &[f32], g: &ConvGeometry, dx: &mut [f32], ld: usize) {
     let (oh, ow) = (g.out_h(), g.out_w());
+    assert!(ld >= oh * ow && dcol.len() >= (g.col_rows() - 1) * ld + oh * ow);
     dx.fill(0.0);
     if g.stride == 1 {
         let (h, w, p) = (g.height, g.width, g.padding);
-        let mut rows = dcol.chunks_exact(oh * ow);
+        let mut row = 0;
         for c in 0..g.channels {
             let plane = &mut dx[c * h * w..(c + 1) * h * w];
             for i in 0..g.kernel_h {
                 for j in 0..g.kernel_w {
-                    let src = rows.next().expect("dcol has C*kh*kw rows");
+                    let src = &dcol[row * ld..row * ld + oh * ow];
+                    row += 1;
                     let (lo, hi) = valid_cols(g, j, ow);
                     for (oy, src_row) in src.chunks_exact(ow).enumerate() {
                         let iy = oy + i;
@@ -133,7 +138,7 @@ pub fn col2im(dcol: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
         let plane = &mut dx[c * g.height * g.width..(c + 1) * g.height * g.width];
         for i in 0..g.kernel_h {
             for j in 0..g.kernel_w {
-                let src = &dcol[row * oh * ow..(row + 1) * oh * ow];
+                let src = &dcol[row * ld..row * ld + oh * ow];
                 for oy in 0..oh {
                     let iy = (oy * g.stride + i) as isize - g.padding as isize;
                     if iy < 0 || iy >= g.height as isize {
@@ -161,7 +166,16 @@ mod tests {
     /// through a copy that forces the general path by comparing against a direct formula).
     #[test]
     fn stride_one_paths_match_the_definition() {
-        for (k, p, h, w) in [(3, 1, 5, 6), (3, 0, 4, 4), (5, 2, 6, 5), (1, 0, 3, 3), (3, 2, 2, 3)] {
+        for (k, p, h, w) in [
+            (3, 1, 5, 6),
+            (3, 0, 4, 4),
+            (5, 2, 6, 5),
+            (1, 0, 3, 3),
+            (3, 2, 2, 3),
+            (5, 2, 3, 7),
+            (7, 3, 5, 4),
+            (3, 1, 1, 4),
+        ] {
             let g = ConvGeometry {
                 channels: 2,
                 height: h,
@@ -174,9 +188,9 @@ mod tests {
             let x: Vec<f32> = (0..2 * h * w).map(|i| i as f32 + 1.0).collect();
             let (oh, ow) = (g.out_h(), g.out_w());
             let mut col = vec![f32::NAN; g.col_rows() * oh * ow];
-            im2col(&x, &g, &mut col);
+            im2col(&x, &g, &mut col, oh * ow);
             let mut dx = vec![0.0f32; x.len()];
-            col2im(&col, &g, &mut dx);
+            col2im(&col, &g, &mut dx, oh * ow);
             let mut want_dx = vec![0.0f32; x.len()];
             for c in 0..2 {
                 for i in 0..k {

@@ -1,5 +1,7 @@
-//! Conv2d: im2col + gemm per sample, over a fixed number of sample groups in parallel. Each
-//! group owns its im2col scratch and its weight-gradient partial sum, kept between steps.
+//! Conv2d: im2col + gemm over a fixed number of sample groups in parallel. Inside a group, small
+//! feature maps are batched: the columns of several samples sit side by side in one matrix, so
+//! gemm sees about `BATCH_COLS` columns (and dW a longer sum than one 7x7 map's 49 terms). Each
+//! group owns its scratch and its weight-gradient partial sum, kept between steps.
 
 use rayon::prelude::*;
 
@@ -13,6 +15,9 @@ use crate::tensor::Tensor;
 /// Samples are split into this many fixed groups; partial weight gradients are added in group
 /// order, so dW is bit-identical for any thread count.
 const GROUPS: usize = 8;
+
+/// Samples are batched into one gemm until it has about this many columns.
+const BATCH_COLS: usize = 512;
 
 pub struct Conv2d {
     pub in_channels: usize,
@@ -28,13 +33,14 @@ pub struct Conv2d {
     groups: Vec<GroupScratch>,
 }
 
-/// What one sample group works in: its im2col buffer, its [dW | db] partial sum, and (with a
-/// fused ReLU) one sample's masked output gradient.
+/// What one sample group works in: its im2col buffer (`batch` samples side by side), its
+/// [dW | db] partial sum, and the batched output or output gradient [OC, batch·cols] (unused
+/// when batch = 1 and no ReLU is fused: then gemm reads and writes the tensors directly).
 #[derive(Default)]
 struct GroupScratch {
     col: Vec<f32>,
     partial: Vec<f32>,
-    masked: Vec<f32>,
+    out: Vec<f32>,
 }
 
 impl Conv2d {
@@ -120,20 +126,26 @@ impl Conv2d {
         })
     }
 
-    /// Samples per group, and the scratch sized for `groups` groups.
-    fn prepare(&mut self, n: usize, g: &ConvGeometry) -> usize {
+    /// Samples per group and samples per gemm, with the scratch sized for them.
+    fn prepare(&mut self, n: usize, g: &ConvGeometry) -> (usize, usize) {
         let per_group = n.div_ceil(GROUPS).max(1);
         let groups = n.div_ceil(per_group);
-        let col_len = g.col_rows() * g.col_cols();
+        let cols = g.col_cols();
+        let batch = (BATCH_COLS / cols).clamp(1, per_group);
+        let col_len = g.col_rows() * batch * cols;
         let partial_len = self.out_channels * (g.col_rows() + 1);
+        let out_len = if batch > 1 || self.relu {
+            self.out_channels * batch * cols
+        } else {
+            0
+        };
         self.groups.resize_with(groups, GroupScratch::default);
-        let masked_len = if self.relu { self.out_channels * g.col_cols() } else { 0 };
         for s in self.groups.iter_mut() {
             s.col.resize(col_len, 0.0);
             s.partial.resize(partial_len, 0.0);
-            s.masked.resize(masked_len, 0.0);
+            s.out.resize(out_len, 0.0);
         }
-        per_group
+        (per_group, batch)
     }
 }
 
@@ -155,15 +167,19 @@ impl Layer for Conv2d {
         }
     }
 
-    // y_n = W[OC, C*k*k] · im2col(x_n) + b
+    // y_n = W[OC, C*k*k] · im2col(x_n) + b, for `batch` samples at a time:
+    // [OC, batch·cols] = W · [im2col(x_p) side by side]
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         let g = self.geometry(x)?;
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
         let oc = self.out_channels;
-        let per_group = self.prepare(n, &g);
+        let (per_group, batch) = self.prepare(n, &g);
         y.resize_to(&[n, oc, g.out_h(), g.out_w()]);
-        let (w, bias) = (&self.weight.value.data, self.bias.as_ref().map(|b| &b.value.data));
+        let (w, bias) = (
+            &self.weight.value.data,
+            self.bias.as_ref().map(|b| b.value.data.as_slice()),
+        );
         let xs = x.sample_len();
         let threads = gemm_threads(n);
         let relu = self.relu;
@@ -172,20 +188,38 @@ impl Layer for Conv2d {
             .zip(x.data.par_chunks(per_group * xs))
             .zip(self.groups.par_iter_mut())
             .for_each(|((yg, xg), scratch)| {
-                let col = &mut scratch.col;
-                for (ys, xi) in yg.chunks_mut(oc * cols).zip(xg.chunks(xs)) {
-                    im2col(xi, &g, col);
-                    matmul(ys, oc, cols, rows, w, Op::N, col, Op::N, false, threads);
-                    // Epilogue while the sample's output is in cache: + bias, then ReLU.
-                    if bias.is_some() || relu {
-                        add_bias_relu(ys, cols, bias.map(|b| b.as_slice()), relu);
+                let GroupScratch { col, out, .. } = scratch;
+                for (yb, xb) in yg.chunks_mut(batch * oc * cols).zip(xg.chunks(batch * xs)) {
+                    let p = xb.len() / xs;
+                    let ld = p * cols;
+                    for (i, xi) in xb.chunks(xs).enumerate() {
+                        im2col(xi, &g, &mut col[i * cols..], ld);
+                    }
+                    if p == 1 {
+                        matmul(yb, oc, cols, rows, w, Op::N, col, Op::N, false, threads);
+                        // Epilogue while the sample's output is in cache: + bias, then ReLU.
+                        if bias.is_some() || relu {
+                            add_bias_relu(yb, cols, bias, relu);
+                        }
+                        continue;
+                    }
+                    matmul(out, oc, ld, rows, w, Op::N, col, Op::N, false, threads);
+                    // Scatter [OC, p·cols] into the samples' [OC, cols] blocks, with the epilogue.
+                    for (i, ys) in yb.chunks_mut(oc * cols).enumerate() {
+                        for (o, yr) in ys.chunks_mut(cols).enumerate() {
+                            yr.copy_from_slice(&out[o * ld + i * cols..o * ld + (i + 1) * cols]);
+                        }
+                        if bias.is_some() || relu {
+                            add_bias_relu(ys, cols, bias, relu);
+                        }
                     }
                 }
             });
         Ok(())
     }
 
-    // dW = Σ_n dy_n · im2col(x_n)ᵀ,  db = Σ dy,  dx_n = col2im(Wᵀ · dy_n)
+    // dW = Σ_n dy_n · im2col(x_n)ᵀ,  db = Σ dy,  dx_n = col2im(Wᵀ · dy_n), `batch` samples at a
+    // time: dW += [dy_p side by side] · [im2col(x_p) side by side]ᵀ
     fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         let g = self.geometry(x)?;
         let n = x.batch();
@@ -197,19 +231,19 @@ impl Layer for Conv2d {
                 format!("gradient {:?} does not match output", dy.shape),
             ));
         }
-        let per_group = self.prepare(n, &g);
-        let xs = x.sample_len();
-        let input_grad = self.input_grad;
-        dx.resize_to(&x.shape);
-        let w = &self.weight.value.data;
-        let threads = gemm_threads(n);
-        let relu = self.relu;
         if y.shape != dy.shape {
             return Err(Error::shape(
                 "Conv2d",
                 format!("output {:?} does not match gradient {:?}", y.shape, dy.shape),
             ));
         }
+        let (per_group, batch) = self.prepare(n, &g);
+        let xs = x.sample_len();
+        let input_grad = self.input_grad;
+        dx.resize_to(&x.shape);
+        let w = &self.weight.value.data;
+        let threads = gemm_threads(n);
+        let relu = self.relu;
         self.groups
             .par_iter_mut()
             .zip(
@@ -220,29 +254,45 @@ impl Layer for Conv2d {
             .zip(x.data.par_chunks(per_group * xs))
             .zip(dx.data.par_chunks_mut(per_group * xs))
             .for_each(|(((scratch, (dyg, yg)), xg), dxg)| {
-                let GroupScratch { col, partial, masked } = scratch;
+                let GroupScratch { col, partial, out } = scratch;
                 partial.fill(0.0);
                 let (dw, db) = partial.split_at_mut(oc * rows);
-                let samples = dyg.chunks(oc * cols).zip(yg.chunks(oc * cols));
-                for (((dyi, yi), xi), dxi) in samples.zip(xg.chunks(xs)).zip(dxg.chunks_mut(xs)) {
-                    // With a fused ReLU the gradient reaching the conv is dy·[y > 0].
-                    let dyi: &[f32] = if relu {
-                        for ((m, &g), &v) in masked.iter_mut().zip(dyi).zip(yi) {
-                            *m = relu_mask(v, g);
-                        }
-                        masked
+                let batches = dyg.chunks(batch * oc * cols).zip(yg.chunks(batch * oc * cols));
+                for (((dyb, yb), xb), dxb) in batches.zip(xg.chunks(batch * xs)).zip(dxg.chunks_mut(batch * xs)) {
+                    let p = xb.len() / xs;
+                    let ld = p * cols;
+                    // The gradient reaching the conv, [OC, p·cols]: dy (· [y > 0] with a fused
+                    // ReLU), gathered side by side when batching.
+                    let grad: &[f32] = if p == 1 && !relu {
+                        dyb
                     } else {
-                        dyi
+                        for (i, (dys, ys)) in dyb.chunks(oc * cols).zip(yb.chunks(oc * cols)).enumerate() {
+                            for (o, (dr, yr)) in dys.chunks(cols).zip(ys.chunks(cols)).enumerate() {
+                                let dst = &mut out[o * ld + i * cols..o * ld + (i + 1) * cols];
+                                if relu {
+                                    for ((m, &gv), &v) in dst.iter_mut().zip(dr).zip(yr) {
+                                        *m = relu_mask(v, gv);
+                                    }
+                                } else {
+                                    dst.copy_from_slice(dr);
+                                }
+                            }
+                        }
+                        &out[..oc * ld]
                     };
-                    im2col(xi, &g, col);
-                    matmul(dw, oc, rows, cols, dyi, Op::N, col, Op::T, true, threads);
-                    for (o, plane) in db.iter_mut().zip(dyi.chunks(cols)) {
+                    for (i, xi) in xb.chunks(xs).enumerate() {
+                        im2col(xi, &g, &mut col[i * cols..], ld);
+                    }
+                    matmul(dw, oc, rows, ld, grad, Op::N, col, Op::T, true, threads);
+                    for (o, plane) in db.iter_mut().zip(grad.chunks(ld)) {
                         *o += plane.iter().sum::<f32>();
                     }
                     if input_grad {
                         // The column buffer is free again: reuse it for Wᵀ·dy.
-                        matmul(col, rows, cols, oc, w, Op::T, dyi, Op::N, false, threads);
-                        col2im(col, &g, dxi);
+                        matmul(col, rows, ld, oc, w, Op::T, grad, Op::N, false, threads);
+                        for (i, dxi) in dxb.chunks_mut(xs).enumerate() {
+                            col2im(&col[i * cols..], &g, dxi, ld);
+                        }
                     }
                 }
             });
