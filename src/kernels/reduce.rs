@@ -1,13 +1,23 @@
-//! Vectorizable reductions over one contiguous run: eight independent f32 accumulators (the
-//! compiler maps them to SIMD lanes), combined in f64 by the callers across runs.
+//! Vectorizable reductions over one contiguous run: 32 independent f32 accumulators (the
+//! compiler maps them to four AVX2 or two AVX-512 registers, so the adds of consecutive
+//! iterations do not wait on each other), combined in f64 by the callers across runs.
 
-const LANES: usize = 8;
+const LANES: usize = 32;
+/// Width of the second loop that takes what is left of a run after the 32-wide one.
+const SHORT: usize = 8;
 
-/// The f64 total of eight f32 lanes. The lanes pass through `black_box` first: without it,
-/// LLVM sees each lane converted on its own after the loop and scalarizes the whole loop.
+/// The f64 total of the f32 lanes: the four groups of eight are added lane-wise in f32 (three
+/// vector adds), then the eight partial sums go through `black_box` and to f64. Without the
+/// `black_box`, LLVM sees each lane converted on its own after the loop and scalarizes the
+/// whole loop.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // explicit lanes are what the vectorizer needs
 pub fn lanes_total(lanes: [f32; LANES]) -> f64 {
-    std::hint::black_box(lanes).iter().map(|&v| v as f64).sum()
+    let mut eight = [0.0f32; SHORT];
+    for l in 0..SHORT {
+        eight[l] = (lanes[l] + lanes[l + 2 * SHORT]) + (lanes[l + SHORT] + lanes[l + 3 * SHORT]);
+    }
+    std::hint::black_box(eight).iter().map(|&v| v as f64).sum()
 }
 
 /// A mean carried as f32 hi + lo (hi + lo = the f64 mean to ~48 bits): `(x - hi) - lo` is
@@ -102,10 +112,19 @@ impl PairSums {
     #[allow(clippy::needless_range_loop)] // explicit lanes are what the vectorizer needs
     pub fn add_centered_and_sq(&mut self, run: &[f32], c: Center) {
         let chunks = run.chunks_exact(LANES);
-        let tail = chunks.remainder();
+        let short = chunks.remainder().chunks_exact(SHORT);
+        let tail = short.remainder();
         for ch in chunks {
             let ch: &[f32; LANES] = ch.try_into().expect("exact chunk");
             for l in 0..LANES {
+                let d = c.sub(ch[l]);
+                self.a[l] += d;
+                self.b[l] += d * d;
+            }
+        }
+        for ch in short {
+            let ch: &[f32; SHORT] = ch.try_into().expect("exact chunk");
+            for l in 0..SHORT {
                 let d = c.sub(ch[l]);
                 self.a[l] += d;
                 self.b[l] += d * d;
@@ -121,46 +140,51 @@ impl PairSums {
 
     /// Adds Σg and Σg·(x - c) of a run, g = dy, or dy·[y > 0] when `mask` is given.
     #[inline(always)]
-    #[allow(clippy::needless_range_loop)] // explicit lanes are what the vectorizer needs
     pub fn add_grad(&mut self, x: &[f32], mask: Option<&[f32]>, dy: &[f32], c: Center) {
-        let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
-        let (xt, dt) = (xc.remainder(), dc.remainder());
         match mask {
-            None => {
-                for (xv, dv) in xc.zip(dc) {
-                    let (xv, dv): (&[f32; LANES], &[f32; LANES]) =
-                        (xv.try_into().expect("exact"), dv.try_into().expect("exact"));
-                    for l in 0..LANES {
-                        self.a[l] += dv[l];
-                        self.b[l] += dv[l] * c.sub(xv[l]);
-                    }
-                }
-                for (&xv, &g) in xt.iter().zip(dt) {
-                    self.total_a += g as f64;
-                    self.total_b += g as f64 * c.sub(xv) as f64;
-                }
-            }
-            Some(y) => {
-                let yc = y.chunks_exact(LANES);
-                let yt = yc.remainder();
-                for ((xv, yv), dv) in xc.zip(yc).zip(dc) {
-                    let xv: &[f32; LANES] = xv.try_into().expect("exact");
-                    let yv: &[f32; LANES] = yv.try_into().expect("exact");
-                    let dv: &[f32; LANES] = dv.try_into().expect("exact");
-                    for l in 0..LANES {
-                        let g = relu_mask(yv[l], dv[l]);
-                        self.a[l] += g;
-                        self.b[l] += g * c.sub(xv[l]);
-                    }
-                }
-                for ((&xv, &yv), &g) in xt.iter().zip(yt).zip(dt) {
-                    let g = relu_mask(yv, g) as f64;
-                    self.total_a += g;
-                    self.total_b += g * c.sub(xv) as f64;
-                }
-            }
+            None => self.add_grad_lanes::<false>(x, x, dy, c),
+            Some(y) => self.add_grad_lanes::<true>(x, y, dy, c),
         }
         self.after(x.len());
+    }
+
+    /// `add_grad` for one choice of masking (y is ignored when MASK is false).
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // explicit lanes are what the vectorizer needs
+    fn add_grad_lanes<const MASK: bool>(&mut self, x: &[f32], y: &[f32], dy: &[f32], c: Center) {
+        let g = |yv: f32, dv: f32| if MASK { relu_mask(yv, dv) } else { dv };
+        let (xc, yc, dc) = (x.chunks_exact(LANES), y.chunks_exact(LANES), dy.chunks_exact(LANES));
+        let (xs, ys, ds) = (
+            xc.remainder().chunks_exact(SHORT),
+            yc.remainder().chunks_exact(SHORT),
+            dc.remainder().chunks_exact(SHORT),
+        );
+        let (xt, yt, dt) = (xs.remainder(), ys.remainder(), ds.remainder());
+        for ((xv, yv), dv) in xc.zip(yc).zip(dc) {
+            let xv: &[f32; LANES] = xv.try_into().expect("exact");
+            let yv: &[f32; LANES] = yv.try_into().expect("exact");
+            let dv: &[f32; LANES] = dv.try_into().expect("exact");
+            for l in 0..LANES {
+                let gv = g(yv[l], dv[l]);
+                self.a[l] += gv;
+                self.b[l] += gv * c.sub(xv[l]);
+            }
+        }
+        for ((xv, yv), dv) in xs.zip(ys).zip(ds) {
+            let xv: &[f32; SHORT] = xv.try_into().expect("exact");
+            let yv: &[f32; SHORT] = yv.try_into().expect("exact");
+            let dv: &[f32; SHORT] = dv.try_into().expect("exact");
+            for l in 0..SHORT {
+                let gv = g(yv[l], dv[l]);
+                self.a[l] += gv;
+                self.b[l] += gv * c.sub(xv[l]);
+            }
+        }
+        for ((&xv, &yv), &dv) in xt.iter().zip(yt).zip(dt) {
+            let gv = g(yv, dv) as f64;
+            self.total_a += gv;
+            self.total_b += gv * c.sub(xv) as f64;
+        }
     }
 
     /// The f64 totals, with everything pending flushed.
