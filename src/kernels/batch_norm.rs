@@ -8,7 +8,7 @@
 //! - short runs (7x7 maps, BatchNorm1d): one channel at a time (channels in parallel), the first
 //!   pass bringing the channel's runs into cache and the second reading them from there.
 //!
-//! Sums run in f32 over eight lanes within a run and in f64 across runs; results do not depend on
+//! Sums run in f32 over 32 lanes within a run and in f64 across runs; results do not depend on
 //! the thread count. An optional ReLU is fused after the affine.
 
 use rayon::prelude::*;
