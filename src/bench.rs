@@ -210,7 +210,7 @@ pub struct Latency {
 pub fn compare_latency(before: &mut Model, after: &mut Model) -> Result<Vec<Latency>> {
     let mut out = Vec::new();
     for batch in [1usize, 128] {
-        let reps = if batch == 1 { 200 } else { 30 };
+        let reps = if batch == 1 { 1000 } else { 100 };
         let [c, h, w] = before.spec.input;
         let x = random_tensor(&[batch, c, h, w], &mut ChaCha8Rng::seed_from_u64(3));
         let once = |m: &mut Model| -> Result<f64> {
