@@ -185,17 +185,6 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
     })
 }
 
-/// Median eval-mode forward time (seconds) of `model` on a random batch of `batch` images.
-pub fn inference_latency(model: &mut Model, batch: usize, reps: usize) -> Result<f64> {
-    let [c, h, w] = model.spec.input;
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let x = random_tensor(&[batch, c, h, w], &mut rng);
-    time_median(reps, || {
-        model.input_mut().clone_from(&x);
-        model.forward(Mode::Eval).map(|_| ())
-    })
-}
-
 /// Inference latency of a model before and after a transformation (pruning, folding).
 #[derive(Clone, Debug, Serialize)]
 pub struct Latency {
