@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 def batch_norm_cases():
     """BatchNorm1d/2d: a train step (forward, backward, buffer update), then an eval forward."""
-    shapes2d = [(4, 3, 5, 5), (2, 8, 1, 1), (16, 6, 3, 3), (3, 5, 7, 4)]
+    shapes2d = [(4, 3, 5, 5), (2, 8, 1, 1), (16, 6, 3, 3), (3, 5, 7, 4), (17, 2, 8, 8)]  # 8x8, N > 16: streaming kernels
     shapes1d = [(8, 10), (2, 4), (6, 3, 5)]
     configs = [
         dict(name="default", eps=1e-5, momentum=0.1, affine=True, track=True),

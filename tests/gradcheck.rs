@@ -258,6 +258,8 @@ fn every_norm_spec_has_correct_gradients() {
     let mut g = rng();
     for (spec, shape) in [
         ("bn:momentum=none", vec![4, 3, 3, 3]),
+        // H·W >= 64: the streaming BN kernels (sums per sample chunk, then a second pass).
+        ("bn", vec![3, 2, 8, 9]),
         ("gn:2", vec![3, 4, 3, 3]),
         ("gn:2", vec![4, 6]),
         ("ln", vec![2, 3, 3, 3]),
