@@ -47,7 +47,7 @@ pub fn apply_run(x: &[f32], y: &mut [f32], center: Center, a: f32, b: f32, relu:
 multiversion! {
     /// Per-channel statistics over the channel's runs (corrected two-pass, f64 mean).
     pub fn channel_stats(x: &[f32], c: usize, s: usize, n: usize, ch: usize) -> ChannelStats {
-        let (mean, var) = mean_var((0..n).map(|i| &x[(i * c + ch) * s..(i * c + ch + 1) * s]));
+        let (mean, var) = mean_var((0..n).map(|i| run_of(x, c, s, i, ch)));
         ChannelStats { mean, var }
     }
 }
@@ -82,7 +82,7 @@ pub fn batch_norm_forward_train(
 multiversion! {
     /// One channel of the training forward: statistics, then the affine over its runs.
     fn forward_channel(x: &[f32], out: &SharedOut, n: usize, c: usize, s: usize, ch: usize, relu: bool, st: &mut ChannelStats, affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync)) {
-        let (mean, var) = mean_var((0..n).map(|i| &x[(i * c + ch) * s..(i * c + ch + 1) * s]));
+        let (mean, var) = mean_var((0..n).map(|i| run_of(x, c, s, i, ch)));
         *st = ChannelStats { mean, var };
         let (a, b) = affine(ch, *st);
         let center = Center::new(mean);
@@ -136,6 +136,21 @@ pub struct ChannelGrad {
 pub struct ChannelSums {
     pub sum_dy: f64,
     pub sum_dy_xhat: f64,
+}
+
+impl ChannelGrad {
+    /// From Σg and Σg·(x - mean) over the channel's m values: the parameter-gradient sums and
+    /// dx = k·(g - a - (x - mean)·b) with k = gain·invstd, a = Σg/m, b = Σg·x̂/m·invstd.
+    fn dx_terms(&self, sum_dy: f64, sum_dy_centered: f64, m: f64) -> (ChannelSums, f32, f32, f32) {
+        let sums = ChannelSums {
+            sum_dy,
+            sum_dy_xhat: sum_dy_centered * self.invstd as f64,
+        };
+        let k = self.gain * self.invstd;
+        let a = (sum_dy / m) as f32;
+        let b = (sums.sum_dy_xhat / m * self.invstd as f64) as f32;
+        (sums, k, a, b)
+    }
 }
 
 /// dx = k·(g - a - (x - mean)·b) over a run, g = dy (· [y > 0] when `relu`).
@@ -193,10 +208,8 @@ multiversion! {
             acc.add_grad(&x[r.clone()], relu.then(|| &y[r.clone()]), &dy[r], center);
         }
         let (sd, sdx) = acc.totals();
-        *sum = ChannelSums { sum_dy: sd, sum_dy_xhat: sdx * g.invstd as f64 };
-        let k = g.gain * g.invstd;
-        let a = (sd / m) as f32;
-        let b = (sum.sum_dy_xhat / m * g.invstd as f64) as f32;
+        let (channel_sums, k, a, b) = g.dx_terms(sd, sdx, m);
+        *sum = channel_sums;
         for i in 0..n {
             let off = (i * c + ch) * s;
             let r = off..off + s;
@@ -245,6 +258,14 @@ fn chunk_range(n: usize, chunks: usize, j: usize) -> Range<usize> {
     j * n / chunks..(j + 1) * n / chunks
 }
 
+/// Channel `ch`'s two sums over all sample chunks (`accs` holds one row of C per chunk), added
+/// in chunk order.
+fn chunk_totals(accs: &[PairSums], c: usize, ch: usize) -> (f64, f64) {
+    accs.chunks(c)
+        .map(|row| row[ch].totals())
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
+}
+
 #[inline(always)]
 fn run_of(x: &[f32], c: usize, s: usize, i: usize, ch: usize) -> &[f32] {
     &x[(i * c + ch) * s..(i * c + ch + 1) * s]
@@ -277,12 +298,7 @@ fn forward_train_streaming(
         .enumerate()
         .for_each(|(j, accs)| stats_chunk(x, c, s, chunk_range(n, chunks, j), centers, accs));
     for (ch, st) in stats.iter_mut().enumerate() {
-        let (mut sd, mut sq) = (0.0, 0.0);
-        for j in 0..chunks {
-            let (a, b) = ws.accs[j * c + ch].totals();
-            sd += a;
-            sq += b;
-        }
+        let (sd, sq) = chunk_totals(&ws.accs, c, ch);
         let (mean, var) = shifted_mean_var(ws.centers[ch], sd, sq, n * s);
         *st = ChannelStats { mean, var };
         let (a, b) = affine(ch, *st);
@@ -328,19 +344,8 @@ fn backward_train_streaming(
         .enumerate()
         .for_each(|(j, accs)| grad_chunk(x, y, dy, c, s, chunk_range(n, chunks, j), relu, centers, accs));
     for (ch, g) in grads.iter().enumerate() {
-        let (mut sd, mut sdx) = (0.0, 0.0);
-        for j in 0..chunks {
-            let (a, b) = ws.accs[j * c + ch].totals();
-            sd += a;
-            sdx += b;
-        }
-        sums[ch] = ChannelSums {
-            sum_dy: sd,
-            sum_dy_xhat: sdx * g.invstd as f64,
-        };
-        ws.scale[ch] = g.gain * g.invstd;
-        ws.shift[ch] = (sd / m) as f32;
-        ws.slope[ch] = (sums[ch].sum_dy_xhat / m * g.invstd as f64) as f32;
+        let (sd, sdx) = chunk_totals(&ws.accs, c, ch);
+        (sums[ch], ws.scale[ch], ws.shift[ch], ws.slope[ch]) = g.dx_terms(sd, sdx, m);
     }
     let cs = c * s;
     dx.par_chunks_mut(cs)
