@@ -104,6 +104,17 @@ struct ReportArgs {
     dir: PathBuf,
 }
 
+/// The test set a checkpoint command evaluates on, and its thread count.
+#[derive(Args)]
+struct TestSetArgs {
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    test_limit: Option<usize>,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
 #[derive(Args)]
 struct PruneArgs {
     /// A model.safetensors of seed-cnn or vgg with BatchNorm (e.g. trained with --sparsity).
@@ -118,12 +129,8 @@ struct PruneArgs {
     /// Folder for model.safetensors (pruned), prune.json, gamma.svg and finetune/.
     #[arg(long)]
     out: PathBuf,
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long)]
-    test_limit: Option<usize>,
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    test: TestSetArgs,
 }
 
 #[derive(Args)]
@@ -134,12 +141,8 @@ struct FoldArgs {
     /// Folder for the folded model.safetensors and fold.json.
     #[arg(long)]
     out: PathBuf,
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long)]
-    test_limit: Option<usize>,
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    test: TestSetArgs,
 }
 
 #[derive(Args)]
@@ -250,14 +253,10 @@ struct EvalArgs {
     /// A model.safetensors written by `normlab train`.
     #[arg(long)]
     checkpoint: PathBuf,
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long)]
-    test_limit: Option<usize>,
+    #[command(flatten)]
+    test: TestSetArgs,
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
-    #[arg(long)]
-    threads: Option<usize>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -401,7 +400,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
-    init_threads(a.threads)?;
+    init_threads(a.test.threads)?;
     if a.batch_size == 0 {
         return Err(normlab::Error::invalid("--batch-size must be at least 1"));
     }
@@ -409,7 +408,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if a.fold {
         model = normlab::fold::fold(&mut model)?;
     }
-    let test = normlab::data::load_test_for(a.data.as_deref(), a.test_limit, meta.spec.input)?;
+    let test = normlab::data::load_test_for(a.test.data.as_deref(), a.test.test_limit, meta.spec.input)?;
     let ev = in_pool(|| train::evaluate(&mut model, &test, meta.input_norm, a.batch_size))?;
     let (loss, acc) = (ev.loss, ev.accuracy);
     if let Some(path) = &a.predictions {
@@ -577,14 +576,14 @@ fn run_compare(a: CompareArgs) -> Result<()> {
 }
 
 fn run_prune(a: PruneArgs) -> Result<()> {
-    init_threads(a.threads)?;
+    init_threads(a.test.threads)?;
     let req = normlab::slimming::PruneRequest {
         checkpoint: a.checkpoint.clone(),
         percent: a.percent,
         finetune: a.finetune.filter(|&e| e > 0),
         out: a.out.clone(),
-        data: a.data.clone(),
-        test_limit: a.test_limit,
+        data: a.test.data.clone(),
+        test_limit: a.test.test_limit,
     };
     let r = in_pool(|| normlab::slimming::run_prune(&req, &mut CliReporter { bar: None }))?;
     println!(
@@ -628,12 +627,12 @@ fn run_prune(a: PruneArgs) -> Result<()> {
 }
 
 fn run_fold(a: FoldArgs) -> Result<()> {
-    init_threads(a.threads)?;
+    init_threads(a.test.threads)?;
     let req = normlab::fold::FoldRequest {
         checkpoint: a.checkpoint.clone(),
         out: a.out.clone(),
-        data: a.data.clone(),
-        test_limit: a.test_limit,
+        data: a.test.data.clone(),
+        test_limit: a.test.test_limit,
     };
     let r = in_pool(|| normlab::fold::run_fold(&req))?;
     println!("folded {} ({}) -> {}", r.model, r.layers, r.folded_checkpoint.display());
