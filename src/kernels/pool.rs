@@ -22,65 +22,71 @@ pub fn max_pool_forward(
     let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
     debug_assert_eq!(y.len(), planes * oh * ow);
     let plane_out = oh * ow;
-    let mut scratch = Vec::new();
-    let argmax = match argmax {
-        Some(a) => a,
-        None if k == 2 && s == 2 => {
-            y.par_chunks_mut(plane_out)
-                .zip(x.par_chunks(h * w))
-                .for_each(|(yp, xp)| max_pool_2x2_values(xp, w, ow, relu, yp));
-            return;
-        }
-        None => {
-            scratch.resize(y.len(), 0);
-            &mut scratch[..]
-        }
-    };
-    if k == 2 && s == 2 {
-        y.par_chunks_mut(plane_out)
+    match argmax {
+        None if k == 2 && s == 2 => y
+            .par_chunks_mut(plane_out)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(yp, xp)| max_pool_2x2_values(xp, w, ow, relu, yp)),
+        Some(argmax) if k == 2 && s == 2 => y
+            .par_chunks_mut(plane_out)
             .zip(argmax.par_chunks_mut(plane_out))
             .zip(x.par_chunks(h * w))
-            .for_each(|((yp, ap), xp)| max_pool_2x2_plane(xp, w, ow, relu, yp, ap));
-    } else {
-        max_pool_generic(x, h, w, k, s, y, argmax);
-        if relu {
-            y.par_chunks_mut(plane_out)
-                .for_each(|yp| yp.iter_mut().for_each(|v| *v = v.max(0.0)));
-        }
+            .for_each(|((yp, ap), xp)| max_pool_2x2_plane(xp, w, ow, relu, yp, ap)),
+        argmax => max_pool_generic(x, h, w, k, s, relu, y, argmax),
     }
 }
 
-/// Any window and stride: the first maximum in row-major order wins; NaN wins.
+/// Any window and stride: the first maximum in row-major order wins; NaN wins. The winners'
+/// indices go to `argmax` when given; `relu` as in `max_pool_forward`.
 #[allow(clippy::too_many_arguments)]
-fn max_pool_generic(x: &[f32], h: usize, w: usize, k: usize, s: usize, y: &mut [f32], argmax: &mut [u32]) {
+fn max_pool_generic(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    relu: bool,
+    y: &mut [f32],
+    argmax: Option<&mut [u32]>,
+) {
     let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
-    y.par_chunks_mut(oh * ow)
-        .zip(argmax.par_chunks_mut(oh * ow))
-        .zip(x.par_chunks(h * w))
-        .for_each(|((yp, ap), xp)| {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut best = f32::NEG_INFINITY;
-                    let mut at = (oy * s) * w + ox * s;
-                    for i in 0..k {
-                        for j in 0..k {
-                            let idx = (oy * s + i) * w + ox * s + j;
-                            let v = xp[idx];
-                            // NaN propagates as in PyTorch: a NaN wins the window.
-                            if v > best || v.is_nan() {
-                                best = v;
-                                at = idx;
-                                if v.is_nan() {
-                                    break;
-                                }
+    let plane = |xp: &[f32], yp: &mut [f32], mut ap: Option<&mut [u32]>| {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut best = f32::NEG_INFINITY;
+                let mut at = (oy * s) * w + ox * s;
+                for i in 0..k {
+                    for j in 0..k {
+                        let idx = (oy * s + i) * w + ox * s + j;
+                        let v = xp[idx];
+                        // NaN propagates as in PyTorch: a NaN wins the window.
+                        if v > best || v.is_nan() {
+                            best = v;
+                            at = idx;
+                            if v.is_nan() {
+                                break;
                             }
                         }
                     }
-                    yp[oy * ow + ox] = best;
+                }
+                yp[oy * ow + ox] = relu_if(best, relu);
+                if let Some(ap) = ap.as_deref_mut() {
                     ap[oy * ow + ox] = at as u32;
                 }
             }
-        });
+        }
+    };
+    match argmax {
+        Some(argmax) => y
+            .par_chunks_mut(oh * ow)
+            .zip(argmax.par_chunks_mut(oh * ow))
+            .zip(x.par_chunks(h * w))
+            .for_each(|((yp, ap), xp)| plane(xp, yp, Some(ap))),
+        None => y
+            .par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(yp, xp)| plane(xp, yp, None)),
+    }
 }
 
 /// b beats a: larger, or NaN where a is not (the first maximum in row-major order wins).
@@ -227,7 +233,7 @@ mod tests {
         let n = 2 * (h / 2) * (w / 2);
         let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0f32; n], vec![0; n], vec![0.0f32; n], vec![0; n]);
         max_pool_forward(&x, 2, h, w, 2, 2, false, &mut y1, Some(&mut a1));
-        max_pool_generic(&x, h, w, 2, 2, &mut y2, &mut a2);
+        max_pool_generic(&x, h, w, 2, 2, false, &mut y2, Some(&mut a2));
         assert_eq!(a1, a2);
         let same = |p: &f32, q: &f32| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan());
         assert!(y1.iter().zip(&y2).all(|(p, q)| same(p, q)));
