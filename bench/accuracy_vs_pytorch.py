@@ -45,15 +45,22 @@ def main():
         for epoch in range(args.epochs):
             model.train()
             perm = torch.randperm(len(xtr))
+            loss_sum = 0.0
             for i in range(0, len(xtr), 128):
                 idx = perm[i:i + 128]
                 opt.zero_grad()
-                F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+                loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+                loss.backward()
                 opt.step()
+                loss_sum += loss.item() * len(idx)
             model.eval()
             with torch.no_grad():
-                acc = (model(xte).argmax(1) == yte).float().mean().item()
+                logits = model(xte)
+                acc = (logits.argmax(1) == yte).float().mean().item()
+                test_loss = F.cross_entropy(logits, yte).item()
             accs.append(acc)
+            print(f"  seed {seed} epoch {epoch + 1}: train loss {loss_sum / len(xtr):.4f}, "
+                  f"test loss {test_loss:.4f}, test accuracy {acc:.4f}", flush=True)
         results[seed] = accs
         print(f"seed {seed}: " + " ".join(f"{a:.4f}" for a in accs))
     finals = [a[-1] for a in results.values()]
