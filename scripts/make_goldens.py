@@ -243,6 +243,9 @@ def norm_family_cases():
         module_case("in:affine=true", IN2(affine=True), (3, 4, 5, 5), offset, spread)
     module_case("bn", BN2(), (4, 3, 5, 5), constant_channel=True)
     module_case("in:affine=true", IN2(affine=True), (2, 3, 4, 4), constant_channel=True)
+    # 21 blocks of 50 values: the small-block kernels take two tiles, the second starting at
+    # block 16, in the middle of a sample (group 1), so each block must find its own gamma.
+    module_case("gn:3", GN(3), (7, 6, 5, 5))
 
     # Transcribed formulas (torch autograd in float64), no PyTorch module to compare with.
     def formula_case(spec, shape, run, t=3):
