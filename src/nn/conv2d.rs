@@ -16,8 +16,12 @@ use crate::tensor::Tensor;
 /// order, so dW is bit-identical for any thread count.
 const GROUPS: usize = 8;
 
-/// Samples are batched into one gemm until it has about this many columns.
+/// Samples are batched into one gemm until it has about this many columns...
 const BATCH_COLS: usize = 512;
+
+/// ... or its column matrix about this many bytes, so that im2col's output is still in L2 when
+/// gemm packs it (vgg's 128->128 conv on 7x7 maps: 3 samples, not 10; fwd+bwd 8% faster).
+const COL_BYTES: usize = 768 * 1024;
 
 pub struct Conv2d {
     pub in_channels: usize,
@@ -131,7 +135,9 @@ impl Conv2d {
         let per_group = n.div_ceil(GROUPS).max(1);
         let groups = n.div_ceil(per_group);
         let cols = g.col_cols();
-        let batch = (BATCH_COLS / cols).clamp(1, per_group);
+        let batch = (BATCH_COLS / cols)
+            .min(COL_BYTES / (4 * g.col_rows() * cols))
+            .clamp(1, per_group);
         let col_len = g.col_rows() * batch * cols;
         let partial_len = self.out_channels * (g.col_rows() + 1);
         let out_len = if batch > 1 || self.relu {
