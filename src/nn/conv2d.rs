@@ -1,7 +1,8 @@
 //! Conv2d: im2col + gemm over a fixed number of sample groups in parallel. Inside a group, small
 //! feature maps are batched: the columns of several samples sit side by side in one matrix, so
-//! gemm sees about `BATCH_COLS` columns (and dW a longer sum than one 7x7 map's 49 terms). Each
-//! group owns its scratch and its weight-gradient partial sum, kept between steps.
+//! gemm sees up to `BATCH_COLS` columns in at most `COL_BYTES` (and dW a longer sum than one
+//! 7x7 map's 49 terms). Each group owns its scratch and its weight-gradient partial sum, kept
+//! between steps.
 
 use rayon::prelude::*;
 
