@@ -13,11 +13,10 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-from fmnist_torch import load, model as build_model  # noqa: E402
+from fmnist_torch import evaluate, model as build_model, standardized_splits, train_epoch  # noqa: E402
 
 
 def main():
@@ -29,13 +28,7 @@ def main():
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    xtr = load(args.data, "train-images-idx3-ubyte").astype(np.float32) / 255.0
-    ytr = torch.from_numpy(load(args.data, "train-labels-idx1-ubyte").astype(np.int64))
-    xte = load(args.data, "t10k-images-idx3-ubyte").astype(np.float32) / 255.0
-    yte = torch.from_numpy(load(args.data, "t10k-labels-idx1-ubyte").astype(np.int64))
-    mean, std = xtr.mean(), xtr.std()
-    xtr = torch.from_numpy((xtr - mean) / std).unsqueeze(1)
-    xte = torch.from_numpy((xte - mean) / std).unsqueeze(1)
+    xtr, ytr, xte, yte = standardized_splits(args.data)
     results = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         torch.manual_seed(seed)
@@ -43,23 +36,10 @@ def main():
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         accs = []
         for epoch in range(args.epochs):
-            model.train()
-            perm = torch.randperm(len(xtr))
-            loss_sum = 0.0
-            for i in range(0, len(xtr), 128):
-                idx = perm[i:i + 128]
-                opt.zero_grad()
-                loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * len(idx)
-            model.eval()
-            with torch.no_grad():
-                logits = model(xte)
-                acc = (logits.argmax(1) == yte).float().mean().item()
-                test_loss = F.cross_entropy(logits, yte).item()
+            train_loss = train_epoch(model, opt, xtr, ytr, torch.randperm(len(xtr)))
+            acc, test_loss = evaluate(model, xte, yte)
             accs.append(acc)
-            print(f"  seed {seed} epoch {epoch + 1}: train loss {loss_sum / len(xtr):.4f}, "
+            print(f"  seed {seed} epoch {epoch + 1}: train loss {train_loss:.4f}, "
                   f"test loss {test_loss:.4f}, test accuracy {acc:.4f}", flush=True)
         results[seed] = accs
         print(f"seed {seed}: " + " ".join(f"{a:.4f}" for a in accs))

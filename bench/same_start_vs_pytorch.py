@@ -17,12 +17,11 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from fmnist_torch import load, seed_cnn  # noqa: E402
+from fmnist_torch import evaluate, seed_cnn, standardized_splits, train_epoch  # noqa: E402
 
 
 def run(cmd):
@@ -38,13 +37,7 @@ def main():
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    xtr = load(args.data, "train-images-idx3-ubyte").astype(np.float32) / 255.0
-    ytr = torch.from_numpy(load(args.data, "train-labels-idx1-ubyte").astype(np.int64))
-    xte = load(args.data, "t10k-images-idx3-ubyte").astype(np.float32) / 255.0
-    yte = torch.from_numpy(load(args.data, "t10k-labels-idx1-ubyte").astype(np.int64))
-    mean, std = xtr.astype(np.float64).mean(), xtr.astype(np.float64).std()
-    xtr = torch.from_numpy(((xtr - mean) / std).astype(np.float32)).unsqueeze(1)
-    xte = torch.from_numpy(((xte - mean) / std).astype(np.float32)).unsqueeze(1)
+    xtr, ytr, xte, yte = standardized_splits(args.data)
     run(["cargo", "build", "--release", "--quiet", "--example", "init_and_order", "--bin", "normlab"])
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,16 +56,8 @@ def main():
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             theirs = []
             for epoch in range(args.epochs):
-                model.train()
-                perm = torch.from_numpy(order[epoch].astype(np.int64))
-                for i in range(0, len(xtr), 128):
-                    idx = perm[i:i + 128]
-                    opt.zero_grad()
-                    F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-                    opt.step()
-                model.eval()
-                with torch.no_grad():
-                    theirs.append((model(xte).argmax(1) == yte).float().mean().item())
+                train_epoch(model, opt, xtr, ytr, torch.from_numpy(order[epoch].astype(np.int64)))
+                theirs.append(evaluate(model, xte, yte)[0])
                 print(f"  seed {seed} epoch {epoch + 1}: normlab {ours[epoch]:.4f}, PyTorch {theirs[-1]:.4f}",
                       flush=True)
             results[seed] = {"normlab": ours, "pytorch": theirs}

@@ -70,9 +70,14 @@ struct Layout {
 }
 
 impl Layout {
+    /// Channels per block (the group's channel runs).
+    fn channels_per_block(&self) -> usize {
+        self.block / self.s
+    }
+
     /// The channel range of the tile's k-th block within γ and β.
     fn channels(&self, k: usize) -> std::ops::Range<usize> {
-        let cg = self.block / self.s;
+        let cg = self.channels_per_block();
         let g0 = ((self.first + k) % self.groups) * cg;
         g0..g0 + cg
     }
@@ -152,7 +157,7 @@ multiversion! {
     fn backward_tile(xt: &[f32], yt: &[f32], dt: &[f32], dxt: &mut [f32], l: Layout, eps: f64, gamma: Option<&[f32]>, relu: bool, stats: &[ChannelStats], sums: &mut [(f64, f64)]) {
         // Per block: invstd and the two dx coefficients a = Σγg/m, b = Σγg·x̂/m·invstd.
         let mut coef = [(0.0f32, 0.0f32, 0.0f32); TILE];
-        let cg = l.block / l.s;
+        let cg = l.channels_per_block();
         let blocks = xt.chunks(l.block).zip(yt.chunks(l.block)).zip(dt.chunks(l.block));
         for (k, ((((xb, yb), db), st), bsums)) in blocks.zip(stats).zip(sums.chunks_mut(cg)).enumerate() {
             let gamma = gamma.map(|g| &g[l.channels(k)]);
