@@ -298,7 +298,7 @@ impl Layer for Conv2d {
                         // The column buffer is free again: reuse it for Wᵀ·dy.
                         matmul(col, rows, ld, oc, w, Op::T, grad, Op::N, false, threads);
                         for (i, dxi) in dxb.chunks_mut(xs).enumerate() {
-                            col2im(&col[i * cols..], &g, dxi, ld);
+                            col2im(&mut col[i * cols..], &g, dxi, ld);
                         }
                     }
                 }
