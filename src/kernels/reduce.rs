@@ -64,6 +64,25 @@ crate::kernels::simd::multiversion! {
     }
 }
 
+crate::kernels::simd::multiversion! {
+    /// out[r] += Σ_j v[r·cols + j] over rows of `cols` values (a conv's bias gradient), in
+    /// SHORT·2 independent lanes: a plain `.sum()` is one serial chain of scalar adds.
+    #[allow(clippy::needless_range_loop)] // explicit lanes are what the vectorizer needs
+    pub fn add_row_sums(v: &[f32], cols: usize, out: &mut [f32]) {
+        for (o, row) in out.iter_mut().zip(v.chunks(cols)) {
+            let chunks = row.chunks_exact(2 * SHORT);
+            let tail: f32 = chunks.remainder().iter().sum();
+            let mut lanes = [0.0f32; 2 * SHORT];
+            for ch in chunks {
+                for l in 0..2 * SHORT {
+                    lanes[l] += ch[l];
+                }
+            }
+            *o += lanes.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
 /// Values a lane accumulates in f32 before its sum moves to f64.
 const FLUSH: usize = 4096;
 
@@ -265,6 +284,19 @@ mod tests {
         let m = values.len() as f64;
         let mean = values.iter().map(|&v| v as f64).sum::<f64>() / m;
         (mean, values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m)
+    }
+
+    #[test]
+    fn row_sums_add_every_value_of_each_row() {
+        for cols in [1, 7, 16, 49, 50] {
+            let v: Vec<f32> = (0..3 * cols).map(|i| (i % 5) as f32 - 1.5).collect();
+            let mut out = [1.0f32; 3];
+            add_row_sums(&v, cols, &mut out);
+            for (r, &o) in out.iter().enumerate() {
+                let want = 1.0 + v[r * cols..(r + 1) * cols].iter().map(|&x| x as f64).sum::<f64>();
+                assert_eq!(o as f64, want, "cols {cols} row {r}");
+            }
+        }
     }
 
     #[test]
