@@ -3,11 +3,12 @@
 
   .venv-torch/bin/python bench/kernels_vs_pytorch.py [--threads 2] [--quick] [--rounds 3] [--json FILE]
 
-Runs `normlab bench --json` (the kernels through normlab's layer code, plus end-to-end
-training on random data), then times PyTorch on the same shapes and models in this process,
-and prints normlab/PyTorch speed ratios (> 1 means normlab is faster). A shared host slows
-down in bursts of seconds, so the two sides alternate for --rounds rounds and each side keeps
-its best (smallest) time per kernel and model: the same rule for both.
+Runs `normlab bench --filter K --json` (the kernels through normlab's layer code, plus end-to-end
+training on random data) for one kernel or model K at a time, then times PyTorch on the same
+shapes or model in this process, and prints normlab/PyTorch speed ratios (> 1 means normlab is
+faster). A shared host slows down in bursts of seconds, so the two sides alternate per kernel
+and model, for --rounds rounds, and each side keeps its best (smallest) time per kernel and
+model: the same rule for both.
 """
 import argparse
 import json
@@ -86,19 +87,22 @@ def torch_training(model_name, batch, steps):
     return batch / median_time(step, steps)
 
 
-def best_of(a, b):
-    """normlab's two bench reports merged: the smaller time per kernel, the higher images/s per
-    model, the higher copy bandwidth (so copy fractions stay relative to the best copy seen)."""
-    kernels = []
-    for ka, kb in zip(a["kernels"], b["kernels"]):
-        assert (ka["kernel"], ka["shape"]) == (kb["kernel"], kb["shape"])
-        kernels.append(ka if ka["ms"] <= kb["ms"] else kb)
-    training = [ta if ta["images_per_sec"] >= tb["images_per_sec"] else tb
-                for ta, tb in zip(a["training"], b["training"])]
-    copy = max(a["copy_gb_per_s"], b["copy_gb_per_s"])
-    for k in kernels:
-        k["copy_fraction"] = k["gb_per_s"] / copy
-    return dict(a, kernels=kernels, training=training, copy_gb_per_s=copy)
+KERNELS = ["bn_train_fwd", "bn_train_fwd_bwd", "bn_eval_fwd", "gn_fwd_bwd", "ln_fwd_bwd", "in_fwd_bwd"]
+MODELS = ["seed-cnn", "vgg"]
+
+
+def normlab_bench(exe, threads, part, quick):
+    """One `normlab bench --filter PART` run: (copy GB/s, kernel records of exactly that kernel,
+    training records of that model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        cmd = [exe, "bench", "--threads", str(threads), "--filter", part, "--json", out] + (["--quick"] if quick else [])
+        subprocess.run(cmd, check=True, capture_output=True)
+        with open(out) as f:
+            run = json.load(f)
+    kernels = [k for k in run["kernels"] if k["kernel"] == part]
+    training = [t for t in run["training"] if t["model"].split(":")[0] == part]
+    return run["copy_gb_per_s"], kernels, training
 
 
 def main():
@@ -111,22 +115,27 @@ def main():
     torch.set_num_threads(args.threads)
     exe = os.environ.get("NORMLAB", "target/release/normlab")
     reps = 3 if args.quick else 15
-    nl, torch_ms, torch_ips = None, {}, {}
+    # Each kernel (all six shapes) and each model alternates between the two sides, a few
+    # seconds apart, so a burst of host load hits both alike; each side keeps its best.
+    copy, nl_kernels, nl_training, torch_ms, torch_ips = 0.0, {}, {}, {}, {}
     for _ in range(max(1, args.rounds)):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "bench.json")
-            cmd = [exe, "bench", "--threads", str(args.threads), "--json", out] + (["--quick"] if args.quick else [])
-            subprocess.run(cmd, check=True, capture_output=True)
-            with open(out) as f:
-                run = json.load(f)
-        nl = run if nl is None else best_of(nl, run)
-        for k in run["kernels"]:
-            key = (k["kernel"], tuple(k["shape"]))
-            t = torch_kernel(k["kernel"], key[1], reps) * 1e3
-            torch_ms[key] = min(t, torch_ms.get(key, t))
-        for t in run["training"]:
-            ips = torch_training(t["model"], t["batch_size"], 3 if args.quick else 10)
-            torch_ips[t["model"]] = max(ips, torch_ips.get(t["model"], ips))
+        for part in KERNELS + MODELS:
+            gbs, kernels, training = normlab_bench(exe, args.threads, part, args.quick)
+            copy = max(copy, gbs)
+            for k in kernels:
+                key = (k["kernel"], tuple(k["shape"]))
+                if key not in nl_kernels or k["ms"] < nl_kernels[key]["ms"]:
+                    nl_kernels[key] = k
+                t = torch_kernel(k["kernel"], key[1], reps) * 1e3
+                torch_ms[key] = min(t, torch_ms.get(key, t))
+            for t in training:
+                if t["model"] not in nl_training or t["images_per_sec"] > nl_training[t["model"]]["images_per_sec"]:
+                    nl_training[t["model"]] = t
+                ips = torch_training(t["model"], t["batch_size"], 3 if args.quick else 10)
+                torch_ips[t["model"]] = max(ips, torch_ips.get(t["model"], ips))
+    for k in nl_kernels.values():
+        k["copy_fraction"] = k["gb_per_s"] / copy
+    nl = dict(copy_gb_per_s=copy, kernels=list(nl_kernels.values()), training=list(nl_training.values()))
     print(f"threads {args.threads}, torch {torch.__version__}, best of {max(1, args.rounds)} alternating rounds; "
           f"memory copy {nl['copy_gb_per_s']:.1f} GB/s")
     print(f"{'kernel':<18} {'shape':<18} {'normlab ms':>10} {'torch ms':>9} {'ratio':>6} {'copy%':>6}")
