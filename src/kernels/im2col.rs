@@ -181,6 +181,16 @@ impl PaddedPlane {
         }
         masks
     }
+
+    /// The taps of one plane in row order: where each tap's run starts in the buffer (margin +
+    /// shift with margin = p·w + p and shift = (i - p)·w + j - p, i.e. i·w + j) and its mask.
+    fn taps<'m>(
+        g: &ConvGeometry,
+        masks: &'m [[u32; IM2COL_PADDED_MAX]; 3],
+    ) -> impl Iterator<Item = (usize, &'m [u32; IM2COL_PADDED_MAX])> + 'm {
+        let (kw, w) = (g.kernel_w, g.width);
+        (0..g.kernel_h).flat_map(move |i| masks.iter().take(kw).enumerate().map(move |(j, m)| (i * w + j, m)))
+    }
 }
 
 /// Small same-width planes (7x7 to 16x16 maps): the per-tap copies of `im2col_same_width` are
@@ -196,16 +206,12 @@ fn im2col_padded(x: &[f32], g: &ConvGeometry, col: &mut [f32], oh: usize, ld: us
     let mut row = 0;
     for plane in x.chunks_exact(plane_len).take(g.channels) {
         buf[pp.margin..pp.margin + plane_len].copy_from_slice(plane);
-        for i in 0..g.kernel_h {
-            for (j, mask) in masks.iter().enumerate().take(g.kernel_w) {
-                // margin + k + shift with margin = p·w + p and shift = (i - p)·w + j - p.
-                let start = i * w + j;
-                let src = &buf[start..start + out_len];
-                let out = &mut col[row * ld..row * ld + out_len];
-                row += 1;
-                for ((o, &v), &m) in out.iter_mut().zip(src).zip(&mask[..out_len]) {
-                    *o = f32::from_bits(v.to_bits() & m);
-                }
+        for (start, mask) in PaddedPlane::taps(g, &masks) {
+            let src = &buf[start..start + out_len];
+            let out = &mut col[row * ld..row * ld + out_len];
+            row += 1;
+            for ((o, &v), &m) in out.iter_mut().zip(src).zip(&mask[..out_len]) {
+                *o = f32::from_bits(v.to_bits() & m);
             }
         }
     }
@@ -222,15 +228,11 @@ fn col2im_padded(dcol: &[f32], g: &ConvGeometry, dx: &mut [f32], oh: usize, ld: 
     let mut row = 0;
     for plane in dx.chunks_exact_mut(plane_len).take(g.channels) {
         buf[..pp.len].fill(0.0);
-        for i in 0..g.kernel_h {
-            for (j, mask) in masks.iter().enumerate().take(g.kernel_w) {
-                // margin + k + shift with margin = p·w + p and shift = (i - p)·w + j - p.
-                let start = i * w + j;
-                let src = &dcol[row * ld..row * ld + out_len];
-                row += 1;
-                for ((d, &v), &m) in buf[start..start + out_len].iter_mut().zip(src).zip(&mask[..out_len]) {
-                    *d += f32::from_bits(v.to_bits() & m);
-                }
+        for (start, mask) in PaddedPlane::taps(g, &masks) {
+            let src = &dcol[row * ld..row * ld + out_len];
+            row += 1;
+            for ((d, &v), &m) in buf[start..start + out_len].iter_mut().zip(src).zip(&mask[..out_len]) {
+                *d += f32::from_bits(v.to_bits() & m);
             }
         }
         plane.copy_from_slice(&buf[pp.margin..pp.margin + plane_len]);
