@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use std::ops::Range;
 
-use crate::kernels::reduce::{mean_var, relu_mask, shift_estimate, shifted_mean_var, Center, PairSums};
+use crate::kernels::reduce::{self, mean_var, relu_mask, shift_estimate, shifted_mean_var, Center, PairSums};
 use crate::kernels::simd::{multiversion, SharedOut};
 
 /// A channel's batch statistics: f64 mean and biased variance.
@@ -35,7 +35,7 @@ pub fn inverse_std(var: f32, eps: f64) -> f32 {
 pub fn apply_run(x: &[f32], y: &mut [f32], center: Center, a: f32, b: f32, relu: bool) {
     if relu {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = (center.sub(v) * a + b).max(0.0);
+            *o = reduce::relu(center.sub(v) * a + b);
         }
     } else {
         for (o, &v) in y.iter_mut().zip(x) {

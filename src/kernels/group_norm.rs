@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::batch_norm::{apply_run, inverse_std, ChannelStats};
-use crate::kernels::reduce::{mean_var, relu_mask, Center, PairSums};
+use crate::kernels::reduce::{self, mean_var, relu_mask, Center, PairSums};
 use crate::kernels::simd::multiversion;
 
 /// Values per f32 run inside a block before the f64 combine.
@@ -102,7 +102,7 @@ multiversion! {
                 for (j, (o, &v)) in yb.iter_mut().zip(xb).enumerate() {
                     let a = invstd * gamma.map_or(1.0, |g| g[j]);
                     let z = center.sub(v) * a + beta.map_or(0.0, |b| b[j]);
-                    *o = if relu { z.max(0.0) } else { z };
+                    *o = if relu { reduce::relu(z) } else { z };
                 }
                 continue;
             }

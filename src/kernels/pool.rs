@@ -98,7 +98,7 @@ fn beats(b: f32, a: f32) -> bool {
 #[inline(always)]
 fn relu_if(v: f32, relu: bool) -> f32 {
     if relu {
-        v.max(0.0)
+        crate::kernels::reduce::relu(v)
     } else {
         v
     }
@@ -237,11 +237,19 @@ mod tests {
         assert_eq!(a1, a2);
         let same = |p: &f32, q: &f32| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan());
         assert!(y1.iter().zip(&y2).all(|(p, q)| same(p, q)));
-        // Inference (no winners) gives the same values; the fused ReLU is max(·, 0) after the max.
+        // Inference (no winners) gives the same values; the fused ReLU is relu(max), which keeps
+        // a NaN window NaN as torch.relu does.
         let mut y3 = vec![0.0f32; n];
         max_pool_forward(&x, 2, h, w, 2, 2, false, &mut y3, None);
         assert!(y1.iter().zip(&y3).all(|(p, q)| same(p, q)));
         max_pool_forward(&x, 2, h, w, 2, 2, true, &mut y3, None);
-        assert!(y1.iter().zip(&y3).all(|(p, q)| same(&p.max(0.0), q)));
+        assert!(y1
+            .iter()
+            .zip(&y3)
+            .all(|(p, q)| same(&crate::kernels::reduce::relu(*p), q)));
+        assert!(
+            y3.iter().any(|v| v.is_nan()),
+            "NaN windows stay NaN through the fused ReLU"
+        );
     }
 }

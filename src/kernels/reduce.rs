@@ -49,11 +49,23 @@ impl Center {
     }
 }
 
-/// g where y > 0, else 0: the ReLU gradient mask as bit operations, which vectorize to a
-/// compare and an AND (an `if` here compiles to a branch per value).
+/// max(z, 0) that keeps NaN, as torch.relu does (f32::max(NaN, 0) is 0, which hid NaN
+/// weights as a loss of exactly 0); a compare and a select, so it vectorizes.
+#[inline(always)]
+pub fn relu(z: f32) -> f32 {
+    if z <= 0.0 {
+        0.0
+    } else {
+        z
+    }
+}
+
+/// 0 where y <= 0, else g: the ReLU gradient mask as bit operations, which vectorize to a
+/// compare and an AND (an `if` here compiles to a branch per value). A NaN output passes g on,
+/// as PyTorch's threshold_backward does.
 #[inline(always)]
 pub fn relu_mask(y: f32, g: f32) -> f32 {
-    f32::from_bits(g.to_bits() & ((y > 0.0) as u32).wrapping_neg())
+    f32::from_bits(g.to_bits() & ((y <= 0.0) as u32).wrapping_sub(1))
 }
 
 crate::kernels::simd::multiversion! {
@@ -63,7 +75,7 @@ crate::kernels::simd::multiversion! {
         for (r, row) in v.chunks_mut(cols).enumerate() {
             let b = bias.map_or(0.0, |b| b[r]);
             if relu {
-                row.iter_mut().for_each(|x| *x = (*x + b).max(0.0));
+                row.iter_mut().for_each(|x| *x = self::relu(*x + b));
             } else {
                 row.iter_mut().for_each(|x| *x += b);
             }

@@ -34,7 +34,9 @@ impl Layer for ReLU {
             .par_chunks_mut(CHUNK)
             .zip(x.data.par_chunks(CHUNK))
             .for_each(|(o, i)| {
-                o.iter_mut().zip(i).for_each(|(o, &v)| *o = v.max(0.0));
+                o.iter_mut()
+                    .zip(i)
+                    .for_each(|(o, &v)| *o = crate::kernels::reduce::relu(v));
             });
         Ok(())
     }

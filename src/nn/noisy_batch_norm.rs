@@ -82,7 +82,7 @@ impl Layer for NoisyBatchNorm {
             let (a, b) = (self.scale[k], shift[k]);
             for (o, &v) in yr.iter_mut().zip(xr) {
                 let z = a * v + b;
-                *o = if self.relu { z.max(0.0) } else { z };
+                *o = if self.relu { crate::kernels::reduce::relu(z) } else { z };
             }
         }
         Ok(())

@@ -148,7 +148,7 @@ impl Layer for BasicBlock {
                 o.iter_mut()
                     .zip(a)
                     .zip(b)
-                    .for_each(|((o, &a), &b)| *o = (a + b).max(0.0))
+                    .for_each(|((o, &a), &b)| *o = crate::kernels::reduce::relu(a + b))
             });
         Ok(())
     }
