@@ -28,13 +28,13 @@ fn main() -> normlab::Result<()> {
     let spec = ModelSpec::new("seed-cnn", "bn", [1, 28, 28], 10)?;
     let mut model = Model::build(&spec, seed)?;
     let bytes = checkpoint::serialize(&checkpoint::state_dict(&mut model), HashMap::new())?;
-    checkpoint::write_atomic(format!("{prefix}.init.safetensors").as_ref(), &bytes)?;
+    normlab::files::write_atomic(format!("{prefix}.init.safetensors").as_ref(), &bytes)?;
     let mut order = Vec::with_capacity(epochs * samples * 4);
     for epoch in 0..epochs {
         for i in epoch_order(samples, seed, epoch, true) {
             order.extend_from_slice(&(i as u32).to_le_bytes());
         }
     }
-    checkpoint::write_atomic(format!("{prefix}.order.u32").as_ref(), &order)?;
+    normlab::files::write_atomic(format!("{prefix}.order.u32").as_ref(), &order)?;
     Ok(())
 }

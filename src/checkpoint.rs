@@ -2,8 +2,7 @@
 //! The metadata records the model spec and input normalization so a file rebuilds its model.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -24,47 +23,6 @@ pub struct CheckpointMeta {
     pub input_norm: InputNorm,
     /// Completed training epochs when it was written.
     pub epoch: usize,
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
-/// reader sees the old file or the new one, never half of one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
-
-/// An error when writing `out` would replace `input` (compared after resolving the paths), so
-/// a command never overwrites the checkpoint it reads.
-pub fn refuse_overwrite(out: &Path, input: &Path) -> Result<()> {
-    let same = match (out.canonicalize(), input.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => out == input,
-    };
-    if same {
-        return Err(Error::invalid(
-            "--out would overwrite the input checkpoint; choose another folder",
-        ));
-    }
-    Ok(())
 }
 
 /// An owned tensor ready for serialization.
@@ -123,7 +81,8 @@ pub fn state_dict(model: &mut Model) -> Vec<Entry> {
     out
 }
 
-pub fn save_model(path: &Path, model: &mut Model, meta: &CheckpointMeta) -> Result<()> {
+/// The metadata that lets a file rebuild its model.
+pub fn model_metadata(meta: &CheckpointMeta) -> HashMap<String, String> {
     let mut md = HashMap::new();
     md.insert("format".to_string(), "pt".to_string());
     md.insert(
@@ -135,13 +94,20 @@ pub fn save_model(path: &Path, model: &mut Model, meta: &CheckpointMeta) -> Resu
         serde_json::to_string(&meta.input_norm).expect("norm serializes"),
     );
     md.insert(META_EPOCH.to_string(), meta.epoch.to_string());
-    let bytes = serialize(&state_dict(model), md)?;
-    write_atomic(path, &bytes)
+    md
 }
+
+pub fn save_model(path: &Path, model: &mut Model, meta: &CheckpointMeta) -> Result<()> {
+    let bytes = serialize(&state_dict(model), model_metadata(meta))?;
+    crate::files::write_atomic(path, &bytes)
+}
+
+/// The largest checkpoint or tensor file normlab reads (a file is checked before it is read).
+pub const FILE_LIMIT: u64 = 4 << 30;
 
 /// Reads a file and parses its safetensors header, with errors naming the file.
 pub fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::files::read_limited(path, FILE_LIMIT, "safetensors")?;
     SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file ({e})")))?;
     Ok(bytes)
@@ -192,18 +158,7 @@ fn tensor_i64(path: &Path, st: &SafeTensors, name: &str) -> Result<i64> {
 pub fn load_state_dict(path: &Path, bytes: &[u8], model: &mut Model) -> Result<()> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file ({e})")))?;
-    let mut expected = Vec::new();
-    for (name, p) in model.net.named_params() {
-        p.value.data = tensor_f32(path, &st, &name, &p.value.shape)?;
-        expected.push(name);
-    }
-    for (name, b) in model.net.named_buffers() {
-        match b {
-            BufferMut::F32(t) => t.data = tensor_f32(path, &st, &name, &t.shape)?,
-            BufferMut::I64(v) => *v = tensor_i64(path, &st, &name)?,
-        }
-        expected.push(name);
-    }
+    let expected = load_prefixed(path, &st, model, "")?;
     let mut extra: Vec<String> = st
         .names()
         .into_iter()
@@ -220,10 +175,28 @@ pub fn load_state_dict(path: &Path, bytes: &[u8], model: &mut Model) -> Result<(
     Ok(())
 }
 
-/// Rebuilds the model a checkpoint describes and loads its weights and buffers.
-pub fn load_model(path: &Path) -> Result<(Model, CheckpointMeta)> {
-    let bytes = read_safetensors(path)?;
-    let md = metadata(path, &bytes)?;
+/// Copies the tensors `<prefix><state-dict name>` into `model`, each checked for dtype and
+/// shape; returns the names read.
+pub fn load_prefixed(path: &Path, st: &SafeTensors, model: &mut Model, prefix: &str) -> Result<Vec<String>> {
+    let mut read = Vec::new();
+    for (name, p) in model.net.named_params() {
+        let key = format!("{prefix}{name}");
+        p.value.data = tensor_f32(path, st, &key, &p.value.shape)?;
+        read.push(key);
+    }
+    for (name, b) in model.net.named_buffers() {
+        let key = format!("{prefix}{name}");
+        match b {
+            BufferMut::F32(t) => t.data = tensor_f32(path, st, &key, &t.shape)?,
+            BufferMut::I64(v) => *v = tensor_i64(path, st, &key)?,
+        }
+        read.push(key);
+    }
+    Ok(read)
+}
+
+/// What the metadata of `path` says about its model.
+pub fn parse_metadata(path: &Path, md: &HashMap<String, String>) -> Result<CheckpointMeta> {
     let get = |key: &str| {
         md.get(key)
             .ok_or_else(|| Error::checkpoint(path, format!("metadata has no '{key}' (not written by normlab train?)")))
@@ -235,14 +208,57 @@ pub fn load_model(path: &Path) -> Result<(Model, CheckpointMeta)> {
     let epoch = get(META_EPOCH)?
         .parse()
         .map_err(|_| Error::checkpoint(path, format!("bad '{META_EPOCH}' metadata")))?;
-    let mut model = Model::build(&spec, 0).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    Ok(CheckpointMeta {
+        spec,
+        input_norm,
+        epoch,
+    })
+}
+
+/// Rebuilds the model a checkpoint describes and loads its weights and buffers. The spec in
+/// the metadata is untrusted: it is checked against the model-size limits and against the
+/// file's own size before the model is allocated.
+pub fn load_model(path: &Path) -> Result<(Model, CheckpointMeta)> {
+    if path.is_dir() {
+        let hint = if path.join("model.safetensors").is_file() {
+            format!("; did you mean {}?", path.join("model.safetensors").display())
+        } else {
+            String::new()
+        };
+        return Err(Error::invalid(format!(
+            "{} is a folder; --checkpoint takes a model file such as model.safetensors{hint}",
+            path.display()
+        )));
+    }
+    if !path.exists() && path.parent().is_some_and(|d| d.join("metrics.json").is_file()) {
+        return Err(Error::invalid(format!(
+            "{} does not exist yet: its run has not finished an epoch",
+            path.display()
+        )));
+    }
+    let bytes = read_safetensors(path)?;
+    let md = metadata(path, &bytes)?;
+    let meta = parse_metadata(path, &md)?;
+    let model = build_checked(path, &meta.spec, bytes.len())?;
+    let mut model = model;
     load_state_dict(path, &bytes, &mut model)?;
-    Ok((
-        model,
-        CheckpointMeta {
-            spec,
-            input_norm,
-            epoch,
-        },
-    ))
+    Ok((model, meta))
+}
+
+/// Builds the model of an untrusted spec once its parameters can fit in a file of
+/// `file_bytes` bytes (4 bytes each) and the spec passes the model limits.
+pub fn build_checked(path: &Path, spec: &ModelSpec, file_bytes: usize) -> Result<Model> {
+    let params = spec
+        .parameter_count()
+        .map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    if params.saturating_mul(4) > file_bytes {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "its metadata describes {} ({} parameters), more than the file's {file_bytes} bytes can hold",
+                spec.model, params
+            ),
+        ));
+    }
+    Model::build(spec, 0).map_err(|e| Error::checkpoint(path, e.to_string()))
 }

@@ -143,11 +143,39 @@ pub fn run_layer(spec: &str, inputs: &LayerInputs, eval: bool) -> Result<Vec<Ent
 
 /// The whole command: read `input`, run, write `output` atomically.
 pub fn layer_command(spec: &str, input: &Path, output: &Path, eval: bool) -> Result<usize> {
-    let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+    let bytes = crate::files::read_limited(input, checkpoint::FILE_LIMIT, "safetensors")?;
     let inputs = LayerInputs::parse(input, &bytes)?;
     let entries = run_layer(spec, &inputs, eval)?;
+    // Sums of squares run in f32 lanes: finite inputs beyond about 1e19 in magnitude overflow
+    // them. Say so instead of writing NaN.
+    if all_finite(&bytes)
+        && entries
+            .iter()
+            .any(|e| e.dtype == safetensors::Dtype::F32 && !finite(&e.bytes))
+    {
+        return Err(Error::invalid(format!(
+            "{}: the inputs are finite but the outputs are not: their statistics overflow f32 \
+             (normlab sums squares in f32 within a run, so |x| must stay below about 1e19); scale the input down",
+            input.display()
+        )));
+    }
     let mut md = std::collections::HashMap::new();
     md.insert("normlab.spec".to_string(), spec.parse::<NormSpec>()?.to_string());
-    checkpoint::write_atomic(output, &checkpoint::serialize(&entries, md)?)?;
+    crate::files::write_atomic(output, &checkpoint::serialize(&entries, md)?)?;
     Ok(entries.len())
+}
+
+fn finite(bytes: &[u8]) -> bool {
+    bytes
+        .chunks_exact(4)
+        .all(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")).is_finite())
+}
+
+/// Every F32 tensor of a safetensors file is finite.
+fn all_finite(file: &[u8]) -> bool {
+    safetensors::SafeTensors::deserialize(file).is_ok_and(|st| {
+        st.tensors()
+            .iter()
+            .all(|(_, t)| t.dtype() != safetensors::Dtype::F32 || finite(t.data()))
+    })
 }

@@ -166,7 +166,11 @@ pub fn max_logit_difference(
         let la = a.forward(Mode::Eval)?.clone();
         let lb = b.forward(Mode::Eval)?;
         for (x, y) in la.data.iter().zip(&lb.data) {
-            worst = worst.max((x - y).abs());
+            // NaN is the worst difference of all, and stays (f32::max would drop it).
+            let d = (x - y).abs();
+            if !worst.is_nan() && (d.is_nan() || d > worst) {
+                worst = d;
+            }
         }
     }
     Ok(worst)
@@ -178,6 +182,8 @@ pub struct FoldRequest {
     pub out: std::path::PathBuf,
     pub data: Option<std::path::PathBuf>,
     pub test_limit: Option<usize>,
+    /// Replace the outputs of an earlier run in `out`.
+    pub force: bool,
 }
 
 /// fold.json.
@@ -199,11 +205,13 @@ pub struct FoldReport {
 /// The whole command: fold, compare with the original on the test set, time both, write
 /// DIR/model.safetensors and DIR/fold.json. The input is only read.
 pub fn run_fold(req: &FoldRequest) -> Result<FoldReport> {
-    let out = req.out.join("model.safetensors");
-    checkpoint::refuse_overwrite(&out, &req.checkpoint)?;
+    let guard = crate::files::OutputGuard::new(req.force).input(&req.checkpoint);
+    let dir = guard.folder("--out", &req.out, &["model.safetensors", "fold.json"])?;
+    let out = dir.join("model.safetensors");
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let mut folded = fold(&mut model)?;
     let test = load_test_for(req.data.as_deref(), req.test_limit, meta.spec.input)?;
+    let _lock = crate::files::RunLock::acquire(&dir)?;
     let max_abs_logit_difference = max_logit_difference(&mut model, &mut folded, &test, meta.input_norm, 500)?;
     let latency = crate::bench::compare_latency(&mut model, &mut folded)?;
     let folded_test_accuracy = crate::train::evaluate(&mut folded, &test, meta.input_norm, 1000)?.accuracy;
@@ -224,6 +232,6 @@ pub fn run_fold(req: &FoldRequest) -> Result<FoldReport> {
     };
     checkpoint::save_model(&out, &mut folded, &fmeta)?;
     let json = serde_json::to_vec_pretty(&report).expect("report serializes");
-    checkpoint::write_atomic(&req.out.join("fold.json"), &json)?;
+    crate::files::write_atomic(&dir.join("fold.json"), &json)?;
     Ok(report)
 }

@@ -16,6 +16,18 @@ use crate::nn::residual::BasicBlock;
 use crate::nn::{Mode, Sequential};
 use crate::tensor::Tensor;
 
+/// What a model spec may ask for. Specs come from the command line and from checkpoint
+/// metadata, which is untrusted: beyond these limits a spec is an error, never an allocation.
+pub const MAX_WIDTH: usize = 4096;
+/// Items of a vgg cfg (convs and pools).
+pub const MAX_VGG_ITEMS: usize = 64;
+pub const MAX_INPUT_CHANNELS: usize = 64;
+pub const MAX_INPUT_SIDE: usize = 1024;
+/// Labels are bytes.
+pub const MAX_CLASSES: usize = 256;
+/// Conv and linear weights of one model (1 GiB of f32).
+pub const MAX_WEIGHTS: usize = 1 << 28;
+
 /// The default VGG configuration: numbers are 3x3 conv widths, `M` a 2x2 max-pool.
 pub const DEFAULT_VGG: &str = "32,32,M,64,64,M,128,128,M";
 
@@ -56,9 +68,9 @@ fn parse_arch(model: &str) -> Result<Arch> {
     match (name, cfg) {
         ("seed-cnn", "") => Ok(Arch::SeedCnn(32)),
         ("seed-cnn", w) => match w.parse::<usize>() {
-            Ok(w) if w > 0 => Ok(Arch::SeedCnn(w)),
+            Ok(w) if (1..=MAX_WIDTH).contains(&w) => Ok(Arch::SeedCnn(w)),
             _ => Err(Error::invalid(format!(
-                "seed-cnn width '{w}' is not a whole number > 0"
+                "seed-cnn width '{w}' is not a whole number in 1..={MAX_WIDTH}"
             ))),
         },
         ("mlp", "") => Ok(Arch::Mlp),
@@ -69,13 +81,19 @@ fn parse_arch(model: &str) -> Result<Arch> {
                 .map(|t| match t.trim() {
                     "M" | "m" => Ok(None),
                     w => match w.parse::<usize>() {
-                        Ok(c) if c > 0 => Ok(Some(c)),
+                        Ok(c) if (1..=MAX_WIDTH).contains(&c) => Ok(Some(c)),
                         _ => Err(Error::invalid(format!(
-                            "vgg cfg item '{w}' is neither a width > 0 nor M"
+                            "vgg cfg item '{w}' is neither a width in 1..={MAX_WIDTH} nor M"
                         ))),
                     },
                 })
                 .collect::<Result<Vec<_>>>()?;
+            if items.len() > MAX_VGG_ITEMS {
+                return Err(Error::invalid(format!(
+                    "vgg cfg has {} items, more than {MAX_VGG_ITEMS}",
+                    items.len()
+                )));
+            }
             if !items.iter().any(|i| i.is_some()) {
                 return Err(Error::invalid(format!("vgg cfg '{cfg}' has no conv layer")));
             }
@@ -86,8 +104,10 @@ fn parse_arch(model: &str) -> Result<Arch> {
             let mids = cfg
                 .split(',')
                 .map(|t| match t.trim().parse::<usize>() {
-                    Ok(w) if w > 0 => Ok(w),
-                    _ => Err(Error::invalid(format!("resnet width '{t}' is not a whole number > 0"))),
+                    Ok(w) if (1..=MAX_WIDTH).contains(&w) => Ok(w),
+                    _ => Err(Error::invalid(format!(
+                        "resnet width '{t}' is not a whole number in 1..={MAX_WIDTH}"
+                    ))),
                 })
                 .collect::<Result<Vec<_>>>()?;
             if mids.len() != 6 {
@@ -152,6 +172,79 @@ impl ModelSpec {
         Ok(2 * macs)
     }
 
+    /// The conv and linear weights the model holds (its biases and norm parameters come on
+    /// top), computed without building it; an error beyond `MAX_WEIGHTS` or when the input
+    /// or class count is outside the limits or too small for the architecture.
+    pub fn parameter_count(&self) -> Result<usize> {
+        let [c, h, w] = self.input;
+        if [c, h, w].contains(&0) || c > MAX_INPUT_CHANNELS || h > MAX_INPUT_SIDE || w > MAX_INPUT_SIDE {
+            return Err(Error::invalid(format!(
+                "input shape {:?} is outside [1..={MAX_INPUT_CHANNELS}, 1..={MAX_INPUT_SIDE}, 1..={MAX_INPUT_SIDE}]",
+                self.input
+            )));
+        }
+        if !(1..=MAX_CLASSES).contains(&self.classes) {
+            return Err(Error::invalid(format!(
+                "{} classes is outside 1..={MAX_CLASSES}",
+                self.classes
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid(format!("dropout {} is outside [0, 1)", self.dropout)));
+        }
+        let (c, h, w, k) = (c as u128, h as u128, w as u128, self.classes as u128);
+        let weights: u128 = match parse_arch(&self.model)? {
+            Arch::SeedCnn(width) => {
+                if h < 2 || w < 2 {
+                    return Err(Error::invalid(format!(
+                        "seed-cnn pools its input by 2: images must be at least 2x2, got {h}x{w}"
+                    )));
+                }
+                let width = width as u128;
+                c * width * 9 + width * (h / 2) * (w / 2) * k
+            }
+            Arch::Mlp => c * h * w * 100 + 2 * 100 * 100 + 100 * k,
+            Arch::Vgg(items) => {
+                let (mut ch, mut hh, mut ww, mut total) = (c, h, w, 0u128);
+                for item in items {
+                    match item {
+                        Some(out) => {
+                            total += ch * out as u128 * 9;
+                            ch = out as u128;
+                        }
+                        None => {
+                            if hh < 2 || ww < 2 {
+                                return Err(Error::invalid(format!(
+                                    "vgg cfg pools a {hh}x{ww} map below 1x1; use fewer M or larger images"
+                                )));
+                            }
+                            hh /= 2;
+                            ww /= 2;
+                        }
+                    }
+                }
+                total + ch * hh * ww * k
+            }
+            Arch::ResNet(mids) => {
+                let mut ch = 16u128;
+                let mut total = c * 16 * 9;
+                for (b, &mid) in mids.iter().enumerate() {
+                    let out = RESNET_STAGES[b / 2].0 as u128;
+                    total += ch * mid as u128 * 9 + mid as u128 * out * 9 + ch * out;
+                    ch = out;
+                }
+                total + ch * k
+            }
+        };
+        if weights > MAX_WEIGHTS as u128 {
+            return Err(Error::invalid(format!(
+                "model {} on input {:?} would have {weights} weights, more than the limit {MAX_WEIGHTS}",
+                self.model, self.input
+            )));
+        }
+        Ok(weights as usize)
+    }
+
     /// Canonicalizes and validates; errors name the bad part.
     pub fn new(model: &str, norm: &str, input: [usize; 3], classes: usize) -> Result<Self> {
         let arch = parse_arch(model)?;
@@ -161,19 +254,22 @@ impl ModelSpec {
             Arch::ResNet(_) if !model.contains(':') => format!("resnet:{DEFAULT_RESNET}"),
             _ => model.to_string(),
         };
-        Ok(ModelSpec {
+        let spec = ModelSpec {
             model,
             norm: norm_spec.to_string(),
             input,
             classes,
             dropout: 0.0,
-        })
+        };
+        spec.parameter_count()?;
+        Ok(spec)
     }
 }
 
 impl Model {
     /// Builds the model with PyTorch-style random initialization from `seed`.
     pub fn build(spec: &ModelSpec, seed: u64) -> Result<Model> {
+        spec.parameter_count()?;
         let arch = parse_arch(&spec.model)?;
         let norm: NormSpec = spec.norm.parse()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -270,6 +270,8 @@ pub struct PruneRequest {
     pub out: std::path::PathBuf,
     pub data: Option<std::path::PathBuf>,
     pub test_limit: Option<usize>,
+    /// Replace the outputs of an earlier run in `out`.
+    pub force: bool,
 }
 
 /// prune.json.
@@ -288,13 +290,21 @@ pub struct PruneReport {
     pub accuracy_before: f64,
     pub accuracy_after_prune: f64,
     pub accuracy_after_finetune: Option<f64>,
+    /// The fine-tuning run's folder (`train --resume` continues it).
     pub finetune_run: Option<std::path::PathBuf>,
+    /// The result: the fine-tuned model, when there is one.
+    pub finetune_checkpoint: Option<std::path::PathBuf>,
     pub latency: Vec<crate::bench::Latency>,
 }
 
 /// The whole command: prune, measure, write DIR/model.safetensors, DIR/prune.json,
 /// DIR/gamma.svg, and fine-tune into DIR/finetune when asked. The input is only read.
-pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) -> Result<PruneReport> {
+/// `on_pruned` sees the report once the pruned model is written, before fine-tuning starts.
+pub fn run_prune(
+    req: &PruneRequest,
+    reporter: &mut dyn crate::train::Reporter,
+    on_pruned: &mut dyn FnMut(&PruneReport),
+) -> Result<PruneReport> {
     use crate::checkpoint::{self, CheckpointMeta};
     if !(0.0..1.0).contains(&req.percent) {
         return Err(Error::invalid(format!(
@@ -302,11 +312,27 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
             req.percent
         )));
     }
-    let pruned_path = req.out.join("model.safetensors");
-    checkpoint::refuse_overwrite(&pruned_path, &req.checkpoint)?;
+    let guard = crate::files::OutputGuard::new(req.force).input(&req.checkpoint);
+    let dir = guard.folder("--out", &req.out, &["model.safetensors", "prune.json", "gamma.svg"])?;
+    let finetune_dir = dir.join("finetune");
+    if req.finetune.is_some() {
+        guard.folder("--out", &finetune_dir, &[])?;
+    }
+    let pruned_path = dir.join("model.safetensors");
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let plan = plan(&mut model, req.percent)?;
     let test = crate::data::load_test_for(req.data.as_deref(), req.test_limit, meta.spec.input)?;
+    let finetune = match req.finetune {
+        Some(epochs) => Some(finetune_config(
+            &req.checkpoint,
+            &model.spec,
+            epochs,
+            &pruned_path,
+            req,
+        )?),
+        None => None,
+    };
+    let _lock = crate::files::RunLock::acquire(&dir)?;
     let mut pruned = apply(&mut model, &plan)?;
     let accuracy_before = crate::train::evaluate(&mut model, &test, meta.input_norm, 1000)?.accuracy;
     let accuracy_after_prune = crate::train::evaluate(&mut pruned, &test, meta.input_norm, 1000)?.accuracy;
@@ -317,16 +343,8 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
     };
     checkpoint::save_model(&pruned_path, &mut pruned, &pmeta)?;
     let svg = crate::plot::gamma_histogram_svg(&plan.gammas, plan.threshold, plan.percent)?;
-    checkpoint::write_atomic(&req.out.join("gamma.svg"), svg.as_bytes())?;
-    let (mut accuracy_after_finetune, mut finetune_run) = (None, None);
-    if let Some(epochs) = req.finetune {
-        let run_dir = req.out.join("finetune");
-        let config = finetune_config(&req.checkpoint, &pruned.spec, epochs, &pruned_path, req)?;
-        let m = crate::train::train(crate::train::Start::Fresh(Box::new(config)), &run_dir, reporter)?;
-        accuracy_after_finetune = Some(m.test_accuracy);
-        finetune_run = Some(run_dir);
-    }
-    let report = PruneReport {
+    crate::files::write_atomic(&dir.join("gamma.svg"), svg.as_bytes())?;
+    let mut report = PruneReport {
         checkpoint: req.checkpoint.clone(),
         pruned_checkpoint: pruned_path,
         model_before: model.spec.model.clone(),
@@ -339,12 +357,31 @@ pub fn run_prune(req: &PruneRequest, reporter: &mut dyn crate::train::Reporter) 
         test_images: test.len(),
         accuracy_before,
         accuracy_after_prune,
-        accuracy_after_finetune,
-        finetune_run,
+        accuracy_after_finetune: None,
+        finetune_run: None,
+        finetune_checkpoint: None,
         latency,
     };
-    let json = serde_json::to_vec_pretty(&report).expect("report serializes");
-    checkpoint::write_atomic(&req.out.join("prune.json"), &json)?;
+    let write_report = |r: &PruneReport| {
+        let json = serde_json::to_vec_pretty(r).expect("report serializes");
+        crate::files::write_atomic(&dir.join("prune.json"), &json)
+    };
+    write_report(&report)?;
+    on_pruned(&report);
+    if let Some(mut config) = finetune {
+        config.model = pruned.spec.model.clone();
+        if req.force {
+            // --force: the fine-tuning run of an earlier prune here starts over.
+            for f in crate::files::guard::RUN_MARKERS {
+                let _ = std::fs::remove_file(finetune_dir.join(f));
+            }
+        }
+        let m = crate::train::train(crate::train::Start::Fresh(Box::new(config)), &finetune_dir, reporter)?;
+        report.accuracy_after_finetune = Some(m.test_accuracy);
+        report.finetune_checkpoint = Some(finetune_dir.join("model.safetensors"));
+        report.finetune_run = Some(finetune_dir);
+        write_report(&report)?;
+    }
     Ok(report)
 }
 

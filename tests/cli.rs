@@ -248,9 +248,12 @@ fn bad_options_and_checkpoints_give_one_clear_error() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let err = fails(&["eval", "--checkpoint", s(&cut), "--data", d]);
     assert!(err.contains("not a readable safetensors"), "{err}");
-    // Resume from a folder that holds no run.
+    // Resume from a folder that does not exist, or holds no run.
     let err = fails(&["train", "--resume", s(&t.path().join("empty"))]);
-    assert!(err.contains("metrics.json"), "{err}");
+    assert!(err.contains("no such folder"), "{err}");
+    std::fs::create_dir(t.path().join("empty")).unwrap();
+    let err = fails(&["train", "--resume", s(&t.path().join("empty"))]);
+    assert!(err.contains("holds no normlab training run"), "{err}");
 }
 
 #[test]
@@ -277,11 +280,13 @@ fn divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint() {
         "--batch-size",
         "16",
     ]);
+    // It diverges in epoch 1: there is no checkpoint, and the message must not claim one.
     assert!(
-        err.contains("training diverged") && err.contains("last good checkpoint"),
+        err.contains("training diverged") && err.contains("no checkpoint exists yet"),
         "{err}"
     );
     assert_eq!(metrics(&out)["status"], "diverged");
+    assert!(!out.join("model.safetensors").exists());
 }
 
 #[test]
@@ -306,7 +311,16 @@ fn layer_command_runs_a_norm_and_rejects_bad_input() {
     ok(&["layer", "--spec", "gn:3", "--input", s(&good), "--output", s(&out)]);
     let names: Vec<String> = tensors(&out).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["dbias", "dweight", "dx", "y"]);
-    ok(&["layer", "--spec", "bn", "--input", s(&good), "--output", s(&out)]);
+    ok(&[
+        "layer",
+        "--spec",
+        "bn",
+        "--input",
+        s(&good),
+        "--output",
+        s(&out),
+        "--force",
+    ]);
     let names: Vec<String> = tensors(&out).into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,
@@ -351,7 +365,8 @@ fn layer_command_runs_a_norm_and_rejects_bad_input() {
         ("bn", &bad_w, "'weight' has shape"),
         ("bn", &garbage, "not a readable safetensors"),
     ] {
-        let err = fails(&["layer", "--spec", spec, "--input", s(input), "--output", s(&out)]);
+        let fresh = t.path().join("fresh.safetensors");
+        let err = fails(&["layer", "--spec", spec, "--input", s(input), "--output", s(&fresh)]);
         assert!(err.contains(want), "{spec}: want '{want}' in: {err}");
     }
 }

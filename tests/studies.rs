@@ -69,7 +69,7 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
         assert!(out.join("report.html").exists() && out.join("results.csv").exists());
         // An existing results folder is never overwritten.
         let err = fails(&["study", study, "--quick", "--data", s(&data), "--out", s(&out)]);
-        assert!(err.contains("already holds study results"), "{err}");
+        assert!(err.contains("already holds results.json"), "{err}");
     }
 }
 

@@ -100,7 +100,7 @@ fn holds_idx(dir: &Path) -> bool {
         .all(|f| find_file(dir, f).is_some())
 }
 
-/// The data directory: `--data DIR`, else `$NORMLAB_DATA`, else `./data/fashion-mnist`, else
+/// The data directory: `--data DIR`, else `$NORMLAB_DATA` (which must then hold the files), else `./data/fashion-mnist`, else
 /// the Debian package's `/usr/share/datasets/fashion-mnist`.
 pub fn resolve_data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     let install = "install Fashion-MNIST with `apt-get install dataset-fashion-mnist` \
@@ -115,12 +115,22 @@ pub fn resolve_data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
             dir.display()
         )));
     }
-    let mut candidates = Vec::new();
     if let Some(env) = std::env::var_os("NORMLAB_DATA") {
-        candidates.push(PathBuf::from(env));
+        // Set means meant: a wrong NORMLAB_DATA is an error, not a silent fall back.
+        let dir = PathBuf::from(env);
+        if holds_idx(&dir) {
+            return Ok(dir);
+        }
+        return Err(Error::DataMissing(format!(
+            "NORMLAB_DATA={} does not hold the IDX files ({TRAIN_IMAGES}[.gz], {TRAIN_LABELS}[.gz], \
+             {TEST_IMAGES}[.gz], {TEST_LABELS}[.gz]); fix or unset it, or pass --data DIR",
+            dir.display()
+        )));
     }
-    candidates.push(PathBuf::from("data/fashion-mnist"));
-    candidates.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
+    let candidates = [
+        PathBuf::from("data/fashion-mnist"),
+        PathBuf::from("/usr/share/datasets/fashion-mnist"),
+    ];
     candidates.iter().find(|d| holds_idx(d)).cloned().ok_or_else(|| {
         let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
         Error::DataMissing(format!(

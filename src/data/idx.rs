@@ -13,61 +13,116 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-/// Reads an IDX file, decompressing when its name ends in `.gz`; checks the magic number, the
-/// rank, and that the payload length matches the dimensions exactly.
+/// The largest IDX payload normlab reads (60,000 images of 28x28 are 47 MB).
+pub const MAX_IDX_BYTES: usize = 2 << 30;
+
+/// Reads an IDX file, decompressing when its name ends in `.gz` (every member of a multi-member
+/// file, as pigz and bgzip write them); checks the magic number, the rank, and that the payload
+/// length matches the dimensions exactly. Nothing is allocated before the header's sizes are
+/// checked, and decompression stops one byte past the size the header implies, so neither a
+/// lying header nor a gzip bomb can take the memory.
 pub fn read_idx(path: &Path, expected_rank: usize) -> Result<IdxArray> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bytes = if path.extension().is_some_and(|e| e == "gz") {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| Error::data(path, format!("corrupt gzip data: {e}")))?;
-        out
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::data(path, "is not a regular file; give the IDX file itself"));
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = std::io::BufReader::new(file);
+    let result = if path.extension().is_some_and(|e| e == "gz") {
+        read_idx_from(flate2::read::MultiGzDecoder::new(file), None, expected_rank)
+            .map_err(|m| m.replace("read failed:", "corrupt gzip data:"))
     } else {
-        raw
+        read_idx_from(file, Some(meta.len()), expected_rank)
     };
-    parse_idx(&bytes, expected_rank).map_err(|m| Error::data(path, m))
+    result.map_err(|m| Error::data(path, m))
 }
 
 /// Parses IDX bytes; the error is a message without the path.
 pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> std::result::Result<IdxArray, String> {
-    if bytes.len() < 4 {
-        return Err(format!("file is {} bytes, too short for an IDX header", bytes.len()));
+    read_idx_from(bytes, Some(bytes.len() as u64), expected_rank)
+}
+
+fn io_message(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::InvalidInput || e.kind() == std::io::ErrorKind::InvalidData {
+        format!("corrupt gzip data: {e}")
+    } else {
+        format!("read failed: {e}")
     }
-    if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
+}
+
+/// Reads as many bytes as `buf` holds, or fewer at the end of the stream; returns the count.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::result::Result<usize, String> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_message(e)),
+        }
+    }
+    Ok(n)
+}
+
+/// The IDX array in `r`; `len` is the stream's length when known (a plain file).
+fn read_idx_from(mut r: impl Read, len: Option<u64>, expected_rank: usize) -> std::result::Result<IdxArray, String> {
+    let size = |got: usize| len.map_or(got as u64, |l| l);
+    let mut magic = [0u8; 4];
+    let got = read_full(&mut r, &mut magic)?;
+    if got < 4 {
+        return Err(format!("file is {} bytes, too short for an IDX header", size(got)));
+    }
+    if magic[0] != 0 || magic[1] != 0 || magic[2] != 0x08 {
         return Err(format!(
             "bad IDX magic number {:02x}{:02x}{:02x}{:02x} (expected 000008{:02x}: unsigned bytes)",
-            bytes[0], bytes[1], bytes[2], bytes[3], expected_rank
+            magic[0], magic[1], magic[2], magic[3], expected_rank
         ));
     }
-    let rank = bytes[3] as usize;
+    let rank = magic[3] as usize;
     if rank != expected_rank {
         return Err(format!("IDX file has {rank} dimensions, expected {expected_rank}"));
     }
     let header = 4 + 4 * rank;
-    if bytes.len() < header {
+    let mut raw = vec![0u8; 4 * rank];
+    let got = read_full(&mut r, &mut raw)?;
+    if got < raw.len() {
         return Err(format!(
             "file is {} bytes, too short for a {rank}-dimensional IDX header",
-            bytes.len()
+            size(4 + got)
         ));
     }
-    let dims: Vec<usize> = (0..rank)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
+    let dims: Vec<usize> = raw
+        .chunks_exact(4)
+        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
         .collect();
     let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    let Some(count) = count else {
-        return Err(format!("IDX dimensions {dims:?} overflow"));
-    };
-    let payload = bytes.len() - header;
-    if payload != count {
+    let Some(count) = count.filter(|&c| c <= MAX_IDX_BYTES) else {
         return Err(format!(
-            "IDX dimensions {dims:?} need {count} bytes of data, file has {payload} (truncated or corrupt)"
+            "IDX dimensions {dims:?} describe more than {MAX_IDX_BYTES} bytes (corrupt header?)"
+        ));
+    };
+    if let Some(l) = len {
+        let payload = l.saturating_sub(header as u64);
+        if payload != count as u64 {
+            return Err(format!(
+                "IDX dimensions {dims:?} need {count} bytes of data, file has {payload} (truncated or corrupt)"
+            ));
+        }
+    }
+    let mut data = vec![0u8; count];
+    let got = read_full(&mut r, &mut data)?;
+    if got < count {
+        return Err(format!(
+            "IDX dimensions {dims:?} need {count} bytes of data, file has {got} (truncated or corrupt)"
         ));
     }
-    Ok(IdxArray {
-        dims,
-        data: bytes[header..].to_vec(),
-    })
+    let mut extra = [0u8; 1];
+    if read_full(&mut r, &mut extra)? > 0 {
+        return Err(format!(
+            "IDX dimensions {dims:?} need {count} bytes of data, the file has more (corrupt header?)"
+        ));
+    }
+    Ok(IdxArray { dims, data })
 }
 
 #[cfg(test)]
@@ -100,5 +155,57 @@ mod tests {
         assert!(parse_idx(&idx(3, &[2, 3, 4], 25), 3).unwrap_err().contains("25"));
         assert!(parse_idx(&[0, 0], 3).is_err());
         assert!(parse_idx(&idx(3, &[2], 0)[..8], 3).unwrap_err().contains("header"));
+        // A header that promises 2^32 * 2^32 bytes is refused before anything is allocated.
+        assert!(parse_idx(&idx(3, &[u32::MAX, u32::MAX, 2], 0), 3)
+            .unwrap_err()
+            .contains("more than"));
+    }
+
+    fn gz(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn reads_every_member_of_a_multi_member_gzip() {
+        let whole = idx(3, &[2, 3, 4], 24);
+        // pigz/bgzip style: the same stream cut in two members, concatenated.
+        let mut file = gz(&whole[..10]);
+        file.extend(gz(&whole[10..]));
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("x-idx3-ubyte.gz");
+        std::fs::write(&p, &file).unwrap();
+        let a = read_idx(&p, 3).unwrap();
+        assert_eq!(a.dims, vec![2, 3, 4]);
+        assert_eq!(a.data.len(), 24);
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_at_the_size_the_header_implies() {
+        // 3 bytes promised, 64 MB of zeros behind them: one byte past the 3 is read.
+        let mut bomb = idx(1, &[3], 0);
+        bomb.extend(std::iter::repeat_n(0u8, 64 << 20));
+        let mut counter = CountingReader {
+            inner: std::io::Cursor::new(gz(&bomb)),
+            read: 0,
+        };
+        let e = read_idx_from(flate2::read::MultiGzDecoder::new(&mut counter), None, 1).unwrap_err();
+        assert!(e.contains("more"), "{e}");
+        assert!(counter.read < 1 << 20, "read {} compressed bytes", counter.read);
+    }
+
+    struct CountingReader<R> {
+        inner: R,
+        read: usize,
+    }
+
+    impl<R: Read> Read for CountingReader<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read += n;
+            Ok(n)
+        }
     }
 }

@@ -67,6 +67,10 @@ pub const CATALOG: &[(&str, &str)] = &[
         "bn-linf",
         "Lp BatchNorm: subtract the batch mean, divide by the L-infinity norm (Santurkar et al.)",
     ),
+    (
+        "bn-noisy",
+        "Noisy BN (Santurkar et al.): BN, then a random per-sample, per-unit scale and shift in training; eval = BN",
+    ),
 ];
 
 impl NormSpec {

@@ -37,6 +37,14 @@ pub const STUDIES: &[(&str, &str)] = &[
         "regularization",
         "train/test gap with and without BN, dropout and weight decay",
     ),
+    (
+        "ics",
+        "the BN paper's sigmoid MLP with and without BN: one hidden unit's input distribution over training",
+    ),
+    (
+        "landscape",
+        "VGG with BN, without, and noisy BN: loss and gradient change along the gradient (Santurkar et al.)",
+    ),
 ];
 
 /// One finished run of a study.
@@ -265,7 +273,8 @@ pub fn plan_compare(grid: &CompareGrid) -> Vec<Planned> {
 
 /// Everything that can be checked without training: options, specs, model construction,
 /// batch/norm compatibility, data, and a writable output folder with no earlier results.
-pub fn check(planned: &[Planned], out: &Path, data: Option<&Path>) -> Result<()> {
+/// Returns the lock on `out`, held until the study is written.
+pub fn check(planned: &[Planned], out: &Path, data: Option<&Path>) -> Result<crate::files::RunLock> {
     if planned.is_empty() {
         return Err(Error::invalid("the grid is empty"));
     }
@@ -283,19 +292,11 @@ pub fn check(planned: &[Planned], out: &Path, data: Option<&Path>) -> Result<()>
     prepare_out(out)
 }
 
-/// The output folder must be writable and hold no earlier results.
-fn prepare_out(out: &Path) -> Result<()> {
-    if out.join("results.json").exists() {
-        return Err(Error::invalid(format!(
-            "{} already holds study results; choose another --out",
-            out.display()
-        )));
-    }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let probe = out.join(".normlab-write-probe");
-    std::fs::write(&probe, b"").map_err(|e| Error::io(out, e))?;
-    let _ = std::fs::remove_file(probe);
-    Ok(())
+/// The output folder must hold no earlier results and no training run, and be writable: it is
+/// locked (which writes its lock file) for the whole study.
+fn prepare_out(out: &Path) -> Result<crate::files::RunLock> {
+    crate::files::OutputGuard::without_force().folder("--out", out, &["results.json", "report.html"])?;
+    crate::files::RunLock::acquire(out)
 }
 
 /// Runs every planned config for seeds 0..K, each into DIR/runs/NNN; a run that diverges is
@@ -374,7 +375,7 @@ pub fn run_compare(
         return Err(Error::invalid("--seeds must be at least 1"));
     }
     let planned = plan_compare(grid);
-    check(&planned, out, grid.base.data.as_deref())?;
+    let _lock = check(&planned, out, grid.base.data.as_deref())?;
     let t0 = std::time::Instant::now();
     let runs = run_grid(&planned, seeds, out, progress)?;
     let mut settings = BTreeMap::new();
@@ -412,10 +413,11 @@ pub fn run_study(
     }
     let t0 = std::time::Instant::now();
     let (mut runs, mut ics_runs, mut landscape_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let _lock;
     let settings = match study {
         "ics" | "landscape" => {
             resolve_data_dir(opts.data.as_deref())?;
-            prepare_out(&opts.out)?;
+            _lock = Some(prepare_out(&opts.out)?);
             if study == "ics" {
                 let (r, settings) = ics::run(opts, progress)?;
                 ics_runs = r;
@@ -428,7 +430,7 @@ pub fn run_study(
         }
         _ => {
             let (planned, settings) = plan(study, opts)?;
-            check(&planned, &opts.out, opts.data.as_deref())?;
+            _lock = Some(check(&planned, &opts.out, opts.data.as_deref())?);
             runs = run_grid(&planned, opts.seeds, &opts.out, progress)?;
             settings
         }

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use crate::checkpoint::write_atomic;
 use crate::error::{Error, Result};
+use crate::files::write_atomic;
 use crate::studies::analysis::{analyze, Analysis};
 use crate::studies::StudyResults;
 

@@ -1,21 +1,25 @@
 //! The training loop: seeded batches, forward, loss, backward, optimizer step; evaluation each
 //! epoch; atomic checkpoints; exact resume; a clear stop when the loss diverges.
 
+mod run_folder;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, CheckpointMeta, Entry};
+pub use run_folder::{read_run, RunFiles};
+
+use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::{epoch_order, load_split, resolve_data_dir, Dataset, InputNorm};
 use crate::error::{Error, Result};
+use crate::files::RunLock;
 use crate::kernels::loss::{argmax, softmax_cross_entropy};
 use crate::models::{Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::Mode;
-use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
+use crate::optim::{Optimizer, OptimizerConfig, Schedule};
 
 /// Everything that defines a run; stored in metrics.json and reused by `--resume`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,9 +143,14 @@ pub struct RunMetrics {
 
 /// Receives progress; the CLI draws bars, studies stay quiet.
 pub trait Reporter {
+    /// Everything is checked and the run folder locked: training starts (or resumes at
+    /// `metrics.epochs.len()`), reading `data_dir`.
+    fn started(&mut self, _data_dir: &Path, _out: &Path, _metrics: &RunMetrics) {}
     fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
     fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64) {}
     fn epoch_end(&mut self, _m: &EpochMetrics) {}
+    /// Epoch `epoch` is committed in `out`: a kill from now on resumes after it.
+    fn committed(&mut self, _out: &Path, _epoch: usize) {}
 }
 
 /// A reporter that says nothing.
@@ -218,79 +227,6 @@ pub fn train_step(
     Ok((loss, correct))
 }
 
-/// Where a run's files live.
-pub struct RunFiles {
-    pub dir: PathBuf,
-}
-
-impl RunFiles {
-    pub fn model(&self) -> PathBuf {
-        self.dir.join("model.safetensors")
-    }
-    pub fn train_state(&self) -> PathBuf {
-        self.dir.join("train_state.safetensors")
-    }
-    pub fn metrics(&self) -> PathBuf {
-        self.dir.join("metrics.json")
-    }
-}
-
-fn save_metrics(files: &RunFiles, m: &RunMetrics) -> Result<()> {
-    let json = serde_json::to_vec_pretty(m).expect("metrics serialize");
-    checkpoint::write_atomic(&files.metrics(), &json)
-}
-
-/// Optimizer buffers under `<state>.<param name>`, with the step and epoch in the metadata.
-fn save_train_state(files: &RunFiles, opt: &Optimizer, names: &[String], epoch: usize) -> Result<()> {
-    let (first, second) = match opt.config.kind {
-        OptimizerKind::Sgd => ("momentum_buffer", ""),
-        _ => ("exp_avg", "exp_avg_sq"),
-    };
-    let mut entries = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        if let Some(b) = opt.first.get(i) {
-            entries.push(Entry::f32(format!("{first}.{name}"), &[b.len()], b));
-        }
-        if let Some(b) = opt.second.get(i) {
-            entries.push(Entry::f32(format!("{second}.{name}"), &[b.len()], b));
-        }
-    }
-    let mut md = HashMap::new();
-    md.insert("step".to_string(), opt.step.to_string());
-    md.insert("epoch".to_string(), epoch.to_string());
-    checkpoint::write_atomic(&files.train_state(), &checkpoint::serialize(&entries, md)?)
-}
-
-fn load_train_state(files: &RunFiles, opt: &mut Optimizer, model: &mut Model) -> Result<usize> {
-    let path = files.train_state();
-    let bytes = checkpoint::read_safetensors(&path)?;
-    let md = checkpoint::metadata(&path, &bytes)?;
-    let num = |k: &str| -> Result<u64> {
-        md.get(k)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| Error::checkpoint(&path, format!("metadata has no valid '{k}'")))
-    };
-    opt.step = num("step")?;
-    let epoch = num("epoch")? as usize;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
-    if opt.step > 0 {
-        let (first, second) = match opt.config.kind {
-            OptimizerKind::Sgd => ("momentum_buffer", None),
-            _ => ("exp_avg", Some("exp_avg_sq")),
-        };
-        for (name, p) in model.net.named_params() {
-            let shape = [p.value.len()];
-            opt.first
-                .push(checkpoint::tensor_f32(&path, &st, &format!("{first}.{name}"), &shape)?);
-            if let Some(s) = second {
-                opt.second
-                    .push(checkpoint::tensor_f32(&path, &st, &format!("{s}.{name}"), &shape)?);
-            }
-        }
-    }
-    Ok(epoch)
-}
-
 /// Picks `runs/<name>`, or `runs/<name>-2`, `-3`, ... so an earlier run is never overwritten.
 pub fn fresh_run_dir(root: &Path, name: &str) -> PathBuf {
     let mut dir = root.join(name);
@@ -312,35 +248,36 @@ pub enum Start {
     },
 }
 
-/// Trains as `start` says, writing the run folder `out`; returns the final metrics.
+/// Trains as `start` says, writing the run folder `out`; returns the final metrics. Everything
+/// is checked (config, data, model, batch fit) before the folder is touched; then the folder
+/// is locked, and each epoch ends in one commit point (`run_folder::commit_epoch`), so a kill
+/// at any instant leaves a folder that `--resume` continues exactly.
 pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<RunMetrics> {
     let files = RunFiles { dir: out.to_path_buf() };
-    let (config, history) = match start {
+    let fresh = matches!(start, Start::Fresh(_));
+    let (config, commit) = match start {
         Start::Fresh(config) => {
             config.validate()?;
-            if files.metrics().exists() || files.model().exists() {
-                return Err(Error::invalid(format!(
-                    "{} already holds a run; continue it with --resume {} or choose another --out",
-                    out.display(),
-                    out.display()
-                )));
-            }
-            (*config, Vec::new())
+            refuse_existing_run(out)?;
+            (*config, None)
         }
         Start::Resume { epochs, threads } => {
-            let path = files.metrics();
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let prev: RunMetrics = serde_json::from_str(&text)
-                .map_err(|e| Error::checkpoint(&path, format!("not a normlab metrics.json ({e})")))?;
-            let mut config = prev.config;
+            let (mut config, commit) = run_folder::read_run(&files)?;
+            let done = commit.as_ref().map_or(0, |c| c.metrics.epochs.len());
             if let Some(e) = epochs {
+                if e < done {
+                    return Err(Error::invalid(format!(
+                        "--epochs {e} is fewer than the {done} epochs {} has done already; give at least {done}",
+                        out.display()
+                    )));
+                }
                 config.epochs = e;
             }
             if let Some(t) = threads {
                 config.threads = t;
             }
             config.validate()?;
-            (config, prev.epochs)
+            (config, commit)
         }
     };
     let data_dir = resolve_data_dir(config.data.as_deref())?;
@@ -368,7 +305,7 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             config.batch_size
         )));
     }
-    if history.is_empty() {
+    if commit.is_none() {
         if let Some(g) = config.gamma_init {
             model.net.set_norm_scales(g);
         }
@@ -397,21 +334,17 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     }
     let mut opt = Optimizer::new(config.optimizer.clone());
     let names: Vec<String> = model.net.named_params().into_iter().map(|(n, _)| n).collect();
-    let mut y = Vec::new();
-    let mut start_epoch = 0;
-    if !history.is_empty() {
-        let (bytes, path) = (checkpoint::read_safetensors(&files.model())?, files.model());
-        checkpoint::load_state_dict(&path, &bytes, &mut model)?;
-        start_epoch = load_train_state(&files, &mut opt, &mut model)?;
-        if start_epoch != history.len() {
-            return Err(Error::checkpoint(
-                files.train_state(),
-                format!(
-                    "records epoch {start_epoch} but metrics.json has {} epochs",
-                    history.len()
-                ),
-            ));
-        }
+    let mut history = Vec::new();
+    if let Some(c) = &commit {
+        run_folder::restore(&files, c, &mut model, &mut opt)?;
+        history = c.metrics.epochs.clone();
+    }
+
+    // Everything is checked: take the folder.
+    let _lock = RunLock::acquire(out)?;
+    if fresh {
+        // Again under the lock: another run may have finished here since the first check.
+        refuse_existing_run(out)?;
     }
     let mut metrics = RunMetrics {
         config: config.clone(),
@@ -425,11 +358,23 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         train_images_per_sec: 0.0,
     };
     summarize(&mut metrics);
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    save_metrics(&files, &metrics)?;
+    let meta = |epoch| CheckpointMeta {
+        spec: spec.clone(),
+        input_norm,
+        epoch,
+    };
+    if let Some(c) = &commit {
+        // The model file may run one epoch ahead of the commit (a kill between the two
+        // writes): put it back to the committed epoch.
+        checkpoint::save_model(&files.model(), &mut model, &meta(c.metrics.epochs.len()))?;
+    }
+    run_folder::save_metrics(&files, &metrics)?;
+    reporter.started(&data_dir, out, &metrics);
 
     let bs = config.batch_size;
     let batches = train_set.len().div_ceil(bs);
+    let start_epoch = metrics.epochs.len();
+    let mut y = Vec::new();
     for epoch in start_epoch..config.epochs {
         let lr = config.schedule.lr(config.optimizer.lr, epoch, config.epochs);
         reporter.epoch_start(epoch + 1, config.epochs, batches);
@@ -442,16 +387,12 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             model.net.set_step_seed(step_seed);
             let (loss, c) = train_step(&mut model, &mut opt, &y, train_set.classes, lr, config.sparsity)?;
             if !loss.is_finite() {
-                metrics.status = "diverged".into();
-                save_metrics(&files, &metrics)?;
-                return Err(Error::Diverged(format!(
-                    "loss became {loss} at epoch {}, batch {} (lr {lr}); the last good checkpoint (epoch {}) \
-                     is kept in {}",
+                let what = format!(
+                    "the training loss became {loss} at epoch {}, batch {} (lr {lr})",
                     epoch + 1,
-                    b + 1,
-                    epoch,
-                    out.display()
-                )));
+                    b + 1
+                );
+                return Err(diverged(&files, &mut metrics, &what));
             }
             loss_sum += loss * idx.len() as f64;
             correct += c;
@@ -460,14 +401,21 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         }
         let seconds = t0.elapsed().as_secs_f64();
         let test = evaluate(&mut model, &test_set, input_norm, 1000)?;
-        let (test_loss, test_accuracy) = (test.loss, test.accuracy);
+        if !test.loss.is_finite() {
+            let what = format!("the test loss became {} after epoch {} (lr {lr})", test.loss, epoch + 1);
+            return Err(diverged(&files, &mut metrics, &what));
+        }
+        if let Some(name) = first_non_finite(&mut model) {
+            let what = format!("{name} holds a non-finite value after epoch {} (lr {lr})", epoch + 1);
+            return Err(diverged(&files, &mut metrics, &what));
+        }
         let m = EpochMetrics {
             epoch: epoch + 1,
             lr,
             train_loss: loss_sum / seen as f64,
             train_accuracy: correct as f64 / seen as f64,
-            test_loss,
-            test_accuracy,
+            test_loss: test.loss,
+            test_accuracy: test.accuracy,
             seconds,
             images_per_sec: seen as f64 / seconds,
         };
@@ -477,21 +425,62 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         if epoch + 1 == config.epochs {
             metrics.status = "complete".into();
         }
-        // Optimizer state first, then the model, then the metrics that point at both.
-        save_train_state(&files, &opt, &names, epoch + 1)?;
-        let meta = CheckpointMeta {
-            spec: spec.clone(),
-            input_norm,
-            epoch: epoch + 1,
-        };
-        checkpoint::save_model(&files.model(), &mut model, &meta)?;
-        save_metrics(&files, &metrics)?;
+        run_folder::commit_epoch(&files, &mut model, &meta(epoch + 1), &opt, &names, &metrics)?;
+        reporter.committed(out, epoch + 1);
     }
-    if metrics.epochs.len() >= config.epochs {
+    if metrics.status != "complete" {
+        // Resumed with nothing left to train.
         metrics.status = "complete".into();
-        save_metrics(&files, &metrics)?;
+        run_folder::save_metrics(&files, &metrics)?;
     }
     Ok(metrics)
+}
+
+/// Marks the run diverged in metrics.json (the last commit stays as it was) and says what is
+/// left to the user.
+fn diverged(files: &RunFiles, metrics: &mut RunMetrics, what: &str) -> Error {
+    metrics.status = "diverged".into();
+    let kept = match metrics.epochs.len() {
+        0 => "no checkpoint exists yet (it diverged in its first epoch); lower --lr and start again".to_string(),
+        k => format!(
+            "the last good checkpoint (epoch {k}) is kept in {}",
+            files.dir.display()
+        ),
+    };
+    if let Err(e) = run_folder::save_metrics(files, metrics) {
+        return e;
+    }
+    Error::Diverged(format!("{what}; {kept}"))
+}
+
+/// The first parameter or buffer holding NaN or ±inf, by name.
+fn first_non_finite(model: &mut Model) -> Option<String> {
+    let bad = |v: &[f32]| v.iter().any(|x| !x.is_finite());
+    for (name, p) in model.net.named_params() {
+        if bad(&p.value.data) {
+            return Some(format!("parameter {name}"));
+        }
+    }
+    for (name, b) in model.net.named_buffers() {
+        if let crate::nn::BufferMut::F32(t) = b {
+            if bad(&t.data) {
+                return Some(format!("buffer {name}"));
+            }
+        }
+    }
+    None
+}
+
+/// An error when `out` already holds a run or results.
+fn refuse_existing_run(out: &Path) -> Result<()> {
+    if let Some(f) = crate::files::guard::RUN_MARKERS.iter().find(|f| out.join(f).exists()) {
+        return Err(Error::invalid(format!(
+            "{} already holds a run ({f}); continue it with --resume {} or choose another --out",
+            out.display(),
+            out.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A model's state dict as safetensors bytes.

@@ -1,0 +1,262 @@
+//! The `normlab` command line: one file per subcommand, each parsing its flags, calling the
+//! library and printing; no math here. This file holds what several subcommands share.
+
+pub mod bench;
+pub mod compare;
+pub mod eval;
+pub mod fold;
+pub mod layer;
+pub mod norms;
+pub mod prune;
+pub mod report;
+pub mod study;
+pub mod train;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use normlab::train::{EpochMetrics, Reporter, RunMetrics};
+use normlab::{Error, Result};
+
+/// More threads than this only cost time on any machine normlab is meant for.
+pub const MAX_THREADS: usize = 256;
+
+/// Sets the global thread pool once: `threads` workers, or one per core.
+pub fn init_threads(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::invalid(format!("--threads {n}: cannot start the worker threads ({e})")))?;
+    Ok(n)
+}
+
+/// Runs `f` on a worker of the global pool: parallel kernels then start from inside the pool,
+/// where an idle worker steals at once, instead of waking the whole pool from outside per call.
+pub fn in_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let mut out = None;
+    rayon::scope(|s| s.spawn(|_| out = Some(f())));
+    out.expect("the scope ran the job")
+}
+
+// Value parsers: a bad value is refused by clap with the flag's name in the message.
+
+pub fn threads(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {MAX_THREADS}")),
+    }
+}
+
+pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a whole number >= 1".into()),
+    }
+}
+
+pub fn positive(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err("must be a finite number > 0".into()),
+    }
+}
+
+pub fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err("must be a finite number >= 0".into()),
+    }
+}
+
+pub fn fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err("must be a number in [0, 1)".into()),
+    }
+}
+
+pub fn finite_f32(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err("must be a finite number".into()),
+    }
+}
+
+/// The test set a checkpoint command evaluates on, and its thread count.
+#[derive(Args)]
+pub struct TestSetArgs {
+    /// Folder with the four MNIST-format IDX files [default: $NORMLAB_DATA if set, else
+    /// ./data/fashion-mnist, else /usr/share/datasets/fashion-mnist].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Evaluate on the first N test images only [default: all].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub test_limit: Option<usize>,
+    /// Worker threads, 1 to 256 [default: one per core].
+    #[arg(long, value_name = "N", value_parser = threads)]
+    pub threads: Option<usize>,
+}
+
+impl TestSetArgs {
+    /// The data folder in use (print it with the results, so the user sees which data a
+    /// number comes from).
+    pub fn data_dir(&self) -> Result<PathBuf> {
+        normlab::data::resolve_data_dir(self.data.as_deref())
+    }
+}
+
+/// Where the last committed epoch of the training in progress is, for Ctrl-C.
+static LAST_COMMIT: std::sync::Mutex<Option<(PathBuf, usize)>> = std::sync::Mutex::new(None);
+
+/// On Ctrl-C: say where the last checkpoint is and how to continue, then exit 130.
+pub fn on_interrupt_name_the_checkpoint() {
+    let _ = ctrlc::set_handler(|| {
+        let last = LAST_COMMIT.lock().ok().and_then(|g| g.clone());
+        match last {
+            Some((dir, 0)) => eprintln!(
+                "\ninterrupted before the first epoch ended: no checkpoint yet in {}; start again, or \
+                 continue with: normlab train --resume {}",
+                dir.display(),
+                dir.display()
+            ),
+            Some((dir, epoch)) => eprintln!(
+                "\ninterrupted: the last checkpoint is {} (epoch {epoch}); continue with: normlab train --resume {}",
+                dir.join("model.safetensors").display(),
+                dir.display()
+            ),
+            None => eprintln!("\ninterrupted before training started; nothing was written"),
+        }
+        std::process::exit(130);
+    });
+}
+
+/// Progress bars, and one table row per epoch.
+#[derive(Default)]
+pub struct CliReporter {
+    bar: Option<ProgressBar>,
+}
+
+pub fn print_epoch_header() {
+    println!(
+        "{:>5}  {:>9}  {:>10}  {:>9}  {:>9}  {:>8}  {:>7}  {:>8}",
+        "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img/s"
+    );
+}
+
+impl Reporter for CliReporter {
+    fn started(&mut self, data_dir: &Path, out: &Path, m: &RunMetrics) {
+        println!("data: {}", data_dir.display());
+        let done = m.epochs.len();
+        if done > 0 {
+            println!("run folder: {} (resuming after epoch {done})", out.display());
+        } else {
+            println!("run folder: {}", out.display());
+        }
+        if let Ok(mut g) = LAST_COMMIT.lock() {
+            *g = Some((out.to_path_buf(), done));
+        }
+        print_epoch_header();
+    }
+
+    fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize) {
+        let bar = ProgressBar::new(batches as u64);
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed}, eta {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        bar.enable_steady_tick(Duration::from_millis(250));
+        self.bar = Some(bar);
+    }
+
+    fn batch(&mut self, mean_loss: f64, images_per_sec: f64) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s"));
+            bar.inc(1);
+        }
+    }
+
+    fn epoch_end(&mut self, m: &EpochMetrics) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        println!(
+            "{:>5}  {:>9.2e}  {:>10.4}  {:>9.4}  {:>9.4}  {:>8.4}  {:>7.1}  {:>8.0}",
+            m.epoch, m.lr, m.train_loss, m.train_accuracy, m.test_loss, m.test_accuracy, m.seconds, m.images_per_sec
+        );
+    }
+
+    fn committed(&mut self, out: &Path, epoch: usize) {
+        if let Ok(mut g) = LAST_COMMIT.lock() {
+            *g = Some((out.to_path_buf(), epoch));
+        }
+    }
+}
+
+impl Drop for CliReporter {
+    fn drop(&mut self) {
+        // An error mid-epoch: the bar goes, so the error line stands alone.
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// A progress bar over a study's runs.
+pub fn run_bar() -> ProgressBar {
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template("runs [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    bar
+}
+
+/// The first table and the finding, as the study's summary on screen.
+pub fn print_analysis(a: &normlab::studies::analysis::Analysis) {
+    println!("{}", a.title);
+    if let Some(t) = a.tables.first() {
+        println!("{}", t.caption);
+        let widths: Vec<usize> = (0..t.header.len())
+            .map(|i| {
+                t.rows
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([t.header[i].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:>w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        println!("{}", line(&t.header));
+        for r in &t.rows {
+            println!("{}", line(r));
+        }
+    }
+    println!("finding: {}", a.finding);
+}
+
+/// Before/after inference latency as a table.
+pub fn print_latency(rows: &[normlab::bench::Latency], before: &str, after: &str) {
+    println!("{:>6} {before:>13} {after:>11} {:>8}", "batch", "speedup");
+    for l in rows {
+        println!(
+            "{:>6} {:>13.3} {:>11.3} {:>7.2}x",
+            l.batch, l.before_ms, l.after_ms, l.speedup
+        );
+    }
+}

@@ -1,0 +1,65 @@
+//! `normlab study`: one of the five studies of the articles' claims.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use normlab::{train, Result};
+
+use super::*;
+
+#[derive(Args)]
+#[command(after_long_help = "Example:\n  normlab study batch-size --quick --seeds 3 --out studies/bs")]
+pub struct StudyArgs {
+    /// batch-size, learning-rate, regularization, ics or landscape.
+    pub name: String,
+    /// A small version that finishes in about two minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seeds per configuration (tables and plots show mean and spread) [default: 1].
+    #[arg(long, value_name = "N", value_parser = at_least_one, default_value_t = 1)]
+    pub seeds: usize,
+    /// Results folder [default: studies/<name>, or -2, -3, ... so no earlier study is touched].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Folder with the four MNIST-format IDX files [default: as for train].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Worker threads, 1 to 256 [default: one per core].
+    #[arg(long, value_name = "N", value_parser = threads)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(a: StudyArgs) -> Result<()> {
+    let threads = init_threads(a.threads)?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| train::fresh_run_dir(&PathBuf::from("studies"), &a.name));
+    let opts = normlab::studies::StudyOptions {
+        quick: a.quick,
+        seeds: a.seeds,
+        out: out.clone(),
+        data: a.data.clone(),
+        threads,
+    };
+    let bar = run_bar();
+    let results = in_pool(|| {
+        normlab::studies::run_study(&a.name, &opts, &mut |i, n, what| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+            bar.set_message(what.to_string());
+        })
+    });
+    bar.finish_and_clear();
+    let results = results?;
+    let an = normlab::studies::analysis::analyze(&results)?;
+    print_analysis(&an);
+    let n = results.runs.len() + results.ics.len() + results.landscape.len();
+    println!(
+        "{n} runs in {:.0} s; wrote {}",
+        results.seconds,
+        out.join("report.html").display()
+    );
+    Ok(())
+}

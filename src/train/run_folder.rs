@@ -1,0 +1,170 @@
+//! A run folder on disk, and its one commit point per epoch.
+//!
+//! `train_state.safetensors` is the commit record: the model's state dict (under `model.`),
+//! the optimizer's buffers, the step, and the whole metrics (config and per-epoch rows) in its
+//! metadata. It is written by one atomic rename, so after a kill at any instant the folder
+//! holds either the previous epoch's record or the new one, never a mix. `model.safetensors`
+//! (written just before the commit, so it exists once any epoch has ended) and `metrics.json`
+//! (just after) are views of it; a resume rewrites both from the record.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use safetensors::SafeTensors;
+
+use super::RunMetrics;
+use crate::checkpoint::{self, CheckpointMeta, Entry};
+use crate::error::{Error, Result};
+use crate::models::Model;
+use crate::optim::{Optimizer, OptimizerKind};
+
+const META_METRICS: &str = "normlab.metrics";
+
+/// Where a run's files live.
+pub struct RunFiles {
+    pub dir: PathBuf,
+}
+
+impl RunFiles {
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn train_state(&self) -> PathBuf {
+        self.dir.join("train_state.safetensors")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.json")
+    }
+}
+
+pub(super) fn save_metrics(files: &RunFiles, m: &RunMetrics) -> Result<()> {
+    let json = serde_json::to_vec_pretty(m).expect("metrics serialize");
+    crate::files::write_atomic(&files.metrics(), &json)
+}
+
+fn optimizer_keys(kind: OptimizerKind) -> (&'static str, Option<&'static str>) {
+    match kind {
+        OptimizerKind::Sgd => ("momentum_buffer", None),
+        _ => ("exp_avg", Some("exp_avg_sq")),
+    }
+}
+
+/// Ends an epoch: the model file, then the commit record, then metrics.json.
+pub(super) fn commit_epoch(
+    files: &RunFiles,
+    model: &mut Model,
+    meta: &CheckpointMeta,
+    opt: &Optimizer,
+    names: &[String],
+    metrics: &RunMetrics,
+) -> Result<()> {
+    checkpoint::save_model(&files.model(), model, meta)?;
+    let (first, second) = optimizer_keys(opt.config.kind);
+    let mut entries = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        if let Some(b) = opt.first.get(i) {
+            entries.push(Entry::f32(format!("{first}.{name}"), &[b.len()], b));
+        }
+        if let (Some(b), Some(key)) = (opt.second.get(i), second) {
+            entries.push(Entry::f32(format!("{key}.{name}"), &[b.len()], b));
+        }
+    }
+    for mut e in checkpoint::state_dict(model) {
+        e.name = format!("model.{}", e.name);
+        entries.push(e);
+    }
+    let mut md: HashMap<String, String> = checkpoint::model_metadata(meta);
+    md.insert("step".to_string(), opt.step.to_string());
+    md.insert("epoch".to_string(), meta.epoch.to_string());
+    md.insert(
+        META_METRICS.to_string(),
+        serde_json::to_string(metrics).expect("metrics serialize"),
+    );
+    crate::files::write_atomic(&files.train_state(), &checkpoint::serialize(&entries, md)?)?;
+    save_metrics(files, metrics)
+}
+
+/// The last committed epoch of a run folder.
+pub struct Commit {
+    pub metrics: RunMetrics,
+    pub step: u64,
+    bytes: Vec<u8>,
+}
+
+/// The config of the run in `files.dir` and its last commit (None when it was killed before
+/// its first epoch ended; it then starts over from its config).
+pub fn read_run(files: &RunFiles) -> Result<(super::TrainConfig, Option<Commit>)> {
+    let dir = &files.dir;
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "--resume {}: no such folder; start a run there with --out {}",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let state = files.train_state();
+    if state.exists() {
+        let bytes = checkpoint::read_safetensors(&state)?;
+        let md = checkpoint::metadata(&state, &bytes)?;
+        let text = md.get(META_METRICS).ok_or_else(|| {
+            Error::checkpoint(
+                &state,
+                "has no run record (written by an older normlab?); it cannot be resumed",
+            )
+        })?;
+        let metrics: RunMetrics = serde_json::from_str(text)
+            .map_err(|e| Error::checkpoint(&state, format!("bad run record in its metadata: {e}")))?;
+        let step = md
+            .get("step")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::checkpoint(&state, "metadata has no valid 'step'"))?;
+        return Ok((metrics.config.clone(), Some(Commit { metrics, step, bytes })));
+    }
+    let path = files.metrics();
+    if !path.exists() {
+        let what = if dir.join("prune.json").exists() {
+            " (a prune output: its fine-tuning run, if any, is the finetune/ folder inside it)"
+        } else {
+            ""
+        };
+        return Err(Error::invalid(format!(
+            "--resume {}: the folder holds no normlab training run (no metrics.json){what}",
+            dir.display()
+        )));
+    }
+    let text = crate::files::read_limited(&path, 64 << 20, "metrics.json")?;
+    let prev: RunMetrics = serde_json::from_slice(&text)
+        .map_err(|e| Error::checkpoint(&path, format!("not a normlab metrics.json ({e})")))?;
+    if !prev.epochs.is_empty() {
+        return Err(Error::checkpoint(
+            &path,
+            format!(
+                "lists {} epochs but {} is missing; the run cannot be continued",
+                prev.epochs.len(),
+                state.display()
+            ),
+        ));
+    }
+    Ok((prev.config, None))
+}
+
+/// Puts the committed weights, buffers and optimizer state into `model` and `opt`.
+pub(super) fn restore(files: &RunFiles, c: &Commit, model: &mut Model, opt: &mut Optimizer) -> Result<()> {
+    let path = files.train_state();
+    let st = SafeTensors::deserialize(&c.bytes).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    checkpoint::load_prefixed(&path, &st, model, "model.")?;
+    opt.step = c.step;
+    if c.step > 0 {
+        let (first, second) = optimizer_keys(opt.config.kind);
+        for (name, p) in model.net.named_params() {
+            let shape = [p.value.len()];
+            opt.first
+                .push(checkpoint::tensor_f32(&path, &st, &format!("{first}.{name}"), &shape)?);
+            if let Some(key) = second {
+                opt.second
+                    .push(checkpoint::tensor_f32(&path, &st, &format!("{key}.{name}"), &shape)?);
+            }
+        }
+    }
+    Ok(())
+}
