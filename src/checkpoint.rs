@@ -237,11 +237,15 @@ pub fn load_model(path: &Path) -> Result<(Model, CheckpointMeta)> {
         )));
     }
     let bytes = read_safetensors(path)?;
-    let md = metadata(path, &bytes)?;
+    load_model_bytes(path, &bytes)
+}
+
+/// `load_model` on bytes already read (`path` names them in errors).
+pub fn load_model_bytes(path: &Path, bytes: &[u8]) -> Result<(Model, CheckpointMeta)> {
+    let md = metadata(path, bytes)?;
     let meta = parse_metadata(path, &md)?;
-    let model = build_checked(path, &meta.spec, bytes.len())?;
-    let mut model = model;
-    load_state_dict(path, &bytes, &mut model)?;
+    let mut model = build_checked(path, &meta.spec, bytes.len())?;
+    load_state_dict(path, bytes, &mut model)?;
     Ok((model, meta))
 }
 

@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod files;
 pub mod fold;
+pub mod fuzz_targets;
 pub mod kernels;
 pub mod models;
 pub mod nn;

@@ -37,6 +37,11 @@ pub fn read_idx(path: &Path, expected_rank: usize) -> Result<IdxArray> {
     result.map_err(|m| Error::data(path, m))
 }
 
+/// Parses gzip-compressed IDX bytes, as `read_idx` reads a `.gz` file.
+pub fn parse_idx_gz(bytes: &[u8], expected_rank: usize) -> std::result::Result<IdxArray, String> {
+    read_idx_from(flate2::read::MultiGzDecoder::new(bytes), None, expected_rank)
+}
+
 /// Parses IDX bytes; the error is a message without the path.
 pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> std::result::Result<IdxArray, String> {
     read_idx_from(bytes, Some(bytes.len() as u64), expected_rank)

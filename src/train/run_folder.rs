@@ -124,6 +124,9 @@ pub fn read_run(files: &RunFiles) -> Result<(super::TrainConfig, Option<Commit>)
     if !path.exists() {
         let what = if dir.join("prune.json").exists() {
             " (a prune output: its fine-tuning run, if any, is the finetune/ folder inside it)"
+        } else if dir.join(".lock").exists() {
+            " (a training was stopped here before it wrote its first record; start it again with \
+             the same --out)"
         } else {
             ""
         };
