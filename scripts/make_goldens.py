@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Generate PyTorch golden files for normlab's tests.
 
-Run from the repository root:  .venv-torch/bin/python scripts/make_goldens.py
-Writes tests/goldens/*.safetensors. Never edit the outputs by hand; rerun this script.
+Run from the repository root:  .venv-torch/bin/python scripts/make_goldens.py [NAME...]
+Writes tests/goldens/*.safetensors (all, or the named ones: batch_norm, seed_cnn_steps,
+norm_family, eval_backward). Never edit the outputs by hand; rerun this script.
 """
 import json
 import os
@@ -290,8 +291,107 @@ def norm_family_cases():
     print(f"norm_family.safetensors: {len(cases)} cases")
 
 
+def eval_backward_cases():
+    """Backward in eval mode, as PyTorch's autograd gives it: with running statistics they are
+    constants (dx = dy*gamma/sqrt(rv + eps)); a norm without them normalizes with batch
+    statistics in eval too, so its backward is the training one. Buffers never change."""
+    g = torch.Generator().manual_seed(1414)
+    tensors, cases = {}, []
+
+    def record(i, spec, shape, ins, outs):
+        p = f"case{i}."
+        for k, v in ins.items():
+            tensors[p + "in." + k] = v if v.dtype == torch.int64 else v.float()
+        for k, v in outs.items():
+            tensors[p + "out." + k] = v.float()
+        cases.append(dict(spec=spec, shape=list(shape)))
+
+    def module_case(spec, make, shape, offset=0.0, spread=1.0):
+        i = len(cases)
+        module = make(shape).double()
+        _rand_affine(module, g)
+        x = _data(shape, g, offset, spread).requires_grad_(True)
+        dy = _data(shape, g)
+        ins = {"x": x.detach(), "dy": dy}
+        if getattr(module, "weight", None) is not None:
+            ins["weight"], ins["bias"] = module.weight.detach().clone(), module.bias.detach().clone()
+        if getattr(module, "running_mean", None) is not None:
+            with torch.no_grad():
+                rm = torch.randn(module.running_mean.shape, generator=g) * spread * 0.3 + offset
+                module.running_mean.copy_(rm.float().double())
+                rv = (torch.rand(module.running_var.shape, generator=g) + 0.5) * spread * spread
+                module.running_var.copy_(rv.float().double())
+                module.num_batches_tracked.fill_(7)
+            ins["running_mean"], ins["running_var"] = module.running_mean.clone(), module.running_var.clone()
+            ins["num_batches_tracked"] = torch.tensor(7, dtype=torch.int64)
+        module.eval()
+        y = module(x)
+        y.backward(dy)
+        outs = {"y": y.detach(), "dx": x.grad}
+        if "weight" in ins:
+            outs["dweight"], outs["dbias"] = module.weight.grad, module.bias.grad
+        record(i, spec, shape, ins, outs)
+
+    BN2 = lambda **kw: (lambda s: nn.BatchNorm2d(s[1], **kw))
+    BN1 = lambda **kw: (lambda s: nn.BatchNorm1d(s[1], **kw))
+    IN2 = lambda **kw: (lambda s: nn.InstanceNorm2d(s[1], **kw))
+    GN = lambda G: (lambda s: nn.GroupNorm(G, s[1]))
+    LNE = lambda: (lambda s: nn.LayerNorm(list(s[1:])))
+    # With running statistics: BN and the variants whose eval mode is BN's.
+    module_case("bn", BN2(), (5, 7, 3, 3))
+    module_case("bn", BN1(), (9, 5))
+    module_case("bn", BN2(), (4, 3, 9, 9))
+    module_case("bn:affine=false", BN2(affine=False), (4, 5, 3, 3))
+    module_case("bn:momentum=none", BN2(), (3, 4, 2, 2))
+    module_case("bn", BN2(), (6, 3, 4, 4), offset=1e4, spread=1e-2)
+    module_case("ghost:2", BN2(), (4, 3, 3, 3))
+    module_case("brn:rmax=3,dmax=5,warmup=100", BN2(), (4, 3, 3, 3))
+    module_case("bn-noisy", BN2(), (4, 3, 3, 3))
+    module_case("in:affine=true,track=true", IN2(affine=True, track_running_stats=True), (4, 6, 5, 5))
+    module_case("in:track=true,momentum=0.3", IN2(track_running_stats=True, momentum=0.3), (2, 3, 4, 4))
+    # Without running statistics: batch statistics in eval, the training backward.
+    module_case("bn:track=false", BN2(track_running_stats=False), (5, 4, 3, 3))
+    module_case("bn:track=false", BN1(track_running_stats=False), (8, 6))
+    module_case("in", IN2(), (3, 5, 4, 4))
+    module_case("in:affine=true", IN2(affine=True), (3, 5, 4, 3))
+    module_case("gn:2", GN(2), (4, 6, 5, 5))
+    module_case("gn:5", GN(5), (2, 10))
+    module_case("ln", GN(1), (4, 6, 5, 5))
+    module_case("layernorm", LNE(), (4, 6, 5, 5))
+
+    # Lp BN in eval: y = gamma*(x - running_mean)/(running_scale + eps) + beta (a transcription).
+    def lp_eval_case(spec, shape, eps=1e-5):
+        i = len(cases)
+        c = shape[1]
+        view = [1, -1] + [1] * (len(shape) - 2)
+        x = _data(shape, g, 0.3, 1.7).requires_grad_(True)
+        dy = _data(shape, g)
+        gamma = (torch.rand(c, generator=g) + 0.5).float().double().requires_grad_(True)
+        beta = torch.randn(c, generator=g).float().double().requires_grad_(True)
+        rm = (torch.randn(c, generator=g) * 0.5).float().double()
+        rs = (torch.rand(c, generator=g) * 2 + 0.3).float().double()
+        y = gamma.view(view) * (x - rm.view(view)) / (rs.view(view) + eps) + beta.view(view)
+        y.backward(dy)
+        ins = dict(x=x.detach(), dy=dy, weight=gamma.detach(), bias=beta.detach(), running_mean=rm,
+                   running_scale=rs, num_batches_tracked=torch.tensor(7, dtype=torch.int64))
+        record(i, spec, shape, ins, dict(y=y.detach(), dx=x.grad, dweight=gamma.grad, dbias=beta.grad))
+
+    lp_eval_case("bn-l1", (5, 4, 3, 3))
+    lp_eval_case("bn-linf", (7, 6))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "eval_backward.safetensors"),
+              metadata={"cases": json.dumps(cases)})
+    print(f"eval_backward.safetensors: {len(cases)} cases")
+
+
+GOLDENS = {
+    "batch_norm": batch_norm_cases,
+    "seed_cnn_steps": seed_cnn_steps,
+    "norm_family": norm_family_cases,
+    "eval_backward": eval_backward_cases,
+}
+
 if __name__ == "__main__":
+    # Every golden file, or only those named: make_goldens.py eval_backward
     os.makedirs(OUT, exist_ok=True)
-    batch_norm_cases()
-    seed_cnn_steps()
-    norm_family_cases()
+    for name in sys.argv[1:] or list(GOLDENS):
+        GOLDENS[name]()

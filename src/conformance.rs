@@ -58,7 +58,10 @@ impl<'a> LayerInputs<'a> {
 }
 
 /// Runs the layer `spec` once: forward in train mode (or eval with `eval`), then backward when
-/// `dy` is given. Returns `y`, `dx`, `dweight`, `dbias` and the updated buffers.
+/// `dy` is given: in eval mode the backward of the eval-mode layer, as PyTorch's autograd
+/// gives it (running statistics are constants; a norm without them uses batch statistics in
+/// eval too, so its backward is the training one). Returns `y`, `dx`, `dweight`, `dbias` and
+/// the buffers (unchanged in eval mode).
 pub fn run_layer(spec: &str, inputs: &LayerInputs, eval: bool) -> Result<Vec<Entry>> {
     let path = inputs.path;
     let norm: NormSpec = spec.parse()?;
@@ -80,11 +83,6 @@ pub fn run_layer(spec: &str, inputs: &LayerInputs, eval: bool) -> Result<Vec<Ent
             return Err(Error::checkpoint(
                 path,
                 format!("'dy' has shape {:?}, 'x' has {:?}", dy.shape, x.shape),
-            ));
-        }
-        if eval {
-            return Err(Error::invalid(
-                "backward runs after a training forward; drop --eval or leave out 'dy'",
             ));
         }
     }

@@ -123,6 +123,11 @@ impl Optimizer {
         let (first, second) = (&mut self.first, &mut self.second);
         let mut i = 0;
         net.visit_params(&mut |p| {
+            if p.frozen {
+                // Not trained: no update, no decay, its state stays zero (requires_grad=False).
+                i += 1;
+                return;
+            }
             let decays = !(cfg.no_decay_norm_and_bias && matches!(p.kind, ParamKind::Norm | ParamKind::Bias));
             let wd = if decays { cfg.weight_decay } else { 0.0 };
             let (w, g) = (&mut p.value.data, &p.grad.data);

@@ -9,49 +9,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{assert_close, assert_close_scaled, Golden};
+use common::{
+    assert_close, assert_close_scaled, layer_inputs as inputs, layer_outputs as outputs, serialize_run, Golden,
+};
 use normlab::checkpoint::{serialize, Entry};
-use normlab::conformance::{run_layer, LayerInputs};
-use safetensors::tensor::Dtype;
 use serde_json::Value;
-
-/// The case's tensors under `prefix`, renamed to the conformance names, as safetensors bytes.
-fn inputs(g: &Golden, names: &[&str], prefix: &str, rename: &[(&str, &str)]) -> Vec<u8> {
-    let mut entries = Vec::new();
-    for name in names {
-        let Some(local) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        let local = rename
-            .iter()
-            .find(|(from, _)| *from == local)
-            .map_or(local, |(_, to)| *to);
-        if local == "num_batches_tracked" {
-            entries.push(Entry::i64(local.into(), g.i64s(name)[0]));
-        } else {
-            let t = g.tensor(name);
-            entries.push(Entry::f32(local.into(), &t.shape, &t.data));
-        }
-    }
-    serialize(&entries, HashMap::new()).unwrap()
-}
-
-fn outputs(bytes: &[u8]) -> HashMap<String, Vec<f32>> {
-    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, t)| t.dtype() == Dtype::F32)
-        .map(|(n, t)| {
-            (
-                n,
-                t.data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn every_spec_matches_its_reference() {
@@ -123,11 +85,6 @@ fn every_spec_matches_its_reference() {
             );
         }
     }
-}
-
-fn serialize_run(spec: &str, path: &Path, input: &[u8], eval: bool) -> normlab::Result<Vec<u8>> {
-    let parsed = LayerInputs::parse(path, input)?;
-    serialize(&run_layer(spec, &parsed, eval)?, HashMap::new())
 }
 
 #[test]

@@ -376,3 +376,56 @@ multiversion! {
         }
     }
 }
+
+// Backward of y = act((x − mean)·inv·γ + β) with fixed statistics (eval mode):
+// dx = g·γ·inv, dγ = Σ g·(x − mean)·inv, dβ = Σ g, where g = dy masked by a fused ReLU.
+/// `dx` (when given) is written sample by sample; `sums[ch]` gets Σg and Σg·x̂ per channel.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_fixed(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    c: usize,
+    s: usize,
+    mean: &[f64],
+    inv: &[f32],
+    gain: &[f32],
+    relu: bool,
+    sums: &mut [ChannelSums],
+) {
+    let g = |yv: f32, d: f32| if relu { relu_mask(yv, d) } else { d };
+    if let Some(dx) = dx {
+        dx.par_chunks_mut(c * s)
+            .zip(dy.par_chunks(c * s).zip(y.par_chunks(c * s)))
+            .for_each(|(dxs, (dys, ys))| {
+                for ch in 0..c {
+                    let k = gain[ch] * inv[ch];
+                    let r = ch * s..(ch + 1) * s;
+                    for ((o, &d), &yv) in dxs[r.clone()].iter_mut().zip(&dys[r.clone()]).zip(&ys[r]) {
+                        *o = g(yv, d) * k;
+                    }
+                }
+            });
+    }
+    let n = x.len() / (c * s).max(1);
+    sums.par_iter_mut().enumerate().for_each(|(ch, sum)| {
+        let center = Center::new(mean[ch]);
+        let (mut sd, mut sdx) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+            let (mut a, mut b) = (0.0f32, 0.0f32);
+            for ((&xv, &d), &yv) in x[r.clone()].iter().zip(&dy[r.clone()]).zip(&y[r]) {
+                let gv = g(yv, d);
+                a += gv;
+                b += gv * center.sub(xv);
+            }
+            sd += a as f64;
+            sdx += b as f64;
+        }
+        *sum = ChannelSums {
+            sum_dy: sd,
+            sum_dy_xhat: sdx * inv[ch] as f64,
+        };
+    });
+}

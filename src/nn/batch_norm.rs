@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{self as k, ChannelGrad, ChannelStats, ChannelSums};
 use crate::kernels::lp_norm::{self, LpKind};
-use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind};
+use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
 use crate::tensor::Tensor;
 
 /// How training-mode statistics are taken.
@@ -105,6 +105,11 @@ pub struct BatchNorm {
     /// The running variance; for Lp BN the running Lp scale (state-dict key `running_scale`).
     pub running_var: Option<Tensor>,
     pub num_batches_tracked: i64,
+    /// How the running statistics are used (frozen BN, recalibration, batch-statistics eval).
+    pub stats_mode: StatsMode,
+    /// The last forward normalized with the running statistics (backward is then the
+    /// eval-mode one).
+    last_running: bool,
     scratch: Scratch,
 }
 
@@ -133,6 +138,8 @@ impl BatchNorm {
             running_var,
             num_batches_tracked: 0,
             relu: false,
+            stats_mode: StatsMode::Normal,
+            last_running: false,
             scratch: Scratch::default(),
         }
     }
@@ -194,9 +201,23 @@ impl BatchNorm {
     fn next_factor(&mut self) -> f64 {
         self.num_batches_tracked += 1;
         match self.config.momentum {
-            Some(m) => m,
-            None => 1.0 / self.num_batches_tracked as f64,
+            // Recalibration averages its batches with equal weights, whatever the momentum.
+            Some(m) if self.stats_mode != StatsMode::Accumulate => m,
+            _ => 1.0 / self.num_batches_tracked as f64,
         }
+    }
+
+    /// (mean, 1/σ) per channel of the running statistics: σ = sqrt(running_var + eps), or
+    /// running_scale + eps for Lp BN.
+    fn running_inverse(&self, ch: usize) -> (f64, f32) {
+        let rm = &self.running_mean.as_ref().expect("tracked").data;
+        let rv = &self.running_var.as_ref().expect("tracked").data;
+        let inv = if matches!(self.config.stats, BatchStats::Lp(_)) {
+            (1.0 / (rv[ch] as f64 + self.config.eps)) as f32
+        } else {
+            k::inverse_std(rv[ch], self.config.eps)
+        };
+        (rm[ch] as f64, inv)
     }
 
     /// Batch Renorm's (rmax, dmax) at the current step.
@@ -218,10 +239,6 @@ impl BatchNorm {
     /// Eval with running statistics: y = act((x - running_mean)·γ/σ + β) with σ =
     /// sqrt(running_var + eps), or running_scale + eps for Lp BN.
     fn forward_running(&mut self, x: &Tensor, y: &mut Tensor, c: usize, s: usize) {
-        let rm = &self.running_mean.as_ref().expect("tracked").data;
-        let rv = &self.running_var.as_ref().expect("tracked").data;
-        let lp = matches!(self.config.stats, BatchStats::Lp(_));
-        let eps = self.config.eps;
         let mut scale = std::mem::take(&mut self.scratch.scale);
         let mut shift = std::mem::take(&mut self.scratch.shift);
         let mut mean = std::mem::take(&mut self.scratch.mean);
@@ -229,14 +246,10 @@ impl BatchNorm {
         shift.clear();
         mean.clear();
         for ch in 0..c {
-            let inv = if lp {
-                (1.0 / (rv[ch] as f64 + eps)) as f32
-            } else {
-                k::inverse_std(rv[ch], eps)
-            };
+            let (m, inv) = self.running_inverse(ch);
             scale.push(inv * self.gamma_or_one(ch));
             shift.push(self.beta_or_zero(ch));
-            mean.push(rm[ch] as f64);
+            mean.push(m);
         }
         k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
         self.scratch.scale = scale;
@@ -272,8 +285,44 @@ impl BatchNorm {
         (sc.mean, sc.scale, sc.shift) = (mean, scale, shift);
     }
 
+    /// The backward of the eval-mode affine map y = act((x - running_mean)·γ/σ + β): the
+    /// running statistics are constants, as in PyTorch's eval-mode autograd.
+    fn backward_running(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor, c: usize, s: usize) {
+        dx.resize_to(&x.shape);
+        let mut sc = std::mem::take(&mut self.scratch);
+        (sc.mean.clear(), sc.scale.clear(), sc.shift.clear());
+        for ch in 0..c {
+            let (m, inv) = self.running_inverse(ch);
+            sc.mean.push(m);
+            sc.scale.push(inv);
+            sc.shift.push(self.gamma_or_one(ch));
+        }
+        sc.sums.resize(c, ChannelSums::default());
+        k::batch_norm_backward_fixed(
+            &x.data,
+            &y.data,
+            &dy.data,
+            Some(&mut dx.data),
+            c,
+            s,
+            &sc.mean,
+            &sc.scale,
+            &sc.shift,
+            self.relu,
+            &mut sc.sums,
+        );
+        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+            for (ch, sum) in sc.sums.iter().enumerate() {
+                w.grad.data[ch] += sum.sum_dy_xhat as f32;
+                b.grad.data[ch] += sum.sum_dy as f32;
+            }
+        }
+        self.scratch = sc;
+    }
+
     /// running = (1 - f)·running + f·batch, with batch statistics averaged over virtual batches
     /// (Keras' Ghost BN) and the variance unbiased over each set's `m` values.
+    /// Lp BN keeps its running scale the same way (no unbiasing).
     fn update_running_stats(&mut self, c: usize, sets: usize, m: usize) {
         if !self.config.track_running_stats {
             return;
@@ -307,7 +356,8 @@ impl Layer for BatchNorm {
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
         let (n, c, s) = self.view(x)?;
         y.resize_to(&x.shape);
-        if mode == Mode::Eval && self.config.track_running_stats {
+        self.last_running = self.config.track_running_stats && self.stats_mode.uses_running(mode);
+        if self.last_running {
             self.forward_running(x, y, c, s);
             return Ok(());
         }
@@ -382,7 +432,7 @@ impl Layer for BatchNorm {
             }
         }
         self.scratch = sc;
-        if mode == Mode::Train {
+        if self.stats_mode.updates_running(mode) {
             self.update_running_stats(c, sets, v * s);
         }
         Ok(())
@@ -397,6 +447,10 @@ impl Layer for BatchNorm {
                 self.name(),
                 format!("gradient {:?} does not match the input {:?}", dy.shape, x.shape),
             ));
+        }
+        if self.last_running {
+            self.backward_running(x, y, dy, dx, c, s);
+            return Ok(());
         }
         let v = self.set_size(n)?;
         if self.scratch.stats.len() != (n / v) * c {
@@ -476,6 +530,16 @@ impl Layer for BatchNorm {
 
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
         visit_weight_bias(self.weight.as_mut(), self.bias.as_mut(), f);
+    }
+
+    fn set_stats_mode(&mut self, mode: StatsMode) -> usize {
+        if !self.config.track_running_stats {
+            return 0;
+        }
+        self.stats_mode = mode;
+        let frozen = matches!(mode, StatsMode::Frozen { affine: true });
+        self.visit_params(&mut |_, p| p.frozen = frozen);
+        1
     }
 
     fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {

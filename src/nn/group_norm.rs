@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{self as bnk, ChannelStats};
 use crate::kernels::group_norm as k;
-use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind};
+use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +57,11 @@ pub struct GroupNorm {
     pub num_batches_tracked: i64,
     /// A ReLU fused after the affine (forward and backward), when the model has one there.
     pub relu: bool,
+    /// InstanceNorm with running statistics: how they are used (see BatchNorm).
+    pub stats_mode: StatsMode,
+    last_running: bool,
+    /// Batches averaged so far in `StatsMode::Accumulate`.
+    accumulated: u64,
     scratch: Scratch,
 }
 
@@ -108,6 +113,9 @@ impl GroupNorm {
             running_var: tracks.then(|| Tensor::full(&[channels], 1.0)),
             num_batches_tracked: 0,
             relu: false,
+            stats_mode: StatsMode::Normal,
+            last_running: false,
+            accumulated: 0,
             scratch: Scratch::default(),
         })
     }
@@ -158,7 +166,12 @@ impl GroupNorm {
         let (Some(rm), Some(rv)) = (self.running_mean.as_mut(), self.running_var.as_mut()) else {
             return;
         };
-        let m = self.config.momentum;
+        let m = if self.stats_mode == StatsMode::Accumulate {
+            self.accumulated += 1;
+            1.0 / self.accumulated as f64
+        } else {
+            self.config.momentum
+        };
         let unbias = s as f64 / (s as f64 - 1.0);
         for ch in 0..self.channels {
             let bm: f64 = (0..n).map(|i| st[i * self.channels + ch].mean).sum::<f64>() / n as f64;
@@ -188,7 +201,8 @@ impl Layer for GroupNorm {
         let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
         let (eps, relu) = (self.config.eps, self.relu);
-        if let (Mode::Eval, Some(rm), Some(rv)) = (mode, self.running_mean.as_ref(), self.running_var.as_ref()) {
+        self.last_running = self.running_mean.is_some() && self.stats_mode.uses_running(mode);
+        if let (true, Some(rm), Some(rv)) = (self.last_running, self.running_mean.as_ref(), self.running_var.as_ref()) {
             // InstanceNorm with running statistics normalizes like BatchNorm in eval mode.
             let sc = &mut self.scratch;
             sc.mean.clear();
@@ -215,7 +229,7 @@ impl Layer for GroupNorm {
         self.scratch.stats.resize(n * groups, ChannelStats::default());
         let stats = &mut self.scratch.stats;
         k::group_norm_forward_train(&x.data, &mut y.data, c, s, groups, eps, gamma, beta, relu, stats);
-        if mode == Mode::Train {
+        if self.stats_mode.updates_running(mode) {
             self.update_running_stats(n, s);
         }
         Ok(())
@@ -228,6 +242,42 @@ impl Layer for GroupNorm {
                 self.name(),
                 format!("gradient {:?} does not match the input {:?}", dy.shape, x.shape),
             ));
+        }
+        if self.last_running {
+            // Eval-mode backward of the running-statistics affine map, as BatchNorm's.
+            dx.resize_to(&x.shape);
+            let mut sums = vec![bnk::ChannelSums::default(); c];
+            let gains: Vec<f32> = (0..c)
+                .map(|ch| self.weight.as_ref().map_or(1.0, |w| w.value.data[ch]))
+                .collect();
+            let (rm, rv) = (self.running_mean.as_ref(), self.running_var.as_ref());
+            let mean: Vec<f64> = rm.expect("tracked").data.iter().map(|&m| m as f64).collect();
+            let inv: Vec<f32> = rv
+                .expect("tracked")
+                .data
+                .iter()
+                .map(|&v| bnk::inverse_std(v, self.config.eps))
+                .collect();
+            bnk::batch_norm_backward_fixed(
+                &x.data,
+                &y.data,
+                &dy.data,
+                Some(&mut dx.data),
+                c,
+                s,
+                &mean,
+                &inv,
+                &gains,
+                self.relu,
+                &mut sums,
+            );
+            if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+                for (ch, sum) in sums.iter().enumerate() {
+                    w.grad.data[ch] += sum.sum_dy_xhat as f32;
+                    b.grad.data[ch] += sum.sum_dy as f32;
+                }
+            }
+            return Ok(());
         }
         if self.scratch.stats.len() != n * groups {
             return Err(Error::invalid(format!(
@@ -271,6 +321,17 @@ impl Layer for GroupNorm {
 
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
         visit_weight_bias(self.weight.as_mut(), self.bias.as_mut(), f);
+    }
+
+    fn set_stats_mode(&mut self, mode: StatsMode) -> usize {
+        if self.running_mean.is_none() {
+            return 0;
+        }
+        self.stats_mode = mode;
+        self.accumulated = 0;
+        let frozen = matches!(mode, StatsMode::Frozen { affine: true });
+        self.visit_params(&mut |_, p| p.frozen = frozen);
+        1
     }
 
     fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {

@@ -15,6 +15,44 @@ pub enum Mode {
     Eval,
 }
 
+/// How a norm that keeps running statistics uses them, beyond the network's `Mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StatsMode {
+    /// PyTorch's behaviour: batch statistics in training (updating the running ones), the
+    /// running ones in eval.
+    #[default]
+    Normal,
+    /// The running statistics always, never updated: frozen BN (torchvision's
+    /// FrozenBatchNorm2d, Keras' `trainable = False`); backward is the eval-mode backward.
+    /// With `affine`, γ and β are frozen too.
+    Frozen { affine: bool },
+    /// Batch statistics always, the running ones untouched (`eval --bn-stats batch`).
+    Batch,
+    /// Batch statistics always, accumulated into the running ones as an equal-weight average
+    /// over the batches (momentum None), as `torch.optim.swa_utils.update_bn` does.
+    Accumulate,
+}
+
+impl StatsMode {
+    /// Whether a layer with running statistics normalizes with them in `mode`.
+    pub fn uses_running(self, mode: Mode) -> bool {
+        match self {
+            StatsMode::Normal => mode == Mode::Eval,
+            StatsMode::Frozen { .. } => true,
+            StatsMode::Batch | StatsMode::Accumulate => false,
+        }
+    }
+
+    /// Whether a forward in `mode` updates the running statistics.
+    pub fn updates_running(self, mode: Mode) -> bool {
+        match self {
+            StatsMode::Normal => mode == Mode::Train,
+            StatsMode::Accumulate => true,
+            StatsMode::Frozen { .. } | StatsMode::Batch => false,
+        }
+    }
+}
+
 /// What a parameter is, so an optimizer can exempt norm parameters and biases from decay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamKind {
@@ -29,12 +67,19 @@ pub struct Param {
     pub value: Tensor,
     pub grad: Tensor,
     pub kind: ParamKind,
+    /// Not trained (PyTorch's requires_grad = False): the optimizer leaves it as it is.
+    pub frozen: bool,
 }
 
 impl Param {
     pub fn new(value: Tensor, kind: ParamKind) -> Self {
         let grad = Tensor::zeros(&value.shape);
-        Param { value, grad, kind }
+        Param {
+            value,
+            grad,
+            kind,
+            frozen: false,
+        }
     }
 }
 
@@ -76,6 +121,12 @@ pub trait Layer: Send {
 
     /// Seeds the layer's randomness for the coming step (dropout), so runs replay exactly.
     fn set_step_seed(&mut self, _seed: u64) {}
+
+    /// Sets how the norms with running statistics in this layer use them; returns how many
+    /// such norms it holds (0 for every other layer).
+    fn set_stats_mode(&mut self, _mode: StatsMode) -> usize {
+        0
+    }
 }
 
 /// Visits an optional weight and bias as "weight" and "bias": the parameters of conv, linear

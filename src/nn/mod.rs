@@ -14,5 +14,5 @@ pub mod pool;
 pub mod residual;
 pub mod sequential;
 
-pub use layer::{BufferMut, Layer, Mode, Param, ParamKind};
+pub use layer::{BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
 pub use sequential::Sequential;

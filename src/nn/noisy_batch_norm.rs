@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::Result;
 use crate::kernels::reduce::relu_mask;
 use crate::nn::batch_norm::BatchNorm;
-use crate::nn::layer::{BufferMut, Layer, Mode, Param};
+use crate::nn::layer::{BufferMut, Layer, Mode, Param, StatsMode};
 use crate::tensor::Tensor;
 
 pub struct NoisyBatchNorm {
@@ -61,7 +61,9 @@ impl Layer for NoisyBatchNorm {
         let s = x.sample_len() / c.max(1);
         self.scale.clear();
         self.shift.clear();
-        if mode == Mode::Train {
+        // Noise only in ordinary training: a frozen, recalibrating or batch-statistics BN is
+        // the plain BN of eval mode.
+        if mode == Mode::Train && self.bn.stats_mode == StatsMode::Normal {
             let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
             // Per unit (mu_j, sigma_j) first, then the per-sample draws, all from this step's seed.
             let units: Vec<(f32, f32)> = (0..c)
@@ -119,5 +121,9 @@ impl Layer for NoisyBatchNorm {
 
     fn set_step_seed(&mut self, seed: u64) {
         self.seed = seed;
+    }
+
+    fn set_stats_mode(&mut self, mode: StatsMode) -> usize {
+        self.bn.set_stats_mode(mode)
     }
 }

@@ -222,6 +222,11 @@ impl Layer for BasicBlock {
         }
     }
 
+    fn set_stats_mode(&mut self, mode: crate::nn::StatsMode) -> usize {
+        let shortcut = self.shortcut.as_mut().map_or(0, |(_, n)| n.set_stats_mode(mode));
+        self.norm1.set_stats_mode(mode) + self.norm2.set_stats_mode(mode) + shortcut
+    }
+
     fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {
         let key = |prefix: &str, k: &str| -> &'static str {
             match (prefix, k) {

@@ -100,7 +100,7 @@ impl Sequential {
     pub fn add_norm_scale_l1(&mut self, lambda: f32) {
         for (_, layer) in self.layers.iter_mut() {
             layer.visit_params(&mut |key, p| {
-                if key == "weight" && p.kind == ParamKind::Norm {
+                if key == "weight" && p.kind == ParamKind::Norm && !p.frozen {
                     for (g, &w) in p.grad.data.iter_mut().zip(&p.value.data) {
                         *g += lambda
                             * if w > 0.0 {
@@ -125,6 +125,11 @@ impl Sequential {
                 }
             });
         }
+    }
+
+    /// Sets how every norm with running statistics uses them; returns how many there are.
+    pub fn set_stats_mode(&mut self, mode: crate::nn::StatsMode) -> usize {
+        self.layers.iter_mut().map(|(_, l)| l.set_stats_mode(mode)).sum()
     }
 
     pub fn zero_grad(&mut self) {

@@ -110,3 +110,48 @@ pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], rel: f32, floo
         want[at]
     );
 }
+
+// Cases of the layer goldens, through `normlab layer`'s code path.
+
+/// The case's tensors under `prefix`, renamed to the conformance names, as safetensors bytes.
+pub fn layer_inputs(g: &Golden, names: &[&str], prefix: &str, rename: &[(&str, &str)]) -> Vec<u8> {
+    let mut entries = Vec::new();
+    for name in names {
+        let Some(local) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let local = rename
+            .iter()
+            .find(|(from, _)| *from == local)
+            .map_or(local, |(_, to)| *to);
+        if local == "num_batches_tracked" {
+            entries.push(normlab::checkpoint::Entry::i64(local.into(), g.i64s(name)[0]));
+        } else {
+            let t = g.tensor(name);
+            entries.push(normlab::checkpoint::Entry::f32(local.into(), &t.shape, &t.data));
+        }
+    }
+    normlab::checkpoint::serialize(&entries, HashMap::new()).unwrap()
+}
+
+pub fn layer_outputs(bytes: &[u8]) -> HashMap<String, Vec<f32>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, t)| t.dtype() == Dtype::F32)
+        .map(|(n, t)| {
+            (
+                n,
+                t.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+pub fn serialize_run(spec: &str, path: &std::path::Path, input: &[u8], eval: bool) -> normlab::Result<Vec<u8>> {
+    let parsed = normlab::conformance::LayerInputs::parse(path, input)?;
+    normlab::checkpoint::serialize(&normlab::conformance::run_layer(spec, &parsed, eval)?, HashMap::new())
+}
