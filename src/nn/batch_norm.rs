@@ -290,7 +290,9 @@ impl BatchNorm {
     fn backward_running(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor, c: usize, s: usize) {
         dx.resize_to(&x.shape);
         let mut sc = std::mem::take(&mut self.scratch);
-        (sc.mean.clear(), sc.scale.clear(), sc.shift.clear());
+        sc.mean.clear();
+        sc.scale.clear();
+        sc.shift.clear();
         for ch in 0..c {
             let (m, inv) = self.running_inverse(ch);
             sc.mean.push(m);
