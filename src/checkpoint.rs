@@ -198,8 +198,15 @@ pub fn load_prefixed(path: &Path, st: &SafeTensors, model: &mut Model, prefix: &
 /// What the metadata of `path` says about its model.
 pub fn parse_metadata(path: &Path, md: &HashMap<String, String>) -> Result<CheckpointMeta> {
     let get = |key: &str| {
-        md.get(key)
-            .ok_or_else(|| Error::checkpoint(path, format!("metadata has no '{key}' (not written by normlab train?)")))
+        md.get(key).ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!(
+                    "metadata has no '{key}': not written by normlab (a plain state dict?); give \
+                         its architecture with --model SPEC [--norm SPEC]"
+                ),
+            )
+        })
     };
     let spec: ModelSpec = serde_json::from_str(get(META_MODEL)?)
         .map_err(|e| Error::checkpoint(path, format!("bad '{META_MODEL}' metadata: {e}")))?;
@@ -247,6 +254,48 @@ pub fn load_model_bytes(path: &Path, bytes: &[u8]) -> Result<(Model, CheckpointM
     let mut model = build_checked(path, &meta.spec, bytes.len())?;
     load_state_dict(path, bytes, &mut model)?;
     Ok((model, meta))
+}
+
+/// Whether safetensors bytes carry normlab's model metadata (a file written by normlab), or
+/// are a plain state dict (saved by PyTorch, say).
+pub fn has_model_metadata(path: &Path, bytes: &[u8]) -> Result<bool> {
+    Ok(metadata(path, bytes)?.contains_key(META_MODEL))
+}
+
+/// Loads the weights and buffers of `path` into `model`, strictly by name and shape: a normlab
+/// checkpoint must describe the same architecture; a plain state dict (no normlab metadata,
+/// as `safetensors.torch.save_file(model.state_dict(), ...)` writes it) is taken as it is.
+pub fn load_weights_into(path: &Path, model: &mut Model) -> Result<()> {
+    let bytes = read_safetensors(path)?;
+    if has_model_metadata(path, &bytes)? {
+        let meta = parse_metadata(path, &metadata(path, &bytes)?)?;
+        if meta.spec != model.spec {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "holds {} ({}, input {:?}), the run trains {} ({}, input {:?})",
+                    meta.spec.model,
+                    meta.spec.norm,
+                    meta.spec.input,
+                    model.spec.model,
+                    model.spec.norm,
+                    model.spec.input
+                ),
+            ));
+        }
+    }
+    load_state_dict(path, &bytes, model)
+}
+
+/// A model of architecture `spec` with the weights of a plain state dict (or of a normlab
+/// checkpoint of the same architecture).
+pub fn load_foreign(path: &Path, spec: &ModelSpec) -> Result<Model> {
+    let bytes = read_safetensors(path)?;
+    // The spec comes from the user's flags (bounded by the model limits), so the strict load
+    // names the first tensor that does not fit rather than a size check.
+    let mut model = Model::build(spec, 0)?;
+    load_state_dict(path, &bytes, &mut model)?;
+    Ok(model)
 }
 
 /// Builds the model of an untrusted spec once its parameters can fit in a file of

@@ -14,6 +14,7 @@ pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod plot;
+pub mod recalibrate;
 pub mod slimming;
 pub mod studies;
 pub mod tensor;

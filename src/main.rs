@@ -32,6 +32,8 @@ enum Command {
     /// Network slimming: remove the channels with the smallest BN |γ|, optionally fine-tune.
     #[command(allow_negative_numbers = true)]
     Prune(cli::prune::PruneArgs),
+    /// Recompute every BatchNorm's running statistics over N training batches (PreciseBN).
+    Recalibrate(cli::recalibrate::RecalibrateArgs),
     /// Run a study (batch-size, learning-rate, regularization, ics, landscape): tables, plots, report.html.
     Study(cli::study::StudyArgs),
     /// Run any grid of models x norms x batch sizes x learning rates x seeds.
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cli::eval::run(a),
         Command::Fold(a) => cli::fold::run(a),
         Command::Prune(a) => cli::prune::run(a),
+        Command::Recalibrate(a) => cli::recalibrate::run(a),
         Command::Study(a) => cli::study::run(a),
         Command::Compare(a) => cli::compare::run(a),
         Command::Report(a) => cli::report::run(a),

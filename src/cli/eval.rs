@@ -4,9 +4,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use normlab::checkpoint::load_model;
+use normlab::checkpoint::{load_model, CheckpointMeta};
+use normlab::data::InputNorm;
 use normlab::files::OutputGuard;
-use normlab::{train, Result};
+use normlab::models::ModelSpec;
+use normlab::nn::StatsMode;
+use normlab::{train, Error, Result};
 
 use super::*;
 
@@ -34,6 +37,27 @@ pub struct EvalArgs {
     /// Fold BatchNorm into the layers before it first, and evaluate the folded model.
     #[arg(long)]
     pub fold: bool,
+    /// running: normalize with the stored running statistics (eval mode, as PyTorch);
+    /// batch: with each test batch's own statistics (training-mode normalization, nothing
+    /// updated; the result depends on --batch-size) [default: running].
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["running", "batch"]),
+          default_value = "running")]
+    pub bn_stats: String,
+    /// The architecture of a checkpoint without normlab's metadata (a plain PyTorch state
+    /// dict saved as safetensors, with normlab's tensor names): seed-cnn[:W], mlp, vgg[:CFG],
+    /// resnet[:W1,...,W6]. Input shape and classes come from the data.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The norm of such a checkpoint [default: bn]; `normlab norms` lists the specs.
+    #[arg(long, value_name = "SPEC", requires = "model")]
+    pub norm: Option<String>,
+    /// With --model: the input normalization x ↦ (x/255 − MEAN)/STD [default: the training
+    /// images' pixel mean and standard deviation, as normlab's own runs use].
+    #[arg(long, value_name = "MEAN", requires_all = ["model", "input_std"], value_parser = finite_f32)]
+    pub input_mean: Option<f32>,
+    /// With --model: see --input-mean.
+    #[arg(long, value_name = "STD", requires_all = ["model", "input_mean"], value_parser = positive)]
+    pub input_std: Option<f64>,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -44,13 +68,32 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .as_ref()
         .map(|p| guard.file("--predictions", p))
         .transpose()?;
-    let (mut model, meta) = load_model(&a.checkpoint)?;
+    let dir = normlab::data::resolve_data_dir(a.test.data.as_deref())?;
+    let (mut model, meta) = match &a.model {
+        None => load_model(&a.checkpoint)?,
+        Some(m) => foreign(&a, m, &dir)?,
+    };
     if a.fold {
         model = normlab::fold::fold(&mut model)?;
     }
-    let dir = normlab::data::resolve_data_dir(a.test.data.as_deref())?;
+    if a.bn_stats == "batch" && model.net.set_stats_mode(StatsMode::Batch) == 0 {
+        return Err(Error::invalid(format!(
+            "--bn-stats batch: {} with norm {} keeps no running statistics; it already normalizes \
+             with batch statistics (or none)",
+            meta.spec.model, meta.spec.norm
+        )));
+    }
     let test = normlab::data::load_test_for(Some(&dir), a.test.test_limit, meta.spec.input)?;
-    let ev = in_pool(|| train::evaluate(&mut model, &test, meta.input_norm, a.batch_size))?;
+    let ev = in_pool(|| train::evaluate(&mut model, &test, meta.input_norm, a.batch_size)).map_err(|e| {
+        if a.bn_stats == "batch" {
+            Error::invalid(format!(
+                "{e}; with --bn-stats batch every test batch (--batch-size {}) must give each channel more than one value",
+                a.batch_size
+            ))
+        } else {
+            e
+        }
+    })?;
     if let Some(path) = &predictions {
         let json = serde_json::to_vec(&ev.predictions).expect("predictions serialize");
         normlab::files::write_atomic(path, &json)?;
@@ -59,6 +102,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let j = serde_json::json!({
             "checkpoint": a.checkpoint, "data": dir, "model": meta.spec.model, "norm": meta.spec.norm,
             "epoch": meta.epoch, "test_images": test.len(), "test_loss": ev.loss, "test_accuracy": ev.accuracy,
+            "bn_stats": a.bn_stats, "input_norm": meta.input_norm,
         });
         println!("{j}");
     } else {
@@ -69,6 +113,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
             model.summary(),
             meta.spec.norm
         );
+        if a.bn_stats == "batch" {
+            println!(
+                "normalized with each test batch's own statistics (batches of {})",
+                a.batch_size
+            );
+        }
         println!(
             "test images {}  test loss {:.4}  test accuracy {:.4}",
             test.len(),
@@ -77,4 +127,26 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A checkpoint whose architecture comes from the flags (a plain PyTorch state dict): the input
+/// shape from the test images, ten classes, the input normalization from the flags or the
+/// training images.
+fn foreign(a: &EvalArgs, model: &str, dir: &std::path::Path) -> Result<(normlab::models::Model, CheckpointMeta)> {
+    let norm = a.norm.as_deref().unwrap_or("bn");
+    let shape = normlab::data::load_split(dir, false)?.shape;
+    let spec = ModelSpec::new(model, norm, shape, 10)?;
+    let input_norm = match (a.input_mean, a.input_std) {
+        (Some(mean), Some(std)) => InputNorm { mean, std: std as f32 },
+        _ => normlab::data::load_split(dir, true)?.pixel_stats(),
+    };
+    let m = normlab::checkpoint::load_foreign(&a.checkpoint, &spec)?;
+    Ok((
+        m,
+        CheckpointMeta {
+            spec,
+            input_norm,
+            epoch: 0,
+        },
+    ))
 }

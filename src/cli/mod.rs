@@ -8,6 +8,7 @@ pub mod fold;
 pub mod layer;
 pub mod norms;
 pub mod prune;
+pub mod recalibrate;
 pub mod report;
 pub mod study;
 pub mod train;

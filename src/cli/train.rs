@@ -91,6 +91,14 @@ pub struct TrainArgs {
     /// Multiply every conv/linear weight after initialization by this, > 0 [default: 1].
     #[arg(long, value_parser = positive)]
     pub init_scale: Option<f64>,
+    /// Start from the weights in FILE: a normlab checkpoint of the same model, or a plain
+    /// PyTorch state dict saved as safetensors (names and shapes checked strictly).
+    #[arg(long, value_name = "FILE")]
+    pub init_from: Option<PathBuf>,
+    /// Frozen BN: every BatchNorm runs in eval mode while training (running statistics used,
+    /// never updated). stats: γ and β still train; all: they are frozen too (FrozenBatchNorm2d).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["stats", "all"]))]
+    pub freeze_bn: Option<String>,
 }
 
 impl TrainArgs {
@@ -120,9 +128,10 @@ impl TrainArgs {
             data: self.data.clone(),
             sparsity: self.sparsity.unwrap_or(0.0),
             gamma_init: self.gamma_init,
-            init_from: None,
+            init_from: self.init_from.clone(),
             dropout: self.dropout.unwrap_or(0.0) as f32,
             init_scale: self.init_scale.map(|k| k as f32),
+            freeze_bn: self.freeze_bn.as_deref().map(str::parse).transpose()?,
         };
         config.validate()?;
         Ok(config)
@@ -212,6 +221,21 @@ impl TrainArgs {
             "--dropout",
             self.dropout.map(|v| (v as f32).to_string()),
             saved.dropout.to_string(),
+        );
+        differs(
+            "--init-from",
+            self.init_from.as_ref().map(|p| p.display().to_string()),
+            saved
+                .init_from
+                .as_ref()
+                .map_or("none".into(), |p| p.display().to_string()),
+        );
+        differs(
+            "--freeze-bn",
+            self.freeze_bn.clone(),
+            saved
+                .freeze_bn
+                .map_or("off".into(), |f| format!("{f:?}").to_lowercase()),
         );
         differs(
             "--init-scale",

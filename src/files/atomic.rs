@@ -156,9 +156,32 @@ mod tests {
 
     #[test]
     fn writes_through_devices_without_replacing_them() {
-        write_atomic(Path::new("/dev/null"), b"discarded").unwrap();
-        let m = std::fs::symlink_metadata("/dev/null").unwrap();
-        assert!(m.file_type().is_char_device(), "/dev/null must stay a device");
+        // A private null device (mknod needs root), so that a regression cannot replace the
+        // machine's /dev/null; and a FIFO, which needs no privilege.
+        let t = tempfile::tempdir().unwrap();
+        let null = t.path().join("null");
+        let made = std::process::Command::new("mknod")
+            .args([null.to_str().unwrap(), "c", "1", "3"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if made {
+            write_atomic(&null, b"discarded").unwrap();
+            assert!(std::fs::symlink_metadata(&null).unwrap().file_type().is_char_device());
+        }
+        let fifo = t.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        write_atomic(&fifo, b"through").unwrap();
+        assert_eq!(reader.join().unwrap(), b"through");
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
     }
 
     #[test]

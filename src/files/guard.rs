@@ -238,6 +238,7 @@ mod tests {
         std::fs::write(&existing, b"[]").unwrap();
         assert!(g.file("--json", &existing).unwrap_err().to_string().contains("--force"));
         assert!(OutputGuard::new(true).file("--json", &existing).is_ok());
+        // A device is written through, so it is a valid output (only inspected here).
         assert!(g.file("--json", Path::new("/dev/null")).is_ok());
         // Even with --force, an input is never an output (through a hard link too).
         let hard = t.path().join("hard.safetensors");

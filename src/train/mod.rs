@@ -3,7 +3,6 @@
 
 mod run_folder;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -50,6 +49,30 @@ pub struct TrainConfig {
     /// Multiplies every conv/linear weight after PyTorch's initialization (1 = unchanged).
     #[serde(default)]
     pub init_scale: Option<f32>,
+    /// Frozen BN: every norm with running statistics runs in eval mode while training.
+    #[serde(default)]
+    pub freeze_bn: Option<FreezeBn>,
+}
+
+/// What `--freeze-bn` freezes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FreezeBn {
+    /// The running statistics (used, never updated); γ and β still train.
+    Stats,
+    /// The running statistics and γ, β (FrozenBatchNorm2d).
+    All,
+}
+
+impl std::str::FromStr for FreezeBn {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "stats" => Ok(FreezeBn::Stats),
+            "all" => Ok(FreezeBn::All),
+            _ => Err(Error::invalid(format!("--freeze-bn takes stats or all, got '{s}'"))),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -71,6 +94,7 @@ impl Default for TrainConfig {
             init_from: None,
             dropout: 0.0,
             init_scale: None,
+            freeze_bn: None,
         }
     }
 }
@@ -317,19 +341,18 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             });
         }
         if let Some(path) = &config.init_from {
-            let (init, meta) = checkpoint::load_model(path)?;
-            if meta.spec != spec {
-                return Err(Error::checkpoint(
-                    path,
-                    format!(
-                        "holds {} ({}), the run trains {} ({})",
-                        meta.spec.model, meta.spec.norm, spec.model, spec.norm
-                    ),
-                ));
-            }
-            let mut init = init;
-            let bytes = serialize_model(&mut init)?;
-            checkpoint::load_state_dict(path, &bytes, &mut model)?;
+            checkpoint::load_weights_into(path, &mut model)?;
+        }
+    }
+    if let Some(f) = config.freeze_bn {
+        let frozen = model.net.set_stats_mode(crate::nn::StatsMode::Frozen {
+            affine: f == FreezeBn::All,
+        });
+        if frozen == 0 {
+            return Err(Error::invalid(format!(
+                "--freeze-bn: {} with norm {} has no BatchNorm with running statistics to freeze",
+                spec.model, spec.norm
+            )));
         }
     }
     let mut opt = Optimizer::new(config.optimizer.clone());
@@ -481,11 +504,6 @@ fn refuse_existing_run(out: &Path) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// A model's state dict as safetensors bytes.
-fn serialize_model(model: &mut Model) -> Result<Vec<u8>> {
-    checkpoint::serialize(&checkpoint::state_dict(model), HashMap::new())
 }
 
 fn summarize(m: &mut RunMetrics) {
