@@ -28,26 +28,8 @@ pub fn population_statistics(
     batch_size: usize,
     seed: u64,
 ) -> Result<usize> {
-    if batches == 0 || batch_size == 0 {
-        return Err(Error::invalid("--batches and --batch-size must be at least 1"));
-    }
-    let available = data.len() / batch_size;
-    if batches > available {
-        return Err(Error::invalid(format!(
-            "--batches {batches} of {batch_size} images need {} training images; the training set has {} \
-             ({available} full batches)",
-            batches * batch_size,
-            data.len()
-        )));
-    }
-    let norms = model.net.set_stats_mode(StatsMode::Accumulate);
-    if norms == 0 {
-        model.net.set_stats_mode(StatsMode::Normal);
-        return Err(Error::invalid(format!(
-            "{} with norm {} keeps no running statistics to recalibrate",
-            model.spec.model, model.spec.norm
-        )));
-    }
+    let norms = check(model, data.len(), batches, batch_size)?;
+    model.net.set_stats_mode(StatsMode::Accumulate);
     // update_bn's reset_running_stats: mean 0, variance (or Lp scale) 1, count 0.
     for (name, b) in model.net.named_buffers() {
         match b {
@@ -67,6 +49,30 @@ pub fn population_statistics(
     })();
     model.net.set_stats_mode(StatsMode::Normal);
     result.map(|()| norms)
+}
+
+/// Checks that `model` has running statistics and `batches` full batches fit in `len` training
+/// images; returns how many norms keep running statistics.
+pub fn check(model: &mut Model, len: usize, batches: usize, batch_size: usize) -> Result<usize> {
+    if batches == 0 || batch_size == 0 {
+        return Err(Error::invalid("--batches and --batch-size must be at least 1"));
+    }
+    let norms = model.net.set_stats_mode(StatsMode::Normal);
+    if norms == 0 {
+        return Err(Error::invalid(format!(
+            "{} with norm {} keeps no running statistics to recalibrate",
+            model.spec.model, model.spec.norm
+        )));
+    }
+    let available = len / batch_size;
+    if batches > available {
+        return Err(Error::invalid(format!(
+            "--batches {batches} of {batch_size} images need {} training images; the training set has {len} \
+             ({available} full batches)",
+            batches * batch_size
+        )));
+    }
+    Ok(norms)
 }
 
 /// What `normlab recalibrate` is asked to do.
@@ -107,6 +113,7 @@ pub fn run_recalibrate(req: &RecalibrateRequest) -> Result<RecalibrateReport> {
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let train = crate::data::load_split(&req.data, true)?;
     let test = crate::data::load_test_for(Some(&req.data), req.test_limit, meta.spec.input)?;
+    check(&mut model, train.len(), req.batches, req.batch_size)?;
     let before = crate::train::evaluate(&mut model, &test, meta.input_norm, 1000)?;
     let norms = population_statistics(
         &mut model,
