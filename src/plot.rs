@@ -79,7 +79,7 @@ pub fn gamma_histogram_svg(gammas: &[f32], threshold: f32, percent: f64) -> Resu
 /// deviation over seeds) is drawn as a vertical bar when non-zero.
 pub type Series = (String, Vec<(f64, f64, f64)>);
 
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -88,6 +88,10 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(127, 127, 127),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(227, 119, 194),
+    RGBColor(31, 31, 120),
+    RGBColor(255, 187, 120),
 ];
 
 /// A line plot with markers, spread bars and a legend; `log_x` uses a log2 x axis.
@@ -152,7 +156,7 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
             .draw()
             .map_err(plot_err)?;
         for (i, (name, pts)) in series.iter().enumerate() {
-            let color = PALETTE[i % PALETTE.len()];
+            let color = arm_color(name, i);
             let ok: Vec<(f64, f64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
             chart
                 .draw_series(LineSeries::new(
@@ -237,4 +241,92 @@ pub fn bars_svg(title: &str, y_label: &str, bars: &[(String, f64, f64)]) -> Resu
         root.present().map_err(plot_err)?;
     }
     Ok(svg)
+}
+
+/// One point with its spread bar per labelled value, the y axis fitted to the data (so that
+/// differences of a point or two stay visible) and both axes titled: the comparison grid.
+pub fn points_svg(title: &str, x_label: &str, y_label: &str, points: &[(String, f64, f64)]) -> Result<String> {
+    let finite = points.iter().filter(|p| p.1.is_finite());
+    let lo = finite.clone().map(|p| p.1 - p.2).fold(f64::MAX, f64::min);
+    let hi = finite.map(|p| p.1 + p.2).fold(f64::MIN, f64::max);
+    let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
+    let pad = ((hi - lo) * 0.15).max(0.5);
+    let n = points.len().max(1);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 440)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(65)
+            .build_cartesian_2d(-0.5f64..n as f64 - 0.5, lo - pad..hi + pad)
+            .map_err(plot_err)?;
+        let names: Vec<String> = points.iter().map(|p| p.0.clone()).collect();
+        let fmt_x = |v: &f64| {
+            let i = v.round();
+            if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n.min(40))
+            .x_label_formatter(&fmt_x)
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .draw()
+            .map_err(plot_err)?;
+        let color = PALETTE[0];
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.1.is_finite())
+                    .map(|(i, p)| Circle::new((i as f64, p.1), 5, color.filled())),
+            )
+            .map_err(plot_err)?;
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.1.is_finite() && p.2 > 0.0)
+                    .map(|(i, p)| {
+                        PathElement::new([(i as f64, p.1 - p.2), (i as f64, p.1 + p.2)], color.stroke_width(2))
+                    }),
+            )
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// One colour per arm in every plot of a report: the norm at the start of a series name
+/// ("bn", "none: max loss", "gn:8, init x1") picks a fixed colour; other names fall back to
+/// their position.
+fn arm_color(name: &str, index: usize) -> RGBColor {
+    let arm = name.split([':', ',', ' ']).next().unwrap_or("");
+    let fixed = [
+        "bn",
+        "none",
+        "gn",
+        "ln",
+        "layernorm",
+        "in",
+        "brn",
+        "ghost",
+        "bn-noisy",
+        "bn-l1",
+        "bn-linf",
+    ];
+    match fixed.iter().position(|a| *a == arm) {
+        Some(k) => PALETTE[k % PALETTE.len()],
+        None => PALETTE[index % PALETTE.len()],
+    }
 }

@@ -24,9 +24,31 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
             "--seeds",
             "2",
         ]);
-        assert!(text.contains("finding:"), "{study}: {text}");
+        assert!(
+            text.contains("claims") && text.contains("quick run: a smoke test"),
+            "{study}: {text}"
+        );
         let results: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        // Claims with every field, and no verdict from a smoke run.
+        let claims = results["claims"].as_array().unwrap();
+        assert!(!claims.is_empty(), "{study}: no claims");
+        for c in claims {
+            for k in [
+                "claim",
+                "metric",
+                "arms",
+                "per_seed",
+                "mean_difference",
+                "interval",
+                "threshold",
+                "seeds",
+                "verdict",
+            ] {
+                assert!(c.get(k).is_some(), "{study}: claim lacks {k}: {c}");
+            }
+            assert_eq!(c["verdict"], "inconclusive (quick run)", "{study}: {c}");
+        }
         let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
         if study == "landscape" {
             let runs = results["landscape"].as_array().unwrap();

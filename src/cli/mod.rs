@@ -248,7 +248,23 @@ pub fn print_analysis(a: &normlab::studies::analysis::Analysis) {
             println!("{}", line(r));
         }
     }
-    println!("finding: {}", a.finding);
+    if a.claims.is_empty() {
+        println!("finding: {}", a.finding);
+        return;
+    }
+    println!("claims (difference per seed; mean and 95% t-interval across seeds):");
+    for c in &a.claims {
+        println!(
+            "  {:<58} {:>+9.3}  [{:>8.3}, {:>8.3}]  threshold {:<18} seeds {}  {}",
+            c.claim,
+            c.mean_difference,
+            c.interval[0],
+            c.interval[1],
+            c.rule(),
+            c.seeds,
+            c.verdict
+        );
+    }
 }
 
 /// Before/after inference latency as a table.

@@ -13,11 +13,12 @@ use super::*;
 pub struct StudyArgs {
     /// batch-size, learning-rate, regularization, ics or landscape.
     pub name: String,
-    /// A small version that finishes in about two minutes.
+    /// A smoke run that finishes in about two minutes: it gives no verdicts.
     #[arg(long)]
     pub quick: bool,
-    /// Seeds per configuration (tables and plots show mean and spread) [default: 1].
-    #[arg(long, value_name = "N", value_parser = at_least_one, default_value_t = 1)]
+    /// Seeds per configuration [default: 3]; each claim's verdict needs at least 3 (tables and
+    /// plots show mean and spread).
+    #[arg(long, value_name = "N", value_parser = at_least_one, default_value_t = 3)]
     pub seeds: usize,
     /// Results folder [default: studies/<name>, or -2, -3, ... so no earlier study is touched].
     #[arg(long, value_name = "DIR")]
@@ -54,6 +55,9 @@ pub fn run(a: StudyArgs) -> Result<()> {
     bar.finish_and_clear();
     let results = results?;
     let an = normlab::studies::analysis::analyze(&results)?;
+    if a.quick {
+        println!("quick run: a smoke test, not evidence; every claim is inconclusive (quick run)");
+    }
     print_analysis(&an);
     let n = results.runs.len() + results.ics.len() + results.landscape.len();
     println!(

@@ -208,7 +208,12 @@ pub fn run(
     train.truncate(60000);
     let lr = 0.1;
     let mut runs = Vec::new();
-    let norms = ["bn", "none", "bn-noisy"];
+    // Lp BN (Santurkar et al.'s second claim) in the full run only: --quick stays a smoke run.
+    let norms: &[&str] = if opts.quick {
+        &["bn", "none", "bn-noisy"]
+    } else {
+        &["bn", "none", "bn-noisy", "bn-l1", "bn-linf"]
+    };
     let total = norms.len() * opts.seeds;
     for (k, (norm, seed)) in norms
         .iter()

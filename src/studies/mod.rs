@@ -10,6 +10,7 @@ pub mod analysis;
 pub mod ics;
 pub mod landscape;
 pub mod report;
+pub mod verdict;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,10 @@ pub struct StudyResults {
     #[serde(default)]
     pub landscape: Vec<landscape::LandscapeRun>,
     pub seconds: f64,
+    /// The claims tested, each with per-seed differences, interval and verdict (written by
+    /// the analysis; `normlab report` recomputes them).
+    #[serde(default)]
+    pub claims: Vec<verdict::Claim>,
 }
 
 pub struct StudyOptions {
@@ -397,6 +402,7 @@ pub fn run_compare(
         ics: Vec::new(),
         landscape: Vec::new(),
         seconds: t0.elapsed().as_secs_f64(),
+        claims: Vec::new(),
     };
     report::write_all(&results, out)?;
     Ok(results)
@@ -444,6 +450,7 @@ pub fn run_study(
         ics: ics_runs,
         landscape: landscape_runs,
         seconds: t0.elapsed().as_secs_f64(),
+        claims: Vec::new(),
     };
     report::write_all(&results, &opts.out)?;
     Ok(results)

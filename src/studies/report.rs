@@ -90,7 +90,7 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
         "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}\
          table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}\
          th{background:#eee}td:first-child,th:first-child{text-align:left}.finding{background:#eef6ee;border-left:4px solid #2c2;\
-         padding:.6em 1em}.claim{background:#f4f4fb;border-left:4px solid #66c;padding:.6em 1em}figure{margin:1.5em 0}\
+         padding:.6em 1em}.quick{background:#fff4d6;border-left:4px solid #d90;padding:.6em 1em}.claim{background:#f4f4fb;border-left:4px solid #66c;padding:.6em 1em}figure{margin:1.5em 0}\
          figcaption{color:#555;font-size:90%}</style></head><body>\n",
     );
     h.push_str(&format!("<h1>{}</h1>\n", esc(&a.title)));
@@ -102,11 +102,54 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
         r.runs.len() + r.ics.len() + r.landscape.len(),
         r.seconds
     ));
-    h.push_str(&format!("<p class=\"claim\"><b>The claim.</b> {}</p>\n", esc(&a.claim)));
+    if r.quick {
+        h.push_str(
+            "<p class=\"quick\"><b>Quick run: a smoke test, not evidence.</b> Too few steps and seeds to \
+             judge any claim; every verdict below is \"inconclusive (quick run)\". Run without --quick \
+             for verdicts.</p>\n",
+        );
+    }
+    if !a.claim.is_empty() {
+        h.push_str(&format!("<p class=\"claim\"><b>The claim.</b> {}</p>\n", esc(&a.claim)));
+    }
     h.push_str(&format!(
         "<p class=\"finding\"><b>What this run found.</b> {}</p>\n",
         esc(&a.finding)
     ));
+    if !a.claims.is_empty() {
+        h.push_str(
+            "<h3>Claims tested</h3>\n<p>Each claim is a difference between arms taken seed by seed; the \
+             verdict comes from its mean and 95% t-interval across seeds: <i>agrees</i> when the interval \
+             excludes zero on the claimed side and the mean passes the threshold, <i>disagrees</i> when \
+             it excludes zero on the other side or lies within the threshold of zero, else \
+             <i>inconclusive</i> (always with fewer than 3 seeds). An equivalence claim agrees when the \
+             whole interval lies within ±threshold.</p>\n<table><tr><th>claim</th><th>metric</th>\
+             <th>per seed</th><th>mean</th><th>95% interval</th><th>threshold</th><th>seeds</th>\
+             <th>verdict</th></tr>\n",
+        );
+        for c in &a.claims {
+            let per: Vec<String> = c.per_seed.iter().map(|v| format!("{v:.3}")).collect();
+            let color = match c.verdict.as_str() {
+                "agrees" => "#dfd",
+                "disagrees" => "#fdd",
+                _ => "#eee",
+            };
+            h.push_str(&format!(
+                "<tr><td>{}</td><td style=\"text-align:left\">{}</td><td>{}</td><td>{:+.3}</td><td>[{:.3}, {:.3}]</td>\
+                 <td>{}</td><td>{}</td><td style=\"background:{color}\"><b>{}</b></td></tr>\n",
+                esc(&c.claim),
+                esc(&c.metric),
+                per.join(", "),
+                c.mean_difference,
+                c.interval[0],
+                c.interval[1],
+                esc(&c.rule()),
+                c.seeds,
+                esc(&c.verdict)
+            ));
+        }
+        h.push_str("</table>\n");
+    }
     for p in &a.plots {
         h.push_str(&format!(
             "<figure>{}<figcaption>{}</figcaption></figure>\n",
@@ -143,9 +186,11 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
 
 /// Writes results.json, results.csv, the plots and report.html into `out`; returns the analysis.
 pub fn write_all(r: &StudyResults, out: &Path) -> Result<Analysis> {
-    let json = serde_json::to_vec_pretty(r).expect("results serialize");
+    let mut r = r.clone();
+    r.claims = analyze(&r)?.claims;
+    let json = serde_json::to_vec_pretty(&r).expect("results serialize");
     write_atomic(&out.join("results.json"), &json)?;
-    write_outputs(r, out)
+    write_outputs(&r, out)
 }
 
 fn write_outputs(r: &StudyResults, out: &Path) -> Result<Analysis> {
