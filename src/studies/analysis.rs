@@ -166,102 +166,197 @@ pub fn analyze(r: &StudyResults) -> Result<Analysis> {
     }
 }
 
+/// Values pooled into each statistic of a per-channel BN at batch `b`, per norm layer.
+fn pooled_values(model: &str, b: usize) -> String {
+    if model == "mlp" {
+        return format!("{b}");
+    }
+    // vgg cfgs: one statistic per channel over B·H·W, H and W halved at each M (28x28 input).
+    let mut side = 28;
+    let mut out = Vec::new();
+    for item in model.split_once(':').map_or("", |c| c.1).split(',') {
+        if item == "M" {
+            side /= 2;
+        } else {
+            out.push((b * side * side).to_string());
+        }
+    }
+    out.join(" / ")
+}
+
 fn batch_size(r: &StudyResults) -> Result<Analysis> {
-    let norms = values(&r.runs, "norm");
     let mut batches: Vec<usize> = values(&r.runs, "batch_size")
         .iter()
         .filter_map(|b| b.parse().ok())
         .collect();
     batches.sort();
-    let mut rows = Vec::new();
-    let mut series: Vec<Series> = Vec::new();
-    let mut degradation: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for norm in &norms {
-        let mut row = vec![norm.clone()];
-        let mut pts = Vec::new();
-        for b in &batches {
-            let cell = error_cell(&select(&r.runs, &[("norm", norm), ("batch_size", &b.to_string())]));
-            row.push(fmt_cell(cell));
-            pts.push((*b as f64, cell.0, cell.1));
-        }
-        let small = pts.first().map_or(f64::NAN, |p| p.1);
-        let reference = pts
-            .iter()
-            .find(|p| p.0 >= 32.0)
-            .or(pts.last())
-            .map_or(f64::NAN, |p| p.1);
-        degradation.insert(norm.clone(), (small, reference));
-        rows.push(row);
-        series.push((norm.clone(), pts));
-    }
-    let mut header = vec!["norm".to_string()];
-    header.extend(batches.iter().map(|b| format!("batch {b}")));
     let (b_small, b_ref) = (
         batches.first().copied().unwrap_or(0),
-        batches.iter().copied().find(|&b| b >= 32).unwrap_or(0),
+        batches
+            .iter()
+            .copied()
+            .find(|&b| b >= 32)
+            .or(batches.last().copied())
+            .unwrap_or(0),
     );
-    let delta = |n: &str| degradation.get(n).map(|(s, r)| s - r).unwrap_or(f64::NAN);
-    let gn = norms.iter().find(|n| n.starts_with("gn")).cloned().unwrap_or_default();
-    let (bn_d, gn_d) = (delta("bn"), delta(&gn));
-    let mut finding = format!(
-        "From batch {b_ref} to batch {b_small}, BN's test error changes by {bn_d:+.2} points ({:.2}% → {:.2}%) and {gn}'s by {gn_d:+.2} points ({:.2}% → {:.2}%).",
-        degradation.get("bn").map_or(f64::NAN, |d| d.1),
-        degradation.get("bn").map_or(f64::NAN, |d| d.0),
-        degradation.get(&gn).map_or(f64::NAN, |d| d.1),
-        degradation.get(&gn).map_or(f64::NAN, |d| d.0),
-    );
-    let others: Vec<String> = norms
-        .iter()
-        .filter(|n| *n != "bn" && **n != gn)
-        .map(|n| format!("{n} {:+.2}", delta(n)))
-        .collect();
-    if !others.is_empty() {
-        finding.push_str(&format!(" Others: {}.", others.join(", ")));
-    }
-    let cell = |norm: &str, b: usize| {
-        per_seed(
-            &select(&r.runs, &[("norm", norm), ("batch_size", &b.to_string())]),
-            r.seeds,
-            &error_of,
-        )
-    };
-    let metric = |norm: &str| format!("test error (%) at batch {b_small} minus at batch {b_ref}, {norm}");
-    let claims = vec![
-        Claim::new(
-            "BN degrades at small batches",
+    let models = values(&r.runs, "model");
+    let (mut tables, mut plots, mut claims) = (Vec::new(), Vec::new(), Vec::new());
+    let mut notes = Vec::new();
+    let mut pooled_rows = Vec::new();
+    let mut eval_rows = Vec::new();
+    let mut flat_rows = Vec::new();
+    for model in &models {
+        let runs: Vec<RunRecord> = select(&r.runs, &[("model", model)]).into_iter().cloned().collect();
+        let norms = values(&runs, "norm");
+        let mut rows = Vec::new();
+        let mut series: Vec<Series> = Vec::new();
+        for norm in &norms {
+            let mut row = vec![norm.clone()];
+            let mut pts = Vec::new();
+            for b in &batches {
+                let cell = select(&runs, &[("norm", norm), ("batch_size", &b.to_string())]);
+                if cell.is_empty() {
+                    row.push("—".into());
+                    continue;
+                }
+                let c = error_cell(&cell);
+                row.push(fmt_cell(c));
+                pts.push((*b as f64, c.0, c.1));
+            }
+            rows.push(row);
+            series.push((norm.clone(), pts));
+        }
+        let mut header = vec!["norm".to_string()];
+        header.extend(batches.iter().map(|b| format!("batch {b}")));
+        tables.push(Table {
+            caption: format!("{model}: test error (%) by norm and batch size (mean ± std over seeds)"),
+            header,
+            rows,
+        });
+        plots.push(Plot {
+            file: format!("test_error_vs_batch_{}.svg", model.replace([':', ','], "_")),
+            caption: format!(
+                "{model}: test error against batch size, one line per normalization (bars: std over seeds)"
+            ),
+            svg: lines_svg(
+                &format!("{model}: test error against batch size (lr ∝ batch)"),
+                "batch size (log scale)",
+                "test error (%)",
+                &series,
+                true,
+            )?,
+        });
+        for b in &batches {
+            pooled_rows.push(vec![model.clone(), b.to_string(), pooled_values(model, *b)]);
+            // BN evaluated three ways, error in %.
+            let bn = select(&runs, &[("norm", "bn"), ("batch_size", &b.to_string())]);
+            let three = |f: fn(&crate::studies::BnEvals) -> f64| {
+                let v: Vec<f64> = bn
+                    .iter()
+                    .filter_map(|x| x.bn_evals.as_ref())
+                    .map(|e| 100.0 * (1.0 - f(e)))
+                    .collect();
+                fmt_mean(mean_std(&v), 2)
+            };
+            if !bn.is_empty() {
+                eval_rows.push(vec![
+                    model.clone(),
+                    b.to_string(),
+                    three(|e| e.running),
+                    three(|e| e.population),
+                    three(|e| e.batch),
+                ]);
+            }
+            // Has training converged? The training loss over the last two epochs, BN.
+            let change: Vec<f64> = bn
+                .iter()
+                .filter_map(|x| {
+                    let n = x.epochs.len();
+                    (n >= 2).then(|| {
+                        100.0 * (x.epochs[n - 1].train_loss - x.epochs[n - 2].train_loss) / x.epochs[n - 2].train_loss
+                    })
+                })
+                .collect();
+            let last: Vec<f64> = bn
+                .iter()
+                .filter_map(|x| x.epochs.last().map(|e| e.train_loss))
+                .collect();
+            if !bn.is_empty() {
+                flat_rows.push(vec![
+                    model.clone(),
+                    b.to_string(),
+                    fmt_mean(mean_std(&last), 4),
+                    if change.is_empty() {
+                        "one epoch".into()
+                    } else {
+                        format!("{}%", fmt_mean(mean_std(&change), 2))
+                    },
+                ]);
+            }
+        }
+        let cell = |norm: &str, b: usize| {
+            per_seed(
+                &select(&runs, &[("norm", norm), ("batch_size", &b.to_string())]),
+                r.seeds,
+                &error_of,
+            )
+        };
+        let metric = |norm: &str| format!("{model}: test error (%) at batch {b_small} minus at batch {b_ref}, {norm}");
+        claims.push(Claim::new(
+            format!("BN degrades at small batches ({model})"),
             metric("bn"),
             &[&format!("bn @ {b_small}"), &format!("bn @ {b_ref}")],
             Kind::Greater,
             minus(&cell("bn", b_small), &cell("bn", b_ref)),
             2.0,
             r.quick,
-        ),
-        Claim::new(
-            format!("{gn} does not degrade at small batches"),
-            metric(&gn),
-            &[&format!("{gn} @ {b_small}"), &format!("{gn} @ {b_ref}")],
-            Kind::Equivalent,
-            minus(&cell(&gn, b_small), &cell(&gn, b_ref)),
-            2.0,
-            r.quick,
-        ),
-    ];
-    finding.push(' ');
-    finding.push_str(&verdict_lines(&claims));
-    let svg = lines_svg(
-        "Test error against batch size (lr scaled with the batch)",
-        "batch size (log scale)",
-        "test error (%)",
-        &series,
-        true,
-    )?;
+        ));
+        if let Some(within) = norms
+            .iter()
+            .find(|n| n.starts_with("gn") || n.starts_with("layernorm") || n.starts_with("ln"))
+        {
+            claims.push(Claim::new(
+                format!("{within} does not degrade at small batches ({model})"),
+                metric(within),
+                &[&format!("{within} @ {b_small}"), &format!("{within} @ {b_ref}")],
+                Kind::Equivalent,
+                minus(&cell(within, b_small), &cell(within, b_ref)),
+                2.0,
+                r.quick,
+            ));
+        }
+        let m = |norm: &str, b: usize| error_cell(&select(&runs, &[("norm", norm), ("batch_size", &b.to_string())])).0;
+        notes.push(format!(
+            "{model}: BN's test error {:.2}% at batch {b_ref} and {:.2}% at batch {b_small}.",
+            m("bn", b_ref),
+            m("bn", b_small)
+        ));
+    }
+    tables.push(Table {
+        caption: "Values pooled into each BN statistic (per BN layer): B for the MLP, B·H·W per conv layer".into(),
+        header: vec!["model".into(), "batch".into(), "values per statistic".into()],
+        rows: pooled_rows,
+    });
+    tables.push(Table {
+        caption: "BN's test error (%) three ways: running (EMA) statistics, population statistics recomputed after training, each test batch's own statistics at the training batch size".into(),
+        header: vec!["model".into(), "batch".into(), "running".into(), "population".into(), "batch statistics".into()],
+        rows: eval_rows,
+    });
+    tables.push(Table {
+        caption:
+            "Has BN's training converged? Final training loss and its change over the last epoch (near 0: flattened)"
+                .into(),
+        header: vec!["model".into(), "batch".into(), "train loss".into(), "change".into()],
+        rows: flat_rows,
+    });
+    let finding = format!("{} {}", notes.join(" "), verdict_lines(&claims));
     Ok(Analysis {
-        title: "Batch size: where BN fails and GroupNorm does not".into(),
+        title: "Batch size: where BN fails and GroupNorm/LayerNorm do not".into(),
         claims,
-        claim: "Group Normalization paper (Wu & He 2018, Table 2): ResNet-50 error at 32/16/8/4/2 images per GPU is 23.6/23.7/24.8/27.3/34.7% with BN and 24.1/24.2/24.0/24.2/24.1% with GN.".into(),
+        claim: "Group Normalization paper (Wu & He 2018, Table 2): ResNet-50 error at 32/16/8/4/2 images per GPU is 23.6/23.7/24.8/27.3/34.7% with BN and 24.1/24.2/24.0/24.2/24.1% with GN. Whether BN's small-batch failure shows depends on how many values each statistic pools: B in an MLP, B·H·W in a conv layer.".into(),
         finding,
-        tables: vec![Table { caption: "Test error (%) by norm and batch size (mean ± std over seeds)".into(), header, rows }],
-        plots: vec![Plot { file: "test_error_vs_batch.svg".into(), caption: "Test error against batch size, one line per normalization".into(), svg }],
+        tables,
+        plots,
     })
 }
 
@@ -359,7 +454,9 @@ fn learning_rate(r: &StudyResults) -> Result<Analysis> {
         "Runs that failed (diverged, or ended below {FAIL_ACCURACY}% test accuracy): {} of {} with BN, {} of {} without. Best test accuracy: {:.2}% with BN (lr {}), {:.2}% without (lr {}).",
         bn_d.0, bn_d.1, none_d.0, none_d.1, bn_b.0, bn_b.1, none_b.0, none_b.1
     );
-    let claims = learning_rate_claims(r, &lrs, target);
+    let mut claims = learning_rate_claims(r, &lrs, target);
+    let (gradient_plot, gradient_claims) = gradient_analysis(r)?;
+    claims.extend(gradient_claims);
     let (spread_bn, spread_none) = (init_spread("bn"), init_spread("none"));
     let finding = if spread_bn.is_finite() && spread_none.is_finite() {
         format!(
@@ -385,8 +482,89 @@ fn learning_rate(r: &StudyResults) -> Result<Analysis> {
             Table { caption: "Final test accuracy (%) by norm, init scale and learning rate".into(), header: header.clone(), rows },
             Table { caption: format!("Training steps until test accuracy first reaches {:.0}% (checked at epoch ends)", target * 100.0), header, rows: speed_rows },
         ],
-        plots: vec![Plot { file: "accuracy_vs_lr.svg".into(), caption: "Final test accuracy against learning rate; missing points diverged".into(), svg }],
+        plots: std::iter::once(Plot { file: "accuracy_vs_lr.svg".into(), caption: "Final test accuracy against learning rate; missing points diverged".into(), svg })
+            .chain(gradient_plot)
+            .collect(),
     })
+}
+
+/// The per-layer gradient norms of the learning-rate study: a plot (log10 ‖∂L/∂W‖ by layer, at
+/// initialization and after training, with and without BN) and the claim that BN keeps them
+/// within a narrower range (neither vanishing nor exploding across the depth).
+fn gradient_analysis(r: &StudyResults) -> Result<(Option<Plot>, Vec<Claim>)> {
+    if r.gradients.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let mut series = Vec::new();
+    for norm in ["bn", "none"] {
+        for when in ["init", "final"] {
+            let runs: Vec<&crate::studies::gradients::GradientNorms> = r
+                .gradients
+                .iter()
+                .filter(|g| g.norm == norm && g.when == when)
+                .collect();
+            let layers = runs.first().map_or(0, |g| g.layers.len());
+            let pts: Vec<(f64, f64, f64)> = (0..layers)
+                .map(|i| {
+                    let v: Vec<f64> = runs
+                        .iter()
+                        .map(|g| g.layers[i].1.log10())
+                        .filter(|v| v.is_finite())
+                        .collect();
+                    let (m, s) = mean_std(&v);
+                    ((i + 1) as f64, m, s)
+                })
+                .collect();
+            if !pts.is_empty() {
+                series.push((format!("{norm}, {when}"), pts));
+            }
+        }
+    }
+    let spread = |norm: &str, when: &str| -> Vec<f64> {
+        (0..r.seeds as u64)
+            .map(|s| {
+                r.gradients
+                    .iter()
+                    .find(|g| g.norm == norm && g.when == when && g.seed == s)
+                    .map_or(f64::NAN, |g| {
+                        let v: Vec<f64> = g
+                            .layers
+                            .iter()
+                            .map(|l| l.1)
+                            .filter(|v| *v > 0.0 && v.is_finite())
+                            .collect();
+                        (v.iter().cloned().fold(f64::MIN, f64::max) / v.iter().cloned().fold(f64::MAX, f64::min))
+                            .log10()
+                    })
+            })
+            .collect()
+    };
+    let claims = ["init", "final"]
+        .iter()
+        .map(|when| {
+            Claim::new(
+                format!("BN keeps gradients from vanishing or exploding across layers ({when})"),
+                format!("log10(max/min) over layers of ‖∂L/∂W‖ ({when}), none minus BN"),
+                &["none", "bn"],
+                Kind::Greater,
+                minus(&spread("none", when), &spread("bn", when)),
+                0.3,
+                r.quick,
+            )
+        })
+        .collect();
+    let plot = Plot {
+        file: "gradient_norms.svg".into(),
+        caption: "log10 of each layer's weight-gradient norm on one batch, at initialization and after training (mean ± std over seeds)".into(),
+        svg: lines_svg(
+            "Per-layer gradient norms, with and without BN",
+            "layer (input to output)",
+            "log10 ‖∂L/∂W‖",
+            &series,
+            false,
+        )?,
+    };
+    Ok((Some(plot), claims))
 }
 
 /// A learning-rate run fails below this test accuracy (%): on Fashion-MNIST even a linear model

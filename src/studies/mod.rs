@@ -7,6 +7,7 @@
 //! `report.rs` writes. `normlab report DIR` redoes only that last part from results.json.
 
 pub mod analysis;
+pub mod gradients;
 pub mod ics;
 pub mod landscape;
 pub mod report;
@@ -64,6 +65,20 @@ pub struct RunRecord {
     pub train_accuracy: f64,
     pub train_loss: f64,
     pub seconds: f64,
+    /// For the batch-size study's norms with running statistics: the final model's test
+    /// accuracy three ways.
+    #[serde(default)]
+    pub bn_evals: Option<BnEvals>,
+}
+
+/// One trained BN model evaluated with its running (EMA) statistics, with population
+/// statistics recomputed over the training set afterwards (`recalibrate`), and with each test
+/// batch's own statistics at the training batch size.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BnEvals {
+    pub running: f64,
+    pub population: f64,
+    pub batch: f64,
 }
 
 /// results.json.
@@ -86,6 +101,9 @@ pub struct StudyResults {
     /// the analysis; `normlab report` recomputes them).
     #[serde(default)]
     pub claims: Vec<verdict::Claim>,
+    /// The learning-rate study's per-layer gradient norms at initialization and at the end.
+    #[serde(default)]
+    pub gradients: Vec<gradients::GradientNorms>,
 }
 
 pub struct StudyOptions {
@@ -100,6 +118,8 @@ pub struct StudyOptions {
 pub struct Planned {
     pub labels: BTreeMap<String, String>,
     pub config: TrainConfig,
+    /// Also evaluate the final model with population and batch statistics (`BnEvals`).
+    pub bn_evals: bool,
 }
 
 fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
@@ -138,60 +158,85 @@ fn sgd(lr: f64) -> OptimizerConfig {
     }
 }
 
+/// The learning-rate study's net: six conv layers.
+pub const LR_MODEL: &str = "vgg:16,16,M,32,32,M,64,64,M";
+
+/// The batch-size study's models and their norms: the within-sample norm each is compared
+/// with first (LayerNorm for the MLP, GroupNorm for the conv net), then BRN and Ghost BN.
+pub const BATCH_SIZE_MODELS: [(&str, &[&str]); 2] = [
+    ("mlp", &["bn", "layernorm", "brn:warmup=200", "ghost:2", "none"]),
+    (
+        "vgg:16,M,32,M,64,M",
+        &["bn", "gn:8", "brn:warmup=200", "ghost:2", "none"],
+    ),
+];
+
 /// The runs of a study (before seeds), with the settings they share.
 pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<String, String>)> {
     let mut out = Vec::new();
     let mut settings = BTreeMap::new();
     match study {
         "batch-size" => {
-            let (norms, batches, epochs, train, test): (&[&str], &[usize], usize, usize, usize) = if opts.quick {
-                (&["bn", "gn:8", "none"], &[2, 8, 32, 128], 1, 1536, 500)
+            // Two models that pool very different numbers of values into each statistic: the BN
+            // paper's MLP (B per statistic) and a conv net whose last maps are 7x7 (B·784,
+            // B·196 and B·49 in its three BN layers). Every batch size trains the same epochs,
+            // the learning rate scaled linearly with the batch (GN paper: 0.02·B/32, SGD 0.9).
+            let (batches, epochs, train, test): (&[usize], usize, usize, usize) = if opts.quick {
+                (&[2, 32], 1, 1024, 500)
             } else {
-                (
-                    &[
-                        "bn",
-                        "gn:8",
-                        "ln",
-                        "in:affine=true",
-                        "brn:warmup=200",
-                        "ghost:2",
-                        "none",
-                    ],
-                    &[2, 4, 8, 16, 32, 64, 128],
-                    2,
-                    8192,
-                    2000,
-                )
+                (&[2, 8, 32, 128], 4, 20000, 5000)
             };
-            for &norm in norms {
-                for &b in batches {
-                    // The GN paper's linear scaling: lr = 0.02 · B / 32 (SGD, momentum 0.9).
-                    let lr = 0.02 * b as f64 / 32.0;
-                    let mut config = base_config(opts, epochs, train, test);
-                    config.norm = norm.into();
-                    config.batch_size = b;
-                    config.optimizer = sgd(lr);
-                    out.push(Planned {
-                        labels: labels(&[("norm", norm.into()), ("batch_size", b.to_string())]),
-                        config,
-                    });
+            for (model, norms) in BATCH_SIZE_MODELS {
+                let norms: &[&str] = if opts.quick { &norms[..2] } else { norms };
+                for &norm in norms.iter().chain(opts.quick.then_some(&"none")) {
+                    for &b in batches {
+                        if norm.starts_with("ghost") && b <= 2 {
+                            continue; // ghost:2 at batch 2 is plain BN
+                        }
+                        let lr = 0.02 * b as f64 / 32.0;
+                        let mut config = base_config(opts, epochs, train, test);
+                        config.model = model.to_string();
+                        config.norm = norm.into();
+                        config.batch_size = b;
+                        config.optimizer = sgd(lr);
+                        out.push(Planned {
+                            labels: labels(&[
+                                ("model", model.to_string()),
+                                ("norm", norm.into()),
+                                ("batch_size", b.to_string()),
+                            ]),
+                            config,
+                            bn_evals: true,
+                        });
+                    }
                 }
             }
-            settings.insert("learning rate".into(), "0.02 x batch / 32, SGD momentum 0.9".into());
-            settings.insert("epochs".into(), epochs.to_string());
+            settings.insert("models".into(), "mlp (784-100-100-100-10, sigmoid) and vgg:16,M,32,M,64,M (three 3x3 convs, norm+ReLU, max-pools; maps 28, 14, 7)".into());
+            settings.insert(
+                "learning rate".into(),
+                "0.02 x batch / 32, SGD momentum 0.9, constant".into(),
+            );
+            settings.insert("epochs".into(), format!("{epochs} at every batch size"));
             settings.insert("training images (at most)".into(), train.to_string());
             settings.insert("test images (at most)".into(), test.to_string());
+            settings.insert(
+                "BN evaluations".into(),
+                "running (EMA) statistics; population statistics over up to 100 training batches of 128 after training; each test batch's own statistics at the training batch size".into(),
+            );
+            return Ok((out, settings));
         }
         "learning-rate" => {
+            // Six conv layers: deep enough that plain SGD fails at rates BN tolerates.
             let (lrs, scales, epochs, train, test): (&[f64], &[f32], usize, usize, usize) = if opts.quick {
                 (&[0.01, 0.1, 1.0], &[1.0], 1, 1536, 500)
             } else {
-                (&[0.005, 0.015, 0.05, 0.15, 0.5], &[0.5, 1.0, 2.0], 3, 6144, 2000)
+                (&[0.005, 0.015, 0.05, 0.15, 0.5], &[0.5, 1.0, 2.0], 3, 10000, 2000)
             };
             for norm in ["bn", "none"] {
                 for &scale in scales {
                     for &lr in lrs {
                         let mut config = base_config(opts, epochs, train, test);
+                        config.model = LR_MODEL.into();
                         config.norm = norm.into();
                         config.optimizer = sgd(lr);
                         config.init_scale = Some(scale);
@@ -200,7 +245,11 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
                             ("init_scale", scale.to_string()),
                             ("lr", lr.to_string()),
                         ]);
-                        out.push(Planned { labels: l, config });
+                        out.push(Planned {
+                            labels: l,
+                            config,
+                            bn_evals: false,
+                        });
                     }
                 }
             }
@@ -208,6 +257,15 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
             settings.insert("epochs".into(), epochs.to_string());
             settings.insert("training images (at most)".into(), train.to_string());
             settings.insert("test images (at most)".into(), test.to_string());
+            settings.insert(
+                "model".into(),
+                format!("{LR_MODEL} (six 3x3 convs, norm+ReLU, max-pools, linear)"),
+            );
+            settings.insert(
+                "gradient probe".into(),
+                format!("‖∂L/∂W‖ per layer on the first 128 training images, at initialization and after training at lr {}, init scale 1", lrs[lrs.len() / 2]),
+            );
+            return Ok((out, settings));
         }
         "regularization" => {
             let (epochs, train, test) = if opts.quick { (2, 1024, 500) } else { (10, 4096, 2000) };
@@ -223,7 +281,11 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
                             ("dropout", dropout.to_string()),
                             ("weight_decay", wd.to_string()),
                         ]);
-                        out.push(Planned { labels: l, config });
+                        out.push(Planned {
+                            labels: l,
+                            config,
+                            bn_evals: false,
+                        });
                     }
                 }
             }
@@ -268,7 +330,11 @@ pub fn plan_compare(grid: &CompareGrid) -> Vec<Planned> {
                         ("batch_size", b.to_string()),
                         ("lr", lr.to_string()),
                     ]);
-                    out.push(Planned { labels: l, config });
+                    out.push(Planned {
+                        labels: l,
+                        config,
+                        bn_evals: false,
+                    });
                 }
             }
         }
@@ -338,13 +404,19 @@ pub fn run_grid(
             };
             let last = metrics.epochs.last();
             let n = config.train_limit.unwrap_or(train_set.len()).min(train_set.len());
-            let train_eval = if metrics.status == "diverged" {
-                None
+            let mut subset = train_set.clone();
+            subset.truncate(n);
+            let (train_eval, bn_evals) = if metrics.status == "diverged" {
+                (None, None)
             } else {
                 let (mut model, meta) = crate::checkpoint::load_model(&dir.join("model.safetensors"))?;
-                let mut subset = train_set.clone();
-                subset.truncate(n);
-                Some(train::evaluate(&mut model, &subset, meta.input_norm, 1000)?)
+                let train_eval = train::evaluate(&mut model, &subset, meta.input_norm, 1000)?;
+                let bn_evals = if p.bn_evals {
+                    bn_evaluations(&mut model, &meta, &subset, &config)?
+                } else {
+                    None
+                };
+                (Some(train_eval), bn_evals)
             };
             records.push(RunRecord {
                 labels: p.labels.clone(),
@@ -361,12 +433,79 @@ pub fn run_grid(
                 train_loss: train_eval.as_ref().map_or(f64::NAN, |e| e.loss),
                 epochs: metrics.epochs,
                 seconds: t0.elapsed().as_secs_f64(),
+                bn_evals,
             });
             k += 1;
         }
     }
     progress(total, total, "done");
     Ok(records)
+}
+
+/// A trained model with running statistics evaluated three ways (None for other norms): with
+/// them, with population statistics over up to 100 batches of 128 of its training images,
+/// and with each test batch's statistics at the training batch size.
+fn bn_evaluations(
+    model: &mut Model,
+    meta: &crate::checkpoint::CheckpointMeta,
+    train_images: &crate::data::Dataset,
+    config: &TrainConfig,
+) -> Result<Option<BnEvals>> {
+    use crate::nn::StatsMode;
+    if model.net.set_stats_mode(StatsMode::Normal) == 0 {
+        return Ok(None);
+    }
+    let dir = resolve_data_dir(config.data.as_deref())?;
+    let test = crate::data::load_test_for(Some(&dir), config.test_limit, meta.spec.input)?;
+    let running = train::evaluate(model, &test, meta.input_norm, 1000)?.accuracy;
+    model.net.set_stats_mode(StatsMode::Batch);
+    let batch = train::evaluate(model, &test, meta.input_norm, config.batch_size).map_or(f64::NAN, |e| e.accuracy);
+    model.net.set_stats_mode(StatsMode::Normal);
+    let batches = (train_images.len() / 128).clamp(1, 100);
+    let size = 128.min(train_images.len());
+    crate::recalibrate::population_statistics(model, train_images, meta.input_norm, batches, size, config.seed)?;
+    let population = train::evaluate(model, &test, meta.input_norm, 1000)?.accuracy;
+    Ok(Some(BnEvals {
+        running,
+        population,
+        batch,
+    }))
+}
+
+/// The gradient probe of the learning-rate study: for each norm and seed, at initialization
+/// (init scale 1) and for the final model trained at the middle rate.
+fn learning_rate_gradients(
+    planned: &[Planned],
+    runs: &[RunRecord],
+    opts: &StudyOptions,
+) -> Result<Vec<gradients::GradientNorms>> {
+    let dir = resolve_data_dir(opts.data.as_deref())?;
+    let train_set = crate::data::load_split(&dir, true)?;
+    let input_norm = train_set.pixel_stats();
+    let mut lrs: Vec<f64> = planned.iter().map(|p| p.config.optimizer.lr).collect();
+    lrs.sort_by(|a, b| a.total_cmp(b));
+    lrs.dedup();
+    let lr = lrs[lrs.len() / 2];
+    let mut out = Vec::new();
+    for p in planned
+        .iter()
+        .filter(|p| p.config.init_scale == Some(1.0) && p.config.optimizer.lr == lr)
+    {
+        for seed in 0..opts.seeds as u64 {
+            let k = runs.iter().position(|r| r.labels == p.labels && r.seed == seed);
+            let model = k
+                .filter(|&k| runs[k].status == "complete")
+                .map(|k| opts.out.join("runs").join(format!("{k:03}")).join("model.safetensors"));
+            out.extend(gradients::probe(
+                &p.config,
+                seed,
+                model.as_deref(),
+                &train_set,
+                input_norm,
+            )?);
+        }
+    }
+    Ok(out)
 }
 
 /// `normlab compare`: the grid from check to report, like a study.
@@ -403,6 +542,7 @@ pub fn run_compare(
         landscape: Vec::new(),
         seconds: t0.elapsed().as_secs_f64(),
         claims: Vec::new(),
+        gradients: Vec::new(),
     };
     report::write_all(&results, out)?;
     Ok(results)
@@ -419,6 +559,7 @@ pub fn run_study(
     }
     let t0 = std::time::Instant::now();
     let (mut runs, mut ics_runs, mut landscape_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut gradient_norms = Vec::new();
     let _lock;
     let settings = match study {
         "ics" | "landscape" => {
@@ -438,6 +579,9 @@ pub fn run_study(
             let (planned, settings) = plan(study, opts)?;
             _lock = Some(check(&planned, &opts.out, opts.data.as_deref())?);
             runs = run_grid(&planned, opts.seeds, &opts.out, progress)?;
+            if study == "learning-rate" {
+                gradient_norms = learning_rate_gradients(&planned, &runs, opts)?;
+            }
             settings
         }
     };
@@ -451,6 +595,7 @@ pub fn run_study(
         landscape: landscape_runs,
         seconds: t0.elapsed().as_secs_f64(),
         claims: Vec::new(),
+        gradients: gradient_norms,
     };
     report::write_all(&results, &opts.out)?;
     Ok(results)
