@@ -124,6 +124,10 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
         let root = SVGBackend::with_string(&mut svg, (760, 440)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let map = |x: f64| if log_x { x.log2() } else { x };
+        let integral_x = series
+            .iter()
+            .flat_map(|(_, p)| p.iter())
+            .all(|p| (p.0 - p.0.round()).abs() < 1e-9);
         let (a, b) = (map(x0), map(x1));
         let xpad = ((b - a) * 0.04).max(1e-3);
         let mut chart = ChartBuilder::on(&root)
@@ -136,11 +140,21 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
         let fmt_x = |v: &f64| {
             if log_x {
                 // Whole numbers (batch sizes) as such; fractions (learning rates) to 3 digits.
+                // Whole numbers (batch sizes) only at whole ticks: 2.828 is no batch size.
                 let x = 2f64.powf(*v);
                 if x >= 1.0 && (x - x.round()).abs() < 1e-6 {
                     format!("{}", x.round())
+                } else if x >= 1.0 {
+                    String::new()
                 } else {
                     format!("{x:.3}")
+                }
+            } else if integral_x {
+                // Layers, steps: whole ticks only.
+                if (v - v.round()).abs() < 1e-6 {
+                    format!("{v:.0}")
+                } else {
+                    String::new()
                 }
             } else if x1.abs() >= 10.0 {
                 format!("{v:.0}")
@@ -155,8 +169,13 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
             .x_label_formatter(&fmt_x)
             .draw()
             .map_err(plot_err)?;
+        let mut seen: Vec<RGBColor> = Vec::new();
         for (i, (name, pts)) in series.iter().enumerate() {
-            let color = arm_color(name, i);
+            // A second line of the same arm ("bn, final" after "bn, init") is a lighter shade.
+            let base = arm_color(name, i);
+            let repeats = seen.iter().filter(|c| **c == base).count();
+            seen.push(base);
+            let color = lighter(base, repeats);
             let ok: Vec<(f64, f64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
             chart
                 .draw_series(LineSeries::new(
@@ -305,6 +324,13 @@ pub fn points_svg(title: &str, x_label: &str, y_label: &str, points: &[(String, 
         root.present().map_err(plot_err)?;
     }
     Ok(svg)
+}
+
+/// `c` blended toward white, more for each `step`.
+fn lighter(c: RGBColor, step: usize) -> RGBColor {
+    let f = 1.0 - 0.5f64.powi(step as i32);
+    let mix = |v: u8| (v as f64 + (255.0 - v as f64) * f * 0.8) as u8;
+    RGBColor(mix(c.0), mix(c.1), mix(c.2))
 }
 
 /// One colour per arm in every plot of a report: the norm at the start of a series name

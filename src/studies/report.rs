@@ -129,20 +129,25 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
         );
         for c in &a.claims {
             let per: Vec<String> = c.per_seed.iter().map(|v| format!("{v:.3}")).collect();
+            let num = |v: f64, sign: bool| match (v.is_finite(), sign) {
+                (false, _) => "—".to_string(),
+                (true, true) => format!("{v:+.3}"),
+                (true, false) => format!("{v:.3}"),
+            };
             let color = match c.verdict.as_str() {
                 "agrees" => "#dfd",
                 "disagrees" => "#fdd",
                 _ => "#eee",
             };
             h.push_str(&format!(
-                "<tr><td>{}</td><td style=\"text-align:left\">{}</td><td>{}</td><td>{:+.3}</td><td>[{:.3}, {:.3}]</td>\
+                "<tr><td>{}</td><td style=\"text-align:left\">{}</td><td>{}</td><td>{}</td><td>[{}, {}]</td>\
                  <td>{}</td><td>{}</td><td style=\"background:{color}\"><b>{}</b></td></tr>\n",
                 esc(&c.claim),
                 esc(&c.metric),
                 per.join(", "),
-                c.mean_difference,
-                c.interval[0],
-                c.interval[1],
+                num(c.mean_difference, true),
+                num(c.interval[0], false),
+                num(c.interval[1], false),
                 esc(&c.rule()),
                 c.seeds,
                 esc(&c.verdict)
