@@ -227,14 +227,7 @@ pub fn bars_svg(title: &str, y_label: &str, bars: &[(String, f64, f64)]) -> Resu
             .build_cartesian_2d(-0.5f64..n as f64 - 0.5, bottom..top)
             .map_err(plot_err)?;
         let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
-        let fmt_x = |v: &f64| {
-            let i = v.round();
-            if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
-                names[i as usize].clone()
-            } else {
-                String::new()
-            }
-        };
+        let fmt_x = |v: &f64| category_label(&names, *v);
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -283,14 +276,7 @@ pub fn points_svg(title: &str, x_label: &str, y_label: &str, points: &[(String, 
             .build_cartesian_2d(-0.5f64..n as f64 - 0.5, lo - pad..hi + pad)
             .map_err(plot_err)?;
         let names: Vec<String> = points.iter().map(|p| p.0.clone()).collect();
-        let fmt_x = |v: &f64| {
-            let i = v.round();
-            if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
-                names[i as usize].clone()
-            } else {
-                String::new()
-            }
-        };
+        let fmt_x = |v: &f64| category_label(&names, *v);
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -354,5 +340,15 @@ fn arm_color(name: &str, index: usize) -> RGBColor {
     match fixed.iter().position(|a| *a == arm) {
         Some(k) => PALETTE[k % PALETTE.len()],
         None => PALETTE[index % PALETTE.len()],
+    }
+}
+
+/// The name of the category at whole tick `v` of a category axis (empty between categories).
+fn category_label(names: &[String], v: f64) -> String {
+    let i = v.round();
+    if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+        names[i as usize].clone()
+    } else {
+        String::new()
     }
 }

@@ -28,6 +28,19 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits until process `pid` holds the lock of run folder `dir` (it writes its pid there).
+fn wait_for_lock(dir: &Path, pid: u32) {
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(dir.join(".lock")).unwrap_or_default().trim() != pid.to_string() {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "pid {pid} never took the lock of {}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_kill_at_any_write_leaves_a_run_that_loads_and_resumes_exactly() {
     let t = tmp();
@@ -111,13 +124,7 @@ fn two_trainings_into_one_folder_never_both_write_it() {
         .spawn()
         .unwrap();
     let pid = running.id();
-    // Wait until it holds the lock (it writes its pid there).
-    let lock = out.join(".lock");
-    let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != pid.to_string() {
-        assert!(t0.elapsed().as_secs() < 60, "the resumed run never took the lock");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_lock(&out, pid);
     let err = fails(&["train", "--resume", s(&out), "--epochs", "31"]);
     assert!(err.contains(&format!("pid {pid}")), "{err}");
     // Once the writer is gone (Ctrl-C), its lock is released and the run continues.
@@ -150,11 +157,7 @@ fn ctrl_c_names_the_checkpoint_and_the_resume_command() {
         .spawn()
         .unwrap();
     let pid = running.id();
-    let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(out.join(".lock")).unwrap_or_default().trim() != pid.to_string() {
-        assert!(t0.elapsed().as_secs() < 60, "the run never started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_lock(&out, pid);
     std::thread::sleep(std::time::Duration::from_millis(200));
     Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
     let o = running.wait_with_output().unwrap();

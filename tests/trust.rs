@@ -146,22 +146,9 @@ fn outputs_never_replace_devices_links_inputs_or_other_runs() {
 
 /// A checkpoint whose metadata says `key` = `value`, with the tensors of `model`.
 fn with_metadata(model: &Path, out: &Path, key: &str, value: &str) {
-    let bytes = bytes_of(model);
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let mut md = md.metadata().clone().unwrap();
-    md.insert(key.into(), value.into());
-    let entries: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| Entry {
-            name: n,
-            dtype: v.dtype(),
-            shape: v.shape().to_vec(),
-            bytes: v.data().to_vec(),
-        })
-        .collect();
-    std::fs::write(out, serialize(&entries, md).unwrap()).unwrap();
+    rewrite_safetensors(model, out, &mut |_, md| {
+        md.get_or_insert_with(HashMap::new).insert(key.into(), value.into());
+    });
 }
 
 #[test]
@@ -358,27 +345,11 @@ fn numbers_never_hide_a_nan_or_a_divergence() {
     let d = s(&data);
     // A NaN weight gives a NaN loss (JSON null), not 0 (the fused ReLU used to zero it).
     let model = run.join("model.safetensors");
-    let bytes = bytes_of(&model);
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let entries: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let mut b = v.data().to_vec();
-            if n == "conv1.weight" {
-                b[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-            }
-            Entry {
-                name: n,
-                dtype: v.dtype(),
-                shape: v.shape().to_vec(),
-                bytes: b,
-            }
-        })
-        .collect();
     let nan = t.path().join("nan.safetensors");
-    std::fs::write(&nan, serialize(&entries, md.metadata().clone().unwrap()).unwrap()).unwrap();
+    rewrite_safetensors(&model, &nan, &mut |entries, _| {
+        let w = entries.iter_mut().find(|e| e.name == "conv1.weight").unwrap();
+        w.bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
     let j: serde_json::Value =
         serde_json::from_str(ok(&["eval", "--checkpoint", s(&nan), "--data", d, "--json"]).trim()).unwrap();
     assert!(j["test_loss"].is_null(), "NaN loss must not read as a number: {j}");

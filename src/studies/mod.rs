@@ -230,7 +230,7 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
             let (lrs, scales, epochs, train, test): (&[f64], &[f32], usize, usize, usize) = if opts.quick {
                 (&[0.01, 0.1, 1.0], &[1.0], 1, 1536, 500)
             } else {
-                (&[0.005, 0.015, 0.05, 0.15, 0.5], &[0.5, 1.0, 2.0], 3, 10000, 2000)
+                (&[0.005, 0.015, 0.05, 0.15, 0.5], &[0.5, 1.0, 2.0], 2, 10000, 2000)
             };
             for norm in ["bn", "none"] {
                 for &scale in scales {

@@ -109,3 +109,31 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
 pub fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
+
+/// Rewrites a safetensors file: `edit` may change each tensor and the metadata (None: none).
+pub fn rewrite_safetensors(
+    from: &Path,
+    to: &Path,
+    edit: &mut dyn FnMut(&mut Vec<normlab::checkpoint::Entry>, &mut Option<std::collections::HashMap<String, String>>),
+) {
+    let bytes = std::fs::read(from).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut md = md.metadata().clone();
+    let mut entries: Vec<normlab::checkpoint::Entry> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| normlab::checkpoint::Entry {
+            name: n,
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            bytes: v.data().to_vec(),
+        })
+        .collect();
+    edit(&mut entries, &mut md);
+    std::fs::write(
+        to,
+        normlab::checkpoint::serialize(&entries, md.unwrap_or_default()).unwrap(),
+    )
+    .unwrap();
+}
