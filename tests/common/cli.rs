@@ -110,11 +110,14 @@ pub fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-/// Rewrites a safetensors file: `edit` may change each tensor and the metadata (None: none).
+/// A safetensors file's metadata (None: the file has none).
+pub type Metadata = Option<std::collections::HashMap<String, String>>;
+
+/// Rewrites a safetensors file: `edit` may change each tensor and the metadata.
 pub fn rewrite_safetensors(
     from: &Path,
     to: &Path,
-    edit: &mut dyn FnMut(&mut Vec<normlab::checkpoint::Entry>, &mut Option<std::collections::HashMap<String, String>>),
+    edit: &mut dyn FnMut(&mut Vec<normlab::checkpoint::Entry>, &mut Metadata),
 ) {
     let bytes = std::fs::read(from).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
