@@ -1019,13 +1019,16 @@ fn landscape(r: &StudyResults) -> Result<Analysis> {
         .into_iter()
         .filter(|n| r.landscape.iter().any(|x| x.norm == *n))
         .collect();
+    // The plots start after step 0, as the claims do: the untrained net's probe is an order of
+    // magnitude larger and would flatten the curves of training.
     let series_of = |norm: &str, f: &dyn Fn(&Probe) -> f64| {
-        let runs: Vec<&[Probe]> = r
+        let trained: Vec<Vec<Probe>> = r
             .landscape
             .iter()
             .filter(|x| x.norm == norm)
-            .map(|x| x.probes.as_slice())
+            .map(|x| x.probes.iter().filter(|p| p.step > 0).cloned().collect())
             .collect();
+        let runs: Vec<&[Probe]> = trained.iter().map(|v| v.as_slice()).collect();
         per_step(&runs, |p| p.step, f)
     };
     let mut loss_series = Vec::new();
@@ -1044,7 +1047,7 @@ fn landscape(r: &StudyResults) -> Result<Analysis> {
     let plots = vec![
         Plot {
             file: "loss_landscape.svg".into(),
-            caption: "Range of the loss at θ − ηg for η in [0.5, 4]·lr, over training".into(),
+            caption: "Range of the loss at θ − ηg for η in [0.5, 4]·lr, over training (after step 0)".into(),
             svg: lines_svg(
                 "Loss along the gradient direction (range over step sizes)",
                 "training step",
