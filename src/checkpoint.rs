@@ -237,7 +237,8 @@ pub fn load_model(path: &Path) -> Result<(Model, CheckpointMeta)> {
             path.display()
         )));
     }
-    if !path.exists() && path.parent().is_some_and(|d| d.join("metrics.json").is_file()) {
+    let is_run_model = path.file_name().is_some_and(|n| n == "model.safetensors");
+    if !path.exists() && is_run_model && path.parent().is_some_and(|d| d.join("metrics.json").is_file()) {
         return Err(Error::invalid(format!(
             "{} does not exist yet: its run has not finished an epoch",
             path.display()

@@ -168,3 +168,30 @@ fn ctrl_c_names_the_checkpoint_and_the_resume_command() {
         "{err}"
     );
 }
+
+#[test]
+fn a_run_folder_of_the_older_layout_still_resumes() {
+    // Before the commit record, train_state held only the optimizer (weights in
+    // model.safetensors, metrics in metrics.json): such folders resume as they did.
+    let t = tmp();
+    let data = t.path().join("data");
+    write_dataset(&data, 96, 40, false);
+    let (old, reference) = (t.path().join("old"), t.path().join("reference"));
+    assert!(train_with_crash(&data, &reference, "0").status.success());
+    let args = ["--batch-size", "32", "--seed", "5", "--threads", "1", "--epochs", "1"];
+    let mut first = vec!["train", "--data", s(&data), "--out", s(&old)];
+    first.extend_from_slice(&args);
+    ok(&first);
+    let state = old.join("train_state.safetensors");
+    rewrite_safetensors(&state, &state, &mut |entries, md| {
+        entries.retain(|e| !e.name.starts_with("model."));
+        let md = md.as_mut().unwrap();
+        md.retain(|k, _| k == "step" || k == "epoch");
+    });
+    ok(&["train", "--resume", s(&old), "--epochs", "2"]);
+    assert_eq!(learning_curve(&metrics(&old)), learning_curve(&metrics(&reference)));
+    assert_eq!(
+        tensors(&old.join("model.safetensors")),
+        tensors(&reference.join("model.safetensors"))
+    );
+}

@@ -89,6 +89,9 @@ pub struct Commit {
     pub metrics: RunMetrics,
     pub step: u64,
     bytes: Vec<u8>,
+    /// A folder written before the commit record held the weights: they are in
+    /// model.safetensors (and the metrics in metrics.json).
+    legacy_model: Option<Vec<u8>>,
 }
 
 /// The config of the run in `files.dir` and its last commit (None when it was killed before
@@ -106,19 +109,24 @@ pub fn read_run(files: &RunFiles) -> Result<(super::TrainConfig, Option<Commit>)
     if state.exists() {
         let bytes = checkpoint::read_safetensors(&state)?;
         let md = checkpoint::metadata(&state, &bytes)?;
-        let text = md.get(META_METRICS).ok_or_else(|| {
-            Error::checkpoint(
-                &state,
-                "has no run record (written by an older normlab?); it cannot be resumed",
-            )
-        })?;
-        let metrics: RunMetrics = serde_json::from_str(text)
-            .map_err(|e| Error::checkpoint(&state, format!("bad run record in its metadata: {e}")))?;
         let step = md
             .get("step")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| Error::checkpoint(&state, "metadata has no valid 'step'"))?;
-        return Ok((metrics.config.clone(), Some(Commit { metrics, step, bytes })));
+        let Some(text) = md.get(META_METRICS) else {
+            return read_legacy_run(files, bytes, step, &md);
+        };
+        let metrics: RunMetrics = serde_json::from_str(text)
+            .map_err(|e| Error::checkpoint(&state, format!("bad run record in its metadata: {e}")))?;
+        return Ok((
+            metrics.config.clone(),
+            Some(Commit {
+                metrics,
+                step,
+                bytes,
+                legacy_model: None,
+            }),
+        ));
     }
     let path = files.metrics();
     if !path.exists() {
@@ -151,11 +159,55 @@ pub fn read_run(files: &RunFiles) -> Result<(super::TrainConfig, Option<Commit>)
     Ok((prev.config, None))
 }
 
+/// A run folder of a normlab from before the commit record: the optimizer in
+/// train_state.safetensors, the weights in model.safetensors, the metrics in metrics.json, all
+/// of the same epoch (anything else was a torn write of the old scheme).
+fn read_legacy_run(
+    files: &RunFiles,
+    bytes: Vec<u8>,
+    step: u64,
+    md: &HashMap<String, String>,
+) -> Result<(super::TrainConfig, Option<Commit>)> {
+    let state = files.train_state();
+    let path = files.metrics();
+    let text = crate::files::read_limited(&path, 64 << 20, "metrics.json")?;
+    let metrics: RunMetrics = serde_json::from_slice(&text)
+        .map_err(|e| Error::checkpoint(&path, format!("not a normlab metrics.json ({e})")))?;
+    let epoch: Option<usize> = md.get("epoch").and_then(|v| v.parse().ok());
+    let model = checkpoint::read_safetensors(&files.model())?;
+    let model_epoch = checkpoint::parse_metadata(&files.model(), &checkpoint::metadata(&files.model(), &model)?)?.epoch;
+    let done = metrics.epochs.len();
+    if epoch != Some(done) || model_epoch != done {
+        return Err(Error::checkpoint(
+            &state,
+            format!(
+                "an older normlab's run whose files disagree (optimizer state of epoch {}, model of epoch \
+                 {model_epoch}, metrics of {done} epochs); it cannot be resumed",
+                epoch.map_or("?".into(), |e| e.to_string())
+            ),
+        ));
+    }
+    Ok((
+        metrics.config.clone(),
+        Some(Commit {
+            metrics,
+            step,
+            bytes,
+            legacy_model: Some(model),
+        }),
+    ))
+}
+
 /// Puts the committed weights, buffers and optimizer state into `model` and `opt`.
 pub(super) fn restore(files: &RunFiles, c: &Commit, model: &mut Model, opt: &mut Optimizer) -> Result<()> {
     let path = files.train_state();
     let st = SafeTensors::deserialize(&c.bytes).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
-    checkpoint::load_prefixed(&path, &st, model, "model.")?;
+    match &c.legacy_model {
+        Some(bytes) => checkpoint::load_state_dict(&files.model(), bytes, model)?,
+        None => {
+            checkpoint::load_prefixed(&path, &st, model, "model.")?;
+        }
+    }
     opt.step = c.step;
     if c.step > 0 {
         let (first, second) = optimizer_keys(opt.config.kind);
