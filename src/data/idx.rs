@@ -29,23 +29,42 @@ pub fn read_idx(path: &Path, expected_rank: usize) -> Result<IdxArray> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file = std::io::BufReader::new(file);
     let result = if path.extension().is_some_and(|e| e == "gz") {
-        read_idx_from(flate2::read::MultiGzDecoder::new(file), None, expected_rank)
-            .map_err(|m| m.replace("read failed:", "corrupt gzip data:"))
+        read_idx_from(
+            flate2::read::MultiGzDecoder::new(file),
+            Source::Gzip(meta.len()),
+            expected_rank,
+        )
+        .map_err(|m| m.replace("read failed:", "corrupt gzip data:"))
     } else {
-        read_idx_from(file, Some(meta.len()), expected_rank)
+        read_idx_from(file, Source::Plain(meta.len()), expected_rank)
     };
     result.map_err(|m| Error::data(path, m))
 }
 
 /// Parses gzip-compressed IDX bytes, as `read_idx` reads a `.gz` file.
 pub fn parse_idx_gz(bytes: &[u8], expected_rank: usize) -> std::result::Result<IdxArray, String> {
-    read_idx_from(flate2::read::MultiGzDecoder::new(bytes), None, expected_rank)
+    read_idx_from(
+        flate2::read::MultiGzDecoder::new(bytes),
+        Source::Gzip(bytes.len() as u64),
+        expected_rank,
+    )
 }
 
 /// Parses IDX bytes; the error is a message without the path.
 pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> std::result::Result<IdxArray, String> {
-    read_idx_from(bytes, Some(bytes.len() as u64), expected_rank)
+    read_idx_from(bytes, Source::Plain(bytes.len() as u64), expected_rank)
 }
+
+/// What the IDX stream is read from, and its length on disk.
+#[derive(Clone, Copy)]
+enum Source {
+    Plain(u64),
+    Gzip(u64),
+}
+
+/// Deflate expands at most 1032:1; a header that promises more than its gzip file can hold
+/// is refused before anything is read or allocated.
+const MAX_DEFLATE_RATIO: u64 = 1032;
 
 fn io_message(e: std::io::Error) -> String {
     if e.kind() == std::io::ErrorKind::InvalidInput || e.kind() == std::io::ErrorKind::InvalidData {
@@ -70,7 +89,11 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::result::Result<usize, St
 }
 
 /// The IDX array in `r`; `len` is the stream's length when known (a plain file).
-fn read_idx_from(mut r: impl Read, len: Option<u64>, expected_rank: usize) -> std::result::Result<IdxArray, String> {
+fn read_idx_from(mut r: impl Read, source: Source, expected_rank: usize) -> std::result::Result<IdxArray, String> {
+    let len = match source {
+        Source::Plain(l) => Some(l),
+        Source::Gzip(_) => None,
+    };
     let size = |got: usize| len.map_or(got as u64, |l| l);
     let mut magic = [0u8; 4];
     let got = read_full(&mut r, &mut magic)?;
@@ -106,6 +129,14 @@ fn read_idx_from(mut r: impl Read, len: Option<u64>, expected_rank: usize) -> st
             "IDX dimensions {dims:?} describe more than {MAX_IDX_BYTES} bytes (corrupt header?)"
         ));
     };
+    if let Source::Gzip(compressed) = source {
+        if count as u64 > compressed.saturating_mul(MAX_DEFLATE_RATIO) {
+            return Err(format!(
+                "IDX dimensions {dims:?} need {count} bytes, more than a gzip file of {compressed} bytes \
+                 can hold (corrupt header?)"
+            ));
+        }
+    }
     if let Some(l) = len {
         let payload = l.saturating_sub(header as u64);
         if payload != count as u64 {
@@ -114,8 +145,11 @@ fn read_idx_from(mut r: impl Read, len: Option<u64>, expected_rank: usize) -> st
             ));
         }
     }
-    let mut data = vec![0u8; count];
-    let got = read_full(&mut r, &mut data)?;
+    // Grown as the data arrive (a plain file's length is already checked; a gzip stream's is
+    // not known), so a short stream costs only what it holds.
+    let mut data = Vec::with_capacity(count.min(1 << 26));
+    (&mut r).take(count as u64).read_to_end(&mut data).map_err(io_message)?;
+    let got = data.len();
     if got < count {
         return Err(format!(
             "IDX dimensions {dims:?} need {count} bytes of data, file has {got} (truncated or corrupt)"
@@ -196,9 +230,22 @@ mod tests {
             inner: std::io::Cursor::new(gz(&bomb)),
             read: 0,
         };
-        let e = read_idx_from(flate2::read::MultiGzDecoder::new(&mut counter), None, 1).unwrap_err();
+        let e = read_idx_from(
+            flate2::read::MultiGzDecoder::new(&mut counter),
+            Source::Gzip(1 << 20),
+            1,
+        )
+        .unwrap_err();
         assert!(e.contains("more"), "{e}");
         assert!(counter.read < 1 << 20, "read {} compressed bytes", counter.read);
+    }
+
+    #[test]
+    fn a_small_gzip_that_promises_gigabytes_is_refused_before_allocating() {
+        // Found by cargo fuzz: a 60-byte .gz whose header promised 2 GiB made the reader
+        // allocate them before reading. Deflate cannot expand 60 bytes that far.
+        let e = parse_idx_gz(&gz(&idx(3, &[32768, 256, 256], 8)), 3).unwrap_err();
+        assert!(e.contains("more than a gzip file"), "{e}");
     }
 
     struct CountingReader<R> {
