@@ -22,6 +22,7 @@ use crate::train::{evaluate, train_step};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct IcsPoint {
     pub step: usize,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub test_accuracy: f64,
     /// 15th, 50th, 85th percentile of the probed sigmoid's input.
     pub p15: f32,

@@ -23,11 +23,17 @@ use crate::train::{evaluate, loss_and_grad};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Probe {
     pub step: usize,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub loss: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub loss_min: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub loss_max: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub grad_change_min: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub grad_change_max: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub beta: f64,
 }
 
@@ -37,6 +43,7 @@ pub struct LandscapeRun {
     pub seed: u64,
     pub diverged: bool,
     pub probes: Vec<Probe>,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub test_accuracy: f64,
 }
 

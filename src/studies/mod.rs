@@ -59,10 +59,14 @@ pub struct RunRecord {
     pub status: String,
     pub epochs: Vec<EpochMetrics>,
     pub steps_per_epoch: usize,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub test_accuracy: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub test_loss: f64,
     /// The final model in eval mode on the run's training images.
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub train_accuracy: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub train_loss: f64,
     pub seconds: f64,
     /// For the batch-size study's norms with running statistics: the final model's test
@@ -76,8 +80,11 @@ pub struct RunRecord {
 /// batch's own statistics at the training batch size.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BnEvals {
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub running: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub population: f64,
+    #[serde(deserialize_with = "crate::studies::verdict::null_as_nan")]
     pub batch: f64,
 }
 
@@ -599,4 +606,34 @@ pub fn run_study(
     };
     report::write_all(&results, &opts.out)?;
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_diverged_runs_nan_survives_results_json() {
+        // serde_json writes NaN as null; `normlab report` must read it back.
+        let r = RunRecord {
+            labels: BTreeMap::new(),
+            seed: 0,
+            status: "diverged".into(),
+            epochs: Vec::new(),
+            steps_per_epoch: 1,
+            test_accuracy: f64::NAN,
+            test_loss: f64::NAN,
+            train_accuracy: f64::NAN,
+            train_loss: f64::NAN,
+            seconds: 1.0,
+            bn_evals: Some(BnEvals {
+                running: 0.5,
+                population: 0.5,
+                batch: f64::NAN,
+            }),
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        let back: RunRecord = serde_json::from_str(&json).unwrap();
+        assert!(back.test_accuracy.is_nan() && back.bn_evals.unwrap().batch.is_nan());
+    }
 }

@@ -36,8 +36,10 @@ pub struct Claim {
     pub verdict: String,
 }
 
-/// JSON has no NaN or infinity (serde_json writes null): read null back as NaN.
-fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+/// JSON has no NaN or infinity (serde_json writes null): read null back as NaN. Every study
+/// value that can be NaN (a diverged run's accuracy, loss or probe) is read through it, so
+/// `normlab report` rebuilds any results.json a study wrote.
+pub fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
