@@ -137,20 +137,24 @@ pub fn tensor_f32(path: &Path, st: &SafeTensors, name: &str, shape: &[usize]) ->
             format!("tensor '{name}' has shape {:?}, the model expects {shape:?}", t.shape()),
         ));
     }
-    Ok(t.data()
+    Ok(le_f32s(t.data()).collect())
+}
+
+/// The little-endian f32 values of a tensor's bytes (safetensors checked the length).
+pub fn le_f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
         .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect())
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn tensor_i64(path: &Path, st: &SafeTensors, name: &str) -> Result<i64> {
     let t = st
         .tensor(name)
         .map_err(|_| Error::checkpoint(path, format!("missing tensor '{name}'")))?;
-    if t.dtype() != Dtype::I64 || t.data().len() != 8 {
-        return Err(Error::checkpoint(path, format!("tensor '{name}' must be a scalar I64")));
+    match <[u8; 8]>::try_from(t.data()) {
+        Ok(b) if t.dtype() == Dtype::I64 => Ok(i64::from_le_bytes(b)),
+        _ => Err(Error::checkpoint(path, format!("tensor '{name}' must be a scalar I64"))),
     }
-    Ok(i64::from_le_bytes(t.data().try_into().expect("8 bytes")))
 }
 
 /// Copies every state-dict entry from the file into `model`; like PyTorch's strict loading,

@@ -34,11 +34,7 @@ impl<'a> LayerInputs<'a> {
                 format!("tensor '{name}' is {:?}, expected F32", t.dtype()),
             ));
         }
-        let data = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect();
+        let data = checkpoint::le_f32s(t.data()).collect();
         Ok(Some(Tensor {
             shape: t.shape().to_vec(),
             data,
@@ -47,13 +43,13 @@ impl<'a> LayerInputs<'a> {
 
     fn i64(&self, name: &str) -> Result<Option<i64>> {
         let Ok(t) = self.st.tensor(name) else { return Ok(None) };
-        if t.dtype() != Dtype::I64 || t.data().len() != 8 {
-            return Err(Error::checkpoint(
+        match <[u8; 8]>::try_from(t.data()) {
+            Ok(b) if t.dtype() == Dtype::I64 => Ok(Some(i64::from_le_bytes(b))),
+            _ => Err(Error::checkpoint(
                 self.path,
                 format!("tensor '{name}' must be a scalar I64"),
-            ));
+            )),
         }
-        Ok(Some(i64::from_le_bytes(t.data().try_into().expect("8 bytes"))))
     }
 }
 
@@ -164,9 +160,7 @@ pub fn layer_command(spec: &str, input: &Path, output: &Path, eval: bool) -> Res
 }
 
 fn finite(bytes: &[u8]) -> bool {
-    bytes
-        .chunks_exact(4)
-        .all(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")).is_finite())
+    checkpoint::le_f32s(bytes).all(f32::is_finite)
 }
 
 /// Every F32 tensor of a safetensors file is finite.

@@ -8,24 +8,8 @@ use std::path::{Path, PathBuf};
 
 use common::cli::*;
 
-fn trained(t: &tempfile::TempDir, extra: &[&str]) -> (PathBuf, PathBuf) {
-    let data = t.path().join("data");
-    write_dataset(&data, 96, 40, false);
-    let run = t.path().join("run");
-    let mut args = vec![
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&run),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-    ];
-    args.extend_from_slice(extra);
-    ok(&args);
-    (data, run)
+fn trained(t: &tempfile::TempDir) -> (PathBuf, PathBuf) {
+    trained_run(t, 96, 40, "16")
 }
 
 fn tensor_map(p: &Path) -> HashMap<String, Vec<u8>> {
@@ -35,7 +19,7 @@ fn tensor_map(p: &Path) -> HashMap<String, Vec<u8>> {
 #[test]
 fn frozen_bn_keeps_its_statistics_and_all_keeps_gamma_and_beta() {
     let t = tmp();
-    let (data, run) = trained(&t, &[]);
+    let (data, run) = trained(&t);
     let (d, start) = (s(&data), run.join("model.safetensors"));
     let before = tensor_map(&start);
     for (mode, affine_frozen) in [("stats", false), ("all", true)] {
@@ -149,7 +133,7 @@ fn frozen_bn_in_training_is_the_eval_mode_layer() {
 #[test]
 fn recalibrate_averages_the_batches_exactly_and_refuses_what_it_cannot_do() {
     let t = tmp();
-    let (data, run) = trained(&t, &[]);
+    let (data, run) = trained(&t);
     let d = s(&data);
     let model = run.join("model.safetensors");
     let out = t.path().join("precise");
@@ -275,7 +259,7 @@ fn recalibrate_averages_the_batches_exactly_and_refuses_what_it_cannot_do() {
 #[test]
 fn eval_with_batch_statistics_leaves_the_running_ones_alone() {
     let t = tmp();
-    let (data, run) = trained(&t, &[]);
+    let (data, run) = trained(&t);
     let d = s(&data);
     let model = run.join("model.safetensors");
     let before = std::fs::read(&model).unwrap();
@@ -358,7 +342,7 @@ fn strip_metadata(from: &Path, to: &Path) {
 #[test]
 fn a_plain_state_dict_evaluates_and_initializes_with_the_architecture_from_flags() {
     let t = tmp();
-    let (data, run) = trained(&t, &[]);
+    let (data, run) = trained(&t);
     let d = s(&data);
     let plain = t.path().join("plain.safetensors");
     strip_metadata(&run.join("model.safetensors"), &plain);

@@ -12,21 +12,7 @@ use common::cli::*;
 use normlab::checkpoint::{serialize, Entry};
 
 fn trained(t: &tempfile::TempDir) -> (PathBuf, PathBuf) {
-    let data = t.path().join("data");
-    write_dataset(&data, 64, 32, false);
-    let run = t.path().join("run");
-    ok(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&run),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-    ]);
-    (data, run)
+    trained_run(t, 64, 32, "32")
 }
 
 fn bytes_of(p: &Path) -> Vec<u8> {

@@ -121,7 +121,7 @@ fn read_idx_from(mut r: impl Read, source: Source, expected_rank: usize) -> std:
     }
     let dims: Vec<usize> = raw
         .chunks_exact(4)
-        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .collect();
     let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     let Some(count) = count.filter(|&c| c <= MAX_IDX_BYTES) else {
@@ -215,7 +215,7 @@ mod tests {
         file.extend(gz(&whole[10..]));
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("x-idx3-ubyte.gz");
-        std::fs::write(&p, &file).unwrap();
+        crate::files::write_atomic(&p, &file).unwrap();
         let a = read_idx(&p, 3).unwrap();
         assert_eq!(a.dims, vec![2, 3, 4]);
         assert_eq!(a.data.len(), 24);

@@ -187,7 +187,8 @@ mod tests {
     #[test]
     fn removes_temporaries_of_dead_processes_only() {
         let t = tempfile::tempdir().unwrap();
-        // pid 4194304 is above Linux's pid_max: never a running process.
+        // pid 4194304 is above Linux's pid_max: never a running process. These imitate the
+        // temporaries a killed write leaves, so they are written directly, not atomically.
         let dead = t.path().join(".m.safetensors.tmp4194304");
         let live = t.path().join(format!(".m.safetensors.tmp{}", std::process::id()));
         std::fs::write(&dead, b"torn").unwrap();

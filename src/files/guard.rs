@@ -210,7 +210,7 @@ mod tests {
         let run = t.path().join("run");
         std::fs::create_dir(&run).unwrap();
         let model = run.join("model.safetensors");
-        std::fs::write(&model, b"m").unwrap();
+        crate::files::write_atomic(&model, b"m").unwrap();
         let g = OutputGuard::new(false).input(&model);
         assert!(g
             .folder("--out", &run.join("nonexistent/.."), &["model.safetensors"])
@@ -224,7 +224,7 @@ mod tests {
             .contains("input"));
         let other = t.path().join("other");
         std::fs::create_dir(&other).unwrap();
-        std::fs::write(other.join("metrics.json"), b"{}").unwrap();
+        crate::files::write_atomic(&other.join("metrics.json"), b"{}").unwrap();
         assert!(g
             .folder("--out", &other, &["fold.json"])
             .unwrap_err()
@@ -235,7 +235,7 @@ mod tests {
             .folder("--out", &other, &["fold.json"])
             .is_ok());
         let existing = t.path().join("p.json");
-        std::fs::write(&existing, b"[]").unwrap();
+        crate::files::write_atomic(&existing, b"[]").unwrap();
         assert!(g.file("--json", &existing).unwrap_err().to_string().contains("--force"));
         assert!(OutputGuard::new(true).file("--json", &existing).is_ok());
         // A device is written through, so it is a valid output (only inspected here).

@@ -20,6 +20,18 @@ impl RunLock {
     pub fn acquire(dir: &Path) -> Result<RunLock> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(".lock");
+        // The lock file is not written through write_atomic: flock needs one stable inode that
+        // every writer opens, and a rename would give the next process a different one. So it
+        // is opened in place, and only when it is (or will be) a regular file: a link or a
+        // device planted there must not be truncated and written with our pid.
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            if !m.file_type().is_file() {
+                return Err(Error::invalid(format!(
+                    "{} is not a regular file (a link, folder or device); remove it and run again",
+                    path.display()
+                )));
+            }
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -60,6 +72,17 @@ impl RunLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_path_that_is_a_link_is_refused_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("precious");
+        crate::files::write_atomic(&target, b"keep").unwrap();
+        std::os::unix::fs::symlink(&target, t.path().join(".lock")).unwrap();
+        let e = RunLock::acquire(t.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
 
     #[test]
     fn a_second_writer_is_refused_until_the_first_releases() {

@@ -379,7 +379,9 @@ multiversion! {
 
 // Backward of y = act((x − mean)·inv·γ + β) with fixed statistics (eval mode):
 // dx = g·γ·inv, dγ = Σ g·(x − mean)·inv, dβ = Σ g, where g = dy masked by a fused ReLU.
-/// `dx` (when given) is written sample by sample; `sums[ch]` gets Σg and Σg·x̂ per channel.
+/// One task per channel, as the training backward: the channel's sums (the same `PairSums`
+/// accumulation), then its dx runs (`dx_run` with no centring terms). `dx` may be None when
+/// the layer's input needs no gradient; `sums[ch]` gets Σg and Σg·x̂.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_backward_fixed(
     x: &[f32],
@@ -394,38 +396,29 @@ pub fn batch_norm_backward_fixed(
     relu: bool,
     sums: &mut [ChannelSums],
 ) {
-    let g = |yv: f32, d: f32| if relu { relu_mask(yv, d) } else { d };
-    if let Some(dx) = dx {
-        dx.par_chunks_mut(c * s)
-            .zip(dy.par_chunks(c * s).zip(y.par_chunks(c * s)))
-            .for_each(|(dxs, (dys, ys))| {
-                for ch in 0..c {
-                    let k = gain[ch] * inv[ch];
-                    let r = ch * s..(ch + 1) * s;
-                    for ((o, &d), &yv) in dxs[r.clone()].iter_mut().zip(&dys[r.clone()]).zip(&ys[r]) {
-                        *o = g(yv, d) * k;
-                    }
-                }
-            });
-    }
     let n = x.len() / (c * s).max(1);
+    let out = dx.map(SharedOut::new);
     sums.par_iter_mut().enumerate().for_each(|(ch, sum)| {
         let center = Center::new(mean[ch]);
-        let (mut sd, mut sdx) = (0.0f64, 0.0f64);
+        let mut acc = PairSums::new();
         for i in 0..n {
             let r = (i * c + ch) * s..(i * c + ch + 1) * s;
-            let (mut a, mut b) = (0.0f32, 0.0f32);
-            for ((&xv, &d), &yv) in x[r.clone()].iter().zip(&dy[r.clone()]).zip(&y[r]) {
-                let gv = g(yv, d);
-                a += gv;
-                b += gv * center.sub(xv);
-            }
-            sd += a as f64;
-            sdx += b as f64;
+            acc.add_grad(&x[r.clone()], relu.then(|| &y[r.clone()]), &dy[r], center);
         }
+        let (sd, sdx) = acc.totals();
         *sum = ChannelSums {
             sum_dy: sd,
             sum_dy_xhat: sdx * inv[ch] as f64,
         };
+        if let Some(out) = &out {
+            let k = gain[ch] * inv[ch];
+            for i in 0..n {
+                let off = (i * c + ch) * s;
+                let r = off..off + s;
+                // SAFETY: run (i, ch) belongs to this channel's task alone.
+                let dr = unsafe { out.run(off, s) };
+                dx_run(&x[r.clone()], &y[r.clone()], &dy[r], dr, center, k, 0.0, 0.0, relu);
+            }
+        }
     });
 }

@@ -289,6 +289,7 @@ impl BatchNorm {
     /// running statistics are constants, as in PyTorch's eval-mode autograd.
     fn backward_running(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor, c: usize, s: usize) {
         dx.resize_to(&x.shape);
+        // The fixed-apply scratch holds mean, 1/σ and γ here (no allocation per step).
         let mut sc = std::mem::take(&mut self.scratch);
         sc.mean.clear();
         sc.scale.clear();

@@ -38,10 +38,13 @@ struct Scratch {
     stats: Vec<ChannelStats>,
     /// Per (n, channel) Σdy and Σdy·x̂.
     channel_sums: Vec<(f64, f64)>,
-    /// Running-statistics apply: mean, scale, shift per channel.
+    /// Running-statistics apply: mean, scale, shift per channel (in the eval-mode backward:
+    /// mean, 1/σ and γ).
     mean: Vec<f64>,
     scale: Vec<f32>,
     shift: Vec<f32>,
+    /// Per channel Σdy and Σdy·x̂ of the eval-mode backward.
+    fixed_sums: Vec<bnk::ChannelSums>,
 }
 
 pub struct GroupNorm {
@@ -244,20 +247,21 @@ impl Layer for GroupNorm {
             ));
         }
         if self.last_running {
-            // Eval-mode backward of the running-statistics affine map, as BatchNorm's.
+            // Eval-mode backward of the running-statistics affine map, as BatchNorm's; the
+            // scratch vectors of the fixed apply hold mean, 1/σ and γ (no allocation per step).
             dx.resize_to(&x.shape);
-            let mut sums = vec![bnk::ChannelSums::default(); c];
-            let gains: Vec<f32> = (0..c)
-                .map(|ch| self.weight.as_ref().map_or(1.0, |w| w.value.data[ch]))
-                .collect();
             let (rm, rv) = (self.running_mean.as_ref(), self.running_var.as_ref());
-            let mean: Vec<f64> = rm.expect("tracked").data.iter().map(|&m| m as f64).collect();
-            let inv: Vec<f32> = rv
-                .expect("tracked")
-                .data
-                .iter()
-                .map(|&v| bnk::inverse_std(v, self.config.eps))
-                .collect();
+            let (rm, rv) = (&rm.expect("tracked").data, &rv.expect("tracked").data);
+            let sc = &mut self.scratch;
+            sc.mean.clear();
+            sc.mean.extend(rm.iter().map(|&m| m as f64));
+            sc.scale.clear();
+            sc.scale
+                .extend(rv.iter().map(|&v| bnk::inverse_std(v, self.config.eps)));
+            sc.shift.clear();
+            sc.shift
+                .extend((0..c).map(|ch| self.weight.as_ref().map_or(1.0, |w| w.value.data[ch])));
+            sc.fixed_sums.resize(c, bnk::ChannelSums::default());
             bnk::batch_norm_backward_fixed(
                 &x.data,
                 &y.data,
@@ -265,14 +269,14 @@ impl Layer for GroupNorm {
                 Some(&mut dx.data),
                 c,
                 s,
-                &mean,
-                &inv,
-                &gains,
+                &sc.mean,
+                &sc.scale,
+                &sc.shift,
                 self.relu,
-                &mut sums,
+                &mut sc.fixed_sums,
             );
             if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-                for (ch, sum) in sums.iter().enumerate() {
+                for (ch, sum) in sc.fixed_sums.iter().enumerate() {
                     w.grad.data[ch] += sum.sum_dy_xhat as f32;
                     b.grad.data[ch] += sum.sum_dy as f32;
                 }

@@ -140,3 +140,28 @@ pub fn rewrite_safetensors(
     )
     .unwrap();
 }
+
+/// A toy data set of `train`/`test` images in `t/data` and a 1-epoch run on it in `t/run`
+/// with `--batch-size batch`; returns (data folder, run folder).
+pub fn trained_run(
+    t: &tempfile::TempDir,
+    train: usize,
+    test: usize,
+    batch: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = t.path().join("data");
+    write_dataset(&data, train, test, false);
+    let run = t.path().join("run");
+    ok(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        batch,
+    ]);
+    (data, run)
+}
