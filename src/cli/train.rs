@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// again at 75% of the epochs); cosine (from --lr down toward 0).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["constant", "step", "cosine"]))]
     pub schedule: Option<String>,
+    /// Linear learning-rate warm-up over the first N epochs, step by step up to the schedule's
+    /// rate (for large batches with a linearly scaled rate) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<usize>,
     /// Seed of the initial weights, the sample order and dropout [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -132,6 +136,7 @@ impl TrainArgs {
             dropout: self.dropout.unwrap_or(0.0) as f32,
             init_scale: self.init_scale.map(|k| k as f32),
             freeze_bn: self.freeze_bn.as_deref().map(str::parse).transpose()?,
+            warmup_epochs: self.warmup.unwrap_or(0),
         };
         config.validate()?;
         Ok(config)
@@ -186,6 +191,11 @@ impl TrainArgs {
             "--schedule",
             self.schedule.clone(),
             format!("{:?}", saved.schedule).to_lowercase(),
+        );
+        differs(
+            "--warmup",
+            self.warmup.map(|v| v.to_string()),
+            saved.warmup_epochs.to_string(),
         );
         differs("--seed", self.seed.map(|v| v.to_string()), saved.seed.to_string());
         let limit = |l: Option<usize>| l.map_or("no limit".to_string(), |n| n.to_string());

@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::plot::{bars_svg, lines_svg, Series};
 use crate::studies::verdict::{Claim, Kind};
 use crate::studies::{RunRecord, StudyResults};
+use crate::train::EpochMetrics;
 
 pub struct Table {
     pub caption: String,
@@ -204,7 +205,7 @@ fn batch_size(r: &StudyResults) -> Result<Analysis> {
     let mut notes = Vec::new();
     let mut pooled_rows = Vec::new();
     let mut eval_rows = Vec::new();
-    let mut flat_rows = Vec::new();
+    let (mut flat_cells, mut unflat) = (0usize, Vec::new());
     for model in &models {
         let runs: Vec<RunRecord> = select(&r.runs, &[("model", model)]).into_iter().cloned().collect();
         let norms = values(&runs, "norm");
@@ -267,33 +268,64 @@ fn batch_size(r: &StudyResults) -> Result<Analysis> {
                     three(|e| e.batch),
                 ]);
             }
-            // Has training converged? The training loss over the last two epochs, BN.
-            let change: Vec<f64> = bn
-                .iter()
-                .filter_map(|x| {
-                    let n = x.epochs.len();
-                    (n >= 2).then(|| {
-                        100.0 * (x.epochs[n - 1].train_loss - x.epochs[n - 2].train_loss) / x.epochs[n - 2].train_loss
-                    })
-                })
-                .collect();
-            let last: Vec<f64> = bn
-                .iter()
-                .filter_map(|x| x.epochs.last().map(|e| e.train_loss))
-                .collect();
-            if !bn.is_empty() {
-                flat_rows.push(vec![
-                    model.clone(),
-                    b.to_string(),
-                    fmt_mean(mean_std(&last), 4),
-                    if change.is_empty() {
-                        "one epoch".into()
-                    } else {
-                        format!("{}%", fmt_mean(mean_std(&change), 2))
-                    },
-                ]);
-            }
         }
+        // Has training converged? For every norm and batch: the last epoch's fall in training
+        // loss as a share of the whole fall since epoch 1 (the curve has flattened when small).
+        let mut loss_series: Vec<Series> = Vec::new();
+        let mut flat_rows = Vec::new();
+        for b in &batches {
+            let mut row = vec![b.to_string()];
+            for norm in &norms {
+                let cell = select(&runs, &[("norm", norm), ("batch_size", &b.to_string())]);
+                let share: Vec<f64> = cell.iter().filter_map(|x| last_epoch_share(&x.epochs)).collect();
+                if !share.is_empty() {
+                    flat_cells += 1;
+                    let mean = mean_std(&share).0;
+                    if mean >= FLAT_SHARE {
+                        unflat.push(format!("{model} {norm} at batch {b} ({mean:.1}%)"));
+                    }
+                }
+                row.push(if cell.is_empty() {
+                    "—".into()
+                } else {
+                    fmt_mean(mean_std(&share), 1)
+                });
+                if norm == "bn" {
+                    let epochs = cell.iter().map(|x| x.epochs.len()).min().unwrap_or(0);
+                    let pts = (0..epochs)
+                        .map(|e| {
+                            let v: Vec<f64> = cell.iter().map(|x| x.epochs[e].train_loss).collect();
+                            let (m, sd) = mean_std(&v);
+                            ((e + 1) as f64, m, sd)
+                        })
+                        .collect();
+                    loss_series.push((format!("bn, batch {b}"), pts));
+                }
+            }
+            flat_rows.push(row);
+        }
+        let mut header = vec!["batch".to_string()];
+        header.extend(norms.iter().map(|n| format!("{n}: last epoch's fall (%)")));
+        tables.push(Table {
+            caption: format!(
+                "{model}: has training converged? The last epoch's fall in training loss as a share of the whole fall since epoch 1 (mean ± std over seeds; under {FLAT_SHARE}%: flattened)"
+            ),
+            header,
+            rows: flat_rows,
+        });
+        plots.push(Plot {
+            file: format!("bn_train_loss_{}.svg", model.replace([':', ','], "_")),
+            caption: format!(
+                "{model}: BN's training loss per epoch at each batch size (bars: std over seeds): flat at the end means converged under the schedule"
+            ),
+            svg: lines_svg(
+                &format!("{model}: BN training loss per epoch"),
+                "epoch",
+                "training loss",
+                &loss_series,
+                false,
+            )?,
+        });
         let cell = |norm: &str, b: usize| {
             per_seed(
                 &select(&runs, &[("norm", norm), ("batch_size", &b.to_string())]),
@@ -342,13 +374,17 @@ fn batch_size(r: &StudyResults) -> Result<Analysis> {
         header: vec!["model".into(), "batch".into(), "running".into(), "population".into(), "batch statistics".into()],
         rows: eval_rows,
     });
-    tables.push(Table {
-        caption:
-            "Has BN's training converged? Final training loss and its change over the last epoch (near 0: flattened)"
-                .into(),
-        header: vec!["model".into(), "batch".into(), "train loss".into(), "change".into()],
-        rows: flat_rows,
-    });
+    if flat_cells > 0 {
+        notes.push(if unflat.is_empty() {
+            format!("Every training curve flattened (the last epoch's fall under {FLAT_SHARE}% of the whole, {flat_cells} cells).")
+        } else {
+            format!(
+                "The training curves flattened (the last epoch's fall under {FLAT_SHARE}% of the whole) in {} of {flat_cells} cells; not in {}.",
+                flat_cells - unflat.len(),
+                unflat.join(", ")
+            )
+        });
+    }
     let finding = format!("{} {}", notes.join(" "), verdict_lines(&claims));
     Ok(Analysis {
         title: "Batch size: where BN fails and GroupNorm/LayerNorm do not".into(),
@@ -358,6 +394,22 @@ fn batch_size(r: &StudyResults) -> Result<Analysis> {
         tables,
         plots,
     })
+}
+
+/// A training curve has flattened when its last epoch's fall is under this share (%) of the
+/// whole fall since epoch 1.
+const FLAT_SHARE: f64 = 10.0;
+
+/// The last epoch's fall in training loss as a share (%) of the fall from epoch 1 to the end;
+/// None with fewer than 3 epochs or no fall at all.
+fn last_epoch_share(epochs: &[EpochMetrics]) -> Option<f64> {
+    let n = epochs.len();
+    if n < 3 {
+        return None;
+    }
+    let total = epochs[0].train_loss - epochs[n - 1].train_loss;
+    let last = epochs[n - 2].train_loss - epochs[n - 1].train_loss;
+    (total > 0.0).then(|| 100.0 * last / total)
 }
 
 fn learning_rate(r: &StudyResults) -> Result<Analysis> {

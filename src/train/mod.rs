@@ -52,6 +52,10 @@ pub struct TrainConfig {
     /// Frozen BN: every norm with running statistics runs in eval mode while training.
     #[serde(default)]
     pub freeze_bn: Option<FreezeBn>,
+    /// Linear learning-rate warm-up over this many epochs, per step from lr/steps up to the
+    /// schedule's rate (Goyal et al. 2017, for large batches with a linearly scaled rate).
+    #[serde(default)]
+    pub warmup_epochs: usize,
 }
 
 /// What `--freeze-bn` freezes.
@@ -95,6 +99,7 @@ impl Default for TrainConfig {
             dropout: 0.0,
             init_scale: None,
             freeze_bn: None,
+            warmup_epochs: 0,
         }
     }
 }
@@ -106,6 +111,12 @@ impl TrainConfig {
         }
         if self.batch_size == 0 {
             return Err(Error::invalid("--batch-size must be at least 1"));
+        }
+        if self.warmup_epochs > self.epochs {
+            return Err(Error::invalid(format!(
+                "--warmup ({}) must not exceed --epochs ({})",
+                self.warmup_epochs, self.epochs
+            )));
         }
         if self.train_limit == Some(0) || self.test_limit == Some(0) {
             return Err(Error::invalid("--train-limit and --test-limit must be at least 1"));
@@ -188,6 +199,8 @@ pub struct Evaluation {
     pub accuracy: f64,
     /// The predicted class of every sample, in order.
     pub predictions: Vec<u8>,
+    /// The logits of every sample, [N, classes] row-major.
+    pub logits: Vec<f32>,
 }
 
 /// Mean loss, accuracy and predictions of `model` in eval mode over `data`.
@@ -196,6 +209,7 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
     let order: Vec<usize> = (0..data.len()).collect();
     let mut predictions = Vec::with_capacity(data.len());
+    let mut all_logits = Vec::with_capacity(data.len() * data.classes);
     for idx in order.chunks(batch_size.max(1)) {
         data.batch(idx, norm, model.input_mut(), &mut y);
         model.forward(Mode::Eval)?;
@@ -205,12 +219,14 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
         loss_sum += loss * idx.len() as f64;
         correct += c;
         predictions.extend(logits.data.chunks(data.classes).map(|z| argmax(z) as u8));
+        all_logits.extend_from_slice(&logits.data);
     }
     let n = data.len().max(1) as f64;
     Ok(Evaluation {
         loss: loss_sum / n,
         accuracy: correct as f64 / n,
         predictions,
+        logits: all_logits,
     })
 }
 
@@ -408,7 +424,8 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             train_set.batch(idx, input_norm, model.input_mut(), &mut y);
             let step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
             model.net.set_step_seed(step_seed);
-            let (loss, c) = train_step(&mut model, &mut opt, &y, train_set.classes, lr, config.sparsity)?;
+            let step_lr = warmup(lr, epoch * batches + b, config.warmup_epochs * batches);
+            let (loss, c) = train_step(&mut model, &mut opt, &y, train_set.classes, step_lr, config.sparsity)?;
             if !loss.is_finite() {
                 let what = format!(
                     "the training loss became {loss} at epoch {}, batch {} (lr {lr})",
@@ -457,6 +474,15 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         run_folder::save_metrics(&files, &metrics)?;
     }
     Ok(metrics)
+}
+
+/// Linear warm-up: step k (0-based) of `steps` warm-up steps trains at lr·(k+1)/steps.
+fn warmup(lr: f64, step: usize, steps: usize) -> f64 {
+    if step < steps {
+        lr * (step + 1) as f64 / steps as f64
+    } else {
+        lr
+    }
 }
 
 /// Marks the run diverged in metrics.json (the last commit stays as it was) and says what is
@@ -513,5 +539,23 @@ fn summarize(m: &mut RunMetrics) {
     }
     if !m.epochs.is_empty() {
         m.train_images_per_sec = m.epochs.iter().map(|e| e.images_per_sec).sum::<f64>() / m.epochs.len() as f64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_ramps_linearly_per_step_then_holds() {
+        let lrs: Vec<f64> = (0..6).map(|k| warmup(0.8, k, 4)).collect();
+        assert_eq!(lrs, vec![0.2, 0.4, 0.6000000000000001, 0.8, 0.8, 0.8]);
+        assert_eq!(warmup(0.8, 0, 0), 0.8);
+        let too_long = TrainConfig {
+            epochs: 2,
+            warmup_epochs: 3,
+            ..TrainConfig::default()
+        };
+        assert!(too_long.validate().unwrap_err().to_string().contains("--warmup"));
     }
 }
