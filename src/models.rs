@@ -229,8 +229,13 @@ impl ModelSpec {
                 let mut ch = 16u128;
                 let mut total = c * 16 * 9;
                 for (b, &mid) in mids.iter().enumerate() {
-                    let out = RESNET_STAGES[b / 2].0 as u128;
-                    total += ch * mid as u128 * 9 + mid as u128 * out * 9 + ch * out;
+                    let (out, stride) = RESNET_STAGES[b / 2];
+                    let out = out as u128;
+                    total += ch * mid as u128 * 9 + mid as u128 * out * 9;
+                    // A 1x1 shortcut conv only where the block changes the shape.
+                    if (b % 2 == 0 && stride != 1) || ch != out {
+                        total += ch * out;
+                    }
                     ch = out;
                 }
                 total + ch * k
@@ -446,5 +451,36 @@ impl Model {
             })
             .collect::<Vec<_>>()
             .join(" -> ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::ParamKind;
+
+    /// The count that checks a checkpoint's size against its metadata must be the weights the
+    /// built model really has: an overcount refuses valid files (a narrow resnet once did).
+    #[test]
+    fn parameter_count_matches_the_built_weights() {
+        for model in [
+            "seed-cnn",
+            "seed-cnn:5",
+            "mlp",
+            "vgg:8,M,16,M",
+            "resnet",
+            "resnet:4,4,8,8,8,8",
+            "resnet:1,2,3,4,5,6",
+        ] {
+            let spec = ModelSpec::new(model, "bn", [1, 28, 28], 10).unwrap();
+            let mut m = Model::build(&spec, 0).unwrap();
+            let mut weights = 0;
+            m.net.visit_params(&mut |p| {
+                if p.kind == ParamKind::Weight {
+                    weights += p.value.len();
+                }
+            });
+            assert_eq!(spec.parameter_count().unwrap(), weights, "{model}");
+        }
     }
 }
