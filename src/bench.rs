@@ -194,6 +194,24 @@ pub struct Latency {
     pub speedup: f64,
 }
 
+/// Median eval-mode latency (ms) of one forward of `batch` images, over `reps` timed runs
+/// after one warm-up: the inference benchmark's normlab side.
+pub fn inference_latency(model: &mut Model, batch: usize, reps: usize) -> Result<f64> {
+    let [c, h, w] = model.spec.input;
+    let x = random_tensor(&[batch, c, h, w], &mut ChaCha8Rng::seed_from_u64(3));
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..=reps {
+        model.input_mut().clone_from(&x);
+        let t0 = Instant::now();
+        model.forward(Mode::Eval)?;
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2] * 1e3)
+}
+
 /// Median eval-mode latency of both models at batch 1 and 128. The two models alternate, one
 /// forward each, so a burst of load on a shared host slows both alike.
 pub fn compare_latency(before: &mut Model, after: &mut Model) -> Result<Vec<Latency>> {

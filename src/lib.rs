@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod conformance;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod files;
 pub mod fold;
 pub mod fuzz_targets;

@@ -29,6 +29,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Fold every eval-mode BatchNorm into the conv/linear layer before it.
     Fold(cli::fold::FoldArgs),
+    /// Write a checkpoint as an ONNX model (opset 21) for ONNX Runtime and other runtimes.
+    Export(cli::export::ExportArgs),
     /// Network slimming: remove the channels with the smallest BN |γ|, optionally fine-tune.
     #[command(allow_negative_numbers = true)]
     Prune(cli::prune::PruneArgs),
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Train(a) => cli::train::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Fold(a) => cli::fold::run(a),
+        Command::Export(a) => cli::export::run(a),
         Command::Prune(a) => cli::prune::run(a),
         Command::Recalibrate(a) => cli::recalibrate::run(a),
         Command::Study(a) => cli::study::run(a),

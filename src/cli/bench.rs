@@ -31,14 +31,73 @@ pub struct BenchArgs {
     /// Worker threads, 1 to 256 [default: one per core].
     #[arg(long, value_name = "N", value_parser = threads)]
     pub threads: Option<usize>,
+    /// Time eval-mode inference of this checkpoint instead (repeatable): the median ms of one
+    /// forward at each --batch-sizes, as bench/inference_vs_runtimes.py reads it.
+    #[arg(long, value_name = "FILE")]
+    pub inference: Vec<PathBuf>,
+    /// With --inference: fold BatchNorm into the layers before timing.
+    #[arg(long, requires = "inference")]
+    pub fold: bool,
+    /// With --inference: the batch sizes to time [default: 1,128].
+    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = at_least_one, requires = "inference")]
+    pub batch_sizes: Vec<usize>,
+}
+
+/// `normlab bench --inference`: one row per checkpoint and batch size.
+fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
+    let threads = init_threads(a.threads)?;
+    let batches = if a.batch_sizes.is_empty() {
+        vec![1, 128]
+    } else {
+        a.batch_sizes.clone()
+    };
+    let mut rows = Vec::new();
+    println!(
+        "threads {threads}; eval-mode forward, median of timed runs{}",
+        if a.fold { ", BN folded" } else { "" }
+    );
+    println!("{:<50} {:>6} {:>10} {:>12}", "checkpoint", "batch", "ms", "images/s");
+    for path in &a.inference {
+        let (mut model, _) = normlab::checkpoint::load_model(path)?;
+        if a.fold {
+            model = normlab::fold::fold(&mut model)?;
+        }
+        for &b in &batches {
+            let reps = a.reps.map(|r| r as usize).unwrap_or(if a.quick {
+                5
+            } else if b == 1 {
+                200
+            } else {
+                30
+            });
+            let ms = in_pool(|| normlab::bench::inference_latency(&mut model, b, reps))?;
+            println!(
+                "{:<50} {:>6} {:>10.3} {:>12.0}",
+                path.display(),
+                b,
+                ms,
+                b as f64 * 1e3 / ms
+            );
+            rows.push(serde_json::json!({
+                "checkpoint": path, "model": model.spec.model, "norm": model.spec.norm,
+                "folded": a.fold, "batch": b, "ms": ms, "threads": threads,
+            }));
+        }
+    }
+    if let Some(path) = json {
+        let bytes = serde_json::to_vec_pretty(&rows).expect("rows serialize");
+        normlab::files::write_atomic(&path, &bytes)?;
+    }
+    Ok(())
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let json = a
-        .json
-        .as_ref()
-        .map(|p| OutputGuard::new(a.force).file("--json", p))
-        .transpose()?;
+    // The checkpoints timed with --inference are inputs: never the --json output.
+    let guard = a.inference.iter().fold(OutputGuard::new(a.force), |g, p| g.input(p));
+    let json = a.json.as_ref().map(|p| guard.file("--json", p)).transpose()?;
+    if !a.inference.is_empty() {
+        return run_inference(&a, json);
+    }
     let threads = init_threads(a.threads)?;
     let total = (normlab::bench::KERNELS.len() * normlab::bench::SHAPES.len() + 3) as u64;
     let bar = ProgressBar::new(total);

@@ -31,7 +31,11 @@ pub struct EvalArgs {
     /// such as /dev/stdout is written through).
     #[arg(long, value_name = "FILE")]
     pub predictions: Option<PathBuf>,
-    /// Replace an existing --predictions file.
+    /// Write the logits of every test image to FILE as safetensors (one tensor "logits",
+    /// [N, classes] float32), e.g. to compare with another runtime.
+    #[arg(long, value_name = "FILE")]
+    pub logits: Option<PathBuf>,
+    /// Replace an existing --predictions or --logits file.
     #[arg(long)]
     pub force: bool,
     /// Fold BatchNorm into the layers before it first, and evaluate the folded model.
@@ -68,6 +72,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .as_ref()
         .map(|p| guard.file("--predictions", p))
         .transpose()?;
+    let logits = a.logits.as_ref().map(|p| guard.file("--logits", p)).transpose()?;
     let dir = normlab::data::resolve_data_dir(a.test.data.as_deref())?;
     let (mut model, meta) = match &a.model {
         None => load_model(&a.checkpoint)?,
@@ -97,6 +102,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(path) = &predictions {
         let json = serde_json::to_vec(&ev.predictions).expect("predictions serialize");
         normlab::files::write_atomic(path, &json)?;
+    }
+    if let Some(path) = &logits {
+        let classes = meta.spec.classes;
+        let entry = normlab::checkpoint::Entry::f32("logits".into(), &[test.len(), classes], &ev.logits);
+        let bytes = normlab::checkpoint::serialize(&[entry], Default::default())?;
+        normlab::files::write_atomic(path, &bytes)?;
     }
     if a.json {
         let j = serde_json::json!({

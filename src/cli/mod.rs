@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod compare;
 pub mod eval;
+pub mod export;
 pub mod fold;
 pub mod layer;
 pub mod norms;

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::export::graph::OnnxGraph;
 use crate::kernels::reduce::relu_mask;
 use crate::nn::layer::{Layer, Mode};
 use crate::tensor::Tensor;
@@ -25,6 +26,11 @@ pub struct ReLU;
 impl Layer for ReLU {
     fn kind(&self) -> &'static str {
         "ReLU"
+    }
+
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        let rank = g.rank(x)?;
+        Ok(g.node("Relu", &[x], &[], rank))
     }
 
     // y = max(x, 0)
@@ -63,6 +69,11 @@ pub struct Sigmoid;
 impl Layer for Sigmoid {
     fn kind(&self) -> &'static str {
         "Sigmoid"
+    }
+
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        let rank = g.rank(x)?;
+        Ok(g.node("Sigmoid", &[x], &[], rank))
     }
 
     // y = 1 / (1 + e^-x)

@@ -7,6 +7,8 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::export::graph::{channel_shape, relu_if, OnnxGraph};
+use crate::export::norms::{affine_or, batch_normalization};
 use crate::kernels::batch_norm::{self as k, ChannelGrad, ChannelStats, ChannelSums};
 use crate::kernels::lp_norm::{self, LpKind};
 use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
@@ -353,6 +355,40 @@ impl BatchNorm {
 impl Layer for BatchNorm {
     fn kind(&self) -> &'static str {
         self.name()
+    }
+
+    // Eval mode: BatchNormalization with the running statistics; Lp BN (whose running scale
+    // is not a variance) as its per-channel affine x·s + t, s = γ/(scale + eps), t = β − mean·s.
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) else {
+            return Err(Error::invalid(format!(
+                "{name}: BatchNorm without running statistics (track=false) normalizes with each batch's \
+                 statistics even in eval mode, which an exported model cannot do; train with running \
+                 statistics (the default bn) to export"
+            )));
+        };
+        let affine = (self.weight.as_ref(), self.bias.as_ref());
+        let y = if let BatchStats::Lp(_) = self.config.stats {
+            let c = self.channels;
+            let gamma = affine_or(affine.0, &[c], 1.0);
+            let beta = affine_or(affine.1, &[c], 0.0);
+            let s: Vec<f64> = (0..c)
+                .map(|i| gamma[i] as f64 / (rv.data[i] as f64 + self.config.eps))
+                .collect();
+            let t: Vec<f32> = (0..c)
+                .map(|i| (beta[i] as f64 - rm.data[i] as f64 * s[i]) as f32)
+                .collect();
+            let s: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+            let rank = g.rank(x)?;
+            let shape = channel_shape(c, rank);
+            let s = g.constant(&format!("{name}.eval_scale"), &shape, &s)?;
+            let t = g.constant(&format!("{name}.eval_shift"), &shape, &t)?;
+            let scaled = g.node("Mul", &[x, &s], &[], rank);
+            g.node("Add", &[&scaled, &t], &[], rank)
+        } else {
+            batch_normalization(g, x, name, affine, (&rm.data, &rv.data), self.config.eps)?
+        };
+        Ok(relu_if(g, y, self.relu))
     }
 
     // y = (x - mean) / sqrt(var + eps) * gamma + beta   (then max(·, 0) when fused)

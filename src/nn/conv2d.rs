@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::export::graph::{relu_if, Attr, OnnxGraph};
 use crate::kernels::im2col::{col2im, im2col, ConvGeometry};
 use crate::kernels::matmul::{matmul, Op};
 use crate::kernels::reduce::{add_bias_relu, add_row_sums, relu_mask};
@@ -172,6 +173,31 @@ impl Layer for Conv2d {
         } else {
             "Conv2d"
         }
+    }
+
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let w = g.constant(
+            &format!("{name}.weight"),
+            &self.weight.value.shape,
+            &self.weight.value.data,
+        )?;
+        let mut inputs = vec![x.to_string(), w];
+        if let Some(b) = &self.bias {
+            inputs.push(g.constant(&format!("{name}.bias"), &b.value.shape, &b.value.data)?);
+        }
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let (k, s, p) = (self.kernel as i64, self.stride as i64, self.padding as i64);
+        let y = g.node(
+            "Conv",
+            &inputs,
+            &[
+                ("kernel_shape", Attr::Ints(vec![k, k])),
+                ("strides", Attr::Ints(vec![s, s])),
+                ("pads", Attr::Ints(vec![p, p, p, p])),
+            ],
+            4,
+        );
+        Ok(relu_if(g, y, self.relu))
     }
 
     // y_n = W[OC, C*k*k] · im2col(x_n) + b, for `batch` samples at a time:

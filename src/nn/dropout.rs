@@ -5,6 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
+use crate::export::graph::OnnxGraph;
 use crate::nn::layer::{Layer, Mode};
 use crate::tensor::Tensor;
 
@@ -33,6 +34,11 @@ impl Dropout {
 impl Layer for Dropout {
     fn kind(&self) -> &'static str {
         "Dropout"
+    }
+
+    /// Dropout is the identity in eval mode.
+    fn export_onnx(&self, _g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        Ok(x.to_string())
     }
 
     // y = x · mask / (1 - p), mask ~ Bernoulli(1 - p)

@@ -3,6 +3,8 @@
 //! PyTorch's nn.LayerNorm with an elementwise affine over the trailing dimensions.
 
 use crate::error::{Error, Result};
+use crate::export::graph::{relu_if, Attr, OnnxGraph};
+use crate::export::norms::{affine_or, batch_normalization};
 use crate::kernels::batch_norm::{self as bnk, ChannelStats};
 use crate::kernels::group_norm as k;
 use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
@@ -195,6 +197,55 @@ fn join(dims: &[usize]) -> String {
 impl Layer for GroupNorm {
     fn kind(&self) -> &'static str {
         self.name()
+    }
+
+    // Eval mode: GroupNormalization (GN, and LN as GN(1)), LayerNormalization (nn.LayerNorm's
+    // elementwise form), InstanceNormalization, or BatchNormalization for InstanceNorm with
+    // running statistics. A [N, C] input gets a trailing axis around GroupNormalization.
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let rank = g.rank(x)?;
+        let c = self.channels;
+        let affine = (self.weight.as_ref(), self.bias.as_ref());
+        let eps = ("epsilon", Attr::Float(self.config.eps as f32));
+        let y = match self.config.kind {
+            WithinSample::Group(_) | WithinSample::Layer => {
+                let groups = match self.config.kind {
+                    WithinSample::Group(gr) => gr,
+                    _ => 1,
+                };
+                let scale = g.constant(&format!("{name}.weight"), &[c], &affine_or(affine.0, &[c], 1.0))?;
+                let bias = g.constant(&format!("{name}.bias"), &[c], &affine_or(affine.1, &[c], 0.0))?;
+                let attrs = [eps, ("num_groups", Attr::Int(groups as i64))];
+                if rank == 2 {
+                    let axes = g.constant_i64(&format!("{name}.axes"), &[2]);
+                    let x3 = g.node("Unsqueeze", &[x, &axes], &[], 3);
+                    let y3 = g.node("GroupNormalization", &[&x3, &scale, &bias], &attrs, 3);
+                    g.node("Squeeze", &[&y3, &axes], &[], 2)
+                } else {
+                    g.node("GroupNormalization", &[x, &scale, &bias], &attrs, rank)
+                }
+            }
+            WithinSample::LayerElementwise => {
+                let shape = self.sample_shape.clone();
+                let scale = g.constant(&format!("{name}.weight"), &shape, &affine_or(affine.0, &shape, 1.0))?;
+                let bias = g.constant(&format!("{name}.bias"), &shape, &affine_or(affine.1, &shape, 0.0))?;
+                g.node(
+                    "LayerNormalization",
+                    &[x, &scale, &bias],
+                    &[eps, ("axis", Attr::Int(1))],
+                    rank,
+                )
+            }
+            WithinSample::Instance => match (&self.running_mean, &self.running_var) {
+                (Some(rm), Some(rv)) => batch_normalization(g, x, name, affine, (&rm.data, &rv.data), self.config.eps)?,
+                _ => {
+                    let scale = g.constant(&format!("{name}.weight"), &[c], &affine_or(affine.0, &[c], 1.0))?;
+                    let bias = g.constant(&format!("{name}.bias"), &[c], &affine_or(affine.1, &[c], 0.0))?;
+                    g.node("InstanceNormalization", &[x, &scale, &bias], &[eps], rank)
+                }
+            },
+        };
+        Ok(relu_if(g, y, self.relu))
     }
 
     // y = (x - mean_set) / sqrt(var_set + eps) * gamma + beta, one set per (n, group)

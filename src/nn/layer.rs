@@ -6,7 +6,8 @@
 //! `dx`. Output tensors are reused from step to step, so a training step allocates nothing
 //! once the first batch has sized every buffer.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::export::graph::OnnxGraph;
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +122,13 @@ pub trait Layer: Send {
 
     /// Seeds the layer's randomness for the coming step (dropout), so runs replay exactly.
     fn set_step_seed(&mut self, _seed: u64) {}
+
+    /// Appends this layer's eval-mode computation on the graph value `x` to an ONNX graph and
+    /// returns its output's name; `name` is the layer's state-dict prefix ("bn1", "layer1.0"),
+    /// which names its initializers as PyTorch names the tensors.
+    fn export_onnx(&self, _g: &mut OnnxGraph, _x: &str, name: &str) -> Result<String> {
+        Err(Error::invalid(format!("{name}: {} has no ONNX export", self.kind())))
+    }
 
     /// Sets how the norms with running statistics in this layer use them; returns how many
     /// such norms it holds (0 for every other layer).

@@ -2,6 +2,7 @@
 //! [N, in] (what nn.Flatten before it would give), so models need no flatten copy.
 
 use crate::error::{Error, Result};
+use crate::export::graph::{Attr, OnnxGraph};
 use crate::kernels::matmul::{matmul, Op};
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
@@ -69,6 +70,27 @@ fn gemm_threads(work: usize) -> usize {
 impl Layer for Linear {
     fn kind(&self) -> &'static str {
         "Linear"
+    }
+
+    // PyTorch's Flatten before the classifier is implicit here (Linear reads [N, C, H, W] as
+    // [N, C·H·W]); ONNX's Gemm needs it spelled out.
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let x = if g.rank(x)? > 2 {
+            g.node("Flatten", &[x], &[("axis", Attr::Int(1))], 2)
+        } else {
+            x.to_string()
+        };
+        let w = g.constant(
+            &format!("{name}.weight"),
+            &self.weight.value.shape,
+            &self.weight.value.data,
+        )?;
+        let mut inputs = vec![x, w];
+        if let Some(b) = &self.bias {
+            inputs.push(g.constant(&format!("{name}.bias"), &b.value.shape, &b.value.data)?);
+        }
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        Ok(g.node("Gemm", &inputs, &[("transB", Attr::Int(1))], 2))
     }
 
     // y[N, out] = x[N, in] · Wᵀ + b

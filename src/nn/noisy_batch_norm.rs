@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::Result;
+use crate::export::graph::{relu_if, OnnxGraph};
 use crate::kernels::reduce::relu_mask;
 use crate::nn::batch_norm::BatchNorm;
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, StatsMode};
@@ -53,6 +54,12 @@ impl Layer for NoisyBatchNorm {
         } else {
             "NoisyBatchNorm"
         }
+    }
+
+    /// In eval mode noisy BN is its BatchNorm (the noise is a training-time regularizer).
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let y = self.bn.export_onnx(g, x, name)?;
+        Ok(relu_if(g, y, self.relu))
     }
 
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {

@@ -1,6 +1,7 @@
 //! MaxPool2d (with stored argmax), AvgPool2d and global average pooling.
 
 use crate::error::{Error, Result};
+use crate::export::graph::{relu_if, Attr, OnnxGraph};
 use crate::kernels::pool;
 use crate::nn::layer::{Layer, Mode};
 use crate::tensor::Tensor;
@@ -66,6 +67,16 @@ impl Layer for MaxPool2d {
         }
     }
 
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        let (k, s) = (self.kernel as i64, self.stride as i64);
+        let attrs = [
+            ("kernel_shape", Attr::Ints(vec![k, k])),
+            ("strides", Attr::Ints(vec![s, s])),
+        ];
+        let y = g.node("MaxPool", &[x], &attrs, 4);
+        Ok(relu_if(g, y, self.relu))
+    }
+
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
         let out = pooled_shape("MaxPool2d", x, self.kernel, self.stride)?;
         y.resize_to(&out);
@@ -124,6 +135,15 @@ impl Layer for AvgPool2d {
         "AvgPool2d"
     }
 
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        let (k, s) = (self.kernel as i64, self.stride as i64);
+        let attrs = [
+            ("kernel_shape", Attr::Ints(vec![k, k])),
+            ("strides", Attr::Ints(vec![s, s])),
+        ];
+        Ok(g.node("AveragePool", &[x], &attrs, 4))
+    }
+
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         let out = pooled_shape("AvgPool2d", x, self.kernel, self.stride)?;
         y.resize_to(&out);
@@ -146,6 +166,11 @@ pub struct GlobalAvgPool;
 impl Layer for GlobalAvgPool {
     fn kind(&self) -> &'static str {
         "AdaptiveAvgPool2d"
+    }
+
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        let y = g.node("GlobalAveragePool", &[x], &[], 4);
+        Ok(g.node("Flatten", &[&y], &[("axis", Attr::Int(1))], 2))
     }
 
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {

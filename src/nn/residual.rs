@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::export::graph::OnnxGraph;
 use crate::kernels::reduce::relu_mask;
 use crate::nn::conv2d::Conv2d;
 use crate::nn::layer::{BufferMut, Layer, Mode, Param};
@@ -92,6 +93,10 @@ impl Layer for Identity {
     fn kind(&self) -> &'static str {
         "Identity"
     }
+
+    fn export_onnx(&self, _g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        Ok(x.to_string())
+    }
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         y.clone_from(x);
         Ok(())
@@ -111,6 +116,22 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 impl Layer for BasicBlock {
     fn kind(&self) -> &'static str {
         "BasicBlock"
+    }
+
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let h1 = self.conv1.export_onnx(g, x, &format!("{name}.conv1"))?;
+        let a1 = self.norm1.export_onnx(g, &h1, &format!("{name}.bn1"))?;
+        let h2 = self.conv2.export_onnx(g, &a1, &format!("{name}.conv2"))?;
+        let a2 = self.norm2.export_onnx(g, &h2, &format!("{name}.bn2"))?;
+        let s = match &self.shortcut {
+            Some((conv, norm)) => {
+                let hs = conv.export_onnx(g, x, &format!("{name}.shortcut.0"))?;
+                norm.export_onnx(g, &hs, &format!("{name}.shortcut.1"))?
+            }
+            None => x.to_string(),
+        };
+        let sum = g.node("Add", &[&a2, &s], &[], 4);
+        Ok(g.node("Relu", &[&sum], &[], 4))
     }
 
     // y = ReLU(a2 + s)
