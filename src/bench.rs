@@ -212,6 +212,37 @@ pub fn inference_latency(model: &mut Model, batch: usize, reps: usize) -> Result
     Ok(times[times.len() / 2] * 1e3)
 }
 
+/// Median eval-mode time (ms) of each layer of one forward of `batch` images, as (layer, ms).
+pub fn inference_layer_times(model: &mut Model, batch: usize, reps: usize) -> Result<Vec<(String, f64)>> {
+    let [c, h, w] = model.spec.input;
+    let x = random_tensor(&[batch, c, h, w], &mut ChaCha8Rng::seed_from_u64(3));
+    let n = model.net.layers.len();
+    let mut per_layer = vec![Vec::with_capacity(reps); n];
+    let mut seconds = vec![0.0; n];
+    for i in 0..=reps {
+        model.input_mut().clone_from(&x);
+        model.net.forward_timed(Mode::Eval, &mut seconds)?;
+        if i > 0 {
+            per_layer.iter_mut().zip(&seconds).for_each(|(v, &s)| v.push(s));
+        }
+    }
+    Ok(model
+        .net
+        .layers
+        .iter()
+        .zip(per_layer.iter_mut())
+        .map(|((name, layer), t)| {
+            t.sort_by(|a, b| a.total_cmp(b));
+            let label = if name.is_empty() {
+                layer.kind().to_string()
+            } else {
+                format!("{name} {}", layer.kind())
+            };
+            (label, t[t.len() / 2] * 1e3)
+        })
+        .collect())
+}
+
 /// Median eval-mode latency of both models at batch 1 and 128. The two models alternate, one
 /// forward each, so a burst of load on a shared host slows both alike.
 pub fn compare_latency(before: &mut Model, after: &mut Model) -> Result<Vec<Latency>> {

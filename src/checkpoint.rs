@@ -219,6 +219,15 @@ pub fn parse_metadata(path: &Path, md: &HashMap<String, String>) -> Result<Check
     let epoch = get(META_EPOCH)?
         .parse()
         .map_err(|_| Error::checkpoint(path, format!("bad '{META_EPOCH}' metadata")))?;
+    if input_norm.channels != spec.input[0] {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "'{META_INPUT_NORM}' normalizes {} channel(s) but the model takes {}",
+                input_norm.channels, spec.input[0]
+            ),
+        ));
+    }
     Ok(CheckpointMeta {
         spec,
         input_norm,

@@ -51,8 +51,9 @@ fn a_kill_at_any_write_leaves_a_run_that_loads_and_resumes_exactly() {
     assert!(listed.status.success());
     let stderr = String::from_utf8_lossy(&listed.stderr);
     let points: Vec<&str> = stderr.lines().filter(|l| l.starts_with("crash point")).collect();
-    // The opening metrics.json, then per epoch: model, commit record, metrics (4 points each).
-    assert_eq!(points.len(), 4 + 2 * 12, "{stderr}");
+    // The opening metrics.json and steps.csv, then per epoch: model, commit record, metrics,
+    // steps.csv (4 points each).
+    assert_eq!(points.len(), 8 + 2 * 16, "{stderr}");
     for k in 1..=points.len() {
         let out = t.path().join(format!("crash{k}"));
         let crashed = train_with_crash(&data, &out, &k.to_string());
@@ -85,6 +86,12 @@ fn a_kill_at_any_write_leaves_a_run_that_loads_and_resumes_exactly() {
             "weights after a kill at point {k} ({})",
             points[k - 1]
         );
+        // The step log: every step once, with the reference's losses and rates.
+        let steps = |dir: &Path| -> Vec<String> {
+            let csv = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
+            csv.lines().map(|l| l.split(',').take(4).collect::<Vec<_>>().join(",")).collect()
+        };
+        assert_eq!(steps(&out), steps(&reference), "steps.csv after a kill at point {k}");
         assert_eq!(metrics(&out)["status"], "complete");
         assert!(leftovers(&out).is_empty(), "point {k}: {:?}", leftovers(&out));
     }

@@ -158,7 +158,7 @@ fn folding_matches_the_unfolded_model() {
     let spec = ModelSpec::new("seed-cnn", "bn", [1, 28, 28], 10).unwrap();
     let mut seed = Model::build(&spec, 3).unwrap();
     let mut folded = fold(&mut seed).unwrap();
-    let norm = normlab::data::InputNorm { mean: 0.3, std: 0.3 };
+    let norm = normlab::data::InputNorm::uniform(1, 0.3, 0.3);
     assert!(max_logit_difference(&mut seed, &mut folded, &data, norm, 7).unwrap() <= 1e-4);
 }
 

@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// With --inference: fold BatchNorm into the layers before timing.
     #[arg(long, requires = "inference")]
     pub fold: bool,
+    /// With --inference: also print each layer's median time (where a forward's time goes).
+    #[arg(long, requires = "inference")]
+    pub layers: bool,
     /// With --inference: the batch sizes to time [default: 1,128].
     #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = at_least_one, requires = "inference")]
     pub batch_sizes: Vec<usize>,
@@ -78,6 +81,11 @@ fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
                 ms,
                 b as f64 * 1e3 / ms
             );
+            if a.layers {
+                for (layer, ms) in in_pool(|| normlab::bench::inference_layer_times(&mut model, b, reps))? {
+                    println!("    {layer:<46} {ms:>17.3}");
+                }
+            }
             rows.push(serde_json::json!({
                 "checkpoint": path, "model": model.spec.model, "norm": model.spec.norm,
                 "folded": a.fold, "batch": b, "ms": ms, "threads": threads,

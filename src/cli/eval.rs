@@ -145,10 +145,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
 /// training images.
 fn foreign(a: &EvalArgs, model: &str, dir: &std::path::Path) -> Result<(normlab::models::Model, CheckpointMeta)> {
     let norm = a.norm.as_deref().unwrap_or("bn");
-    let shape = normlab::data::load_split(dir, false)?.shape;
-    let spec = ModelSpec::new(model, norm, shape, 10)?;
+    let test = normlab::data::load_split(dir, false)?;
+    let spec = ModelSpec::new(model, norm, test.shape, test.classes)?;
     let input_norm = match (a.input_mean, a.input_std) {
-        (Some(mean), Some(std)) => InputNorm { mean, std: std as f32 },
+        (Some(mean), Some(std)) => InputNorm::uniform(test.shape[0], mean, std as f32),
         _ => normlab::data::load_split(dir, true)?.pixel_stats(),
     };
     let m = normlab::checkpoint::load_foreign(&a.checkpoint, &spec)?;

@@ -99,10 +99,41 @@ pub struct TrainArgs {
     /// PyTorch state dict saved as safetensors (names and shapes checked strictly).
     #[arg(long, value_name = "FILE")]
     pub init_from: Option<PathBuf>,
+    /// Training-time augmentation, comma-separated: crop (random crop with 4 pixels of zero
+    /// padding), flip (horizontal, p = 0.5); seeded per step, so --resume replays it exactly.
+    #[arg(long, value_name = "crop,flip")]
+    pub augment: Option<String>,
+    /// Image folders: resize every image to H x W (bilinear) [default: the images' own size,
+    /// which must then be one size for all].
+    #[arg(long, value_name = "HxW", value_parser = parse_resize)]
+    pub resize: Option<[usize; 2]>,
+    /// Also write TensorBoard event files to RUN/tb/: per-step loss, lr and images/s,
+    /// per-epoch accuracy and loss, and a histogram of each norm layer's |γ| every epoch.
+    #[arg(long)]
+    pub tensorboard: bool,
     /// Frozen BN: every BatchNorm runs in eval mode while training (running statistics used,
     /// never updated). stats: γ and β still train; all: they are frozen too (FrozenBatchNorm2d).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["stats", "all"]))]
     pub freeze_bn: Option<String>,
+}
+
+/// `--resize HxW`: two sides in 1..=1024.
+fn parse_resize(s: &str) -> std::result::Result<[usize; 2], String> {
+    let bad = || {
+        format!(
+            "'{s}' is not HxW with sides in 1..={}, e.g. 32x32",
+            normlab::models::MAX_INPUT_SIDE
+        )
+    };
+    let (h, w) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let side = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=normlab::models::MAX_INPUT_SIDE).contains(n))
+            .ok_or_else(bad)
+    };
+    Ok([side(h)?, side(w)?])
 }
 
 impl TrainArgs {
@@ -137,6 +168,9 @@ impl TrainArgs {
             init_scale: self.init_scale.map(|k| k as f32),
             freeze_bn: self.freeze_bn.as_deref().map(str::parse).transpose()?,
             warmup_epochs: self.warmup.unwrap_or(0),
+            augment: self.augment.as_deref().unwrap_or("").parse()?,
+            resize: self.resize,
+            tensorboard: self.tensorboard,
         };
         config.validate()?;
         Ok(config)
@@ -196,6 +230,21 @@ impl TrainArgs {
             "--warmup",
             self.warmup.map(|v| v.to_string()),
             saved.warmup_epochs.to_string(),
+        );
+        differs(
+            "--augment",
+            self.augment.as_ref().map(|a| {
+                a.parse::<normlab::data::augment::Augment>()
+                    .map_or(a.clone(), |x| format!("{x:?}"))
+            }),
+            format!("{:?}", saved.augment),
+        );
+        let size = |r: Option<[usize; 2]>| r.map_or("the images' own size".to_string(), |[h, w]| format!("{h}x{w}"));
+        differs("--resize", self.resize.map(|r| size(Some(r))), size(saved.resize));
+        differs(
+            "--tensorboard",
+            self.tensorboard.then(|| "on".into()),
+            if saved.tensorboard { "on" } else { "off" }.into(),
         );
         differs("--seed", self.seed.map(|v| v.to_string()), saved.seed.to_string());
         let limit = |l: Option<usize>| l.map_or("no limit".to_string(), |n| n.to_string());

@@ -7,6 +7,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::data::cifar::{holds_cifar, load_cifar};
+use crate::data::folder::{holds_folder, load_folder, FolderOptions};
 use crate::data::idx::read_idx;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -19,13 +21,86 @@ pub struct Dataset {
     /// [C, H, W]
     pub shape: [usize; 3],
     pub classes: usize,
+    /// The class names in label order (folder names, CIFAR-10's meta file, or "0".."9").
+    pub class_names: Vec<String>,
 }
 
-/// x ↦ (x/255 - mean) / std, the input normalization; stored with each checkpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// x ↦ (x/255 − mean_c) / std_c per channel c, the input normalization; stored with each
+/// checkpoint. Grey data has one channel, colour data three.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct InputNorm {
-    pub mean: f32,
-    pub std: f32,
+    pub channels: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl InputNorm {
+    /// The same mean and std for every one of `channels` channels.
+    pub fn uniform(channels: usize, mean: f32, std: f32) -> Self {
+        InputNorm {
+            channels: channels.clamp(1, 3),
+            mean: [mean; 3],
+            std: [std; 3],
+        }
+    }
+
+    pub fn means(&self) -> &[f32] {
+        &self.mean[..self.channels]
+    }
+
+    pub fn stds(&self) -> &[f32] {
+        &self.std[..self.channels]
+    }
+}
+
+/// One channel as {"mean": m, "std": s} (the format of every older checkpoint and of the
+/// Python scripts), several as arrays.
+impl Serialize for InputNorm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.channels == 1 {
+            serde_json::json!({"mean": self.mean[0], "std": self.std[0]}).serialize(s)
+        } else {
+            serde_json::json!({"mean": self.means(), "std": self.stds()}).serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InputNorm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(f32),
+            Many(Vec<f32>),
+        }
+        #[derive(Deserialize)]
+        struct Raw {
+            mean: OneOrMany,
+            std: OneOrMany,
+        }
+        let raw = Raw::deserialize(d)?;
+        let list = |v: OneOrMany| match v {
+            OneOrMany::One(x) => vec![x],
+            OneOrMany::Many(v) => v,
+        };
+        let (mean, std) = (list(raw.mean), list(raw.std));
+        if mean.is_empty() || mean.len() > 3 || mean.len() != std.len() {
+            return Err(serde::de::Error::custom(format!(
+                "input normalization needs 1 to 3 channels with a mean and std each, got {} means and {} stds",
+                mean.len(),
+                std.len()
+            )));
+        }
+        if mean.iter().chain(&std).any(|v| !v.is_finite()) || std.iter().any(|&v| v <= 0.0) {
+            return Err(serde::de::Error::custom(
+                "input normalization needs finite means and positive stds",
+            ));
+        }
+        let mut norm = InputNorm::uniform(mean.len(), 0.0, 1.0);
+        norm.mean[..mean.len()].copy_from_slice(&mean);
+        norm.std[..std.len()].copy_from_slice(&std);
+        Ok(norm)
+    }
 }
 
 impl Dataset {
@@ -48,21 +123,25 @@ impl Dataset {
         self.labels.truncate(n);
     }
 
-    /// Mean and standard deviation of all pixel values (scaled to [0, 1]).
+    /// Mean and standard deviation of each channel's pixel values (scaled to [0, 1]).
     pub fn pixel_stats(&self) -> InputNorm {
-        let n = self.images.len().max(1) as f64;
-        let sum: f64 = self.images.iter().map(|&b| b as f64 / 255.0).sum();
-        let mean = sum / n;
-        let var: f64 = self
-            .images
-            .iter()
-            .map(|&b| (b as f64 / 255.0 - mean).powi(2))
-            .sum::<f64>()
-            / n;
-        InputNorm {
-            mean: mean as f32,
-            std: var.sqrt().max(1e-6) as f32,
+        let [c, h, w] = self.shape;
+        let plane = h * w;
+        let mut norm = InputNorm::uniform(c, 0.0, 1.0);
+        for ch in 0..c.min(3) {
+            let values = || {
+                self.images
+                    .chunks(c * plane)
+                    .flat_map(move |img| &img[ch * plane..(ch + 1) * plane])
+                    .map(|&b| b as f64 / 255.0)
+            };
+            let n = (self.len() * plane).max(1) as f64;
+            let mean = values().sum::<f64>() / n;
+            let var = values().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+            norm.mean[ch] = mean as f32;
+            norm.std[ch] = var.sqrt().max(1e-6) as f32;
         }
+        norm
     }
 
     /// Gathers samples `idx` into a normalized [B, C, H, W] tensor and their labels.
@@ -71,10 +150,19 @@ impl Dataset {
         let [c, h, w] = self.shape;
         x.resize_to(&[idx.len(), c, h, w]);
         y.clear();
-        let (scale, shift) = (1.0 / (255.0 * norm.std), norm.mean / norm.std);
+        // Per channel: x/255 − mean over std as one multiply-add.
+        let affine: Vec<(f32, f32)> = (0..c)
+            .map(|ch| {
+                let k = ch.min(norm.channels - 1);
+                (1.0 / (255.0 * norm.std[k]), norm.mean[k] / norm.std[k])
+            })
+            .collect();
         for (dst, &i) in x.data.chunks_mut(s).zip(idx) {
-            for (o, &b) in dst.iter_mut().zip(&self.images[i * s..(i + 1) * s]) {
-                *o = b as f32 * scale - shift;
+            let src = &self.images[i * s..(i + 1) * s];
+            for ((dp, sp), &(scale, shift)) in dst.chunks_mut(h * w).zip(src.chunks(h * w)).zip(&affine) {
+                for (o, &b) in dp.iter_mut().zip(sp) {
+                    *o = b as f32 * scale - shift;
+                }
             }
             y.push(self.labels[i]);
         }
@@ -100,30 +188,55 @@ fn holds_idx(dir: &Path) -> bool {
         .all(|f| find_file(dir, f).is_some())
 }
 
-/// The data directory: `--data DIR`, else `$NORMLAB_DATA` (which must then hold the files), else `./data/fashion-mnist`, else
-/// the Debian package's `/usr/share/datasets/fashion-mnist`.
+/// The layouts a data folder may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataFormat {
+    /// MNIST / Fashion-MNIST IDX files.
+    Idx,
+    /// CIFAR-10's binary batches.
+    Cifar,
+    /// train/<class>/*.png and test/<class>/*, as torchvision's ImageFolder.
+    Folder,
+}
+
+/// Which layout `dir` holds, if any.
+pub fn data_format(dir: &Path) -> Option<DataFormat> {
+    if holds_idx(dir) {
+        Some(DataFormat::Idx)
+    } else if holds_cifar(dir) {
+        Some(DataFormat::Cifar)
+    } else if holds_folder(dir) {
+        Some(DataFormat::Folder)
+    } else {
+        None
+    }
+}
+
+const LAYOUTS: &str = "the four MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...), CIFAR-10's binary \
+                       batches (data_batch_1.bin ... test_batch.bin), or train/<class>/*.png and test/<class>/*";
+
+/// The data directory: `--data DIR`, else `$NORMLAB_DATA` (which must then hold data), else
+/// `./data/fashion-mnist`, else the Debian package's `/usr/share/datasets/fashion-mnist`.
 pub fn resolve_data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     let install = "install Fashion-MNIST with `apt-get install dataset-fashion-mnist` \
                    (files under /usr/share/datasets/fashion-mnist) or pass --data DIR";
     if let Some(dir) = explicit {
-        if holds_idx(dir) {
+        if data_format(dir).is_some() {
             return Ok(dir.to_path_buf());
         }
         return Err(Error::DataMissing(format!(
-            "{} does not hold the IDX files ({TRAIN_IMAGES}[.gz], {TRAIN_LABELS}[.gz], {TEST_IMAGES}[.gz], \
-             {TEST_LABELS}[.gz]); {install}",
+            "{} holds none of the layouts normlab reads ({LAYOUTS}); {install}",
             dir.display()
         )));
     }
     if let Some(env) = std::env::var_os("NORMLAB_DATA") {
         // Set means meant: a wrong NORMLAB_DATA is an error, not a silent fall back.
         let dir = PathBuf::from(env);
-        if holds_idx(&dir) {
+        if data_format(&dir).is_some() {
             return Ok(dir);
         }
         return Err(Error::DataMissing(format!(
-            "NORMLAB_DATA={} does not hold the IDX files ({TRAIN_IMAGES}[.gz], {TRAIN_LABELS}[.gz], \
-             {TEST_IMAGES}[.gz], {TEST_LABELS}[.gz]); fix or unset it, or pass --data DIR",
+            "NORMLAB_DATA={} holds none of the layouts normlab reads ({LAYOUTS}); fix or unset it, or pass --data DIR",
             dir.display()
         )));
     }
@@ -140,9 +253,24 @@ pub fn resolve_data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     })
 }
 
+/// Loads one split of any layout with the default options (folder images at their own size,
+/// grey or colour as the data are).
+pub fn load_split(dir: &Path, train: bool) -> Result<Dataset> {
+    load_split_with(dir, train, FolderOptions::default())
+}
+
+/// Loads one split; `opts` applies to image folders.
+pub fn load_split_with(dir: &Path, train: bool, opts: FolderOptions) -> Result<Dataset> {
+    match data_format(dir) {
+        Some(DataFormat::Cifar) => load_cifar(dir, train),
+        Some(DataFormat::Folder) => load_folder(dir, if train { "train" } else { "test" }, opts),
+        _ => load_idx_split(dir, train),
+    }
+}
+
 /// Loads one split (`train` or `test`) from an MNIST-format directory and checks that image
 /// and label counts agree and every label is below 10.
-pub fn load_split(dir: &Path, train: bool) -> Result<Dataset> {
+fn load_idx_split(dir: &Path, train: bool) -> Result<Dataset> {
     let (img_stem, lbl_stem) = if train {
         (TRAIN_IMAGES, TRAIN_LABELS)
     } else {
@@ -175,6 +303,7 @@ pub fn load_split(dir: &Path, train: bool) -> Result<Dataset> {
         labels: labels.data,
         shape: [1, images.dims[1], images.dims[2]],
         classes: 10,
+        class_names: (0..10).map(|k| k.to_string()).collect(),
     })
 }
 
@@ -182,7 +311,12 @@ pub fn load_split(dir: &Path, train: bool) -> Result<Dataset> {
 /// limited to the first `limit` images, and checked to have the model's image shape.
 pub fn load_test_for(data: Option<&Path>, limit: Option<usize>, input: [usize; 3]) -> Result<Dataset> {
     let dir = resolve_data_dir(data)?;
-    let mut test = load_split(&dir, false)?;
+    // A folder's test images are brought to the model's size and channels.
+    let opts = FolderOptions {
+        resize: Some([input[1], input[2]]),
+        channels: Some(input[0]),
+    };
+    let mut test = load_split_with(&dir, false, opts)?;
     if let Some(n) = limit {
         test.truncate(n);
     }

@@ -1,6 +1,14 @@
-//! Data: IDX files, in-memory datasets, seeded batching.
+//! Data: IDX files, CIFAR-10 batches, image folders, in-memory datasets, augmentation, seeded
+//! batching.
 
+pub mod augment;
+pub mod cifar;
 pub mod dataset;
+pub mod folder;
 pub mod idx;
 
-pub use dataset::{epoch_order, load_split, load_test_for, resolve_data_dir, Dataset, InputNorm};
+pub use dataset::{
+    data_format, epoch_order, load_split, load_split_with, load_test_for, resolve_data_dir, DataFormat, Dataset,
+    InputNorm,
+};
+pub use folder::FolderOptions;

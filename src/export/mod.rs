@@ -42,8 +42,9 @@ pub fn export(model: &Model, meta: &CheckpointMeta, folded: bool) -> Result<Expo
     g.input(INPUT, 4);
     // The training normalization as the graph's first nodes: x ↦ (x − mean) / std.
     let norm = meta.input_norm;
-    let mean = g.constant("input_mean", &[], &[norm.mean])?;
-    let std = g.constant("input_std", &[], &[norm.std])?;
+    let per_channel = [norm.channels, 1, 1];
+    let mean = g.constant("input_mean", &per_channel, norm.means())?;
+    let std = g.constant("input_std", &per_channel, norm.stds())?;
     let centred = g.node("Sub", &[INPUT, &mean], &[], 4);
     let mut x = g.node("Div", &[&centred, &std], &[], 4);
     for (name, layer) in &model.net.layers {
@@ -81,8 +82,12 @@ pub fn export(model: &Model, meta: &CheckpointMeta, folded: bool) -> Result<Expo
     m.opset_import = vec![opset];
     m.doc_string = format!(
         "{} with {}; input '{INPUT}': pixels scaled to [0, 1], [N, {c}, {h}, {w}]; the graph normalizes them \
-         with the training set's mean {} and std {} first; output '{OUTPUT}': [N, {}]",
-        model.spec.model, model.spec.norm, norm.mean, norm.std, model.spec.classes
+         with the training set's per-channel mean {:?} and std {:?} first; output '{OUTPUT}': [N, {}]",
+        model.spec.model,
+        model.spec.norm,
+        norm.means(),
+        norm.stds(),
+        model.spec.classes
     );
     let props = [
         ("normlab.model", model.spec.model.clone()),
@@ -93,8 +98,10 @@ pub fn export(model: &Model, meta: &CheckpointMeta, folded: bool) -> Result<Expo
             "normlab.input",
             format!("pixels scaled to [0, 1], shape [N, {c}, {h}, {w}]"),
         ),
-        ("normlab.input_mean", norm.mean.to_string()),
-        ("normlab.input_std", norm.std.to_string()),
+        (
+            "normlab.input_norm",
+            serde_json::to_string(&norm).expect("norm serializes"),
+        ),
     ];
     m.metadata_props = props
         .into_iter()

@@ -51,6 +51,21 @@ impl Sequential {
         Ok(&self.acts[self.layers.len()])
     }
 
+    /// `forward`, with each layer's seconds written into `seconds[i]` (a profile of where the
+    /// time of a forward goes; `normlab bench --inference --layers`).
+    pub fn forward_timed(&mut self, mode: Mode, seconds: &mut [f64]) -> Result<&Tensor> {
+        self.size_buffers();
+        for (i, (_, layer)) in self.layers.iter_mut().enumerate() {
+            let (done, rest) = self.acts.split_at_mut(i + 1);
+            let t0 = std::time::Instant::now();
+            layer.forward(&done[i], &mut rest[0], mode)?;
+            if let Some(s) = seconds.get_mut(i) {
+                *s = t0.elapsed().as_secs_f64();
+            }
+        }
+        Ok(&self.acts[self.layers.len()])
+    }
+
     /// Backward through every layer after a training forward; the first layer skips dL/dx.
     pub fn backward(&mut self) -> Result<()> {
         let last = self.layers.len();

@@ -1,6 +1,7 @@
 //! The training loop: seeded batches, forward, loss, backward, optimizer step; evaluation each
 //! epoch; atomic checkpoints; exact resume; a clear stop when the loss diverges.
 
+pub mod logs;
 mod run_folder;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +12,8 @@ use serde::{Deserialize, Serialize};
 pub use run_folder::{read_run, RunFiles};
 
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::data::{epoch_order, load_split, resolve_data_dir, Dataset, InputNorm};
+use crate::data::augment::Augment;
+use crate::data::{epoch_order, load_split_with, resolve_data_dir, Dataset, FolderOptions, InputNorm};
 use crate::error::{Error, Result};
 use crate::files::RunLock;
 use crate::kernels::loss::{argmax, softmax_cross_entropy};
@@ -56,6 +58,15 @@ pub struct TrainConfig {
     /// schedule's rate (Goyal et al. 2017, for large batches with a linearly scaled rate).
     #[serde(default)]
     pub warmup_epochs: usize,
+    /// Training-time augmentation (random crop with padding, horizontal flip).
+    #[serde(default)]
+    pub augment: Augment,
+    /// Image folders: resize every image to [H, W].
+    #[serde(default)]
+    pub resize: Option<[usize; 2]>,
+    /// Also write TensorBoard event files under RUN/tb/ (with per-layer |γ| histograms).
+    #[serde(default)]
+    pub tensorboard: bool,
 }
 
 /// What `--freeze-bn` freezes.
@@ -100,6 +111,9 @@ impl Default for TrainConfig {
             init_scale: None,
             freeze_bn: None,
             warmup_epochs: 0,
+            augment: Augment::default(),
+            resize: None,
+            tensorboard: false,
         }
     }
 }
@@ -321,8 +335,25 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         }
     };
     let data_dir = resolve_data_dir(config.data.as_deref())?;
-    let mut train_set = load_split(&data_dir, true)?;
-    let mut test_set = load_split(&data_dir, false)?;
+    let folder = FolderOptions {
+        resize: config.resize,
+        channels: None,
+    };
+    let mut train_set = load_split_with(&data_dir, true, folder)?;
+    // The test images take the training images' channels (grey or colour).
+    let folder = FolderOptions {
+        channels: Some(train_set.shape[0]),
+        ..folder
+    };
+    let mut test_set = load_split_with(&data_dir, false, folder)?;
+    if test_set.shape != train_set.shape {
+        return Err(Error::invalid(format!(
+            "the test images in {} are {:?} but the training images {:?}; give both one size or pass --resize HxW",
+            data_dir.display(),
+            test_set.shape,
+            train_set.shape
+        )));
+    }
     let input_norm = train_set.pixel_stats();
     if let Some(n) = config.train_limit {
         train_set.truncate(n);
@@ -374,8 +405,9 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     let mut opt = Optimizer::new(config.optimizer.clone());
     let names: Vec<String> = model.net.named_params().into_iter().map(|(n, _)| n).collect();
     let mut history = Vec::new();
+    let mut log = logs::RunLog::default();
     if let Some(c) = &commit {
-        run_folder::restore(&files, c, &mut model, &mut opt)?;
+        log = run_folder::restore(&files, c, &mut model, &mut opt)?;
         history = c.metrics.epochs.clone();
     }
 
@@ -408,12 +440,15 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         checkpoint::save_model(&files.model(), &mut model, &meta(c.metrics.epochs.len()))?;
     }
     run_folder::save_metrics(&files, &metrics)?;
+    // The logs as the last commit left them (rows of an epoch killed midway are gone).
+    run_folder::save_log_views(&files, &log, &metrics)?;
     reporter.started(&data_dir, out, &metrics);
 
     let bs = config.batch_size;
     let batches = train_set.len().div_ceil(bs);
     let start_epoch = metrics.epochs.len();
     let mut y = Vec::new();
+    let mut augment_scratch = Vec::new();
     for epoch in start_epoch..config.epochs {
         let lr = config.schedule.lr(config.optimizer.lr, epoch, config.epochs);
         reporter.epoch_start(epoch + 1, config.epochs, batches);
@@ -424,6 +459,9 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             train_set.batch(idx, input_norm, model.input_mut(), &mut y);
             let step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
             model.net.set_step_seed(step_seed);
+            config
+                .augment
+                .apply(model.input_mut(), &input_norm, step_seed, &mut augment_scratch);
             let step_lr = warmup(lr, epoch * batches + b, config.warmup_epochs * batches);
             let (loss, c) = train_step(&mut model, &mut opt, &y, train_set.classes, step_lr, config.sparsity)?;
             if !loss.is_finite() {
@@ -437,6 +475,16 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             loss_sum += loss * idx.len() as f64;
             correct += c;
             seen += idx.len();
+            log.steps.push(logs::StepRow {
+                step: (epoch * batches + b + 1) as u64,
+                epoch: epoch + 1,
+                loss,
+                lr: step_lr,
+                images_per_sec: seen as f64 / t0.elapsed().as_secs_f64(),
+                wall_time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            });
             reporter.batch(loss_sum / seen as f64, seen as f64 / t0.elapsed().as_secs_f64());
         }
         let seconds = t0.elapsed().as_secs_f64();
@@ -465,7 +513,18 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         if epoch + 1 == config.epochs {
             metrics.status = "complete".into();
         }
-        run_folder::commit_epoch(&files, &mut model, &meta(epoch + 1), &opt, &names, &metrics)?;
+        if config.tensorboard {
+            for (name, p) in model.net.named_params() {
+                if let (crate::nn::ParamKind::Norm, Some(layer)) = (p.kind, name.strip_suffix(".weight")) {
+                    log.gammas.push((
+                        epoch + 1,
+                        layer.to_string(),
+                        p.value.data.iter().map(|g| g.abs()).collect(),
+                    ));
+                }
+            }
+        }
+        run_folder::commit_epoch(&files, &mut model, &meta(epoch + 1), &opt, &names, &metrics, &log)?;
         reporter.committed(out, epoch + 1);
     }
     if metrics.status != "complete" {

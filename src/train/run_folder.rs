@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use safetensors::SafeTensors;
 
+use super::logs::RunLog;
 use super::RunMetrics;
 use crate::checkpoint::{self, CheckpointMeta, Entry};
 use crate::error::{Error, Result};
@@ -57,6 +58,7 @@ pub(super) fn commit_epoch(
     opt: &Optimizer,
     names: &[String],
     metrics: &RunMetrics,
+    log: &RunLog,
 ) -> Result<()> {
     checkpoint::save_model(&files.model(), model, meta)?;
     let (first, second) = optimizer_keys(opt.config.kind);
@@ -73,6 +75,7 @@ pub(super) fn commit_epoch(
         e.name = format!("model.{}", e.name);
         entries.push(e);
     }
+    entries.extend(log.entries());
     let mut md: HashMap<String, String> = checkpoint::model_metadata(meta);
     md.insert("step".to_string(), opt.step.to_string());
     md.insert("epoch".to_string(), meta.epoch.to_string());
@@ -81,7 +84,20 @@ pub(super) fn commit_epoch(
         serde_json::to_string(metrics).expect("metrics serialize"),
     );
     crate::files::write_atomic(&files.train_state(), &checkpoint::serialize(&entries, md)?)?;
-    save_metrics(files, metrics)
+    save_metrics(files, metrics)?;
+    save_log_views(files, log, metrics)
+}
+
+/// steps.csv, and with --tensorboard tb/events.out.tfevents.normlab: views of the commit
+/// record's log, rewritten whole.
+pub(super) fn save_log_views(files: &RunFiles, log: &RunLog, metrics: &RunMetrics) -> Result<()> {
+    crate::files::write_atomic(&files.dir.join("steps.csv"), log.steps_csv().as_bytes())?;
+    if metrics.config.tensorboard {
+        let tb = files.dir.join("tb");
+        std::fs::create_dir_all(&tb).map_err(|e| Error::io(&tb, e))?;
+        crate::files::write_atomic(&tb.join(super::logs::EVENTS_FILE), &log.tensorboard_events(metrics)?)?;
+    }
+    Ok(())
 }
 
 /// The last committed epoch of a run folder.
@@ -198,8 +214,9 @@ fn read_legacy_run(
     ))
 }
 
-/// Puts the committed weights, buffers and optimizer state into `model` and `opt`.
-pub(super) fn restore(files: &RunFiles, c: &Commit, model: &mut Model, opt: &mut Optimizer) -> Result<()> {
+/// Puts the committed weights, buffers and optimizer state into `model` and `opt`; returns the
+/// committed log.
+pub(super) fn restore(files: &RunFiles, c: &Commit, model: &mut Model, opt: &mut Optimizer) -> Result<RunLog> {
     let path = files.train_state();
     let st = SafeTensors::deserialize(&c.bytes).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
     match &c.legacy_model {
@@ -221,5 +238,5 @@ pub(super) fn restore(files: &RunFiles, c: &Commit, model: &mut Model, opt: &mut
             }
         }
     }
-    Ok(())
+    RunLog::from_record(&path, &st, c.metrics.epochs.len())
 }

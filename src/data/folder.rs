@@ -1,0 +1,227 @@
+//! A folder of images in torchvision's ImageFolder layout: `DIR/train/<class>/*.png|jpg|jpeg`
+//! and `DIR/test/<class>/*`. Classes are the training folder's subfolders sorted by name (as
+//! torchvision sorts them); a test class must be one of them. Images are decoded once per run,
+//! in parallel, after every header has been read and the total size checked.
+
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageReader, Limits};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::models::{MAX_CLASSES, MAX_INPUT_SIDE};
+
+/// The decoded dataset may take at most this many bytes (one per pixel and channel).
+pub const MAX_DATASET_BYTES: usize = 8 << 30;
+/// At most this many image files per split.
+pub const MAX_IMAGES: usize = 10_000_000;
+/// Source images (before --resize) may be at most this wide and high.
+pub const MAX_SOURCE_SIDE: u32 = 16384;
+const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// How a split is loaded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FolderOptions {
+    /// Resize every image to [H, W] (bilinear); without it all images must share one size.
+    pub resize: Option<[usize; 2]>,
+    /// 1 (grey) or 3 (RGB); without it, 3 when any image has colour, else 1.
+    pub channels: Option<usize>,
+}
+
+/// True when `dir` has `train/` and `test/` subfolders.
+pub fn holds_folder(dir: &Path) -> bool {
+    dir.join("train").is_dir() && dir.join("test").is_dir()
+}
+
+/// The class folders of `split_dir`, sorted by name.
+fn class_dirs(split_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(split_dir).map_err(|e| Error::io(split_dir, e))? {
+        let entry = entry.map_err(|e| Error::io(split_dir, e))?;
+        let path = entry.path();
+        if path.is_dir() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            out.push((name, path));
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err(Error::data(
+            split_dir,
+            "has no class folders; put each class's images in their own subfolder (train/cat/1.png)",
+        ));
+    }
+    if out.len() > MAX_CLASSES {
+        return Err(Error::data(
+            split_dir,
+            format!("has {} class folders, more than {MAX_CLASSES}", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+/// The image files of one class folder, sorted by name.
+fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(class_dir).map_err(|e| Error::io(class_dir, e))? {
+        let path = entry.map_err(|e| Error::io(class_dir, e))?.path();
+        let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase());
+        if path.is_file() && ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::data(
+            class_dir,
+            "holds no .png, .jpg or .jpeg image; add images or remove the empty class folder",
+        ));
+    }
+    Ok(files)
+}
+
+fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+    let mut r = ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SOURCE_SIDE);
+    limits.max_image_height = Some(MAX_SOURCE_SIDE);
+    limits.max_alloc = Some(1 << 30);
+    r.limits(limits);
+    Ok(r)
+}
+
+fn bad_image(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::data(
+        path,
+        format!("is not a readable PNG or JPEG image ({e}); replace or remove it"),
+    )
+}
+
+/// One split of the folder dataset. `split` is "train" or "test"; the labels index the
+/// training folder's sorted classes.
+pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Dataset> {
+    let classes = class_dirs(&dir.join("train"))?;
+    let names: Vec<String> = classes.iter().map(|(n, _)| n.clone()).collect();
+    let wanted = if split == "train" {
+        classes
+    } else {
+        class_dirs(&dir.join(split))?
+    };
+    let mut files: Vec<(PathBuf, u8)> = Vec::new();
+    for (name, path) in &wanted {
+        let Some(label) = names.iter().position(|n| n == name) else {
+            return Err(Error::data(
+                path,
+                format!(
+                    "is a {split} class that train/ lacks (its classes: {}); every {split} class needs training images",
+                    names.join(", ")
+                ),
+            ));
+        };
+        for f in image_files(path)? {
+            files.push((f, label as u8));
+        }
+        if files.len() > MAX_IMAGES {
+            return Err(Error::data(dir, format!("has more than {MAX_IMAGES} {split} images")));
+        }
+    }
+    if let Some([h, w]) = opts.resize {
+        if !(1..=MAX_INPUT_SIDE).contains(&h) || !(1..=MAX_INPUT_SIDE).contains(&w) {
+            return Err(Error::invalid(format!(
+                "--resize {h}x{w}: each side must be in 1..={MAX_INPUT_SIDE}"
+            )));
+        }
+    }
+    // Headers first: every size is known and checked before any pixel is decoded.
+    let dims: Vec<(u32, u32)> = files
+        .par_iter()
+        .map(|(p, _)| reader(p)?.into_dimensions().map_err(|e| bad_image(p, e)))
+        .collect::<Result<_>>()?;
+    let [h, w] = match opts.resize {
+        Some(hw) => hw,
+        None => {
+            let (w0, h0) = dims[0];
+            if let Some(k) = dims.iter().position(|&d| d != (w0, h0)) {
+                return Err(Error::data(
+                    &files[k].0,
+                    format!(
+                        "is {}x{} (HxW) but {} is {h0}x{w0}; all images must share one size, or pass --resize HxW",
+                        dims[k].1,
+                        dims[k].0,
+                        files[0].0.display()
+                    ),
+                ));
+            }
+            if h0 as usize > MAX_INPUT_SIDE || w0 as usize > MAX_INPUT_SIDE {
+                return Err(Error::data(
+                    &files[0].0,
+                    format!("is {h0}x{w0}, larger than {MAX_INPUT_SIDE} a side; pass --resize HxW"),
+                ));
+            }
+            [h0 as usize, w0 as usize]
+        }
+    };
+    let total = files.len().saturating_mul(3 * h * w);
+    if total > MAX_DATASET_BYTES {
+        return Err(Error::data(
+            dir,
+            format!(
+                "{} {split} images of {h}x{w} would take {total} bytes, more than {MAX_DATASET_BYTES}; pass a smaller --resize",
+                files.len()
+            ),
+        ));
+    }
+    let bar = ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("decoding {msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("{split} images"));
+    let decoded: Vec<DynamicImage> = files
+        .par_iter()
+        .map(|(p, _)| {
+            let img = reader(p)?.decode().map_err(|e| bad_image(p, e))?;
+            let img = match opts.resize {
+                Some([rh, rw]) if (img.height() as usize, img.width() as usize) != (rh, rw) => {
+                    img.resize_exact(rw as u32, rh as u32, image::imageops::FilterType::Triangle)
+                }
+                _ => img,
+            };
+            bar.inc(1);
+            Ok(img)
+        })
+        .collect::<Result<_>>()?;
+    bar.finish_and_clear();
+    let channels = opts
+        .channels
+        .unwrap_or(if decoded.iter().any(|i| i.color().has_color()) {
+            3
+        } else {
+            1
+        });
+    let mut images = Vec::with_capacity(files.len() * channels * h * w);
+    for img in &decoded {
+        if channels == 1 {
+            images.extend_from_slice(img.to_luma8().as_raw());
+        } else {
+            // Interleaved RGB to the planes [C, H, W].
+            let rgb = img.to_rgb8();
+            for c in 0..3 {
+                images.extend(rgb.as_raw().iter().skip(c).step_by(3));
+            }
+        }
+    }
+    Ok(Dataset {
+        images,
+        labels: files.iter().map(|(_, l)| *l).collect(),
+        shape: [channels, h, w],
+        classes: names.len(),
+        class_names: names,
+    })
+}
