@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Load a normlab seed-cnn checkpoint into the equivalent PyTorch module with strict=True and
-check that both predict the same classes on the test set.
+"""Load a normlab seed-cnn or lstm (--norm none) checkpoint into the equivalent PyTorch module
+with strict=True and check that both predict the same classes on the test set.
 
   .venv-torch/bin/python scripts/check_pytorch_load.py runs/NAME/model.safetensors [DATA_DIR]
 """
@@ -21,6 +21,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fmnist_torch import load, seed_cnn  # noqa: E402
 
 
+def lstm_classifier(hidden, layers):
+    """normlab's lstm[:H[,layers]] with --norm none: nn.LSTM(28, H, layers, batch_first=True)
+    reading the image's rows, then nn.Linear(H, 10) on the last hidden state."""
+    class LstmClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(28, hidden, layers, batch_first=True)
+            self.fc = torch.nn.Linear(hidden, 10)
+
+        def forward(self, x):
+            out, _ = self.lstm(x.squeeze(1))
+            return self.fc(out[:, -1])
+
+    return LstmClassifier()
+
+
 def main():
     ckpt = sys.argv[1]
     data_dir = sys.argv[2] if len(sys.argv) > 2 else "/usr/share/datasets/fashion-mnist"
@@ -28,8 +44,13 @@ def main():
         meta = f.metadata()
     norm = json.loads(meta["normlab.input_norm"])
     with safe_open(ckpt, "pt") as f:
-        width = f.get_tensor("conv1.weight").shape[0]
-    model = seed_cnn(width)
+        keys = set(f.keys())
+        if "lstm.weight_ih_l0" in keys:
+            hidden = f.get_tensor("lstm.weight_hh_l0").shape[1]
+            layers = sum(1 for k in keys if k.startswith("lstm.weight_ih_l"))
+            model = lstm_classifier(hidden, layers)
+        else:
+            model = seed_cnn(f.get_tensor("conv1.weight").shape[0])
     model.load_state_dict(load_file(ckpt), strict=True)
     model.eval()
     images = load(data_dir, "t10k-images-idx3-ubyte").astype(np.float32)

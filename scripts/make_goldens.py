@@ -3,7 +3,7 @@
 
 Run from the repository root:  .venv-torch/bin/python scripts/make_goldens.py [NAME...]
 Writes tests/goldens/*.safetensors (all, or the named ones: batch_norm, seed_cnn_steps,
-norm_family, eval_backward). Never edit the outputs by hand; rerun this script.
+norm_family, eval_backward, lstm). Never edit the outputs by hand; rerun this script.
 """
 import json
 import os
@@ -383,11 +383,150 @@ def eval_backward_cases():
     print(f"eval_backward.safetensors: {len(cases)} cases")
 
 
+def lstm_cases():
+    """nn.LSTM (float64 reference on float32 inputs): the output sequence, final states and BPTT
+    gradients of loss = sum(dy * h_T of the top layer). LN-LSTM (Ba et al. 2016) and the two
+    BN-LSTMs (Cooijmans et al. 2016; statistics per step or shared) against a transcription of
+    their formulas: a = N_x(x W_ih^T) + N_h(h W_hh^T) + b_ih + b_hh, c = f c + i g,
+    h = o tanh(N_c(c)), LN over each sample's features, BN over the batch of each step (biased
+    variance to normalize, unbiased in the running statistics, momentum 0.1)."""
+    g = torch.Generator().manual_seed(2016)
+    tensors, cases = {}, []
+
+    def rnd(*shape, lo=-1.0, hi=1.0):
+        return (torch.rand(*shape, generator=g) * (hi - lo) + lo).float().double()
+
+    def ln(z, w, b, eps=1e-5):
+        mu = z.mean(-1, keepdim=True)
+        var = z.var(-1, unbiased=False, keepdim=True)
+        return (z - mu) / torch.sqrt(var + eps) * w + b
+
+    def bn(z, w, b, rm, rv, t, per_step, eps=1e-5, m=0.1):
+        mu, var = z.mean(0), z.var(0, unbiased=False)
+        k = t if per_step else 0
+        n = z.shape[0]
+        rm[k] = (1 - m) * rm[k] + m * mu.detach()
+        rv[k] = (1 - m) * rv[k] + m * var.detach() * n / (n - 1)
+        y = (z - mu) / torch.sqrt(var + eps) * w
+        return y + b if b is not None else y
+
+    def bn_eval(z, w, b, rm, rv, t, per_step, eps=1e-5):
+        k = t if per_step else 0
+        y = (z - rm[k]) / torch.sqrt(rv[k] + eps) * w
+        return y + b if b is not None else y
+
+    def transcription(x, P, norm, layers, H, running, train=True):
+        n, T, _ = x.shape
+        inp = x
+        hs, cs = [], []
+        for l in range(layers):
+            h = torch.zeros(n, H, dtype=torch.float64)
+            c = torch.zeros(n, H, dtype=torch.float64)
+            outs = []
+            for t in range(T):
+                zx = inp[:, t] @ P[f"weight_ih_l{l}"].T
+                zh = h @ P[f"weight_hh_l{l}"].T
+                if norm == "ln":
+                    nx = ln(zx, P[f"ln_ih_l{l}.weight"], P[f"ln_ih_l{l}.bias"])
+                    nh = ln(zh, P[f"ln_hh_l{l}.weight"], P[f"ln_hh_l{l}.bias"])
+                else:
+                    per_step = norm == "bn"
+                    f = bn if train else bn_eval
+                    nx = f(zx, P[f"bn_ih_l{l}.weight"], None, *running[f"bn_ih_l{l}"], t, per_step)
+                    nh = f(zh, P[f"bn_hh_l{l}.weight"], None, *running[f"bn_hh_l{l}"], t, per_step)
+                a = nx + nh + P[f"bias_ih_l{l}"] + P[f"bias_hh_l{l}"]
+                i_, f_, g_, o_ = a.chunk(4, 1)
+                i_, f_, g_, o_ = torch.sigmoid(i_), torch.sigmoid(f_), torch.tanh(g_), torch.sigmoid(o_)
+                c = f_ * c + i_ * g_
+                if norm == "ln":
+                    cn = ln(c, P[f"ln_c_l{l}.weight"], P[f"ln_c_l{l}.bias"])
+                else:
+                    f = bn if train else bn_eval
+                    cn = f(c, P[f"bn_c_l{l}.weight"], P[f"bn_c_l{l}.bias"], *running[f"bn_c_l{l}"], t, norm == "bn")
+                h = o_ * torch.tanh(cn)
+                outs.append(h)
+            inp = torch.stack(outs, 1)
+            hs.append(h)
+            cs.append(c)
+        return inp, torch.stack(hs), torch.stack(cs)
+
+    def case(norm, n, T, I, H, layers):
+        i = len(cases)
+        P = {}
+        k = 1.0 / H ** 0.5
+        for l in range(layers):
+            inp = I if l == 0 else H
+            P[f"weight_ih_l{l}"] = rnd(4 * H, inp, lo=-k, hi=k)
+            P[f"weight_hh_l{l}"] = rnd(4 * H, H, lo=-k, hi=k)
+            P[f"bias_ih_l{l}"] = rnd(4 * H, lo=-k, hi=k)
+            P[f"bias_hh_l{l}"] = rnd(4 * H, lo=-k, hi=k)
+            if norm == "ln":
+                for site, f in [("ih", 4 * H), ("hh", 4 * H), ("c", H)]:
+                    P[f"ln_{site}_l{l}.weight"] = rnd(f, lo=0.5, hi=1.5)
+                    P[f"ln_{site}_l{l}.bias"] = rnd(f, lo=-0.3, hi=0.3)
+            elif norm != "none":
+                for site, f in [("ih", 4 * H), ("hh", 4 * H), ("c", H)]:
+                    P[f"bn_{site}_l{l}.weight"] = rnd(f, lo=0.05, hi=0.6)
+                P[f"bn_c_l{l}.bias"] = rnd(H, lo=-0.3, hi=0.3)
+        x = rnd(n, T, I, lo=-2.0, hi=2.0).requires_grad_(True)
+        dy = rnd(n, H)
+        for v in P.values():
+            v.requires_grad_(True)
+        running = {}
+        if norm in ("bn", "bn-shared"):
+            for l in range(layers):
+                for site, f in [("ih", 4 * H), ("hh", 4 * H), ("c", H)]:
+                    steps = T if norm == "bn" else 1
+                    running[f"bn_{site}_l{l}"] = (torch.zeros(steps, f, dtype=torch.float64),
+                                                  torch.ones(steps, f, dtype=torch.float64))
+        if norm == "none":
+            lstm = nn.LSTM(I, H, layers, batch_first=True).double()
+            with torch.no_grad():
+                for name, p in lstm.named_parameters():
+                    p.copy_(P[name])
+            out, (hn, cn) = lstm(x)
+            (out[:, -1] * dy).sum().backward()
+            grads = {name: p.grad for name, p in lstm.named_parameters()}
+        else:
+            out, hn, cn = transcription(x, P, norm, layers, H, running)
+            (out[:, -1] * dy).sum().backward()
+            grads = {name: p.grad for name, p in P.items()}
+        p = f"case{i}."
+        tensors[p + "in.x"] = x.detach().float()
+        tensors[p + "in.dy"] = dy.float()
+        for name, v in P.items():
+            tensors[p + "in." + name] = v.detach().float()
+        tensors[p + "out.seq"] = out.detach().float()
+        tensors[p + "out.h_n"] = hn.detach().float()
+        tensors[p + "out.c_n"] = cn.detach().float()
+        tensors[p + "out.dx"] = x.grad.float()
+        for name, v in grads.items():
+            tensors[p + "grad." + name] = v.float()
+        if running:
+            for site, (rm, rv) in running.items():
+                shape = (T, rm.shape[1]) if norm == "bn" else (rm.shape[1],)
+                tensors[p + f"out.{site}.running_mean"] = rm.reshape(shape).float()
+                tensors[p + f"out.{site}.running_var"] = rv.reshape(shape).float()
+            with torch.no_grad():
+                ev, _, _ = transcription(x, {k: v.detach() for k, v in P.items()}, norm, layers, H, running, False)
+            tensors[p + "out.eval_h_last"] = ev[:, -1].float()
+        cases.append(dict(norm=norm, n=n, steps=T, input=I, hidden=H, layers=layers, params=sorted(P)))
+
+    for norm in ["none", "ln", "bn", "bn-shared"]:
+        case(norm, 4, 5, 3, 4, 1)
+        case(norm, 6, 7, 5, 3, 2)
+    case("none", 8, 28, 28, 16, 1)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "lstm.safetensors"),
+              metadata={"cases": json.dumps(cases)})
+    print(f"lstm.safetensors: {len(cases)} cases")
+
+
 GOLDENS = {
     "batch_norm": batch_norm_cases,
     "seed_cnn_steps": seed_cnn_steps,
     "norm_family": norm_family_cases,
     "eval_backward": eval_backward_cases,
+    "lstm": lstm_cases,
 }
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ use crate::nn::activation::Sigmoid;
 use crate::nn::conv2d::Conv2d;
 use crate::nn::dropout::Dropout;
 use crate::nn::linear::Linear;
+use crate::nn::lstm::{Lstm, RecurrentNorm};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::pool::{GlobalAvgPool, MaxPool2d};
 use crate::nn::residual::BasicBlock;
@@ -56,11 +57,15 @@ enum Arch {
     Vgg(Vec<Option<usize>>),
     /// The inner (conv1) width of each of the six basic blocks.
     ResNet(Vec<usize>),
+    /// Hidden size and layers of an LSTM reading the image row by row.
+    Lstm(usize, usize),
 }
 
 /// The default ResNet: a 16-channel stem, then three stages of two basic blocks with 16, 32
 /// and 64 channels (strides 1, 2, 2), global average pooling and a linear classifier.
 pub const DEFAULT_RESNET: &str = "16,16,32,32,64,64";
+/// The default LSTM hidden size.
+pub const DEFAULT_LSTM_HIDDEN: usize = 128;
 const RESNET_STAGES: [(usize, usize); 3] = [(16, 1), (32, 2), (64, 2)];
 
 fn parse_arch(model: &str) -> Result<Arch> {
@@ -118,8 +123,30 @@ fn parse_arch(model: &str) -> Result<Arch> {
             }
             Ok(Arch::ResNet(mids))
         }
+        ("lstm", cfg) => {
+            let parts: Vec<&str> = if cfg.is_empty() {
+                vec![]
+            } else {
+                cfg.split(',').collect()
+            };
+            let num = |t: &str, what: &str, max: usize| match t.trim().parse::<usize>() {
+                Ok(v) if (1..=max).contains(&v) => Ok(v),
+                _ => Err(Error::invalid(format!(
+                    "lstm {what} '{t}' is not a whole number in 1..={max}"
+                ))),
+            };
+            match parts.as_slice() {
+                [] => Ok(Arch::Lstm(DEFAULT_LSTM_HIDDEN, 1)),
+                [h] => Ok(Arch::Lstm(num(h, "hidden size", MAX_WIDTH)?, 1)),
+                [h, l] => Ok(Arch::Lstm(
+                    num(h, "hidden size", MAX_WIDTH)?,
+                    num(l, "layer count", crate::nn::lstm::MAX_LAYERS)?,
+                )),
+                _ => Err(Error::invalid(format!("lstm takes lstm[:H[,layers]], got '{model}'"))),
+            }
+        }
         _ => Err(Error::invalid(format!(
-            "unknown model '{model}' (known: seed-cnn[:width], mlp, vgg[:cfg], resnet[:widths])"
+            "unknown model '{model}' (known: seed-cnn[:width], mlp, vgg[:cfg], resnet[:widths], lstm[:H[,layers]])"
         ))),
     }
 }
@@ -167,6 +194,12 @@ impl ModelSpec {
                     ch = out;
                 }
                 total + ch * self.classes
+            }
+            Arch::Lstm(hid, layers) => {
+                let per_step: usize = (0..layers)
+                    .map(|l| 4 * hid * (if l == 0 { w } else { hid } + hid))
+                    .sum();
+                per_step * h + hid * self.classes
             }
         };
         Ok(2 * macs)
@@ -240,6 +273,18 @@ impl ModelSpec {
                 }
                 total + ch * k
             }
+            Arch::Lstm(hid, layers) => {
+                if c != 1 {
+                    return Err(Error::invalid(format!(
+                        "lstm reads a grey image row by row ({h} steps of {w} pixels); these images have {c} channels"
+                    )));
+                }
+                let hid = hid as u128;
+                let stack: u128 = (0..layers)
+                    .map(|l| 4 * hid * (if l == 0 { w } else { hid } + hid))
+                    .sum();
+                stack + hid * k
+            }
         };
         if weights > MAX_WEIGHTS as u128 {
             return Err(Error::invalid(format!(
@@ -257,6 +302,7 @@ impl ModelSpec {
         let model = match arch {
             Arch::Vgg(_) if !model.contains(':') => format!("vgg:{DEFAULT_VGG}"),
             Arch::ResNet(_) if !model.contains(':') => format!("resnet:{DEFAULT_RESNET}"),
+            Arch::Lstm(hid, layers) => format!("lstm:{hid},{layers}"),
             _ => model.to_string(),
         };
         let spec = ModelSpec {
@@ -268,6 +314,34 @@ impl ModelSpec {
         };
         spec.parameter_count()?;
         Ok(spec)
+    }
+}
+
+/// The norm inside an LSTM's recurrence for `--norm`: none, ln (LN-LSTM), bn (per-step BN) or
+/// bn-shared (statistics shared across steps).
+fn recurrent_norm(norm: &NormSpec) -> Result<RecurrentNorm> {
+    use crate::nn::batch_norm::{BatchNormConfig, BatchStats};
+    use crate::nn::group_norm::WithinSample;
+    let batch = |c: &BatchNormConfig, per_step: bool| {
+        match c.momentum {
+        Some(momentum) if c.affine && c.track_running_stats => Ok(RecurrentNorm::Batch {
+            eps: c.eps,
+            momentum,
+            per_step,
+        }),
+        _ => Err(Error::invalid(
+            "lstm's BN keeps running statistics with an exponential momentum and its γ, β: drop momentum=none, affine=false and track=false",
+        )),
+    }
+    };
+    match norm {
+        NormSpec::None => Ok(RecurrentNorm::None),
+        NormSpec::Within(c) if c.kind == WithinSample::Layer && c.affine => Ok(RecurrentNorm::Layer { eps: c.eps }),
+        NormSpec::Batch(c) if c.stats == BatchStats::Standard => batch(c, true),
+        NormSpec::SharedBatch(c) => batch(c, false),
+        other => Err(Error::invalid(format!(
+            "lstm supports --norm none, ln (LN-LSTM), bn (per-step BN-LSTM) and bn-shared, not {other}"
+        ))),
     }
 }
 
@@ -394,6 +468,12 @@ impl Model {
                 net.push("", GlobalAvgPool);
                 push_dropout(&mut net)?;
                 net.push("fc", Linear::new(ch, spec.classes, true, &mut rng));
+            }
+            Arch::Lstm(hid, layers) => {
+                let recurrent = recurrent_norm(&norm)?;
+                net.push("lstm", Lstm::new(w, hid, layers, h, recurrent, &mut rng)?);
+                push_dropout(&mut net)?;
+                net.push("fc", Linear::new(hid, spec.classes, true, &mut rng));
             }
         }
         // The first layer never needs dL/dx (it is the data).

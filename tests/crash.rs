@@ -89,7 +89,9 @@ fn a_kill_at_any_write_leaves_a_run_that_loads_and_resumes_exactly() {
         // The step log: every step once, with the reference's losses and rates.
         let steps = |dir: &Path| -> Vec<String> {
             let csv = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
-            csv.lines().map(|l| l.split(',').take(4).collect::<Vec<_>>().join(",")).collect()
+            csv.lines()
+                .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+                .collect()
         };
         assert_eq!(steps(&out), steps(&reference), "steps.csv after a kill at point {k}");
         assert_eq!(metrics(&out)["status"], "complete");

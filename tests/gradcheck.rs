@@ -420,3 +420,46 @@ fn residual_block_gradients() {
         );
     }
 }
+
+#[test]
+fn lstm_gradients_through_time_for_every_recurrent_norm() {
+    use normlab::nn::lstm::{Lstm, RecurrentNorm};
+    let norms = [
+        ("none", RecurrentNorm::None),
+        ("ln", RecurrentNorm::Layer { eps: 1e-5 }),
+        (
+            "bn",
+            RecurrentNorm::Batch {
+                eps: 1e-5,
+                momentum: 0.1,
+                per_step: true,
+            },
+        ),
+        (
+            "bn-shared",
+            RecurrentNorm::Batch {
+                eps: 1e-5,
+                momentum: 0.1,
+                per_step: false,
+            },
+        ),
+    ];
+    for (name, norm) in norms {
+        for layers in [1, 2] {
+            let mut g = rng();
+            let mut lstm = Lstm::new(5, 4, layers, 4, norm, &mut g).unwrap();
+            // γ away from its initial value, so the norms' gradients are not degenerate.
+            lstm.visit_params(&mut |k, p| {
+                if k.ends_with(".weight") || k.ends_with(".bias") {
+                    p.value.data.iter_mut().for_each(|v| *v = 0.5 + 0.1 * (*v + 1.0));
+                }
+            });
+            check(
+                &format!("lstm {name}, {layers} layers"),
+                &mut lstm,
+                random(&[3, 4, 5], &mut g),
+                3e-3,
+            );
+        }
+    }
+}

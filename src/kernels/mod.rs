@@ -5,6 +5,7 @@ pub mod group_norm;
 pub mod im2col;
 pub mod loss;
 pub mod lp_norm;
+pub mod lstm;
 pub mod matmul;
 pub mod pool;
 pub mod reduce;

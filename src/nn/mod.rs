@@ -8,6 +8,7 @@ pub mod group_norm;
 pub mod init;
 pub mod layer;
 pub mod linear;
+pub mod lstm;
 pub mod noisy_batch_norm;
 pub mod norm_spec;
 pub mod pool;

@@ -26,6 +26,9 @@ pub enum NormSpec {
     },
     /// LayerNorm (both forms) and InstanceNorm.
     Within(WithinSampleConfig),
+    /// The LSTM's naive BN: one set of running statistics shared by every time step
+    /// (`bn-shared`; only the lstm model has time steps).
+    SharedBatch(BatchNormConfig),
 }
 
 /// Every spec with one line on what it does (`normlab norms`).
@@ -66,6 +69,10 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         "bn-linf",
         "Lp BatchNorm: subtract the batch mean, divide by the L-infinity norm (Santurkar et al.)",
+    ),
+    (
+        "bn-shared",
+        "lstm only: recurrent BN whose running statistics are shared by all time steps (the naive use; bn keeps them per step)",
     ),
     (
         "bn-noisy",
@@ -122,6 +129,12 @@ impl NormSpec {
                 Some(Box::new(fuse_gn(GroupNorm::new(cfg, sample_shape, layer)?)))
             }
             NormSpec::Within(cfg) => Some(Box::new(fuse_gn(GroupNorm::new(cfg, sample_shape, layer)?))),
+            NormSpec::SharedBatch(_) => {
+                return Err(Error::invalid(format!(
+                    "{layer}: bn-shared is the LSTM's BN with statistics shared across time steps; \
+                     conv and linear models have no time steps (use bn)"
+                )))
+            }
         })
     }
 }
@@ -187,7 +200,7 @@ impl FromStr for NormSpec {
         }
         match name {
             "none" if pairs.is_empty() => Ok(NormSpec::None),
-            "bn" | "brn" | "ghost" | "bn-l1" | "bn-linf" | "bn-noisy" => {
+            "bn" | "brn" | "ghost" | "bn-l1" | "bn-linf" | "bn-noisy" | "bn-shared" => {
                 let mut cfg = BatchNormConfig::default();
                 let (mut rmax, mut dmax, mut warmup) = (3.0, 5.0, 1000u64);
                 cfg.stats = match name {
@@ -222,7 +235,9 @@ impl FromStr for NormSpec {
                     cfg.stats = BatchStats::Renorm { rmax, dmax, warmup };
                 }
                 cfg.validate()?;
-                Ok(if name == "bn-noisy" {
+                Ok(if name == "bn-shared" {
+                    NormSpec::SharedBatch(cfg)
+                } else if name == "bn-noisy" {
                     NormSpec::NoisyBatch(cfg)
                 } else {
                     NormSpec::Batch(cfg)
@@ -328,6 +343,14 @@ impl fmt::Display for NormSpec {
                     BatchStats::Lp(LpKind::L1) => write!(f, "bn-l1:{common}"),
                     BatchStats::Lp(LpKind::Linf) => write!(f, "bn-linf:{common}"),
                 }
+            }
+            NormSpec::SharedBatch(c) => {
+                let m = c.momentum.map_or("none".to_string(), |m| m.to_string());
+                write!(
+                    f,
+                    "bn-shared:momentum={m},eps={},affine={},track={}",
+                    c.eps, c.affine, c.track_running_stats
+                )
             }
             NormSpec::NoisyBatch(c) => {
                 let m = c.momentum.map_or("none".to_string(), |m| m.to_string());

@@ -368,12 +368,19 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     let mut model = Model::build(&spec, config.seed)?;
     let norm: NormSpec = spec.norm.parse()?;
     norm.check_batches(config.batch_size, train_set.len() % config.batch_size)?;
-    if spec.model == "mlp" && matches!(norm, NormSpec::Batch(_)) && train_set.len() % config.batch_size == 1 {
+    let per_sample_bn = (spec.model == "mlp" || spec.model.starts_with("lstm"))
+        && matches!(norm, NormSpec::Batch(_) | NormSpec::SharedBatch(_));
+    if per_sample_bn && (config.batch_size == 1 || train_set.len() % config.batch_size == 1) {
         return Err(Error::invalid(format!(
-            "{} training samples in batches of {} leave a last batch of 1, on which BatchNorm1d cannot \
-             train; choose another --batch-size or --train-limit",
+            "{} training samples in batches of {} leave a batch of 1, whose BatchNorm statistics over the \
+             batch are undefined ({} cannot train on it); choose another --batch-size or --train-limit",
             train_set.len(),
-            config.batch_size
+            config.batch_size,
+            if spec.model == "mlp" {
+                "BatchNorm1d"
+            } else {
+                "the BN-LSTM"
+            }
         )));
     }
     if commit.is_none() {
