@@ -17,6 +17,8 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::kernels::lstm::{self as k, NormStats};
 use crate::kernels::matmul::{matmul, Op};
@@ -313,8 +315,11 @@ impl LstmLayer {
     fn forward(&mut self, n: usize, t_steps: usize, norm: RecurrentNorm, train: bool) -> Result<()> {
         let (h, g, i) = (self.hidden, 4 * self.hidden, self.input);
         let threads = rayon::current_num_threads();
+        // Without a norm, x·W_ihᵀ + b goes straight into the gates and each step's h·W_hhᵀ is
+        // accumulated onto it: no separate products to keep, add or copy.
+        let plain = self.sites[0].is_none();
         matmul(
-            &mut self.zx,
+            if plain { &mut self.gates } else { &mut self.zx },
             t_steps * n,
             g,
             i,
@@ -325,26 +330,40 @@ impl LstmLayer {
             false,
             threads,
         );
+        let (b_ih, b_hh) = (&self.bias_ih.value.data, &self.bias_hh.value.data);
+        let add_bias = |rows: &mut [f32]| {
+            rows.par_chunks_mut(g * 16).for_each(|chunk| {
+                for row in chunk.chunks_mut(g) {
+                    for ((v, a), b) in row.iter_mut().zip(b_ih).zip(b_hh) {
+                        *v += a + b;
+                    }
+                }
+            })
+        };
+        if plain {
+            add_bias(&mut self.gates);
+        }
         let (sw, bw) = (norm_width(norm, n, g), norm_width(norm, n, h));
         for t in 0..t_steps {
             let (step, hs) = (t * n * g..(t + 1) * n * g, t * n * h..(t + 1) * n * h);
-            matmul(
-                &mut self.zh[step.clone()],
-                n,
-                g,
-                h,
-                &self.h[t * n * h..(t + 1) * n * h],
-                Op::N,
-                &self.weight_hh.value.data,
-                Op::T,
-                false,
-                1,
-            );
+            let h_prev = &self.h[t * n * h..(t + 1) * n * h];
             let a = &mut self.gates[step.clone()];
             let [sx, sh, sc] = &mut self.sites;
             let [st_x, st_h, st_c] = &mut self.stats;
             match (sx, sh) {
                 (Some(sx), Some(sh)) => {
+                    matmul(
+                        &mut self.zh[step.clone()],
+                        n,
+                        g,
+                        h,
+                        h_prev,
+                        Op::N,
+                        &self.weight_hh.value.data,
+                        Op::T,
+                        false,
+                        threads,
+                    );
                     sx.forward(
                         norm,
                         &self.zx[step.clone()],
@@ -362,16 +381,20 @@ impl LstmLayer {
                         &mut st_h[t * sw..(t + 1) * sw],
                     )?;
                     a.iter_mut().zip(&self.nx).for_each(|(v, x)| *v += x);
+                    add_bias(a);
                 }
-                _ => a
-                    .iter_mut()
-                    .zip(self.zx[step.clone()].iter().zip(&self.zh[step]))
-                    .for_each(|(v, (x, y))| *v = x + y),
-            }
-            for row in a.chunks_mut(g) {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v += self.bias_ih.value.data[j] + self.bias_hh.value.data[j];
-                }
+                _ => matmul(
+                    a,
+                    n,
+                    g,
+                    h,
+                    h_prev,
+                    Op::N,
+                    &self.weight_hh.value.data,
+                    Op::T,
+                    true,
+                    threads,
+                ),
             }
             let (c_prev, c_next) = self.c.split_at_mut((t + 1) * n * h);
             k::lstm_cell_forward(a, &c_prev[t * n * h..], &mut c_next[..n * h], h);
@@ -397,6 +420,7 @@ impl LstmLayer {
         let (h, g, i) = (self.hidden, 4 * self.hidden, self.input);
         let threads = rayon::current_num_threads();
         let (sw, bw) = (norm_width(norm, n, g), norm_width(norm, n, h));
+        let plain = self.sites[0].is_none();
         self.dh.fill(0.0);
         self.dc_next.fill(0.0);
         for t in (0..t_steps).rev() {
@@ -426,12 +450,6 @@ impl LstmLayer {
                 da,
                 h,
             );
-            for row in da.chunks(g) {
-                for (j, v) in row.iter().enumerate() {
-                    self.bias_ih.grad.data[j] += v;
-                    self.bias_hh.grad.data[j] += v;
-                }
-            }
             match (sx, sh) {
                 (Some(sx), Some(sh)) => {
                     sx.backward(
@@ -449,33 +467,51 @@ impl LstmLayer {
                         &mut self.dzh[step.clone()],
                     );
                 }
-                _ => {
-                    self.dzx[step.clone()].copy_from_slice(da);
-                    self.dzh[step.clone()].copy_from_slice(da);
-                }
+                // Without a norm dz_x = dz_h = da: the gemms read da itself.
+                _ => {}
             }
+            let dzh = if plain { &self.da[step] } else { &self.dzh[step] };
             // dh_{t−1} = dz_h · W_hh
             matmul(
                 &mut self.dh,
                 n,
                 h,
                 g,
-                &self.dzh[step],
+                dzh,
                 Op::N,
                 &self.weight_hh.value.data,
                 Op::N,
                 false,
-                1,
+                threads,
             );
         }
-        // dW_hh = Σ_t dz_hᵀ·h_{t−1};  dW_ih = dz_xᵀ·x;  dx = dz_x·W_ih
+        // db = Σ da over every step and sample (the same for b_ih and b_hh)
         let rows = t_steps * n;
+        for row in self.da[..rows * g].chunks(g) {
+            for ((bi, bh), v) in self
+                .bias_ih
+                .grad
+                .data
+                .iter_mut()
+                .zip(&mut self.bias_hh.grad.data)
+                .zip(row)
+            {
+                *bi += v;
+                *bh += v;
+            }
+        }
+        let (dzx, dzh) = if plain {
+            (&self.da, &self.da)
+        } else {
+            (&self.dzx, &self.dzh)
+        };
+        // dW_hh = Σ_t dz_hᵀ·h_{t−1};  dW_ih = dz_xᵀ·x;  dx = dz_x·W_ih
         matmul(
             &mut self.weight_hh.grad.data,
             g,
             h,
             rows,
-            &self.dzh,
+            dzh,
             Op::T,
             &self.h[..rows * h],
             Op::N,
@@ -487,7 +523,7 @@ impl LstmLayer {
             g,
             i,
             rows,
-            &self.dzx,
+            dzx,
             Op::T,
             &self.xin,
             Op::N,
@@ -500,7 +536,7 @@ impl LstmLayer {
                 rows,
                 i,
                 g,
-                &self.dzx,
+                dzx,
                 Op::N,
                 &self.weight_ih.value.data,
                 Op::N,
