@@ -450,25 +450,22 @@ impl LstmLayer {
                 da,
                 h,
             );
-            match (sx, sh) {
-                (Some(sx), Some(sh)) => {
-                    sx.backward(
-                        norm,
-                        &self.zx[step.clone()],
-                        &st_x[t * sw..(t + 1) * sw],
-                        da,
-                        &mut self.dzx[step.clone()],
-                    );
-                    sh.backward(
-                        norm,
-                        &self.zh[step.clone()],
-                        &st_h[t * sw..(t + 1) * sw],
-                        da,
-                        &mut self.dzh[step.clone()],
-                    );
-                }
-                // Without a norm dz_x = dz_h = da: the gemms read da itself.
-                _ => {}
+            // Without a norm dz_x = dz_h = da: the gemms below read da itself.
+            if let (Some(sx), Some(sh)) = (sx, sh) {
+                sx.backward(
+                    norm,
+                    &self.zx[step.clone()],
+                    &st_x[t * sw..(t + 1) * sw],
+                    da,
+                    &mut self.dzx[step.clone()],
+                );
+                sh.backward(
+                    norm,
+                    &self.zh[step.clone()],
+                    &st_h[t * sw..(t + 1) * sw],
+                    da,
+                    &mut self.dzh[step.clone()],
+                );
             }
             let dzh = if plain { &self.da[step] } else { &self.dzh[step] };
             // dh_{t−1} = dz_h · W_hh
