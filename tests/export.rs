@@ -76,6 +76,9 @@ fn export_writes_a_checked_file_and_refuses_bad_input_writing_nothing() {
     let untracked = train(&t, &data, "seed-cnn:4", "bn:track=false");
     let err = fails(&["export", "--checkpoint", s(&untracked), "--out", s(&nothing)]);
     assert!(err.contains("track=false") && err.contains("bn1"), "{err}");
+    let ln_lstm = train(&t, &data, "lstm:4", "ln");
+    let err = fails(&["export", "--checkpoint", s(&ln_lstm), "--out", s(&nothing)]);
+    assert!(err.contains("--norm none"), "{err}");
     let gn = train(&t, &data, "seed-cnn:4", "gn:2");
     let err = fails(&["export", "--checkpoint", s(&gn), "--out", s(&nothing), "--fold"]);
     assert!(err.contains("fold"), "{err}");
@@ -113,6 +116,7 @@ fn onnx_runtime_gives_normlabs_logits() {
         ("seed-cnn:6", "bn-l1"),
         ("seed-cnn:6", "brn"),
         ("vgg:4,M,8,M", "none"),
+        ("lstm:6,2", "none"),
     ]
     .iter()
     .map(|(m, n)| train(&t, &data, m, n))
@@ -149,6 +153,6 @@ fn onnx_runtime_gives_normlabs_logits() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     // Plain and folded for the six BN-family checkpoints and the two pruned ones, plain for
-    // the other six.
-    assert_eq!(stdout.matches("PASS").count(), 2 * 8 + 6, "{stdout}");
+    // the other seven (the LSTM as ONNX's LSTM operator).
+    assert_eq!(stdout.matches("PASS").count(), 2 * 8 + 7, "{stdout}");
 }

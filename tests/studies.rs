@@ -11,7 +11,14 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
     let t = tmp();
     let data = t.path().join("data");
     write_dataset(&data, 256, 64, false);
-    for study in ["batch-size", "learning-rate", "regularization", "ics", "landscape"] {
+    for study in [
+        "batch-size",
+        "learning-rate",
+        "regularization",
+        "ics",
+        "landscape",
+        "rnn",
+    ] {
         let out = t.path().join(study);
         let text = ok(&[
             "study",
@@ -71,6 +78,12 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
                 .iter()
                 .all(|r| r["status"] == "complete" || r["status"] == "diverged"));
             assert_eq!(csv.lines().count(), runs.len() + 1, "{study}: one CSV row per run");
+            if study == "rnn" {
+                // One trained plain LSTM per seed, 28 steps of four gates each.
+                let gates = results["gates"].as_array().unwrap();
+                assert_eq!(gates.len(), 2);
+                assert_eq!(gates[0]["steps"].as_array().unwrap().len(), 28);
+            }
         }
         let html = std::fs::read_to_string(out.join("report.html")).unwrap();
         assert!(html.contains("<svg") && html.contains("What this run found"));

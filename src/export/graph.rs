@@ -74,16 +74,33 @@ impl OnnxGraph {
     /// Appends `op(inputs)` with one output of rank `out_rank`; returns the output's name. An
     /// empty input name is an omitted optional input.
     pub fn node(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)], out_rank: usize) -> String {
-        let out = self.unique(&op.to_lowercase());
+        self.node_outputs(op, inputs, attrs, &[out_rank]).remove(0)
+    }
+
+    /// As `node`, for an operator with several outputs (LSTM's Y and Y_h), one rank each.
+    pub fn node_outputs(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: &[(&str, Attr)],
+        out_ranks: &[usize],
+    ) -> Vec<String> {
+        let outs: Vec<String> = out_ranks
+            .iter()
+            .map(|&rank| {
+                let name = self.unique(&op.to_lowercase());
+                self.ranks.insert(name.clone(), rank);
+                name
+            })
+            .collect();
         let mut n = NodeProto::new();
         n.op_type = op.to_string();
         n.name = format!("{op}_{}", self.nodes.len());
         n.input = inputs.iter().map(|s| s.to_string()).collect();
-        n.output = vec![out.clone()];
+        n.output = outs.clone();
         n.attribute = attrs.iter().map(|(k, v)| attribute(k, v)).collect();
         self.nodes.push(n);
-        self.ranks.insert(out.clone(), out_rank);
-        out
+        outs
     }
 
     /// A name not used before in this graph, from `hint`.

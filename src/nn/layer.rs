@@ -130,6 +130,12 @@ pub trait Layer: Send {
         Err(Error::invalid(format!("{name}: {} has no ONNX export", self.kind())))
     }
 
+    /// This layer as `Any`, for the probes that read one layer type's internals (the rnn
+    /// study's gate statistics); None for layers no probe reads.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Sets how the norms with running statistics in this layer use them; returns how many
     /// such norms it holds (0 for every other layer).
     fn set_stats_mode(&mut self, _mode: StatsMode) -> usize {

@@ -20,6 +20,7 @@ use std::sync::{Mutex, OnceLock};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::export::graph::{Attr, OnnxGraph};
 use crate::kernels::lstm::{self as k, NormStats};
 use crate::kernels::matmul::{matmul, Op};
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
@@ -614,6 +615,60 @@ impl Lstm {
         self.layers[0].hidden
     }
 
+    /// The first layer's gate pre-activations a = x_t·W_ihᵀ + h_{t−1}·W_hhᵀ + b of the last
+    /// forward (of a plain LSTM: with a norm they are normalized first), summarized per time
+    /// step and gate (i, f, g, o) as (mean, standard deviation) over the batch and the units.
+    pub fn gate_preactivation_stats(&self, n: usize) -> Vec<[(f64, f64); 4]> {
+        let l = &self.layers[0];
+        let (t_steps, h, g) = (self.steps, l.hidden, 4 * l.hidden);
+        let mut a = vec![0.0f32; n * g];
+        let mut out = Vec::with_capacity(t_steps);
+        for t in 0..t_steps {
+            matmul(
+                &mut a,
+                n,
+                g,
+                l.input,
+                &l.xin[t * n * l.input..(t + 1) * n * l.input],
+                Op::N,
+                &l.weight_ih.value.data,
+                Op::T,
+                false,
+                1,
+            );
+            matmul(
+                &mut a,
+                n,
+                g,
+                h,
+                &l.h[t * n * h..(t + 1) * n * h],
+                Op::N,
+                &l.weight_hh.value.data,
+                Op::T,
+                true,
+                1,
+            );
+            let mut step = [(0.0, 0.0); 4];
+            for (gate, st) in step.iter_mut().enumerate() {
+                let vals = || {
+                    a.chunks(g).flat_map(move |row| {
+                        row[gate * h..(gate + 1) * h].iter().enumerate().map(move |(k, &v)| {
+                            v as f64
+                                + l.bias_ih.value.data[gate * h + k] as f64
+                                + l.bias_hh.value.data[gate * h + k] as f64
+                        })
+                    })
+                };
+                let count = (n * h) as f64;
+                let mean = vals().sum::<f64>() / count;
+                let var = vals().map(|v| (v - mean).powi(2)).sum::<f64>() / count;
+                *st = (mean, var.sqrt());
+            }
+            out.push(step);
+        }
+        out
+    }
+
     /// The last forward's results as nn.LSTM returns them: the top layer's hidden states
     /// [N, T, H] (batch-first), h_n and c_n [layers, N, H].
     pub fn outputs(&self, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -747,5 +802,62 @@ impl Layer for Lstm {
 
     fn set_input_grad(&mut self, needed: bool) {
         self.input_grad = needed;
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
+    // ONNX's LSTM operator (gates in the order i, o, f, c; sequence-first): the image
+    // [N, 1, T, I] becomes [T, N, I], each layer's Y feeds the next, the top layer's Y_h is
+    // the output. LN and BN inside the recurrence have no ONNX operator.
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        if self.norm != RecurrentNorm::None {
+            return Err(Error::invalid(format!(
+                "{name}: ONNX's LSTM operator has no normalization inside the recurrence, so only the plain \
+                 LSTM (--norm none) exports; LN-LSTM and BN-LSTM would need the recurrence unrolled"
+            )));
+        }
+        let h = self.hidden();
+        let axes1 = g.constant_i64(&format!("{name}.axes1"), &[1]);
+        let axes0 = g.constant_i64(&format!("{name}.axes0"), &[0]);
+        let mut seq = if g.rank(x)? == 4 {
+            g.node("Squeeze", &[x, &axes1], &[], 3)
+        } else {
+            x.to_string()
+        };
+        seq = g.node("Transpose", &[&seq], &[("perm", Attr::Ints(vec![1, 0, 2]))], 3);
+        let mut last = String::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            // PyTorch's blocks i, f, g, o as ONNX's i, o, f, c.
+            let reorder = |v: &[f32], cols: usize| -> Vec<f32> {
+                [0, 3, 1, 2]
+                    .iter()
+                    .flat_map(|&b| v[b * h * cols..(b + 1) * h * cols].to_vec())
+                    .collect()
+            };
+            let w = g.constant(
+                &format!("{name}.W_l{l}"),
+                &[1, 4 * h, layer.input],
+                &reorder(&layer.weight_ih.value.data, layer.input),
+            )?;
+            let r = g.constant(
+                &format!("{name}.R_l{l}"),
+                &[1, 4 * h, h],
+                &reorder(&layer.weight_hh.value.data, h),
+            )?;
+            let mut b = reorder(&layer.bias_ih.value.data, 1);
+            b.extend(reorder(&layer.bias_hh.value.data, 1));
+            let b = g.constant(&format!("{name}.B_l{l}"), &[1, 8 * h], &b)?;
+            let outs = g.node_outputs(
+                "LSTM",
+                &[&seq, &w, &r, &b],
+                &[("hidden_size", Attr::Int(h as i64))],
+                &[4, 3],
+            );
+            seq = g.node("Squeeze", &[&outs[0], &axes1], &[], 3);
+            last = outs[1].clone();
+        }
+        Ok(g.node("Squeeze", &[&last, &axes0], &[], 2))
     }
 }

@@ -47,6 +47,10 @@ pub const STUDIES: &[(&str, &str)] = &[
         "landscape",
         "VGG with BN, without, and noisy BN: loss and gradient change along the gradient (Santurkar et al.)",
     ),
+    (
+        "rnn",
+        "LSTM without a norm, with LN, per-step BN and BN shared across steps: gate statistics per step, batch sizes, convergence",
+    ),
 ];
 
 /// One finished run of a study.
@@ -111,6 +115,17 @@ pub struct StudyResults {
     /// The learning-rate study's per-layer gradient norms at initialization and at the end.
     #[serde(default)]
     pub gradients: Vec<gradients::GradientNorms>,
+    /// The rnn study's gate pre-activation statistics of each trained plain LSTM.
+    #[serde(default)]
+    pub gates: Vec<GateStats>,
+}
+
+/// One trained plain LSTM's gate pre-activations on test images: per time step, per gate
+/// (i, f, g, o), (mean, standard deviation) over the images and the units.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GateStats {
+    pub seed: u64,
+    pub steps: Vec<[(f64, f64); 4]>,
 }
 
 pub struct StudyOptions {
@@ -164,6 +179,10 @@ fn sgd(lr: f64) -> OptimizerConfig {
         ..OptimizerConfig::default()
     }
 }
+
+/// The rnn study's model and the test accuracy its convergence claim counts steps to.
+pub const RNN_MODEL: &str = "lstm:64";
+pub const RNN_TARGET: f64 = 0.8;
 
 /// The learning-rate study's net: six conv layers.
 pub const LR_MODEL: &str = "vgg:16,16,M,32,32,M,64,64,M";
@@ -307,6 +326,51 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
                 format!("{train} (small, so that models can overfit)"),
             );
             settings.insert("test images (at most)".into(), test.to_string());
+        }
+        "rnn" => {
+            // An LSTM reading each image's 28 rows. Norms at batch 32 (claims 1 and 3), then LN
+            // and per-step BN at batches 4 and 128 too (claim 2); Adam with the square-root
+            // scaling of its rate with the batch, the same epochs for every batch.
+            let (epochs, train, test) = if opts.quick { (2, 512, 300) } else { (10, 6000, 2000) };
+            let mut push = |norm: &str, b: usize| {
+                let mut config = base_config(opts, epochs, train, test);
+                config.model = RNN_MODEL.into();
+                config.norm = norm.into();
+                config.batch_size = b;
+                config.optimizer.lr = 1e-3 * (b as f64 / 32.0).sqrt();
+                out.push(Planned {
+                    labels: labels(&[("norm", norm.into()), ("batch_size", b.to_string())]),
+                    config,
+                    bn_evals: false,
+                });
+            };
+            for norm in ["none", "ln", "bn", "bn-shared"] {
+                push(norm, 32);
+            }
+            let sizes: &[usize] = if opts.quick { &[8] } else { &[4, 128] };
+            for &b in sizes {
+                for norm in ["ln", "bn"] {
+                    push(norm, b);
+                }
+            }
+            settings.insert(
+                "model".into(),
+                format!(
+                    "{RNN_MODEL} (an LSTM reading 28 rows of 28 pixels, a linear classifier on its last hidden state)"
+                ),
+            );
+            settings.insert("optimizer".into(), "Adam, lr 1e-3 x sqrt(batch / 32)".into());
+            settings.insert("epochs".into(), epochs.to_string());
+            settings.insert("training images (at most)".into(), train.to_string());
+            settings.insert("test images (at most)".into(), test.to_string());
+            settings.insert(
+                "convergence target".into(),
+                format!(
+                    "{:.0}% test accuracy (steps counted at the end of the first epoch that reaches it)",
+                    100.0 * RNN_TARGET
+                ),
+            );
+            return Ok((out, settings));
         }
         _ => {
             let known: Vec<&str> = STUDIES.iter().map(|(n, _)| *n).collect();
@@ -519,6 +583,42 @@ fn learning_rate_gradients(
     Ok(out)
 }
 
+/// Why BN does not fit a recurrence: each plain LSTM (batch 32) of the rnn study, run on 512
+/// test images, gives its first layer's gate pre-activation statistics at every time step.
+fn rnn_gate_stats(planned: &[Planned], runs: &[RunRecord], opts: &StudyOptions) -> Result<Vec<GateStats>> {
+    let dir = resolve_data_dir(opts.data.as_deref())?;
+    let test = crate::data::load_split(&dir, false)?;
+    let mut out = Vec::new();
+    for p in planned
+        .iter()
+        .filter(|p| p.labels.get("norm").map(String::as_str) == Some("none"))
+    {
+        for (k, r) in runs.iter().enumerate() {
+            if r.labels != p.labels || r.status != "complete" {
+                continue;
+            }
+            let path = opts.out.join("runs").join(format!("{k:03}")).join("model.safetensors");
+            let (mut model, meta) = crate::checkpoint::load_model(&path)?;
+            let idx: Vec<usize> = (0..test.len().min(512)).collect();
+            let mut labels = Vec::new();
+            test.batch(&idx, meta.input_norm, model.input_mut(), &mut labels);
+            model.forward(crate::nn::Mode::Eval)?;
+            let lstm = model
+                .net
+                .layers
+                .first()
+                .and_then(|(_, l)| l.as_any())
+                .and_then(|a| a.downcast_ref::<crate::nn::lstm::Lstm>())
+                .ok_or_else(|| Error::invalid("the rnn study's model has no LSTM first layer"))?;
+            out.push(GateStats {
+                seed: r.seed,
+                steps: lstm.gate_preactivation_stats(idx.len()),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// `normlab compare`: the grid from check to report, like a study.
 pub fn run_compare(
     grid: &CompareGrid,
@@ -554,6 +654,7 @@ pub fn run_compare(
         seconds: t0.elapsed().as_secs_f64(),
         claims: Vec::new(),
         gradients: Vec::new(),
+        gates: Vec::new(),
     };
     report::write_all(&results, out)?;
     Ok(results)
@@ -571,6 +672,7 @@ pub fn run_study(
     let t0 = std::time::Instant::now();
     let (mut runs, mut ics_runs, mut landscape_runs) = (Vec::new(), Vec::new(), Vec::new());
     let mut gradient_norms = Vec::new();
+    let mut gates = Vec::new();
     let _lock;
     let settings = match study {
         "ics" | "landscape" => {
@@ -593,6 +695,9 @@ pub fn run_study(
             if study == "learning-rate" {
                 gradient_norms = learning_rate_gradients(&planned, &runs, opts)?;
             }
+            if study == "rnn" {
+                gates = rnn_gate_stats(&planned, &runs, opts)?;
+            }
             settings
         }
     };
@@ -607,6 +712,7 @@ pub fn run_study(
         seconds: t0.elapsed().as_secs_f64(),
         claims: Vec::new(),
         gradients: gradient_norms,
+        gates,
     };
     report::write_all(&results, &opts.out)?;
     Ok(results)

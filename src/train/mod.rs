@@ -372,10 +372,11 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         && matches!(norm, NormSpec::Batch(_) | NormSpec::SharedBatch(_));
     if per_sample_bn && (config.batch_size == 1 || train_set.len() % config.batch_size == 1) {
         return Err(Error::invalid(format!(
-            "{} training samples in batches of {} leave a batch of 1, whose BatchNorm statistics over the \
+            "{} training samples in batches of {} leave {} batch of 1, whose BatchNorm statistics over the \
              batch are undefined ({} cannot train on it); choose another --batch-size or --train-limit",
             train_set.len(),
             config.batch_size,
+            if config.batch_size == 1 { "every" } else { "a last" },
             if spec.model == "mlp" {
                 "BatchNorm1d"
             } else {
