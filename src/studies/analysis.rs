@@ -168,6 +168,35 @@ pub fn analyze(r: &StudyResults) -> Result<Analysis> {
     }
 }
 
+/// Test error (%) per norm and batch size: the table's rows (mean ± std, "—" where a cell has
+/// no runs), its header, and one plotted series per norm.
+fn error_by_batch(
+    runs: &[RunRecord],
+    norms: &[String],
+    batches: &[usize],
+) -> (Vec<String>, Vec<Vec<String>>, Vec<Series>) {
+    let (mut rows, mut series) = (Vec::new(), Vec::new());
+    for norm in norms {
+        let mut row = vec![norm.clone()];
+        let mut pts = Vec::new();
+        for b in batches {
+            let cell = select(runs, &[("norm", norm), ("batch_size", &b.to_string())]);
+            if cell.is_empty() {
+                row.push("—".into());
+                continue;
+            }
+            let c = error_cell(&cell);
+            row.push(fmt_cell(c));
+            pts.push((*b as f64, c.0, c.1));
+        }
+        rows.push(row);
+        series.push((norm.clone(), pts));
+    }
+    let mut header = vec!["norm".to_string()];
+    header.extend(batches.iter().map(|b| format!("batch {b}")));
+    (header, rows, series)
+}
+
 /// Values pooled into each statistic of a per-channel BN at batch `b`, per norm layer.
 fn pooled_values(model: &str, b: usize) -> String {
     if model == "mlp" {
@@ -210,26 +239,7 @@ fn batch_size(r: &StudyResults) -> Result<Analysis> {
     for model in &models {
         let runs: Vec<RunRecord> = select(&r.runs, &[("model", model)]).into_iter().cloned().collect();
         let norms = values(&runs, "norm");
-        let mut rows = Vec::new();
-        let mut series: Vec<Series> = Vec::new();
-        for norm in &norms {
-            let mut row = vec![norm.clone()];
-            let mut pts = Vec::new();
-            for b in &batches {
-                let cell = select(&runs, &[("norm", norm), ("batch_size", &b.to_string())]);
-                if cell.is_empty() {
-                    row.push("—".into());
-                    continue;
-                }
-                let c = error_cell(&cell);
-                row.push(fmt_cell(c));
-                pts.push((*b as f64, c.0, c.1));
-            }
-            rows.push(row);
-            series.push((norm.clone(), pts));
-        }
-        let mut header = vec!["norm".to_string()];
-        header.extend(batches.iter().map(|b| format!("batch {b}")));
+        let (header, rows, series) = error_by_batch(&runs, &norms, &batches);
         tables.push(Table {
             caption: format!("{model}: test error (%) by norm and batch size (mean ± std over seeds)"),
             header,
@@ -889,26 +899,7 @@ fn rnn(r: &StudyResults) -> Result<Analysis> {
     });
 
     // LN and per-step BN across batch sizes.
-    let mut rows = Vec::new();
-    let mut series: Vec<Series> = Vec::new();
-    for norm in ["ln", "bn"] {
-        let mut row = vec![norm.to_string()];
-        let mut pts = Vec::new();
-        for b in &batches {
-            let cell = at(norm, &b.to_string());
-            if cell.is_empty() {
-                row.push("—".into());
-                continue;
-            }
-            let c = error_cell(&cell);
-            row.push(fmt_cell(c));
-            pts.push((*b as f64, c.0, c.1));
-        }
-        rows.push(row);
-        series.push((norm.to_string(), pts));
-    }
-    let mut header = vec!["norm".to_string()];
-    header.extend(batches.iter().map(|b| format!("batch {b}")));
+    let (header, rows, series) = error_by_batch(&r.runs, &["ln".to_string(), "bn".to_string()], &batches);
     tables.push(Table {
         caption: "Test error (%) by batch size (Adam, lr 1e-3·sqrt(B/32), the same epochs for every batch)".into(),
         header,
