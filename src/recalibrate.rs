@@ -59,8 +59,13 @@ pub fn check(model: &mut Model, len: usize, batches: usize, batch_size: usize) -
     }
     let norms = model.net.set_stats_mode(StatsMode::Normal);
     if norms == 0 {
+        let why = if model.spec.model.starts_with("lstm") {
+            "the LSTM's recurrent BN keeps per-time-step statistics, which recalibrate does not cover"
+        } else {
+            "it keeps no running statistics"
+        };
         return Err(Error::invalid(format!(
-            "{} with norm {} keeps no running statistics to recalibrate",
+            "{} with norm {}: nothing to recalibrate ({why})",
             model.spec.model, model.spec.norm
         )));
     }

@@ -112,6 +112,17 @@ fn bad_lstm_input_gets_one_clear_line() {
     // 33 samples in batches of 16 leave a last batch of 1.
     let err = run(&["--model", "lstm:8", "--norm", "bn", "--batch-size", "16"]);
     assert!(err.contains("batch of 1"), "{err}");
+    let err = run(&[
+        "--model",
+        "lstm:8",
+        "--norm",
+        "bn",
+        "--batch-size",
+        "11",
+        "--freeze-bn",
+        "stats",
+    ]);
+    assert!(err.contains("per-time-step"), "{err}");
     let err = run(&["--model", "seed-cnn", "--norm", "bn-shared"]);
     assert!(err.contains("time steps"), "{err}");
     // Colour images are not a sequence of grey rows.

@@ -404,8 +404,13 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             affine: f == FreezeBn::All,
         });
         if frozen == 0 {
+            let why = if spec.model.starts_with("lstm") {
+                "the LSTM's recurrent BN keeps per-time-step statistics, which --freeze-bn does not cover"
+            } else {
+                "it has no BatchNorm with running statistics"
+            };
             return Err(Error::invalid(format!(
-                "--freeze-bn: {} with norm {} has no BatchNorm with running statistics to freeze",
+                "--freeze-bn: nothing to freeze in {} with norm {} ({why})",
                 spec.model, spec.norm
             )));
         }
