@@ -150,16 +150,15 @@ impl Dataset {
         let [c, h, w] = self.shape;
         x.resize_to(&[idx.len(), c, h, w]);
         y.clear();
-        // Per channel: x/255 − mean over std as one multiply-add.
-        let affine: Vec<(f32, f32)> = (0..c)
-            .map(|ch| {
-                let k = ch.min(norm.channels - 1);
-                (1.0 / (255.0 * norm.std[k]), norm.mean[k] / norm.std[k])
-            })
-            .collect();
+        // Per channel: x/255 − mean over std as one multiply-add (no allocation per batch).
+        let affine = |ch: usize| {
+            let k = ch.min(norm.channels - 1);
+            (1.0 / (255.0 * norm.std[k]), norm.mean[k] / norm.std[k])
+        };
         for (dst, &i) in x.data.chunks_mut(s).zip(idx) {
             let src = &self.images[i * s..(i + 1) * s];
-            for ((dp, sp), &(scale, shift)) in dst.chunks_mut(h * w).zip(src.chunks(h * w)).zip(&affine) {
+            for (ch, (dp, sp)) in dst.chunks_mut(h * w).zip(src.chunks(h * w)).enumerate() {
+                let (scale, shift) = affine(ch);
                 for (o, &b) in dp.iter_mut().zip(sp) {
                     *o = b as f32 * scale - shift;
                 }

@@ -331,7 +331,7 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
             // An LSTM reading each image's 28 rows. Norms at batch 32 (claims 1 and 3), then LN
             // and per-step BN at batches 4 and 128 too (claim 2); Adam with the square-root
             // scaling of its rate with the batch, the same epochs for every batch.
-            let (epochs, train, test) = if opts.quick { (2, 512, 300) } else { (10, 6000, 2000) };
+            let (epochs, train, test) = if opts.quick { (2, 512, 300) } else { (10, 12000, 5000) };
             let mut push = |norm: &str, b: usize| {
                 let mut config = base_config(opts, epochs, train, test);
                 config.model = RNN_MODEL.into();
