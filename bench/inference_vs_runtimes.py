@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -28,6 +27,9 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 from fmnist_torch import model as torch_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_vs_pytorch import median_time  # noqa: E402
 
 MODELS = ["seed-cnn", "vgg", "resnet"]
 BATCHES = [1, 128]
@@ -59,13 +61,8 @@ def torch_resnet():
 
 
 def timed(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median ms of `reps` calls after one warm-up (kernels_vs_pytorch's rule)."""
+    return median_time(fn, reps) * 1e3
 
 
 def reps_for(batch):

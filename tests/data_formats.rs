@@ -174,16 +174,9 @@ fn colour_training_with_augmentation_replays_exactly_and_logs_every_step() {
 #[test]
 fn tensorboard_reads_the_events_back() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv-torch/bin/python");
-    let has_tb = python.exists()
-        && std::process::Command::new(&python)
-            .args(["-c", "import tensorboard"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !has_tb {
-        eprintln!("skipped: needs .venv-torch with the tensorboard package");
+    let Some(python) = venv_python("tensorboard") else {
         return;
-    }
+    };
     let t = tmp();
     let data = t.path().join("images");
     write_folder(&data, 6, (8, 8));

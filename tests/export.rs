@@ -90,16 +90,9 @@ fn export_writes_a_checked_file_and_refuses_bad_input_writing_nothing() {
 #[test]
 fn onnx_runtime_gives_normlabs_logits() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv-torch/bin/python");
-    let has_ort = python.exists()
-        && std::process::Command::new(&python)
-            .args(["-c", "import onnx, onnxruntime, safetensors"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !has_ort {
-        eprintln!("skipped: needs .venv-torch with onnx and onnxruntime");
+    let Some(python) = venv_python("onnx, onnxruntime, safetensors") else {
         return;
-    }
+    };
     let t = tmp();
     let data = t.path().join("data");
     write_dataset(&data, 64, 40, false);

@@ -165,3 +165,18 @@ pub fn trained_run(
     ]);
     (data, run)
 }
+
+/// The venv of scripts/ when it exists and imports every one of `modules` (comma-separated, as
+/// Python's import takes them); None, and a note on stderr, otherwise: such tests skip.
+pub fn venv_python(modules: &str) -> Option<std::path::PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-torch/bin/python");
+    let ok = python.exists()
+        && Command::new(&python)
+            .args(["-c", &format!("import {modules}")])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: needs .venv-torch with {modules}");
+    }
+    ok.then_some(python)
+}
