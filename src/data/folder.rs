@@ -183,7 +183,9 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
             .progress_chars("=> "),
     );
     bar.set_message(format!("{split} images"));
-    let decoded: Vec<DynamicImage> = files
+    // Each image is kept as 8-bit RGB right after decoding (and resizing), so the decoded set
+    // never takes more than the checked total, whatever the files' own pixel formats.
+    let decoded: Vec<(image::RgbImage, bool)> = files
         .par_iter()
         .map(|(p, _)| {
             let img = reader(p)?.decode().map_err(|e| bad_image(p, e))?;
@@ -194,24 +196,22 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
                 _ => img,
             };
             bar.inc(1);
-            Ok(img)
+            Ok((img.to_rgb8(), img.color().has_color()))
         })
         .collect::<Result<_>>()?;
     bar.finish_and_clear();
-    let channels = opts
-        .channels
-        .unwrap_or(if decoded.iter().any(|i| i.color().has_color()) {
-            3
-        } else {
-            1
-        });
+    let channels = opts.channels.unwrap_or(if decoded.iter().any(|(_, colour)| *colour) {
+        3
+    } else {
+        1
+    });
     let mut images = Vec::with_capacity(files.len() * channels * h * w);
-    for img in &decoded {
+    for (rgb, _) in &decoded {
         if channels == 1 {
-            images.extend_from_slice(img.to_luma8().as_raw());
+            // Equal R, G and B give back the grey value exactly.
+            images.extend_from_slice(DynamicImage::ImageRgb8(rgb.clone()).to_luma8().as_raw());
         } else {
             // Interleaved RGB to the planes [C, H, W].
-            let rgb = img.to_rgb8();
             for c in 0..3 {
                 images.extend(rgb.as_raw().iter().skip(c).step_by(3));
             }
