@@ -67,6 +67,12 @@ fn bn_affine(state: &HashMap<String, Tensor>, prefix: &str, eps: f64, lp: bool) 
 /// The folded model: same architecture, no norm layers, conv/linear weights and biases
 /// absorbing each BatchNorm's eval-mode affine.
 pub fn fold(model: &mut Model) -> Result<Model> {
+    if model.spec.model.starts_with("lstm") && model.spec.norm != "none" {
+        return Err(Error::invalid(format!(
+            "{} normalizes inside its recurrence, where no layer's weights can absorb the norm: nothing to fold",
+            model.spec.model
+        )));
+    }
     let norm: NormSpec = model.spec.norm.parse()?;
     let NormSpec::Batch(cfg) = norm else {
         return Err(Error::invalid(format!(

@@ -53,13 +53,13 @@ fn every_recurrent_norm_trains_and_resumes_exactly() {
             // Per-step running statistics: one row per time step.
             assert!(names.contains(&"lstm.bn_c_l0.running_mean".to_string()), "{names:?}");
         }
-        ok(&[
-            "eval",
-            "--checkpoint",
-            s(&whole.join("model.safetensors")),
-            "--data",
-            s(&data),
-        ]);
+        let ckpt = whole.join("model.safetensors");
+        ok(&["eval", "--checkpoint", s(&ckpt), "--data", s(&data)]);
+        if norm != "none" {
+            // Nothing outside the recurrence can absorb its norm; the error says so.
+            let err = fails(&["eval", "--checkpoint", s(&ckpt), "--data", s(&data), "--fold"]);
+            assert!(err.contains("inside its recurrence"), "{err}");
+        }
     }
 }
 

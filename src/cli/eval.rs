@@ -82,6 +82,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         model = normlab::fold::fold(&mut model)?;
     }
     if a.bn_stats == "batch" && model.net.set_stats_mode(StatsMode::Batch) == 0 {
+        if meta.spec.model.starts_with("lstm") {
+            return Err(Error::invalid(format!(
+                "--bn-stats batch: {}'s recurrent BN keeps per-time-step statistics, which --bn-stats does not cover",
+                meta.spec.model
+            )));
+        }
         return Err(Error::invalid(format!(
             "--bn-stats batch: {} with norm {} keeps no running statistics; it already normalizes \
              with batch statistics (or none)",
