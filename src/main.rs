@@ -24,7 +24,7 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Train a model on MNIST-format data (Fashion-MNIST by default), or --resume a run.
+    /// Train a model on IDX (Fashion-MNIST by default), CIFAR-10 or image-folder data, or --resume a run.
     #[command(allow_negative_numbers = true)]
     Train(cli::train::TrainArgs),
     /// Evaluate a checkpoint on the test set in eval mode (running statistics).
@@ -38,7 +38,7 @@ enum Command {
     Prune(cli::prune::PruneArgs),
     /// Recompute every BatchNorm's running statistics over N training batches (PreciseBN).
     Recalibrate(cli::recalibrate::RecalibrateArgs),
-    /// Run a study (batch-size, learning-rate, regularization, ics, landscape): tables, plots, report.html.
+    /// Run a study (batch-size, learning-rate, regularization, ics, landscape, rnn): tables, plots, report.html.
     Study(cli::study::StudyArgs),
     /// Run any grid of models x norms x batch sizes x learning rates x seeds.
     Compare(cli::compare::CompareArgs),

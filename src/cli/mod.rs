@@ -91,7 +91,8 @@ pub fn finite_f32(s: &str) -> std::result::Result<f32, String> {
 /// The test set a checkpoint command evaluates on, and its thread count.
 #[derive(Args)]
 pub struct TestSetArgs {
-    /// Folder with the four MNIST-format IDX files [default: $NORMLAB_DATA if set, else
+    /// Data folder: the four MNIST-format IDX files, CIFAR-10's binary batches, or
+    /// train/<class>/ and test/<class>/ image folders [default: $NORMLAB_DATA if set, else
     /// ./data/fashion-mnist, else /usr/share/datasets/fashion-mnist].
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,

@@ -11,7 +11,7 @@ use super::*;
 #[derive(Args)]
 #[command(after_long_help = "Example:\n  normlab study batch-size --quick --seeds 3 --out studies/bs")]
 pub struct StudyArgs {
-    /// batch-size, learning-rate, regularization, ics or landscape.
+    /// batch-size, learning-rate, regularization, ics, landscape or rnn.
     pub name: String,
     /// A smoke run that finishes in about two minutes: it gives no verdicts.
     #[arg(long)]

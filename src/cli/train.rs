@@ -72,7 +72,8 @@ pub struct TrainArgs {
     /// Evaluate on the first N test images only [default: all].
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub test_limit: Option<usize>,
-    /// Folder with the four MNIST-format IDX files [default: $NORMLAB_DATA if set, else
+    /// Data folder: the four MNIST-format IDX files, CIFAR-10's binary batches, or
+    /// train/<class>/ and test/<class>/ image folders [default: $NORMLAB_DATA if set, else
     /// ./data/fashion-mnist, else /usr/share/datasets/fashion-mnist].
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
