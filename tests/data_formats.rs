@@ -297,3 +297,19 @@ fn train_ok_with_resize(data: &Path, root: &Path) {
         s(data),
     ]);
 }
+
+#[test]
+fn a_new_run_never_overwrites_a_step_log_it_did_not_write() {
+    let t = tmp();
+    let data = t.path().join("data");
+    write_dataset(&data, 40, 10, false);
+    let out = t.path().join("run");
+    std::fs::create_dir_all(out.join("tb")).unwrap();
+    for name in ["steps.csv", "tb/events.out.tfevents.normlab"] {
+        std::fs::write(out.join(name), b"someone else's").unwrap();
+        let err = fails(&["train", "--data", s(&data), "--out", s(&out), "--epochs", "1"]);
+        assert!(err.contains(name), "{err}");
+        assert_eq!(std::fs::read(out.join(name)).unwrap(), b"someone else's");
+        std::fs::remove_file(out.join(name)).unwrap();
+    }
+}

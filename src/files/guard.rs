@@ -9,11 +9,13 @@ use std::path::{Component, Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// Files that mark a folder as holding a run or a study's results.
-pub const RUN_MARKERS: [&str; 4] = [
+pub const RUN_MARKERS: [&str; 6] = [
     "metrics.json",
     "model.safetensors",
     "train_state.safetensors",
     "results.json",
+    "steps.csv",
+    "tb/events.out.tfevents.normlab",
 ];
 
 /// A folder path as the file system will resolve it once missing folders are created: the
