@@ -104,6 +104,18 @@ fn image_folders_sort_classes_and_decide_grey_or_colour() {
     )
     .unwrap();
     assert_eq!(grey.shape, [1, 8, 5]);
+    // A checkpoint asking for another channel count gets an error, not mislaid planes.
+    let err = load_split_with(
+        t.path(),
+        false,
+        FolderOptions {
+            resize: None,
+            channels: Some(2),
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("2 input channels"), "{err}");
 }
 
 #[test]

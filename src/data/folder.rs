@@ -105,6 +105,12 @@ fn bad_image(path: &Path, e: impl std::fmt::Display) -> Error {
 /// One split of the folder dataset. `split` is "train" or "test"; the labels index the
 /// training folder's sorted classes.
 pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Dataset> {
+    if let Some(c) = opts.channels.filter(|c| ![1, 3].contains(c)) {
+        return Err(Error::invalid(format!(
+            "{} holds grey or RGB images, but the model takes {c} input channels",
+            dir.display()
+        )));
+    }
     let classes = class_dirs(&dir.join("train"))?;
     let names: Vec<String> = classes.iter().map(|(n, _)| n.clone()).collect();
     let wanted = if split == "train" {
