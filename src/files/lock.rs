@@ -20,10 +20,8 @@ impl RunLock {
     pub fn acquire(dir: &Path) -> Result<RunLock> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(".lock");
-        // The lock file is not written through write_atomic: flock needs one stable inode that
-        // every writer opens, and a rename would give the next process a different one. So it
-        // is opened in place, and only when it is (or will be) a regular file: a link or a
-        // device planted there must not be truncated and written with our pid.
+        // Only a regular file (or none yet) may be the lock: a link or a device planted there
+        // must not be truncated and written with our pid.
         if let Ok(m) = std::fs::symlink_metadata(&path) {
             if !m.file_type().is_file() {
                 return Err(Error::invalid(format!(
@@ -32,6 +30,10 @@ impl RunLock {
                 )));
             }
         }
+        // Not through write_atomic, on purpose: flock needs one stable inode that every writer
+        // opens, and write_atomic's rename would give the next process a different one. The
+        // pid it holds is advisory (it names the holder in a message); a torn write only makes
+        // that message say "another normlab process".
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -301,11 +301,7 @@ impl LstmLayer {
         }
         self.dx.resize(t * n * self.input, 0.0);
         // LN keeps statistics per row (sample), BN per feature, for every step.
-        let per_step = |f: usize| match norm {
-            RecurrentNorm::Layer { .. } => n,
-            _ => f,
-        };
-        let widths = [per_step(g), per_step(g), per_step(h)];
+        let widths = [norm_width(norm, n, g), norm_width(norm, n, g), norm_width(norm, n, h)];
         for (s, w) in self.stats.iter_mut().zip(widths) {
             s.resize(t * w, NormStats::default());
         }
