@@ -24,6 +24,11 @@ pub enum Error {
     #[error("training diverged: {0}")]
     Diverged(String),
 
+    /// Another process of a data-parallel job failed and printed its error; this one stops
+    /// with it, silently.
+    #[error("process {0} of the job failed (its error is printed above)")]
+    OtherRank(usize),
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

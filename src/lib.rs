@@ -5,6 +5,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod conformance;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod export;
 pub mod files;

@@ -53,7 +53,28 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    // Command-line errors end the process here, before MPI starts.
+    let command = Cli::parse().command;
+    let launch = match cli::launch::start() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let processes = cli::launch::world().size();
+    if processes > 1 && !matches!(command, Command::Train(_) | Command::Study(_) | Command::Bench(_)) {
+        let e = match cli::launch::world().rank() {
+            0 => normlab::Error::invalid(
+                "under mpirun normlab runs train, study sync-bn and bench --all-reduce; start every other command as one process",
+            ),
+            _ => normlab::Error::OtherRank(0),
+        };
+        let code = cli::launch::finish(Err(normlab::dist::stop_together(e)));
+        launch.end();
+        return code;
+    }
+    let result = match command {
         Command::Train(a) => cli::train::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Fold(a) => cli::fold::run(a),
@@ -67,11 +88,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => cli::bench::run(a),
         Command::Layer(a) => cli::layer::run(a),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let code = cli::launch::finish(result);
+    // MPI_Finalize, before the process ends.
+    launch.end();
+    code
 }

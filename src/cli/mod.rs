@@ -6,6 +6,7 @@ pub mod compare;
 pub mod eval;
 pub mod export;
 pub mod fold;
+pub mod launch;
 pub mod layer;
 pub mod norms;
 pub mod prune;
@@ -28,7 +29,7 @@ pub const MAX_THREADS: usize = 256;
 
 /// Sets the global thread pool once: `threads` workers, or one per core.
 pub fn init_threads(threads: Option<usize>) -> Result<usize> {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let n = threads.unwrap_or_else(launch::default_threads);
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
@@ -115,23 +116,38 @@ impl TestSetArgs {
 /// Where the last committed epoch of the training in progress is, for Ctrl-C.
 static LAST_COMMIT: std::sync::Mutex<Option<(PathBuf, usize)>> = std::sync::Mutex::new(None);
 
-/// On Ctrl-C: say where the last checkpoint is and how to continue, then exit 130.
+/// On Ctrl-C or a termination signal: say where the last checkpoint is and how to continue,
+/// then exit 130. Under mpirun the signal usually means another process of the job ended
+/// (mpirun then stops the rest), and rank 0 names the checkpoint.
 pub fn on_interrupt_name_the_checkpoint() {
-    let _ = ctrlc::set_handler(|| {
+    let world = launch::world();
+    let (rank, size) = (world.rank(), world.size());
+    let _ = ctrlc::set_handler(move || {
         let last = LAST_COMMIT.lock().ok().and_then(|g| g.clone());
+        let (how, why) = if size > 1 {
+            (
+                format!("mpirun -n {size} normlab train"),
+                format!(
+                    "process {rank} of {size} stopped (another process of the job ended, or the job was interrupted)"
+                ),
+            )
+        } else {
+            ("normlab train".to_string(), "interrupted".to_string())
+        };
         match last {
+            _ if rank > 0 => eprintln!("\n{why}; process 0 keeps the run folder"),
             Some((dir, 0)) => eprintln!(
-                "\ninterrupted before the first epoch ended: no checkpoint yet in {}; start again, or \
-                 continue with: normlab train --resume {}",
+                "\n{why} before the first epoch ended: no checkpoint yet in {}; start again, or \
+                 continue with: {how} --resume {}",
                 dir.display(),
                 dir.display()
             ),
             Some((dir, epoch)) => eprintln!(
-                "\ninterrupted: the last checkpoint is {} (epoch {epoch}); continue with: normlab train --resume {}",
+                "\n{why}: the last checkpoint is {} (epoch {epoch}); continue with: {how} --resume {}",
                 dir.join("model.safetensors").display(),
                 dir.display()
             ),
-            None => eprintln!("\ninterrupted before training started; nothing was written"),
+            None => eprintln!("\n{why} before training started; nothing was written"),
         }
         std::process::exit(130);
     });

@@ -307,19 +307,18 @@ impl TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    let world = launch::world();
+    let lead = world.rank() == 0;
     let (start, out) = match &a.resume {
         Some(dir) => {
-            let (saved, _) = train::read_run(&RunFiles { dir: dir.clone() })?;
-            let conflicts = a.resume_conflicts(&saved);
-            if !conflicts.is_empty() {
-                return Err(Error::invalid(format!(
-                    "--resume {} keeps the run's own settings, and these differ: {}; only --epochs and \
-                     --threads may be given with --resume",
-                    dir.display(),
-                    conflicts.join(", ")
-                )));
-            }
-            init_threads(Some(a.threads.unwrap_or(saved.threads)))?;
+            // Rank 0 reads the run (the other processes of an MPI job get its state from it).
+            let saved_threads = normlab::dist::agree(&*world, if lead { resume_check(&a, dir) } else { Ok(None) })?;
+            let threads = match (a.threads, saved_threads) {
+                (Some(t), _) => t,
+                (None, Some(t)) if world.size() == 1 => t,
+                _ => launch::default_threads(),
+            };
+            init_threads(Some(threads))?;
             (
                 Start::Resume {
                     epochs: a.epochs,
@@ -344,13 +343,42 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     };
     on_interrupt_name_the_checkpoint();
-    let m = in_pool(|| train::train(start, &out, &mut CliReporter::default()))?;
-    println!(
-        "done: test accuracy {:.4}, test loss {:.4}, {:.0} training images/s; wrote {}",
-        m.test_accuracy,
-        m.test_loss,
-        m.train_images_per_sec,
-        out.join("model.safetensors").display()
-    );
+    let m = if lead {
+        in_pool(|| train::train_on(start, &out, &mut CliReporter::default(), &world))?
+    } else {
+        in_pool(|| train::train_on(start, &out, &mut train::Quiet, &world))?
+    };
+    if lead {
+        let processes = if m.processes > 1 {
+            format!(" over {} processes", m.processes)
+        } else {
+            String::new()
+        };
+        println!(
+            "done: test accuracy {:.4}, test loss {:.4}, {:.0} training images/s{processes}; wrote {}",
+            m.test_accuracy,
+            m.test_loss,
+            m.train_images_per_sec,
+            out.join("model.safetensors").display()
+        );
+    }
     Ok(())
+}
+
+/// The saved run's thread count, after checking that the options given with --resume agree
+/// with the run's own.
+fn resume_check(a: &TrainArgs, dir: &std::path::Path) -> Result<Option<usize>> {
+    let (saved, commit) = train::read_run(&RunFiles { dir: dir.to_path_buf() })?;
+    let conflicts = a.resume_conflicts(&saved);
+    if !conflicts.is_empty() {
+        return Err(Error::invalid(format!(
+            "--resume {} keeps the run's own settings, and these differ: {}; only --epochs and \
+             --threads may be given with --resume",
+            dir.display(),
+            conflicts.join(", ")
+        )));
+    }
+    // A run of several processes saved each one's share of the cores, not this machine's.
+    let processes = commit.map_or(1, |c| c.metrics.processes);
+    Ok((processes == 1).then_some(saved.threads))
 }

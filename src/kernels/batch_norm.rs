@@ -422,3 +422,35 @@ pub fn batch_norm_backward_fixed(
         }
     });
 }
+
+// SyncBN's pieces: the statistics and dx of BatchNorm when the sums come from several processes.
+
+/// dx = gain·invstd·(g - Σg/m - (x - mean)·invstd·Σg·x̂/m) with Σg and Σg·x̂ (in `sums`) taken
+/// over all m values of every process; g = dy masked by y > 0 when `relu`. Samples in parallel.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_dx(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    c: usize,
+    s: usize,
+    relu: bool,
+    grads: &[ChannelGrad],
+    sums: &[ChannelSums],
+    m: f64,
+    ws: &mut Workspace,
+) {
+    ws.reset(0, c);
+    ws.centers.extend(grads.iter().map(|g| Center::new(g.mean)));
+    for (ch, (g, sum)) in grads.iter().zip(sums).enumerate() {
+        ws.scale[ch] = g.gain * g.invstd;
+        ws.shift[ch] = (sum.sum_dy / m) as f32;
+        ws.slope[ch] = (sum.sum_dy_xhat / m * g.invstd as f64) as f32;
+    }
+    let cs = c * s;
+    let (centers, k, a, b) = (&ws.centers, &ws.scale, &ws.shift, &ws.slope);
+    dx.par_chunks_mut(cs)
+        .zip(x.par_chunks(cs).zip(y.par_chunks(cs)).zip(dy.par_chunks(cs)))
+        .for_each(|(dxs, ((xs, ys), ds))| dx_sample(xs, ys, ds, dxs, s, relu, centers, k, a, b));
+}

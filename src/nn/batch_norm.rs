@@ -4,8 +4,11 @@
 //! combined: Ghost BN (virtual batches), Batch Renormalization (r, d corrections toward the
 //! running statistics) and Lp-norm BN (L1 or L∞ scale instead of the standard deviation).
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::export::graph::{channel_shape, relu_if, OnnxGraph};
 use crate::export::norms::{affine_or, batch_normalization};
@@ -28,6 +31,9 @@ pub enum BatchStats {
     Renorm { rmax: f64, dmax: f64, warmup: u64 },
     /// Lp-norm BN: divide the centred values by their mean L1 norm or their L∞ norm (+ eps).
     Lp(LpKind),
+    /// Synchronized BN: in training, statistics over the global batch of every process of a
+    /// data-parallel job (PyTorch's SyncBatchNorm); with one process, exactly `Standard`.
+    Sync,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -92,6 +98,9 @@ struct Scratch {
     shift: Vec<f32>,
     /// The streaming kernels' scratch.
     ws: k::Workspace,
+    /// SyncBN: per-channel values all-reduced over the processes, and the global means.
+    global: Vec<f64>,
+    shifts: Vec<f64>,
 }
 
 pub struct BatchNorm {
@@ -112,6 +121,10 @@ pub struct BatchNorm {
     /// The last forward normalized with the running statistics (backward is then the
     /// eval-mode one).
     last_running: bool,
+    /// SyncBN: the processes whose global batch the statistics cover (none: this one alone).
+    comm: Option<Arc<dyn Communicator>>,
+    /// The last forward took statistics over all processes; m is their global value count.
+    last_sync: Option<f64>,
     scratch: Scratch,
 }
 
@@ -142,6 +155,8 @@ impl BatchNorm {
             relu: false,
             stats_mode: StatsMode::Normal,
             last_running: false,
+            comm: None,
+            last_sync: None,
             scratch: Scratch::default(),
         }
     }
@@ -352,6 +367,176 @@ impl BatchNorm {
     }
 }
 
+impl BatchNorm {
+    /// The communicator a training forward of SyncBN synchronizes over: only in training (in
+    /// eval, as in PyTorch, a SyncBN without running statistics uses its own batch) and only
+    /// with more than one process (with one, SyncBN is BatchNorm, bit for bit).
+    fn sync_comm(&self, mode: Mode) -> Option<Arc<dyn Communicator>> {
+        match &self.comm {
+            Some(c) if self.config.stats == BatchStats::Sync && mode == Mode::Train && c.size() > 1 => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    // SyncBN forward: each process's per-channel mean and variance (the kernel plain BN uses),
+    // combined exactly (Chan et al.): μ = Σ n_k·μ_k / N, then N·σ² = Σ n_k·(σ_k² + (μ_k - μ)²),
+    // two all-reductions of C values in f64 and no extra pass over x; running_var is unbiased
+    // with the global count.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_sync(
+        &mut self,
+        x: &Tensor,
+        y: &mut Tensor,
+        mode: Mode,
+        n: usize,
+        c: usize,
+        s: usize,
+        comm: &dyn Communicator,
+    ) -> Result<()> {
+        let mut sc = std::mem::take(&mut self.scratch);
+        let local = (n * s) as f64;
+        sc.stats.resize(c, ChannelStats::default());
+        sc.stats
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(ch, st)| *st = k::channel_stats(&x.data, c, s, n, ch));
+        sc.global.clear();
+        sc.global
+            .extend(sc.stats.iter().flat_map(|st| [local, local * st.mean]));
+        comm.all_reduce_sum_f64(&mut sc.global);
+        let m = sc.global[0];
+        if m <= 1.0 {
+            self.scratch = sc;
+            return Err(Error::shape(
+                self.name(),
+                format!(
+                    "Expected more than 1 value per channel when training, got {m} over all processes (input size {:?} here)",
+                    x.shape
+                ),
+            ));
+        }
+        sc.shifts.clear();
+        sc.shifts.extend((0..c).map(|ch| sc.global[2 * ch + 1] / m));
+        sc.global.clear();
+        sc.global.extend(sc.stats.iter().zip(&sc.shifts).map(|(st, &mu)| {
+            let d = st.mean - mu;
+            local * (st.var as f64 + d * d)
+        }));
+        comm.all_reduce_sum_f64(&mut sc.global);
+        for ch in 0..c {
+            sc.stats[ch] = ChannelStats {
+                mean: sc.shifts[ch],
+                var: (sc.global[ch] / m) as f32,
+            };
+        }
+        let eps = self.config.eps;
+        sc.r.clear();
+        sc.r.resize(c, 1.0);
+        sc.d.clear();
+        sc.d.resize(c, 0.0);
+        let (mut mean, mut scale, mut shift) = (
+            std::mem::take(&mut sc.mean),
+            std::mem::take(&mut sc.scale),
+            std::mem::take(&mut sc.shift),
+        );
+        mean.clear();
+        scale.clear();
+        shift.clear();
+        for ch in 0..c {
+            let st = sc.stats[ch];
+            mean.push(st.mean);
+            scale.push(k::inverse_std(st.var, eps) * self.gamma_or_one(ch));
+            shift.push(self.beta_or_zero(ch));
+        }
+        k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
+        (sc.mean, sc.scale, sc.shift) = (mean, scale, shift);
+        self.scratch = sc;
+        self.last_sync = Some(m);
+        if self.stats_mode.updates_running(mode) {
+            self.update_running_stats(c, 1, m as usize);
+        }
+        Ok(())
+    }
+
+    // SyncBN backward: Σg and Σg·x̂ of this process go into γ's and β's gradients (the gradient
+    // all-reduction sums them), and, all-reduced, into dx over the global batch.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_sync(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        dx: &mut Tensor,
+        c: usize,
+        s: usize,
+        m: f64,
+        comm: &dyn Communicator,
+    ) {
+        dx.resize_to(&x.shape);
+        let mut sc = std::mem::take(&mut self.scratch);
+        let eps = self.config.eps;
+        sc.grads.clear();
+        sc.mean.clear();
+        sc.scale.clear();
+        sc.shift.clear();
+        for ch in 0..c {
+            let st = sc.stats[ch];
+            let g = ChannelGrad {
+                mean: st.mean,
+                invstd: k::inverse_std(st.var, eps),
+                gain: self.gamma_or_one(ch),
+            };
+            sc.grads.push(g);
+            sc.mean.push(g.mean);
+            sc.scale.push(g.invstd);
+            sc.shift.push(g.gain);
+        }
+        sc.sums.resize(c, ChannelSums::default());
+        k::batch_norm_backward_fixed(
+            &x.data,
+            &y.data,
+            &dy.data,
+            None,
+            c,
+            s,
+            &sc.mean,
+            &sc.scale,
+            &sc.shift,
+            self.relu,
+            &mut sc.sums,
+        );
+        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+            for (ch, sum) in sc.sums.iter().enumerate() {
+                w.grad.data[ch] += sum.sum_dy_xhat as f32;
+                b.grad.data[ch] += sum.sum_dy as f32;
+            }
+        }
+        sc.global.clear();
+        sc.global.extend(sc.sums.iter().flat_map(|p| [p.sum_dy, p.sum_dy_xhat]));
+        comm.all_reduce_sum_f64(&mut sc.global);
+        for (ch, sum) in sc.sums.iter_mut().enumerate() {
+            *sum = ChannelSums {
+                sum_dy: sc.global[2 * ch],
+                sum_dy_xhat: sc.global[2 * ch + 1],
+            };
+        }
+        k::batch_norm_backward_dx(
+            &x.data,
+            &y.data,
+            &dy.data,
+            &mut dx.data,
+            c,
+            s,
+            self.relu,
+            &sc.grads,
+            &sc.sums,
+            m,
+            &mut sc.ws,
+        );
+        self.scratch = sc;
+    }
+}
+
 impl Layer for BatchNorm {
     fn kind(&self) -> &'static str {
         self.name()
@@ -400,6 +585,10 @@ impl Layer for BatchNorm {
             self.forward_running(x, y, c, s);
             return Ok(());
         }
+        self.last_sync = None;
+        if let Some(comm) = self.sync_comm(mode) {
+            return self.forward_sync(x, y, mode, n, c, s, &*comm);
+        }
         let v = self.set_size(n)?;
         if v * s <= 1 {
             return Err(Error::shape(
@@ -418,7 +607,7 @@ impl Layer for BatchNorm {
         sc.d.clear();
         sc.d.resize(c, 0.0);
         match self.config.stats {
-            BatchStats::Standard | BatchStats::Ghost(_) => {
+            BatchStats::Standard | BatchStats::Ghost(_) | BatchStats::Sync => {
                 let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
                 let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
                 let affine = |ch: usize, st: ChannelStats| {
@@ -489,6 +678,10 @@ impl Layer for BatchNorm {
         }
         if self.last_running {
             self.backward_running(x, y, dy, dx, c, s);
+            return Ok(());
+        }
+        if let (Some(m), Some(comm)) = (self.last_sync, self.comm.clone()) {
+            self.backward_sync(x, y, dy, dx, c, s, m, &*comm);
             return Ok(());
         }
         let v = self.set_size(n)?;
@@ -569,6 +762,14 @@ impl Layer for BatchNorm {
 
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
         visit_weight_bias(self.weight.as_mut(), self.bias.as_mut(), f);
+    }
+
+    fn set_communicator(&mut self, comm: &Arc<dyn Communicator>) -> usize {
+        if self.config.stats != BatchStats::Sync {
+            return 0;
+        }
+        self.comm = Some(comm.clone());
+        1
     }
 
     fn set_stats_mode(&mut self, mode: StatsMode) -> usize {

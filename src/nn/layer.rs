@@ -136,6 +136,12 @@ pub trait Layer: Send {
         None
     }
 
+    /// Gives the synchronized norms (SyncBN) in this layer the processes they take statistics
+    /// over; returns how many such norms it holds.
+    fn set_communicator(&mut self, _comm: &std::sync::Arc<dyn crate::dist::Communicator>) -> usize {
+        0
+    }
+
     /// Sets how the norms with running statistics in this layer use them; returns how many
     /// such norms it holds (0 for every other layer).
     fn set_stats_mode(&mut self, _mode: StatsMode) -> usize {

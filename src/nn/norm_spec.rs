@@ -39,6 +39,10 @@ pub const CATALOG: &[(&str, &str)] = &[
         "BatchNorm1d/2d: batch statistics per channel; options momentum=0.1|none, eps=1e-5, affine, track",
     ),
     (
+        "syncbn",
+        "SyncBatchNorm: BN with statistics over the global batch of all processes (mpirun); one process: bn; bn's options",
+    ),
+    (
         "gn:G",
         "GroupNorm: statistics per sample over G channel groups (gn alone: min(32, C) groups); eps, affine",
     ),
@@ -200,7 +204,7 @@ impl FromStr for NormSpec {
         }
         match name {
             "none" if pairs.is_empty() => Ok(NormSpec::None),
-            "bn" | "brn" | "ghost" | "bn-l1" | "bn-linf" | "bn-noisy" | "bn-shared" => {
+            "bn" | "syncbn" | "brn" | "ghost" | "bn-l1" | "bn-linf" | "bn-noisy" | "bn-shared" => {
                 let mut cfg = BatchNormConfig::default();
                 let (mut rmax, mut dmax, mut warmup) = (3.0, 5.0, 1000u64);
                 cfg.stats = match name {
@@ -210,6 +214,7 @@ impl FromStr for NormSpec {
                     }
                     "bn-l1" => BatchStats::Lp(LpKind::L1),
                     "bn-linf" => BatchStats::Lp(LpKind::Linf),
+                    "syncbn" => BatchStats::Sync,
                     _ => BatchStats::Standard,
                 };
                 for (key, v) in pairs {
@@ -336,6 +341,7 @@ impl fmt::Display for NormSpec {
                 );
                 match c.stats {
                     BatchStats::Standard => write!(f, "bn:{common}"),
+                    BatchStats::Sync => write!(f, "syncbn:{common}"),
                     BatchStats::Ghost(v) => write!(f, "ghost:{v},{common}"),
                     BatchStats::Renorm { rmax, dmax, warmup } => {
                         write!(f, "brn:rmax={rmax},dmax={dmax},warmup={warmup},{common}")

@@ -243,6 +243,11 @@ impl Layer for BasicBlock {
         }
     }
 
+    fn set_communicator(&mut self, comm: &std::sync::Arc<dyn crate::dist::Communicator>) -> usize {
+        let shortcut = self.shortcut.as_mut().map_or(0, |(_, n)| n.set_communicator(comm));
+        self.norm1.set_communicator(comm) + self.norm2.set_communicator(comm) + shortcut
+    }
+
     fn set_stats_mode(&mut self, mode: crate::nn::StatsMode) -> usize {
         let shortcut = self.shortcut.as_mut().map_or(0, |(_, n)| n.set_stats_mode(mode));
         self.norm1.set_stats_mode(mode) + self.norm2.set_stats_mode(mode) + shortcut

@@ -147,6 +147,11 @@ impl Sequential {
         self.layers.iter_mut().map(|(_, l)| l.set_stats_mode(mode)).sum()
     }
 
+    /// Gives every SyncBN the processes of a data-parallel job; returns how many there are.
+    pub fn set_communicator(&mut self, comm: &std::sync::Arc<dyn crate::dist::Communicator>) -> usize {
+        self.layers.iter_mut().map(|(_, l)| l.set_communicator(comm)).sum()
+    }
+
     pub fn zero_grad(&mut self) {
         self.visit_params(&mut |p| p.grad.data.fill(0.0));
     }

@@ -5,7 +5,8 @@ pub mod logs;
 mod run_folder;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +15,8 @@ pub use run_folder::{read_run, RunFiles};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::augment::Augment;
 use crate::data::{epoch_order, load_split_with, resolve_data_dir, Dataset, FolderOptions, InputNorm};
+use crate::dist::data_parallel::{self, GradientSync};
+use crate::dist::{self, Communicator};
 use crate::error::{Error, Result};
 use crate::files::RunLock;
 use crate::kernels::loss::{argmax, softmax_cross_entropy};
@@ -172,6 +175,9 @@ pub struct EpochMetrics {
     pub test_accuracy: f64,
     pub seconds: f64,
     pub images_per_sec: f64,
+    /// Seconds of the epoch's training spent in communication between processes (0 alone).
+    #[serde(default)]
+    pub communication_seconds: f64,
 }
 
 /// metrics.json.
@@ -188,6 +194,13 @@ pub struct RunMetrics {
     pub test_loss: f64,
     /// Mean of the per-epoch training rates.
     pub train_images_per_sec: f64,
+    /// Processes of the data-parallel job that trained the last epoch (1: a single process).
+    #[serde(default = "one")]
+    pub processes: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Receives progress; the CLI draws bars, studies stay quiet.
@@ -219,11 +232,22 @@ pub struct Evaluation {
 
 /// Mean loss, accuracy and predictions of `model` in eval mode over `data`.
 pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: usize) -> Result<Evaluation> {
+    let order: Vec<usize> = (0..data.len()).collect();
+    evaluate_samples(model, data, &order, norm, batch_size)
+}
+
+/// `evaluate` over the samples `order` of `data` (a process's share of a test set).
+pub fn evaluate_samples(
+    model: &mut Model,
+    data: &Dataset,
+    order: &[usize],
+    norm: InputNorm,
+    batch_size: usize,
+) -> Result<Evaluation> {
     let mut y = Vec::new();
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
-    let order: Vec<usize> = (0..data.len()).collect();
-    let mut predictions = Vec::with_capacity(data.len());
-    let mut all_logits = Vec::with_capacity(data.len() * data.classes);
+    let mut predictions = Vec::with_capacity(order.len());
+    let mut all_logits = Vec::with_capacity(order.len() * data.classes);
     for idx in order.chunks(batch_size.max(1)) {
         data.batch(idx, norm, model.input_mut(), &mut y);
         model.forward(Mode::Eval)?;
@@ -235,7 +259,7 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
         predictions.extend(logits.data.chunks(data.classes).map(|z| argmax(z) as u8));
         all_logits.extend_from_slice(&logits.data);
     }
-    let n = data.len().max(1) as f64;
+    let n = order.len().max(1) as f64;
     Ok(Evaluation {
         loss: loss_sum / n,
         accuracy: correct as f64 / n,
@@ -248,14 +272,62 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
 /// backward: the parameters' gradients hold dL/dθ of this batch afterwards. Returns the mean
 /// loss and the number of correct predictions.
 pub fn loss_and_grad(model: &mut Model, labels: &[u8], classes: usize) -> Result<(f64, usize)> {
+    let (loss, correct) = forward_loss(model, labels, classes, 1.0)?;
+    if loss.is_finite() {
+        model.backward()?;
+    }
+    Ok((loss, correct))
+}
+
+/// Zeroes the gradients, runs the training forward and the loss: the mean cross-entropy over
+/// this batch, and its gradient times `share` in the output's gradient (a process's share of a
+/// global batch, so that the gradients of all processes add up to the global batch's).
+fn forward_loss(model: &mut Model, labels: &[u8], classes: usize, share: f32) -> Result<(f64, usize)> {
     model.net.zero_grad();
     model.forward(Mode::Train)?;
     let (logits, dlogits) = model.net.output_and_grad();
     dlogits.resize_to(&logits.shape);
     let (loss, correct) = softmax_cross_entropy(&logits.data, labels, classes, &mut dlogits.data);
-    if loss.is_finite() {
-        model.backward()?;
+    if share != 1.0 {
+        dlogits.data.iter_mut().for_each(|g| *g *= share);
     }
+    Ok((loss, correct))
+}
+
+/// A data-parallel training step on this process's share (already in the model's input) of a
+/// global batch of `global` samples: forward and loss, the global loss (every process sees the
+/// same, so all stop together on a non-finite one), backward, the gradients summed over the
+/// processes, the L1 term, the update. With one process this is `train_step`, bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn parallel_step(
+    model: &mut Model,
+    opt: &mut Optimizer,
+    labels: &[u8],
+    classes: usize,
+    global: usize,
+    lr: f64,
+    sparsity: f64,
+    comm: &dyn Communicator,
+    sync: &mut GradientSync,
+) -> Result<(f64, usize)> {
+    let share = labels.len() as f64 / global as f64;
+    let (loss, correct) = forward_loss(model, labels, classes, share as f32)?;
+    let (loss, correct) = if comm.size() > 1 {
+        let mut sums = [loss * share, correct as f64];
+        comm.all_reduce_sum_f64(&mut sums);
+        (sums[0], sums[1] as usize)
+    } else {
+        (loss, correct)
+    };
+    if !loss.is_finite() {
+        return Ok((loss, correct));
+    }
+    model.backward()?;
+    sync.all_reduce(comm, &mut model.net);
+    if sparsity > 0.0 {
+        model.net.add_norm_scale_l1(sparsity as f32);
+    }
+    opt.step(&mut model.net, lr);
     Ok((loss, correct))
 }
 
@@ -307,16 +379,247 @@ pub enum Start {
 /// is locked, and each epoch ends in one commit point (`run_folder::commit_epoch`), so a kill
 /// at any instant leaves a folder that `--resume` continues exactly.
 pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<RunMetrics> {
+    train_on(start, out, reporter, &dist::single_process())
+}
+
+/// What every process holds once the settings, data and model are checked.
+struct Prepared {
+    data_dir: PathBuf,
+    train_set: Dataset,
+    test_set: Dataset,
+    input_norm: InputNorm,
+    spec: ModelSpec,
+    model: Model,
+    opt: Optimizer,
+    log: logs::RunLog,
+    history: Vec<EpochMetrics>,
+}
+
+/// `train` as one process of a data-parallel job over `comm` (with one process, `train`
+/// itself): `config.batch_size` is the global batch, each process takes its contiguous share of
+/// every batch of the seeded epoch order, and the gradients are summed over the processes each
+/// step. Rank 0 alone reads and writes the run folder; the others receive its state. Every
+/// check runs on every process and ends in an agreement, so a failure anywhere stops all of
+/// them with the failing process's one error line.
+pub fn train_on(
+    start: Start,
+    out: &Path,
+    reporter: &mut dyn Reporter,
+    comm: &Arc<dyn Communicator>,
+) -> Result<RunMetrics> {
     let files = RunFiles { dir: out.to_path_buf() };
+    let lead = comm.rank() == 0;
     let fresh = matches!(start, Start::Fresh(_));
-    let (config, commit) = match start {
+    let read = settings(start, out, &files, lead);
+    let (config, commit) = dist::agree(&**comm, read)?;
+    let config = dist::agree(&**comm, same_config(&**comm, config, fresh))?;
+    let prepared = prepare(&config, commit.as_ref(), &files, comm.size(), lead);
+    let Prepared {
+        data_dir,
+        train_set,
+        test_set,
+        input_norm,
+        spec,
+        mut model,
+        mut opt,
+        mut log,
+        history,
+    } = dist::agree(&**comm, prepared)?;
+
+    // Everything is checked: rank 0 takes the folder.
+    let timed = Arc::new(TimedComm::new(comm.clone()));
+    let comm: Arc<dyn Communicator> = if comm.size() > 1 { timed.clone() } else { comm.clone() };
+    let comm = &*comm;
+    let meta = |epoch| CheckpointMeta {
+        spec: spec.clone(),
+        input_norm,
+        epoch,
+    };
+    let mut metrics = RunMetrics {
+        config: config.clone(),
+        data_dir: data_dir.clone(),
+        input_norm,
+        model_parameters: model.parameter_count(),
+        status: "running".into(),
+        epochs: history,
+        test_accuracy: 0.0,
+        test_loss: 0.0,
+        train_images_per_sec: 0.0,
+        processes: comm.size(),
+    };
+    summarize(&mut metrics);
+    let taken = if lead {
+        take_folder(out, fresh, &files, &mut model, &meta, &metrics, &log)
+    } else {
+        Ok(None)
+    };
+    let _lock = dist::agree(comm, taken)?;
+    let mut start_epoch = (metrics.epochs.len() as u64).to_le_bytes();
+    comm.broadcast_bytes(&mut start_epoch, 0);
+    let start_epoch = u64::from_le_bytes(start_epoch) as usize;
+    data_parallel::broadcast_state(comm, &mut model.net, &mut opt);
+    model
+        .net
+        .set_communicator(&(Arc::clone(&timed) as Arc<dyn Communicator>));
+    if lead {
+        reporter.started(&data_dir, out, &metrics);
+    }
+
+    let bs = config.batch_size;
+    let batches = train_set.len().div_ceil(bs);
+    let (rank, size) = (comm.rank(), comm.size());
+    let test_order: Vec<usize> = (0..test_set.len()).collect();
+    let mut y = Vec::new();
+    let mut augment_scratch = Vec::new();
+    let mut sync = GradientSync::default();
+    for epoch in start_epoch..config.epochs {
+        let lr = config.schedule.lr(config.optimizer.lr, epoch, config.epochs);
+        reporter.epoch_start(epoch + 1, config.epochs, batches);
+        let order = epoch_order(train_set.len(), config.seed, epoch, true);
+        let t0 = Instant::now();
+        timed.take();
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        for (b, idx) in order.chunks(bs).enumerate() {
+            let mine = data_parallel::shard(idx, rank, size);
+            train_set.batch(mine, input_norm, model.input_mut(), &mut y);
+            let mut step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+            if size > 1 {
+                // Each process's samples get their own dropout masks and augmentation draws.
+                step_seed = step_seed.wrapping_add((rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            }
+            model.net.set_step_seed(step_seed);
+            config
+                .augment
+                .apply(model.input_mut(), &input_norm, step_seed, &mut augment_scratch);
+            let step_lr = warmup(lr, epoch * batches + b, config.warmup_epochs * batches);
+            let (loss, c) = parallel_step(
+                &mut model,
+                &mut opt,
+                &y,
+                train_set.classes,
+                idx.len(),
+                step_lr,
+                config.sparsity,
+                comm,
+                &mut sync,
+            )?;
+            if !loss.is_finite() {
+                let what = format!(
+                    "the training loss became {loss} at epoch {}, batch {} (lr {lr})",
+                    epoch + 1,
+                    b + 1
+                );
+                return Err(diverged(&files, &mut metrics, &what, lead));
+            }
+            loss_sum += loss * idx.len() as f64;
+            correct += c;
+            seen += idx.len();
+            log.steps.push(logs::StepRow {
+                step: (epoch * batches + b + 1) as u64,
+                epoch: epoch + 1,
+                loss,
+                lr: step_lr,
+                images_per_sec: seen as f64 / t0.elapsed().as_secs_f64(),
+                wall_time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            });
+            reporter.batch(loss_sum / seen as f64, seen as f64 / t0.elapsed().as_secs_f64());
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let communication = timed.take();
+        // Evaluation: each process its share of the test set, with rank 0's running statistics
+        // (per-process BN keeps its own; PyTorch DDP broadcasts rank 0's buffers likewise).
+        data_parallel::broadcast_buffers(comm, &mut model.net);
+        let (test_loss, test_accuracy) = if size == 1 {
+            let test = evaluate(&mut model, &test_set, input_norm, 1000)?;
+            (test.loss, test.accuracy)
+        } else {
+            let mine = data_parallel::shard(&test_order, rank, size);
+            let test = evaluate_samples(&mut model, &test_set, mine, input_norm, 1000)?;
+            let n = mine.len() as f64;
+            let mut sums = [test.loss * n, (test.accuracy * n).round()];
+            comm.all_reduce_sum_f64(&mut sums);
+            let all = test_set.len().max(1) as f64;
+            (sums[0] / all, sums[1] / all)
+        };
+        if !test_loss.is_finite() {
+            let what = format!("the test loss became {test_loss} after epoch {} (lr {lr})", epoch + 1);
+            return Err(diverged(&files, &mut metrics, &what, lead));
+        }
+        if let Some(name) = first_non_finite(&mut model) {
+            let what = format!("{name} holds a non-finite value after epoch {} (lr {lr})", epoch + 1);
+            return Err(diverged(&files, &mut metrics, &what, lead));
+        }
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen as f64,
+            train_accuracy: correct as f64 / seen as f64,
+            test_loss,
+            test_accuracy,
+            seconds,
+            images_per_sec: seen as f64 / seconds,
+            communication_seconds: communication.as_secs_f64(),
+        };
+        reporter.epoch_end(&m);
+        metrics.epochs.push(m);
+        metrics.processes = size;
+        summarize(&mut metrics);
+        if epoch + 1 == config.epochs {
+            metrics.status = "complete".into();
+        }
+        if config.tensorboard {
+            for (name, p) in model.net.named_params() {
+                if let (crate::nn::ParamKind::Norm, Some(layer)) = (p.kind, name.strip_suffix(".weight")) {
+                    log.gammas.push((
+                        epoch + 1,
+                        layer.to_string(),
+                        p.value.data.iter().map(|g| g.abs()).collect(),
+                    ));
+                }
+            }
+        }
+        let committed = if lead {
+            let names: Vec<String> = model.net.named_params().into_iter().map(|(n, _)| n).collect();
+            run_folder::commit_epoch(&files, &mut model, &meta(epoch + 1), &opt, &names, &metrics, &log)
+        } else {
+            Ok(())
+        };
+        dist::agree(comm, committed)?;
+        if lead {
+            reporter.committed(out, epoch + 1);
+        }
+    }
+    if metrics.status != "complete" {
+        // Resumed with nothing left to train.
+        metrics.status = "complete".into();
+        if lead {
+            run_folder::save_metrics(&files, &metrics)?;
+        }
+    }
+    Ok(metrics)
+}
+
+/// The run's settings and, resuming, its last commit (read by rank 0 alone; the other
+/// processes get rank 0's settings from `same_config`).
+fn settings(
+    start: Start,
+    out: &Path,
+    files: &RunFiles,
+    lead: bool,
+) -> Result<(TrainConfig, Option<run_folder::Commit>)> {
+    match start {
         Start::Fresh(config) => {
             config.validate()?;
-            refuse_existing_run(out)?;
-            (*config, None)
+            if lead {
+                refuse_existing_run(out)?;
+            }
+            Ok((*config, None))
         }
+        Start::Resume { .. } if !lead => Ok((TrainConfig::default(), None)),
         Start::Resume { epochs, threads } => {
-            let (mut config, commit) = run_folder::read_run(&files)?;
+            let (mut config, commit) = run_folder::read_run(files)?;
             let done = commit.as_ref().map_or(0, |c| c.metrics.epochs.len());
             if let Some(e) = epochs {
                 if e < done {
@@ -331,9 +634,47 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
                 config.threads = t;
             }
             config.validate()?;
-            (config, commit)
+            Ok((config, commit))
         }
-    };
+    }
+}
+
+/// Rank 0's settings on every process: a resumed run's are taken; a fresh run's must equal
+/// what each process was given (one command line for all), but for the thread count.
+fn same_config(comm: &dyn Communicator, mine: TrainConfig, fresh: bool) -> Result<TrainConfig> {
+    if comm.size() == 1 {
+        return Ok(mine);
+    }
+    let mut bytes = serde_json::to_vec(&mine).map_err(|e| Error::invalid(format!("settings: {e}")))?;
+    dist::broadcast_vec(comm, &mut bytes, 0);
+    let lead: TrainConfig = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::invalid(format!("the settings from process 0 do not parse: {e}")))?;
+    if fresh
+        && comm.rank() != 0
+        && (TrainConfig {
+            threads: mine.threads,
+            ..lead.clone()
+        }) != mine
+    {
+        return Err(Error::invalid(format!(
+            "process {} was started with other training options than process 0; give every process the same command line",
+            comm.rank()
+        )));
+    }
+    let threads = if fresh { mine.threads } else { lead.threads };
+    Ok(TrainConfig { threads, ..lead })
+}
+
+/// Loads the data, builds the model and checks that every batch fits it; resuming, restores
+/// the model, optimizer and logs of the last commit (rank 0, which read it), and starting
+/// afresh, sets the initial weights (rank 0).
+fn prepare(
+    config: &TrainConfig,
+    commit: Option<&run_folder::Commit>,
+    files: &RunFiles,
+    processes: usize,
+    lead: bool,
+) -> Result<Prepared> {
     let data_dir = resolve_data_dir(config.data.as_deref())?;
     let folder = FolderOptions {
         resize: config.resize,
@@ -367,16 +708,29 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
     };
     let mut model = Model::build(&spec, config.seed)?;
     let norm: NormSpec = spec.norm.parse()?;
-    norm.check_batches(config.batch_size, train_set.len() % config.batch_size)?;
+    // Each process's share of a batch is what a per-process norm sees; SyncBN sees the batch.
+    let smallest = data_parallel::check_split(config.batch_size, train_set.len(), processes)?;
+    let synced = matches!(norm, NormSpec::Batch(c) if c.stats == crate::nn::batch_norm::BatchStats::Sync);
+    let (batch, last) = if processes == 1 || synced {
+        (config.batch_size, train_set.len() % config.batch_size)
+    } else {
+        (config.batch_size / processes, smallest)
+    };
+    norm.check_batches(batch, last)?;
     let per_sample_bn = (spec.model == "mlp" || spec.model.starts_with("lstm"))
         && matches!(norm, NormSpec::Batch(_) | NormSpec::SharedBatch(_));
-    if per_sample_bn && (config.batch_size == 1 || train_set.len() % config.batch_size == 1) {
+    if per_sample_bn && (batch == 1 || last == 1) {
+        let per_process = if processes > 1 && !synced {
+            format!(" (each of the {processes} processes takes its share of a batch, and its BatchNorm sees that share alone: use syncbn for statistics over the whole batch)")
+        } else {
+            String::new()
+        };
         return Err(Error::invalid(format!(
-            "{} training samples in batches of {} leave {} batch of 1, whose BatchNorm statistics over the \
+            "{} training samples in batches of {} leave {} batch of 1{per_process}, whose BatchNorm statistics over the \
              batch are undefined ({} cannot train on it); choose another --batch-size or --train-limit",
             train_set.len(),
             config.batch_size,
-            if config.batch_size == 1 { "every" } else { "a last" },
+            if batch == 1 { "every" } else { "a last" },
             if spec.model == "mlp" {
                 "BatchNorm1d"
             } else {
@@ -384,7 +738,8 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
             }
         )));
     }
-    if commit.is_none() {
+    // Rank 0 sets the initial weights; the others receive them (`broadcast_state`).
+    if lead && commit.is_none() {
         if let Some(g) = config.gamma_init {
             model.net.set_norm_scales(g);
         }
@@ -416,138 +771,103 @@ pub fn train(start: Start, out: &Path, reporter: &mut dyn Reporter) -> Result<Ru
         }
     }
     let mut opt = Optimizer::new(config.optimizer.clone());
-    let names: Vec<String> = model.net.named_params().into_iter().map(|(n, _)| n).collect();
     let mut history = Vec::new();
     let mut log = logs::RunLog::default();
-    if let Some(c) = &commit {
-        log = run_folder::restore(&files, c, &mut model, &mut opt)?;
+    if let Some(c) = commit {
+        log = run_folder::restore(files, c, &mut model, &mut opt)?;
         history = c.metrics.epochs.clone();
     }
+    Ok(Prepared {
+        data_dir,
+        train_set,
+        test_set,
+        input_norm,
+        spec,
+        model,
+        opt,
+        log,
+        history,
+    })
+}
 
-    // Everything is checked: take the folder.
-    let _lock = RunLock::acquire(out)?;
+/// Rank 0's first writes: the lock (held for the run), the model put back to the committed
+/// epoch when resuming, metrics.json and the logs' views.
+fn take_folder(
+    out: &Path,
+    fresh: bool,
+    files: &RunFiles,
+    model: &mut Model,
+    meta: &dyn Fn(usize) -> CheckpointMeta,
+    metrics: &RunMetrics,
+    log: &logs::RunLog,
+) -> Result<Option<RunLock>> {
+    let lock = RunLock::acquire(out)?;
     if fresh {
         // Again under the lock: another run may have finished here since the first check.
         refuse_existing_run(out)?;
-    }
-    let mut metrics = RunMetrics {
-        config: config.clone(),
-        data_dir: data_dir.clone(),
-        input_norm,
-        model_parameters: model.parameter_count(),
-        status: "running".into(),
-        epochs: history,
-        test_accuracy: 0.0,
-        test_loss: 0.0,
-        train_images_per_sec: 0.0,
-    };
-    summarize(&mut metrics);
-    let meta = |epoch| CheckpointMeta {
-        spec: spec.clone(),
-        input_norm,
-        epoch,
-    };
-    if let Some(c) = &commit {
+    } else {
         // The model file may run one epoch ahead of the commit (a kill between the two
         // writes): put it back to the committed epoch.
-        checkpoint::save_model(&files.model(), &mut model, &meta(c.metrics.epochs.len()))?;
+        checkpoint::save_model(&files.model(), model, &meta(metrics.epochs.len()))?;
     }
-    run_folder::save_metrics(&files, &metrics)?;
+    run_folder::save_metrics(files, metrics)?;
     // The logs as the last commit left them (rows of an epoch killed midway are gone).
-    run_folder::save_log_views(&files, &log, &metrics)?;
-    reporter.started(&data_dir, out, &metrics);
-
-    let bs = config.batch_size;
-    let batches = train_set.len().div_ceil(bs);
-    let start_epoch = metrics.epochs.len();
-    let mut y = Vec::new();
-    let mut augment_scratch = Vec::new();
-    for epoch in start_epoch..config.epochs {
-        let lr = config.schedule.lr(config.optimizer.lr, epoch, config.epochs);
-        reporter.epoch_start(epoch + 1, config.epochs, batches);
-        let order = epoch_order(train_set.len(), config.seed, epoch, true);
-        let t0 = Instant::now();
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
-        for (b, idx) in order.chunks(bs).enumerate() {
-            train_set.batch(idx, input_norm, model.input_mut(), &mut y);
-            let step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
-            model.net.set_step_seed(step_seed);
-            config
-                .augment
-                .apply(model.input_mut(), &input_norm, step_seed, &mut augment_scratch);
-            let step_lr = warmup(lr, epoch * batches + b, config.warmup_epochs * batches);
-            let (loss, c) = train_step(&mut model, &mut opt, &y, train_set.classes, step_lr, config.sparsity)?;
-            if !loss.is_finite() {
-                let what = format!(
-                    "the training loss became {loss} at epoch {}, batch {} (lr {lr})",
-                    epoch + 1,
-                    b + 1
-                );
-                return Err(diverged(&files, &mut metrics, &what));
-            }
-            loss_sum += loss * idx.len() as f64;
-            correct += c;
-            seen += idx.len();
-            log.steps.push(logs::StepRow {
-                step: (epoch * batches + b + 1) as u64,
-                epoch: epoch + 1,
-                loss,
-                lr: step_lr,
-                images_per_sec: seen as f64 / t0.elapsed().as_secs_f64(),
-                wall_time: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64()),
-            });
-            reporter.batch(loss_sum / seen as f64, seen as f64 / t0.elapsed().as_secs_f64());
-        }
-        let seconds = t0.elapsed().as_secs_f64();
-        let test = evaluate(&mut model, &test_set, input_norm, 1000)?;
-        if !test.loss.is_finite() {
-            let what = format!("the test loss became {} after epoch {} (lr {lr})", test.loss, epoch + 1);
-            return Err(diverged(&files, &mut metrics, &what));
-        }
-        if let Some(name) = first_non_finite(&mut model) {
-            let what = format!("{name} holds a non-finite value after epoch {} (lr {lr})", epoch + 1);
-            return Err(diverged(&files, &mut metrics, &what));
-        }
-        let m = EpochMetrics {
-            epoch: epoch + 1,
-            lr,
-            train_loss: loss_sum / seen as f64,
-            train_accuracy: correct as f64 / seen as f64,
-            test_loss: test.loss,
-            test_accuracy: test.accuracy,
-            seconds,
-            images_per_sec: seen as f64 / seconds,
-        };
-        reporter.epoch_end(&m);
-        metrics.epochs.push(m);
-        summarize(&mut metrics);
-        if epoch + 1 == config.epochs {
-            metrics.status = "complete".into();
-        }
-        if config.tensorboard {
-            for (name, p) in model.net.named_params() {
-                if let (crate::nn::ParamKind::Norm, Some(layer)) = (p.kind, name.strip_suffix(".weight")) {
-                    log.gammas.push((
-                        epoch + 1,
-                        layer.to_string(),
-                        p.value.data.iter().map(|g| g.abs()).collect(),
-                    ));
-                }
-            }
-        }
-        run_folder::commit_epoch(&files, &mut model, &meta(epoch + 1), &opt, &names, &metrics, &log)?;
-        reporter.committed(out, epoch + 1);
-    }
-    if metrics.status != "complete" {
-        // Resumed with nothing left to train.
-        metrics.status = "complete".into();
-        run_folder::save_metrics(&files, &metrics)?;
-    }
-    Ok(metrics)
+    run_folder::save_log_views(files, log, metrics)?;
+    Ok(Some(lock))
 }
 
+/// A communicator that counts the time spent in its collectives (waiting for the slowest
+/// process included): the communication share of a step.
+struct TimedComm {
+    inner: Arc<dyn Communicator>,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl TimedComm {
+    fn new(inner: Arc<dyn Communicator>) -> Self {
+        TimedComm {
+            inner,
+            nanos: Default::default(),
+        }
+    }
+
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t0 = Instant::now();
+        let out = f();
+        self.nanos
+            .fetch_add(t0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+
+    /// The time counted since the last call.
+    fn take(&self) -> Duration {
+        Duration::from_nanos(self.nanos.swap(0, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Communicator for TimedComm {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
+        self.timed(|| self.inner.all_reduce_sum_f32(buf))
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+        self.timed(|| self.inner.all_reduce_sum_f64(buf))
+    }
+    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) {
+        self.timed(|| self.inner.broadcast_bytes(buf, root))
+    }
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) {
+        self.timed(|| self.inner.broadcast_f32(buf, root))
+    }
+    fn abort(&self, code: i32) -> ! {
+        self.inner.abort(code)
+    }
+}
 /// Linear warm-up: step k (0-based) of `steps` warm-up steps trains at lr·(k+1)/steps.
 fn warmup(lr: f64, step: usize, steps: usize) -> f64 {
     if step < steps {
@@ -559,7 +879,11 @@ fn warmup(lr: f64, step: usize, steps: usize) -> f64 {
 
 /// Marks the run diverged in metrics.json (the last commit stays as it was) and says what is
 /// left to the user.
-fn diverged(files: &RunFiles, metrics: &mut RunMetrics, what: &str) -> Error {
+fn diverged(files: &RunFiles, metrics: &mut RunMetrics, what: &str, lead: bool) -> Error {
+    // Every process saw the same global loss and stops here; rank 0 says it.
+    if !lead {
+        return dist::stop_together(Error::OtherRank(0));
+    }
     metrics.status = "diverged".into();
     let kept = match metrics.epochs.len() {
         0 => "no checkpoint exists yet (it diverged in its first epoch); lower --lr and start again".to_string(),
@@ -568,10 +892,11 @@ fn diverged(files: &RunFiles, metrics: &mut RunMetrics, what: &str) -> Error {
             files.dir.display()
         ),
     };
-    if let Err(e) = run_folder::save_metrics(files, metrics) {
-        return e;
-    }
-    Error::Diverged(format!("{what}; {kept}"))
+    let e = match run_folder::save_metrics(files, metrics) {
+        Err(e) => e,
+        Ok(()) => Error::Diverged(format!("{what}; {kept}")),
+    };
+    dist::stop_together(e)
 }
 
 /// The first parameter or buffer holding NaN or ±inf, by name.
