@@ -13,6 +13,10 @@ use super::*;
 #[derive(Args)]
 #[command(after_long_help = "Example:\n  normlab bench --filter bn_train --reps 30 --json bench.json")]
 pub struct BenchArgs {
+    /// Under mpirun: time the all-reduction of 4 KB to 64 MB of gradients between the
+    /// processes (the communication of a data-parallel step against its size).
+    #[arg(long)]
+    pub all_reduce: bool,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -100,6 +104,18 @@ fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    let world = super::launch::world();
+    if a.all_reduce {
+        return run_all_reduce(&*world, a.quick);
+    }
+    if world.size() > 1 {
+        let e = if world.rank() == 0 {
+            Error::invalid("under mpirun, bench times --all-reduce only; run the other benchmarks as one process")
+        } else {
+            Error::OtherRank(0)
+        };
+        return Err(normlab::dist::stop_together(e));
+    }
     // The checkpoints timed with --inference are inputs: never the --json output.
     let guard = a.inference.iter().fold(OutputGuard::new(a.force), |g, p| g.input(p));
     let json = a.json.as_ref().map(|p| guard.file("--json", p)).transpose()?;
@@ -151,6 +167,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(&report).expect("report serializes");
         normlab::files::write_atomic(path, &bytes)?;
         println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `bench --all-reduce`: seconds per all-reduction by size, with the bandwidth a ring
+/// all-reduce would need for it (each process sends and receives 2(K-1)/K of the buffer).
+fn run_all_reduce(comm: &dyn normlab::dist::Communicator, quick: bool) -> Result<()> {
+    let sizes: Vec<usize> = (10..=24).step_by(2).map(|p| 1usize << p).collect();
+    let reps = if quick { 5 } else { 30 };
+    let rows = normlab::dist::data_parallel::all_reduce_timings(comm, &sizes, reps);
+    if comm.rank() == 0 {
+        let k = comm.size() as f64;
+        println!("all-reduce of f32 sums over {} processes (median of {reps})", comm.size());
+        println!("{:>12}  {:>12}  {:>16}", "bytes", "ms", "ring GB/s each");
+        for (n, secs) in rows {
+            let bytes = (n * 4) as f64;
+            let ring = 2.0 * (k - 1.0) / k * bytes / secs / 1e9;
+            println!("{:>12}  {:>12.4}  {:>16.2}", n * 4, secs * 1e3, ring);
+        }
     }
     Ok(())
 }

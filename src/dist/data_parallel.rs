@@ -125,6 +125,31 @@ pub fn broadcast_buffers(comm: &dyn Communicator, net: &mut Sequential) {
     }
 }
 
+/// Seconds per all-reduction of `n` f32 values (the median of `reps`, after one warm-up), for
+/// each n in `sizes`: the communication cost of a step against its size.
+pub fn all_reduce_timings(comm: &dyn Communicator, sizes: &[usize], reps: usize) -> Vec<(usize, f64)> {
+    let mut out = Vec::new();
+    for &n in sizes {
+        let mut buf = vec![1.0f32; n];
+        comm.all_reduce_sum_f32(&mut buf);
+        let mut times: Vec<f64> = (0..reps.max(1))
+            .map(|_| {
+                let t0 = Instant::now();
+                comm.all_reduce_sum_f32(&mut buf);
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        // Every process reports rank 0's clock: the slowest of a collective decides it anyway.
+        times.sort_by(f64::total_cmp);
+        let mut median = [times[times.len() / 2]];
+        let mut bytes = median[0].to_le_bytes();
+        comm.broadcast_bytes(&mut bytes, 0);
+        median[0] = f64::from_le_bytes(bytes);
+        out.push((n, median[0]));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
