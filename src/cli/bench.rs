@@ -179,7 +179,10 @@ fn run_all_reduce(comm: &dyn normlab::dist::Communicator, quick: bool) -> Result
     let rows = normlab::dist::data_parallel::all_reduce_timings(comm, &sizes, reps);
     if comm.rank() == 0 {
         let k = comm.size() as f64;
-        println!("all-reduce of f32 sums over {} processes (median of {reps})", comm.size());
+        println!(
+            "all-reduce of f32 sums over {} processes (median of {reps})",
+            comm.size()
+        );
         println!("{:>12}  {:>12}  {:>16}", "bytes", "ms", "ring GB/s each");
         for (n, secs) in rows {
             let bytes = (n * 4) as f64;

@@ -11,7 +11,7 @@ use super::*;
 #[derive(Args)]
 #[command(after_long_help = "Example:\n  normlab study batch-size --quick --seeds 3 --out studies/bs")]
 pub struct StudyArgs {
-    /// batch-size, learning-rate, regularization, ics, landscape or rnn.
+    /// batch-size, learning-rate, regularization, ics, landscape, rnn, or sync-bn (under mpirun).
     pub name: String,
     /// A smoke run that finishes in about two minutes: it gives no verdicts.
     #[arg(long)]
@@ -37,14 +37,21 @@ pub fn run(a: StudyArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| train::fresh_run_dir(&PathBuf::from("studies"), &a.name));
+    let world = launch::world();
+    let lead = world.rank() == 0;
     let opts = normlab::studies::StudyOptions {
+        comm: world.clone(),
         quick: a.quick,
         seeds: a.seeds,
         out: out.clone(),
         data: a.data.clone(),
         threads,
     };
-    let bar = run_bar();
+    let bar = if lead {
+        run_bar()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let results = in_pool(|| {
         normlab::studies::run_study(&a.name, &opts, &mut |i, n, what| {
             bar.set_length(n as u64);
@@ -54,6 +61,9 @@ pub fn run(a: StudyArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let results = results?;
+    if !lead {
+        return Ok(());
+    }
     let an = normlab::studies::analysis::analyze(&results)?;
     if a.quick {
         println!("quick run: a smoke test, not evidence; every claim is inconclusive (quick run)");

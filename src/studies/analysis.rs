@@ -164,6 +164,7 @@ pub fn analyze(r: &StudyResults) -> Result<Analysis> {
         "ics" => ics(r),
         "landscape" => landscape(r),
         "rnn" => rnn(r),
+        "sync-bn" => sync_bn(r),
         _ => compare(r),
     }
 }
@@ -1046,6 +1047,101 @@ fn rnn(r: &StudyResults) -> Result<Analysis> {
         title: "Recurrent networks: where BatchNorm does not fit, and LayerNorm does".into(),
         claims,
         claim: "The articles: BN is not used in recurrent networks because the activations at each time step have different distributions; Layer Normalization (Ba et al. 2016) fits there, and recurrent BN needs separate statistics per time step (Cooijmans et al. 2016).".into(),
+        finding,
+        tables,
+        plots,
+    })
+}
+
+/// sync-bn: test error of per-process BN, SyncBN, LayerNorm and one-process BN by the batch
+/// each process sees.
+fn sync_bn(r: &StudyResults) -> Result<Analysis> {
+    let k = r.settings.get("processes").cloned().unwrap_or_else(|| "K".into());
+    let one = "bn (1 process)".to_string();
+    let arms = [
+        "bn".to_string(),
+        "syncbn".to_string(),
+        "layernorm".to_string(),
+        one.clone(),
+    ];
+    let mut batches: Vec<usize> = values(&r.runs, "per_process_batch")
+        .iter()
+        .filter_map(|b| b.parse().ok())
+        .collect();
+    batches.sort();
+    let (mut rows, mut series) = (Vec::new(), Vec::new());
+    for arm in &arms {
+        let mut row = vec![arm.clone()];
+        let mut pts = Vec::new();
+        for b in &batches {
+            let cell = select(&r.runs, &[("norm", arm), ("per_process_batch", &b.to_string())]);
+            if cell.is_empty() {
+                row.push("—".into());
+                continue;
+            }
+            let c = error_cell(&cell);
+            row.push(fmt_cell(c));
+            pts.push((*b as f64, c.0, c.1));
+        }
+        rows.push(row);
+        series.push((arm.clone(), pts));
+    }
+    let mut header = vec!["norm".to_string()];
+    header.extend(batches.iter().map(|b| format!("{b} per process")));
+    let tables = vec![Table {
+        caption: format!(
+            "Test error (%) by images per process, {k} processes (global batch = {k} x that), and plain BN in one process with the same global batch (mean ± std over seeds)"
+        ),
+        header,
+        rows,
+    }];
+    let plots = vec![Plot {
+        file: "sync_bn_error.svg".into(),
+        caption: "Test error against the images each process sees (bars: std over seeds)".into(),
+        svg: lines_svg(
+            "Per-process BN, SyncBN and LayerNorm across processes",
+            "images per process (log scale)",
+            "test error (%)",
+            &series,
+            true,
+        )?,
+    }];
+    let small = batches.first().copied().unwrap_or(2).to_string();
+    let err = |arm: &str| {
+        per_seed(
+            &select(&r.runs, &[("norm", arm), ("per_process_batch", &small)]),
+            r.seeds,
+            &error_of,
+        )
+    };
+    let claims = vec![
+        Claim::new(
+            "SyncBN recovers BN's accuracy at small per-process batches",
+            format!("test error (%) at {small} images per process, syncbn over {k} processes minus bn in one process with the global batch"),
+            &["syncbn", &one],
+            Kind::Equivalent,
+            minus(&err("syncbn"), &err(&one)),
+            1.0,
+            r.quick,
+        ),
+        Claim::new(
+            "Per-process BN (DDP's default) loses accuracy at small per-process batches",
+            format!("test error (%) at {small} images per process, bn minus syncbn"),
+            &["bn", "syncbn"],
+            Kind::Greater,
+            minus(&err("bn"), &err("syncbn")),
+            2.0,
+            r.quick,
+        ),
+    ];
+    let finding = format!(
+        "With {small} images per process each per-process BatchNorm1d statistic pools {small} values; SyncBN pools the global batch's. {}",
+        verdict_lines(&claims)
+    );
+    Ok(Analysis {
+        title: "Synchronized BatchNorm across processes".into(),
+        claims,
+        claim: "Data-parallel training with per-process BN statistics suffers at small per-process batches; synchronized BN (statistics over the global batch) recovers the accuracy of BN with the global batch.".into(),
         finding,
         tables,
         plots,

@@ -48,6 +48,10 @@ pub const STUDIES: &[(&str, &str)] = &[
         "VGG with BN, without, and noisy BN: loss and gradient change along the gradient (Santurkar et al.)",
     ),
     (
+        "sync-bn",
+        "under mpirun -n K: per-process BN, SyncBN and LayerNorm at 2, 4 and 8 images per process, against one process with the global batch",
+    ),
+    (
         "rnn",
         "LSTM without a norm, with LN, per-step BN and BN shared across steps: gate statistics per step, batch sizes, convergence",
     ),
@@ -129,6 +133,8 @@ pub struct GateStats {
 }
 
 pub struct StudyOptions {
+    /// The processes of the job the study runs in (sync-bn needs more than one).
+    pub comm: std::sync::Arc<dyn crate::dist::Communicator>,
     pub quick: bool,
     pub seeds: usize,
     pub out: PathBuf,
@@ -179,6 +185,9 @@ fn sgd(lr: f64) -> OptimizerConfig {
         ..OptimizerConfig::default()
     }
 }
+
+/// The sync-bn study's model.
+pub const SYNC_BN_MODEL: &str = "mlp";
 
 /// The rnn study's model and the test accuracy its convergence claim counts steps to.
 pub const RNN_MODEL: &str = "lstm:64";
@@ -327,6 +336,53 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
             );
             settings.insert("test images (at most)".into(), test.to_string());
         }
+        "sync-bn" => {
+            // The MLP of the BN paper, whose BatchNorm1d at 2 images per process has two values per
+            // statistic: per-process BN (DDP's default), SyncBN and LayerNorm over K processes, and
+            // plain BN in one process with the same global batch (which SyncBN equals in exact
+            // arithmetic). Adam, the same epochs for every batch.
+            let k = opts.comm.size();
+            if k < 2 {
+                return Err(Error::invalid(
+                    "the sync-bn study compares several processes: start it with mpirun -n 4 normlab study sync-bn (normlab built with --features mpi)",
+                ));
+            }
+            let (epochs, train, test) = if opts.quick { (1, 96 * k, 500) } else { (5, 12000, 5000) };
+            let per_process: &[usize] = if opts.quick { &[2] } else { &[2, 4, 8] };
+            for &b in per_process {
+                let arms = [("bn", k), ("syncbn", k), ("layernorm", k), ("bn", 1)];
+                for (norm, processes) in arms {
+                    let mut config = base_config(opts, epochs, train, test);
+                    config.model = SYNC_BN_MODEL.into();
+                    config.norm = norm.into();
+                    config.batch_size = b * k;
+                    let arm = if processes == 1 {
+                        format!("{norm} (1 process)")
+                    } else {
+                        norm.to_string()
+                    };
+                    out.push(Planned {
+                        labels: labels(&[
+                            ("norm", arm),
+                            ("per_process_batch", b.to_string()),
+                            ("processes", processes.to_string()),
+                        ]),
+                        config,
+                        bn_evals: false,
+                    });
+                }
+            }
+            settings.insert(
+                "model".into(),
+                format!("{SYNC_BN_MODEL} (784-100-100-100-10, sigmoid, BatchNorm1d)"),
+            );
+            settings.insert("processes".into(), k.to_string());
+            settings.insert("optimizer".into(), "Adam, lr 1e-3".into());
+            settings.insert("epochs".into(), epochs.to_string());
+            settings.insert("global batch".into(), format!("{k} x the per-process batch"));
+            settings.insert("training images (at most)".into(), train.to_string());
+            settings.insert("test images (at most)".into(), test.to_string());
+        }
         "rnn" => {
             // An LSTM reading each image's 28 rows. Norms at batch 32 (claims 1 and 3), then LN
             // and per-step BN at batches 4 and 128 too (claim 2); Adam with the square-root
@@ -446,21 +502,31 @@ fn prepare_out(out: &Path) -> Result<crate::files::RunLock> {
 }
 
 /// Runs every planned config for seeds 0..K, each into DIR/runs/NNN; a run that diverges is
-/// recorded as such, any other error stops the study.
+/// recorded as such, any other error stops the study. Under mpirun (sync-bn), a run labelled
+/// with more than one process trains over all of `comm`'s processes, the others on rank 0
+/// alone; rank 0 writes every run and keeps the records (the others return none).
 pub fn run_grid(
     planned: &[Planned],
     seeds: usize,
     out: &Path,
     progress: &mut dyn FnMut(usize, usize, &str),
+    comm: &std::sync::Arc<dyn crate::dist::Communicator>,
 ) -> Result<Vec<RunRecord>> {
+    let lead = comm.rank() == 0;
     let total = planned.len() * seeds;
     let mut records = Vec::with_capacity(total);
     let mut k = 0;
     // The final train accuracy is measured in eval mode on the run's training images (the
     // epoch's running average mixes in early batches and, with dropout, noisy forwards).
     let data_dir = resolve_data_dir(planned.first().and_then(|p| p.config.data.as_deref()))?;
-    let train_set = crate::data::load_split(&data_dir, true)?;
+    let train_set = if lead {
+        crate::data::load_split(&data_dir, true).map(Some)
+    } else {
+        Ok(None)
+    };
+    let train_set = crate::dist::agree(&**comm, train_set)?;
     for p in planned {
+        let processes: usize = p.labels.get("processes").and_then(|v| v.parse().ok()).unwrap_or(1);
         for seed in 0..seeds as u64 {
             let label: Vec<String> = p.labels.iter().map(|(a, b)| format!("{a}={b}")).collect();
             progress(k, total, &format!("{} seed {seed}", label.join(" ")));
@@ -468,48 +534,73 @@ pub fn run_grid(
             let mut config = p.config.clone();
             config.seed = seed;
             let t0 = std::time::Instant::now();
-            let result = train::train(Start::Fresh(Box::new(config.clone())), &dir, &mut Quiet);
-            let metrics = match result {
-                Ok(m) => m,
-                Err(Error::Diverged(_)) => {
-                    let text = std::fs::read_to_string(dir.join("metrics.json")).map_err(|e| Error::io(&dir, e))?;
-                    serde_json::from_str(&text).map_err(|e| Error::invalid(format!("{}: {e}", dir.display())))?
-                }
-                Err(e) => return Err(e),
-            };
-            let last = metrics.epochs.last();
-            let n = config.train_limit.unwrap_or(train_set.len()).min(train_set.len());
-            let mut subset = train_set.clone();
-            subset.truncate(n);
-            let (train_eval, bn_evals) = if metrics.status == "diverged" {
-                (None, None)
-            } else {
-                let (mut model, meta) = crate::checkpoint::load_model(&dir.join("model.safetensors"))?;
-                let train_eval = train::evaluate(&mut model, &subset, meta.input_norm, 1000)?;
-                let bn_evals = if p.bn_evals {
-                    bn_evaluations(&mut model, &meta, &subset, &config)?
+            let start = Start::Fresh(Box::new(config.clone()));
+            if !lead {
+                // Rank 0 decides what a run's end means (a diverged run is an error here too).
+                let mine = if processes > 1 {
+                    train::train_on(start, &dir, &mut Quiet, comm).map(|_| ())
                 } else {
-                    None
+                    Ok(())
                 };
-                (Some(train_eval), bn_evals)
-            };
-            records.push(RunRecord {
-                labels: p.labels.clone(),
-                seed,
-                status: if metrics.status == "diverged" {
-                    "diverged".into()
+                let mine = match mine {
+                    Err(Error::OtherRank(_)) => Ok(()),
+                    other => other,
+                };
+                crate::dist::agree(&**comm, mine)?;
+                k += 1;
+                continue;
+            }
+            let record = (|| -> Result<RunRecord> {
+                let result = if processes > 1 {
+                    train::train_on(start, &dir, &mut Quiet, comm)
                 } else {
-                    "complete".into()
-                },
-                steps_per_epoch: n.div_ceil(config.batch_size),
-                test_accuracy: last.map_or(f64::NAN, |e| e.test_accuracy),
-                test_loss: last.map_or(f64::NAN, |e| e.test_loss),
-                train_accuracy: train_eval.as_ref().map_or(f64::NAN, |e| e.accuracy),
-                train_loss: train_eval.as_ref().map_or(f64::NAN, |e| e.loss),
-                epochs: metrics.epochs,
-                seconds: t0.elapsed().as_secs_f64(),
-                bn_evals,
-            });
+                    train::train(start, &dir, &mut Quiet)
+                };
+                let metrics = match result {
+                    Ok(m) => m,
+                    Err(Error::Diverged(_)) => {
+                        let text = std::fs::read_to_string(dir.join("metrics.json")).map_err(|e| Error::io(&dir, e))?;
+                        serde_json::from_str(&text).map_err(|e| Error::invalid(format!("{}: {e}", dir.display())))?
+                    }
+                    Err(e) => return Err(e),
+                };
+                let last = metrics.epochs.last();
+                let mut subset = train_set
+                    .clone()
+                    .ok_or_else(|| Error::invalid("rank 0 holds the training images"))?;
+                let n = config.train_limit.unwrap_or(subset.len()).min(subset.len());
+                subset.truncate(n);
+                let (train_eval, bn_evals) = if metrics.status == "diverged" {
+                    (None, None)
+                } else {
+                    let (mut model, meta) = crate::checkpoint::load_model(&dir.join("model.safetensors"))?;
+                    let train_eval = train::evaluate(&mut model, &subset, meta.input_norm, 1000)?;
+                    let bn_evals = if p.bn_evals {
+                        bn_evaluations(&mut model, &meta, &subset, &config)?
+                    } else {
+                        None
+                    };
+                    (Some(train_eval), bn_evals)
+                };
+                Ok(RunRecord {
+                    labels: p.labels.clone(),
+                    seed,
+                    status: if metrics.status == "diverged" {
+                        "diverged".into()
+                    } else {
+                        "complete".into()
+                    },
+                    steps_per_epoch: n.div_ceil(config.batch_size),
+                    test_accuracy: last.map_or(f64::NAN, |e| e.test_accuracy),
+                    test_loss: last.map_or(f64::NAN, |e| e.test_loss),
+                    train_accuracy: train_eval.as_ref().map_or(f64::NAN, |e| e.accuracy),
+                    train_loss: train_eval.as_ref().map_or(f64::NAN, |e| e.loss),
+                    epochs: metrics.epochs,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    bn_evals,
+                })
+            })();
+            records.push(crate::dist::agree(&**comm, record)?);
             k += 1;
         }
     }
@@ -632,7 +723,7 @@ pub fn run_compare(
     let planned = plan_compare(grid);
     let _lock = check(&planned, out, grid.base.data.as_deref())?;
     let t0 = std::time::Instant::now();
-    let runs = run_grid(&planned, seeds, out, progress)?;
+    let runs = run_grid(&planned, seeds, out, progress, &crate::dist::single_process())?;
     let mut settings = BTreeMap::new();
     settings.insert("epochs".to_string(), grid.base.epochs.to_string());
     settings.insert(
@@ -669,6 +760,15 @@ pub fn run_study(
     if opts.seeds == 0 {
         return Err(Error::invalid("--seeds must be at least 1"));
     }
+    if opts.comm.size() > 1 && study != "sync-bn" {
+        let e = match opts.comm.rank() {
+            0 => Error::invalid(format!(
+                "under mpirun only the sync-bn study runs; start '{study}' as one process"
+            )),
+            _ => Error::OtherRank(0),
+        };
+        return Err(crate::dist::stop_together(e));
+    }
     let t0 = std::time::Instant::now();
     let (mut runs, mut ics_runs, mut landscape_runs) = (Vec::new(), Vec::new(), Vec::new());
     let mut gradient_norms = Vec::new();
@@ -690,8 +790,14 @@ pub fn run_study(
         }
         _ => {
             let (planned, settings) = plan(study, opts)?;
-            _lock = Some(check(&planned, &opts.out, opts.data.as_deref())?);
-            runs = run_grid(&planned, opts.seeds, &opts.out, progress)?;
+            let lead = opts.comm.rank() == 0;
+            let checked = if lead {
+                check(&planned, &opts.out, opts.data.as_deref()).map(Some)
+            } else {
+                Ok(None)
+            };
+            _lock = crate::dist::agree(&*opts.comm, checked)?;
+            runs = run_grid(&planned, opts.seeds, &opts.out, progress, &opts.comm)?;
             if study == "learning-rate" {
                 gradient_norms = learning_rate_gradients(&planned, &runs, opts)?;
             }
@@ -714,7 +820,9 @@ pub fn run_study(
         gradients: gradient_norms,
         gates,
     };
-    report::write_all(&results, &opts.out)?;
+    if opts.comm.rank() == 0 {
+        report::write_all(&results, &opts.out)?;
+    }
     Ok(results)
 }
 
