@@ -245,6 +245,16 @@ impl BatchNorm {
         (1.0 + (rmax - 1.0) * ramp(w), dmax * ramp(w * 5.0 / 8.0))
     }
 
+    /// dγ += Σdy·x̂ and dβ += Σdy per channel (no-op without an affine).
+    fn add_affine_grads(&mut self, sums: &[ChannelSums]) {
+        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+            for (ch, sum) in sums.iter().enumerate() {
+                w.grad.data[ch] += sum.sum_dy_xhat as f32;
+                b.grad.data[ch] += sum.sum_dy as f32;
+            }
+        }
+    }
+
     fn gamma_or_one(&self, ch: usize) -> f32 {
         self.weight.as_ref().map_or(1.0, |w| w.value.data[ch])
     }
@@ -331,12 +341,7 @@ impl BatchNorm {
             self.relu,
             &mut sc.sums,
         );
-        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-            for (ch, sum) in sc.sums.iter().enumerate() {
-                w.grad.data[ch] += sum.sum_dy_xhat as f32;
-                b.grad.data[ch] += sum.sum_dy as f32;
-            }
-        }
+        self.add_affine_grads(&sc.sums);
         self.scratch = sc;
     }
 
@@ -505,12 +510,7 @@ impl BatchNorm {
             self.relu,
             &mut sc.sums,
         );
-        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-            for (ch, sum) in sc.sums.iter().enumerate() {
-                w.grad.data[ch] += sum.sum_dy_xhat as f32;
-                b.grad.data[ch] += sum.sum_dy as f32;
-            }
-        }
+        self.add_affine_grads(&sc.sums);
         sc.global.clear();
         sc.global.extend(sc.sums.iter().flat_map(|p| [p.sum_dy, p.sum_dy_xhat]));
         comm.all_reduce_sum_f64(&mut sc.global);

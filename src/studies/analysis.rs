@@ -176,12 +176,23 @@ fn error_by_batch(
     norms: &[String],
     batches: &[usize],
 ) -> (Vec<String>, Vec<Vec<String>>, Vec<Series>) {
+    error_by(runs, norms, "batch_size", batches, &|b| format!("batch {b}"))
+}
+
+/// `error_by_batch` over the batch label `key`, with `column` naming each batch's column.
+fn error_by(
+    runs: &[RunRecord],
+    norms: &[String],
+    key: &str,
+    batches: &[usize],
+    column: &dyn Fn(usize) -> String,
+) -> (Vec<String>, Vec<Vec<String>>, Vec<Series>) {
     let (mut rows, mut series) = (Vec::new(), Vec::new());
     for norm in norms {
         let mut row = vec![norm.clone()];
         let mut pts = Vec::new();
         for b in batches {
-            let cell = select(runs, &[("norm", norm), ("batch_size", &b.to_string())]);
+            let cell = select(runs, &[("norm", norm), (key, &b.to_string())]);
             if cell.is_empty() {
                 row.push("—".into());
                 continue;
@@ -194,7 +205,7 @@ fn error_by_batch(
         series.push((norm.clone(), pts));
     }
     let mut header = vec!["norm".to_string()];
-    header.extend(batches.iter().map(|b| format!("batch {b}")));
+    header.extend(batches.iter().map(|&b| column(b)));
     (header, rows, series)
 }
 
@@ -1069,25 +1080,9 @@ fn sync_bn(r: &StudyResults) -> Result<Analysis> {
         .filter_map(|b| b.parse().ok())
         .collect();
     batches.sort();
-    let (mut rows, mut series) = (Vec::new(), Vec::new());
-    for arm in &arms {
-        let mut row = vec![arm.clone()];
-        let mut pts = Vec::new();
-        for b in &batches {
-            let cell = select(&r.runs, &[("norm", arm), ("per_process_batch", &b.to_string())]);
-            if cell.is_empty() {
-                row.push("—".into());
-                continue;
-            }
-            let c = error_cell(&cell);
-            row.push(fmt_cell(c));
-            pts.push((*b as f64, c.0, c.1));
-        }
-        rows.push(row);
-        series.push((arm.clone(), pts));
-    }
-    let mut header = vec!["norm".to_string()];
-    header.extend(batches.iter().map(|b| format!("{b} per process")));
+    let (header, rows, series) = error_by(&r.runs, &arms, "per_process_batch", &batches, &|b| {
+        format!("{b} per process")
+    });
     let tables = vec![Table {
         caption: format!(
             "Test error (%) by images per process, {k} processes (global batch = {k} x that), and plain BN in one process with the same global batch (mean ± std over seeds)"
