@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,13 @@ fn write_noise_dataset(dir: &Path, train: usize, test: usize) {
     }
 }
 
+/// `train_args` with another learning rate.
+fn with_lr<'a>(mut args: Vec<&'a str>, lr: &'a str) -> Vec<&'a str> {
+    let at = args.len() - 3;
+    args[at] = lr;
+    args
+}
+
 fn train_args<'a>(data: &'a str, out: &'a str, model: &'a str, norm: &'a str, limit: &'a str) -> Vec<&'a str> {
     vec![
         "train",
@@ -192,15 +199,8 @@ fn syncbn_over_k_processes_equals_bn_over_the_global_batch() {
     ];
     for (model, lr, limits) in cases {
         for limit in limits {
-            let with_lr = |mut a: Vec<&'static str>| {
-                let at = a.len() - 3;
-                a[at] = lr;
-                a
-            };
-            let leak = |p: PathBuf| -> &'static str { Box::leak(s(&p).to_string().into_boxed_str()) };
-            let data: &'static str = Box::leak(data.clone().into_boxed_str());
             let one = tmp.path().join(format!("{model}-{limit}-1"));
-            let out = normlab(&with_lr(train_args(data, leak(one.clone()), model, "bn", limit)));
+            let out = normlab(&with_lr(train_args(&data, s(&one), model, "bn", limit), lr));
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let reference = losses(&one);
             let steps = limit.parse::<usize>().unwrap().div_ceil(8);
@@ -209,7 +209,7 @@ fn syncbn_over_k_processes_equals_bn_over_the_global_batch() {
                 let dir = tmp.path().join(format!("{model}-{limit}-{k}"));
                 ok(mpirun(
                     k,
-                    &with_lr(train_args(data, leak(dir.clone()), model, "syncbn", limit)),
+                    &with_lr(train_args(&data, s(&dir), model, "syncbn", limit), lr),
                 ));
                 let got = losses(&dir);
                 assert_eq!(got.len(), steps, "{model} K={k}");

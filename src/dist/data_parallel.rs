@@ -141,11 +141,9 @@ pub fn all_reduce_timings(comm: &dyn Communicator, sizes: &[usize], reps: usize)
             .collect();
         // Every process reports rank 0's clock: the slowest of a collective decides it anyway.
         times.sort_by(f64::total_cmp);
-        let mut median = [times[times.len() / 2]];
-        let mut bytes = median[0].to_le_bytes();
-        comm.broadcast_bytes(&mut bytes, 0);
-        median[0] = f64::from_le_bytes(bytes);
-        out.push((n, median[0]));
+        let mut median = times[times.len() / 2].to_le_bytes();
+        comm.broadcast_bytes(&mut median, 0);
+        out.push((n, f64::from_le_bytes(median)));
     }
     out
 }

@@ -101,9 +101,62 @@ pub fn broadcast_vec(comm: &dyn Communicator, bytes: &mut Vec<u8>, root: usize) 
 /// Whether this process was started by an MPI launcher (mpirun, srun), from the variables the
 /// launcher sets; the number of processes it started, if so.
 pub fn launched_size() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"]
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
         .iter()
         .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// A communicator that counts the time spent in its collectives (waiting for the slowest
+/// process included): the communication share of a step.
+pub struct TimedComm {
+    inner: Arc<dyn Communicator>,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl TimedComm {
+    pub fn new(inner: Arc<dyn Communicator>) -> Self {
+        TimedComm {
+            inner,
+            nanos: Default::default(),
+        }
+    }
+
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t0 = std::time::Instant::now();
+        let out = f();
+        self.nanos
+            .fetch_add(t0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+
+    /// The time counted since the last call.
+    pub fn take(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.nanos.swap(0, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Communicator for TimedComm {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
+        self.timed(|| self.inner.all_reduce_sum_f32(buf))
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+        self.timed(|| self.inner.all_reduce_sum_f64(buf))
+    }
+    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) {
+        self.timed(|| self.inner.broadcast_bytes(buf, root))
+    }
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) {
+        self.timed(|| self.inner.broadcast_f32(buf, root))
+    }
+    fn abort(&self, code: i32) -> ! {
+        self.inner.abort(code)
+    }
 }
 
 #[cfg(test)]

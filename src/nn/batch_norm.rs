@@ -98,9 +98,8 @@ struct Scratch {
     shift: Vec<f32>,
     /// The streaming kernels' scratch.
     ws: k::Workspace,
-    /// SyncBN: per-channel values all-reduced over the processes, and the global means.
+    /// SyncBN: per-channel values all-reduced over the processes.
     global: Vec<f64>,
-    shifts: Vec<f64>,
 }
 
 pub struct BatchNorm {
@@ -420,17 +419,18 @@ impl BatchNorm {
                 ),
             ));
         }
-        sc.shifts.clear();
-        sc.shifts.extend((0..c).map(|ch| sc.global[2 * ch + 1] / m));
+        // The global means, in the fixed-apply scratch until `apply_fixed` refills it.
+        sc.mean.clear();
+        sc.mean.extend((0..c).map(|ch| sc.global[2 * ch + 1] / m));
         sc.global.clear();
-        sc.global.extend(sc.stats.iter().zip(&sc.shifts).map(|(st, &mu)| {
+        sc.global.extend(sc.stats.iter().zip(&sc.mean).map(|(st, &mu)| {
             let d = st.mean - mu;
             local * (st.var as f64 + d * d)
         }));
         comm.all_reduce_sum_f64(&mut sc.global);
         for ch in 0..c {
             sc.stats[ch] = ChannelStats {
-                mean: sc.shifts[ch],
+                mean: sc.mean[ch],
                 var: (sc.global[ch] / m) as f32,
             };
         }
@@ -439,22 +439,7 @@ impl BatchNorm {
         sc.r.resize(c, 1.0);
         sc.d.clear();
         sc.d.resize(c, 0.0);
-        let (mut mean, mut scale, mut shift) = (
-            std::mem::take(&mut sc.mean),
-            std::mem::take(&mut sc.scale),
-            std::mem::take(&mut sc.shift),
-        );
-        mean.clear();
-        scale.clear();
-        shift.clear();
-        for ch in 0..c {
-            let st = sc.stats[ch];
-            mean.push(st.mean);
-            scale.push(k::inverse_std(st.var, eps) * self.gamma_or_one(ch));
-            shift.push(self.beta_or_zero(ch));
-        }
-        k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
-        (sc.mean, sc.scale, sc.shift) = (mean, scale, shift);
+        self.apply_fixed(&mut sc, x, y, c, s, |sc, ch| k::inverse_std(sc.stats[ch].var, eps));
         self.scratch = sc;
         self.last_sync = Some(m);
         if self.stats_mode.updates_running(mode) {

@@ -6,7 +6,7 @@ mod run_folder;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -427,7 +427,7 @@ pub fn train_on(
     } = dist::agree(&**comm, prepared)?;
 
     // Everything is checked: rank 0 takes the folder.
-    let timed = Arc::new(TimedComm::new(comm.clone()));
+    let timed = Arc::new(dist::TimedComm::new(comm.clone()));
     let comm: Arc<dyn Communicator> = if comm.size() > 1 { timed.clone() } else { comm.clone() };
     let comm = &*comm;
     let meta = |epoch| CheckpointMeta {
@@ -816,58 +816,6 @@ fn take_folder(
     Ok(Some(lock))
 }
 
-/// A communicator that counts the time spent in its collectives (waiting for the slowest
-/// process included): the communication share of a step.
-struct TimedComm {
-    inner: Arc<dyn Communicator>,
-    nanos: std::sync::atomic::AtomicU64,
-}
-
-impl TimedComm {
-    fn new(inner: Arc<dyn Communicator>) -> Self {
-        TimedComm {
-            inner,
-            nanos: Default::default(),
-        }
-    }
-
-    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
-        let t0 = Instant::now();
-        let out = f();
-        self.nanos
-            .fetch_add(t0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-        out
-    }
-
-    /// The time counted since the last call.
-    fn take(&self) -> Duration {
-        Duration::from_nanos(self.nanos.swap(0, std::sync::atomic::Ordering::Relaxed))
-    }
-}
-
-impl Communicator for TimedComm {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn size(&self) -> usize {
-        self.inner.size()
-    }
-    fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
-        self.timed(|| self.inner.all_reduce_sum_f32(buf))
-    }
-    fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
-        self.timed(|| self.inner.all_reduce_sum_f64(buf))
-    }
-    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) {
-        self.timed(|| self.inner.broadcast_bytes(buf, root))
-    }
-    fn broadcast_f32(&self, buf: &mut [f32], root: usize) {
-        self.timed(|| self.inner.broadcast_f32(buf, root))
-    }
-    fn abort(&self, code: i32) -> ! {
-        self.inner.abort(code)
-    }
-}
 /// Linear warm-up: step k (0-based) of `steps` warm-up steps trains at lr·(k+1)/steps.
 fn warmup(lr: f64, step: usize, steps: usize) -> f64 {
     if step < steps {
