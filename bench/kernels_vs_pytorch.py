@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """normlab's kernels and training against PyTorch's, side by side, same thread count.
 
-  .venv-torch/bin/python bench/kernels_vs_pytorch.py [--threads 2] [--quick] [--rounds 3] [--json FILE]
+  .venv-torch/bin/python bench/kernels_vs_pytorch.py [--threads 2] [--quick] [--rounds 3]
+      [--only kernels,models,conv] [--json FILE]
 
 Runs `normlab bench --filter K --json` (the kernels through normlab's layer code, plus end-to-end
 training on random data) for one kernel or model K at a time, then times PyTorch on the same
 shapes or model in this process, and prints normlab/PyTorch speed ratios (> 1 means normlab is
-faster). A shared host slows down in bursts of seconds, so the two sides alternate per kernel
-and model, for --rounds rounds, and each side keeps its best (smallest) time per kernel and
-model: the same rule for both.
+faster). A shared host slows down in bursts of seconds, so the two sides alternate per kernel,
+model and the conv table, for --rounds rounds; each round gives one ratio per entry, and the
+report is the minimum and the median of those ratios. The conv table puts normlab's im2col
+(the method before Winograd) and its measured choice beside PyTorch's convolution.
 """
 import argparse
 import json
@@ -72,9 +74,25 @@ def torch_kernel(kernel, shape, reps):
     return median_time(run, reps)
 
 
-def torch_training(model_name, batch, steps):
+def torch_conv(shape, reps):
+    """(forward, backward) seconds of a 3x3 padding-1 conv (N, C, OC, H=W) without bias:
+    the training forward (graph kept) and the backward to the input and the weight."""
+    n, c, oc, hw = shape
+    conv = nn.Conv2d(c, oc, 3, padding=1, bias=False)
+    x = (torch.rand(n, c, hw, hw) * 4 - 2).requires_grad_(True)
+    dy = torch.rand(n, oc, hw, hw) * 4 - 2
+    forward = median_time(lambda: conv(x), reps)
+    y = conv(x)
+
+    def backward():
+        x.grad, conv.weight.grad = None, None
+        y.backward(dy, retain_graph=True)
+    return forward, median_time(backward, reps)
+
+
+def torch_training(model_name, norm, batch, steps):
     torch.manual_seed(0)
-    model = build_model(model_name)
+    model = build_model(model_name, norm)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(batch, 1, 28, 28) * 4 - 2
@@ -88,12 +106,13 @@ def torch_training(model_name, batch, steps):
 
 
 KERNELS = ["bn_train_fwd", "bn_train_fwd_bwd", "bn_eval_fwd", "gn_fwd_bwd", "ln_fwd_bwd", "in_fwd_bwd"]
-MODELS = ["seed-cnn", "vgg"]
+# `normlab bench --filter` values, one training model each (its label is "MODEL NORM").
+MODELS = ["seed-cnn", "vgg:32,32,M,64,64,M,128,128,M bn", "gn:8", "resnet"]
 
 
 def normlab_bench(exe, threads, part, quick):
     """One `normlab bench --filter PART` run: (copy GB/s, kernel records of exactly that kernel,
-    training records of that model)."""
+    training records, conv records)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         cmd = [exe, "bench", "--threads", str(threads), "--filter", part, "--json", out] + (["--quick"] if quick else [])
@@ -101,8 +120,11 @@ def normlab_bench(exe, threads, part, quick):
         with open(out) as f:
             run = json.load(f)
     kernels = [k for k in run["kernels"] if k["kernel"] == part]
-    training = [t for t in run["training"] if t["model"].split(":")[0] == part]
-    return run["copy_gb_per_s"], kernels, training
+    return run["copy_gb_per_s"], kernels, run["training"], run.get("convs", [])
+
+
+def spread(ratios):
+    return f"min {min(ratios):.2f}x  median {statistics.median(ratios):.2f}x"
 
 
 def main():
@@ -110,57 +132,79 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", default="", help="comma-separated parts: kernels, models, conv (default all)")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     exe = os.environ.get("NORMLAB", "target/release/normlab")
     reps = 3 if args.quick else 15
-    # Each kernel (all six shapes) and each model alternates between the two sides, a few
-    # seconds apart, so a burst of host load hits both alike; each side keeps its best.
-    copy, nl_kernels, nl_training, torch_ms, torch_ips = 0.0, {}, {}, {}, {}
-    for _ in range(max(1, args.rounds)):
-        for part in KERNELS + MODELS:
-            gbs, kernels, training = normlab_bench(exe, args.threads, part, args.quick)
+    only = set(filter(None, args.only.split(",")))
+    parts = ((KERNELS if not only or "kernels" in only else []) + (MODELS if not only or "models" in only else [])
+             + (["conv"] if not only or "conv" in only else []))
+    # Each kernel (all six shapes), model and the conv table alternates between the two sides, a
+    # few seconds apart, so a burst of host load hits both alike. Every round gives each entry
+    # one ratio (normlab's median time against PyTorch's, measured back to back); the report is
+    # the minimum and the median of those ratios over the rounds.
+    copy = 0.0
+    kernel_rows, train_rows, conv_rows = {}, {}, {}
+    for r in range(max(1, args.rounds)):
+        for part in parts:
+            gbs, kernels, training, convs = normlab_bench(exe, args.threads, part, args.quick)
             copy = max(copy, gbs)
             for k in kernels:
-                key = (k["kernel"], tuple(k["shape"]))
-                if key not in nl_kernels or k["ms"] < nl_kernels[key]["ms"]:
-                    nl_kernels[key] = k
-                t = torch_kernel(k["kernel"], key[1], reps) * 1e3
-                torch_ms[key] = min(t, torch_ms.get(key, t))
+                t = torch_kernel(k["kernel"], k["shape"], reps)
+                row = kernel_rows.setdefault((k["kernel"], tuple(k["shape"])), dict(ms=[], torch_ms=[], ratio=[]))
+                row["ms"].append(k["ms"])
+                row["torch_ms"].append(t * 1e3)
+                row["ratio"].append(t * 1e3 / k["ms"])
             for t in training:
-                if t["model"] not in nl_training or t["images_per_sec"] > nl_training[t["model"]]["images_per_sec"]:
-                    nl_training[t["model"]] = t
-                ips = torch_training(t["model"], t["batch_size"], 3 if args.quick else 10)
-                torch_ips[t["model"]] = max(ips, torch_ips.get(t["model"], ips))
-    for k in nl_kernels.values():
-        k["copy_fraction"] = k["gb_per_s"] / copy
-    nl = dict(copy_gb_per_s=copy, kernels=list(nl_kernels.values()), training=list(nl_training.values()))
-    print(f"threads {args.threads}, torch {torch.__version__}, best of {max(1, args.rounds)} alternating rounds; "
-          f"memory copy {nl['copy_gb_per_s']:.1f} GB/s")
-    print(f"{'kernel':<18} {'shape':<18} {'normlab ms':>10} {'torch ms':>9} {'ratio':>6} {'copy%':>6}")
-    rows = []
-    for k in nl["kernels"]:
-        t = torch_ms[(k["kernel"], tuple(k["shape"]))]
-        ratio = t / k["ms"]
-        rows.append(dict(k, torch_ms=t, ratio=ratio))
-        print(f"{k['kernel']:<18} {str(k['shape']):<18} {k['ms']:>10.3f} {t:>9.3f} {ratio:>6.2f} "
-              f"{100 * k['copy_fraction']:>5.0f}%")
-    print("minimum ratio per kernel:")
-    for name in dict.fromkeys(r["kernel"] for r in rows):
-        rs = [r["ratio"] for r in rows if r["kernel"] == name]
-        print(f"  {name:<18} min {min(rs):.2f}x  median {statistics.median(rs):.2f}x")
-    training = []
-    for t in nl["training"]:
-        pt = torch_ips[t["model"]]
-        ratio = t["images_per_sec"] / pt
-        training.append(dict(t, torch_images_per_sec=pt, ratio=ratio))
-        print(f"training {t['model']:<30} normlab {t['images_per_sec']:>7.0f} img/s  torch {pt:>7.0f} img/s  "
-              f"ratio {ratio:.2f}")
+                ips = torch_training(t["model"], t["norm"], t["batch_size"], 3 if args.quick else 10)
+                row = train_rows.setdefault((t["model"], t["norm"]), dict(images_per_sec=[], torch_images_per_sec=[],
+                                                                         ratio=[]))
+                row["images_per_sec"].append(t["images_per_sec"])
+                row["torch_images_per_sec"].append(ips)
+                row["ratio"].append(t["images_per_sec"] / ips)
+            for shape in dict.fromkeys(tuple(c["shape"]) for c in convs):
+                fwd, bwd = torch_conv(shape, reps)
+                row = conv_rows.setdefault(shape, dict(torch_fwd_ms=[], torch_bwd_ms=[], normlab={}))
+                row["torch_fwd_ms"].append(fwd * 1e3)
+                row["torch_bwd_ms"].append(bwd * 1e3)
+                for c in convs:
+                    if tuple(c["shape"]) == shape:
+                        alg = row["normlab"].setdefault(c["algorithm"], dict(fwd_ms=[], bwd_ms=[]))
+                        alg["fwd_ms"].append(c["forward_ms"])
+                        alg["bwd_ms"].append(c["backward_ms"])
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    med = statistics.median
+    print(f"threads {args.threads}, torch {torch.__version__}, {max(1, args.rounds)} alternating rounds; "
+          f"memory copy {copy:.1f} GB/s; ratios > 1: normlab faster (per round: min, median)")
+    if kernel_rows:
+        print(f"{'kernel':<18} {'shape':<18} {'normlab ms':>10} {'torch ms':>9} {'ratio min':>9} {'median':>7}")
+    for (name, shape), row in kernel_rows.items():
+        print(f"{name:<18} {str(list(shape)):<18} {med(row['ms']):>10.3f} {med(row['torch_ms']):>9.3f} "
+              f"{min(row['ratio']):>9.2f} {med(row['ratio']):>7.2f}")
+    for name in dict.fromkeys(k for k, _ in kernel_rows):
+        rs = [min(r["ratio"]) for (k, _), r in kernel_rows.items() if k == name]
+        print(f"  {name:<18} worst shape's min ratio {min(rs):.2f}x")
+    for (model, norm), row in train_rows.items():
+        print(f"training {model:<30} {norm:<5} normlab {med(row['images_per_sec']):>7.0f} img/s  torch "
+              f"{med(row['torch_images_per_sec']):>7.0f} img/s  ratio {spread(row['ratio'])}")
+    if conv_rows:
+        print("3x3 convs, batch 128 (median ms over rounds): forward and backward (dx + dW)")
+        print(f"{'shape (N,C,OC,H)':<20} {'torch fwd':>9} {'im2col':>7} {'auto':>7} {'torch bwd':>9} {'im2col':>7} "
+              f"{'auto':>7}  {'auto/torch fwd':>14} {'bwd':>5}")
+    for shape, row in conv_rows.items():
+        tf, tb = med(row["torch_fwd_ms"]), med(row["torch_bwd_ms"])
+        im, au = row["normlab"]["im2col"], row["normlab"]["auto"]
+        print(f"{str(list(shape)):<20} {tf:>9.3f} {med(im['fwd_ms']):>7.3f} {med(au['fwd_ms']):>7.3f} {tb:>9.3f} "
+              f"{med(im['bwd_ms']):>7.3f} {med(au['bwd_ms']):>7.3f}  {tf / med(au['fwd_ms']):>13.2f}x "
+              f"{tb / med(au['bwd_ms']):>4.2f}x")
     if args.json:
+        def listed(d):
+            return [dict(key=list(k) if isinstance(k, tuple) else k, **v) for k, v in d.items()]
         with open(args.json, "w") as f:
-            json.dump(dict(threads=args.threads, copy_gb_per_s=nl["copy_gb_per_s"], kernels=rows,
-                           training=training), f, indent=2)
+            json.dump(dict(threads=args.threads, copy_gb_per_s=copy, kernels=listed(kernel_rows),
+                           training=listed(train_rows), convs=listed(conv_rows)), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -83,10 +83,49 @@ def seed_cnn(width=32):
     return SeedCnn()
 
 
-def model(name):
-    """seed-cnn or vgg[:cfg] (BN + ReLU after every conv) as an nn.Sequential, for benchmarks."""
+def norm_layer(norm, c):
+    """normlab's --norm bn or gn:G as a PyTorch module on c channels."""
+    if norm == "bn":
+        return nn.BatchNorm2d(c)
+    if norm.startswith("gn:"):
+        return nn.GroupNorm(int(norm[3:]), c)
+    sys.exit(f"error: no PyTorch twin for --norm {norm}")
+
+
+def resnet(norm="bn", widths=(16, 16, 32, 32, 64, 64)):
+    """normlab's resnet: a 16-channel 3x3 stem, three stages of two basic blocks (16, 32, 64
+    channels, strides 1, 2, 2; a 1x1 conv + norm shortcut where the shape changes), global
+    average pooling and a linear classifier."""
+    class Block(nn.Module):
+        def __init__(self, cin, mid, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=False)
+            self.bn1 = norm_layer(norm, mid)
+            self.conv2 = nn.Conv2d(mid, cout, 3, 1, 1, bias=False)
+            self.bn2 = norm_layer(norm, cout)
+            self.shortcut = None
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout))
+
+        def forward(self, x):
+            h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+    blocks, c = [], 16
+    for b, mid in enumerate(widths):
+        out, stride = [(16, 1), (32, 2), (64, 2)][b // 2]
+        blocks.append(Block(c, mid, out, stride if b % 2 == 0 else 1))
+        c = out
+    return nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), norm_layer(norm, 16), nn.ReLU(), *blocks,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+def model(name, norm="bn"):
+    """seed-cnn, vgg[:cfg] (norm + ReLU after every conv) or resnet, for benchmarks."""
     if name == "seed-cnn":
         return seed_cnn()
+    if name == "resnet":
+        return resnet(norm)
     cfg = name.split(":", 1)[1] if ":" in name else VGG_DEFAULT
     layers, c, hw = [], 1, 28
     for item in cfg.split(","):
@@ -94,6 +133,6 @@ def model(name):
             layers.append(nn.MaxPool2d(2))
             hw //= 2
         else:
-            layers += [nn.Conv2d(c, int(item), 3, padding=1, bias=False), nn.BatchNorm2d(int(item)), nn.ReLU()]
+            layers += [nn.Conv2d(c, int(item), 3, padding=1, bias=False), norm_layer(norm, int(item)), nn.ReLU()]
             c = int(item)
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * hw * hw, 10))

@@ -3,12 +3,13 @@
 
 Run from the repository root:  .venv-torch/bin/python scripts/make_goldens.py [NAME...]
 Writes tests/goldens/*.safetensors (all, or the named ones: batch_norm, seed_cnn_steps,
-norm_family, eval_backward, lstm). Never edit the outputs by hand; rerun this script.
+norm_family, eval_backward, lstm, conv, vgg_steps). Never edit the outputs by hand; rerun this script.
 """
 import json
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fmnist_torch import seed_cnn  # noqa: E402
+from pytorch_weights import vgg  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "goldens")
 torch.set_num_threads(1)
@@ -521,12 +523,97 @@ def lstm_cases():
     print(f"lstm.safetensors: {len(cases)} cases")
 
 
+def hashed_values(n, seed):
+    """n float32 values in [-1, 1) from an integer hash of (index, seed): k / 2^23 - 1 with a
+    24-bit k is exact in float32, so tests/conv_golden.rs rebuilds the same inputs instead of
+    the golden file carrying them."""
+    m = np.uint64(0xFFFFFFFF)
+    x = (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B1) + np.uint64(seed) * np.uint64(0x85EBCA77)) & m
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x2C1B3C6D)) & m
+    x ^= x >> np.uint64(12)
+    x = (x * np.uint64(0x297A2D39)) & m
+    x ^= x >> np.uint64(15)
+    k = (x >> np.uint64(8)).astype(np.float32)
+    return k / np.float32(2 ** 23) - np.float32(1)
+
+
+# (N, C, OC, H=W, bias): 3x3 padding-1 convs on the maps and widths of vgg and resnet; 28 is a
+# multiple of both Winograd tiles, 14 and 7 are not (edge tiles are clipped).
+CONV_CASES = [(1, 32, 16, 28, False), (2, 64, 16, 14, True), (2, 128, 16, 7, False)]
+
+
+def conv_cases():
+    """Conv2d forward, input, weight and bias gradients in float64 on hashed float32 inputs.
+    Weights are scaled by 2^-e with 4^e <= 9C (exact in float32) so outputs are of order 1."""
+    tensors = {}
+    for i, (n, c, oc, hw, bias) in enumerate(CONV_CASES):
+        e = 0
+        while 4 ** (e + 1) <= 9 * c:
+            e += 1
+        x = torch.from_numpy(hashed_values(n * c * hw * hw, 4 * i).reshape(n, c, hw, hw))
+        w = torch.from_numpy(hashed_values(oc * c * 9, 4 * i + 1).reshape(oc, c, 3, 3) * np.float32(2.0 ** -e))
+        b = torch.from_numpy(hashed_values(oc, 4 * i + 2)) if bias else None
+        dy = torch.from_numpy(hashed_values(n * oc * hw * hw, 4 * i + 3).reshape(n, oc, hw, hw))
+        xd, wd = x.double().requires_grad_(True), w.double().requires_grad_(True)
+        bd = b.double().requires_grad_(True) if bias else None
+        y = F.conv2d(xd, wd, bd, padding=1)
+        y.backward(dy.double())
+        tensors[f"case{i}.y"] = y.detach().float()
+        tensors[f"case{i}.dx"] = xd.grad.float()
+        tensors[f"case{i}.dw"] = wd.grad.float()
+        if bias:
+            tensors[f"case{i}.db"] = bd.grad.float()
+    save_file(tensors, os.path.join(OUT, "conv.safetensors"),
+              metadata={"cases": json.dumps(CONV_CASES)})
+    print("conv.safetensors written")
+
+
+def vgg_steps():
+    """Three SGD steps (momentum 0.9) of vgg:16,16,M,32,32,M,M with BN in float64 on float32
+    batches; after each step the parameters are rounded to float32, so that each recorded step
+    (parameters before it, loss, gradients, running statistics after it) starts from values
+    normlab holds exactly. A max-pool or ReLU that flips on a rounding difference would send a
+    whole gradient value elsewhere, and over free-running steps such flips compound."""
+    torch.manual_seed(11)
+    cfg, steps, batch = "16,16,M,32,32,M,M", 3, 8
+    model = vgg(cfg)
+    model.double().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tensors = {}
+    for s in range(steps):
+        x = torch.randn(batch, 1, 28, 28)
+        y = torch.randint(0, 10, (batch,), dtype=torch.int64)
+        tensors[f"x{s}"], tensors[f"y{s}"] = x, y
+        for k, v in model.state_dict().items():
+            tensors[f"before{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x.double()), y)
+        loss.backward()
+        tensors[f"loss{s}"] = torch.tensor([loss.item()], dtype=torch.float64)
+        for k, p in model.named_parameters():
+            tensors[f"grad{s}.{k}"] = p.grad.float()
+        opt.step()
+        with torch.no_grad():
+            for v in model.state_dict().values():
+                if v.is_floating_point():
+                    v.copy_(v.float().double())
+        for k, v in model.state_dict().items():
+            if "running" in k or "num_batches" in k:
+                tensors[f"after{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "vgg_steps.safetensors"),
+              metadata={"model": f"vgg:{cfg}", "steps": str(steps)})
+    print("vgg_steps.safetensors written")
+
+
 GOLDENS = {
     "batch_norm": batch_norm_cases,
     "seed_cnn_steps": seed_cnn_steps,
     "norm_family": norm_family_cases,
     "eval_backward": eval_backward_cases,
     "lstm": lstm_cases,
+    "conv": conv_cases,
+    "vgg_steps": vgg_steps,
 }
 
 if __name__ == "__main__":

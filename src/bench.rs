@@ -9,10 +9,11 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::{Model, ModelSpec, DEFAULT_VGG};
+use crate::nn::conv2d::Conv2d;
 use crate::nn::norm_spec::NormSpec;
-use crate::nn::Mode;
+use crate::nn::{Layer, Mode};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::tensor::Tensor;
 use crate::train::train_step;
@@ -52,6 +53,7 @@ pub struct KernelResult {
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainResult {
     pub model: String,
+    pub norm: String,
     pub batch_size: usize,
     pub images_per_sec: f64,
 }
@@ -62,6 +64,7 @@ pub struct BenchReport {
     /// Parallel memory copy of a 256 MiB buffer, counting bytes read plus bytes written.
     pub copy_gb_per_s: f64,
     pub kernels: Vec<KernelResult>,
+    pub convs: Vec<ConvResult>,
     pub training: Vec<TrainResult>,
 }
 
@@ -123,9 +126,63 @@ pub fn bench_kernel(kernel: &str, spec: &str, passes: &str, shape: [usize; 4], r
     })
 }
 
-/// Training images/s of `model` on random data through the real training step.
-pub fn bench_training(model: &str, batch: usize, steps: usize) -> Result<f64> {
-    let spec = ModelSpec::new(model, "bn", [1, 28, 28], 10)?;
+/// The 3x3 stride-1 convolutions of vgg and resnet in a batch of 128 Fashion-MNIST images, as
+/// (N, C, OC, H=W): vgg's six, then resnet's stem and the 3x3 convs of its three stages.
+pub const CONV_SHAPES: [[usize; 4]; 9] = [
+    [128, 1, 32, 28],
+    [128, 32, 32, 28],
+    [128, 32, 64, 14],
+    [128, 64, 64, 14],
+    [128, 64, 128, 7],
+    [128, 128, 128, 7],
+    [128, 16, 16, 28],
+    [128, 32, 32, 14],
+    [128, 64, 64, 7],
+];
+
+/// Median times (ms) of one conv's passes with one algorithm: forward, the weight gradient
+/// alone (backward without the input gradient) and the whole backward.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConvResult {
+    pub shape: [usize; 4],
+    pub algorithm: String,
+    pub forward_ms: f64,
+    pub weight_grad_ms: f64,
+    pub backward_ms: f64,
+}
+
+/// The conv algorithms `bench --filter conv` compares, side by side.
+pub const CONV_ALGORITHMS: [&str; 4] = ["im2col", "winograd2", "winograd4", "auto"];
+
+/// Times one 3x3 padding-1 conv (N, C, OC, H=W) with one algorithm through the layer code.
+pub fn bench_conv(shape: [usize; 4], algorithm: &str, reps: usize) -> Result<ConvResult> {
+    let [n, c, oc, hw] = shape;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut conv = Conv2d::new(c, oc, 3, 1, 1, false, &mut rng);
+    conv.algorithm = algorithm.parse().map_err(Error::invalid)?;
+    let x = random_tensor(&[n, c, hw, hw], &mut rng);
+    let dy = random_tensor(&[n, oc, hw, hw], &mut rng);
+    let (mut y, mut dx) = (Tensor::default(), Tensor::default());
+    let forward = time_median(reps, || conv.forward(&x, &mut y, Mode::Train))?;
+    conv.set_input_grad(false);
+    let weight_grad = time_median(reps, || conv.backward(&x, &y, &dy, &mut dx))?;
+    conv.set_input_grad(true);
+    let backward = time_median(reps, || conv.backward(&x, &y, &dy, &mut dx))?;
+    Ok(ConvResult {
+        shape,
+        algorithm: algorithm.into(),
+        forward_ms: forward * 1e3,
+        weight_grad_ms: weight_grad * 1e3,
+        backward_ms: backward * 1e3,
+    })
+}
+
+/// The models `bench` trains, as (model, norm).
+pub const TRAINING_MODELS: [(&str, &str); 4] = [("seed-cnn", "bn"), ("vgg", "bn"), ("vgg", "gn:8"), ("resnet", "bn")];
+
+/// Training images/s of `model` with `norm` on random data through the real training step.
+pub fn bench_training(model: &str, norm: &str, batch: usize, steps: usize) -> Result<f64> {
+    let spec = ModelSpec::new(model, norm, [1, 28, 28], 10)?;
     let mut m = Model::build(&spec, 0)?;
     let mut opt = Optimizer::new(OptimizerConfig::default());
     let mut rng = ChaCha8Rng::seed_from_u64(2);
@@ -162,17 +219,32 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
             });
         }
     }
+    let mut convs = Vec::new();
+    if filter == "conv" {
+        // Shape by shape, the algorithms one after another: a burst of host load hits them alike.
+        for shape in CONV_SHAPES {
+            for algorithm in CONV_ALGORITHMS {
+                progress(&format!("conv {shape:?} {algorithm}"));
+                convs.push(bench_conv(shape, algorithm, reps)?);
+            }
+        }
+    }
     let mut training = Vec::new();
-    let models = ["seed-cnn".to_string(), format!("vgg:{DEFAULT_VGG}")];
-    for model in models
-        .into_iter()
-        .filter(|m| filter.is_empty() || m.contains(filter) || filter == "training")
-    {
-        progress(&format!("training {model}"));
+    for (model, norm) in TRAINING_MODELS {
+        let name = match model {
+            "vgg" => format!("vgg:{DEFAULT_VGG}"),
+            _ => model.to_string(),
+        };
+        let label = format!("{name} {norm}");
+        if !(filter.is_empty() || label.contains(filter) || filter == "training") {
+            continue;
+        }
+        progress(&format!("training {label}"));
         let steps = if quick { 3 } else { 40 };
-        let ips = bench_training(&model, 128, steps)?;
+        let ips = bench_training(&name, norm, 128, steps)?;
         training.push(TrainResult {
-            model,
+            model: name,
+            norm: norm.into(),
             batch_size: 128,
             images_per_sec: ips,
         });
@@ -181,6 +253,7 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
         threads: rayon::current_num_threads(),
         copy_gb_per_s: copy,
         kernels,
+        convs,
         training,
     })
 }

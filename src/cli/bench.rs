@@ -123,7 +123,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return run_inference(&a, json);
     }
     let threads = init_threads(a.threads)?;
-    let total = (normlab::bench::KERNELS.len() * normlab::bench::SHAPES.len() + 3) as u64;
+    let total = (normlab::bench::KERNELS.len() * normlab::bench::SHAPES.len()
+        + normlab::bench::TRAINING_MODELS.len()
+        + 1) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})")
@@ -157,10 +159,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
             100.0 * k.copy_fraction
         );
     }
+    if !report.convs.is_empty() {
+        println!(
+            "{:<22} {:<10} {:>10} {:>10} {:>10} {:>10}",
+            "conv (N,C,OC,H=W)", "algorithm", "fwd ms", "dW ms", "dx ms", "bwd ms"
+        );
+    }
+    for c in &report.convs {
+        println!(
+            "{:<22} {:<10} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+            format!("{:?}", c.shape),
+            c.algorithm,
+            c.forward_ms,
+            c.weight_grad_ms,
+            c.backward_ms - c.weight_grad_ms,
+            c.backward_ms
+        );
+    }
     for t in &report.training {
         println!(
-            "training {:<30} batch {:>4}: {:>8.0} images/s",
-            t.model, t.batch_size, t.images_per_sec
+            "training {:<30} {:<6} batch {:>4}: {:>8.0} images/s",
+            t.model, t.norm, t.batch_size, t.images_per_sec
         );
     }
     if let Some(path) = &json {

@@ -11,6 +11,10 @@ use crate::export::graph::{relu_if, Attr, OnnxGraph};
 use crate::kernels::im2col::{col2im, im2col, ConvGeometry};
 use crate::kernels::matmul::{matmul, Op};
 use crate::kernels::reduce::{add_bias_relu, add_row_sums, relu_mask};
+use crate::kernels::winograd::{
+    winograd_filter_gradient, winograd_filter_transform, winograd_gradient_transform, winograd_input_transform,
+    winograd_output_transform, TilePlan, WinogradTile,
+};
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
@@ -36,7 +40,48 @@ pub struct Conv2d {
     input_grad: bool,
     /// A ReLU fused after the bias (forward and backward), when no norm sits between.
     pub relu: bool,
+    /// How the 3x3 stride-1 passes are computed (`Auto`: the measured table in `passes`).
+    pub algorithm: ConvAlgorithm,
     groups: Vec<GroupScratch>,
+    /// Winograd-domain kernels: U for the forward pass, the flipped, transposed U for dx.
+    wino_u: Vec<f32>,
+    wino_u_adjoint: Vec<f32>,
+}
+
+/// How a convolution computes its passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvAlgorithm {
+    /// The fastest measured method for the layer's shape (see `Conv2d::passes`).
+    #[default]
+    Auto,
+    /// im2col + gemm for every pass.
+    Im2col,
+    /// Winograd with this tile for every pass where the geometry allows it (3x3, stride 1,
+    /// padding 1), im2col elsewhere.
+    Winograd(WinogradTile),
+}
+
+impl std::str::FromStr for ConvAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(ConvAlgorithm::Auto),
+            "im2col" => Ok(ConvAlgorithm::Im2col),
+            "winograd2" => Ok(ConvAlgorithm::Winograd(WinogradTile::F2)),
+            "winograd4" => Ok(ConvAlgorithm::Winograd(WinogradTile::F4)),
+            _ => Err(format!(
+                "unknown convolution algorithm '{s}': use auto, im2col, winograd2 or winograd4"
+            )),
+        }
+    }
+}
+
+/// The method of each pass of one conv: None is im2col + gemm, Some(tile) Winograd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvPasses {
+    pub forward: Option<WinogradTile>,
+    pub input_grad: Option<WinogradTile>,
+    pub weight_grad: Option<WinogradTile>,
 }
 
 /// What one sample group works in: its im2col buffer (`batch` samples side by side), its
@@ -47,7 +92,17 @@ struct GroupScratch {
     col: Vec<f32>,
     partial: Vec<f32>,
     out: Vec<f32>,
+    /// Winograd: the tiles of the current batch, the staging planes, the two transformed
+    /// buffers ([t²][channels][P]) and the Winograd-domain weight-gradient sum [t²][OC][C].
+    plan: TilePlan,
+    staging: Vec<f32>,
+    wa: Vec<f32>,
+    wb: Vec<f32>,
+    du: Vec<f32>,
 }
+
+/// Winograd batches samples until the larger transformed buffer holds about this many bytes.
+const WINOGRAD_BYTES: usize = 2 * 1024 * 1024;
 
 impl Conv2d {
     #[allow(clippy::too_many_arguments)]
@@ -89,7 +144,10 @@ impl Conv2d {
             bias,
             input_grad: true,
             relu: false,
+            algorithm: ConvAlgorithm::Auto,
             groups: Vec::new(),
+            wino_u: Vec::new(),
+            wino_u_adjoint: Vec::new(),
         }
     }
 
@@ -157,6 +215,213 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The method of each pass for geometry `g`. Winograd needs a 3x3 kernel, stride 1 and
+    /// padding 1 (then dx is again such a conv); `Auto` takes the measured table below.
+    pub fn passes(&self, g: &ConvGeometry) -> ConvPasses {
+        let eligible = self.kernel == 3 && self.stride == 1 && self.padding == 1;
+        let all = |t: Option<WinogradTile>| ConvPasses {
+            forward: t,
+            input_grad: t,
+            weight_grad: t,
+        };
+        match self.algorithm {
+            _ if !eligible => all(None),
+            ConvAlgorithm::Im2col => all(None),
+            ConvAlgorithm::Winograd(t) => all(Some(t)),
+            ConvAlgorithm::Auto => auto_passes(g.channels, self.out_channels, g.height, g.width),
+        }
+    }
+
+    /// Samples per group and per Winograd batch, with the scratch sized for them.
+    fn prepare_winograd(&mut self, n: usize, g: &ConvGeometry, tile: WinogradTile, im2col_dw: bool) -> (usize, usize) {
+        let per_group = n.div_ceil(GROUPS).max(1);
+        let groups = n.div_ceil(per_group);
+        let (m, t) = (tile.m(), tile.t());
+        let tiles = g.height.div_ceil(m) * g.width.div_ceil(m);
+        let widest = g.channels.max(self.out_channels);
+        let batch = (WINOGRAD_BYTES / (4 * t * t * widest * tiles)).clamp(1, per_group);
+        let transformed = t * t * widest * tiles * batch;
+        let staging = (g.height.div_ceil(m) * m + 2) * (g.width.div_ceil(m) * m + 2) * widest.next_multiple_of(16);
+        let (oc, rows, cols) = (self.out_channels, g.col_rows(), g.col_cols());
+        self.groups.resize_with(groups, GroupScratch::default);
+        for s in self.groups.iter_mut() {
+            s.staging.resize(staging, 0.0);
+            s.wa.resize(transformed, 0.0);
+            s.wb.resize(transformed, 0.0);
+            s.du.resize(t * t * oc * g.channels, 0.0);
+            s.partial.resize(oc * (rows + 1), 0.0);
+            s.out.resize(if self.relu { oc * cols * batch } else { 0 }, 0.0);
+            s.col.resize(if im2col_dw { rows * cols } else { 0 }, 0.0);
+        }
+        (per_group, batch)
+    }
+
+    // Winograd forward: U = G W Gᵀ once, then per batch of samples V = Bᵀ x B, M_ξ = V_ξ · U_ξ
+    // (t² gemms), y = Aᵀ M A + b (then ReLU).
+    fn forward_winograd(&mut self, x: &Tensor, y: &mut Tensor, g: &ConvGeometry, tile: WinogradTile) {
+        let n = x.batch();
+        let (c, oc, t2) = (g.channels, self.out_channels, tile.t() * tile.t());
+        let (per_group, batch) = self.prepare_winograd(n, g, tile, false);
+        self.wino_u.resize(t2 * oc * c, 0.0);
+        winograd_filter_transform(tile, &self.weight.value.data, oc, c, false, &mut self.wino_u);
+        y.resize_to(&[n, oc, g.out_h(), g.out_w()]);
+        let (xs, ys) = (x.sample_len(), oc * g.col_cols());
+        let (u, bias, relu) = (
+            &self.wino_u,
+            self.bias.as_ref().map(|b| b.value.data.as_slice()),
+            self.relu,
+        );
+        let threads = gemm_threads(n);
+        y.data
+            .par_chunks_mut(per_group * ys)
+            .zip(x.data.par_chunks(per_group * xs))
+            .zip(self.groups.par_iter_mut())
+            .for_each(|((yg, xg), s)| {
+                for (yb, xb) in yg.chunks_mut(batch * ys).zip(xg.chunks(batch * xs)) {
+                    s.plan.update(tile, xb.len() / xs, g.height, g.width);
+                    let p = s.plan.tiles();
+                    winograd_input_transform(&s.plan, xb, c, &mut s.wa, &mut s.staging);
+                    for xi in 0..t2 {
+                        let (m_xi, v_xi) = (&mut s.wb[xi * p * oc..], &s.wa[xi * p * c..]);
+                        matmul(m_xi, p, oc, c, v_xi, Op::N, &u[xi * c * oc..], Op::N, false, threads);
+                    }
+                    winograd_output_transform(&s.plan, &s.wb, oc, yb, bias, relu, &mut s.staging);
+                }
+            });
+    }
+
+    // Winograd backward, per batch of samples: grad = dy (· [y > 0] with a fused ReLU);
+    // dU_ξ += (Bᵀ x B)_ξᵀ · (A grad Aᵀ)_ξ, or dWᵀ += im2col(x) · gradᵀ when `passes` says so;
+    // dx = Aᵀ [(Bᵀ grad B)_ξ · U'_ξ] A with U' the flipped kernels.
+    fn backward_winograd(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        dx: &mut Tensor,
+        g: &ConvGeometry,
+        passes: ConvPasses,
+    ) {
+        let n = x.batch();
+        let (c, oc, rows, cols) = (g.channels, self.out_channels, g.col_rows(), g.col_cols());
+        let tile = passes.input_grad.or(passes.weight_grad).expect("a Winograd pass");
+        let t2 = tile.t() * tile.t();
+        let dw_tile = passes.weight_grad;
+        let dx_tile = passes.input_grad.filter(|_| self.input_grad);
+        let (per_group, batch) = self.prepare_winograd(n, g, tile, dw_tile.is_none());
+        if dx_tile.is_some() {
+            self.wino_u_adjoint.resize(t2 * c * oc, 0.0);
+            winograd_filter_transform(tile, &self.weight.value.data, oc, c, true, &mut self.wino_u_adjoint);
+        }
+        dx.resize_to(&x.shape);
+        let (xs, ys) = (x.sample_len(), oc * cols);
+        let (u_adj, has_bias, relu) = (&self.wino_u_adjoint, self.bias.is_some(), self.relu);
+        let threads = gemm_threads(n);
+        self.groups
+            .par_iter_mut()
+            .zip(
+                dy.data
+                    .par_chunks(per_group * ys)
+                    .zip(y.data.par_chunks(per_group * ys)),
+            )
+            .zip(x.data.par_chunks(per_group * xs))
+            .zip(dx.data.par_chunks_mut(per_group * xs))
+            .for_each(|(((s, (dyg, yg)), xg), dxg)| {
+                s.partial.fill(0.0);
+                s.du.fill(0.0);
+                let batches = dyg.chunks(batch * ys).zip(yg.chunks(batch * ys));
+                for (((dyb, yb), xb), dxb) in batches.zip(xg.chunks(batch * xs)).zip(dxg.chunks_mut(batch * xs)) {
+                    let samples = xb.len() / xs;
+                    let grad: &[f32] = if relu {
+                        for ((m, &gv), &v) in s.out.iter_mut().zip(dyb).zip(yb) {
+                            *m = relu_mask(v, gv);
+                        }
+                        &s.out[..samples * ys]
+                    } else {
+                        dyb
+                    };
+                    let (dw_t, db) = s.partial.split_at_mut(oc * rows);
+                    if has_bias {
+                        for gs in grad.chunks(ys) {
+                            add_row_sums(gs, cols, db);
+                        }
+                    }
+                    s.plan.update(tile, samples, g.height, g.width);
+                    let p = s.plan.tiles();
+                    if dw_tile.is_some() {
+                        winograd_input_transform(&s.plan, xb, c, &mut s.wa, &mut s.staging);
+                        winograd_gradient_transform(&s.plan, grad, oc, &mut s.wb, &mut s.staging);
+                        for xi in 0..t2 {
+                            let (dm, v) = (&s.wb[xi * p * oc..], &s.wa[xi * p * c..]);
+                            matmul(&mut s.du[xi * c * oc..], c, oc, p, v, Op::T, dm, Op::N, true, threads);
+                        }
+                    } else {
+                        for (xi, gs) in xb.chunks(xs).zip(grad.chunks(ys)) {
+                            im2col(xi, g, &mut s.col, cols);
+                            matmul(dw_t, rows, oc, cols, &s.col, Op::N, gs, Op::T, true, threads);
+                        }
+                    }
+                    if dx_tile.is_some() {
+                        winograd_input_transform(&s.plan, grad, oc, &mut s.wb, &mut s.staging);
+                        for xi in 0..t2 {
+                            let (md, vd) = (&mut s.wa[xi * p * c..], &s.wb[xi * p * oc..]);
+                            matmul(md, p, c, oc, vd, Op::N, &u_adj[xi * oc * c..], Op::N, false, threads);
+                        }
+                        winograd_output_transform(&s.plan, &s.wa, c, dxb, None, false, &mut s.staging);
+                    }
+                }
+            });
+        self.add_group_partials(rows, dw_tile.is_none());
+        if let Some(tile) = dw_tile {
+            let (first, rest) = self.groups.split_first_mut().expect("at least one group");
+            for s in rest.iter() {
+                first.du.iter_mut().zip(&s.du).for_each(|(a, v)| *a += v);
+            }
+            winograd_filter_gradient(tile, &first.du, oc, c, &mut self.weight.grad.data);
+        }
+    }
+
+    /// Adds the groups' [dWᵀ | db] partial sums into the gradients, in group order (dWᵀ only
+    /// when im2col computed the weight gradient).
+    fn add_group_partials(&mut self, rows: usize, im2col_dw: bool) {
+        let oc = self.out_channels;
+        let wg = &mut self.weight.grad.data;
+        for s in &self.groups {
+            if im2col_dw {
+                for (r, dw_row) in s.partial[..oc * rows].chunks(oc).enumerate() {
+                    for (o, &v) in dw_row.iter().enumerate() {
+                        wg[o * rows + r] += v;
+                    }
+                }
+            }
+            if let Some(b) = self.bias.as_mut() {
+                b.grad
+                    .data
+                    .iter_mut()
+                    .zip(&s.partial[oc * rows..])
+                    .for_each(|(a, v)| *a += v);
+            }
+        }
+    }
+}
+
+/// The measured choice for a 3x3, stride-1, padding-1 conv of C -> OC channels on h×w maps
+/// (`normlab bench --filter conv`, batch 128, 2 threads; ARCHITECTURE.md has the table).
+/// F(4x4,3x3) took the forward pass and dx from 1.1-1.9x faster than im2col on every shape
+/// with C, OC >= 16, F(2x2,3x3) was never ahead of it; with one input channel (the stem) the
+/// transforms cost more than the 9-row gemm they save. The weight gradient gained only from
+/// 32 channels up (on 16->16 at 28x28 Winograd was 1.4x slower).
+fn auto_passes(c: usize, oc: usize, _h: usize, _w: usize) -> ConvPasses {
+    let wide = c >= 16 && oc >= 16;
+    let f4 = Some(WinogradTile::F4);
+    ConvPasses {
+        forward: f4.filter(|_| wide),
+        input_grad: f4.filter(|_| wide),
+        weight_grad: f4.filter(|_| wide && c >= 32),
+    }
+}
+
 /// gemm's own threads for a lone sample (latency at batch 1); otherwise samples run in parallel.
 fn gemm_threads(n: usize) -> usize {
     if n == 1 {
@@ -204,6 +469,10 @@ impl Layer for Conv2d {
     // [OC, batch·cols] = W · [im2col(x_p) side by side]
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         let g = self.geometry(x)?;
+        if let Some(tile) = self.passes(&g).forward {
+            self.forward_winograd(x, y, &g, tile);
+            return Ok(());
+        }
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
         let oc = self.out_channels;
@@ -270,6 +539,11 @@ impl Layer for Conv2d {
                 format!("output {:?} does not match gradient {:?}", y.shape, dy.shape),
             ));
         }
+        let passes = self.passes(&g);
+        if passes.weight_grad.is_some() || (passes.input_grad.is_some() && self.input_grad) {
+            self.backward_winograd(x, y, dy, dx, &g, passes);
+            return Ok(());
+        }
         let (per_group, batch) = self.prepare(n, &g);
         let xs = x.sample_len();
         let input_grad = self.input_grad;
@@ -288,7 +562,7 @@ impl Layer for Conv2d {
             .zip(x.data.par_chunks(per_group * xs))
             .zip(dx.data.par_chunks_mut(per_group * xs))
             .for_each(|(((scratch, (dyg, yg)), xg), dxg)| {
-                let GroupScratch { col, partial, out } = scratch;
+                let GroupScratch { col, partial, out, .. } = scratch;
                 partial.fill(0.0);
                 let (dw_t, db) = partial.split_at_mut(oc * rows);
                 let batches = dyg.chunks(batch * oc * cols).zip(yg.chunks(batch * oc * cols));
@@ -332,21 +606,7 @@ impl Layer for Conv2d {
                     }
                 }
             });
-        let wg = &mut self.weight.grad.data;
-        for s in &self.groups {
-            for (r, dw_row) in s.partial[..oc * rows].chunks(oc).enumerate() {
-                for (o, &v) in dw_row.iter().enumerate() {
-                    wg[o * rows + r] += v;
-                }
-            }
-            if let Some(b) = self.bias.as_mut() {
-                b.grad
-                    .data
-                    .iter_mut()
-                    .zip(&s.partial[oc * rows..])
-                    .for_each(|(a, v)| *a += v);
-            }
-        }
+        self.add_group_partials(rows, true);
         // Without input_grad (the network's first layer) dx is sized but left unspecified.
         Ok(())
     }
@@ -357,5 +617,10 @@ impl Layer for Conv2d {
 
     fn set_input_grad(&mut self, needed: bool) {
         self.input_grad = needed;
+    }
+
+    fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) -> usize {
+        self.algorithm = algorithm;
+        1
     }
 }

@@ -142,6 +142,11 @@ pub trait Layer: Send {
         0
     }
 
+    /// Sets how the convolutions in this layer compute their passes; returns how many it holds.
+    fn set_conv_algorithm(&mut self, _algorithm: crate::nn::conv2d::ConvAlgorithm) -> usize {
+        0
+    }
+
     /// Sets how the norms with running statistics in this layer use them; returns how many
     /// such norms it holds (0 for every other layer).
     fn set_stats_mode(&mut self, _mode: StatsMode) -> usize {

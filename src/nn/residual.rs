@@ -248,6 +248,14 @@ impl Layer for BasicBlock {
         self.norm1.set_communicator(comm) + self.norm2.set_communicator(comm) + shortcut
     }
 
+    fn set_conv_algorithm(&mut self, algorithm: crate::nn::conv2d::ConvAlgorithm) -> usize {
+        let shortcut = self
+            .shortcut
+            .as_mut()
+            .map_or(0, |(c, _)| c.set_conv_algorithm(algorithm));
+        self.conv1.set_conv_algorithm(algorithm) + self.conv2.set_conv_algorithm(algorithm) + shortcut
+    }
+
     fn set_stats_mode(&mut self, mode: crate::nn::StatsMode) -> usize {
         let shortcut = self.shortcut.as_mut().map_or(0, |(_, n)| n.set_stats_mode(mode));
         self.norm1.set_stats_mode(mode) + self.norm2.set_stats_mode(mode) + shortcut

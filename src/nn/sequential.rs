@@ -147,6 +147,14 @@ impl Sequential {
         self.layers.iter_mut().map(|(_, l)| l.set_stats_mode(mode)).sum()
     }
 
+    /// Sets how every convolution computes its passes; returns how many there are.
+    pub fn set_conv_algorithm(&mut self, algorithm: crate::nn::conv2d::ConvAlgorithm) -> usize {
+        self.layers
+            .iter_mut()
+            .map(|(_, l)| l.set_conv_algorithm(algorithm))
+            .sum()
+    }
+
     /// Gives every SyncBN the processes of a data-parallel job; returns how many there are.
     pub fn set_communicator(&mut self, comm: &std::sync::Arc<dyn crate::dist::Communicator>) -> usize {
         self.layers.iter_mut().map(|(_, l)| l.set_communicator(comm)).sum()
