@@ -8,7 +8,10 @@
 //! M_ξ[P, OC] = V_ξ[P, C] · U_ξ[C, OC] over the P tiles of a batch of samples: t²·P·C·OC
 //! multiplications where im2col+gemm does 9·m²·P·C·OC (2.25x fewer for m = 2, 4x for m = 4).
 //!
-//! Layouts: V and M are [t²][P][channels]. Each sample is first staged channels-last, so the
+//! Layouts: V and M are [P][t²][channels], tile-major, so a tile's t² transformed vectors are
+//! written in one run (as [t²][P][channels] they went to t² places a buffer apart, and the
+//! stores stalled); the gemm of position ξ reads rows t²·channels apart. Each sample is first
+//! staged channels-last, so the
 //! transforms work on `LANES` channels at once with contiguous loads (tiles as lanes needed
 //! strided gathers and ran 5x slower). The weight gradient goes through the same domain:
 //! dU_ξ[C, OC] = V_ξᵀ · (A dy Aᵀ)_ξ, then dg = Gᵀ dU G. The input gradient is the forward
@@ -450,7 +453,7 @@ fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
 ) {
     let m = plan.m();
     let (_, pw) = plan.padded();
-    let (cp, p_total) = (channels.next_multiple_of(LANES), plan.tiles());
+    let cp = channels.next_multiple_of(LANES);
     let (mut d, mut v) = ([[V::zero(); K]; K], [[V::zero(); R]; R]);
     let mut spill = [0.0f32; LANES];
     for ty in 0..plan.tiles_h {
@@ -466,7 +469,7 @@ fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
                 }
                 separable::<V, K, R, F>(&d, &mut v);
                 for (xi, val) in v.iter().flatten().enumerate() {
-                    let dst = &mut out[(xi * p_total + p) * channels + c0..];
+                    let dst = &mut out[(p * R * R + xi) * channels + c0..];
                     if n == LANES {
                         val.store(dst);
                     } else {
@@ -499,7 +502,7 @@ fn input_transform<V: Lanes>(plan: &TilePlan, x: &[f32], channels: usize, v: &mu
 }
 
 lanes_entry! {
-    /// V[ξ][p][c] = (Bᵀ d_{p,c} B)[ξ] for the tiles p of the plan's samples (x: samples ×
+    /// V[p][ξ][c] = (Bᵀ d_{p,c} B)[ξ] for the tiles p of the plan's samples (x: samples ×
     /// channels × h × w, zero padding 1). `staging` holds plan.staging_len(channels) values;
     /// v holds t²·P·channels.
     pub fn winograd_input_transform(plan: &TilePlan, x: &[f32], channels: usize, v: &mut [f32], staging: &mut [f32]) => input_transform
@@ -526,7 +529,7 @@ fn gradient_transform<V: Lanes>(plan: &TilePlan, dy: &[f32], channels: usize, dm
 }
 
 lanes_entry! {
-    /// DM[ξ][p][o] = (A dy_{p,o} Aᵀ)[ξ]: the gradient reaching M_ξ from an output gradient
+    /// DM[p][ξ][o] = (A dy_{p,o} Aᵀ)[ξ]: the gradient reaching M_ξ from an output gradient
     /// (samples × channels × h × w), positions past the map counting as zero.
     pub fn winograd_gradient_transform(plan: &TilePlan, dy: &[f32], channels: usize, dm: &mut [f32], staging: &mut [f32]) => gradient_transform
 }
@@ -544,7 +547,6 @@ fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     bias: Option<&[f32]>,
     relu: bool,
 ) {
-    let p_total = plan.tiles();
     let (cp, bw) = (channels.next_multiple_of(LANES), plan.tiles_w * R);
     let (mut mm, mut out) = ([[V::zero(); K]; K], [[V::zero(); R]; R]);
     // The first n values of src, zero-filled to LANES (the last block of channels).
@@ -560,7 +562,7 @@ fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
                 let n = LANES.min(channels - c0);
                 for (a, mma) in mm.iter_mut().enumerate() {
                     for (b, v) in mma.iter_mut().enumerate() {
-                        let src = &mbuf[((a * K + b) * p_total + p) * channels + c0..];
+                        let src = &mbuf[(p * K * K + a * K + b) * channels + c0..];
                         *v = if n == LANES { V::load(src) } else { partial(src, n) };
                     }
                 }
@@ -612,7 +614,7 @@ fn output_transform<V: Lanes>(
 }
 
 lanes_entry! {
-    /// y_{p,o} = Aᵀ M_{p,o} A (+ bias[o], then ReLU when `relu`) from M [t²][P][channels], into
+    /// y_{p,o} = Aᵀ M_{p,o} A (+ bias[o], then ReLU when `relu`) from M [P][t²][channels], into
     /// y: samples × channels × h × w, tiles clipped at the map's edge. `staging` holds
     /// plan.staging_len(channels) values.
     pub fn winograd_output_transform(

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::export::graph::{relu_if, Attr, OnnxGraph};
 use crate::kernels::im2col::{col2im, im2col, ConvGeometry};
-use crate::kernels::matmul::{matmul, Op};
+use crate::kernels::matmul::{matmul, matmul_strided, Op};
 use crate::kernels::reduce::{add_bias_relu, add_row_sums, relu_mask};
 use crate::kernels::winograd::{
     winograd_filter_gradient, winograd_filter_transform, winograd_gradient_transform, winograd_input_transform,
@@ -285,8 +285,9 @@ impl Conv2d {
                     let p = s.plan.tiles();
                     winograd_input_transform(&s.plan, xb, c, &mut s.wa, &mut s.staging);
                     for xi in 0..t2 {
-                        let (m_xi, v_xi) = (&mut s.wb[xi * p * oc..], &s.wa[xi * p * c..]);
-                        matmul(m_xi, p, oc, c, v_xi, Op::N, &u[xi * c * oc..], Op::N, false, threads);
+                        let v_xi = (&s.wa[xi * c..], t2 * c, Op::N);
+                        let u_xi = (&u[xi * c * oc..], oc, Op::N);
+                        matmul_strided(&mut s.wb[xi * oc..], t2 * oc, p, oc, c, v_xi, u_xi, false, threads);
                     }
                     winograd_output_transform(&s.plan, &s.wb, oc, yb, bias, relu, &mut s.staging);
                 }
@@ -355,8 +356,9 @@ impl Conv2d {
                         winograd_input_transform(&s.plan, xb, c, &mut s.wa, &mut s.staging);
                         winograd_gradient_transform(&s.plan, grad, oc, &mut s.wb, &mut s.staging);
                         for xi in 0..t2 {
-                            let (dm, v) = (&s.wb[xi * p * oc..], &s.wa[xi * p * c..]);
-                            matmul(&mut s.du[xi * c * oc..], c, oc, p, v, Op::T, dm, Op::N, true, threads);
+                            let v_t = (&s.wa[xi * c..], t2 * c, Op::T);
+                            let dm = (&s.wb[xi * oc..], t2 * oc, Op::N);
+                            matmul_strided(&mut s.du[xi * c * oc..], oc, c, oc, p, v_t, dm, true, threads);
                         }
                     } else {
                         for (xi, gs) in xb.chunks(xs).zip(grad.chunks(ys)) {
@@ -367,8 +369,9 @@ impl Conv2d {
                     if dx_tile.is_some() {
                         winograd_input_transform(&s.plan, grad, oc, &mut s.wb, &mut s.staging);
                         for xi in 0..t2 {
-                            let (md, vd) = (&mut s.wa[xi * p * c..], &s.wb[xi * p * oc..]);
-                            matmul(md, p, c, oc, vd, Op::N, &u_adj[xi * oc * c..], Op::N, false, threads);
+                            let vd = (&s.wb[xi * oc..], t2 * oc, Op::N);
+                            let u_xi = (&u_adj[xi * oc * c..], c, Op::N);
+                            matmul_strided(&mut s.wa[xi * c..], t2 * c, p, c, oc, vd, u_xi, false, threads);
                         }
                         winograd_output_transform(&s.plan, &s.wa, c, dxb, None, false, &mut s.staging);
                     }
