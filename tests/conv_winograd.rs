@@ -94,8 +94,8 @@ fn winograd_passes_equal_the_definition() {
         (20, 8, 8, 6, 6, true, true),
         (1, 2, 2, 1, 1, true, false),
         (4, 16, 12, 13, 9, false, false),
-        // Auto: Winograd forward and dx, im2col dW (16 channels), over two groups of samples.
-        (12, 16, 16, 10, 10, true, false),
+        // Auto: Winograd forward and dx, im2col dW (16 channels, 16+ samples), over groups.
+        (20, 16, 16, 6, 6, true, false),
     ];
     let algorithms = [
         ConvAlgorithm::Winograd(WinogradTile::F2),

@@ -218,9 +218,10 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// The method of each pass for geometry `g`. Winograd needs a 3x3 kernel, stride 1 and
-    /// padding 1 (then dx is again such a conv); `Auto` takes the measured table below.
-    pub fn passes(&self, g: &ConvGeometry) -> ConvPasses {
+    /// The method of each pass for geometry `g` and a batch of n samples. Winograd needs a 3x3
+    /// kernel, stride 1 and padding 1 (then dx is again such a conv); `Auto` takes the
+    /// measured table below.
+    pub fn passes(&self, g: &ConvGeometry, n: usize) -> ConvPasses {
         let eligible = self.kernel == 3 && self.stride == 1 && self.padding == 1;
         let all = |t: Option<WinogradTile>| ConvPasses {
             forward: t,
@@ -231,7 +232,7 @@ impl Conv2d {
             _ if !eligible => all(None),
             ConvAlgorithm::Im2col => all(None),
             ConvAlgorithm::Winograd(t) => all(Some(t)),
-            ConvAlgorithm::Auto => auto_passes(g.channels, self.out_channels, g.height, g.width),
+            ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels),
         }
     }
 
@@ -412,16 +413,19 @@ impl Conv2d {
 }
 
 /// The measured choice for a 3x3, stride-1, padding-1 conv of C -> OC channels on h×w maps
-/// (`normlab bench --filter conv`, batch 128, 2 threads; ARCHITECTURE.md has the table).
-/// F(4x4,3x3) took the forward pass and dx from 1.1-1.9x faster than im2col on every shape
-/// with C, OC >= 16, F(2x2,3x3) was never ahead of it; with one input channel (the stem) the
-/// transforms cost more than the 9-row gemm they save. The weight gradient gained only from
-/// 32 channels up (on 16->16 at 28x28 Winograd was 1.4x slower).
-fn auto_passes(c: usize, oc: usize, _h: usize, _w: usize) -> ConvPasses {
-    let wide = c >= 16 && oc >= 16;
+/// for a batch of n samples (`normlab bench --filter conv`, batch 128, 2 threads;
+/// ARCHITECTURE.md has the table). F(4x4,3x3) took the forward pass and dx from 1.1-1.9x
+/// faster than im2col on every shape with C, OC >= 16, F(2x2,3x3) was never ahead of it; with
+/// one input channel (the stem) the transforms cost more than the 9-row gemm they save. The
+/// weight gradient gained only from 32 channels up (on 16->16 at 28x28 Winograd was 1.4x
+/// slower). Below 16 samples the kernel transforms, redone at every call, cost more than the
+/// samples save (vgg inference at batch 1: 2.1 ms against 0.42 with im2col). The forward
+/// pass keeps F(4x4) to 128 input channels, the widest the goldens hold within 1e-5.
+fn auto_passes(n: usize, c: usize, oc: usize) -> ConvPasses {
+    let wide = n >= 16 && c >= 16 && oc >= 16;
     let f4 = Some(WinogradTile::F4);
     ConvPasses {
-        forward: f4.filter(|_| wide),
+        forward: f4.filter(|_| wide && c <= 128),
         input_grad: f4.filter(|_| wide),
         weight_grad: f4.filter(|_| wide && c >= 32),
     }
@@ -474,7 +478,7 @@ impl Layer for Conv2d {
     // [OC, batch·cols] = W · [im2col(x_p) side by side]
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         let g = self.geometry(x)?;
-        if let Some(tile) = self.passes(&g).forward {
+        if let Some(tile) = self.passes(&g, x.batch()).forward {
             self.forward_winograd(x, y, &g, tile);
             return Ok(());
         }
@@ -544,7 +548,7 @@ impl Layer for Conv2d {
                 format!("output {:?} does not match gradient {:?}", y.shape, dy.shape),
             ));
         }
-        let passes = self.passes(&g);
+        let passes = self.passes(&g, n);
         if passes.weight_grad.is_some() || (passes.input_grad.is_some() && self.input_grad) {
             self.backward_winograd(x, y, dy, dx, &g, passes);
             return Ok(());
