@@ -3,29 +3,17 @@
 
 mod common;
 
-use common::{assert_close, Golden};
+use common::{assert_close, load_state, Golden};
 use normlab::kernels::loss::softmax_cross_entropy;
 use normlab::models::{Model, ModelSpec};
 use normlab::nn::{BufferMut, Mode};
 use normlab::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 
-fn load(model: &mut Model, g: &Golden, prefix: &str) {
-    for (name, p) in model.net.named_params() {
-        p.value = g.tensor(&format!("{prefix}.{name}"));
-    }
-    for (name, b) in model.net.named_buffers() {
-        match b {
-            BufferMut::F32(t) => *t = g.tensor(&format!("{prefix}.{name}")),
-            BufferMut::I64(v) => *v = g.i64s(&format!("{prefix}.{name}"))[0],
-        }
-    }
-}
-
 fn run(kind: OptimizerKind, lr: f64, weight_decay: f64, nesterov: bool, prefix: &str) {
     let g = Golden::open("seed_cnn_steps.safetensors");
     let spec = ModelSpec::new("seed-cnn", "bn", [1, 28, 28], 10).unwrap();
     let mut model = Model::build(&spec, 0).unwrap();
-    load(&mut model, &g, "init");
+    load_state(&mut model, &g, "init");
     let cfg = OptimizerConfig {
         kind,
         lr,

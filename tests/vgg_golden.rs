@@ -6,23 +6,11 @@
 
 mod common;
 
-use common::{assert_close, Golden};
+use common::{assert_close, load_state, Golden};
 use normlab::kernels::loss::softmax_cross_entropy;
 use normlab::models::{Model, ModelSpec};
 use normlab::nn::conv2d::ConvAlgorithm;
 use normlab::nn::{BufferMut, Mode};
-
-fn load(model: &mut Model, g: &Golden, prefix: &str) {
-    for (name, p) in model.net.named_params() {
-        p.value = g.tensor(&format!("{prefix}.{name}"));
-    }
-    for (name, b) in model.net.named_buffers() {
-        match b {
-            BufferMut::F32(t) => *t = g.tensor(&format!("{prefix}.{name}")),
-            BufferMut::I64(v) => *v = g.i64s(&format!("{prefix}.{name}"))[0],
-        }
-    }
-}
 
 fn run(algorithm: &str) {
     let g = Golden::open("vgg_steps.safetensors");
@@ -37,7 +25,7 @@ fn run(algorithm: &str) {
     );
     let steps: usize = meta["steps"].parse().unwrap();
     for s in 0..steps {
-        load(&mut model, &g, &format!("before{s}"));
+        load_state(&mut model, &g, &format!("before{s}"));
         let y: Vec<u8> = g.i64s(&format!("y{s}")).iter().map(|&v| v as u8).collect();
         model.net.zero_grad();
         *model.input_mut() = g.tensor(&format!("x{s}"));

@@ -482,22 +482,32 @@ fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     }
 }
 
+/// Stages each sample channels-last and transforms all its tiles (`transform_sample`).
 #[inline(always)]
-fn input_transform<V: Lanes>(plan: &TilePlan, x: &[f32], channels: usize, v: &mut [f32], staging: &mut [f32]) {
-    let Some(tile) = plan.tile else { return };
+fn transform_batch<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
+    plan: &TilePlan,
+    src: &[f32],
+    channels: usize,
+    shift: usize,
+    out: &mut [f32],
+    staging: &mut [f32],
+) {
     let staging = &mut staging[..plan.staging_len(channels)];
     let per_sample = plan.tiles_h * plan.tiles_w;
     staging.fill(0.0);
-    for (s, xs) in x
-        .chunks_exact(channels * plan.h * plan.w)
-        .take(plan.samples)
-        .enumerate()
-    {
-        stage_channels_last::<V>(plan, xs, channels, staging);
-        match tile {
-            WinogradTile::F2 => transform_sample::<V, 4, 4, Bt2>(plan, staging, channels, 0, s * per_sample, v),
-            WinogradTile::F4 => transform_sample::<V, 6, 6, Bt4>(plan, staging, channels, 0, s * per_sample, v),
-        }
+    let samples = src.chunks_exact(channels * plan.h * plan.w).take(plan.samples);
+    for (s, sample) in samples.enumerate() {
+        stage_channels_last::<V>(plan, sample, channels, staging);
+        transform_sample::<V, K, R, F>(plan, staging, channels, shift, s * per_sample, out);
+    }
+}
+
+#[inline(always)]
+fn input_transform<V: Lanes>(plan: &TilePlan, x: &[f32], channels: usize, v: &mut [f32], staging: &mut [f32]) {
+    match plan.tile {
+        Some(WinogradTile::F2) => transform_batch::<V, 4, 4, Bt2>(plan, x, channels, 0, v, staging),
+        Some(WinogradTile::F4) => transform_batch::<V, 6, 6, Bt4>(plan, x, channels, 0, v, staging),
+        None => {}
     }
 }
 
@@ -508,23 +518,13 @@ lanes_entry! {
     pub fn winograd_input_transform(plan: &TilePlan, x: &[f32], channels: usize, v: &mut [f32], staging: &mut [f32]) => input_transform
 }
 
+// The m×m output tile starts one row and one column past the staged corner: shift 1.
 #[inline(always)]
 fn gradient_transform<V: Lanes>(plan: &TilePlan, dy: &[f32], channels: usize, dm: &mut [f32], staging: &mut [f32]) {
-    let Some(tile) = plan.tile else { return };
-    let staging = &mut staging[..plan.staging_len(channels)];
-    let per_sample = plan.tiles_h * plan.tiles_w;
-    staging.fill(0.0);
-    for (s, ds) in dy
-        .chunks_exact(channels * plan.h * plan.w)
-        .take(plan.samples)
-        .enumerate()
-    {
-        stage_channels_last::<V>(plan, ds, channels, staging);
-        // The m×m output tile starts one row and one column past the staged corner.
-        match tile {
-            WinogradTile::F2 => transform_sample::<V, 2, 4, A2>(plan, staging, channels, 1, s * per_sample, dm),
-            WinogradTile::F4 => transform_sample::<V, 4, 6, A4>(plan, staging, channels, 1, s * per_sample, dm),
-        }
+    match plan.tile {
+        Some(WinogradTile::F2) => transform_batch::<V, 2, 4, A2>(plan, dy, channels, 1, dm, staging),
+        Some(WinogradTile::F4) => transform_batch::<V, 4, 6, A4>(plan, dy, channels, 1, dm, staging),
+        None => {}
     }
 }
 

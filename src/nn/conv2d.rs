@@ -101,6 +101,44 @@ struct GroupScratch {
     du: Vec<f32>,
 }
 
+impl GroupScratch {
+    /// out = the 3x3 padding-1 conv of `src` (the planned samples × cin × h × w) with the
+    /// Winograd-domain kernels `u` [t²][cin][cout] (+ bias, then ReLU): V = Bᵀ src B into `wa`,
+    /// M_ξ = V_ξ · U_ξ into `wb` (one gemm per position, rows t² apart), out = Aᵀ M A.
+    #[allow(clippy::too_many_arguments)]
+    fn winograd_conv(
+        &mut self,
+        src: &[f32],
+        cin: usize,
+        u: &[f32],
+        cout: usize,
+        out: &mut [f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        threads: usize,
+    ) {
+        let Some(tile) = self.plan.tile else { return };
+        let (t2, p) = (tile.t() * tile.t(), self.plan.tiles());
+        winograd_input_transform(&self.plan, src, cin, &mut self.wa, &mut self.staging);
+        for xi in 0..t2 {
+            let v_xi = (&self.wa[xi * cin..], t2 * cin, Op::N);
+            let u_xi = (&u[xi * cin * cout..], cout, Op::N);
+            matmul_strided(
+                &mut self.wb[xi * cout..],
+                t2 * cout,
+                p,
+                cout,
+                cin,
+                v_xi,
+                u_xi,
+                false,
+                threads,
+            );
+        }
+        winograd_output_transform(&self.plan, &self.wb, cout, out, bias, relu, &mut self.staging);
+    }
+}
+
 /// Winograd batches samples until the larger transformed buffer holds about this many bytes:
 /// half of L2, so V and M stay near the core (vgg bn training, 3 alternating runs: 955-1020
 /// images/s at 512 KB, 904-990 at 2 MB).
@@ -283,14 +321,7 @@ impl Conv2d {
             .for_each(|((yg, xg), s)| {
                 for (yb, xb) in yg.chunks_mut(batch * ys).zip(xg.chunks(batch * xs)) {
                     s.plan.update(tile, xb.len() / xs, g.height, g.width);
-                    let p = s.plan.tiles();
-                    winograd_input_transform(&s.plan, xb, c, &mut s.wa, &mut s.staging);
-                    for xi in 0..t2 {
-                        let v_xi = (&s.wa[xi * c..], t2 * c, Op::N);
-                        let u_xi = (&u[xi * c * oc..], oc, Op::N);
-                        matmul_strided(&mut s.wb[xi * oc..], t2 * oc, p, oc, c, v_xi, u_xi, false, threads);
-                    }
-                    winograd_output_transform(&s.plan, &s.wb, oc, yb, bias, relu, &mut s.staging);
+                    s.winograd_conv(xb, c, u, oc, yb, bias, relu, threads);
                 }
             });
     }
@@ -334,14 +365,16 @@ impl Conv2d {
             .for_each(|(((s, (dyg, yg)), xg), dxg)| {
                 s.partial.fill(0.0);
                 s.du.fill(0.0);
+                // The ReLU-masked gradient, held apart from the scratch the convs below borrow.
+                let mut masked = std::mem::take(&mut s.out);
                 let batches = dyg.chunks(batch * ys).zip(yg.chunks(batch * ys));
                 for (((dyb, yb), xb), dxb) in batches.zip(xg.chunks(batch * xs)).zip(dxg.chunks_mut(batch * xs)) {
                     let samples = xb.len() / xs;
                     let grad: &[f32] = if relu {
-                        for ((m, &gv), &v) in s.out.iter_mut().zip(dyb).zip(yb) {
+                        for ((m, &gv), &v) in masked.iter_mut().zip(dyb).zip(yb) {
                             *m = relu_mask(v, gv);
                         }
-                        &s.out[..samples * ys]
+                        &masked[..samples * ys]
                     } else {
                         dyb
                     };
@@ -368,15 +401,10 @@ impl Conv2d {
                         }
                     }
                     if dx_tile.is_some() {
-                        winograd_input_transform(&s.plan, grad, oc, &mut s.wb, &mut s.staging);
-                        for xi in 0..t2 {
-                            let vd = (&s.wb[xi * oc..], t2 * oc, Op::N);
-                            let u_xi = (&u_adj[xi * oc * c..], c, Op::N);
-                            matmul_strided(&mut s.wa[xi * c..], t2 * c, p, c, oc, vd, u_xi, false, threads);
-                        }
-                        winograd_output_transform(&s.plan, &s.wa, c, dxb, None, false, &mut s.staging);
+                        s.winograd_conv(grad, oc, u_adj, c, dxb, None, false, threads);
                     }
                 }
+                s.out = masked;
             });
         self.add_group_partials(rows, dw_tile.is_none());
         if let Some(tile) = dw_tile {

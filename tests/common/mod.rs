@@ -155,3 +155,16 @@ pub fn serialize_run(spec: &str, path: &std::path::Path, input: &[u8], eval: boo
     let parsed = normlab::conformance::LayerInputs::parse(path, input)?;
     normlab::checkpoint::serialize(&normlab::conformance::run_layer(spec, &parsed, eval)?, HashMap::new())
 }
+
+/// Sets a model's parameters and buffers to a golden's `{prefix}.{name}` tensors.
+pub fn load_state(model: &mut normlab::models::Model, g: &Golden, prefix: &str) {
+    for (name, p) in model.net.named_params() {
+        p.value = g.tensor(&format!("{prefix}.{name}"));
+    }
+    for (name, b) in model.net.named_buffers() {
+        match b {
+            normlab::nn::BufferMut::F32(t) => *t = g.tensor(&format!("{prefix}.{name}")),
+            normlab::nn::BufferMut::I64(v) => *v = g.i64s(&format!("{prefix}.{name}"))[0],
+        }
+    }
+}
