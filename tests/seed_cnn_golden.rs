@@ -3,10 +3,9 @@
 
 mod common;
 
-use common::{assert_close, load_state, Golden};
-use normlab::kernels::loss::softmax_cross_entropy;
+use common::{assert_close, golden_step, load_state, Golden};
 use normlab::models::{Model, ModelSpec};
-use normlab::nn::{BufferMut, Mode};
+use normlab::nn::BufferMut;
 use normlab::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 
 fn run(kind: OptimizerKind, lr: f64, weight_decay: f64, nesterov: bool, prefix: &str) {
@@ -25,19 +24,11 @@ fn run(kind: OptimizerKind, lr: f64, weight_decay: f64, nesterov: bool, prefix: 
     let mut opt = Optimizer::new(cfg);
     let want_losses = g.f64s(&format!("{prefix}.losses"));
     for (s, want) in want_losses.iter().enumerate() {
-        let x = g.tensor(&format!("x{s}"));
-        let y: Vec<u8> = g.i64s(&format!("y{s}")).iter().map(|&v| v as u8).collect();
-        model.net.zero_grad();
-        *model.input_mut() = x;
-        model.forward(Mode::Train).unwrap();
-        let (logits, dlogits) = model.net.output_and_grad();
-        dlogits.resize_to(&logits.shape);
-        let (loss, _) = softmax_cross_entropy(&logits.data, &y, 10, &mut dlogits.data);
+        let loss = golden_step(&mut model, &g, s);
         assert!(
             (loss - want).abs() <= 1e-4 * want.abs().max(1.0),
             "{prefix} step {s}: loss {loss} vs {want}"
         );
-        model.backward().unwrap();
         opt.step(&mut model.net, lr);
     }
     for (name, p) in model.net.named_params() {

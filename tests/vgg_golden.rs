@@ -6,11 +6,10 @@
 
 mod common;
 
-use common::{assert_close, load_state, Golden};
-use normlab::kernels::loss::softmax_cross_entropy;
+use common::{assert_close, golden_step, load_state, Golden};
 use normlab::models::{Model, ModelSpec};
 use normlab::nn::conv2d::ConvAlgorithm;
-use normlab::nn::{BufferMut, Mode};
+use normlab::nn::BufferMut;
 
 fn run(algorithm: &str) {
     let g = Golden::open("vgg_steps.safetensors");
@@ -26,19 +25,12 @@ fn run(algorithm: &str) {
     let steps: usize = meta["steps"].parse().unwrap();
     for s in 0..steps {
         load_state(&mut model, &g, &format!("before{s}"));
-        let y: Vec<u8> = g.i64s(&format!("y{s}")).iter().map(|&v| v as u8).collect();
-        model.net.zero_grad();
-        *model.input_mut() = g.tensor(&format!("x{s}"));
-        model.forward(Mode::Train).unwrap();
-        let (logits, dlogits) = model.net.output_and_grad();
-        dlogits.resize_to(&logits.shape);
-        let (loss, _) = softmax_cross_entropy(&logits.data, &y, 10, &mut dlogits.data);
+        let loss = golden_step(&mut model, &g, s);
         let want = g.f64s(&format!("loss{s}"))[0];
         assert!(
             (loss - want).abs() <= 1e-4 * want.abs().max(1.0),
             "{algorithm} step {s}: loss {loss} vs {want}"
         );
-        model.backward().unwrap();
         for (name, p) in model.net.named_params() {
             let want = g.tensor(&format!("grad{s}.{name}")).data;
             assert_close(&format!("{algorithm} step {s} d{name}"), &p.grad.data, &want, 1e-4);

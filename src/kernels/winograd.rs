@@ -54,6 +54,26 @@ trait Lanes: Copy + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> 
     /// The first LANES values of `src`.
     fn load(src: &[f32]) -> Self;
     fn store(self, dst: &mut [f32]);
+    /// The first n values of `src`, the other lanes zero (the last block of channels or columns).
+    #[inline(always)]
+    fn load_first(src: &[f32], n: usize) -> Self {
+        if n == LANES {
+            return Self::load(src);
+        }
+        let mut spill = [0.0f32; LANES];
+        spill[..n].copy_from_slice(&src[..n]);
+        Self::load(&spill)
+    }
+    /// Stores the first n lanes only.
+    #[inline(always)]
+    fn store_first(self, dst: &mut [f32], n: usize) {
+        if n == LANES {
+            return self.store(dst);
+        }
+        let mut spill = [0.0f32; LANES];
+        self.store(&mut spill);
+        dst[..n].copy_from_slice(&spill[..n]);
+    }
     fn scale(self, c: f32) -> Self;
     /// max(v, 0) lane by lane, 0 for NaN (as `reduce::relu`).
     fn relu(self) -> Self;
@@ -384,7 +404,6 @@ fn stage_channels_last<V: Lanes>(plan: &TilePlan, x: &[f32], channels: usize, st
     let (h, w) = (plan.h, plan.w);
     let (_, pw) = plan.padded();
     let cp = channels.next_multiple_of(LANES);
-    let mut spill = [0.0f32; LANES];
     for c0 in (0..channels).step_by(LANES) {
         let nc = LANES.min(channels - c0);
         for y in 0..h {
@@ -392,14 +411,7 @@ fn stage_channels_last<V: Lanes>(plan: &TilePlan, x: &[f32], channels: usize, st
                 let nx = LANES.min(w - x0);
                 let mut rows = [V::zero(); LANES];
                 for (c, row) in rows.iter_mut().enumerate().take(nc) {
-                    let src = &x[(c0 + c) * h * w + y * w + x0..];
-                    *row = if nx == LANES {
-                        V::load(src)
-                    } else {
-                        spill[..nx].copy_from_slice(&src[..nx]);
-                        spill[nx..].fill(0.0);
-                        V::load(&spill)
-                    };
+                    *row = V::load_first(&x[(c0 + c) * h * w + y * w + x0..], nx);
                 }
                 for (xx, col) in V::transpose(rows).iter().enumerate().take(nx) {
                     col.store(&mut staging[((y + 1) * pw + 1 + x0 + xx) * cp + c0..]);
@@ -415,7 +427,6 @@ fn unstage_channels_last<V: Lanes>(plan: &TilePlan, buf: &[f32], channels: usize
     let (h, w) = (plan.h, plan.w);
     let bw = plan.tiles_w * plan.m();
     let cp = channels.next_multiple_of(LANES);
-    let mut spill = [0.0f32; LANES];
     for c0 in (0..channels).step_by(LANES) {
         let nc = LANES.min(channels - c0);
         for yy in 0..h {
@@ -426,13 +437,7 @@ fn unstage_channels_last<V: Lanes>(plan: &TilePlan, buf: &[f32], channels: usize
                     *col = V::load(&buf[(yy * bw + x0 + xx) * cp + c0..]);
                 }
                 for (c, row) in V::transpose(cols).iter().enumerate().take(nc) {
-                    let dst = &mut y[(c0 + c) * h * w + yy * w + x0..];
-                    if nx == LANES {
-                        row.store(dst);
-                    } else {
-                        row.store(&mut spill);
-                        dst[..nx].copy_from_slice(&spill[..nx]);
-                    }
+                    row.store_first(&mut y[(c0 + c) * h * w + yy * w + x0..], nx);
                 }
             }
         }
@@ -441,7 +446,7 @@ fn unstage_channels_last<V: Lanes>(plan: &TilePlan, buf: &[f32], channels: usize
 
 /// Transforms every tile of one staged sample: for each tile and each block of LANES channels,
 /// loads the K×K window at (y0 + shift, x0 + shift) of the staged map, applies F on both sides
-/// and stores position ξ at out[(ξ·P + p)·channels + c] (P = all tiles of the batch).
+/// and stores position ξ at out[(p·t² + ξ)·channels + c].
 #[inline(always)]
 fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     plan: &TilePlan,
@@ -455,7 +460,6 @@ fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     let (_, pw) = plan.padded();
     let cp = channels.next_multiple_of(LANES);
     let (mut d, mut v) = ([[V::zero(); K]; K], [[V::zero(); R]; R]);
-    let mut spill = [0.0f32; LANES];
     for ty in 0..plan.tiles_h {
         for tx in 0..plan.tiles_w {
             let p = first_tile + ty * plan.tiles_w + tx;
@@ -469,13 +473,7 @@ fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
                 }
                 separable::<V, K, R, F>(&d, &mut v);
                 for (xi, val) in v.iter().flatten().enumerate() {
-                    let dst = &mut out[(p * R * R + xi) * channels + c0..];
-                    if n == LANES {
-                        val.store(dst);
-                    } else {
-                        val.store(&mut spill);
-                        dst[..n].copy_from_slice(&spill[..n]);
-                    }
+                    val.store_first(&mut out[(p * R * R + xi) * channels + c0..], n);
                 }
             }
         }
@@ -549,12 +547,6 @@ fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
 ) {
     let (cp, bw) = (channels.next_multiple_of(LANES), plan.tiles_w * R);
     let (mut mm, mut out) = ([[V::zero(); K]; K], [[V::zero(); R]; R]);
-    // The first n values of src, zero-filled to LANES (the last block of channels).
-    let partial = |src: &[f32], n: usize| {
-        let mut spill = [0.0f32; LANES];
-        spill[..n].copy_from_slice(&src[..n]);
-        V::load(&spill)
-    };
     for ty in 0..plan.tiles_h {
         for tx in 0..plan.tiles_w {
             let p = first_tile + ty * plan.tiles_w + tx;
@@ -563,15 +555,11 @@ fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
                 for (a, mma) in mm.iter_mut().enumerate() {
                     for (b, v) in mma.iter_mut().enumerate() {
                         let src = &mbuf[(p * K * K + a * K + b) * channels + c0..];
-                        *v = if n == LANES { V::load(src) } else { partial(src, n) };
+                        *v = V::load_first(src, n);
                     }
                 }
                 separable::<V, K, R, F>(&mm, &mut out);
-                let b = match bias {
-                    Some(b) if n == LANES => V::load(&b[c0..]),
-                    Some(b) => partial(&b[c0..], n),
-                    None => V::zero(),
-                };
+                let b = bias.map_or(V::zero(), |b| V::load_first(&b[c0..], n));
                 for (a, out_a) in out.iter().enumerate() {
                     for (bcol, &v) in out_a.iter().enumerate() {
                         let v = if bias.is_some() { v + b } else { v };

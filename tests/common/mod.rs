@@ -168,3 +168,17 @@ pub fn load_state(model: &mut normlab::models::Model, g: &Golden, prefix: &str) 
         }
     }
 }
+
+/// One step's forward and backward on batch `s` of a golden (`x{s}`, `y{s}`), gradients
+/// zeroed first: returns the cross-entropy loss.
+pub fn golden_step(model: &mut normlab::models::Model, g: &Golden, s: usize) -> f64 {
+    let y: Vec<u8> = g.i64s(&format!("y{s}")).iter().map(|&v| v as u8).collect();
+    model.net.zero_grad();
+    *model.input_mut() = g.tensor(&format!("x{s}"));
+    model.forward(normlab::nn::Mode::Train).unwrap();
+    let (logits, dlogits) = model.net.output_and_grad();
+    dlogits.resize_to(&logits.shape);
+    let (loss, _) = normlab::kernels::loss::softmax_cross_entropy(&logits.data, &y, 10, &mut dlogits.data);
+    model.backward().unwrap();
+    loss
+}
