@@ -720,6 +720,35 @@ pub fn winograd_filter_gradient(
 mod tests {
     use super::*;
 
+    /// The portable lanes give the dispatched (AVX-512 here) transforms bit for bit: the same
+    /// operations in the same order, on CPUs without AVX-512 too.
+    #[test]
+    fn portable_transforms_match_the_dispatched_ones() {
+        for tile in [WinogradTile::F2, WinogradTile::F4] {
+            let (samples, channels, h, w) = (3, 20, 7, 9);
+            let mut plan = TilePlan::default();
+            plan.update(tile, samples, h, w);
+            let t2 = tile.t() * tile.t();
+            let x: Vec<f32> = (0..samples * channels * h * w)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let mut staging = vec![0.0; plan.staging_len(channels)];
+            let len = t2 * plan.tiles() * channels;
+            let (mut a, mut b) = (vec![0.0; len], vec![0.0; len]);
+            input_transform::<Portable>(&plan, &x, channels, &mut a, &mut staging);
+            winograd_input_transform(&plan, &x, channels, &mut b, &mut staging);
+            assert_eq!(a, b, "{tile:?} input");
+            gradient_transform::<Portable>(&plan, &x, channels, &mut a, &mut staging);
+            winograd_gradient_transform(&plan, &x, channels, &mut b, &mut staging);
+            assert_eq!(a, b, "{tile:?} gradient");
+            let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.1 - 1.0).collect();
+            let (mut ya, mut yb) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            output_transform::<Portable>(&plan, &a, channels, &mut ya, Some(&bias), true, &mut staging);
+            winograd_output_transform(&plan, &a, channels, &mut yb, Some(&bias), true, &mut staging);
+            assert_eq!(ya, yb, "{tile:?} output");
+        }
+    }
+
     /// The AVX-512 register transpose equals the portable one (where the CPU has AVX-512).
     #[test]
     fn register_transpose_matches_the_portable_one() {
