@@ -123,9 +123,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return run_inference(&a, json);
     }
     let threads = init_threads(a.threads)?;
-    let total = (normlab::bench::KERNELS.len() * normlab::bench::SHAPES.len()
-        + normlab::bench::TRAINING_MODELS.len()
-        + 1) as u64;
+    // The memory copy, then the kernels and models, or with `--filter conv` the conv table.
+    use normlab::bench::{CONV_ALGORITHMS, CONV_SHAPES, KERNELS, SHAPES, TRAINING_MODELS};
+    let measured = if a.filter == "conv" {
+        CONV_SHAPES.len() * CONV_ALGORITHMS.len()
+    } else {
+        KERNELS.len() * SHAPES.len() + TRAINING_MODELS.len()
+    };
+    let total = (1 + measured) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})")

@@ -43,7 +43,8 @@ pub struct Conv2d {
     /// How the 3x3 stride-1 passes are computed (`Auto`: the measured table in `passes`).
     pub algorithm: ConvAlgorithm,
     groups: Vec<GroupScratch>,
-    /// Winograd-domain kernels: U for the forward pass, the flipped, transposed U for dx.
+    /// Winograd-domain kernels: U [t²][C][OC] for the forward pass, and U' [t²][OC][C] of the
+    /// 180°-rotated kernels for dx.
     wino_u: Vec<f32>,
     wino_u_adjoint: Vec<f32>,
 }
@@ -92,8 +93,9 @@ struct GroupScratch {
     col: Vec<f32>,
     partial: Vec<f32>,
     out: Vec<f32>,
-    /// Winograd: the tiles of the current batch, the staging planes, the two transformed
-    /// buffers ([t²][channels][P]) and the Winograd-domain weight-gradient sum [t²][OC][C].
+    /// Winograd: the tiles of the current batch, the channels-last staging map, the two
+    /// transformed buffers ([P][t²][channels]) and the Winograd-domain weight-gradient sum
+    /// [t²][C][OC].
     plan: TilePlan,
     staging: Vec<f32>,
     wa: Vec<f32>,
