@@ -444,8 +444,9 @@ impl Conv2d {
 
 /// The measured choice for a 3x3, stride-1, padding-1 conv of C -> OC channels on h×w maps
 /// for a batch of n samples (`normlab bench --filter conv`, batch 128, 2 threads;
-/// ARCHITECTURE.md has the table). F(4x4,3x3) took the forward pass and dx from 1.1-1.9x
-/// faster than im2col on every shape with C, OC >= 16, F(2x2,3x3) was never ahead of it; with
+/// ARCHITECTURE.md has the table). F(4x4,3x3) took the forward pass and dx 1.2-1.8x faster
+/// than im2col on every shape with C, OC >= 32 and was level on 16->16 at 28x28 (0.9-1.2x
+/// across runs); F(2x2,3x3) was never ahead of it; with
 /// one input channel (the stem) the transforms cost more than the 9-row gemm they save. The
 /// weight gradient gained only from 32 channels up (on 16->16 at 28x28 Winograd was 1.4x
 /// slower). Below 16 samples the kernel transforms, redone at every call, cost more than the
