@@ -11,9 +11,8 @@
 //! Layouts: V and M are [P][t²][channels], tile-major, so a tile's t² transformed vectors are
 //! written in one run (as [t²][P][channels] they went to t² places a buffer apart, and the
 //! stores stalled); the gemm of position ξ reads rows t²·channels apart. Each sample is first
-//! staged channels-last, so the
-//! transforms work on `LANES` channels at once with contiguous loads (tiles as lanes needed
-//! strided gathers and ran 5x slower). The weight gradient goes through the same domain:
+//! staged channels-last, so the transforms work on `LANES` channels at once with contiguous
+//! loads (tiles as lanes needed strided gathers and ran 5x slower). The weight gradient goes through the same domain:
 //! dU_ξ[C, OC] = V_ξᵀ · (A dy Aᵀ)_ξ, then dg = Gᵀ dU G. The input gradient is the forward
 //! algorithm with the flipped kernel, channels swapped (a 3x3 padding-1 conv's adjoint).
 
@@ -246,82 +245,81 @@ macro_rules! lanes_entry {
     };
 }
 
-/// A 1-D transform of I values into O, applied to columns and then rows by `separable`.
+/// A 1-D transform of I values into O, applied to columns and then rows by `separable`:
+/// Bᵀ, Aᵀ and A of F(2,3) and F(4,3) (points 0, ±1, ±2, ∞), written out as adds.
 trait OneD<const I: usize, const O: usize> {
     fn apply<V: Lanes>(x: [V; I]) -> [V; O];
 }
 
-macro_rules! one_d {
-    ($name:ident, $i:literal, $o:literal, $f:ident) => {
-        struct $name;
-        impl OneD<$i, $o> for $name {
-            #[inline(always)]
-            fn apply<V: Lanes>(x: [V; $i]) -> [V; $o] {
-                $f(x)
-            }
-        }
-    };
-}
-one_d!(Bt2, 4, 4, bt2);
-one_d!(Bt4, 6, 6, bt4);
-one_d!(At2, 4, 2, at2);
-one_d!(At4, 6, 4, at4);
-one_d!(A2, 2, 4, a2);
-one_d!(A4, 4, 6, a4);
-
-// The 1-D transforms, written out (Bᵀ, Aᵀ and A of F(2,3) and F(4,3); points 0, ±1, ±2, ∞).
-
-// Bᵀ d, F(2,3).
-#[inline(always)]
-fn bt2<V: Lanes>([d0, d1, d2, d3]: [V; 4]) -> [V; 4] {
-    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+/// Bᵀ d, F(2,3).
+struct Bt2;
+impl OneD<4, 4> for Bt2 {
+    #[inline(always)]
+    fn apply<V: Lanes>([d0, d1, d2, d3]: [V; 4]) -> [V; 4] {
+        [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+    }
 }
 
-// Bᵀ d, F(4,3).
-#[inline(always)]
-fn bt4<V: Lanes>([d0, d1, d2, d3, d4, d5]: [V; 6]) -> [V; 6] {
-    let (t1, t2) = (d4 - d2.scale(4.0), d3 - d1.scale(4.0));
-    let (t3, t4) = (d4 - d2, (d3 - d1).scale(2.0));
-    [
-        d0.scale(4.0) - d2.scale(5.0) + d4,
-        t1 + t2,
-        t1 - t2,
-        t3 + t4,
-        t3 - t4,
-        d1.scale(4.0) - d3.scale(5.0) + d5,
-    ]
+/// Bᵀ d, F(4,3).
+struct Bt4;
+impl OneD<6, 6> for Bt4 {
+    #[inline(always)]
+    fn apply<V: Lanes>([d0, d1, d2, d3, d4, d5]: [V; 6]) -> [V; 6] {
+        let (t1, t2) = (d4 - d2.scale(4.0), d3 - d1.scale(4.0));
+        let (t3, t4) = (d4 - d2, (d3 - d1).scale(2.0));
+        [
+            d0.scale(4.0) - d2.scale(5.0) + d4,
+            t1 + t2,
+            t1 - t2,
+            t3 + t4,
+            t3 - t4,
+            d1.scale(4.0) - d3.scale(5.0) + d5,
+        ]
+    }
 }
 
-// Aᵀ m, F(2,3).
-#[inline(always)]
-fn at2<V: Lanes>([m0, m1, m2, m3]: [V; 4]) -> [V; 2] {
-    [m0 + m1 + m2, m1 - m2 - m3]
+/// Aᵀ m, F(2,3).
+struct At2;
+impl OneD<4, 2> for At2 {
+    #[inline(always)]
+    fn apply<V: Lanes>([m0, m1, m2, m3]: [V; 4]) -> [V; 2] {
+        [m0 + m1 + m2, m1 - m2 - m3]
+    }
 }
 
-// Aᵀ m, F(4,3).
-#[inline(always)]
-fn at4<V: Lanes>([m0, m1, m2, m3, m4, m5]: [V; 6]) -> [V; 4] {
-    let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
-    [
-        m0 + s12 + s34,
-        d12 + d34.scale(2.0),
-        s12 + s34.scale(4.0),
-        d12 + d34.scale(8.0) + m5,
-    ]
+/// Aᵀ m, F(4,3).
+struct At4;
+impl OneD<6, 4> for At4 {
+    #[inline(always)]
+    fn apply<V: Lanes>([m0, m1, m2, m3, m4, m5]: [V; 6]) -> [V; 4] {
+        let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        [
+            m0 + s12 + s34,
+            d12 + d34.scale(2.0),
+            s12 + s34.scale(4.0),
+            d12 + d34.scale(8.0) + m5,
+        ]
+    }
 }
 
-// A g, F(2,3): the adjoint of Aᵀ.
-#[inline(always)]
-fn a2<V: Lanes>([g0, g1]: [V; 2]) -> [V; 4] {
-    [g0, g0 + g1, g0 - g1, V::zero() - g1]
+/// A g, F(2,3): the adjoint of Aᵀ.
+struct A2;
+impl OneD<2, 4> for A2 {
+    #[inline(always)]
+    fn apply<V: Lanes>([g0, g1]: [V; 2]) -> [V; 4] {
+        [g0, g0 + g1, g0 - g1, V::zero() - g1]
+    }
 }
 
-// A g, F(4,3).
-#[inline(always)]
-fn a4<V: Lanes>([g0, g1, g2, g3]: [V; 4]) -> [V; 6] {
-    let (e, o) = (g0 + g2, g1 + g3);
-    let (e2, o2) = (g0 + g2.scale(4.0), g1.scale(2.0) + g3.scale(8.0));
-    [g0, e + o, e - o, e2 + o2, e2 - o2, g3]
+/// A g, F(4,3).
+struct A4;
+impl OneD<4, 6> for A4 {
+    #[inline(always)]
+    fn apply<V: Lanes>([g0, g1, g2, g3]: [V; 4]) -> [V; 6] {
+        let (e, o) = (g0 + g2, g1 + g3);
+        let (e2, o2) = (g0 + g2.scale(4.0), g1.scale(2.0) + g3.scale(8.0));
+        [g0, e + o, e - o, e2 + o2, e2 - o2, g3]
+    }
 }
 
 /// out = f applied to every column of x, then to every row of the result: L x Lᵀ for the
