@@ -151,11 +151,23 @@ fn tensor_i64(path: &Path, st: &SafeTensors, name: &str) -> Result<i64> {
     let t = st
         .tensor(name)
         .map_err(|_| Error::checkpoint(path, format!("missing tensor '{name}'")))?;
-    match <[u8; 8]>::try_from(t.data()) {
-        Ok(b) if t.dtype() == Dtype::I64 => Ok(i64::from_le_bytes(b)),
-        _ => Err(Error::checkpoint(path, format!("tensor '{name}' must be a scalar I64"))),
+    let v = match <[u8; 8]>::try_from(t.data()) {
+        Ok(b) if t.dtype() == Dtype::I64 => i64::from_le_bytes(b),
+        _ => return Err(Error::checkpoint(path, format!("tensor '{name}' must be a scalar I64"))),
+    };
+    // The only I64 entries are batch counters (num_batches_tracked), which momentum=None turns
+    // into the factor 1/count: a negative or absurd count is a damaged file, not a count.
+    if !(0..=MAX_BATCH_COUNT).contains(&v) {
+        return Err(Error::checkpoint(
+            path,
+            format!("'{name}' is {v}, not a count of batches (0 to 2^53); the file is damaged"),
+        ));
     }
+    Ok(v)
 }
+
+/// The largest batch counter a checkpoint may hold (exact as an f64).
+pub const MAX_BATCH_COUNT: i64 = 1 << 53;
 
 /// Copies every state-dict entry from the file into `model`; like PyTorch's strict loading,
 /// a missing, extra, or differently shaped tensor is an error.

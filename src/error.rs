@@ -21,6 +21,15 @@ pub enum Error {
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 
+    /// A run that does not fit in memory, found before it starts or when a large buffer
+    /// could not be allocated.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+
+    /// Standard output is full or closed (`> /dev/full`, a closed pipe).
+    #[error("cannot write to standard output ({0}); free space or redirect it elsewhere")]
+    Output(#[source] std::io::Error),
+
     #[error("training diverged: {0}")]
     Diverged(String),
 
@@ -38,6 +47,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// A closed pipe on standard output (`normlab ... | head -1`): Unix tools end quietly.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+
     pub fn shape(layer: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Shape {
             layer: layer.into(),

@@ -167,7 +167,7 @@ pub fn max_logit_difference(
     let mut labels = Vec::new();
     let mut worst = 0.0f32;
     for idx in order.chunks(batch.max(1)) {
-        data.batch(idx, norm, a.input_mut(), &mut labels);
+        data.batch(idx, norm, a.input_mut(), &mut labels)?;
         b.input_mut().clone_from(a.input_mut());
         let la = a.forward(Mode::Eval)?.clone();
         let lb = b.forward(Mode::Eval)?;
@@ -201,6 +201,8 @@ pub struct FoldReport {
     /// The folded model's layers.
     pub layers: String,
     pub norm_before: String,
+    /// What was read, in one line (`data::describe_data`).
+    pub data: String,
     pub test_images: usize,
     pub max_abs_logit_difference: f32,
     pub folded_test_accuracy: f64,
@@ -216,7 +218,8 @@ pub fn run_fold(req: &FoldRequest) -> Result<FoldReport> {
     let out = dir.join("model.safetensors");
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let mut folded = fold(&mut model)?;
-    let test = load_test_for(req.data.as_deref(), req.test_limit, meta.spec.input)?;
+    let data_dir = crate::data::resolve_data_dir(req.data.as_deref())?;
+    let test = load_test_for(Some(&data_dir), req.test_limit, meta.spec.input)?;
     let _lock = crate::files::RunLock::acquire(&dir)?;
     let max_abs_logit_difference = max_logit_difference(&mut model, &mut folded, &test, meta.input_norm, 500)?;
     let latency = crate::bench::compare_latency(&mut model, &mut folded)?;
@@ -227,6 +230,7 @@ pub fn run_fold(req: &FoldRequest) -> Result<FoldReport> {
         model: meta.spec.model.clone(),
         layers: folded.summary(),
         norm_before: meta.spec.norm.clone(),
+        data: crate::data::describe_data(&data_dir, None, &test),
         test_images: test.len(),
         max_abs_logit_difference,
         folded_test_accuracy,

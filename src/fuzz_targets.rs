@@ -32,3 +32,59 @@ pub fn specs(data: &[u8]) {
         let _ = n.check_batches(4, 1);
     }
 }
+
+/// CIFAR-10's binary batches and their meta file.
+pub fn cifar(data: &[u8]) {
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    let _ = crate::data::cifar::parse_batch(Path::new("data_batch_1.bin"), data, &mut images, &mut labels);
+    let _ = crate::data::cifar::parse_class_names(data);
+}
+
+/// An image file through the folder reader's checks: header sizes against the limits, then
+/// the decode of small images.
+pub fn image(data: &[u8]) {
+    let _ = crate::data::folder::check_image_bytes(data, 256);
+}
+
+/// A commit record's run log read back (log.steps, log.gamma.*), then its views: steps.csv
+/// and the TensorBoard event file.
+pub fn run_log(data: &[u8]) {
+    let Ok(st) = safetensors::SafeTensors::deserialize(data) else {
+        return;
+    };
+    for epochs in [1, 3] {
+        if let Ok(log) = crate::train::logs::RunLog::from_record(Path::new("train_state.safetensors"), &st, epochs) {
+            let _ = log.steps_csv();
+            let _ = log.tensorboard_events(&metrics(epochs));
+        }
+    }
+}
+
+/// A run's metrics with `epochs` rows, for the views of a fuzzed log.
+fn metrics(epochs: usize) -> crate::train::RunMetrics {
+    use crate::train::{EpochMetrics, RunMetrics};
+    RunMetrics {
+        config: Default::default(),
+        data_dir: "data".into(),
+        input_norm: crate::data::InputNorm::uniform(1, 0.5, 0.25),
+        model_parameters: 1,
+        status: "running".into(),
+        epochs: (1..=epochs)
+            .map(|epoch| EpochMetrics {
+                epoch,
+                lr: 0.1,
+                train_loss: 1.0,
+                train_accuracy: 0.5,
+                test_loss: 1.0,
+                test_accuracy: 0.5,
+                seconds: 1.0,
+                images_per_sec: 1.0,
+                communication_seconds: 0.0,
+            })
+            .collect(),
+        test_accuracy: 0.5,
+        test_loss: 1.0,
+        train_images_per_sec: 1.0,
+        processes: 1,
+    }
+}

@@ -12,6 +12,7 @@ pub mod files;
 pub mod fold;
 pub mod fuzz_targets;
 pub mod kernels;
+pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod optim;

@@ -117,8 +117,9 @@ impl Optimizer {
                 }
             });
         }
-        self.step += 1;
-        let t = self.step as i32;
+        self.step = self.step.saturating_add(1);
+        // Past i32::MAX steps β^t is 0 in f64 anyway; a wrapped cast would make it β^-1.
+        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
         let cfg = &self.config;
         let (first, second) = (&mut self.first, &mut self.second);
         let mut i = 0;

@@ -42,7 +42,7 @@ pub fn population_statistics(
     let mut labels = Vec::new();
     let result = (|| {
         for idx in order.chunks_exact(batch_size).take(batches) {
-            data.batch(idx, norm, model.input_mut(), &mut labels);
+            data.batch(idx, norm, model.input_mut(), &mut labels)?;
             model.forward(Mode::Eval)?;
         }
         Ok(())
@@ -103,6 +103,8 @@ pub struct RecalibrateReport {
     pub batches: usize,
     pub batch_size: usize,
     pub training_images_used: usize,
+    /// What was read, in one line (`data::describe_data`).
+    pub data: String,
     pub test_images: usize,
     pub test_loss_before: f64,
     pub test_accuracy_before: f64,
@@ -141,6 +143,7 @@ pub fn run_recalibrate(req: &RecalibrateRequest) -> Result<RecalibrateReport> {
         batches: req.batches,
         batch_size: req.batch_size,
         training_images_used: req.batches * req.batch_size,
+        data: crate::data::describe_data(&req.data, Some(&train), &test),
         test_images: test.len(),
         test_loss_before: before.loss,
         test_accuracy_before: before.accuracy,

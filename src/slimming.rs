@@ -286,6 +286,8 @@ pub struct PruneReport {
     pub parameters_after: usize,
     pub flops_before: usize,
     pub flops_after: usize,
+    /// What was read, in one line (`data::describe_data`).
+    pub data: String,
     pub test_images: usize,
     pub accuracy_before: f64,
     pub accuracy_after_prune: f64,
@@ -299,11 +301,11 @@ pub struct PruneReport {
 
 /// The whole command: prune, measure, write DIR/model.safetensors, DIR/prune.json,
 /// DIR/gamma.svg, and fine-tune into DIR/finetune when asked. The input is only read.
-/// `on_pruned` sees the report once the pruned model is written, before fine-tuning starts.
+/// `on_pruned` sees the report once the pruned model is written, before fine-tuning starts; its error (standard output closed) stops the command.
 pub fn run_prune(
     req: &PruneRequest,
     reporter: &mut dyn crate::train::Reporter,
-    on_pruned: &mut dyn FnMut(&PruneReport),
+    on_pruned: &mut dyn FnMut(&PruneReport) -> Result<()>,
 ) -> Result<PruneReport> {
     use crate::checkpoint::{self, CheckpointMeta};
     if !(0.0..1.0).contains(&req.percent) {
@@ -321,7 +323,8 @@ pub fn run_prune(
     let pruned_path = dir.join("model.safetensors");
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
     let plan = plan(&mut model, req.percent)?;
-    let test = crate::data::load_test_for(req.data.as_deref(), req.test_limit, meta.spec.input)?;
+    let data_dir = crate::data::resolve_data_dir(req.data.as_deref())?;
+    let test = crate::data::load_test_for(Some(&data_dir), req.test_limit, meta.spec.input)?;
     let finetune = match req.finetune {
         Some(epochs) => Some(finetune_config(
             &req.checkpoint,
@@ -354,6 +357,7 @@ pub fn run_prune(
         flops_before: model.spec.flops()?,
         flops_after: pruned.spec.flops()?,
         plan,
+        data: crate::data::describe_data(&data_dir, None, &test),
         test_images: test.len(),
         accuracy_before,
         accuracy_after_prune,
@@ -367,7 +371,7 @@ pub fn run_prune(
         crate::files::write_atomic(&dir.join("prune.json"), &json)
     };
     write_report(&report)?;
-    on_pruned(&report);
+    on_pruned(&report)?;
     if let Some(mut config) = finetune {
         config.model = pruned.spec.model.clone();
         if req.force {

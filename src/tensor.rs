@@ -56,11 +56,28 @@ impl Tensor {
         self.shape.iter().skip(1).product()
     }
 
-    /// Resizes in place to `shape`, reusing the allocation when it is large enough.
-    pub fn resize_to(&mut self, shape: &[usize]) {
+    /// Resizes in place to `shape`, reusing the allocation when it is large enough; an error
+    /// (not an abort) when the memory for a larger one cannot be had. Activations, their
+    /// gradients and each batch are sized here, the largest buffers of a run.
+    pub fn resize_to(&mut self, shape: &[usize]) -> Result<()> {
+        let len = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
+            Error::OutOfMemory(format!(
+                "a tensor of shape {shape:?} has more values than memory can hold"
+            ))
+        })?;
+        if len > self.data.len() {
+            // The message is built only on failure: a training step allocates nothing.
+            self.data.try_reserve(len - self.data.len()).map_err(|_| {
+                Error::OutOfMemory(format!(
+                    "cannot allocate {} for a tensor of shape {shape:?}; use a smaller --batch-size or --resize",
+                    crate::memory::human(len as u64 * 4)
+                ))
+            })?;
+        }
+        self.data.resize(len, 0.0);
         self.shape.clear();
         self.shape.extend_from_slice(shape);
-        self.data.resize(shape.iter().product(), 0.0);
+        Ok(())
     }
 
     pub fn max_abs(&self) -> f32 {

@@ -11,8 +11,12 @@ use normlab::data::{load_split, load_split_with, FolderOptions};
 
 /// `n` CIFAR records; record k has label k % 10 and pixel values that encode (k, channel).
 fn cifar_records(n: usize) -> Vec<u8> {
+    cifar_records_from(0, n)
+}
+
+fn cifar_records_from(first: usize, n: usize) -> Vec<u8> {
     let mut out = Vec::new();
-    for k in 0..n {
+    for k in first..first + n {
         out.push((k % 10) as u8);
         for c in 0..3 {
             out.extend(std::iter::repeat_n((k * 3 + c) as u8, 1024));
@@ -23,7 +27,17 @@ fn cifar_records(n: usize) -> Vec<u8> {
 
 fn write_cifar(dir: &Path, train: usize, test: usize) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("data_batch_1.bin"), cifar_records(train)).unwrap();
+    // The training records in order over the five batch files, as CIFAR-10 ships them.
+    let per = train.div_ceil(5);
+    for b in 0..5 {
+        let first = (b * per).min(train);
+        let n = per.min(train - first);
+        std::fs::write(
+            dir.join(format!("data_batch_{}.bin", b + 1)),
+            cifar_records_from(first, n),
+        )
+        .unwrap();
+    }
     std::fs::write(dir.join("test_batch.bin"), cifar_records(test)).unwrap();
     std::fs::write(
         dir.join("batches.meta.txt"),

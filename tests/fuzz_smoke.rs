@@ -79,3 +79,29 @@ fn checkpoint_loader_survives_mutated_files() {
 fn spec_parsers_survive_mutated_specs() {
     pass("specs", normlab::fuzz_targets::specs, 20_000);
 }
+
+#[test]
+fn cifar_reader_survives_mutated_batches() {
+    pass("cifar", normlab::fuzz_targets::cifar, 20_000);
+}
+
+#[test]
+fn image_checks_survive_mutated_images() {
+    pass("image", normlab::fuzz_targets::image, 5_000);
+}
+
+#[test]
+fn run_log_reader_survives_mutated_records() {
+    pass("run_log", normlab::fuzz_targets::run_log, 20_000);
+}
+
+/// Writes fuzz/seeds/image/tiny.jpg (Python's standard library has no JPEG encoder; the other
+/// seeds come from fuzz/make_seeds.py): `cargo test --release --test fuzz_smoke -- --ignored`.
+#[test]
+#[ignore]
+fn write_jpeg_seed() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/image/tiny.jpg");
+    image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([(x * 40) as u8, (y * 80) as u8, 128]))
+        .save(path)
+        .unwrap();
+}

@@ -129,7 +129,9 @@ fn bad_lstm_input_gets_one_clear_line() {
     let cifar = t.path().join("cifar");
     std::fs::create_dir_all(&cifar).unwrap();
     let record: Vec<u8> = std::iter::once(1u8).chain(std::iter::repeat_n(9u8, 3072)).collect();
-    std::fs::write(cifar.join("data_batch_1.bin"), record.repeat(4)).unwrap();
+    for b in 1..=5 {
+        std::fs::write(cifar.join(format!("data_batch_{b}.bin")), record.repeat(4)).unwrap();
+    }
     std::fs::write(cifar.join("test_batch.bin"), record.repeat(2)).unwrap();
     let err = fails(&["train", "--data", s(&cifar), "--out", s(&out), "--model", "lstm:8"]);
     assert!(err.contains("grey image row by row"), "{err}");

@@ -59,11 +59,11 @@ fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
         a.batch_sizes.clone()
     };
     let mut rows = Vec::new();
-    println!(
+    outln!(
         "threads {threads}; eval-mode forward, median of timed runs{}",
         if a.fold { ", BN folded" } else { "" }
-    );
-    println!("{:<50} {:>6} {:>10} {:>12}", "checkpoint", "batch", "ms", "images/s");
+    )?;
+    outln!("{:<50} {:>6} {:>10} {:>12}", "checkpoint", "batch", "ms", "images/s")?;
     for path in &a.inference {
         let (mut model, _) = normlab::checkpoint::load_model(path)?;
         if a.fold {
@@ -78,16 +78,16 @@ fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
                 30
             });
             let ms = in_pool(|| normlab::bench::inference_latency(&mut model, b, reps))?;
-            println!(
+            outln!(
                 "{:<50} {:>6} {:>10.3} {:>12.0}",
                 path.display(),
                 b,
                 ms,
                 b as f64 * 1e3 / ms
-            );
+            )?;
             if a.layers {
                 for (layer, ms) in in_pool(|| normlab::bench::inference_layer_times(&mut model, b, reps))? {
-                    println!("    {layer:<46} {ms:>17.3}");
+                    outln!("    {layer:<46} {ms:>17.3}")?;
                 }
             }
             rows.push(serde_json::json!({
@@ -145,33 +145,42 @@ pub fn run(a: BenchArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let report = report?;
-    println!(
+    outln!(
         "threads {threads}; memory copy {:.1} GB/s (read + write)",
         report.copy_gb_per_s
-    );
-    println!(
+    )?;
+    outln!(
         "{:<18} {:<18} {:>9} {:>9} {:>7}",
-        "kernel", "shape (N,C,H,W)", "ms", "GB/s", "copy%"
-    );
+        "kernel",
+        "shape (N,C,H,W)",
+        "ms",
+        "GB/s",
+        "copy%"
+    )?;
     for k in &report.kernels {
         let shape = format!("{:?}", k.shape);
-        println!(
+        outln!(
             "{:<18} {:<18} {:>9.3} {:>9.1} {:>6.0}%",
             k.kernel,
             shape,
             k.ms,
             k.gb_per_s,
             100.0 * k.copy_fraction
-        );
+        )?;
     }
     if !report.convs.is_empty() {
-        println!(
+        outln!(
             "{:<22} {:<10} {:>10} {:>10} {:>10} {:>10}",
-            "conv (N,C,OC,H=W)", "algorithm", "fwd ms", "dW ms", "dx ms", "bwd ms"
-        );
+            "conv (N,C,OC,H=W)",
+            "algorithm",
+            "fwd ms",
+            "dW ms",
+            "dx ms",
+            "bwd ms"
+        )?;
     }
     for c in &report.convs {
-        println!(
+        outln!(
             "{:<22} {:<10} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
             format!("{:?}", c.shape),
             c.algorithm,
@@ -179,18 +188,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
             c.weight_grad_ms,
             c.backward_ms - c.weight_grad_ms,
             c.backward_ms
-        );
+        )?;
     }
     for t in &report.training {
-        println!(
+        outln!(
             "training {:<30} {:<6} batch {:>4}: {:>8.0} images/s",
-            t.model, t.norm, t.batch_size, t.images_per_sec
-        );
+            t.model,
+            t.norm,
+            t.batch_size,
+            t.images_per_sec
+        )?;
     }
     if let Some(path) = &json {
         let bytes = serde_json::to_vec_pretty(&report).expect("report serializes");
         normlab::files::write_atomic(path, &bytes)?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display())?;
     }
     Ok(())
 }
@@ -203,15 +215,15 @@ fn run_all_reduce(comm: &dyn normlab::dist::Communicator, quick: bool) -> Result
     let rows = normlab::dist::data_parallel::all_reduce_timings(comm, &sizes, reps);
     if comm.rank() == 0 {
         let k = comm.size() as f64;
-        println!(
+        outln!(
             "all-reduce of f32 sums over {} processes (median of {reps})",
             comm.size()
-        );
-        println!("{:>12}  {:>12}  {:>16}", "bytes", "ms", "ring GB/s each");
+        )?;
+        outln!("{:>12}  {:>12}  {:>16}", "bytes", "ms", "ring GB/s each")?;
         for (n, secs) in rows {
             let bytes = (n * 4) as f64;
             let ring = 2.0 * (k - 1.0) / k * bytes / secs / 1e9;
-            println!("{:>12}  {:>12.4}  {:>16.2}", n * 4, secs * 1e3, ring);
+            outln!("{:>12}  {:>12.4}  {:>16.2}", n * 4, secs * 1e3, ring)?;
         }
     }
     Ok(())

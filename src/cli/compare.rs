@@ -113,7 +113,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let an = normlab::studies::analysis::analyze(&results?)?;
-    print_analysis(&an);
-    println!("wrote {}", out.join("report.html").display());
+    print_analysis(&an)?;
+    outln!("wrote {}", out.join("report.html").display())?;
     Ok(())
 }

@@ -121,27 +121,27 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "epoch": meta.epoch, "test_images": test.len(), "test_loss": ev.loss, "test_accuracy": ev.accuracy,
             "bn_stats": a.bn_stats, "input_norm": meta.input_norm,
         });
-        println!("{j}");
+        outln!("{j}")?;
     } else {
-        println!("data: {}", dir.display());
-        println!(
+        outln!("{}", normlab::data::describe_data(&dir, None, &test))?;
+        outln!(
             "model: {} ({}), norm {}",
             meta.spec.model,
             model.summary(),
             meta.spec.norm
-        );
+        )?;
         if a.bn_stats == "batch" {
-            println!(
+            outln!(
                 "normalized with each test batch's own statistics (batches of {})",
                 a.batch_size
-            );
+            )?;
         }
-        println!(
+        outln!(
             "test images {}  test loss {:.4}  test accuracy {:.4}",
             test.len(),
             ev.loss,
             ev.accuracy
-        );
+        )?;
     }
     Ok(())
 }

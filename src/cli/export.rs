@@ -38,21 +38,21 @@ pub fn run(a: ExportArgs) -> Result<()> {
     }
     let exported = normlab::export::export(&model, &meta, a.fold)?;
     write_atomic(&out, &exported.bytes)?;
-    println!(
+    outln!(
         "{} ({}, norm {}{}) -> {}",
         a.checkpoint.display(),
         meta.spec.model,
         meta.spec.norm,
         if a.fold { ", folded" } else { "" },
         a.out.display()
-    );
-    println!(
+    )?;
+    outln!(
         "ONNX opset {} (IR {}), {} nodes, {} initializers, {} bytes; parsed back and checked",
         normlab::export::OPSET,
         normlab::export::IR_VERSION,
         exported.nodes,
         exported.initializers,
         exported.bytes.len()
-    );
+    )?;
     Ok(())
 }

@@ -37,14 +37,15 @@ pub fn run(a: FoldArgs) -> Result<()> {
         force: a.force,
     };
     let r = in_pool(|| normlab::fold::run_fold(&req))?;
-    println!("data: {}", data.display());
-    println!("folded {} ({}) -> {}", r.model, r.layers, r.folded_checkpoint.display());
-    println!(
+    outln!("{}", r.data)?;
+    outln!("folded {} ({}) -> {}", r.model, r.layers, r.folded_checkpoint.display())?;
+    outln!(
         "largest |logit difference| over {} test images: {:.3e}",
-        r.test_images, r.max_abs_logit_difference
-    );
-    println!("folded test accuracy {:.4}", r.folded_test_accuracy);
-    print_latency(&r.latency, "unfolded ms", "folded ms");
-    println!("wrote {}", a.out.join("fold.json").display());
+        r.test_images,
+        r.max_abs_logit_difference
+    )?;
+    outln!("folded test accuracy {:.4}", r.folded_test_accuracy)?;
+    print_latency(&r.latency, "unfolded ms", "folded ms")?;
+    outln!("wrote {}", a.out.join("fold.json").display())?;
     Ok(())
 }

@@ -81,6 +81,9 @@ pub fn finish(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Error::OtherRank(_)) => ExitCode::FAILURE,
+        // A closed pipe (`normlab ... | head -1`): quietly, with the status of a process that
+        // SIGPIPE ended, as Unix tools do.
+        Err(e) if e.is_broken_pipe() => ExitCode::from(141),
         Err(e) => {
             if comm.size() > 1 {
                 eprintln!("error (process {} of {}): {e}", comm.rank(), comm.size());

@@ -31,6 +31,6 @@ pub struct LayerArgs {
 pub fn run(a: LayerArgs) -> Result<()> {
     let output = OutputGuard::new(a.force).input(&a.input).file("--output", &a.output)?;
     let n = normlab::conformance::layer_command(&a.spec, &a.input, &output, a.eval)?;
-    println!("wrote {n} tensors to {}", a.output.display());
+    outln!("wrote {n} tensors to {}", a.output.display())?;
     Ok(())
 }

@@ -1,6 +1,17 @@
 //! The `normlab` command line: one file per subcommand, each parsing its flags, calling the
 //! library and printing; no math here. This file holds what several subcommands share.
 
+/// `println!` that returns `Err(Error::Output)` when standard output is full or closed instead
+/// of panicking; use as `outln!(...)?`.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub mod bench;
 pub mod compare;
 pub mod eval;
@@ -23,6 +34,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use normlab::train::{EpochMetrics, Reporter, RunMetrics};
 use normlab::{Error, Result};
+
+/// Writes to standard output; a full disk or closed pipe becomes `Error::Output`.
+pub fn write_out(args: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args).and_then(|()| out.flush()).map_err(Error::Output)
+}
 
 /// More threads than this only cost time on any machine normlab is meant for.
 pub const MAX_THREADS: usize = 256;
@@ -159,26 +177,33 @@ pub struct CliReporter {
     bar: Option<ProgressBar>,
 }
 
-pub fn print_epoch_header() {
-    println!(
+pub fn print_epoch_header() -> Result<()> {
+    outln!(
         "{:>5}  {:>9}  {:>10}  {:>9}  {:>9}  {:>8}  {:>7}  {:>8}",
-        "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img/s"
-    );
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "seconds",
+        "img/s"
+    )
 }
 
 impl Reporter for CliReporter {
-    fn started(&mut self, data_dir: &Path, out: &Path, m: &RunMetrics) {
-        println!("data: {}", data_dir.display());
+    fn started(&mut self, data: &str, out: &Path, m: &RunMetrics) -> Result<()> {
+        outln!("{data}")?;
         let done = m.epochs.len();
         if done > 0 {
-            println!("run folder: {} (resuming after epoch {done})", out.display());
+            outln!("run folder: {} (resuming after epoch {done})", out.display())?;
         } else {
-            println!("run folder: {}", out.display());
+            outln!("run folder: {}", out.display())?;
         }
         if let Ok(mut g) = LAST_COMMIT.lock() {
             *g = Some((out.to_path_buf(), done));
         }
-        print_epoch_header();
+        print_epoch_header()
     }
 
     fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize) {
@@ -200,14 +225,21 @@ impl Reporter for CliReporter {
         }
     }
 
-    fn epoch_end(&mut self, m: &EpochMetrics) {
+    fn epoch_end(&mut self, m: &EpochMetrics) -> Result<()> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        println!(
+        outln!(
             "{:>5}  {:>9.2e}  {:>10.4}  {:>9.4}  {:>9.4}  {:>8.4}  {:>7.1}  {:>8.0}",
-            m.epoch, m.lr, m.train_loss, m.train_accuracy, m.test_loss, m.test_accuracy, m.seconds, m.images_per_sec
-        );
+            m.epoch,
+            m.lr,
+            m.train_loss,
+            m.train_accuracy,
+            m.test_loss,
+            m.test_accuracy,
+            m.seconds,
+            m.images_per_sec
+        )
     }
 
     fn committed(&mut self, out: &Path, epoch: usize) {
@@ -239,10 +271,10 @@ pub fn run_bar() -> ProgressBar {
 }
 
 /// The first table and the finding, as the study's summary on screen.
-pub fn print_analysis(a: &normlab::studies::analysis::Analysis) {
-    println!("{}", a.title);
+pub fn print_analysis(a: &normlab::studies::analysis::Analysis) -> Result<()> {
+    outln!("{}", a.title)?;
     if let Some(t) = a.tables.first() {
-        println!("{}", t.caption);
+        outln!("{}", t.caption)?;
         let widths: Vec<usize> = (0..t.header.len())
             .map(|i| {
                 t.rows
@@ -261,18 +293,17 @@ pub fn print_analysis(a: &normlab::studies::analysis::Analysis) {
                 .collect::<Vec<_>>()
                 .join("  ")
         };
-        println!("{}", line(&t.header));
+        outln!("{}", line(&t.header))?;
         for r in &t.rows {
-            println!("{}", line(r));
+            outln!("{}", line(r))?;
         }
     }
     if a.claims.is_empty() {
-        println!("finding: {}", a.finding);
-        return;
+        return outln!("finding: {}", a.finding);
     }
-    println!("claims (difference per seed; mean and 95% t-interval across seeds):");
+    outln!("claims (difference per seed; mean and 95% t-interval across seeds):")?;
     for c in &a.claims {
-        println!(
+        outln!(
             "  {:<58} {:>+9.3}  [{:>8.3}, {:>8.3}]  threshold {:<18} seeds {}  {}",
             c.claim,
             c.mean_difference,
@@ -281,17 +312,22 @@ pub fn print_analysis(a: &normlab::studies::analysis::Analysis) {
             c.rule(),
             c.seeds,
             c.verdict
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Before/after inference latency as a table.
-pub fn print_latency(rows: &[normlab::bench::Latency], before: &str, after: &str) {
-    println!("{:>6} {before:>13} {after:>11} {:>8}", "batch", "speedup");
+pub fn print_latency(rows: &[normlab::bench::Latency], before: &str, after: &str) -> Result<()> {
+    outln!("{:>6} {before:>13} {after:>11} {:>8}", "batch", "speedup")?;
     for l in rows {
-        println!(
+        outln!(
             "{:>6} {:>13.3} {:>11.3} {:>7.2}x",
-            l.batch, l.before_ms, l.after_ms, l.speedup
-        );
+            l.batch,
+            l.before_ms,
+            l.after_ms,
+            l.speedup
+        )?;
     }
+    Ok(())
 }

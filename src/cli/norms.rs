@@ -2,8 +2,8 @@
 
 pub fn run() -> normlab::Result<()> {
     for (spec, what) in normlab::nn::norm_spec::CATALOG {
-        println!("{spec:<10} {what}");
+        outln!("{spec:<10} {what}")?;
     }
-    println!("\noptions follow the name after ':' as key=value, comma-separated: bn:momentum=0.01,eps=1e-3");
+    outln!("\noptions follow the name after ':' as key=value, comma-separated: bn:momentum=0.01,eps=1e-3")?;
     Ok(())
 }

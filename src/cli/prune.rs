@@ -35,36 +35,38 @@ pub struct PruneArgs {
     pub test: TestSetArgs,
 }
 
-fn print_pruned(r: &PruneReport) {
-    println!(
+fn print_pruned(r: &PruneReport) -> Result<()> {
+    outln!(
         "pruned {} -> {} (threshold |γ| <= {:.5})",
         r.model_before,
         r.model_after,
         r.plan.threshold.max(0.0)
-    );
-    println!("{:<8} {:<8} {:>8} {:>8}", "conv", "bn", "before", "after");
+    )?;
+    outln!("{:<8} {:<8} {:>8} {:>8}", "conv", "bn", "before", "after")?;
     for l in &r.plan.layers {
-        println!("{:<8} {:<8} {:>8} {:>8}", l.conv, l.bn, l.before, l.after);
+        outln!("{:<8} {:<8} {:>8} {:>8}", l.conv, l.bn, l.before, l.after)?;
     }
     let pct = |b: usize, a: usize| 100.0 * (1.0 - a as f64 / b.max(1) as f64);
-    println!(
+    outln!(
         "parameters {} -> {} (-{:.1}%)",
         r.parameters_before,
         r.parameters_after,
         pct(r.parameters_before, r.parameters_after)
-    );
-    println!(
+    )?;
+    outln!(
         "FLOPs/image {} -> {} (-{:.1}%)",
         r.flops_before,
         r.flops_after,
         pct(r.flops_before, r.flops_after)
-    );
-    println!(
+    )?;
+    outln!(
         "test accuracy ({} images): before {:.4}, after pruning {:.4}",
-        r.test_images, r.accuracy_before, r.accuracy_after_prune
-    );
-    print_latency(&r.latency, "before ms", "after ms");
-    println!("wrote {}", r.pruned_checkpoint.display());
+        r.test_images,
+        r.accuracy_before,
+        r.accuracy_after_prune
+    )?;
+    print_latency(&r.latency, "before ms", "after ms")?;
+    outln!("wrote {}", r.pruned_checkpoint.display())
 }
 
 pub fn run(a: PruneArgs) -> Result<()> {
@@ -82,26 +84,27 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let finetune = a.finetune;
     let r = in_pool(|| {
         normlab::slimming::run_prune(&req, &mut CliReporter::default(), &mut |r| {
-            println!("data: {}", data.display());
-            print_pruned(r);
+            outln!("{}", r.data)?;
+            print_pruned(r)?;
             if let Some(n) = finetune {
-                println!("\nfine-tuning the pruned model for {n} epochs:");
+                outln!("\nfine-tuning the pruned model for {n} epochs:")?;
             }
+            Ok(())
         })
     })?;
     match (&r.finetune_checkpoint, r.accuracy_after_finetune) {
-        (Some(ckpt), Some(acc)) => println!(
+        (Some(ckpt), Some(acc)) => outln!(
             "result: {} (fine-tuned; test accuracy {:.4}, {:.4} right after pruning, {:.4} before)",
             ckpt.display(),
             acc,
             r.accuracy_after_prune,
             r.accuracy_before
-        ),
-        _ => println!(
+        )?,
+        _ => outln!(
             "result: {} (not fine-tuned; test accuracy {:.4})",
             r.pruned_checkpoint.display(),
             r.accuracy_after_prune
-        ),
+        )?,
     }
     Ok(())
 }

@@ -52,24 +52,32 @@ pub fn run(a: RecalibrateArgs) -> Result<()> {
         force: a.force,
     };
     let r = in_pool(|| normlab::recalibrate::run_recalibrate(&req))?;
-    println!("data: {}", data.display());
-    println!(
+    outln!("{}", r.data)?;
+    outln!(
         "recalibrated {} norm layers of {} ({}) over {} batches of {} training images",
-        r.norms_updated, r.model, r.norm, r.batches, r.batch_size
-    );
-    println!("{:<28} {:>9} {:>9}", "", "test_loss", "test_acc");
-    println!(
+        r.norms_updated,
+        r.model,
+        r.norm,
+        r.batches,
+        r.batch_size
+    )?;
+    outln!("{:<28} {:>9} {:>9}", "", "test_loss", "test_acc")?;
+    outln!(
         "{:<28} {:>9.4} {:>9.4}",
-        "running statistics (before)", r.test_loss_before, r.test_accuracy_before
-    );
-    println!(
+        "running statistics (before)",
+        r.test_loss_before,
+        r.test_accuracy_before
+    )?;
+    outln!(
         "{:<28} {:>9.4} {:>9.4}",
-        "population statistics", r.test_loss_after, r.test_accuracy_after
-    );
-    println!(
+        "population statistics",
+        r.test_loss_after,
+        r.test_accuracy_after
+    )?;
+    outln!(
         "wrote {} and {}",
         r.recalibrated_checkpoint.display(),
         a.out.join("recalibrate.json").display()
-    );
+    )?;
     Ok(())
 }

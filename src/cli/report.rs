@@ -15,7 +15,7 @@ pub struct ReportArgs {
 
 pub fn run(a: ReportArgs) -> Result<()> {
     let an = normlab::studies::report::rebuild(&a.dir)?;
-    super::print_analysis(&an);
-    println!("rebuilt {}", a.dir.join("report.html").display());
+    super::print_analysis(&an)?;
+    outln!("rebuilt {}", a.dir.join("report.html").display())?;
     Ok(())
 }

@@ -66,14 +66,14 @@ pub fn run(a: StudyArgs) -> Result<()> {
     }
     let an = normlab::studies::analysis::analyze(&results)?;
     if a.quick {
-        println!("quick run: a smoke test, not evidence; every claim is inconclusive (quick run)");
+        outln!("quick run: a smoke test, not evidence; every claim is inconclusive (quick run)")?;
     }
-    print_analysis(&an);
+    print_analysis(&an)?;
     let n = results.runs.len() + results.ics.len() + results.landscape.len();
-    println!(
+    outln!(
         "{n} runs in {:.0} s; wrote {}",
         results.seconds,
         out.join("report.html").display()
-    );
+    )?;
     Ok(())
 }

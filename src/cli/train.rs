@@ -354,13 +354,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "done: test accuracy {:.4}, test loss {:.4}, {:.0} training images/s{processes}; wrote {}",
             m.test_accuracy,
             m.test_loss,
             m.train_images_per_sec,
             out.join("model.safetensors").display()
-        );
+        )?;
     }
     Ok(())
 }

@@ -23,6 +23,93 @@ pub struct Dataset {
     pub classes: usize,
     /// The class names in label order (folder names, CIFAR-10's meta file, or "0".."9").
     pub class_names: Vec<String>,
+    /// Where it came from and what its reader left out on purpose.
+    pub source: Source,
+}
+
+/// Where a dataset came from, how many images its split held before any limit, and which
+/// entries of an image folder were left out on purpose (counted, so the user sees them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub format: DataFormat,
+    /// Images the split held when read (before --train-limit / --test-limit).
+    pub read: usize,
+    /// Hidden entries (names starting with '.').
+    pub hidden: usize,
+    /// Files in class folders that are not .png, .jpg or .jpeg.
+    pub not_images: usize,
+    /// Files beside the class folders.
+    pub stray: usize,
+}
+
+impl Source {
+    pub fn new(format: DataFormat, read: usize) -> Self {
+        Source {
+            format,
+            read,
+            hidden: 0,
+            not_images: 0,
+            stray: 0,
+        }
+    }
+
+    fn skipped(&self) -> usize {
+        self.hidden + self.not_images + self.stray
+    }
+}
+
+impl DataFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Idx => "IDX",
+            DataFormat::Cifar => "CIFAR-10",
+            DataFormat::Folder => "image folder",
+        }
+    }
+}
+
+/// One line saying what a command read: the folder, its format, the images of each split (and
+/// how many are used when a limit applies), the classes, the image shape and, for image
+/// folders, the files skipped and why.
+pub fn describe_data(dir: &Path, train: Option<&Dataset>, test: &Dataset) -> String {
+    let count = |d: &Dataset| {
+        if d.len() < d.source.read {
+            format!("{} of {}", d.len(), d.source.read)
+        } else {
+            d.len().to_string()
+        }
+    };
+    let images = match train {
+        Some(t) => format!("{} training and {} test images", count(t), count(test)),
+        None => format!("{} test images", count(test)),
+    };
+    let [c, h, w] = test.shape;
+    let mut line = format!(
+        "data: {} ({}): {images}, {} classes, {c}x{h}x{w}",
+        dir.display(),
+        test.source.format.name(),
+        test.classes
+    );
+    if test.source.format == DataFormat::Folder {
+        let sets: Vec<&Source> = train.into_iter().chain([test]).map(|d| &d.source).collect();
+        let sum = |f: fn(&Source) -> usize| sets.iter().map(|s| f(s)).sum::<usize>();
+        let skipped = sum(Source::skipped);
+        if skipped == 0 {
+            line.push_str("; no file skipped");
+        } else {
+            let why: Vec<String> = [
+                (sum(|s| s.hidden), "hidden"),
+                (sum(|s| s.not_images), "not .png/.jpg/.jpeg"),
+                (sum(|s| s.stray), "beside the class folders"),
+            ]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, w)| format!("{n} {w}"))
+            .collect();
+            line.push_str(&format!("; skipped {skipped} files ({})", why.join(", ")));
+        }
+    }
+    line
 }
 
 /// x ↦ (x/255 − mean_c) / std_c per channel c, the input normalization; stored with each
@@ -145,10 +232,10 @@ impl Dataset {
     }
 
     /// Gathers samples `idx` into a normalized [B, C, H, W] tensor and their labels.
-    pub fn batch(&self, idx: &[usize], norm: InputNorm, x: &mut Tensor, y: &mut Vec<u8>) {
+    pub fn batch(&self, idx: &[usize], norm: InputNorm, x: &mut Tensor, y: &mut Vec<u8>) -> Result<()> {
         let s = self.sample_len();
         let [c, h, w] = self.shape;
-        x.resize_to(&[idx.len(), c, h, w]);
+        x.resize_to(&[idx.len(), c, h, w])?;
         y.clear();
         // Per channel: x/255 − mean over std as one multiply-add (no allocation per batch).
         let affine = |ch: usize| {
@@ -165,6 +252,7 @@ impl Dataset {
             }
             y.push(self.labels[i]);
         }
+        Ok(())
     }
 }
 
@@ -297,12 +385,14 @@ fn load_idx_split(dir: &Path, train: bool) -> Result<Dataset> {
     if let Some(bad) = labels.data.iter().find(|&&l| l >= 10) {
         return Err(Error::data(&lbl_path, format!("label {bad} is outside 0..9")));
     }
+    let read = labels.data.len();
     Ok(Dataset {
         images: images.data,
         labels: labels.data,
         shape: [1, images.dims[1], images.dims[2]],
         classes: 10,
         class_names: (0..10).map(|k| k.to_string()).collect(),
+        source: Source::new(DataFormat::Idx, read),
     })
 }
 

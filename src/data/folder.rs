@@ -9,8 +9,9 @@ use image::{DynamicImage, ImageReader, Limits};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::data::Dataset;
+use crate::data::{DataFormat, Dataset, Source};
 use crate::error::{Error, Result};
+use crate::memory::{try_reserve, Need};
 use crate::models::{MAX_CLASSES, MAX_INPUT_SIDE};
 
 /// The decoded dataset may take at most this many bytes (one per pixel and channel).
@@ -35,15 +36,45 @@ pub fn holds_folder(dir: &Path) -> bool {
     dir.join("train").is_dir() && dir.join("test").is_dir()
 }
 
-/// The class folders of `split_dir`, sorted by name.
-fn class_dirs(split_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// What is left out of a split on purpose, counted (`Source`'s fields).
+#[derive(Default)]
+struct Skips {
+    hidden: usize,
+    not_images: usize,
+    stray: usize,
+}
+
+fn is_hidden(entry: &std::fs::DirEntry) -> bool {
+    entry.file_name().to_string_lossy().starts_with('.')
+}
+
+/// What an entry is, following a link; a link that cannot be followed (dangling, looping, no
+/// permission) is an error naming it, since it stands where data was meant to be.
+fn entry_type(path: &Path) -> Result<std::fs::Metadata> {
+    std::fs::metadata(path).map_err(|e| {
+        Error::data(
+            path,
+            format!("cannot be read ({e}): a dangling or looping link, or no permission; fix or remove it"),
+        )
+    })
+}
+
+/// The class folders of `split_dir`, sorted by name; hidden entries and files beside them are
+/// counted in `skips`.
+fn class_dirs(split_dir: &Path, skips: &mut Skips) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(split_dir).map_err(|e| Error::io(split_dir, e))? {
         let entry = entry.map_err(|e| Error::io(split_dir, e))?;
+        if is_hidden(&entry) {
+            skips.hidden += 1;
+            continue;
+        }
         let path = entry.path();
-        if path.is_dir() {
+        if entry_type(&path)?.is_dir() {
             let name = entry.file_name().to_string_lossy().to_string();
             out.push((name, path));
+        } else {
+            skips.stray += 1;
         }
     }
     out.sort();
@@ -62,15 +93,29 @@ fn class_dirs(split_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-/// The image files of one class folder, sorted by name.
-fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>> {
+/// The image files of one class folder, sorted by name. Hidden entries and other files are
+/// counted in `skips`; an image name that is not a readable regular file is an error.
+fn image_files(class_dir: &Path, skips: &mut Skips) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(class_dir).map_err(|e| Error::io(class_dir, e))? {
-        let path = entry.map_err(|e| Error::io(class_dir, e))?.path();
-        let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase());
-        if path.is_file() && ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
-            files.push(path);
+        let entry = entry.map_err(|e| Error::io(class_dir, e))?;
+        if is_hidden(&entry) {
+            skips.hidden += 1;
+            continue;
         }
+        let path = entry.path();
+        let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase());
+        if !ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
+            skips.not_images += 1;
+            continue;
+        }
+        if !entry_type(&path)?.is_file() {
+            return Err(Error::data(
+                &path,
+                "has an image's name but is not a regular file (a folder, device or pipe); remove or rename it",
+            ));
+        }
+        files.push(path);
     }
     files.sort();
     if files.is_empty() {
@@ -82,17 +127,42 @@ fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+fn limits() -> Limits {
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SOURCE_SIDE);
+    limits.max_image_height = Some(MAX_SOURCE_SIDE);
+    limits.max_alloc = Some(1 << 30);
+    limits
+}
+
 fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
     let mut r = ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SOURCE_SIDE);
-    limits.max_image_height = Some(MAX_SOURCE_SIDE);
-    limits.max_alloc = Some(1 << 30);
-    r.limits(limits);
+    r.limits(limits());
     Ok(r)
+}
+
+/// The folder reader's checks on one image file's bytes: its header's size within the source
+/// limits, then, when it is at most `decode_side` a side, its decode (for the fuzz target).
+pub fn check_image_bytes(bytes: &[u8], decode_side: u32) -> Result<(u32, u32)> {
+    let path = Path::new("image");
+    let open = || -> Result<ImageReader<std::io::Cursor<&[u8]>>> {
+        let mut r = ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Error::io(path, e))?;
+        r.limits(limits());
+        Ok(r)
+    };
+    let (w, h) = open()?.into_dimensions().map_err(|e| bad_image(path, e))?;
+    if w > MAX_SOURCE_SIDE || h > MAX_SOURCE_SIDE {
+        return Err(bad_image(path, format!("{w}x{h} is over {MAX_SOURCE_SIDE} a side")));
+    }
+    if w <= decode_side && h <= decode_side {
+        open()?.decode().map_err(|e| bad_image(path, e))?;
+    }
+    Ok((w, h))
 }
 
 fn bad_image(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -111,12 +181,15 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
             dir.display()
         )));
     }
-    let classes = class_dirs(&dir.join("train"))?;
+    let mut skips = Skips::default();
+    let classes = class_dirs(&dir.join("train"), &mut skips)?;
     let names: Vec<String> = classes.iter().map(|(n, _)| n.clone()).collect();
     let wanted = if split == "train" {
         classes
     } else {
-        class_dirs(&dir.join(split))?
+        // Only this split's own skips are counted.
+        skips = Skips::default();
+        class_dirs(&dir.join(split), &mut skips)?
     };
     let mut files: Vec<(PathBuf, u8)> = Vec::new();
     for (name, path) in &wanted {
@@ -129,7 +202,7 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
                 ),
             ));
         };
-        for f in image_files(path)? {
+        for f in image_files(path, &mut skips)? {
             files.push((f, label as u8));
         }
         if files.len() > MAX_IMAGES {
@@ -182,6 +255,14 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
             ),
         ));
     }
+    // The decoded RGB images and the dataset made from them are both held for a moment.
+    let mut need = Need::default();
+    need.add("decoded images", total as u64);
+    need.add("the dataset", total as u64);
+    need.check(
+        &format!("decoding {} {split} images of {h}x{w}", files.len()),
+        "pass a smaller --resize",
+    )?;
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("decoding {msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
@@ -211,7 +292,8 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
     } else {
         1
     });
-    let mut images = Vec::with_capacity(files.len() * channels * h * w);
+    let mut images = Vec::new();
+    try_reserve(&mut images, files.len() * channels * h * w, "the decoded images")?;
     for (rgb, _) in &decoded {
         if channels == 1 {
             // Equal R, G and B give back the grey value exactly.
@@ -229,5 +311,11 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
         shape: [channels, h, w],
         classes: names.len(),
         class_names: names,
+        source: Source {
+            hidden: skips.hidden,
+            not_images: skips.not_images,
+            stray: skips.stray,
+            ..Source::new(DataFormat::Folder, files.len())
+        },
     })
 }

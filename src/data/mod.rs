@@ -8,7 +8,7 @@ pub mod folder;
 pub mod idx;
 
 pub use dataset::{
-    data_format, epoch_order, load_split, load_split_with, load_test_for, resolve_data_dir, DataFormat, Dataset,
-    InputNorm,
+    data_format, describe_data, epoch_order, load_split, load_split_with, load_test_for, resolve_data_dir, DataFormat,
+    Dataset, InputNorm, Source,
 };
 pub use folder::FolderOptions;

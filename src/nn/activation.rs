@@ -35,7 +35,7 @@ impl Layer for ReLU {
 
     // y = max(x, 0)
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
-        y.resize_to(&x.shape);
+        y.resize_to(&x.shape)?;
         y.data
             .par_chunks_mut(CHUNK)
             .zip(x.data.par_chunks(CHUNK))
@@ -50,7 +50,7 @@ impl Layer for ReLU {
     // dx = dy · [y > 0]
     fn backward(&mut self, _x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         check("ReLU", y, dy)?;
-        dx.resize_to(&dy.shape);
+        dx.resize_to(&dy.shape)?;
         dx.data
             .par_chunks_mut(CHUNK)
             .zip(dy.data.par_chunks(CHUNK).zip(y.data.par_chunks(CHUNK)))
@@ -78,7 +78,7 @@ impl Layer for Sigmoid {
 
     // y = 1 / (1 + e^-x)
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
-        y.resize_to(&x.shape);
+        y.resize_to(&x.shape)?;
         y.data
             .par_chunks_mut(CHUNK)
             .zip(x.data.par_chunks(CHUNK))
@@ -91,7 +91,7 @@ impl Layer for Sigmoid {
     // dx = dy · y · (1 - y)
     fn backward(&mut self, _x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         check("Sigmoid", y, dy)?;
-        dx.resize_to(&dy.shape);
+        dx.resize_to(&dy.shape)?;
         dx.data
             .par_chunks_mut(CHUNK)
             .zip(dy.data.par_chunks(CHUNK).zip(y.data.par_chunks(CHUNK)))

@@ -313,8 +313,16 @@ impl BatchNorm {
 
     /// The backward of the eval-mode affine map y = act((x - running_mean)·γ/σ + β): the
     /// running statistics are constants, as in PyTorch's eval-mode autograd.
-    fn backward_running(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor, c: usize, s: usize) {
-        dx.resize_to(&x.shape);
+    fn backward_running(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        dx: &mut Tensor,
+        c: usize,
+        s: usize,
+    ) -> Result<()> {
+        dx.resize_to(&x.shape)?;
         // The fixed-apply scratch holds mean, 1/σ and γ here (no allocation per step).
         let mut sc = std::mem::take(&mut self.scratch);
         sc.mean.clear();
@@ -342,6 +350,7 @@ impl BatchNorm {
         );
         self.add_affine_grads(&sc.sums);
         self.scratch = sc;
+        Ok(())
     }
 
     /// running = (1 - f)·running + f·batch, with batch statistics averaged over virtual batches
@@ -461,8 +470,8 @@ impl BatchNorm {
         s: usize,
         m: f64,
         comm: &dyn Communicator,
-    ) {
-        dx.resize_to(&x.shape);
+    ) -> Result<()> {
+        dx.resize_to(&x.shape)?;
         let mut sc = std::mem::take(&mut self.scratch);
         let eps = self.config.eps;
         sc.grads.clear();
@@ -519,6 +528,7 @@ impl BatchNorm {
             &mut sc.ws,
         );
         self.scratch = sc;
+        Ok(())
     }
 }
 
@@ -564,7 +574,7 @@ impl Layer for BatchNorm {
     // y = (x - mean) / sqrt(var + eps) * gamma + beta   (then max(·, 0) when fused)
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
         let (n, c, s) = self.view(x)?;
-        y.resize_to(&x.shape);
+        y.resize_to(&x.shape)?;
         self.last_running = self.config.track_running_stats && self.stats_mode.uses_running(mode);
         if self.last_running {
             self.forward_running(x, y, c, s);
@@ -662,11 +672,11 @@ impl Layer for BatchNorm {
             ));
         }
         if self.last_running {
-            self.backward_running(x, y, dy, dx, c, s);
+            self.backward_running(x, y, dy, dx, c, s)?;
             return Ok(());
         }
         if let (Some(m), Some(comm)) = (self.last_sync, self.comm.clone()) {
-            self.backward_sync(x, y, dy, dx, c, s, m, &*comm);
+            self.backward_sync(x, y, dy, dx, c, s, m, &*comm)?;
             return Ok(());
         }
         let v = self.set_size(n)?;
@@ -676,7 +686,7 @@ impl Layer for BatchNorm {
                 self.name()
             )));
         }
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         let mut sc = std::mem::take(&mut self.scratch);
         let (eps, relu) = (self.config.eps, self.relu);
         if let BatchStats::Lp(kind) = self.config.stats {

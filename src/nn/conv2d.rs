@@ -15,6 +15,7 @@ use crate::kernels::winograd::{
     winograd_filter_gradient, winograd_filter_transform, winograd_gradient_transform, winograd_input_transform,
     winograd_output_transform, TilePlan, WinogradTile,
 };
+use crate::memory::try_resize;
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
@@ -233,7 +234,7 @@ impl Conv2d {
     }
 
     /// Samples per group and samples per gemm, with the scratch sized for them.
-    fn prepare(&mut self, n: usize, g: &ConvGeometry) -> (usize, usize) {
+    fn prepare(&mut self, n: usize, g: &ConvGeometry) -> Result<(usize, usize)> {
         let per_group = n.div_ceil(GROUPS).max(1);
         let groups = n.div_ceil(per_group);
         let cols = g.col_cols();
@@ -249,11 +250,11 @@ impl Conv2d {
         };
         self.groups.resize_with(groups, GroupScratch::default);
         for s in self.groups.iter_mut() {
-            s.col.resize(col_len, 0.0);
-            s.partial.resize(partial_len, 0.0);
-            s.out.resize(out_len, 0.0);
+            try_resize(&mut s.col, col_len, 0.0, "the convolution's im2col scratch")?;
+            try_resize(&mut s.partial, partial_len, 0.0, "the convolution's scratch")?;
+            try_resize(&mut s.out, out_len, 0.0, "the convolution's scratch")?;
         }
-        (per_group, batch)
+        Ok((per_group, batch))
     }
 }
 
@@ -277,7 +278,13 @@ impl Conv2d {
     }
 
     /// Samples per group and per Winograd batch, with the scratch sized for them.
-    fn prepare_winograd(&mut self, n: usize, g: &ConvGeometry, tile: WinogradTile, im2col_dw: bool) -> (usize, usize) {
+    fn prepare_winograd(
+        &mut self,
+        n: usize,
+        g: &ConvGeometry,
+        tile: WinogradTile,
+        im2col_dw: bool,
+    ) -> Result<(usize, usize)> {
         let per_group = n.div_ceil(GROUPS).max(1);
         let groups = n.div_ceil(per_group);
         let (m, t) = (tile.m(), tile.t());
@@ -289,26 +296,27 @@ impl Conv2d {
         let (oc, rows, cols) = (self.out_channels, g.col_rows(), g.col_cols());
         self.groups.resize_with(groups, GroupScratch::default);
         for s in self.groups.iter_mut() {
-            s.staging.resize(staging, 0.0);
-            s.wa.resize(transformed, 0.0);
-            s.wb.resize(transformed, 0.0);
-            s.du.resize(t * t * oc * g.channels, 0.0);
-            s.partial.resize(oc * (rows + 1), 0.0);
-            s.out.resize(if self.relu { oc * cols * batch } else { 0 }, 0.0);
-            s.col.resize(if im2col_dw { rows * cols } else { 0 }, 0.0);
+            let what = "the Winograd convolution's scratch";
+            try_resize(&mut s.staging, staging, 0.0, what)?;
+            try_resize(&mut s.wa, transformed, 0.0, what)?;
+            try_resize(&mut s.wb, transformed, 0.0, what)?;
+            try_resize(&mut s.du, t * t * oc * g.channels, 0.0, what)?;
+            try_resize(&mut s.partial, oc * (rows + 1), 0.0, what)?;
+            try_resize(&mut s.out, if self.relu { oc * cols * batch } else { 0 }, 0.0, what)?;
+            try_resize(&mut s.col, if im2col_dw { rows * cols } else { 0 }, 0.0, what)?;
         }
-        (per_group, batch)
+        Ok((per_group, batch))
     }
 
     // Winograd forward: U = G W Gᵀ once, then per batch of samples V = Bᵀ x B, M_ξ = V_ξ · U_ξ
     // (t² gemms), y = Aᵀ M A + b (then ReLU).
-    fn forward_winograd(&mut self, x: &Tensor, y: &mut Tensor, g: &ConvGeometry, tile: WinogradTile) {
+    fn forward_winograd(&mut self, x: &Tensor, y: &mut Tensor, g: &ConvGeometry, tile: WinogradTile) -> Result<()> {
         let n = x.batch();
         let (c, oc, t2) = (g.channels, self.out_channels, tile.t() * tile.t());
-        let (per_group, batch) = self.prepare_winograd(n, g, tile, false);
+        let (per_group, batch) = self.prepare_winograd(n, g, tile, false)?;
         self.wino_u.resize(t2 * oc * c, 0.0);
         winograd_filter_transform(tile, &self.weight.value.data, oc, c, false, &mut self.wino_u);
-        y.resize_to(&[n, oc, g.out_h(), g.out_w()]);
+        y.resize_to(&[n, oc, g.out_h(), g.out_w()])?;
         let (xs, ys) = (x.sample_len(), oc * g.col_cols());
         let (u, bias, relu) = (
             &self.wino_u,
@@ -326,6 +334,7 @@ impl Conv2d {
                     s.winograd_conv(xb, c, u, oc, yb, bias, relu, threads);
                 }
             });
+        Ok(())
     }
 
     // Winograd backward, per batch of samples: grad = dy (· [y > 0] with a fused ReLU);
@@ -339,21 +348,21 @@ impl Conv2d {
         dx: &mut Tensor,
         g: &ConvGeometry,
         passes: ConvPasses,
-    ) {
+    ) -> Result<()> {
         let n = x.batch();
         let (c, oc, rows, cols) = (g.channels, self.out_channels, g.col_rows(), g.col_cols());
         let Some(tile) = passes.input_grad.or(passes.weight_grad) else {
-            return;
+            return Ok(());
         };
         let t2 = tile.t() * tile.t();
         let dw_tile = passes.weight_grad;
         let dx_tile = passes.input_grad.filter(|_| self.input_grad);
-        let (per_group, batch) = self.prepare_winograd(n, g, tile, dw_tile.is_none());
+        let (per_group, batch) = self.prepare_winograd(n, g, tile, dw_tile.is_none())?;
         if dx_tile.is_some() {
             self.wino_u_adjoint.resize(t2 * c * oc, 0.0);
             winograd_filter_transform(tile, &self.weight.value.data, oc, c, true, &mut self.wino_u_adjoint);
         }
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         let (xs, ys) = (x.sample_len(), oc * cols);
         let (u_adj, has_bias, relu) = (&self.wino_u_adjoint, self.bias.is_some(), self.relu);
         let threads = gemm_threads(n);
@@ -418,6 +427,7 @@ impl Conv2d {
             }
             winograd_filter_gradient(tile, &first.du, oc, c, &mut self.weight.grad.data);
         }
+        Ok(())
     }
 
     /// Adds the groups' [dWᵀ | db] partial sums into the gradients, in group order (dWᵀ only
@@ -513,14 +523,14 @@ impl Layer for Conv2d {
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         let g = self.geometry(x)?;
         if let Some(tile) = self.passes(&g, x.batch()).forward {
-            self.forward_winograd(x, y, &g, tile);
+            self.forward_winograd(x, y, &g, tile)?;
             return Ok(());
         }
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
         let oc = self.out_channels;
-        let (per_group, batch) = self.prepare(n, &g);
-        y.resize_to(&[n, oc, g.out_h(), g.out_w()]);
+        let (per_group, batch) = self.prepare(n, &g)?;
+        y.resize_to(&[n, oc, g.out_h(), g.out_w()])?;
         let (w, bias) = (
             &self.weight.value.data,
             self.bias.as_ref().map(|b| b.value.data.as_slice()),
@@ -584,13 +594,13 @@ impl Layer for Conv2d {
         }
         let passes = self.passes(&g, n);
         if passes.weight_grad.is_some() || (passes.input_grad.is_some() && self.input_grad) {
-            self.backward_winograd(x, y, dy, dx, &g, passes);
+            self.backward_winograd(x, y, dy, dx, &g, passes)?;
             return Ok(());
         }
-        let (per_group, batch) = self.prepare(n, &g);
+        let (per_group, batch) = self.prepare(n, &g)?;
         let xs = x.sample_len();
         let input_grad = self.input_grad;
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         let w = &self.weight.value.data;
         let threads = gemm_threads(n);
         let has_bias = self.bias.is_some();

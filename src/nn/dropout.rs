@@ -43,7 +43,7 @@ impl Layer for Dropout {
 
     // y = x · mask / (1 - p), mask ~ Bernoulli(1 - p)
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
-        y.resize_to(&x.shape);
+        y.resize_to(&x.shape)?;
         self.mask.resize(x.len(), 1.0);
         if mode == Mode::Eval || self.p == 0.0 {
             self.mask.fill(1.0);
@@ -70,7 +70,7 @@ impl Layer for Dropout {
                 format!("gradient {:?} does not match output", dy.shape),
             ));
         }
-        dx.resize_to(&dy.shape);
+        dx.resize_to(&dy.shape)?;
         dx.data
             .iter_mut()
             .zip(&dy.data)

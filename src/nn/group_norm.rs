@@ -251,7 +251,7 @@ impl Layer for GroupNorm {
     // y = (x - mean_set) / sqrt(var_set + eps) * gamma + beta, one set per (n, group)
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
         let (n, c, s, groups) = self.view(x)?;
-        y.resize_to(&x.shape);
+        y.resize_to(&x.shape)?;
         let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
         let (eps, relu) = (self.config.eps, self.relu);
@@ -300,7 +300,7 @@ impl Layer for GroupNorm {
         if self.last_running {
             // Eval-mode backward of the running-statistics affine map, as BatchNorm's; the
             // scratch vectors of the fixed apply hold mean, 1/σ and γ (no allocation per step).
-            dx.resize_to(&x.shape);
+            dx.resize_to(&x.shape)?;
             let (rm, rv) = (self.running_mean.as_ref(), self.running_var.as_ref());
             let (rm, rv) = (&rm.expect("tracked").data, &rv.expect("tracked").data);
             let sc = &mut self.scratch;
@@ -340,7 +340,7 @@ impl Layer for GroupNorm {
                 self.name()
             )));
         }
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         let sc = &mut self.scratch;
         sc.channel_sums.resize(n * c, (0.0, 0.0));
         let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());

@@ -97,7 +97,7 @@ impl Layer for Linear {
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         self.check(x)?;
         let (n, i, o) = (x.batch(), self.in_features, self.out_features);
-        y.resize_to(&[n, o]);
+        y.resize_to(&[n, o])?;
         matmul(
             &mut y.data,
             n,
@@ -146,7 +146,7 @@ impl Layer for Linear {
                 b.grad.data.iter_mut().zip(row).for_each(|(g, d)| *g += d);
             }
         }
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         if self.input_grad {
             matmul(
                 &mut dx.data,

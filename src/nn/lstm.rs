@@ -718,7 +718,7 @@ impl Layer for Lstm {
         self.last_train = train;
         let top = self.layers.last().expect("at least one layer");
         let h = top.hidden;
-        y.resize_to(&[n, h]);
+        y.resize_to(&[n, h])?;
         y.data.copy_from_slice(&top.h[t * n * h..(t + 1) * n * h]);
         Ok(())
     }
@@ -749,7 +749,7 @@ impl Layer for Lstm {
                 below[l].backward(n, t, norm, &above[0].dx, need_dx);
             }
         }
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         if self.input_grad {
             let d = &self.layers[0].dx;
             for s in 0..n {

@@ -86,7 +86,7 @@ impl Layer for NoisyBatchNorm {
             self.shift.resize(n * c, 0.0);
         }
         let shift = &self.shift;
-        y.resize_to(&x.shape);
+        y.resize_to(&x.shape)?;
         for (k, (yr, xr)) in y.data.chunks_mut(s).zip(self.normalized.data.chunks(s)).enumerate() {
             let (a, b) = (self.scale[k], shift[k]);
             for (o, &v) in yr.iter_mut().zip(xr) {
@@ -101,7 +101,7 @@ impl Layer for NoisyBatchNorm {
     fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         let c = x.shape[1];
         let s = x.sample_len() / c.max(1);
-        self.dnormalized.resize_to(&dy.shape);
+        self.dnormalized.resize_to(&dy.shape)?;
         for (k, ((d, g), yr)) in self
             .dnormalized
             .data

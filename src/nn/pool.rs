@@ -79,7 +79,7 @@ impl Layer for MaxPool2d {
 
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
         let out = pooled_shape("MaxPool2d", x, self.kernel, self.stride)?;
-        y.resize_to(&out);
+        y.resize_to(&out)?;
         // Only a training forward is followed by a backward; inference skips the winners.
         let argmax = if mode == Mode::Train {
             self.argmax.resize(y.len(), 0);
@@ -110,7 +110,7 @@ impl Layer for MaxPool2d {
         if self.argmax.len() != y.len() {
             return Err(Error::invalid("MaxPool2d backward needs a training forward first"));
         }
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         let plane_in = x.shape[2] * x.shape[3];
         let plane_out = dy.shape[2] * dy.shape[3];
         let relu_out = self.relu.then_some(y.data.as_slice());
@@ -146,14 +146,14 @@ impl Layer for AvgPool2d {
 
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         let out = pooled_shape("AvgPool2d", x, self.kernel, self.stride)?;
-        y.resize_to(&out);
+        y.resize_to(&out)?;
         pool::avg_pool_forward(&x.data, x.shape[2], x.shape[3], self.kernel, self.stride, &mut y.data);
         Ok(())
     }
 
     fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         check_grad("AvgPool2d", y, dy)?;
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         pool::avg_pool_backward(&dy.data, x.shape[2], x.shape[3], self.kernel, self.stride, &mut dx.data);
         Ok(())
     }
@@ -180,7 +180,7 @@ impl Layer for GlobalAvgPool {
                 format!("expected [N, C, H, W], got {:?}", x.shape),
             ));
         };
-        y.resize_to(&[n, c]);
+        y.resize_to(&[n, c])?;
         let inv = 1.0 / (h * w) as f32;
         for (o, p) in y.data.iter_mut().zip(x.data.chunks(h * w)) {
             *o = p.iter().sum::<f32>() * inv;
@@ -190,7 +190,7 @@ impl Layer for GlobalAvgPool {
 
     fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         check_grad("GlobalAvgPool", y, dy)?;
-        dx.resize_to(&x.shape);
+        dx.resize_to(&x.shape)?;
         let inv = 1.0 / (x.shape[2] * x.shape[3]) as f32;
         for (plane, &g) in dx.data.chunks_mut(x.shape[2] * x.shape[3]).zip(&dy.data) {
             plane.fill(g * inv);

@@ -161,7 +161,7 @@ impl Layer for BasicBlock {
                 format!("shortcut {:?} does not match {:?}", shortcut.shape, a2.shape),
             ));
         }
-        y.resize_to(&a2.shape);
+        y.resize_to(&a2.shape)?;
         y.data
             .par_chunks_mut(CHUNK)
             .zip(a2.data.par_chunks(CHUNK).zip(shortcut.data.par_chunks(CHUNK)))
@@ -184,7 +184,7 @@ impl Layer for BasicBlock {
         let [h1, a1, h2, a2, hs, s] = &self.acts;
         let [dsum, dh2, da1, dh1, dx_main, dhs, dx_short, _] = &mut self.grads;
         // The gradient reaching both branches: dy·[y > 0].
-        dsum.resize_to(&dy.shape);
+        dsum.resize_to(&dy.shape)?;
         dsum.data
             .par_chunks_mut(CHUNK)
             .zip(dy.data.par_chunks(CHUNK).zip(y.data.par_chunks(CHUNK)))

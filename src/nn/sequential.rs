@@ -41,6 +41,12 @@ impl Sequential {
         self.acts.get(i + 1)
     }
 
+    /// The values held at the layer boundaries after the last forward, input included (for
+    /// the memory estimate of a run).
+    pub fn boundary_values(&self) -> usize {
+        self.acts.iter().map(Tensor::len).sum()
+    }
+
     /// Runs every layer on the input set through `input_mut`; returns the output.
     pub fn forward(&mut self, mode: Mode) -> Result<&Tensor> {
         self.size_buffers();

@@ -27,7 +27,7 @@ pub struct GradientNorms {
 pub fn weight_gradient_norms(model: &mut Model, data: &Dataset, norm: InputNorm) -> Result<Vec<(String, f64)>> {
     let idx: Vec<usize> = (0..data.len().min(128)).collect();
     let mut labels = Vec::new();
-    data.batch(&idx, norm, model.input_mut(), &mut labels);
+    data.batch(&idx, norm, model.input_mut(), &mut labels)?;
     crate::train::loss_and_grad(model, &labels, data.classes)?;
     Ok(model
         .net

@@ -77,7 +77,7 @@ pub fn ics_run(norm: &str, seed: u64, train: &Dataset, test: &Dataset, steps: us
         if step % every == 0 || step == steps {
             let acc = evaluate(&mut model, test, input_norm, 1000)?.accuracy;
             let mut probe_labels = Vec::new();
-            test.batch(&probe_idx, input_norm, model.input_mut(), &mut probe_labels);
+            test.batch(&probe_idx, input_norm, model.input_mut(), &mut probe_labels)?;
             model.forward(Mode::Eval)?;
             let act = model
                 .net
@@ -103,7 +103,7 @@ pub fn ics_run(norm: &str, seed: u64, train: &Dataset, test: &Dataset, steps: us
         }
         let idx = &order[cursor..cursor + 60];
         cursor += 60;
-        train.batch(idx, input_norm, model.input_mut(), &mut labels);
+        train.batch(idx, input_norm, model.input_mut(), &mut labels)?;
         let (loss, _) = train_step(&mut model, &mut opt, &labels, train.classes, 0.5, 0.0)?;
         if !loss.is_finite() {
             diverged = true;

@@ -163,7 +163,7 @@ fn landscape_run(
             order.shuffle(&mut rng);
             cursor = 0;
         }
-        train.batch(&order[cursor..cursor + bs], input_norm, model.input_mut(), &mut labels);
+        train.batch(&order[cursor..cursor + bs], input_norm, model.input_mut(), &mut labels)?;
         cursor += bs;
         model
             .net

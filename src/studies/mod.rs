@@ -692,7 +692,7 @@ fn rnn_gate_stats(planned: &[Planned], runs: &[RunRecord], opts: &StudyOptions) 
             let (mut model, meta) = crate::checkpoint::load_model(&path)?;
             let idx: Vec<usize> = (0..test.len().min(512)).collect();
             let mut labels = Vec::new();
-            test.batch(&idx, meta.input_norm, model.input_mut(), &mut labels);
+            test.batch(&idx, meta.input_norm, model.input_mut(), &mut labels)?;
             model.forward(crate::nn::Mode::Eval)?;
             let lstm = model
                 .net

@@ -1,6 +1,7 @@
 //! The training loop: seeded batches, forward, loss, backward, optimizer step; evaluation each
 //! epoch; atomic checkpoints; exact resume; a clear stop when the loss diverges.
 
+mod footprint;
 pub mod logs;
 mod run_folder;
 
@@ -14,7 +15,7 @@ pub use run_folder::{read_run, RunFiles};
 
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::augment::Augment;
-use crate::data::{epoch_order, load_split_with, resolve_data_dir, Dataset, FolderOptions, InputNorm};
+use crate::data::{describe_data, epoch_order, load_split_with, resolve_data_dir, Dataset, FolderOptions, InputNorm};
 use crate::dist::data_parallel::{self, GradientSync};
 use crate::dist::{self, Communicator};
 use crate::error::{Error, Result};
@@ -206,11 +207,16 @@ fn one() -> usize {
 /// Receives progress; the CLI draws bars, studies stay quiet.
 pub trait Reporter {
     /// Everything is checked and the run folder locked: training starts (or resumes at
-    /// `metrics.epochs.len()`), reading `data_dir`.
-    fn started(&mut self, _data_dir: &Path, _out: &Path, _metrics: &RunMetrics) {}
+    /// `metrics.epochs.len()`); `data` says in one line what was read (`describe_data`). An
+    /// error (standard output full or closed) stops the run; its folder stays resumable.
+    fn started(&mut self, _data: &str, _out: &Path, _metrics: &RunMetrics) -> Result<()> {
+        Ok(())
+    }
     fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
     fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64) {}
-    fn epoch_end(&mut self, _m: &EpochMetrics) {}
+    fn epoch_end(&mut self, _m: &EpochMetrics) -> Result<()> {
+        Ok(())
+    }
     /// Epoch `epoch` is committed in `out`: a kill from now on resumes after it.
     fn committed(&mut self, _out: &Path, _epoch: usize) {}
 }
@@ -249,10 +255,10 @@ pub fn evaluate_samples(
     let mut predictions = Vec::with_capacity(order.len());
     let mut all_logits = Vec::with_capacity(order.len() * data.classes);
     for idx in order.chunks(batch_size.max(1)) {
-        data.batch(idx, norm, model.input_mut(), &mut y);
+        data.batch(idx, norm, model.input_mut(), &mut y)?;
         model.forward(Mode::Eval)?;
         let (logits, dlogits) = model.net.output_and_grad();
-        dlogits.resize_to(&logits.shape);
+        dlogits.resize_to(&logits.shape)?;
         let (loss, c) = softmax_cross_entropy(&logits.data, &y, data.classes, &mut dlogits.data);
         loss_sum += loss * idx.len() as f64;
         correct += c;
@@ -286,7 +292,7 @@ fn forward_loss(model: &mut Model, labels: &[u8], classes: usize, share: f32) ->
     model.net.zero_grad();
     model.forward(Mode::Train)?;
     let (logits, dlogits) = model.net.output_and_grad();
-    dlogits.resize_to(&logits.shape);
+    dlogits.resize_to(&logits.shape)?;
     let (loss, correct) = softmax_cross_entropy(&logits.data, labels, classes, &mut dlogits.data);
     if share != 1.0 {
         dlogits.data.iter_mut().for_each(|g| *g *= share);
@@ -393,6 +399,8 @@ struct Prepared {
     opt: Optimizer,
     log: logs::RunLog,
     history: Vec<EpochMetrics>,
+    /// Test images per evaluation batch (fewer than 1000 only where memory is short).
+    eval_batch: usize,
 }
 
 /// `train` as one process of a data-parallel job over `comm` (with one process, `train`
@@ -424,6 +432,7 @@ pub fn train_on(
         mut opt,
         mut log,
         history,
+        eval_batch,
     } = dist::agree(&**comm, prepared)?;
 
     // Everything is checked: rank 0 takes the folder.
@@ -461,9 +470,12 @@ pub fn train_on(
     model
         .net
         .set_communicator(&(Arc::clone(&timed) as Arc<dyn Communicator>));
-    if lead {
-        reporter.started(&data_dir, out, &metrics);
-    }
+    let started = if lead {
+        reporter.started(&describe_data(&data_dir, Some(&train_set), &test_set), out, &metrics)
+    } else {
+        Ok(())
+    };
+    dist::agree(comm, started)?;
 
     let bs = config.batch_size;
     let batches = train_set.len().div_ceil(bs);
@@ -481,7 +493,7 @@ pub fn train_on(
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         for (b, idx) in order.chunks(bs).enumerate() {
             let mine = data_parallel::shard(idx, rank, size);
-            train_set.batch(mine, input_norm, model.input_mut(), &mut y);
+            train_set.batch(mine, input_norm, model.input_mut(), &mut y)?;
             let mut step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
             if size > 1 {
                 // Each process's samples get their own dropout masks and augmentation draws.
@@ -532,11 +544,11 @@ pub fn train_on(
         // (per-process BN keeps its own; PyTorch DDP broadcasts rank 0's buffers likewise).
         data_parallel::broadcast_buffers(comm, &mut model.net);
         let (test_loss, test_accuracy) = if size == 1 {
-            let test = evaluate(&mut model, &test_set, input_norm, 1000)?;
+            let test = evaluate(&mut model, &test_set, input_norm, eval_batch)?;
             (test.loss, test.accuracy)
         } else {
             let mine = data_parallel::shard(&test_order, rank, size);
-            let test = evaluate_samples(&mut model, &test_set, mine, input_norm, 1000)?;
+            let test = evaluate_samples(&mut model, &test_set, mine, input_norm, eval_batch)?;
             let n = mine.len() as f64;
             let mut sums = [test.loss * n, (test.accuracy * n).round()];
             comm.all_reduce_sum_f64(&mut sums);
@@ -562,7 +574,9 @@ pub fn train_on(
             images_per_sec: seen as f64 / seconds,
             communication_seconds: communication.as_secs_f64(),
         };
-        reporter.epoch_end(&m);
+        // A failure to show the row (standard output full or closed) ends the run after the
+        // epoch is committed.
+        let shown = reporter.epoch_end(&m);
         metrics.epochs.push(m);
         metrics.processes = size;
         summarize(&mut metrics);
@@ -590,6 +604,7 @@ pub fn train_on(
         if lead {
             reporter.committed(out, epoch + 1);
         }
+        dist::agree(comm, shown)?;
     }
     if metrics.status != "complete" {
         // Resumed with nothing left to train.
@@ -770,11 +785,26 @@ fn prepare(
             )));
         }
     }
+    // Before anything large is allocated: the run must fit in this process's memory.
+    let eval_batch = footprint::check_training_fits(
+        &mut model,
+        config.optimizer.kind,
+        config.optimizer.momentum,
+        batch,
+        test_set.len(),
+    )?;
     let mut opt = Optimizer::new(config.optimizer.clone());
     let mut history = Vec::new();
     let mut log = logs::RunLog::default();
     if let Some(c) = commit {
         log = run_folder::restore(files, c, &mut model, &mut opt)?;
+        run_folder::check_counters(
+            files,
+            c,
+            config,
+            train_set.len().div_ceil(config.batch_size),
+            &mut model,
+        )?;
         history = c.metrics.epochs.clone();
     }
     Ok(Prepared {
@@ -787,6 +817,7 @@ fn prepare(
         opt,
         log,
         history,
+        eval_batch,
     })
 }
 

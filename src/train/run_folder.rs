@@ -214,6 +214,64 @@ fn read_legacy_run(
     ))
 }
 
+/// Checks the counters of a commit against the run's own configuration before any is used:
+/// the epochs done (numbered 1, 2, ... and no more than the run's), the optimizer's step
+/// count (one per batch of every epoch done) and, unless the run started from foreign weights,
+/// every norm's batch counter (at most one per step). A counter from a damaged file would
+/// otherwise surface later as something else (a step of 2^64-1 turned Adam's loss into NaN and
+/// was reported as divergence).
+pub(super) fn check_counters(
+    files: &RunFiles,
+    c: &Commit,
+    config: &super::TrainConfig,
+    batches_per_epoch: usize,
+    model: &mut Model,
+) -> Result<()> {
+    let path = files.train_state();
+    let done = c.metrics.epochs.len();
+    if done > config.epochs {
+        return Err(Error::checkpoint(
+            &path,
+            format!(
+                "records {done} epochs done of a run of {}; the file is damaged",
+                config.epochs
+            ),
+        ));
+    }
+    if let Some((k, e)) = c.metrics.epochs.iter().enumerate().find(|(k, e)| e.epoch != k + 1) {
+        return Err(Error::checkpoint(
+            &path,
+            format!("its epoch row {} is numbered {}; the file is damaged", k + 1, e.epoch),
+        ));
+    }
+    let steps = (done as u64).saturating_mul(batches_per_epoch as u64);
+    if c.step != steps {
+        return Err(Error::checkpoint(
+            &path,
+            format!(
+                "its optimizer step counter is {} but {done} epochs of {batches_per_epoch} batches make {steps}; \
+                 the file is damaged, or the training data changed size since the run started",
+                c.step
+            ),
+        ));
+    }
+    if config.init_from.is_none() {
+        for (name, b) in model.net.named_buffers() {
+            if let crate::nn::BufferMut::I64(&mut count) = b {
+                if count as u64 > steps {
+                    return Err(Error::checkpoint(
+                        &path,
+                        format!(
+                            "model.{name} is {count}, more than the {steps} training steps done; the file is damaged"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Puts the committed weights, buffers and optimizer state into `model` and `opt`; returns the
 /// committed log.
 pub(super) fn restore(files: &RunFiles, c: &Commit, model: &mut Model, opt: &mut Optimizer) -> Result<RunLog> {

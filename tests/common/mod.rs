@@ -177,7 +177,7 @@ pub fn golden_step(model: &mut normlab::models::Model, g: &Golden, s: usize) -> 
     *model.input_mut() = g.tensor(&format!("x{s}"));
     model.forward(normlab::nn::Mode::Train).unwrap();
     let (logits, dlogits) = model.net.output_and_grad();
-    dlogits.resize_to(&logits.shape);
+    dlogits.resize_to(&logits.shape).unwrap();
     let (loss, _) = normlab::kernels::loss::softmax_cross_entropy(&logits.data, &y, 10, &mut dlogits.data);
     model.backward().unwrap();
     loss
