@@ -25,7 +25,12 @@ fn main() -> normlab::Result<()> {
         })
     };
     let (seed, epochs, samples) = (parse(seed), parse(epochs) as usize, parse(samples) as usize);
-    let spec = ModelSpec::new("seed-cnn", "bn", [1, 28, 28], 10)?;
+    let spec = ModelSpec::new(
+        "seed-cnn",
+        normlab::nn::norm_spec::NormSpec::builtin("bn"),
+        [1, 28, 28],
+        10,
+    )?;
     let mut model = Model::build(&spec, seed)?;
     let bytes = checkpoint::serialize(&checkpoint::state_dict(&mut model), HashMap::new())?;
     normlab::files::write_atomic(format!("{prefix}.init.safetensors").as_ref(), &bytes)?;

@@ -181,8 +181,8 @@ pub fn bench_conv(shape: [usize; 4], algorithm: &str, reps: usize) -> Result<Con
 pub const TRAINING_MODELS: [(&str, &str); 4] = [("seed-cnn", "bn"), ("vgg", "bn"), ("vgg", "gn:8"), ("resnet", "bn")];
 
 /// Training images/s of `model` with `norm` on random data through the real training step.
-pub fn bench_training(model: &str, norm: &str, batch: usize, steps: usize) -> Result<f64> {
-    let spec = ModelSpec::new(model, norm, [1, 28, 28], 10)?;
+pub fn bench_training(model: &str, norm: &'static str, batch: usize, steps: usize) -> Result<f64> {
+    let spec = ModelSpec::new(model, NormSpec::builtin(norm), [1, 28, 28], 10)?;
     let mut m = Model::build(&spec, 0)?;
     let mut opt = Optimizer::new(OptimizerConfig::default());
     let mut rng = ChaCha8Rng::seed_from_u64(2);

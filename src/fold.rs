@@ -67,13 +67,13 @@ fn bn_affine(state: &HashMap<String, Tensor>, prefix: &str, eps: f64, lp: bool) 
 /// The folded model: same architecture, no norm layers, conv/linear weights and biases
 /// absorbing each BatchNorm's eval-mode affine.
 pub fn fold(model: &mut Model) -> Result<Model> {
-    if model.spec.model.starts_with("lstm") && model.spec.norm != "none" {
+    if model.spec.model.starts_with("lstm") && model.spec.norm != NormSpec::None {
         return Err(Error::invalid(format!(
             "{} normalizes inside its recurrence, where no layer's weights can absorb the norm: nothing to fold",
             model.spec.model
         )));
     }
-    let norm: NormSpec = model.spec.norm.parse()?;
+    let norm = model.spec.norm;
     let NormSpec::Batch(cfg) = norm else {
         return Err(Error::invalid(format!(
             "the checkpoint has no BatchNorm layers to fold (its norm is {})",
@@ -115,7 +115,7 @@ pub fn fold(model: &mut Model) -> Result<Model> {
         follows.push((weight, bn));
     }
     let spec = ModelSpec {
-        norm: NormSpec::None.to_string(),
+        norm: NormSpec::None,
         ..model.spec.clone()
     };
     let mut folded = Model::build(&spec, 0)?;
@@ -229,7 +229,7 @@ pub fn run_fold(req: &FoldRequest) -> Result<FoldReport> {
         folded_checkpoint: out.clone(),
         model: meta.spec.model.clone(),
         layers: folded.summary(),
-        norm_before: meta.spec.norm.clone(),
+        norm_before: meta.spec.norm.to_string(),
         data: crate::data::describe_data(&data_dir, None, &test),
         test_images: test.len(),
         max_abs_logit_difference,

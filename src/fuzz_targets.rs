@@ -23,10 +23,10 @@ pub fn specs(data: &[u8]) {
         return;
     };
     let (model, norm) = text.split_once('|').unwrap_or((text, "bn"));
-    if let Ok(spec) = crate::models::ModelSpec::new(model, norm, [1, 28, 28], 10) {
-        let _ = spec.flops();
-    }
     if let Ok(n) = norm.parse::<crate::nn::norm_spec::NormSpec>() {
+        if let Ok(spec) = crate::models::ModelSpec::new(model, n, [1, 28, 28], 10) {
+            let _ = spec.flops();
+        }
         let _ = n.to_string().parse::<crate::nn::norm_spec::NormSpec>();
         let _ = n.build(&[4, 2, 2], "fuzz", true);
         let _ = n.check_batches(4, 1);

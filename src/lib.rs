@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod memory;
 pub mod models;
 pub mod nn;
+pub mod onnx;
 pub mod optim;
 pub mod plot;
 pub mod recalibrate;

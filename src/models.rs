@@ -23,9 +23,7 @@ pub const MAX_WIDTH: usize = 4096;
 /// Items of a vgg cfg (convs and pools).
 pub const MAX_VGG_ITEMS: usize = 64;
 pub const MAX_INPUT_CHANNELS: usize = 64;
-pub const MAX_INPUT_SIDE: usize = 1024;
-/// Labels are bytes.
-pub const MAX_CLASSES: usize = 256;
+pub use crate::data::{MAX_CLASSES, MAX_INPUT_SIDE};
 /// Conv and linear weights of one model (1 GiB of f32).
 pub const MAX_WEIGHTS: usize = 1 << 28;
 
@@ -38,8 +36,8 @@ pub struct ModelSpec {
     /// `seed-cnn` (or `seed-cnn:W` for W conv filters, as pruning leaves it), `mlp`, `vgg:<cfg>`
     /// or `resnet:<inner widths of its six blocks>`.
     pub model: String,
-    /// Canonical norm spec (see `NormSpec`'s Display).
-    pub norm: String,
+    /// The norm after each conv/linear layer (stored as its canonical text).
+    pub norm: NormSpec,
     /// Input [C, H, W].
     pub input: [usize; 3],
     pub classes: usize,
@@ -296,9 +294,8 @@ impl ModelSpec {
     }
 
     /// Canonicalizes and validates; errors name the bad part.
-    pub fn new(model: &str, norm: &str, input: [usize; 3], classes: usize) -> Result<Self> {
+    pub fn new(model: &str, norm: NormSpec, input: [usize; 3], classes: usize) -> Result<Self> {
         let arch = parse_arch(model)?;
-        let norm_spec: NormSpec = norm.parse()?;
         let model = match arch {
             Arch::Vgg(_) if !model.contains(':') => format!("vgg:{DEFAULT_VGG}"),
             Arch::ResNet(_) if !model.contains(':') => format!("resnet:{DEFAULT_RESNET}"),
@@ -307,7 +304,7 @@ impl ModelSpec {
         };
         let spec = ModelSpec {
             model,
-            norm: norm_spec.to_string(),
+            norm,
             input,
             classes,
             dropout: 0.0,
@@ -350,7 +347,7 @@ impl Model {
     pub fn build(spec: &ModelSpec, seed: u64) -> Result<Model> {
         spec.parameter_count()?;
         let arch = parse_arch(&spec.model)?;
-        let norm: NormSpec = spec.norm.parse()?;
+        let norm = spec.norm;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let [c, h, w] = spec.input;
         let bias = norm.wants_bias();
@@ -552,7 +549,7 @@ mod tests {
             "resnet:4,4,8,8,8,8",
             "resnet:1,2,3,4,5,6",
         ] {
-            let spec = ModelSpec::new(model, "bn", [1, 28, 28], 10).unwrap();
+            let spec = ModelSpec::new(model, NormSpec::builtin("bn"), [1, 28, 28], 10).unwrap();
             let mut m = Model::build(&spec, 0).unwrap();
             let mut weights = 0;
             m.net.visit_params(&mut |p| {

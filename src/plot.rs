@@ -94,6 +94,52 @@ const PALETTE: [RGBColor; 12] = [
     RGBColor(255, 187, 120),
 ];
 
+/// The range a plotted quantity can take, read from its axis label: a percentage ("%") stays
+/// within 0..=100, a loss or an error at or above 0.
+fn quantity_bounds(y_label: &str) -> (f64, f64) {
+    if y_label.contains('%') {
+        (0.0, 100.0)
+    } else if y_label.contains("loss") || y_label.contains("error") {
+        (0.0, f64::INFINITY)
+    } else {
+        (f64::NEG_INFINITY, f64::INFINITY)
+    }
+}
+
+/// The first corner of the plot (upper right, upper left, lower right, lower left) whose
+/// legend-sized box holds no point or spread bar of the data, so the legend covers none.
+/// `x` is mapped as the axis maps it (log2 on a log axis).
+fn legend_corner(
+    series: &[Series],
+    x: fn(f64) -> f64,
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+) -> SeriesLabelPosition {
+    let (x0, x1) = (x(x0), x(x1));
+    let (w, h) = ((x1 - x0) * 0.4, (y1 - y0) * (0.05 * series.len() as f64 + 0.06));
+    let points: Vec<(f64, f64, f64)> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(px, m, s)| (x(px), m, s)))
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let free = |left: bool, top: bool| {
+        points.iter().all(|&(x, m, s)| {
+            let in_x = if left { x <= x0 + w } else { x >= x1 - w };
+            let in_y = if top { m + s >= y1 - h } else { m - s <= y0 + h };
+            !(in_x && in_y)
+        })
+    };
+    [
+        (false, true, SeriesLabelPosition::UpperRight),
+        (true, true, SeriesLabelPosition::UpperLeft),
+        (false, false, SeriesLabelPosition::LowerRight),
+        (true, false, SeriesLabelPosition::LowerLeft),
+    ]
+    .into_iter()
+    .find(|&(left, top, _)| free(left, top))
+    .map_or(SeriesLabelPosition::UpperRight, |(_, _, p)| p)
+}
+
 /// A line plot with markers, spread bars and a legend; `log_x` uses a log2 x axis.
 pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], log_x: bool) -> Result<String> {
     let points = series.iter().flat_map(|(_, p)| p.iter()).filter(|p| p.1.is_finite());
@@ -113,12 +159,15 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
         .iter()
         .flat_map(|(_, p)| p.iter())
         .all(|p| !p.1.is_finite() || p.1 >= 0.0);
-    // Headroom for the legend in the upper right, so it never covers data points.
+    // Headroom for the legend in the upper right, so it never covers data points; the axis
+    // stays inside what the quantity can be (a percentage never passes 100).
     let legend_room = (y1 - y0).max(1e-3) * 0.08 * series.len() as f64;
+    let (lo, hi) = quantity_bounds(y_label);
     let (y0, y1) = (
-        if all_nonneg { (y0 - pad).max(0.0) } else { y0 - pad },
-        y1 + pad + legend_room,
+        if all_nonneg { (y0 - pad).max(0.0) } else { y0 - pad }.max(lo),
+        (y1 + pad + legend_room).min(hi),
     );
+    let legend = legend_corner(series, if log_x { f64::log2 } else { |x| x }, (x0, x1), (y0, y1));
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (760, 440)).into_drawing_area();
@@ -198,7 +247,7 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(legend)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
@@ -263,6 +312,8 @@ pub fn points_svg(title: &str, x_label: &str, y_label: &str, points: &[(String, 
     let hi = finite.map(|p| p.1 + p.2).fold(f64::MIN, f64::max);
     let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.15).max(0.5);
+    let (min, max) = quantity_bounds(y_label);
+    let (lo, hi) = ((lo - pad).max(min), (hi + pad).min(max));
     let n = points.len().max(1);
     let mut svg = String::new();
     {
@@ -273,7 +324,7 @@ pub fn points_svg(title: &str, x_label: &str, y_label: &str, points: &[(String, 
             .margin(12)
             .x_label_area_size(45)
             .y_label_area_size(65)
-            .build_cartesian_2d(-0.5f64..n as f64 - 0.5, lo - pad..hi + pad)
+            .build_cartesian_2d(-0.5f64..n as f64 - 0.5, lo..hi)
             .map_err(plot_err)?;
         let names: Vec<String> = points.iter().map(|p| p.0.clone()).collect();
         let fmt_x = |v: &f64| category_label(&names, *v);
@@ -350,5 +401,38 @@ fn category_label(names: &[String], v: f64) -> String {
         names[i as usize].clone()
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_percentage_axis_stays_within_0_to_100_and_a_loss_above_0() {
+        assert_eq!(quantity_bounds("test accuracy (%)"), (0.0, 100.0));
+        assert_eq!(quantity_bounds("training loss").0, 0.0);
+        assert!(quantity_bounds("log10 gradient norm").0.is_infinite());
+        // Accuracies near 100 with wide spread bars: the axis still ends at 100.
+        let series: Vec<Series> = vec![("bn".into(), vec![(0.01, 97.0, 6.0), (0.1, 98.0, 5.0)])];
+        let svg = lines_svg("t", "learning rate", "test accuracy (%)", &series, true).unwrap();
+        assert!(
+            !svg.contains(">105<") && !svg.contains(">110<") && !svg.contains(">120<"),
+            "{svg}"
+        );
+    }
+
+    #[test]
+    fn the_legend_goes_to_a_corner_without_data() {
+        // Data high on the right: the upper right is taken, the upper left is free.
+        let series: Vec<Series> = vec![("a".into(), vec![(0.0, 10.0, 0.0), (10.0, 99.0, 0.0)])];
+        let id = |x| x;
+        let corner = legend_corner(&series, id, (0.0, 10.0), (0.0, 100.0));
+        assert!(matches!(corner, SeriesLabelPosition::UpperLeft));
+        let flat: Vec<Series> = vec![("a".into(), vec![(0.0, 50.0, 1.0), (10.0, 50.0, 1.0)])];
+        assert!(matches!(
+            legend_corner(&flat, id, (0.0, 10.0), (0.0, 100.0)),
+            SeriesLabelPosition::UpperRight
+        ));
     }
 }

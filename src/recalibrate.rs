@@ -138,7 +138,7 @@ pub fn run_recalibrate(req: &RecalibrateRequest) -> Result<RecalibrateReport> {
         checkpoint: req.checkpoint.clone(),
         recalibrated_checkpoint: out,
         model: meta.spec.model.clone(),
-        norm: meta.spec.norm.clone(),
+        norm: meta.spec.norm.to_string(),
         norms_updated: norms,
         batches: req.batches,
         batch_size: req.batch_size,

@@ -48,7 +48,7 @@ fn prunable(model: &Model) -> Result<Vec<(String, String, String)>> {
             model.spec.model
         )));
     }
-    let NormSpec::Batch(cfg) = model.spec.norm.parse::<NormSpec>()? else {
+    let NormSpec::Batch(cfg) = model.spec.norm else {
         return Err(Error::invalid(format!(
             "the checkpoint has no BatchNorm layers to prune by (its norm is {})",
             model.spec.norm
@@ -405,7 +405,7 @@ fn finetune_config(
         .map(|m| m.config);
     let mut config = original.unwrap_or_default();
     config.model = spec.model.clone();
-    config.norm = spec.norm.clone();
+    config.norm = spec.norm;
     config.epochs = epochs;
     config.sparsity = 0.0;
     config.gamma_init = None;

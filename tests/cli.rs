@@ -484,3 +484,38 @@ fn every_norm_spec_trains_evaluates_and_resumes() {
     assert!(err.contains("InstanceNorm needs spatial values"), "{err}");
     assert!(!t.path().join("y").exists() && !t.path().join("z").exists() && !t.path().join("w").exists());
 }
+
+#[test]
+fn resume_compares_the_parsed_settings_not_their_spelling() {
+    let t = tmp();
+    let (_, run) = trained_run(&t, 40, 20, "20");
+    // The same layer spelled out is no conflict; another norm, rate or flag is, by name.
+    ok(&[
+        "train",
+        "--resume",
+        s(&run),
+        "--epochs",
+        "2",
+        "--norm",
+        "bn:momentum=0.1,eps=1e-5",
+    ]);
+    let err = fails(&[
+        "train",
+        "--resume",
+        s(&run),
+        "--epochs",
+        "3",
+        "--norm",
+        "gn:4",
+        "--lr",
+        "0.5",
+        "--nesterov",
+    ]);
+    assert!(
+        err.contains("--norm gn:4 (the run has bn)")
+            && err.contains("--lr 0.5 (the run has 0.001)")
+            && err.contains("--nesterov true (the run has false)"),
+        "{err}"
+    );
+    assert!(!err.contains("--epochs 3"), "{err}");
+}

@@ -10,7 +10,13 @@ use normlab::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 
 fn run(kind: OptimizerKind, lr: f64, weight_decay: f64, nesterov: bool, prefix: &str) {
     let g = Golden::open("seed_cnn_steps.safetensors");
-    let spec = ModelSpec::new("seed-cnn", "bn", [1, 28, 28], 10).unwrap();
+    let spec = ModelSpec::new(
+        "seed-cnn",
+        normlab::nn::norm_spec::NormSpec::builtin("bn"),
+        [1, 28, 28],
+        10,
+    )
+    .unwrap();
     let mut model = Model::build(&spec, 0).unwrap();
     load_state(&mut model, &g, "init");
     let cfg = OptimizerConfig {

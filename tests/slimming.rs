@@ -16,7 +16,7 @@ use normlab::Tensor;
 
 #[test]
 fn sparsity_adds_lambda_sign_gamma_to_bn_scales_only() {
-    let spec = ModelSpec::new("vgg:4,M", "bn", [1, 8, 8], 3).unwrap();
+    let spec = ModelSpec::new("vgg:4,M", normlab::nn::norm_spec::NormSpec::builtin("bn"), [1, 8, 8], 3).unwrap();
     let mut m = Model::build(&spec, 1).unwrap();
     m.net.set_norm_scales(0.5);
     for (name, p) in m.net.named_params() {
@@ -43,7 +43,7 @@ fn model_with_dead_channels(dead: &[usize]) -> Model {
 
 /// `model` with γ = β = 0 for channels `dead` of the norms whose name passes `which`.
 fn model_with_dead(model: &str, dead: &[usize], which: impl Fn(&str) -> bool) -> Model {
-    let spec = ModelSpec::new(model, "bn", [1, 12, 12], 5).unwrap();
+    let spec = ModelSpec::new(model, normlab::nn::norm_spec::NormSpec::builtin("bn"), [1, 12, 12], 5).unwrap();
     let mut m = Model::build(&spec, 7).unwrap();
     // Give the running statistics something non-trivial, as after training.
     for (name, b) in m.net.named_buffers() {
@@ -155,7 +155,13 @@ fn folding_matches_the_unfolded_model() {
     let t = tmp();
     write_dataset(&t.path().join("d"), 20, 20, false);
     let data = normlab::data::load_split(&t.path().join("d"), false).unwrap();
-    let spec = ModelSpec::new("seed-cnn", "bn", [1, 28, 28], 10).unwrap();
+    let spec = ModelSpec::new(
+        "seed-cnn",
+        normlab::nn::norm_spec::NormSpec::builtin("bn"),
+        [1, 28, 28],
+        10,
+    )
+    .unwrap();
     let mut seed = Model::build(&spec, 3).unwrap();
     let mut folded = fold(&mut seed).unwrap();
     let norm = normlab::data::InputNorm::uniform(1, 0.3, 0.3);

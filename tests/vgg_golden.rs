@@ -15,7 +15,13 @@ use normlab::nn::BufferMut;
 fn run(algorithm: &str) {
     let g = Golden::open("vgg_steps.safetensors");
     let meta = g.metadata();
-    let spec = ModelSpec::new(&meta["model"], "bn", [1, 28, 28], 10).unwrap();
+    let spec = ModelSpec::new(
+        &meta["model"],
+        normlab::nn::norm_spec::NormSpec::builtin("bn"),
+        [1, 28, 28],
+        10,
+    )
+    .unwrap();
     let mut model = Model::build(&spec, 0).unwrap();
     assert_eq!(
         model

@@ -212,7 +212,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 fn run_all_reduce(comm: &dyn normlab::dist::Communicator, quick: bool) -> Result<()> {
     let sizes: Vec<usize> = (10..=24).step_by(2).map(|p| 1usize << p).collect();
     let reps = if quick { 5 } else { 30 };
-    let rows = normlab::dist::data_parallel::all_reduce_timings(comm, &sizes, reps);
+    let rows = normlab::train::data_parallel::all_reduce_timings(comm, &sizes, reps);
     if comm.rank() == 0 {
         let k = comm.size() as f64;
         outln!(

@@ -94,7 +94,10 @@ pub fn run(a: CompareArgs) -> Result<()> {
     };
     let grid = normlab::studies::CompareGrid {
         models: split_list(&a.models),
-        norms: split_list(&a.norms),
+        norms: split_list(&a.norms)
+            .iter()
+            .map(|n| norm_spec(n).map_err(|e| Error::invalid(format!("--norms: '{n}': {e}"))))
+            .collect::<Result<_>>()?,
         batch_sizes,
         lrs,
         base,

@@ -53,8 +53,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// The norm of such a checkpoint [default: bn]; `normlab norms` lists the specs.
-    #[arg(long, value_name = "SPEC", requires = "model")]
-    pub norm: Option<String>,
+    #[arg(long, value_name = "SPEC", requires = "model", value_parser = super::norm_spec)]
+    pub norm: Option<normlab::nn::norm_spec::NormSpec>,
     /// With --model: the input normalization x ↦ (x/255 − MEAN)/STD [default: the training
     /// images' pixel mean and standard deviation, as normlab's own runs use].
     #[arg(long, value_name = "MEAN", requires_all = ["model", "input_std"], value_parser = finite_f32)]
@@ -150,7 +150,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
 /// shape from the test images, ten classes, the input normalization from the flags or the
 /// training images.
 fn foreign(a: &EvalArgs, model: &str, dir: &std::path::Path) -> Result<(normlab::models::Model, CheckpointMeta)> {
-    let norm = a.norm.as_deref().unwrap_or("bn");
+    let norm = a.norm.unwrap_or(normlab::nn::norm_spec::NormSpec::builtin("bn"));
     let test = normlab::data::load_split(dir, false)?;
     let spec = ModelSpec::new(model, norm, test.shape, test.classes)?;
     let input_norm = match (a.input_mean, a.input_std) {

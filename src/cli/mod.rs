@@ -100,6 +100,11 @@ pub fn fraction(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// `--norm SPEC`, parsed here once: everything below the command line holds a `NormSpec`.
+pub fn norm_spec(s: &str) -> std::result::Result<normlab::nn::norm_spec::NormSpec, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
 pub fn finite_f32(s: &str) -> std::result::Result<f32, String> {
     match s.parse::<f32>() {
         Ok(v) if v.is_finite() => Ok(v),

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use normlab::optim::{OptimizerConfig, OptimizerKind, Schedule};
+use normlab::nn::norm_spec::NormSpec;
+use normlab::optim::{OptimizerConfig, OptimizerKind};
 use normlab::train::{self, RunFiles, Start, TrainConfig};
 use normlab::{Error, Result};
 
@@ -26,8 +27,8 @@ pub struct TrainArgs {
     pub model: Option<String>,
     /// Normalization after each conv/linear layer [default: bn]; `normlab norms` lists every
     /// spec (bn[:opts], gn:G, ln, layernorm, in, brn, ghost:V, bn-l1, bn-linf, bn-noisy, none).
-    #[arg(long, value_name = "SPEC")]
-    pub norm: Option<String>,
+    #[arg(long, value_name = "SPEC", value_parser = norm_spec)]
+    pub norm: Option<NormSpec>,
     /// Number of epochs [default: 10]; on --resume, the new total.
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub epochs: Option<usize>,
@@ -138,171 +139,120 @@ fn parse_resize(s: &str) -> std::result::Result<[usize; 2], String> {
 }
 
 impl TrainArgs {
+    /// A fresh run's settings: the defaults with every option given put in their place.
     fn config(&self, threads: usize) -> Result<TrainConfig> {
         let kind: OptimizerKind = self.optimizer.as_deref().unwrap_or("adam").parse()?;
-        let schedule: Schedule = self.schedule.as_deref().unwrap_or("constant").parse()?;
-        let d = TrainConfig::default();
-        let config = TrainConfig {
-            model: self.model.clone().unwrap_or(d.model),
-            norm: self.norm.clone().unwrap_or(d.norm),
-            epochs: self.epochs.unwrap_or(d.epochs),
-            batch_size: self.batch_size.unwrap_or(d.batch_size),
+        let defaults = TrainConfig {
             optimizer: OptimizerConfig {
                 kind,
-                lr: self.lr.unwrap_or(if kind == OptimizerKind::Sgd { 0.01 } else { 1e-3 }),
-                momentum: self.momentum.unwrap_or(0.9),
-                nesterov: self.nesterov,
-                weight_decay: self.weight_decay.unwrap_or(0.0),
-                no_decay_norm_and_bias: self.no_decay_norm_bias,
+                lr: if kind == OptimizerKind::Sgd { 0.01 } else { 1e-3 },
                 ..OptimizerConfig::default()
             },
-            schedule,
-            seed: self.seed.unwrap_or(0),
-            threads,
-            train_limit: self.train_limit,
-            test_limit: self.test_limit,
-            data: self.data.clone(),
-            sparsity: self.sparsity.unwrap_or(0.0),
-            gamma_init: self.gamma_init,
-            init_from: self.init_from.clone(),
-            dropout: self.dropout.unwrap_or(0.0) as f32,
-            init_scale: self.init_scale.map(|k| k as f32),
-            freeze_bn: self.freeze_bn.as_deref().map(str::parse).transpose()?,
-            warmup_epochs: self.warmup.unwrap_or(0),
-            augment: self.augment.as_deref().unwrap_or("").parse()?,
-            resize: self.resize,
-            tensorboard: self.tensorboard,
+            ..TrainConfig::default()
         };
+        let config = self.over(defaults, threads)?;
         config.validate()?;
         Ok(config)
     }
 
-    /// The options given with --resume that differ from the saved run, as "--flag value (the
-    /// run has saved)"; only --epochs and --threads may change.
-    fn resume_conflicts(&self, saved: &TrainConfig) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut differs = |flag: &str, given: Option<String>, saved: String| {
-            if let Some(g) = given {
-                if g != saved {
-                    out.push(format!("{flag} {g} (the run has {saved})"));
-                }
-            }
-        };
-        let o = &saved.optimizer;
-        differs("--model", self.model.clone(), saved.model.clone());
-        differs("--norm", self.norm.clone(), saved.norm.clone());
-        differs(
-            "--batch-size",
-            self.batch_size.map(|v| v.to_string()),
-            saved.batch_size.to_string(),
-        );
-        differs(
-            "--optimizer",
-            self.optimizer.clone(),
-            format!("{:?}", o.kind).to_lowercase(),
-        );
-        differs("--lr", self.lr.map(|v| v.to_string()), o.lr.to_string());
-        differs(
-            "--momentum",
-            self.momentum.map(|v| v.to_string()),
-            o.momentum.to_string(),
-        );
-        differs(
-            "--nesterov",
-            self.nesterov.then(|| "on".into()),
-            if o.nesterov { "on" } else { "off" }.into(),
-        );
-        differs(
-            "--weight-decay",
-            self.weight_decay.map(|v| v.to_string()),
-            o.weight_decay.to_string(),
-        );
-        differs(
-            "--no-decay-norm-bias",
-            self.no_decay_norm_bias.then(|| "on".into()),
-            if o.no_decay_norm_and_bias { "on" } else { "off" }.into(),
-        );
-        differs(
-            "--schedule",
-            self.schedule.clone(),
-            format!("{:?}", saved.schedule).to_lowercase(),
-        );
-        differs(
-            "--warmup",
-            self.warmup.map(|v| v.to_string()),
-            saved.warmup_epochs.to_string(),
-        );
-        differs(
-            "--augment",
-            self.augment.as_ref().map(|a| {
-                a.parse::<normlab::data::augment::Augment>()
-                    .map_or(a.clone(), |x| format!("{x:?}"))
-            }),
-            format!("{:?}", saved.augment),
-        );
-        let size = |r: Option<[usize; 2]>| r.map_or("the images' own size".to_string(), |[h, w]| format!("{h}x{w}"));
-        differs("--resize", self.resize.map(|r| size(Some(r))), size(saved.resize));
-        differs(
-            "--tensorboard",
-            self.tensorboard.then(|| "on".into()),
-            if saved.tensorboard { "on" } else { "off" }.into(),
-        );
-        differs("--seed", self.seed.map(|v| v.to_string()), saved.seed.to_string());
-        let limit = |l: Option<usize>| l.map_or("no limit".to_string(), |n| n.to_string());
-        differs(
-            "--train-limit",
-            self.train_limit.map(|v| v.to_string()),
-            limit(saved.train_limit),
-        );
-        differs(
-            "--test-limit",
-            self.test_limit.map(|v| v.to_string()),
-            limit(saved.test_limit),
-        );
-        differs(
-            "--data",
-            self.data.as_ref().map(|p| p.display().to_string()),
-            saved
-                .data
-                .as_ref()
-                .map_or("the default data folder".into(), |p| p.display().to_string()),
-        );
-        differs(
-            "--sparsity",
-            self.sparsity.map(|v| v.to_string()),
-            saved.sparsity.to_string(),
-        );
-        differs(
-            "--gamma-init",
-            self.gamma_init.map(|v| v.to_string()),
-            saved.gamma_init.map_or("1".into(), |v| v.to_string()),
-        );
-        differs(
-            "--dropout",
-            self.dropout.map(|v| (v as f32).to_string()),
-            saved.dropout.to_string(),
-        );
-        differs(
-            "--init-from",
-            self.init_from.as_ref().map(|p| p.display().to_string()),
-            saved
-                .init_from
-                .as_ref()
-                .map_or("none".into(), |p| p.display().to_string()),
-        );
-        differs(
-            "--freeze-bn",
-            self.freeze_bn.clone(),
-            saved
+    /// `base` with every option given on the command line in place of its own value.
+    fn over(&self, base: TrainConfig, threads: usize) -> Result<TrainConfig> {
+        let o = base.optimizer;
+        let kind = self.optimizer.as_deref().map(str::parse).transpose()?;
+        Ok(TrainConfig {
+            model: self.model.clone().unwrap_or(base.model),
+            norm: self.norm.unwrap_or(base.norm),
+            epochs: self.epochs.unwrap_or(base.epochs),
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+            optimizer: OptimizerConfig {
+                kind: kind.unwrap_or(o.kind),
+                lr: self.lr.unwrap_or(o.lr),
+                momentum: self.momentum.unwrap_or(o.momentum),
+                nesterov: self.nesterov || o.nesterov,
+                weight_decay: self.weight_decay.unwrap_or(o.weight_decay),
+                no_decay_norm_and_bias: self.no_decay_norm_bias || o.no_decay_norm_and_bias,
+                ..o
+            },
+            schedule: self
+                .schedule
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(base.schedule),
+            seed: self.seed.unwrap_or(base.seed),
+            threads,
+            train_limit: self.train_limit.or(base.train_limit),
+            test_limit: self.test_limit.or(base.test_limit),
+            data: self.data.clone().or(base.data),
+            sparsity: self.sparsity.unwrap_or(base.sparsity),
+            gamma_init: self.gamma_init.or(base.gamma_init),
+            init_from: self.init_from.clone().or(base.init_from),
+            dropout: self.dropout.map_or(base.dropout, |d| d as f32),
+            init_scale: self.init_scale.map(|k| k as f32).or(base.init_scale),
+            freeze_bn: self
                 .freeze_bn
-                .map_or("off".into(), |f| format!("{f:?}").to_lowercase()),
-        );
-        differs(
-            "--init-scale",
-            self.init_scale.map(|v| (v as f32).to_string()),
-            saved.init_scale.map_or("1".into(), |v| v.to_string()),
-        );
-        out
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .or(base.freeze_bn),
+            warmup_epochs: self.warmup.unwrap_or(base.warmup_epochs),
+            augment: self
+                .augment
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(base.augment),
+            resize: self.resize.or(base.resize),
+            tensorboard: self.tensorboard || base.tensorboard,
+        })
+    }
+
+    /// The options given with --resume that change the saved run, as "--flag value (the run has
+    /// saved)"; only --epochs and --threads may. The two configurations are compared field by
+    /// field as parsed values (a new field of `TrainConfig` is compared without a line here),
+    /// so `--norm bn:momentum=0.1` on a run saved as `bn` is the same layer, not a conflict.
+    fn resume_conflicts(&self, saved: &TrainConfig) -> Result<Vec<String>> {
+        let given = self.over(saved.clone(), saved.threads)?;
+        let value = |c: &TrainConfig| serde_json::to_value(c).map_err(|e| Error::invalid(format!("settings: {e}")));
+        let mut out = Vec::new();
+        differences("", &value(&given)?, &value(saved)?, &mut out);
+        Ok(out)
+    }
+}
+
+/// The fields (dotted paths) where `given` and `saved` differ, as "--flag given (the run has
+/// saved)"; the epochs and threads of a resumed run may change.
+fn differences(path: &str, given: &serde_json::Value, saved: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    if let (Value::Object(g), Value::Object(s)) = (given, saved) {
+        for (key, gv) in g {
+            let sub = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            differences(&sub, gv, s.get(key).unwrap_or(&Value::Null), out);
+        }
+        return;
+    }
+    if given == saved || ["epochs", "threads"].contains(&path) {
+        return;
+    }
+    let show = |v: &Value| match v {
+        Value::Null => "none".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    out.push(format!("{} {} (the run has {})", flag(path), show(given), show(saved)));
+}
+
+/// The command-line flag of a `TrainConfig` field.
+fn flag(path: &str) -> String {
+    match path {
+        "optimizer.kind" => "--optimizer".into(),
+        "optimizer.no_decay_norm_and_bias" => "--no-decay-norm-bias".into(),
+        "warmup_epochs" => "--warmup".into(),
+        p => format!("--{}", p.rsplit('.').next().unwrap_or(p).replace('_', "-")),
     }
 }
 
@@ -333,7 +283,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let name = format!(
                 "{}-{}",
                 config.model.replace([':', ','], "_"),
-                config.norm.replace([':', ',', '='], "_")
+                config.norm.short().replace([':', ',', '='], "_")
             );
             let out = a
                 .out
@@ -369,7 +319,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 /// with the run's own.
 fn resume_check(a: &TrainArgs, dir: &std::path::Path) -> Result<Option<usize>> {
     let (saved, commit) = train::read_run(&RunFiles { dir: dir.to_path_buf() })?;
-    let conflicts = a.resume_conflicts(&saved);
+    let conflicts = a.resume_conflicts(&saved)?;
     if !conflicts.is_empty() {
         return Err(Error::invalid(format!(
             "--resume {} keeps the run's own settings, and these differ: {}; only --epochs and \

@@ -10,9 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::data::{DataFormat, Dataset, Source};
+use crate::data::{MAX_CLASSES, MAX_INPUT_SIDE};
 use crate::error::{Error, Result};
 use crate::memory::{try_reserve, Need};
-use crate::models::{MAX_CLASSES, MAX_INPUT_SIDE};
 
 /// The decoded dataset may take at most this many bytes (one per pixel and channel).
 pub const MAX_DATASET_BYTES: usize = 8 << 30;

@@ -1,6 +1,11 @@
 //! Data: IDX files, CIFAR-10 batches, image folders, in-memory datasets, augmentation, seeded
 //! batching.
 
+/// The largest image side a model takes (data are checked against it before decoding).
+pub const MAX_INPUT_SIDE: usize = 1024;
+/// Labels are bytes.
+pub const MAX_CLASSES: usize = 256;
+
 pub mod augment;
 pub mod cifar;
 pub mod dataset;

@@ -2,7 +2,6 @@
 //! (`Communicator`), a single-process implementation, and (feature `mpi`) the MPI one. Nothing
 //! else in the engine knows about MPI: the training loop and SyncBN talk to a `Communicator`.
 
-pub mod data_parallel;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 

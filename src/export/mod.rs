@@ -7,9 +7,6 @@
 //! scale and bias as PyTorch's GroupNorm does (opset 18's were per group); LayerNormalization
 //! is there from opset 17, BatchNormalization and InstanceNormalization from the start.
 
-pub mod graph;
-pub mod norms;
-
 use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
 use onnx_protobuf::type_proto::{self, Value};
@@ -21,7 +18,7 @@ use onnx_protobuf::{
 use crate::checkpoint::CheckpointMeta;
 use crate::error::{Error, Result};
 use crate::models::Model;
-use graph::OnnxGraph;
+use crate::onnx::graph::OnnxGraph;
 
 pub const OPSET: i64 = 21;
 pub const IR_VERSION: i64 = 10;
@@ -91,7 +88,7 @@ pub fn export(model: &Model, meta: &CheckpointMeta, folded: bool) -> Result<Expo
     );
     let props = [
         ("normlab.model", model.spec.model.clone()),
-        ("normlab.norm", model.spec.norm.clone()),
+        ("normlab.norm", model.spec.norm.to_string()),
         ("normlab.epoch", meta.epoch.to_string()),
         ("normlab.folded", folded.to_string()),
         (

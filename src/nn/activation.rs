@@ -3,9 +3,9 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::export::graph::OnnxGraph;
 use crate::kernels::reduce::relu_mask;
 use crate::nn::layer::{Layer, Mode};
+use crate::onnx::graph::OnnxGraph;
 use crate::tensor::Tensor;
 
 const CHUNK: usize = 1 << 14;

@@ -10,11 +10,11 @@ use rayon::prelude::*;
 
 use crate::dist::Communicator;
 use crate::error::{Error, Result};
-use crate::export::graph::{channel_shape, relu_if, OnnxGraph};
-use crate::export::norms::{affine_or, batch_normalization};
 use crate::kernels::batch_norm::{self as k, ChannelGrad, ChannelStats, ChannelSums};
 use crate::kernels::lp_norm::{self, LpKind};
 use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
+use crate::onnx::graph::{channel_shape, relu_if, OnnxGraph};
+use crate::onnx::norms::{affine_or, batch_normalization};
 use crate::tensor::Tensor;
 
 /// How training-mode statistics are taken.
@@ -547,7 +547,10 @@ impl Layer for BatchNorm {
                  statistics (the default bn) to export"
             )));
         };
-        let affine = (self.weight.as_ref(), self.bias.as_ref());
+        let affine = (
+            self.weight.as_ref().map(|p| p.value.data.as_slice()),
+            self.bias.as_ref().map(|p| p.value.data.as_slice()),
+        );
         let y = if let BatchStats::Lp(_) = self.config.stats {
             let c = self.channels;
             let gamma = affine_or(affine.0, &[c], 1.0);

@@ -7,7 +7,6 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::export::graph::{relu_if, Attr, OnnxGraph};
 use crate::kernels::im2col::{col2im, im2col, ConvGeometry};
 use crate::kernels::matmul::{matmul, matmul_strided, Op};
 use crate::kernels::reduce::{add_bias_relu, add_row_sums, relu_mask};
@@ -16,7 +15,9 @@ use crate::kernels::winograd::{
     winograd_output_transform, TilePlan, WinogradTile,
 };
 use crate::memory::try_resize;
+pub use crate::nn::conv_algorithm::ConvAlgorithm;
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
+use crate::onnx::graph::{relu_if, Attr, OnnxGraph};
 use crate::tensor::Tensor;
 
 /// Samples are split into this many fixed groups; partial weight gradients are added in group
@@ -48,34 +49,6 @@ pub struct Conv2d {
     /// 180°-rotated kernels for dx.
     wino_u: Vec<f32>,
     wino_u_adjoint: Vec<f32>,
-}
-
-/// How a convolution computes its passes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ConvAlgorithm {
-    /// The fastest measured method for the layer's shape (see `Conv2d::passes`).
-    #[default]
-    Auto,
-    /// im2col + gemm for every pass.
-    Im2col,
-    /// Winograd with this tile for every pass where the geometry allows it (3x3, stride 1,
-    /// padding 1), im2col elsewhere.
-    Winograd(WinogradTile),
-}
-
-impl std::str::FromStr for ConvAlgorithm {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(ConvAlgorithm::Auto),
-            "im2col" => Ok(ConvAlgorithm::Im2col),
-            "winograd2" => Ok(ConvAlgorithm::Winograd(WinogradTile::F2)),
-            "winograd4" => Ok(ConvAlgorithm::Winograd(WinogradTile::F4)),
-            _ => Err(format!(
-                "unknown convolution algorithm '{s}': use auto, im2col, winograd2 or winograd4"
-            )),
-        }
-    }
 }
 
 /// The method of each pass of one conv: None is im2col + gemm, Some(tile) Winograd.

@@ -5,8 +5,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::export::graph::OnnxGraph;
 use crate::nn::layer::{Layer, Mode};
+use crate::onnx::graph::OnnxGraph;
 use crate::tensor::Tensor;
 
 pub struct Dropout {

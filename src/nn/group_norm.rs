@@ -3,11 +3,11 @@
 //! PyTorch's nn.LayerNorm with an elementwise affine over the trailing dimensions.
 
 use crate::error::{Error, Result};
-use crate::export::graph::{relu_if, Attr, OnnxGraph};
-use crate::export::norms::{affine_or, batch_normalization};
 use crate::kernels::batch_norm::{self as bnk, ChannelStats};
 use crate::kernels::group_norm as k;
 use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
+use crate::onnx::graph::{relu_if, Attr, OnnxGraph};
+use crate::onnx::norms::{affine_or, batch_normalization};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +205,10 @@ impl Layer for GroupNorm {
     fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
         let rank = g.rank(x)?;
         let c = self.channels;
-        let affine = (self.weight.as_ref(), self.bias.as_ref());
+        let affine = (
+            self.weight.as_ref().map(|p| p.value.data.as_slice()),
+            self.bias.as_ref().map(|p| p.value.data.as_slice()),
+        );
         let eps = ("epsilon", Attr::Float(self.config.eps as f32));
         let y = match self.config.kind {
             WithinSample::Group(_) | WithinSample::Layer => {

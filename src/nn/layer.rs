@@ -7,7 +7,7 @@
 //! once the first batch has sized every buffer.
 
 use crate::error::{Error, Result};
-use crate::export::graph::OnnxGraph;
+use crate::onnx::graph::OnnxGraph;
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +143,7 @@ pub trait Layer: Send {
     }
 
     /// Sets how the convolutions in this layer compute their passes; returns how many it holds.
-    fn set_conv_algorithm(&mut self, _algorithm: crate::nn::conv2d::ConvAlgorithm) -> usize {
+    fn set_conv_algorithm(&mut self, _algorithm: crate::nn::conv_algorithm::ConvAlgorithm) -> usize {
         0
     }
 

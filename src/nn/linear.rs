@@ -2,9 +2,9 @@
 //! [N, in] (what nn.Flatten before it would give), so models need no flatten copy.
 
 use crate::error::{Error, Result};
-use crate::export::graph::{Attr, OnnxGraph};
 use crate::kernels::matmul::{matmul, Op};
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
+use crate::onnx::graph::{Attr, OnnxGraph};
 use crate::tensor::Tensor;
 
 pub struct Linear {

@@ -20,10 +20,10 @@ use std::sync::{Mutex, OnceLock};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::export::graph::{Attr, OnnxGraph};
 use crate::kernels::lstm::{self as k, NormStats};
 use crate::kernels::matmul::{matmul, Op};
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
+use crate::onnx::graph::{Attr, OnnxGraph};
 use crate::tensor::Tensor;
 
 /// Layers of one LSTM stack (PyTorch allows any; the limit keeps specs sane).

@@ -8,10 +8,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::Result;
-use crate::export::graph::{relu_if, OnnxGraph};
 use crate::kernels::reduce::relu_mask;
 use crate::nn::batch_norm::BatchNorm;
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, StatsMode};
+use crate::onnx::graph::{relu_if, OnnxGraph};
 use crate::tensor::Tensor;
 
 pub struct NoisyBatchNorm {

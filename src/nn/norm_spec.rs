@@ -85,6 +85,44 @@ pub const CATALOG: &[(&str, &str)] = &[
 ];
 
 impl NormSpec {
+    /// A spec written in normlab's own code (a study's arms, the benchmark's models); what a
+    /// user types goes through `FromStr` at the command line.
+    pub fn builtin(spec: &'static str) -> NormSpec {
+        spec.parse()
+            .unwrap_or_else(|e| panic!("built-in norm spec {spec}: {e}"))
+    }
+
+    /// The shortest spelling that parses back to this value: the name (with a group count or
+    /// virtual batch) and only the options that differ from that name's defaults (`bn`,
+    /// `gn:8`, `bn:momentum=0.01`): for run names, messages and run records. Checkpoints keep
+    /// the full form (`Display`).
+    pub fn short(&self) -> String {
+        let long = self.to_string();
+        let (name, rest) = long.split_once(':').unwrap_or((&long, ""));
+        let (positional, options): (Vec<&str>, Vec<&str>) = rest
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .partition(|i| !i.contains('='));
+        let head = if positional.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}:{}", positional.join(","))
+        };
+        let defaults = head.parse::<NormSpec>().map(|d| d.to_string()).unwrap_or_default();
+        let default_items: Vec<&str> = defaults.split([':', ',']).collect();
+        let changed: Vec<&str> = options.into_iter().filter(|o| !default_items.contains(o)).collect();
+        match (changed.is_empty(), positional.is_empty()) {
+            (true, _) => head,
+            (false, true) => format!("{name}:{}", changed.join(",")),
+            (false, false) => format!("{head},{}", changed.join(",")),
+        }
+    }
+
+    /// Serializes as `short()` (a run record keeps "bn" where the user wrote bn).
+    pub fn serialize_short<S: serde::Serializer>(spec: &NormSpec, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&spec.short())
+    }
+
     /// True when the preceding conv/linear layer should have a bias (nothing re-centres its output).
     pub fn wants_bias(&self) -> bool {
         matches!(self, NormSpec::None)
@@ -182,6 +220,22 @@ fn split(spec: &str) -> Result<SplitSpec<'_>> {
 
 fn unknown(key: &str, name: &str, known: &str) -> Error {
     Error::invalid(format!("unknown option '{key}' for {name} (known: {known})"))
+}
+
+/// Stored as its canonical text (`bn`, `gn:8`, `brn:rmax=3,...`): checkpoints and run records
+/// keep the string they always had, and two spellings of one layer are one value.
+impl serde::Serialize for NormSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NormSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        <String as serde::Deserialize>::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl FromStr for NormSpec {
@@ -388,6 +442,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_short_form_keeps_only_what_differs_from_the_defaults() {
+        let short = |s: &str| s.parse::<NormSpec>().unwrap().short();
+        assert_eq!(short("bn:momentum=0.1,eps=1e-5"), "bn");
+        assert_eq!(short("gn:8,eps=1e-5"), "gn:8");
+        assert_eq!(short("bn:momentum=0.01"), "bn:momentum=0.01");
+        assert_eq!(short("ghost:8,momentum=0.01"), "ghost:8,momentum=0.01");
+        assert_eq!(short("in:affine=true"), "in:affine=true");
+    }
+
+    #[test]
     fn specs_round_trip_and_reject_bad_values() {
         for s in [
             "none",
@@ -410,6 +474,12 @@ mod tests {
         ] {
             let spec: NormSpec = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
             assert_eq!(spec.to_string().parse::<NormSpec>().unwrap(), spec, "{s}");
+            assert_eq!(
+                spec.short().parse::<NormSpec>().unwrap(),
+                spec,
+                "{s} as {}",
+                spec.short()
+            );
         }
         for bad in [
             "bn:eps=0",

@@ -1,9 +1,9 @@
 //! MaxPool2d (with stored argmax), AvgPool2d and global average pooling.
 
 use crate::error::{Error, Result};
-use crate::export::graph::{relu_if, Attr, OnnxGraph};
 use crate::kernels::pool;
 use crate::nn::layer::{Layer, Mode};
+use crate::onnx::graph::{relu_if, Attr, OnnxGraph};
 use crate::tensor::Tensor;
 
 fn pooled_shape(layer: &str, x: &Tensor, k: usize, s: usize) -> Result<[usize; 4]> {

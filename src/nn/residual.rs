@@ -6,11 +6,11 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::export::graph::OnnxGraph;
 use crate::kernels::reduce::relu_mask;
 use crate::nn::conv2d::Conv2d;
 use crate::nn::layer::{BufferMut, Layer, Mode, Param};
 use crate::nn::norm_spec::NormSpec;
+use crate::onnx::graph::OnnxGraph;
 use crate::tensor::Tensor;
 
 const CHUNK: usize = 1 << 14;
@@ -248,7 +248,7 @@ impl Layer for BasicBlock {
         self.norm1.set_communicator(comm) + self.norm2.set_communicator(comm) + shortcut
     }
 
-    fn set_conv_algorithm(&mut self, algorithm: crate::nn::conv2d::ConvAlgorithm) -> usize {
+    fn set_conv_algorithm(&mut self, algorithm: crate::nn::conv_algorithm::ConvAlgorithm) -> usize {
         let shortcut = self
             .shortcut
             .as_mut()

@@ -154,7 +154,7 @@ impl Sequential {
     }
 
     /// Sets how every convolution computes its passes; returns how many there are.
-    pub fn set_conv_algorithm(&mut self, algorithm: crate::nn::conv2d::ConvAlgorithm) -> usize {
+    pub fn set_conv_algorithm(&mut self, algorithm: crate::nn::conv_algorithm::ConvAlgorithm) -> usize {
         self.layers
             .iter_mut()
             .map(|(_, l)| l.set_conv_algorithm(algorithm))

@@ -50,7 +50,7 @@ pub fn probe(
     data: &Dataset,
     norm: InputNorm,
 ) -> Result<Vec<GradientNorms>> {
-    let spec = ModelSpec::new(&config.model, &config.norm, data.shape, data.classes)?;
+    let spec = ModelSpec::new(&config.model, config.norm, data.shape, data.classes)?;
     let mut model = Model::build(&spec, seed)?;
     if let Some(k) = config.init_scale {
         model.net.visit_params(&mut |p| {
@@ -60,7 +60,7 @@ pub fn probe(
         });
     }
     let mut out = vec![GradientNorms {
-        norm: config.norm.clone(),
+        norm: config.norm.short(),
         seed,
         when: "init".into(),
         layers: weight_gradient_norms(&mut model, data, norm)?,
@@ -68,7 +68,7 @@ pub fn probe(
     if let Some(path) = final_model {
         let (mut trained, meta) = crate::checkpoint::load_model(path)?;
         out.push(GradientNorms {
-            norm: config.norm.clone(),
+            norm: config.norm.short(),
             seed,
             when: "final".into(),
             layers: weight_gradient_norms(&mut trained, data, meta.input_norm)?,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{load_split, resolve_data_dir, Dataset};
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelSpec};
+use crate::nn::norm_spec::NormSpec;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 use crate::studies::StudyOptions;
@@ -46,8 +47,15 @@ fn percentile(sorted: &[f32], q: f64) -> f32 {
 }
 
 /// Trains one MLP for `steps` and measures every `every` steps.
-pub fn ics_run(norm: &str, seed: u64, train: &Dataset, test: &Dataset, steps: usize, every: usize) -> Result<IcsRun> {
-    let spec = ModelSpec::new("mlp", norm, train.shape, train.classes)?;
+pub fn ics_run(
+    norm: &'static str,
+    seed: u64,
+    train: &Dataset,
+    test: &Dataset,
+    steps: usize,
+    every: usize,
+) -> Result<IcsRun> {
+    let spec = ModelSpec::new("mlp", NormSpec::builtin(norm), train.shape, train.classes)?;
     let mut model = Model::build(&spec, seed)?;
     let mut opt = Optimizer::new(OptimizerConfig {
         kind: OptimizerKind::Sgd,

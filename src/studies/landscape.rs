@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{load_split, resolve_data_dir, Dataset};
 use crate::error::Result;
 use crate::models::{Model, ModelSpec};
+use crate::nn::norm_spec::NormSpec;
 use crate::nn::BufferMut;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 use crate::studies::StudyOptions;
@@ -135,7 +136,7 @@ fn probe(model: &mut Model, labels: &[u8], classes: usize, lr: f64, etas: &[f64]
 
 #[allow(clippy::too_many_arguments)]
 fn landscape_run(
-    norm_spec: &str,
+    norm_spec: &'static str,
     seed: u64,
     train: &Dataset,
     test: &Dataset,
@@ -145,7 +146,7 @@ fn landscape_run(
     etas: &[f64],
     model_name: &str,
 ) -> Result<LandscapeRun> {
-    let spec = ModelSpec::new(model_name, norm_spec, train.shape, train.classes)?;
+    let spec = ModelSpec::new(model_name, NormSpec::builtin(norm_spec), train.shape, train.classes)?;
     let mut model = Model::build(&spec, seed)?;
     let mut opt = Optimizer::new(OptimizerConfig {
         kind: OptimizerKind::Sgd,

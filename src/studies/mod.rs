@@ -158,7 +158,7 @@ fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
 #[derive(Clone, Debug)]
 pub struct CompareGrid {
     pub models: Vec<String>,
-    pub norms: Vec<String>,
+    pub norms: Vec<NormSpec>,
     pub batch_sizes: Vec<usize>,
     pub lrs: Vec<f64>,
     pub base: TrainConfig,
@@ -233,7 +233,7 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
                         let lr = 0.02 * b as f64 / 32.0;
                         let mut config = base_config(opts, epochs, train, test);
                         config.model = model.to_string();
-                        config.norm = norm.into();
+                        config.norm = NormSpec::builtin(norm);
                         config.batch_size = b;
                         config.optimizer = sgd(lr);
                         config.schedule = Schedule::Cosine;
@@ -276,7 +276,7 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
                     for &lr in lrs {
                         let mut config = base_config(opts, epochs, train, test);
                         config.model = LR_MODEL.into();
-                        config.norm = norm.into();
+                        config.norm = NormSpec::builtin(norm);
                         config.optimizer = sgd(lr);
                         config.init_scale = Some(scale);
                         let l = labels(&[
@@ -312,7 +312,7 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
                 for dropout in [0.0f32, 0.5] {
                     for wd in [0.0f64, 5e-4] {
                         let mut config = base_config(opts, epochs, train, test);
-                        config.norm = norm.into();
+                        config.norm = NormSpec::builtin(norm);
                         config.dropout = dropout;
                         config.optimizer.weight_decay = wd;
                         let l = labels(&[
@@ -354,7 +354,7 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
                 for (norm, processes) in arms {
                     let mut config = base_config(opts, epochs, train, test);
                     config.model = SYNC_BN_MODEL.into();
-                    config.norm = norm.into();
+                    config.norm = NormSpec::builtin(norm);
                     config.batch_size = b * k;
                     let arm = if processes == 1 {
                         format!("{norm} (1 process)")
@@ -388,10 +388,10 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<(Vec<Planned>, BTreeMap<
             // and per-step BN at batches 4 and 128 too (claim 2); Adam with the square-root
             // scaling of its rate with the batch, the same epochs for every batch.
             let (epochs, train, test) = if opts.quick { (2, 512, 300) } else { (10, 12000, 5000) };
-            let mut push = |norm: &str, b: usize| {
+            let mut push = |norm: &'static str, b: usize| {
                 let mut config = base_config(opts, epochs, train, test);
                 config.model = RNN_MODEL.into();
-                config.norm = norm.into();
+                config.norm = NormSpec::builtin(norm);
                 config.batch_size = b;
                 config.optimizer.lr = 1e-3 * (b as f64 / 32.0).sqrt();
                 out.push(Planned {
@@ -452,12 +452,12 @@ pub fn plan_compare(grid: &CompareGrid) -> Vec<Planned> {
                 for &lr in &grid.lrs {
                     let mut config = grid.base.clone();
                     config.model = model.clone();
-                    config.norm = norm.clone();
+                    config.norm = *norm;
                     config.batch_size = b;
                     config.optimizer.lr = lr;
                     let l = labels(&[
                         ("model", model.clone()),
-                        ("norm", norm.clone()),
+                        ("norm", norm.to_string()),
                         ("batch_size", b.to_string()),
                         ("lr", lr.to_string()),
                     ]);
@@ -485,11 +485,10 @@ pub fn check(planned: &[Planned], out: &Path, data: Option<&Path>) -> Result<cra
     for p in planned {
         let c = &p.config;
         c.validate()?;
-        let spec = ModelSpec::new(&c.model, &c.norm, [1, 28, 28], 10)?;
+        let spec = ModelSpec::new(&c.model, c.norm, [1, 28, 28], 10)?;
         Model::build(&spec, 0)?;
         let n = c.train_limit.map_or(train_len, |l| l.min(train_len));
-        let norm: NormSpec = c.norm.parse()?;
-        norm.check_batches(c.batch_size, n % c.batch_size)?;
+        c.norm.check_batches(c.batch_size, n % c.batch_size)?;
     }
     prepare_out(out)
 }

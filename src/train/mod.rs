@@ -1,6 +1,7 @@
 //! The training loop: seeded batches, forward, loss, backward, optimizer step; evaluation each
 //! epoch; atomic checkpoints; exact resume; a clear stop when the loss diverges.
 
+pub mod data_parallel;
 mod footprint;
 pub mod logs;
 mod run_folder;
@@ -16,7 +17,6 @@ pub use run_folder::{read_run, RunFiles};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::augment::Augment;
 use crate::data::{describe_data, epoch_order, load_split_with, resolve_data_dir, Dataset, FolderOptions, InputNorm};
-use crate::dist::data_parallel::{self, GradientSync};
 use crate::dist::{self, Communicator};
 use crate::error::{Error, Result};
 use crate::files::RunLock;
@@ -25,12 +25,14 @@ use crate::models::{Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
+use data_parallel::GradientSync;
 
 /// Everything that defines a run; stored in metrics.json and reused by `--resume`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub model: String,
-    pub norm: String,
+    #[serde(serialize_with = "NormSpec::serialize_short")]
+    pub norm: NormSpec,
     pub epochs: usize,
     pub batch_size: usize,
     pub optimizer: OptimizerConfig,
@@ -98,7 +100,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             model: "seed-cnn".into(),
-            norm: "bn".into(),
+            norm: NormSpec::Batch(Default::default()),
             epochs: 10,
             batch_size: 128,
             optimizer: OptimizerConfig::default(),
@@ -719,10 +721,10 @@ fn prepare(
     }
     let spec = ModelSpec {
         dropout: config.dropout,
-        ..ModelSpec::new(&config.model, &config.norm, train_set.shape, train_set.classes)?
+        ..ModelSpec::new(&config.model, config.norm, train_set.shape, train_set.classes)?
     };
     let mut model = Model::build(&spec, config.seed)?;
-    let norm: NormSpec = spec.norm.parse()?;
+    let norm = spec.norm;
     // Each process's share of a batch is what a per-process norm sees; SyncBN sees the batch.
     let smallest = data_parallel::check_split(config.batch_size, train_set.len(), processes)?;
     let synced = matches!(norm, NormSpec::Batch(c) if c.stats == crate::nn::batch_norm::BatchStats::Sync);

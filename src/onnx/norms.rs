@@ -2,12 +2,11 @@
 //! statistics (both normalize with stored per-channel statistics there).
 
 use crate::error::Result;
-use crate::export::graph::{Attr, OnnxGraph};
-use crate::nn::Param;
+use crate::onnx::graph::{Attr, OnnxGraph};
 
 /// γ or β of a norm, or the identity's ones/zeros when it has no affine.
-pub fn affine_or(p: Option<&Param>, shape: &[usize], fill: f32) -> Vec<f32> {
-    p.map(|p| p.value.data.clone())
+pub fn affine_or(p: Option<&[f32]>, shape: &[usize], fill: f32) -> Vec<f32> {
+    p.map(<[f32]>::to_vec)
         .unwrap_or_else(|| vec![fill; shape.iter().product()])
 }
 
@@ -17,7 +16,7 @@ pub fn batch_normalization(
     g: &mut OnnxGraph,
     x: &str,
     name: &str,
-    affine: (Option<&Param>, Option<&Param>),
+    affine: (Option<&[f32]>, Option<&[f32]>),
     running: (&[f32], &[f32]),
     eps: f64,
 ) -> Result<String> {
