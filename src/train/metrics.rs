@@ -1,0 +1,75 @@
+//! What a run reports: per-epoch and whole-run metrics (metrics.json) and the `Reporter` the
+//! CLI draws its progress with.
+
+use super::*;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based.
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    pub seconds: f64,
+    pub images_per_sec: f64,
+    /// Seconds of the epoch's training spent in communication between processes (0 alone).
+    #[serde(default)]
+    pub communication_seconds: f64,
+}
+
+/// metrics.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunMetrics {
+    pub config: TrainConfig,
+    pub data_dir: PathBuf,
+    pub input_norm: InputNorm,
+    pub model_parameters: usize,
+    /// "running", "complete" or "diverged".
+    pub status: String,
+    pub epochs: Vec<EpochMetrics>,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// Mean of the per-epoch training rates.
+    pub train_images_per_sec: f64,
+    /// Processes of the data-parallel job that trained the last epoch (1: a single process).
+    #[serde(default = "one")]
+    pub processes: usize,
+}
+
+pub(super) fn one() -> usize {
+    1
+}
+
+/// Receives progress; the CLI draws bars, studies stay quiet.
+pub trait Reporter {
+    /// Everything is checked and the run folder locked: training starts (or resumes at
+    /// `metrics.epochs.len()`); `data` says in one line what was read (`describe_data`). An
+    /// error (standard output full or closed) stops the run; its folder stays resumable.
+    fn started(&mut self, _data: &str, _out: &Path, _metrics: &RunMetrics) -> Result<()> {
+        Ok(())
+    }
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
+    fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64) {}
+    fn epoch_end(&mut self, _m: &EpochMetrics) -> Result<()> {
+        Ok(())
+    }
+    /// Epoch `epoch` is committed in `out`: a kill from now on resumes after it.
+    fn committed(&mut self, _out: &Path, _epoch: usize) {}
+}
+
+/// A reporter that says nothing.
+pub struct Quiet;
+
+impl Reporter for Quiet {}
+
+pub(super) fn summarize(m: &mut RunMetrics) {
+    if let Some(last) = m.epochs.last() {
+        m.test_accuracy = last.test_accuracy;
+        m.test_loss = last.test_loss;
+    }
+    if !m.epochs.is_empty() {
+        m.train_images_per_sec = m.epochs.iter().map(|e| e.images_per_sec).sum::<f64>() / m.epochs.len() as f64;
+    }
+}
