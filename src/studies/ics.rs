@@ -10,13 +10,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::analysis::*;
+use super::{prepare_out, Settings, Study, StudyOptions, StudyResults};
 use crate::data::{load_split, resolve_data_dir, Dataset};
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind};
-use crate::studies::StudyOptions;
 use crate::train::{evaluate, train_step};
 
 /// One measurement during training.
@@ -168,4 +169,160 @@ pub fn run(
     );
     settings.insert("training images (at most)".into(), ntrain.to_string());
     Ok((runs, settings))
+}
+
+pub struct Ics;
+
+impl Study for Ics {
+    fn name(&self) -> &'static str {
+        "ics"
+    }
+
+    fn about(&self) -> &'static str {
+        "the BN paper's sigmoid MLP with and without BN: one hidden unit's input distribution over training"
+    }
+
+    /// Its own training loop with probes, instead of a grid.
+    fn run(
+        &self,
+        opts: &StudyOptions,
+        progress: &mut dyn FnMut(usize, usize, &str),
+        results: &mut StudyResults,
+    ) -> Result<(Settings, Option<crate::files::RunLock>)> {
+        resolve_data_dir(opts.data.as_deref())?;
+        let lock = prepare_out(&opts.out)?;
+        let (runs, settings) = run(opts, progress)?;
+        results.ics = runs;
+        Ok((settings, Some(lock)))
+    }
+
+    fn analyze(&self, r: &StudyResults) -> Result<Analysis> {
+        ics(r)
+    }
+}
+
+pub(crate) fn ics(r: &StudyResults) -> Result<Analysis> {
+    let norms = ["bn", "none"];
+    let series_of = |norm: &str, f: &dyn Fn(&crate::studies::ics::IcsPoint) -> f64| {
+        let runs: Vec<&[crate::studies::ics::IcsPoint]> = r
+            .ics
+            .iter()
+            .filter(|x| x.norm == norm)
+            .map(|x| x.points.as_slice())
+            .collect();
+        per_step(&runs, |p| p.step, f)
+    };
+    let acc: Vec<Series> = norms
+        .iter()
+        .map(|n| (n.to_string(), series_of(n, &|p| 100.0 * p.test_accuracy)))
+        .collect();
+    let mut plots = vec![Plot {
+        file: "test_accuracy_vs_steps.svg".into(),
+        caption: "Test accuracy against training steps, with and without BN".into(),
+        svg: lines_svg(
+            "Test accuracy against steps (sigmoid MLP, batch 60)",
+            "training step",
+            "test accuracy (%)",
+            &acc,
+            false,
+        )?,
+    }];
+    let mut rows = Vec::new();
+    let mut drift = BTreeMap::new();
+    for n in norms {
+        let pct: Vec<Series> = vec![
+            ("15th percentile".into(), series_of(n, &|p| p.p15 as f64)),
+            ("median".into(), series_of(n, &|p| p.p50 as f64)),
+            ("85th percentile".into(), series_of(n, &|p| p.p85 as f64)),
+        ];
+        let title = format!(
+            "Input to one last-hidden-layer sigmoid, {}",
+            if n == "bn" { "with BN" } else { "without BN" }
+        );
+        plots.push(Plot {
+            file: format!("sigmoid_input_{n}.svg"),
+            caption: format!("15th/50th/85th percentiles of the sigmoid input over training ({n})"),
+            svg: lines_svg(&title, "training step", "sigmoid input", &pct, false)?,
+        });
+        let median = &pct[1].1;
+        let first_quarter = median.len() / 4;
+        let late: Vec<f64> = median[first_quarter.max(1).min(median.len())..]
+            .iter()
+            .map(|p| p.1)
+            .collect();
+        let range = late.iter().cloned().fold(f64::MIN, f64::max) - late.iter().cloned().fold(f64::MAX, f64::min);
+        let accs = &acc.iter().find(|s| s.0 == n).map(|s| s.1.clone()).unwrap_or_default();
+        // (mean, spread over seeds) of the test accuracy at a fraction of training.
+        let at = |q: f64| {
+            accs.get(((accs.len().max(1) - 1) as f64 * q) as usize)
+                .map_or((f64::NAN, f64::NAN), |p| (p.1, p.2))
+        };
+        drift.insert(n, (range, at(0.1).0, at(1.0).0));
+        rows.push(vec![
+            n.to_string(),
+            fmt_mean(at(0.1), 2),
+            fmt_mean(at(0.5), 2),
+            fmt_mean(at(1.0), 2),
+            format!("{range:.3}"),
+        ]);
+    }
+    let (b, o) = (drift["bn"], drift["none"]);
+    // Per seed: the median's range after the first quarter, and the accuracy at 10% of training.
+    let per_run = |norm: &str, f: &dyn Fn(&crate::studies::ics::IcsRun) -> f64| -> Vec<f64> {
+        (0..r.seeds as u64)
+            .map(|s| r.ics.iter().find(|x| x.norm == norm && x.seed == s).map_or(f64::NAN, f))
+            .collect()
+    };
+    let range_of = |x: &crate::studies::ics::IcsRun| {
+        let late: Vec<f64> = x
+            .points
+            .iter()
+            .skip((x.points.len() / 4).max(1))
+            .map(|p| p.p50 as f64)
+            .collect();
+        late.iter().cloned().fold(f64::MIN, f64::max) - late.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    let early_acc = |x: &crate::studies::ics::IcsRun| {
+        x.points
+            .get((x.points.len().max(1) - 1) / 10)
+            .map_or(f64::NAN, |p| 100.0 * p.test_accuracy)
+    };
+    let (rb, rn) = (per_run("bn", &range_of), per_run("none", &range_of));
+    let claims = vec![
+        Claim::new(
+            "BN keeps a hidden unit's input distribution steadier",
+            "range of the median sigmoid input after the first quarter of training, reduction with BN (% of none's)",
+            &["none", "bn"],
+            Kind::Greater,
+            rn.iter().zip(&rb).map(|(n, b)| 100.0 * (n - b) / n).collect(),
+            20.0,
+            r.quick,
+        ),
+        Claim::new(
+            "BN trains faster",
+            "test accuracy (%) at 10% of the steps, BN minus none",
+            &["bn", "none"],
+            Kind::Greater,
+            minus(&per_run("bn", &early_acc), &per_run("none", &early_acc)),
+            1.0,
+            r.quick,
+        ),
+    ];
+    let finding = format!(
+        "Test accuracy after 10% of the steps: {:.2}% with BN, {:.2}% without; at the end: {:.2}% and {:.2}%. The median sigmoid input moves over a range of {:.3} with BN and {:.3} without after the first quarter of training. {}",
+        b.1, o.1, b.2, o.2, b.0, o.0,
+        verdict_lines(&claims)
+    );
+    Ok(Analysis {
+        title: "Internal covariate shift: a hidden unit's input over training".into(),
+        claims,
+        claim: "BN paper (Ioffe & Szegedy 2015, Fig. 1): on MNIST, the 3-hidden-layer sigmoid MLP trains faster with BN, and the 15th/50th/85th percentiles of a last-layer sigmoid's input drift without BN but stay stable with it.".into(),
+        finding,
+        tables: vec![Table {
+            caption: "Test accuracy (%) at 10%, 50% and 100% of training, and the range of the median sigmoid input after the first quarter".into(),
+            header: vec!["norm".into(), "acc @10%".into(), "acc @50%".into(), "acc @100%".into(), "median range".into()],
+            rows,
+        }],
+        plots,
+    })
 }

@@ -12,13 +12,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::analysis::*;
+use super::{prepare_out, Settings, Study, StudyOptions, StudyResults};
 use crate::data::{load_split, resolve_data_dir, Dataset};
 use crate::error::Result;
 use crate::models::{Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::BufferMut;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind};
-use crate::studies::StudyOptions;
 use crate::train::{evaluate, loss_and_grad};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -247,4 +248,242 @@ pub fn run(
         "bn-noisy: BN, then per sample and unit y = s·x + m, s ~ N(σ_j, 0.1), m ~ U(μ_j ± 0.1), μ_j ~ U(−0.5, 0.5), σ_j ~ U(1, 1.25), redrawn every step".into(),
     );
     Ok((runs, settings))
+}
+
+pub struct Landscape;
+
+impl Study for Landscape {
+    fn name(&self) -> &'static str {
+        "landscape"
+    }
+
+    fn about(&self) -> &'static str {
+        "VGG with BN, without, and noisy BN: loss and gradient change along the gradient (Santurkar et al.)"
+    }
+
+    /// Its own training loop with probes, instead of a grid.
+    fn run(
+        &self,
+        opts: &StudyOptions,
+        progress: &mut dyn FnMut(usize, usize, &str),
+        results: &mut StudyResults,
+    ) -> Result<(Settings, Option<crate::files::RunLock>)> {
+        resolve_data_dir(opts.data.as_deref())?;
+        let lock = prepare_out(&opts.out)?;
+        let (runs, settings) = run(opts, progress)?;
+        results.landscape = runs;
+        Ok((settings, Some(lock)))
+    }
+
+    fn analyze(&self, r: &StudyResults) -> Result<Analysis> {
+        landscape(r)
+    }
+}
+
+pub(crate) fn landscape(r: &StudyResults) -> Result<Analysis> {
+    use crate::studies::landscape::Probe;
+    let norms: Vec<&str> = ["bn", "none", "bn-noisy", "bn-l1", "bn-linf"]
+        .into_iter()
+        .filter(|n| r.landscape.iter().any(|x| x.norm == *n))
+        .collect();
+    // The plots start after step 0, as the claims do: the untrained net's probe is an order of
+    // magnitude larger and would flatten the curves of training.
+    let series_of = |norm: &str, f: &dyn Fn(&Probe) -> f64| {
+        let trained: Vec<Vec<Probe>> = r
+            .landscape
+            .iter()
+            .filter(|x| x.norm == norm)
+            .map(|x| x.probes.iter().filter(|p| p.step > 0).cloned().collect())
+            .collect();
+        let runs: Vec<&[Probe]> = trained.iter().map(|v| v.as_slice()).collect();
+        per_step(&runs, |p| p.step, f)
+    };
+    let mut loss_series = Vec::new();
+    for &n in &norms {
+        loss_series.push((format!("{n}: max loss along g"), series_of(n, &|p| p.loss_max)));
+        loss_series.push((format!("{n}: min loss along g"), series_of(n, &|p| p.loss_min)));
+    }
+    let change: Vec<Series> = norms
+        .iter()
+        .map(|n| (n.to_string(), series_of(n, &|p| p.grad_change_max)))
+        .collect();
+    let beta: Vec<Series> = norms
+        .iter()
+        .map(|n| (n.to_string(), series_of(n, &|p| p.beta)))
+        .collect();
+    let plots = vec![
+        Plot {
+            file: "loss_landscape.svg".into(),
+            caption: "Range of the loss at θ − ηg for η in [0.5, 4]·lr, over training (after step 0)".into(),
+            svg: lines_svg(
+                "Loss along the gradient direction (range over step sizes)",
+                "training step",
+                "loss",
+                &loss_series,
+                false,
+            )?,
+        },
+        Plot {
+            file: "gradient_predictiveness.svg".into(),
+            caption: "Largest ‖∇L(θ − ηg) − ∇L(θ)‖ over the step sizes (lower: more predictive gradients)".into(),
+            svg: lines_svg(
+                "Gradient predictiveness",
+                "training step",
+                "max l2 change of the gradient",
+                &change,
+                false,
+            )?,
+        },
+        Plot {
+            file: "beta_smoothness.svg".into(),
+            caption: "Effective β-smoothness: max ‖Δ∇L‖ / ‖ηg‖ over the step sizes".into(),
+            svg: lines_svg("Effective beta-smoothness", "training step", "beta", &beta, false)?,
+        },
+    ];
+    let mut rows = Vec::new();
+    let mut avg = BTreeMap::new();
+    for &n in &norms {
+        // Per seed, the mean over its probes after step 0 (the probe at step 0 sees the
+        // untrained net; the claim is about training); then mean ± spread over seeds.
+        let runs: Vec<_> = r.landscape.iter().filter(|x| x.norm == n).collect();
+        let over_seeds = |f: &dyn Fn(&Probe) -> f64| {
+            let per_seed: Vec<f64> = runs
+                .iter()
+                .map(|x| {
+                    mean_std(
+                        &x.probes
+                            .iter()
+                            .filter(|p| p.step > 0)
+                            .map(f)
+                            .filter(|v| v.is_finite())
+                            .collect::<Vec<_>>(),
+                    )
+                    .0
+                })
+                .filter(|v| v.is_finite())
+                .collect();
+            mean_std(&per_seed)
+        };
+        let range = over_seeds(&|p| p.loss_max - p.loss_min);
+        let (c, b) = (over_seeds(&|p| p.grad_change_max), over_seeds(&|p| p.beta));
+        let acc = mean_std(&runs.iter().map(|x| 100.0 * x.test_accuracy).collect::<Vec<_>>());
+        let diverged = runs.iter().filter(|x| x.diverged).count();
+        avg.insert(n, (range.0, c.0, b.0, acc.0));
+        rows.push(vec![
+            n.to_string(),
+            fmt_mean(range, 4),
+            fmt_mean(c, 4),
+            fmt_mean(b, 3),
+            fmt_mean(acc, 2),
+            diverged.to_string(),
+        ]);
+    }
+    let (b, o) = (avg["bn"], avg["none"]);
+    // Per seed: the mean over its probes after step 0 of a landscape measure.
+    let per_run = |norm: &str, f: &dyn Fn(&Probe) -> f64| -> Vec<f64> {
+        (0..r.seeds as u64)
+            .map(|s| {
+                r.landscape
+                    .iter()
+                    .find(|x| x.norm == norm && x.seed == s && !x.diverged)
+                    .map_or(f64::NAN, |x| {
+                        mean_std(
+                            &x.probes
+                                .iter()
+                                .filter(|p| p.step > 0)
+                                .map(f)
+                                .filter(|v| v.is_finite())
+                                .collect::<Vec<_>>(),
+                        )
+                        .0
+                    })
+            })
+            .collect()
+    };
+    let reduction = |f: &dyn Fn(&Probe) -> f64| -> Vec<f64> {
+        per_run("none", f)
+            .iter()
+            .zip(per_run("bn", f))
+            .map(|(n, b)| 100.0 * (n - b) / n)
+            .collect()
+    };
+    let acc = |norm: &str| -> Vec<f64> {
+        (0..r.seeds as u64)
+            .map(|s| {
+                r.landscape
+                    .iter()
+                    .find(|x| x.norm == norm && x.seed == s)
+                    .map_or(f64::NAN, |x| if x.diverged { 10.0 } else { 100.0 * x.test_accuracy })
+            })
+            .collect()
+    };
+    let smoother = |what: &str, metric: &str, f: &dyn Fn(&Probe) -> f64| {
+        Claim::new(
+            format!("BN makes {what}"),
+            format!("{metric}, mean over the probes after step 0: reduction with BN (% of none's)"),
+            &["none", "bn"],
+            Kind::Greater,
+            reduction(f),
+            10.0,
+            r.quick,
+        )
+    };
+    let mut claims = vec![
+        smoother(
+            "the loss along the gradient vary less",
+            "range of the loss at θ − ηg",
+            &|p| p.loss_max - p.loss_min,
+        ),
+        smoother(
+            "gradients more predictive",
+            "largest ‖∇L(θ − ηg) − ∇L(θ)‖",
+            &|p| p.grad_change_max,
+        ),
+        smoother(
+            "the landscape smoother (smaller effective β)",
+            "effective β-smoothness",
+            &|p| p.beta,
+        ),
+    ];
+    for lp in ["bn-l1", "bn-linf"] {
+        if norms.contains(&lp) {
+            claims.push(Claim::new(
+                format!("{lp} trains about as well as BN"),
+                format!("final test accuracy (points), {lp} minus BN"),
+                &[lp, "bn"],
+                Kind::Equivalent,
+                minus(&acc(lp), &acc("bn")),
+                2.0,
+                r.quick,
+            ));
+        }
+    }
+    if norms.contains(&"bn-noisy") {
+        claims.push(Claim::new(
+            "noisy BN (covariate shift put back) trains at least as well as no BN",
+            "final test accuracy (points), bn-noisy minus none",
+            &["bn-noisy", "none"],
+            Kind::Greater,
+            minus(&acc("bn-noisy"), &acc("none")),
+            0.0,
+            r.quick,
+        ));
+    }
+    let finding = format!(
+        "Averaged over the probes after step 0, the loss along the gradient varies over {:.4} with BN and {:.4} without; the gradient changes by up to {:.4} vs {:.4}; effective β-smoothness {:.3} vs {:.3}. Test accuracy {:.2}% with BN, {:.2}% without. {}",
+        b.0, o.0, b.1, o.1, b.2, o.2, b.3, o.3,
+        verdict_lines(&claims)
+    );
+    Ok(Analysis {
+        title: "Loss landscape: is training with BN smoother?".into(),
+        claims,
+        claim: "Santurkar et al. 2018: BN's benefit comes mainly from a smoother loss landscape — a smaller range of loss along the gradient, more predictive gradients and a smaller effective β-smoothness (VGG on CIFAR-10, SGD lr 0.1).".into(),
+        finding,
+        tables: vec![Table {
+            caption: "Means over the probes after step 0: loss range along g, largest gradient change, β-smoothness; final test accuracy".into(),
+            header: vec!["norm".into(), "loss range".into(), "max ‖Δ∇L‖".into(), "β".into(), "test acc (%)".into(), "diverged".into()],
+            rows,
+        }],
+        plots,
+    })
 }
