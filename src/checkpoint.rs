@@ -63,7 +63,40 @@ pub fn serialize(entries: &[Entry], metadata: HashMap<String, String>) -> Result
                 .map_err(|err| Error::invalid(format!("tensor {}: {err}", e.name)))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, &Some(metadata)).map_err(|e| Error::invalid(format!("safetensors: {e}")))
+    let bytes =
+        safetensors::serialize(views, &Some(metadata)).map_err(|e| Error::invalid(format!("safetensors: {e}")))?;
+    canonical_header(bytes)
+}
+
+/// The same file with its JSON header's keys sorted (the metadata among them): safetensors
+/// writes the metadata in a HashMap's order, which changes from process to process, so the
+/// same weights made a different file at every run. Offsets are relative to the data, which
+/// does not move; the header keeps safetensors' 8-byte alignment (space padding).
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    use std::collections::BTreeMap;
+    let bad = |e: String| Error::invalid(format!("safetensors header: {e}"));
+    let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| bad("short file".into()))?) as usize;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| bad(e.to_string()))?;
+    let sorted: BTreeMap<&String, serde_json::Value> = header
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::Object(m) => {
+                    serde_json::to_value(m.iter().collect::<BTreeMap<_, _>>()).unwrap_or_else(|_| v.clone())
+                }
+                other => other.clone(),
+            };
+            (k, v)
+        })
+        .collect();
+    let mut head = serde_json::to_vec(&sorted).map_err(|e| bad(e.to_string()))?;
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + head.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// The model's state dict, in PyTorch names and layouts.
@@ -340,4 +373,34 @@ pub fn build_checked(path: &Path, spec: &ModelSpec, file_bytes: usize) -> Result
         ));
     }
     Model::build(spec, 0).map_err(|e| Error::checkpoint(path, e.to_string()))
+}
+
+#[cfg(test)]
+mod canonical_tests {
+    use super::*;
+
+    #[test]
+    fn the_same_tensors_and_metadata_make_the_same_file() {
+        let entries = [
+            Entry::f32("b.weight".into(), &[2], &[1.0, 2.0]),
+            Entry::i64("a.count".into(), 7),
+        ];
+        let files: Vec<Vec<u8>> = (0..8)
+            .map(|_| {
+                // Each HashMap has its own random order.
+                let md: HashMap<String, String> = (0..12).map(|k| (format!("key{k}"), k.to_string())).collect();
+                serialize(&entries, md).unwrap()
+            })
+            .collect();
+        assert!(
+            files.windows(2).all(|w| w[0] == w[1]),
+            "the file depends on the metadata's order"
+        );
+        let st = SafeTensors::deserialize(&files[0]).unwrap();
+        assert_eq!(
+            st.tensor("b.weight").unwrap().data(),
+            [1.0f32.to_le_bytes(), 2.0f32.to_le_bytes()].concat()
+        );
+        assert_eq!(files[0][8..].len() % 8, 0);
+    }
 }
