@@ -539,6 +539,20 @@ mod tests {
     /// The count that checks a checkpoint's size against its metadata must be the weights the
     /// built model really has: an overcount refuses valid files (a narrow resnet once did).
     #[test]
+    fn optional_abilities_reach_every_conv_and_syncbn_inside_blocks_too() {
+        use crate::nn::conv_algorithm::ConvAlgorithm;
+        let spec = ModelSpec::new("resnet:4,4,8,8,8,8", NormSpec::builtin("syncbn"), [1, 28, 28], 10).unwrap();
+        let mut m = Model::build(&spec, 0).unwrap();
+        // The stem, two convs per block and the three strided blocks' shortcuts.
+        let convs = m.net.set_conv_algorithm(ConvAlgorithm::Im2col);
+        let comm = crate::dist::single_process();
+        let syncs = m.net.set_communicator(&comm);
+        assert_eq!((convs, syncs), (1 + 6 * 2 + 2, 1 + 6 * 2 + 2));
+        let plain = ModelSpec::new("resnet:4,4,8,8,8,8", NormSpec::builtin("bn"), [1, 28, 28], 10).unwrap();
+        assert_eq!(Model::build(&plain, 0).unwrap().net.set_communicator(&comm), 0);
+    }
+
+    #[test]
     fn parameter_count_matches_the_built_weights() {
         for model in [
             "seed-cnn",

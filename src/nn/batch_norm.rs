@@ -128,6 +128,16 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
+    /// Gives a SyncBN the processes it takes statistics over; returns 1 for a SyncBN, 0 for
+    /// any other variant (which keeps its own statistics).
+    pub fn set_communicator(&mut self, comm: &Arc<dyn Communicator>) -> usize {
+        if self.config.stats != BatchStats::Sync {
+            return 0;
+        }
+        self.comm = Some(comm.clone());
+        1
+    }
+
     pub fn new(dims: usize, channels: usize, config: BatchNormConfig) -> Self {
         let (weight, bias) = if config.affine {
             (
@@ -762,12 +772,8 @@ impl Layer for BatchNorm {
         visit_weight_bias(self.weight.as_mut(), self.bias.as_mut(), f);
     }
 
-    fn set_communicator(&mut self, comm: &Arc<dyn Communicator>) -> usize {
-        if self.config.stats != BatchStats::Sync {
-            return 0;
-        }
-        self.comm = Some(comm.clone());
-        1
+    fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
+        f(self);
     }
 
     fn set_stats_mode(&mut self, mode: StatsMode) -> usize {

@@ -645,8 +645,7 @@ impl Layer for Conv2d {
         self.input_grad = needed;
     }
 
-    fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) -> usize {
-        self.algorithm = algorithm;
-        1
+    fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
+        f(self);
     }
 }

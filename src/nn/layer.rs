@@ -130,22 +130,11 @@ pub trait Layer: Send {
         Err(Error::invalid(format!("{name}: {} has no ONNX export", self.kind())))
     }
 
-    /// This layer as `Any`, for the probes that read one layer type's internals (the rnn
-    /// study's gate statistics); None for layers no probe reads.
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        None
-    }
-
-    /// Gives the synchronized norms (SyncBN) in this layer the processes they take statistics
-    /// over; returns how many such norms it holds.
-    fn set_communicator(&mut self, _comm: &std::sync::Arc<dyn crate::dist::Communicator>) -> usize {
-        0
-    }
-
-    /// Sets how the convolutions in this layer compute their passes; returns how many it holds.
-    fn set_conv_algorithm(&mut self, _algorithm: crate::nn::conv_algorithm::ConvAlgorithm) -> usize {
-        0
-    }
+    /// The parts of this layer that optional abilities reach by type: the layer itself, or for
+    /// a block the layers inside it. Callers downcast what they need (a Conv2d's algorithm, a
+    /// SyncBN's communicator, the LSTM's gate probe; see `Sequential::set_conv_algorithm`), so
+    /// no layer carries a stub for an ability it lacks; a layer without any hands over nothing.
+    fn visit_parts(&mut self, _f: &mut dyn FnMut(&mut dyn std::any::Any)) {}
 
     /// Sets how the norms with running statistics in this layer use them; returns how many
     /// such norms it holds (0 for every other layer).

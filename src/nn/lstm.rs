@@ -800,8 +800,8 @@ impl Layer for Lstm {
         self.input_grad = needed;
     }
 
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
+    fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
+        f(self);
     }
 
     // ONNX's LSTM operator (gates in the order i, o, f, c; sequence-first): the image

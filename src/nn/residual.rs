@@ -243,17 +243,15 @@ impl Layer for BasicBlock {
         }
     }
 
-    fn set_communicator(&mut self, comm: &std::sync::Arc<dyn crate::dist::Communicator>) -> usize {
-        let shortcut = self.shortcut.as_mut().map_or(0, |(_, n)| n.set_communicator(comm));
-        self.norm1.set_communicator(comm) + self.norm2.set_communicator(comm) + shortcut
-    }
-
-    fn set_conv_algorithm(&mut self, algorithm: crate::nn::conv_algorithm::ConvAlgorithm) -> usize {
-        let shortcut = self
-            .shortcut
-            .as_mut()
-            .map_or(0, |(c, _)| c.set_conv_algorithm(algorithm));
-        self.conv1.set_conv_algorithm(algorithm) + self.conv2.set_conv_algorithm(algorithm) + shortcut
+    fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
+        f(&mut self.conv1);
+        self.norm1.visit_parts(f);
+        f(&mut self.conv2);
+        self.norm2.visit_parts(f);
+        if let Some((conv, norm)) = self.shortcut.as_mut() {
+            f(conv);
+            norm.visit_parts(f);
+        }
     }
 
     fn set_stats_mode(&mut self, mode: crate::nn::StatsMode) -> usize {

@@ -155,15 +155,32 @@ impl Sequential {
 
     /// Sets how every convolution computes its passes; returns how many there are.
     pub fn set_conv_algorithm(&mut self, algorithm: crate::nn::conv_algorithm::ConvAlgorithm) -> usize {
-        self.layers
-            .iter_mut()
-            .map(|(_, l)| l.set_conv_algorithm(algorithm))
-            .sum()
+        let mut n = 0;
+        self.visit_parts(&mut |part| {
+            if let Some(conv) = part.downcast_mut::<crate::nn::conv2d::Conv2d>() {
+                conv.algorithm = algorithm;
+                n += 1;
+            }
+        });
+        n
     }
 
     /// Gives every SyncBN the processes of a data-parallel job; returns how many there are.
     pub fn set_communicator(&mut self, comm: &std::sync::Arc<dyn crate::dist::Communicator>) -> usize {
-        self.layers.iter_mut().map(|(_, l)| l.set_communicator(comm)).sum()
+        let mut n = 0;
+        self.visit_parts(&mut |part| {
+            if let Some(bn) = part.downcast_mut::<crate::nn::batch_norm::BatchNorm>() {
+                n += bn.set_communicator(comm);
+            }
+        });
+        n
+    }
+
+    /// Every layer's parts (`Layer::visit_parts`), in order.
+    pub fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
+        for (_, layer) in self.layers.iter_mut() {
+            layer.visit_parts(f);
+        }
     }
 
     pub fn zero_grad(&mut self) {

@@ -94,17 +94,16 @@ pub(crate) fn rnn_gate_stats(planned: &[Planned], runs: &[RunRecord], opts: &Stu
             let mut labels = Vec::new();
             test.batch(&idx, meta.input_norm, model.input_mut(), &mut labels)?;
             model.forward(crate::nn::Mode::Eval)?;
-            let lstm = model
-                .net
-                .layers
-                .first()
-                .and_then(|(_, l)| l.as_any())
-                .and_then(|a| a.downcast_ref::<crate::nn::lstm::Lstm>())
-                .ok_or_else(|| Error::invalid("the rnn study's model has no LSTM first layer"))?;
-            out.push(GateStats {
-                seed: r.seed,
-                steps: lstm.gate_preactivation_stats(idx.len()),
-            });
+            let mut steps = None;
+            if let Some((_, first)) = model.net.layers.first_mut() {
+                first.visit_parts(&mut |part| {
+                    if let Some(lstm) = part.downcast_mut::<crate::nn::lstm::Lstm>() {
+                        steps = Some(lstm.gate_preactivation_stats(idx.len()));
+                    }
+                });
+            }
+            let steps = steps.ok_or_else(|| Error::invalid("the rnn study's model has no LSTM first layer"))?;
+            out.push(GateStats { seed: r.seed, steps });
         }
     }
     Ok(out)
