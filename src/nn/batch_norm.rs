@@ -272,6 +272,77 @@ impl BatchNorm {
         self.bias.as_ref().map_or(0.0, |b| b.value.data[ch])
     }
 
+    // Standard, Ghost and (one-process) Sync BN, per statistics set of v samples: shifted sums
+    // of x per channel, then y = act((x − μ_B)·γ/sqrt(σ²_B + eps) + β) in one streamed pass.
+    fn forward_batch(&self, sc: &mut Scratch, x: &Tensor, y: &mut Tensor, v: usize, c: usize, s: usize) {
+        let (sets, block, eps, relu) = (x.batch() / v, v * c * s, self.config.eps, self.relu);
+        let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
+        let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
+        let affine = |ch: usize, st: ChannelStats| {
+            (
+                k::inverse_std(st.var, eps) * gamma.map_or(1.0, |g| g[ch]),
+                beta.map_or(0.0, |b| b[ch]),
+            )
+        };
+        for j in 0..sets {
+            let r = j * block..(j + 1) * block;
+            let st = &mut sc.stats[j * c..(j + 1) * c];
+            k::batch_norm_forward_train(
+                &x.data[r.clone()],
+                &mut y.data[r],
+                v,
+                c,
+                s,
+                relu,
+                st,
+                &affine,
+                &mut sc.ws,
+            );
+        }
+    }
+
+    // Batch Renorm: batch statistics per channel, r = clip(σ_B/σ, 1/rmax, rmax) and
+    // d = clip((μ_B − μ)/σ, ±dmax) from the running ones, y = act(γ·(x̂·r + d) + β).
+    fn forward_renorm(
+        &self,
+        sc: &mut Scratch,
+        x: &Tensor,
+        y: &mut Tensor,
+        c: usize,
+        s: usize,
+        limits: (f64, f64, u64),
+    ) {
+        let (n, eps) = (x.batch(), self.config.eps);
+        sc.stats
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(ch, st)| *st = k::channel_stats(&x.data, c, s, n, ch));
+        if let (Some(rm), Some(rv)) = (self.running_mean.as_ref(), self.running_var.as_ref()) {
+            let (rmax, dmax) = self.renorm_limits(limits.0, limits.1, limits.2);
+            for ch in 0..c {
+                let sigma = (rv.data[ch] as f64 + eps).sqrt();
+                let sigma_b = (sc.stats[ch].var as f64 + eps).sqrt();
+                sc.r[ch] = (sigma_b / sigma).clamp(1.0 / rmax, rmax) as f32;
+                sc.d[ch] = ((sc.stats[ch].mean - rm.data[ch] as f64) / sigma).clamp(-dmax, dmax) as f32;
+            }
+        }
+        self.apply_fixed(sc, x, y, c, s, |sc, ch| {
+            k::inverse_std(sc.stats[ch].var, eps) * sc.r[ch]
+        });
+    }
+
+    // Lp BN (Santurkar et al.): centre by the batch mean, divide by the mean L1 norm (or the L∞
+    // norm) of the centred values + eps; y = act(γ·z/scale + β).
+    fn forward_lp(&self, sc: &mut Scratch, x: &Tensor, y: &mut Tensor, c: usize, s: usize, kind: LpKind) {
+        let eps = self.config.eps;
+        sc.lp.resize(c, (0.0, 0.0, 0.0));
+        lp_norm::lp_stats(&x.data, x.batch(), c, s, kind, &mut sc.lp);
+        for (st, lp) in sc.stats.iter_mut().zip(&sc.lp) {
+            *st = ChannelStats { mean: lp.0, var: lp.1 };
+        }
+        self.apply_fixed(sc, x, y, c, s, |sc, ch| (1.0 / (sc.lp[ch].1 as f64 + eps)) as f32);
+    }
+
     /// Eval with running statistics: y = act((x - running_mean)·γ/σ + β) with σ =
     /// sqrt(running_var + eps), or running_scale + eps for Lp BN.
     fn forward_running(&mut self, x: &Tensor, y: &mut Tensor, c: usize, s: usize) {
@@ -607,7 +678,7 @@ impl Layer for BatchNorm {
                 ),
             ));
         }
-        let (sets, block, eps, relu) = (n / v, v * c * s, self.config.eps, self.relu);
+        let sets = n / v;
         let mut sc = std::mem::take(&mut self.scratch);
         sc.stats.resize(sets * c, ChannelStats::default());
         sc.r.clear();
@@ -616,56 +687,10 @@ impl Layer for BatchNorm {
         sc.d.resize(c, 0.0);
         match self.config.stats {
             BatchStats::Standard | BatchStats::Ghost(_) | BatchStats::Sync => {
-                let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
-                let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
-                let affine = |ch: usize, st: ChannelStats| {
-                    (
-                        k::inverse_std(st.var, eps) * gamma.map_or(1.0, |g| g[ch]),
-                        beta.map_or(0.0, |b| b[ch]),
-                    )
-                };
-                for j in 0..sets {
-                    let r = j * block..(j + 1) * block;
-                    let st = &mut sc.stats[j * c..(j + 1) * c];
-                    k::batch_norm_forward_train(
-                        &x.data[r.clone()],
-                        &mut y.data[r],
-                        v,
-                        c,
-                        s,
-                        relu,
-                        st,
-                        &affine,
-                        &mut sc.ws,
-                    );
-                }
+                self.forward_batch(&mut sc, x, y, v, c, s)
             }
-            BatchStats::Renorm { rmax, dmax, warmup } => {
-                sc.stats
-                    .par_iter_mut()
-                    .enumerate()
-                    .for_each(|(ch, st)| *st = k::channel_stats(&x.data, c, s, n, ch));
-                if let (Some(rm), Some(rv)) = (self.running_mean.as_ref(), self.running_var.as_ref()) {
-                    let (rmax, dmax) = self.renorm_limits(rmax, dmax, warmup);
-                    for ch in 0..c {
-                        let sigma = (rv.data[ch] as f64 + eps).sqrt();
-                        let sigma_b = (sc.stats[ch].var as f64 + eps).sqrt();
-                        sc.r[ch] = (sigma_b / sigma).clamp(1.0 / rmax, rmax) as f32;
-                        sc.d[ch] = ((sc.stats[ch].mean - rm.data[ch] as f64) / sigma).clamp(-dmax, dmax) as f32;
-                    }
-                }
-                self.apply_fixed(&mut sc, x, y, c, s, |sc, ch| {
-                    k::inverse_std(sc.stats[ch].var, eps) * sc.r[ch]
-                });
-            }
-            BatchStats::Lp(kind) => {
-                sc.lp.resize(c, (0.0, 0.0, 0.0));
-                lp_norm::lp_stats(&x.data, n, c, s, kind, &mut sc.lp);
-                for (st, lp) in sc.stats.iter_mut().zip(&sc.lp) {
-                    *st = ChannelStats { mean: lp.0, var: lp.1 };
-                }
-                self.apply_fixed(&mut sc, x, y, c, s, |sc, ch| (1.0 / (sc.lp[ch].1 as f64 + eps)) as f32);
-            }
+            BatchStats::Renorm { rmax, dmax, warmup } => self.forward_renorm(&mut sc, x, y, c, s, (rmax, dmax, warmup)),
+            BatchStats::Lp(kind) => self.forward_lp(&mut sc, x, y, c, s, kind),
         }
         self.scratch = sc;
         if self.stats_mode.updates_running(mode) {
