@@ -106,6 +106,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| train::fresh_run_dir(&PathBuf::from("studies"), "compare"));
+    print_data_line(a.data.as_deref())?;
     let bar = run_bar();
     let results = in_pool(|| {
         normlab::studies::run_compare(&grid, a.seeds, &out, &mut |i, n, what| {

@@ -263,6 +263,15 @@ impl Drop for CliReporter {
     }
 }
 
+/// Prints the one line of what a data folder holds (both splits), before a study or a grid
+/// trains on it (each of its runs reads the same folder).
+pub fn print_data_line(data: Option<&Path>) -> Result<()> {
+    let dir = normlab::data::resolve_data_dir(data)?;
+    let train = normlab::data::load_split(&dir, true)?;
+    let test = normlab::data::load_split(&dir, false)?;
+    outln!("{}", normlab::data::describe_data(&dir, Some(&train), &test))
+}
+
 /// A progress bar over a study's runs.
 pub fn run_bar() -> ProgressBar {
     let bar = ProgressBar::new(1);

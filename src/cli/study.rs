@@ -47,6 +47,10 @@ pub fn run(a: StudyArgs) -> Result<()> {
         data: a.data.clone(),
         threads,
     };
+    normlab::studies::find(&a.name)?;
+    if lead {
+        print_data_line(a.data.as_deref())?;
+    }
     let bar = if lead {
         run_bar()
     } else {
