@@ -38,7 +38,7 @@ enum Command {
     Prune(cli::prune::PruneArgs),
     /// Recompute every BatchNorm's running statistics over N training batches (PreciseBN).
     Recalibrate(cli::recalibrate::RecalibrateArgs),
-    /// Run a study (batch-size, learning-rate, regularization, ics, landscape, rnn): tables, plots, report.html.
+    /// Run a study of the articles' claims (`normlab study --help` lists them): tables, plots, report.html.
     Study(cli::study::StudyArgs),
     /// Run any grid of models x norms x batch sizes x learning rates x seeds.
     Compare(cli::compare::CompareArgs),

@@ -1,4 +1,5 @@
-//! `normlab study`: one of the five studies of the articles' claims.
+//! `normlab study`: one of the studies in `normlab::studies::STUDIES`; its help lists them from
+//! the registry, so a new study needs no line here.
 
 use std::path::PathBuf;
 
@@ -11,7 +12,8 @@ use super::*;
 #[derive(Args)]
 #[command(after_long_help = "Example:\n  normlab study batch-size --quick --seeds 3 --out studies/bs")]
 pub struct StudyArgs {
-    /// batch-size, learning-rate, regularization, ics, landscape, rnn, or sync-bn (under mpirun).
+    /// The study; every one with what it shows is listed below.
+    #[arg(value_name = "NAME", long_help = study_list())]
     pub name: String,
     /// A smoke run that finishes in about two minutes: it gives no verdicts.
     #[arg(long)]
@@ -29,6 +31,15 @@ pub struct StudyArgs {
     /// Worker threads, 1 to 256 [default: one per core].
     #[arg(long, value_name = "N", value_parser = threads)]
     pub threads: Option<usize>,
+}
+
+/// Every study of the registry with its line (sync-bn runs under mpirun).
+fn study_list() -> String {
+    let lines: Vec<String> = normlab::studies::STUDIES
+        .iter()
+        .map(|s| format!("  {:<15} {}", s.name(), s.about()))
+        .collect();
+    format!("The study:\n{}", lines.join("\n"))
 }
 
 pub fn run(a: StudyArgs) -> Result<()> {
