@@ -4,6 +4,9 @@
 //! combined: Ghost BN (virtual batches), Batch Renormalization (r, d corrections toward the
 //! running statistics) and Lp-norm BN (L1 or L∞ scale instead of the standard deviation).
 
+mod running;
+mod sync;
+
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -233,19 +236,6 @@ impl BatchNorm {
         }
     }
 
-    /// (mean, 1/σ) per channel of the running statistics: σ = sqrt(running_var + eps), or
-    /// running_scale + eps for Lp BN.
-    fn running_inverse(&self, ch: usize) -> (f64, f32) {
-        let rm = &self.running_mean.as_ref().expect("tracked").data;
-        let rv = &self.running_var.as_ref().expect("tracked").data;
-        let inv = if matches!(self.config.stats, BatchStats::Lp(_)) {
-            (1.0 / (rv[ch] as f64 + self.config.eps)) as f32
-        } else {
-            k::inverse_std(rv[ch], self.config.eps)
-        };
-        (rm[ch] as f64, inv)
-    }
-
     /// Batch Renorm's (rmax, dmax) at the current step.
     fn renorm_limits(&self, rmax: f64, dmax: f64, warmup: u64) -> (f64, f64) {
         let t = self.num_batches_tracked as f64;
@@ -343,27 +333,6 @@ impl BatchNorm {
         self.apply_fixed(sc, x, y, c, s, |sc, ch| (1.0 / (sc.lp[ch].1 as f64 + eps)) as f32);
     }
 
-    /// Eval with running statistics: y = act((x - running_mean)·γ/σ + β) with σ =
-    /// sqrt(running_var + eps), or running_scale + eps for Lp BN.
-    fn forward_running(&mut self, x: &Tensor, y: &mut Tensor, c: usize, s: usize) {
-        let mut scale = std::mem::take(&mut self.scratch.scale);
-        let mut shift = std::mem::take(&mut self.scratch.shift);
-        let mut mean = std::mem::take(&mut self.scratch.mean);
-        scale.clear();
-        shift.clear();
-        mean.clear();
-        for ch in 0..c {
-            let (m, inv) = self.running_inverse(ch);
-            scale.push(inv * self.gamma_or_one(ch));
-            shift.push(self.beta_or_zero(ch));
-            mean.push(m);
-        }
-        k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
-        self.scratch.scale = scale;
-        self.scratch.shift = shift;
-        self.scratch.mean = mean;
-    }
-
     /// y = act((x - mean)·γ·inv(ch) + β + γ·d) with the statistics in `sc.stats` (one set):
     /// Batch Renorm (inv = r·invstd) and Lp BN (inv = 1/(scale + eps)).
     fn apply_fixed(
@@ -390,226 +359,6 @@ impl BatchNorm {
         }
         k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
         (sc.mean, sc.scale, sc.shift) = (mean, scale, shift);
-    }
-
-    /// The backward of the eval-mode affine map y = act((x - running_mean)·γ/σ + β): the
-    /// running statistics are constants, as in PyTorch's eval-mode autograd.
-    fn backward_running(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-        dx: &mut Tensor,
-        c: usize,
-        s: usize,
-    ) -> Result<()> {
-        dx.resize_to(&x.shape)?;
-        // The fixed-apply scratch holds mean, 1/σ and γ here (no allocation per step).
-        let mut sc = std::mem::take(&mut self.scratch);
-        sc.mean.clear();
-        sc.scale.clear();
-        sc.shift.clear();
-        for ch in 0..c {
-            let (m, inv) = self.running_inverse(ch);
-            sc.mean.push(m);
-            sc.scale.push(inv);
-            sc.shift.push(self.gamma_or_one(ch));
-        }
-        sc.sums.resize(c, ChannelSums::default());
-        k::batch_norm_backward_fixed(
-            &x.data,
-            &y.data,
-            &dy.data,
-            Some(&mut dx.data),
-            c,
-            s,
-            &sc.mean,
-            &sc.scale,
-            &sc.shift,
-            self.relu,
-            &mut sc.sums,
-        );
-        self.add_affine_grads(&sc.sums);
-        self.scratch = sc;
-        Ok(())
-    }
-
-    /// running = (1 - f)·running + f·batch, with batch statistics averaged over virtual batches
-    /// (Keras' Ghost BN) and the variance unbiased over each set's `m` values.
-    /// Lp BN keeps its running scale the same way (no unbiasing).
-    fn update_running_stats(&mut self, c: usize, sets: usize, m: usize) {
-        if !self.config.track_running_stats {
-            return;
-        }
-        let f = self.next_factor();
-        let lp = matches!(self.config.stats, BatchStats::Lp(_));
-        let unbias = if lp { 1.0 } else { m as f64 / (m - 1) as f64 };
-        let (st, lps) = (&self.scratch.stats, &self.scratch.lp);
-        let rm = self.running_mean.as_mut().expect("tracked");
-        let rv = self.running_var.as_mut().expect("tracked");
-        for ch in 0..c {
-            let (bm, bv) = if lp {
-                (lps[ch].0, lps[ch].1 as f64)
-            } else {
-                let bm = (0..sets).map(|j| st[j * c + ch].mean).sum::<f64>() / sets as f64;
-                let bv = (0..sets).map(|j| st[j * c + ch].var as f64).sum::<f64>() / sets as f64;
-                (bm, bv * unbias)
-            };
-            rm.data[ch] = ((1.0 - f) * rm.data[ch] as f64 + f * bm) as f32;
-            rv.data[ch] = ((1.0 - f) * rv.data[ch] as f64 + f * bv) as f32;
-        }
-    }
-}
-
-impl BatchNorm {
-    /// The communicator a training forward of SyncBN synchronizes over: only in training (in
-    /// eval, as in PyTorch, a SyncBN without running statistics uses its own batch) and only
-    /// with more than one process (with one, SyncBN is BatchNorm, bit for bit).
-    fn sync_comm(&self, mode: Mode) -> Option<Arc<dyn Communicator>> {
-        match &self.comm {
-            Some(c) if self.config.stats == BatchStats::Sync && mode == Mode::Train && c.size() > 1 => Some(c.clone()),
-            _ => None,
-        }
-    }
-
-    // SyncBN forward: each process's per-channel mean and variance (the kernel plain BN uses),
-    // combined exactly (Chan et al.): μ = Σ n_k·μ_k / N, then N·σ² = Σ n_k·(σ_k² + (μ_k - μ)²),
-    // two all-reductions of C values in f64 and no extra pass over x; running_var is unbiased
-    // with the global count.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_sync(
-        &mut self,
-        x: &Tensor,
-        y: &mut Tensor,
-        mode: Mode,
-        n: usize,
-        c: usize,
-        s: usize,
-        comm: &dyn Communicator,
-    ) -> Result<()> {
-        let mut sc = std::mem::take(&mut self.scratch);
-        let local = (n * s) as f64;
-        sc.stats.resize(c, ChannelStats::default());
-        sc.stats
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(ch, st)| *st = k::channel_stats(&x.data, c, s, n, ch));
-        sc.global.clear();
-        sc.global
-            .extend(sc.stats.iter().flat_map(|st| [local, local * st.mean]));
-        comm.all_reduce_sum_f64(&mut sc.global);
-        let m = sc.global[0];
-        if m <= 1.0 {
-            self.scratch = sc;
-            return Err(Error::shape(
-                self.name(),
-                format!(
-                    "Expected more than 1 value per channel when training, got {m} over all processes (input size {:?} here)",
-                    x.shape
-                ),
-            ));
-        }
-        // The global means, in the fixed-apply scratch until `apply_fixed` refills it.
-        sc.mean.clear();
-        sc.mean.extend((0..c).map(|ch| sc.global[2 * ch + 1] / m));
-        sc.global.clear();
-        sc.global.extend(sc.stats.iter().zip(&sc.mean).map(|(st, &mu)| {
-            let d = st.mean - mu;
-            local * (st.var as f64 + d * d)
-        }));
-        comm.all_reduce_sum_f64(&mut sc.global);
-        for ch in 0..c {
-            sc.stats[ch] = ChannelStats {
-                mean: sc.mean[ch],
-                var: (sc.global[ch] / m) as f32,
-            };
-        }
-        let eps = self.config.eps;
-        sc.r.clear();
-        sc.r.resize(c, 1.0);
-        sc.d.clear();
-        sc.d.resize(c, 0.0);
-        self.apply_fixed(&mut sc, x, y, c, s, |sc, ch| k::inverse_std(sc.stats[ch].var, eps));
-        self.scratch = sc;
-        self.last_sync = Some(m);
-        if self.stats_mode.updates_running(mode) {
-            self.update_running_stats(c, 1, m as usize);
-        }
-        Ok(())
-    }
-
-    // SyncBN backward: Σg and Σg·x̂ of this process go into γ's and β's gradients (the gradient
-    // all-reduction sums them), and, all-reduced, into dx over the global batch.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_sync(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-        dx: &mut Tensor,
-        c: usize,
-        s: usize,
-        m: f64,
-        comm: &dyn Communicator,
-    ) -> Result<()> {
-        dx.resize_to(&x.shape)?;
-        let mut sc = std::mem::take(&mut self.scratch);
-        let eps = self.config.eps;
-        sc.grads.clear();
-        sc.mean.clear();
-        sc.scale.clear();
-        sc.shift.clear();
-        for ch in 0..c {
-            let st = sc.stats[ch];
-            let g = ChannelGrad {
-                mean: st.mean,
-                invstd: k::inverse_std(st.var, eps),
-                gain: self.gamma_or_one(ch),
-            };
-            sc.grads.push(g);
-            sc.mean.push(g.mean);
-            sc.scale.push(g.invstd);
-            sc.shift.push(g.gain);
-        }
-        sc.sums.resize(c, ChannelSums::default());
-        k::batch_norm_backward_fixed(
-            &x.data,
-            &y.data,
-            &dy.data,
-            None,
-            c,
-            s,
-            &sc.mean,
-            &sc.scale,
-            &sc.shift,
-            self.relu,
-            &mut sc.sums,
-        );
-        self.add_affine_grads(&sc.sums);
-        sc.global.clear();
-        sc.global.extend(sc.sums.iter().flat_map(|p| [p.sum_dy, p.sum_dy_xhat]));
-        comm.all_reduce_sum_f64(&mut sc.global);
-        for (ch, sum) in sc.sums.iter_mut().enumerate() {
-            *sum = ChannelSums {
-                sum_dy: sc.global[2 * ch],
-                sum_dy_xhat: sc.global[2 * ch + 1],
-            };
-        }
-        k::batch_norm_backward_dx(
-            &x.data,
-            &y.data,
-            &dy.data,
-            &mut dx.data,
-            c,
-            s,
-            self.relu,
-            &sc.grads,
-            &sc.sums,
-            m,
-            &mut sc.ws,
-        );
-        self.scratch = sc;
-        Ok(())
     }
 }
 
