@@ -1,0 +1,266 @@
+//! Conv2d's Winograd driver: which method each pass takes (the measured `auto` table), the
+//! scratch per sample group, and the forward and backward passes in the transformed domain
+//! (the transforms themselves are kernels::winograd).
+
+use super::*;
+
+impl GroupScratch {
+    /// out = the 3x3 padding-1 conv of `src` (the planned samples × cin × h × w) with the
+    /// Winograd-domain kernels `u` [t²][cin][cout] (+ bias, then ReLU): V = Bᵀ src B into `wa`,
+    /// M_ξ = V_ξ · U_ξ into `wb` (one gemm per position, rows t² apart), out = Aᵀ M A.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn winograd_conv(
+        &mut self,
+        src: &[f32],
+        cin: usize,
+        u: &[f32],
+        cout: usize,
+        out: &mut [f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        threads: usize,
+    ) {
+        let Some(tile) = self.plan.tile else { return };
+        let (t2, p) = (tile.t() * tile.t(), self.plan.tiles());
+        winograd_input_transform(&self.plan, src, cin, &mut self.wa, &mut self.staging);
+        for xi in 0..t2 {
+            let v_xi = (&self.wa[xi * cin..], t2 * cin, Op::N);
+            let u_xi = (&u[xi * cin * cout..], cout, Op::N);
+            matmul_strided(
+                &mut self.wb[xi * cout..],
+                t2 * cout,
+                p,
+                cout,
+                cin,
+                v_xi,
+                u_xi,
+                false,
+                threads,
+            );
+        }
+        winograd_output_transform(&self.plan, &self.wb, cout, out, bias, relu, &mut self.staging);
+    }
+}
+
+impl Conv2d {
+    /// The method of each pass for geometry `g` and a batch of n samples. Winograd needs a 3x3
+    /// kernel, stride 1 and padding 1 (then dx is again such a conv); `Auto` takes the
+    /// measured table below.
+    pub fn passes(&self, g: &ConvGeometry, n: usize) -> ConvPasses {
+        let eligible = self.kernel == 3 && self.stride == 1 && self.padding == 1;
+        let all = |t: Option<WinogradTile>| ConvPasses {
+            forward: t,
+            input_grad: t,
+            weight_grad: t,
+        };
+        match self.algorithm {
+            _ if !eligible => all(None),
+            ConvAlgorithm::Im2col => all(None),
+            ConvAlgorithm::Winograd(t) => all(Some(t)),
+            ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels),
+        }
+    }
+
+    /// Samples per group and per Winograd batch, with the scratch sized for them.
+    pub(super) fn prepare_winograd(
+        &mut self,
+        n: usize,
+        g: &ConvGeometry,
+        tile: WinogradTile,
+        im2col_dw: bool,
+    ) -> Result<(usize, usize)> {
+        let per_group = n.div_ceil(GROUPS).max(1);
+        let groups = n.div_ceil(per_group);
+        let (m, t) = (tile.m(), tile.t());
+        let tiles = g.height.div_ceil(m) * g.width.div_ceil(m);
+        let widest = g.channels.max(self.out_channels);
+        let batch = (WINOGRAD_BYTES / (4 * t * t * widest * tiles)).clamp(1, per_group);
+        let transformed = t * t * widest * tiles * batch;
+        let staging = (g.height.div_ceil(m) * m + 2) * (g.width.div_ceil(m) * m + 2) * widest.next_multiple_of(16);
+        let (oc, rows, cols) = (self.out_channels, g.col_rows(), g.col_cols());
+        self.groups.resize_with(groups, GroupScratch::default);
+        for s in self.groups.iter_mut() {
+            let what = "the Winograd convolution's scratch";
+            try_resize(&mut s.staging, staging, 0.0, what)?;
+            try_resize(&mut s.wa, transformed, 0.0, what)?;
+            try_resize(&mut s.wb, transformed, 0.0, what)?;
+            try_resize(&mut s.du, t * t * oc * g.channels, 0.0, what)?;
+            try_resize(&mut s.partial, oc * (rows + 1), 0.0, what)?;
+            try_resize(&mut s.out, if self.relu { oc * cols * batch } else { 0 }, 0.0, what)?;
+            try_resize(&mut s.col, if im2col_dw { rows * cols } else { 0 }, 0.0, what)?;
+        }
+        Ok((per_group, batch))
+    }
+
+    // Winograd forward: U = G W Gᵀ once, then per batch of samples V = Bᵀ x B, M_ξ = V_ξ · U_ξ
+    // (t² gemms), y = Aᵀ M A + b (then ReLU).
+    pub(super) fn forward_winograd(
+        &mut self,
+        x: &Tensor,
+        y: &mut Tensor,
+        g: &ConvGeometry,
+        tile: WinogradTile,
+    ) -> Result<()> {
+        let n = x.batch();
+        let (c, oc, t2) = (g.channels, self.out_channels, tile.t() * tile.t());
+        let (per_group, batch) = self.prepare_winograd(n, g, tile, false)?;
+        self.wino_u.resize(t2 * oc * c, 0.0);
+        winograd_filter_transform(tile, &self.weight.value.data, oc, c, false, &mut self.wino_u);
+        y.resize_to(&[n, oc, g.out_h(), g.out_w()])?;
+        let (xs, ys) = (x.sample_len(), oc * g.col_cols());
+        let (u, bias, relu) = (
+            &self.wino_u,
+            self.bias.as_ref().map(|b| b.value.data.as_slice()),
+            self.relu,
+        );
+        let threads = gemm_threads(n);
+        y.data
+            .par_chunks_mut(per_group * ys)
+            .zip(x.data.par_chunks(per_group * xs))
+            .zip(self.groups.par_iter_mut())
+            .for_each(|((yg, xg), s)| {
+                for (yb, xb) in yg.chunks_mut(batch * ys).zip(xg.chunks(batch * xs)) {
+                    s.plan.update(tile, xb.len() / xs, g.height, g.width);
+                    s.winograd_conv(xb, c, u, oc, yb, bias, relu, threads);
+                }
+            });
+        Ok(())
+    }
+
+    // Winograd backward, per batch of samples: grad = dy (· [y > 0] with a fused ReLU);
+    // dU_ξ += (Bᵀ x B)_ξᵀ · (A grad Aᵀ)_ξ, or dWᵀ += im2col(x) · gradᵀ when `passes` says so;
+    // dx = Aᵀ [(Bᵀ grad B)_ξ · U'_ξ] A with U' the flipped kernels.
+    pub(super) fn backward_winograd(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        dx: &mut Tensor,
+        g: &ConvGeometry,
+        passes: ConvPasses,
+    ) -> Result<()> {
+        let n = x.batch();
+        let (c, oc, rows, cols) = (g.channels, self.out_channels, g.col_rows(), g.col_cols());
+        let Some(tile) = passes.input_grad.or(passes.weight_grad) else {
+            return Ok(());
+        };
+        let t2 = tile.t() * tile.t();
+        let dw_tile = passes.weight_grad;
+        let dx_tile = passes.input_grad.filter(|_| self.input_grad);
+        let (per_group, batch) = self.prepare_winograd(n, g, tile, dw_tile.is_none())?;
+        if dx_tile.is_some() {
+            self.wino_u_adjoint.resize(t2 * c * oc, 0.0);
+            winograd_filter_transform(tile, &self.weight.value.data, oc, c, true, &mut self.wino_u_adjoint);
+        }
+        dx.resize_to(&x.shape)?;
+        let (xs, ys) = (x.sample_len(), oc * cols);
+        let (u_adj, has_bias, relu) = (&self.wino_u_adjoint, self.bias.is_some(), self.relu);
+        let threads = gemm_threads(n);
+        self.groups
+            .par_iter_mut()
+            .zip(
+                dy.data
+                    .par_chunks(per_group * ys)
+                    .zip(y.data.par_chunks(per_group * ys)),
+            )
+            .zip(x.data.par_chunks(per_group * xs))
+            .zip(dx.data.par_chunks_mut(per_group * xs))
+            .for_each(|(((s, (dyg, yg)), xg), dxg)| {
+                s.partial.fill(0.0);
+                s.du.fill(0.0);
+                // The ReLU-masked gradient, held apart from the scratch the convs below borrow.
+                let mut masked = std::mem::take(&mut s.out);
+                let batches = dyg.chunks(batch * ys).zip(yg.chunks(batch * ys));
+                for (((dyb, yb), xb), dxb) in batches.zip(xg.chunks(batch * xs)).zip(dxg.chunks_mut(batch * xs)) {
+                    let samples = xb.len() / xs;
+                    let grad: &[f32] = if relu {
+                        for ((m, &gv), &v) in masked.iter_mut().zip(dyb).zip(yb) {
+                            *m = relu_mask(v, gv);
+                        }
+                        &masked[..samples * ys]
+                    } else {
+                        dyb
+                    };
+                    let (dw_t, db) = s.partial.split_at_mut(oc * rows);
+                    if has_bias {
+                        for gs in grad.chunks(ys) {
+                            add_row_sums(gs, cols, db);
+                        }
+                    }
+                    s.plan.update(tile, samples, g.height, g.width);
+                    let p = s.plan.tiles();
+                    if dw_tile.is_some() {
+                        winograd_input_transform(&s.plan, xb, c, &mut s.wa, &mut s.staging);
+                        winograd_gradient_transform(&s.plan, grad, oc, &mut s.wb, &mut s.staging);
+                        for xi in 0..t2 {
+                            let v_t = (&s.wa[xi * c..], t2 * c, Op::T);
+                            let dm = (&s.wb[xi * oc..], t2 * oc, Op::N);
+                            matmul_strided(&mut s.du[xi * c * oc..], oc, c, oc, p, v_t, dm, true, threads);
+                        }
+                    } else {
+                        for (xi, gs) in xb.chunks(xs).zip(grad.chunks(ys)) {
+                            im2col(xi, g, &mut s.col, cols);
+                            matmul(dw_t, rows, oc, cols, &s.col, Op::N, gs, Op::T, true, threads);
+                        }
+                    }
+                    if dx_tile.is_some() {
+                        s.winograd_conv(grad, oc, u_adj, c, dxb, None, false, threads);
+                    }
+                }
+                s.out = masked;
+            });
+        self.add_group_partials(rows, dw_tile.is_none());
+        // An empty batch has no groups and adds nothing.
+        if let (Some(tile), Some((first, rest))) = (dw_tile, self.groups.split_first_mut()) {
+            for s in rest.iter() {
+                first.du.iter_mut().zip(&s.du).for_each(|(a, v)| *a += v);
+            }
+            winograd_filter_gradient(tile, &first.du, oc, c, &mut self.weight.grad.data);
+        }
+        Ok(())
+    }
+
+    /// Adds the groups' [dWᵀ | db] partial sums into the gradients, in group order (dWᵀ only
+    /// when im2col computed the weight gradient).
+    pub(super) fn add_group_partials(&mut self, rows: usize, im2col_dw: bool) {
+        let oc = self.out_channels;
+        let wg = &mut self.weight.grad.data;
+        for s in &self.groups {
+            if im2col_dw {
+                for (r, dw_row) in s.partial[..oc * rows].chunks(oc).enumerate() {
+                    for (o, &v) in dw_row.iter().enumerate() {
+                        wg[o * rows + r] += v;
+                    }
+                }
+            }
+            if let Some(b) = self.bias.as_mut() {
+                b.grad
+                    .data
+                    .iter_mut()
+                    .zip(&s.partial[oc * rows..])
+                    .for_each(|(a, v)| *a += v);
+            }
+        }
+    }
+}
+
+/// The measured choice for a 3x3, stride-1, padding-1 conv of C -> OC channels on h×w maps
+/// for a batch of n samples (`normlab bench --filter conv`, batch 128, 2 threads;
+/// ARCHITECTURE.md has the table). F(4x4,3x3) took the forward pass and dx 1.2-1.8x faster
+/// than im2col on every shape with C, OC >= 32 and was level on 16->16 at 28x28 (0.9-1.2x
+/// across runs); F(2x2,3x3) was never ahead of it; with
+/// one input channel (the stem) the transforms cost more than the 9-row gemm they save. The
+/// weight gradient gained only from 32 channels up (on 16->16 at 28x28 Winograd was 1.4x
+/// slower). Below 16 samples the kernel transforms, redone at every call, cost more than the
+/// samples save (`bench/inference_vs_runtimes.py`, vgg at batch 1: 2.1-2.4 ms with Winograd,
+/// 0.68 ms with im2col, on this session's host). The forward
+/// pass keeps F(4x4) to 128 input channels, the widest the goldens hold within 1e-5.
+pub(super) fn auto_passes(n: usize, c: usize, oc: usize) -> ConvPasses {
+    let wide = n >= 16 && c >= 16 && oc >= 16;
+    let f4 = Some(WinogradTile::F4);
+    ConvPasses {
+        forward: f4.filter(|_| wide && c <= 128),
+        input_grad: f4.filter(|_| wide),
+        weight_grad: f4.filter(|_| wide && c >= 32),
+    }
+}
