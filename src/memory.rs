@@ -114,13 +114,6 @@ pub fn try_resize<T: Clone>(v: &mut Vec<T>, len: usize, value: T, what: &str) ->
     Ok(())
 }
 
-/// A vector of `len` copies of `value`, or an error when it cannot be allocated.
-pub fn try_vec<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    try_resize(&mut v, len, value, what)?;
-    Ok(v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
