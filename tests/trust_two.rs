@@ -18,29 +18,31 @@ fn write_cifar(dir: &Path) {
     std::fs::write(dir.join("test_batch.bin"), record.repeat(4)).unwrap();
 }
 
+/// One epoch of a tiny vgg on `data` into `out`, as arguments.
+fn tiny_train(data: &Path, out: &Path) -> Vec<String> {
+    let args = [
+        "train",
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--model",
+        "vgg:4,M",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+    ];
+    args.map(String::from).to_vec()
+}
+
 #[test]
 fn a_cifar_folder_missing_a_batch_is_an_error_naming_it_and_a_whole_one_is_counted() {
     let t = tmp();
     let data = t.path().join("cifar");
     write_cifar(&data);
     let out = t.path().join("run");
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "--data",
-            s(&data),
-            "--out",
-            s(out),
-            "--model",
-            "vgg:4,M",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let args = |out: &Path| tiny_train(&data, out);
     let run = |out: &Path| fails(&args(out).iter().map(String::as_str).collect::<Vec<_>>());
     let second = data.join("data_batch_2.bin");
     let keep = std::fs::read(&second).unwrap();
@@ -92,23 +94,7 @@ fn an_image_folder_counts_what_it_skips_and_refuses_links_it_cannot_follow() {
     std::fs::write(data.join("train/b/notes.txt"), b"x").unwrap();
     std::fs::write(data.join("train/README"), b"x").unwrap();
     let out = t.path().join("run");
-    let train = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "--data",
-            s(&data),
-            "--out",
-            s(out),
-            "--model",
-            "vgg:4,M",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let train = |out: &Path| tiny_train(&data, out);
     let stdout = ok(&train(&out).iter().map(String::as_str).collect::<Vec<_>>());
     let line = stdout.lines().find(|l| l.starts_with("data: ")).unwrap();
     assert!(

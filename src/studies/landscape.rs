@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::analysis::*;
-use super::{prepare_out, Settings, Study, StudyOptions, StudyResults};
+use super::{Settings, Study, StudyOptions, StudyResults};
 use crate::data::{load_split, resolve_data_dir, Dataset};
 use crate::error::Result;
 use crate::models::{Model, ModelSpec};
@@ -268,9 +268,7 @@ impl Study for Landscape {
         progress: &mut dyn FnMut(usize, usize, &str),
         results: &mut StudyResults,
     ) -> Result<(Settings, Option<crate::files::RunLock>)> {
-        resolve_data_dir(opts.data.as_deref())?;
-        let lock = prepare_out(&opts.out)?;
-        let (runs, settings) = run(opts, progress)?;
+        let (runs, settings, lock) = super::study::own_loop(opts, || run(opts, progress))?;
         results.landscape = runs;
         Ok((settings, Some(lock)))
     }

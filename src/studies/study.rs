@@ -10,6 +10,18 @@ pub type Settings = BTreeMap<String, String>;
 /// The runs of a study (before seeds) and their shared settings.
 pub type Plan = (Vec<Planned>, Settings);
 
+/// `Study::run` for a study with its own training loop (ics, landscape): the data folder and
+/// the output folder checked, the folder locked, then `train`; its runs, settings and the lock.
+pub(crate) fn own_loop<R>(
+    opts: &StudyOptions,
+    train: impl FnOnce() -> Result<(R, Settings)>,
+) -> Result<(R, Settings, crate::files::RunLock)> {
+    resolve_data_dir(opts.data.as_deref())?;
+    let lock = prepare_out(&opts.out)?;
+    let (runs, settings) = train()?;
+    Ok((runs, settings, lock))
+}
+
 pub trait Study: Sync {
     /// The name `normlab study NAME` takes ("batch-size").
     fn name(&self) -> &'static str;
