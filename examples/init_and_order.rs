@@ -26,7 +26,7 @@ fn main() -> normlab::Result<()> {
     };
     let (seed, epochs, samples) = (parse(seed), parse(epochs) as usize, parse(samples) as usize);
     let spec = ModelSpec::new(
-        "seed-cnn",
+        normlab::models::Arch::builtin("seed-cnn"),
         normlab::nn::norm_spec::NormSpec::builtin("bn"),
         [1, 28, 28],
         10,

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::models::{Model, ModelSpec, DEFAULT_VGG};
+use crate::models::{Model, ModelSpec};
 use crate::nn::conv2d::Conv2d;
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::{Layer, Mode};
@@ -181,7 +181,7 @@ pub fn bench_conv(shape: [usize; 4], algorithm: &str, reps: usize) -> Result<Con
 pub const TRAINING_MODELS: [(&str, &str); 4] = [("seed-cnn", "bn"), ("vgg", "bn"), ("vgg", "gn:8"), ("resnet", "bn")];
 
 /// Training images/s of `model` with `norm` on random data through the real training step.
-pub fn bench_training(model: &str, norm: &'static str, batch: usize, steps: usize) -> Result<f64> {
+pub fn bench_training(model: crate::models::Arch, norm: &'static str, batch: usize, steps: usize) -> Result<f64> {
     let spec = ModelSpec::new(model, NormSpec::builtin(norm), [1, 28, 28], 10)?;
     let mut m = Model::build(&spec, 0)?;
     let mut opt = Optimizer::new(OptimizerConfig::default());
@@ -231,17 +231,15 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
     }
     let mut training = Vec::new();
     for (model, norm) in TRAINING_MODELS {
-        let name = match model {
-            "vgg" => format!("vgg:{DEFAULT_VGG}"),
-            _ => model.to_string(),
-        };
+        let arch = crate::models::Arch::builtin(model);
+        let name = arch.to_string();
         let label = format!("{name} {norm}");
         if !(filter.is_empty() || label.contains(filter) || filter == "training") {
             continue;
         }
         progress(&format!("training {label}"));
         let steps = if quick { 3 } else { 40 };
-        let ips = bench_training(&name, norm, 128, steps)?;
+        let ips = bench_training(arch, norm, 128, steps)?;
         training.push(TrainResult {
             model: name,
             norm: norm.into(),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::{load_test_for, Dataset, InputNorm};
 use crate::error::{Error, Result};
-use crate::models::{Model, ModelSpec};
+use crate::models::{Arch, Model, ModelSpec};
 use crate::nn::batch_norm::BatchStats;
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::{BufferMut, Mode};
@@ -67,7 +67,7 @@ fn bn_affine(state: &HashMap<String, Tensor>, prefix: &str, eps: f64, lp: bool) 
 /// The folded model: same architecture, no norm layers, conv/linear weights and biases
 /// absorbing each BatchNorm's eval-mode affine.
 pub fn fold(model: &mut Model) -> Result<Model> {
-    if model.spec.model.starts_with("lstm") && model.spec.norm != NormSpec::None {
+    if matches!(model.spec.model, Arch::Lstm(..)) && model.spec.norm != NormSpec::None {
         return Err(Error::invalid(format!(
             "{} normalizes inside its recurrence, where no layer's weights can absorb the norm: nothing to fold",
             model.spec.model
@@ -197,7 +197,7 @@ pub struct FoldRequest {
 pub struct FoldReport {
     pub checkpoint: std::path::PathBuf,
     pub folded_checkpoint: std::path::PathBuf,
-    pub model: String,
+    pub model: crate::models::Arch,
     /// The folded model's layers.
     pub layers: String,
     pub norm_before: String,

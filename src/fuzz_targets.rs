@@ -23,8 +23,12 @@ pub fn specs(data: &[u8]) {
         return;
     };
     let (model, norm) = text.split_once('|').unwrap_or((text, "bn"));
-    if let Ok(n) = norm.parse::<crate::nn::norm_spec::NormSpec>() {
-        if let Ok(spec) = crate::models::ModelSpec::new(model, n, [1, 28, 28], 10) {
+    if let (Ok(n), Ok(arch)) = (
+        norm.parse::<crate::nn::norm_spec::NormSpec>(),
+        model.parse::<crate::models::Arch>(),
+    ) {
+        let _ = arch.to_string().parse::<crate::models::Arch>();
+        if let Ok(spec) = crate::models::ModelSpec::new(arch, n, [1, 28, 28], 10) {
             let _ = spec.flops();
         }
         let _ = n.to_string().parse::<crate::nn::norm_spec::NormSpec>();

@@ -59,7 +59,7 @@ pub fn check(model: &mut Model, len: usize, batches: usize, batch_size: usize) -
     }
     let norms = model.net.set_stats_mode(StatsMode::Normal);
     if norms == 0 {
-        let why = if model.spec.model.starts_with("lstm") {
+        let why = if matches!(model.spec.model, crate::models::Arch::Lstm(..)) {
             "the LSTM's recurrent BN keeps per-time-step statistics, which recalibrate does not cover"
         } else {
             "it keeps no running statistics"
@@ -97,7 +97,7 @@ pub struct RecalibrateRequest {
 pub struct RecalibrateReport {
     pub checkpoint: PathBuf,
     pub recalibrated_checkpoint: PathBuf,
-    pub model: String,
+    pub model: crate::models::Arch,
     pub norm: String,
     pub norms_updated: usize,
     pub batches: usize,

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::fold::state_map;
-use crate::models::{Model, ModelSpec};
+use crate::models::{Arch, Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::BufferMut;
 use crate::tensor::Tensor;
@@ -41,8 +41,7 @@ pub struct PrunePlan {
 /// next conv or the classifier; for resnet the inner conv1 → bn1 of each block, read by its
 /// conv2, so every residual addition keeps its width.
 fn prunable(model: &Model) -> Result<Vec<(String, String, String)>> {
-    let name = model.spec.model.split(':').next().unwrap_or("");
-    if !matches!(name, "seed-cnn" | "vgg" | "resnet") {
+    if !matches!(model.spec.model, Arch::SeedCnn(_) | Arch::Vgg(_) | Arch::ResNet(_)) {
         return Err(Error::invalid(format!(
             "pruning supports seed-cnn, vgg and resnet, not {}",
             model.spec.model
@@ -59,7 +58,7 @@ fn prunable(model: &Model) -> Result<Vec<(String, String, String)>> {
             "BatchNorm without affine parameters has no γ to prune by",
         ));
     }
-    if name == "resnet" {
+    if matches!(model.spec.model, Arch::ResNet(_)) {
         return Ok(model
             .net
             .layers
@@ -179,25 +178,15 @@ fn take_inputs(t: &Tensor, keep: &[usize], channels: usize) -> Tensor {
 
 /// The pruned model's spec: the same architecture with the new widths.
 fn pruned_spec(spec: &ModelSpec, plan: &PrunePlan) -> ModelSpec {
-    let widths: Vec<String> = plan.layers.iter().map(|l| l.after.to_string()).collect();
-    let (name, cfg) = spec.model.split_once(':').unwrap_or((spec.model.as_str(), ""));
-    let model = match name {
-        "seed-cnn" => format!("seed-cnn:{}", widths[0]),
-        "resnet" => format!("resnet:{}", widths.join(",")),
-        _ => {
-            let mut it = widths.iter();
-            let items: Vec<String> = cfg
-                .split(',')
-                .map(|t| {
-                    if t.trim().eq_ignore_ascii_case("M") {
-                        "M".into()
-                    } else {
-                        it.next().cloned().unwrap_or_default()
-                    }
-                })
-                .collect();
-            format!("vgg:{}", items.join(","))
+    let widths: Vec<usize> = plan.layers.iter().map(|l| l.after).collect();
+    let model = match &spec.model {
+        Arch::SeedCnn(_) => Arch::SeedCnn(widths[0]),
+        Arch::ResNet(_) => Arch::ResNet(widths),
+        Arch::Vgg(items) => {
+            let mut it = widths.into_iter();
+            Arch::Vgg(items.iter().map(|i| i.and_then(|_| it.next())).collect())
         }
+        other => other.clone(),
     };
     ModelSpec { model, ..spec.clone() }
 }
@@ -279,8 +268,8 @@ pub struct PruneRequest {
 pub struct PruneReport {
     pub checkpoint: std::path::PathBuf,
     pub pruned_checkpoint: std::path::PathBuf,
-    pub model_before: String,
-    pub model_after: String,
+    pub model_before: crate::models::Arch,
+    pub model_after: crate::models::Arch,
     pub plan: PrunePlan,
     pub parameters_before: usize,
     pub parameters_after: usize,

@@ -45,7 +45,13 @@ fn training_steps_after_the_first_allocate_nothing() {
             ("vgg:8,M", "ghost:4"),
             ("mlp", "bn"),
         ] {
-            let spec = ModelSpec::new(model, normlab::nn::norm_spec::NormSpec::builtin(norm), [1, 28, 28], 10).unwrap();
+            let spec = ModelSpec::new(
+                normlab::models::Arch::builtin(model),
+                normlab::nn::norm_spec::NormSpec::builtin(norm),
+                [1, 28, 28],
+                10,
+            )
+            .unwrap();
             let mut m = Model::build(&spec, 0).unwrap();
             let mut opt = Optimizer::new(OptimizerConfig::default());
             let x = Tensor {

@@ -11,7 +11,7 @@ use normlab::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 fn run(kind: OptimizerKind, lr: f64, weight_decay: f64, nesterov: bool, prefix: &str) {
     let g = Golden::open("seed_cnn_steps.safetensors");
     let spec = ModelSpec::new(
-        "seed-cnn",
+        normlab::models::Arch::builtin("seed-cnn"),
         normlab::nn::norm_spec::NormSpec::builtin("bn"),
         [1, 28, 28],
         10,

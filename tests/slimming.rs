@@ -16,7 +16,13 @@ use normlab::Tensor;
 
 #[test]
 fn sparsity_adds_lambda_sign_gamma_to_bn_scales_only() {
-    let spec = ModelSpec::new("vgg:4,M", normlab::nn::norm_spec::NormSpec::builtin("bn"), [1, 8, 8], 3).unwrap();
+    let spec = ModelSpec::new(
+        normlab::models::Arch::builtin("vgg:4,M"),
+        normlab::nn::norm_spec::NormSpec::builtin("bn"),
+        [1, 8, 8],
+        3,
+    )
+    .unwrap();
     let mut m = Model::build(&spec, 1).unwrap();
     m.net.set_norm_scales(0.5);
     for (name, p) in m.net.named_params() {
@@ -42,8 +48,14 @@ fn model_with_dead_channels(dead: &[usize]) -> Model {
 }
 
 /// `model` with γ = β = 0 for channels `dead` of the norms whose name passes `which`.
-fn model_with_dead(model: &str, dead: &[usize], which: impl Fn(&str) -> bool) -> Model {
-    let spec = ModelSpec::new(model, normlab::nn::norm_spec::NormSpec::builtin("bn"), [1, 12, 12], 5).unwrap();
+fn model_with_dead(model: &'static str, dead: &[usize], which: impl Fn(&str) -> bool) -> Model {
+    let spec = ModelSpec::new(
+        normlab::models::Arch::builtin(model),
+        normlab::nn::norm_spec::NormSpec::builtin("bn"),
+        [1, 12, 12],
+        5,
+    )
+    .unwrap();
     let mut m = Model::build(&spec, 7).unwrap();
     // Give the running statistics something non-trivial, as after training.
     for (name, b) in m.net.named_buffers() {
@@ -88,7 +100,7 @@ fn resnet_pruning_cuts_only_inside_blocks_and_keeps_the_logits() {
         .iter()
         .all(|l| l.conv.ends_with("conv1") && l.consumer.ends_with("conv2")));
     let mut pruned = slimming::apply(&mut m, &plan).unwrap();
-    assert_eq!(pruned.spec.model, "resnet:14,14,30,30,62,62");
+    assert_eq!(pruned.spec.model.to_string(), "resnet:14,14,30,30,62,62");
     let x = random_input(&mut m, 3);
     let (a, b) = (logits(&mut m, &x), logits(&mut pruned, &x));
     for (p, q) in a.iter().zip(&b) {
@@ -121,7 +133,7 @@ fn pruning_dead_channels_leaves_the_logits_unchanged() {
         [(6, 4), (8, 6)]
     );
     let mut pruned = slimming::apply(&mut m, &plan).unwrap();
-    assert_eq!(pruned.spec.model, "vgg:4,M,6,M");
+    assert_eq!(pruned.spec.model.to_string(), "vgg:4,M,6,M");
     let x = random_input(&mut m, 3);
     let (a, b) = (logits(&mut m, &x), logits(&mut pruned, &x));
     for (p, q) in a.iter().zip(&b) {
@@ -156,7 +168,7 @@ fn folding_matches_the_unfolded_model() {
     write_dataset(&t.path().join("d"), 20, 20, false);
     let data = normlab::data::load_split(&t.path().join("d"), false).unwrap();
     let spec = ModelSpec::new(
-        "seed-cnn",
+        normlab::models::Arch::builtin("seed-cnn"),
         normlab::nn::norm_spec::NormSpec::builtin("bn"),
         [1, 28, 28],
         10,
@@ -312,7 +324,7 @@ fn prune_and_fold_commands_work_and_reject_bad_input() {
     let (mut pruned, meta) = load_model(&out.join("model.safetensors")).unwrap();
     let lying = CheckpointMeta {
         spec: ModelSpec {
-            model: "vgg:8,M,8,M".into(),
+            model: normlab::models::Arch::builtin("vgg:8,M,8,M"),
             ..meta.spec.clone()
         },
         ..meta

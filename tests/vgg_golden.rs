@@ -16,7 +16,7 @@ fn run(algorithm: &str) {
     let g = Golden::open("vgg_steps.safetensors");
     let meta = g.metadata();
     let spec = ModelSpec::new(
-        &meta["model"],
+        meta["model"].parse::<normlab::models::Arch>().unwrap(),
         normlab::nn::norm_spec::NormSpec::builtin("bn"),
         [1, 28, 28],
         10,

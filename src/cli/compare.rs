@@ -93,7 +93,10 @@ pub fn run(a: CompareArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     let grid = normlab::studies::CompareGrid {
-        models: split_list(&a.models),
+        models: split_list(&a.models)
+            .iter()
+            .map(|m| super::model_arch(m).map_err(|e| Error::invalid(format!("--models: '{m}': {e}"))))
+            .collect::<Result<_>>()?,
         norms: split_list(&a.norms)
             .iter()
             .map(|n| norm_spec(n).map_err(|e| Error::invalid(format!("--norms: '{n}': {e}"))))

@@ -50,8 +50,8 @@ pub struct EvalArgs {
     /// The architecture of a checkpoint without normlab's metadata (a plain PyTorch state
     /// dict saved as safetensors, with normlab's tensor names): seed-cnn[:W], mlp, vgg[:CFG],
     /// resnet[:W1,...,W6]. Input shape and classes come from the data.
-    #[arg(long)]
-    pub model: Option<String>,
+    #[arg(long, value_name = "MODEL", value_parser = super::model_arch)]
+    pub model: Option<normlab::models::Arch>,
     /// The norm of such a checkpoint [default: bn]; `normlab norms` lists the specs.
     #[arg(long, value_name = "SPEC", requires = "model", value_parser = super::norm_spec)]
     pub norm: Option<normlab::nn::norm_spec::NormSpec>,
@@ -82,7 +82,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         model = normlab::fold::fold(&mut model)?;
     }
     if a.bn_stats == "batch" && model.net.set_stats_mode(StatsMode::Batch) == 0 {
-        if meta.spec.model.starts_with("lstm") {
+        if matches!(meta.spec.model, normlab::models::Arch::Lstm(..)) {
             return Err(Error::invalid(format!(
                 "--bn-stats batch: {}'s recurrent BN keeps per-time-step statistics, which --bn-stats does not cover",
                 meta.spec.model
@@ -149,10 +149,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
 /// A checkpoint whose architecture comes from the flags (a plain PyTorch state dict): the input
 /// shape from the test images, ten classes, the input normalization from the flags or the
 /// training images.
-fn foreign(a: &EvalArgs, model: &str, dir: &std::path::Path) -> Result<(normlab::models::Model, CheckpointMeta)> {
+fn foreign(
+    a: &EvalArgs,
+    model: &normlab::models::Arch,
+    dir: &std::path::Path,
+) -> Result<(normlab::models::Model, CheckpointMeta)> {
     let norm = a.norm.unwrap_or(normlab::nn::norm_spec::NormSpec::builtin("bn"));
     let test = normlab::data::load_split(dir, false)?;
-    let spec = ModelSpec::new(model, norm, test.shape, test.classes)?;
+    let spec = ModelSpec::new(model.clone(), norm, test.shape, test.classes)?;
     let input_norm = match (a.input_mean, a.input_std) {
         (Some(mean), Some(std)) => InputNorm::uniform(test.shape[0], mean, std as f32),
         _ => normlab::data::load_split(dir, true)?.pixel_stats(),

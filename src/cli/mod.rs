@@ -105,6 +105,10 @@ pub fn norm_spec(s: &str) -> std::result::Result<normlab::nn::norm_spec::NormSpe
     s.parse().map_err(|e: Error| e.to_string())
 }
 
+pub fn model_arch(s: &str) -> std::result::Result<normlab::models::Arch, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
 pub fn finite_f32(s: &str) -> std::result::Result<f32, String> {
     match s.parse::<f32>() {
         Ok(v) if v.is_finite() => Ok(v),

@@ -23,8 +23,8 @@ pub const MODEL_HELP: &str = "seed-cnn[:W] (the articles' net: conv 3x3 with W f
 )]
 pub struct TrainArgs {
     /// The network [default: seed-cnn]: seed-cnn[:W], mlp, vgg[:CFG] or resnet[:W1,...,W6].
-    #[arg(long, long_help = format!("{MODEL_HELP} [default: seed-cnn]"))]
-    pub model: Option<String>,
+    #[arg(long, value_name = "MODEL", value_parser = model_arch, long_help = format!("{MODEL_HELP} [default: seed-cnn]"))]
+    pub model: Option<normlab::models::Arch>,
     /// Normalization after each conv/linear layer [default: bn]; `normlab norms` lists every
     /// spec (bn[:opts], gn:G, ln, layernorm, in, brn, ghost:V, bn-l1, bn-linf, bn-noisy, none).
     #[arg(long, value_name = "SPEC", value_parser = norm_spec)]
@@ -282,7 +282,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let config = a.config(threads)?;
             let name = format!(
                 "{}-{}",
-                config.model.replace([':', ','], "_"),
+                config.model.short().replace([':', ','], "_"),
                 config.norm.short().replace([':', ',', '='], "_")
             );
             let out = a

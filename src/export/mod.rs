@@ -87,7 +87,7 @@ pub fn export(model: &Model, meta: &CheckpointMeta, folded: bool) -> Result<Expo
         model.spec.classes
     );
     let props = [
-        ("normlab.model", model.spec.model.clone()),
+        ("normlab.model", model.spec.model.to_string()),
         ("normlab.norm", model.spec.norm.to_string()),
         ("normlab.epoch", meta.epoch.to_string()),
         ("normlab.folded", folded.to_string()),

@@ -47,7 +47,7 @@ impl Study for BatchSize {
                     }
                     let lr = 0.02 * b as f64 / 32.0;
                     let mut config = base_config(opts, epochs, train, test);
-                    config.model = model.to_string();
+                    config.model = Arch::builtin(model);
                     config.norm = NormSpec::builtin(norm);
                     config.batch_size = b;
                     config.optimizer = sgd(lr);

@@ -24,7 +24,7 @@ impl Study for Compare {
 /// The grid `normlab compare` runs: every combination of the lists, each seed.
 #[derive(Clone, Debug)]
 pub struct CompareGrid {
-    pub models: Vec<String>,
+    pub models: Vec<Arch>,
     pub norms: Vec<NormSpec>,
     pub batch_sizes: Vec<usize>,
     pub lrs: Vec<f64>,
@@ -44,7 +44,7 @@ pub fn plan_compare(grid: &CompareGrid) -> Vec<Planned> {
                     config.batch_size = b;
                     config.optimizer.lr = lr;
                     let l = labels(&[
-                        ("model", model.clone()),
+                        ("model", model.short()),
                         ("norm", norm.short()),
                         ("batch_size", b.to_string()),
                         ("lr", lr.to_string()),

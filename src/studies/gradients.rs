@@ -50,7 +50,7 @@ pub fn probe(
     data: &Dataset,
     norm: InputNorm,
 ) -> Result<Vec<GradientNorms>> {
-    let spec = ModelSpec::new(&config.model, config.norm, data.shape, data.classes)?;
+    let spec = ModelSpec::new(config.model.clone(), config.norm, data.shape, data.classes)?;
     let mut model = Model::build(&spec, seed)?;
     if let Some(k) = config.init_scale {
         model.net.visit_params(&mut |p| {

@@ -18,7 +18,7 @@ pub(crate) fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
 /// Common settings of the studies: a small conv net on a subset of Fashion-MNIST.
 pub(crate) fn base_config(opts: &StudyOptions, epochs: usize, train_limit: usize, test_limit: usize) -> TrainConfig {
     TrainConfig {
-        model: "vgg:16,M,32,M".into(),
+        model: Arch::builtin("vgg:16,M,32,M"),
         epochs,
         train_limit: Some(train_limit),
         test_limit: Some(test_limit),
@@ -49,7 +49,7 @@ pub fn check(planned: &[Planned], out: &Path, data: Option<&Path>) -> Result<cra
     for p in planned {
         let c = &p.config;
         c.validate()?;
-        let spec = ModelSpec::new(&c.model, c.norm, [1, 28, 28], 10)?;
+        let spec = ModelSpec::new(c.model.clone(), c.norm, [1, 28, 28], 10)?;
         Model::build(&spec, 0)?;
         let n = c.train_limit.map_or(train_len, |l| l.min(train_len));
         c.norm.check_batches(c.batch_size, n % c.batch_size)?;

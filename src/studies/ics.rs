@@ -14,7 +14,7 @@ use super::analysis::*;
 use super::{Settings, Study, StudyOptions, StudyResults};
 use crate::data::{load_split, resolve_data_dir, Dataset};
 use crate::error::{Error, Result};
-use crate::models::{Model, ModelSpec};
+use crate::models::{Arch, Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind};
@@ -56,7 +56,7 @@ pub fn ics_run(
     steps: usize,
     every: usize,
 ) -> Result<IcsRun> {
-    let spec = ModelSpec::new("mlp", NormSpec::builtin(norm), train.shape, train.classes)?;
+    let spec = ModelSpec::new(Arch::Mlp, NormSpec::builtin(norm), train.shape, train.classes)?;
     let mut model = Model::build(&spec, seed)?;
     let mut opt = Optimizer::new(OptimizerConfig {
         kind: OptimizerKind::Sgd,

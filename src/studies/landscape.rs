@@ -16,7 +16,7 @@ use super::analysis::*;
 use super::{Settings, Study, StudyOptions, StudyResults};
 use crate::data::{load_split, resolve_data_dir, Dataset};
 use crate::error::Result;
-use crate::models::{Model, ModelSpec};
+use crate::models::{Arch, Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::BufferMut;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind};
@@ -145,9 +145,14 @@ fn landscape_run(
     every: usize,
     lr: f64,
     etas: &[f64],
-    model_name: &str,
+    model_name: &'static str,
 ) -> Result<LandscapeRun> {
-    let spec = ModelSpec::new(model_name, NormSpec::builtin(norm_spec), train.shape, train.classes)?;
+    let spec = ModelSpec::new(
+        Arch::builtin(model_name),
+        NormSpec::builtin(norm_spec),
+        train.shape,
+        train.classes,
+    )?;
     let mut model = Model::build(&spec, seed)?;
     let mut opt = Optimizer::new(OptimizerConfig {
         kind: OptimizerKind::Sgd,

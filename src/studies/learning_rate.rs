@@ -30,7 +30,7 @@ impl Study for LearningRate {
             for &scale in scales {
                 for &lr in lrs {
                     let mut config = base_config(opts, epochs, train, test);
-                    config.model = LR_MODEL.into();
+                    config.model = Arch::builtin(LR_MODEL);
                     config.norm = NormSpec::builtin(norm);
                     config.optimizer = sgd(lr);
                     config.init_scale = Some(scale);

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::resolve_data_dir;
 use crate::error::{Error, Result};
-use crate::models::{Model, ModelSpec};
+use crate::models::{Arch, Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::optim::{OptimizerConfig, OptimizerKind, Schedule};
 use crate::train::{self, EpochMetrics, Quiet, Start, TrainConfig};

@@ -27,7 +27,7 @@ impl Study for Rnn {
         let (epochs, train, test) = if opts.quick { (2, 512, 300) } else { (10, 12000, 5000) };
         let mut push = |norm: &'static str, b: usize| {
             let mut config = base_config(opts, epochs, train, test);
-            config.model = RNN_MODEL.into();
+            config.model = Arch::builtin(RNN_MODEL);
             config.norm = NormSpec::builtin(norm);
             config.batch_size = b;
             config.optimizer.lr = 1e-3 * (b as f64 / 32.0).sqrt();

@@ -36,7 +36,7 @@ impl Study for SyncBn {
             let arms = [("bn", k), ("syncbn", k), ("layernorm", k), ("bn", 1)];
             for (norm, processes) in arms {
                 let mut config = base_config(opts, epochs, train, test);
-                config.model = SYNC_BN_MODEL.into();
+                config.model = Arch::builtin(SYNC_BN_MODEL);
                 config.norm = NormSpec::builtin(norm);
                 config.batch_size = b * k;
                 let arm = if processes == 1 {

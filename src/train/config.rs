@@ -6,7 +6,8 @@ use super::*;
 /// Everything that defines a run; stored in metrics.json and reused by `--resume`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    pub model: String,
+    #[serde(serialize_with = "Arch::serialize_short")]
+    pub model: Arch,
     #[serde(serialize_with = "NormSpec::serialize_short")]
     pub norm: NormSpec,
     pub epochs: usize,
@@ -75,7 +76,7 @@ impl std::str::FromStr for FreezeBn {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            model: "seed-cnn".into(),
+            model: Arch::SeedCnn(crate::models::DEFAULT_SEED_WIDTH),
             norm: NormSpec::Batch(Default::default()),
             epochs: 10,
             batch_size: 128,

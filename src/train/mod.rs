@@ -25,7 +25,7 @@ use crate::dist::{self, Communicator};
 use crate::error::{Error, Result};
 use crate::files::RunLock;
 use crate::kernels::loss::{argmax, softmax_cross_entropy};
-use crate::models::{Model, ModelSpec};
+use crate::models::{Arch, Model, ModelSpec};
 use crate::nn::norm_spec::NormSpec;
 use crate::nn::Mode;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};

@@ -106,7 +106,7 @@ pub(super) fn prepare(
     }
     let spec = ModelSpec {
         dropout: config.dropout,
-        ..ModelSpec::new(&config.model, config.norm, train_set.shape, train_set.classes)?
+        ..ModelSpec::new(config.model.clone(), config.norm, train_set.shape, train_set.classes)?
     };
     let mut model = Model::build(&spec, config.seed)?;
     let norm = spec.norm;
@@ -119,7 +119,7 @@ pub(super) fn prepare(
         (config.batch_size / processes, smallest)
     };
     norm.check_batches(batch, last)?;
-    let per_sample_bn = (spec.model == "mlp" || spec.model.starts_with("lstm"))
+    let per_sample_bn = matches!(spec.model, Arch::Mlp | Arch::Lstm(..))
         && matches!(norm, NormSpec::Batch(_) | NormSpec::SharedBatch(_));
     if per_sample_bn && (batch == 1 || last == 1) {
         let per_process = if processes > 1 && !synced {
@@ -133,7 +133,7 @@ pub(super) fn prepare(
             train_set.len(),
             config.batch_size,
             if batch == 1 { "every" } else { "a last" },
-            if spec.model == "mlp" {
+            if spec.model == Arch::Mlp {
                 "BatchNorm1d"
             } else {
                 "the BN-LSTM"
@@ -161,7 +161,7 @@ pub(super) fn prepare(
             affine: f == FreezeBn::All,
         });
         if frozen == 0 {
-            let why = if spec.model.starts_with("lstm") {
+            let why = if matches!(spec.model, Arch::Lstm(..)) {
                 "the LSTM's recurrent BN keeps per-time-step statistics, which --freeze-bn does not cover"
             } else {
                 "it has no BatchNorm with running statistics"

@@ -17,25 +17,22 @@ use crate::nn::residual::BasicBlock;
 use crate::nn::{Mode, Sequential};
 use crate::tensor::Tensor;
 
+mod arch;
+pub use arch::*;
+
 /// What a model spec may ask for. Specs come from the command line and from checkpoint
 /// metadata, which is untrusted: beyond these limits a spec is an error, never an allocation.
-pub const MAX_WIDTH: usize = 4096;
-/// Items of a vgg cfg (convs and pools).
-pub const MAX_VGG_ITEMS: usize = 64;
 pub const MAX_INPUT_CHANNELS: usize = 64;
 pub use crate::data::{MAX_CLASSES, MAX_INPUT_SIDE};
 /// Conv and linear weights of one model (1 GiB of f32).
 pub const MAX_WEIGHTS: usize = 1 << 28;
 
-/// The default VGG configuration: numbers are 3x3 conv widths, `M` a 2x2 max-pool.
-pub const DEFAULT_VGG: &str = "32,32,M,64,64,M,128,128,M";
-
 /// Everything needed to rebuild a model's structure; stored in checkpoint metadata.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
-    /// `seed-cnn` (or `seed-cnn:W` for W conv filters, as pruning leaves it), `mlp`, `vgg:<cfg>`
-    /// or `resnet:<inner widths of its six blocks>`.
-    pub model: String,
+    /// The architecture (stored as its canonical text: `seed-cnn:W` for W conv filters, as
+    /// pruning leaves it, `vgg:<cfg>`, `resnet:<inner widths of its six blocks>`, ...).
+    pub model: Arch,
     /// The norm after each conv/linear layer (stored as its canonical text).
     pub norm: NormSpec,
     /// Input [C, H, W].
@@ -45,108 +42,6 @@ pub struct ModelSpec {
     /// state dicts are unaffected.
     #[serde(default)]
     pub dropout: f32,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-enum Arch {
-    /// The conv width (32 in the articles).
-    SeedCnn(usize),
-    Mlp,
-    Vgg(Vec<Option<usize>>),
-    /// The inner (conv1) width of each of the six basic blocks.
-    ResNet(Vec<usize>),
-    /// Hidden size and layers of an LSTM reading the image row by row.
-    Lstm(usize, usize),
-}
-
-/// The default ResNet: a 16-channel stem, then three stages of two basic blocks with 16, 32
-/// and 64 channels (strides 1, 2, 2), global average pooling and a linear classifier.
-pub const DEFAULT_RESNET: &str = "16,16,32,32,64,64";
-/// The default LSTM hidden size.
-pub const DEFAULT_LSTM_HIDDEN: usize = 128;
-const RESNET_STAGES: [(usize, usize); 3] = [(16, 1), (32, 2), (64, 2)];
-
-fn parse_arch(model: &str) -> Result<Arch> {
-    let (name, cfg) = model.split_once(':').unwrap_or((model, ""));
-    match (name, cfg) {
-        ("seed-cnn", "") => Ok(Arch::SeedCnn(32)),
-        ("seed-cnn", w) => match w.parse::<usize>() {
-            Ok(w) if (1..=MAX_WIDTH).contains(&w) => Ok(Arch::SeedCnn(w)),
-            _ => Err(Error::invalid(format!(
-                "seed-cnn width '{w}' is not a whole number in 1..={MAX_WIDTH}"
-            ))),
-        },
-        ("mlp", "") => Ok(Arch::Mlp),
-        ("vgg", cfg) => {
-            let cfg = if cfg.is_empty() { DEFAULT_VGG } else { cfg };
-            let items = cfg
-                .split(',')
-                .map(|t| match t.trim() {
-                    "M" | "m" => Ok(None),
-                    w => match w.parse::<usize>() {
-                        Ok(c) if (1..=MAX_WIDTH).contains(&c) => Ok(Some(c)),
-                        _ => Err(Error::invalid(format!(
-                            "vgg cfg item '{w}' is neither a width in 1..={MAX_WIDTH} nor M"
-                        ))),
-                    },
-                })
-                .collect::<Result<Vec<_>>>()?;
-            if items.len() > MAX_VGG_ITEMS {
-                return Err(Error::invalid(format!(
-                    "vgg cfg has {} items, more than {MAX_VGG_ITEMS}",
-                    items.len()
-                )));
-            }
-            if !items.iter().any(|i| i.is_some()) {
-                return Err(Error::invalid(format!("vgg cfg '{cfg}' has no conv layer")));
-            }
-            Ok(Arch::Vgg(items))
-        }
-        ("resnet", cfg) => {
-            let cfg = if cfg.is_empty() { DEFAULT_RESNET } else { cfg };
-            let mids = cfg
-                .split(',')
-                .map(|t| match t.trim().parse::<usize>() {
-                    Ok(w) if (1..=MAX_WIDTH).contains(&w) => Ok(w),
-                    _ => Err(Error::invalid(format!(
-                        "resnet width '{t}' is not a whole number in 1..={MAX_WIDTH}"
-                    ))),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            if mids.len() != 6 {
-                return Err(Error::invalid(format!(
-                    "resnet takes six block widths, got {} in '{cfg}'",
-                    mids.len()
-                )));
-            }
-            Ok(Arch::ResNet(mids))
-        }
-        ("lstm", cfg) => {
-            let parts: Vec<&str> = if cfg.is_empty() {
-                vec![]
-            } else {
-                cfg.split(',').collect()
-            };
-            let num = |t: &str, what: &str, max: usize| match t.trim().parse::<usize>() {
-                Ok(v) if (1..=max).contains(&v) => Ok(v),
-                _ => Err(Error::invalid(format!(
-                    "lstm {what} '{t}' is not a whole number in 1..={max}"
-                ))),
-            };
-            match parts.as_slice() {
-                [] => Ok(Arch::Lstm(DEFAULT_LSTM_HIDDEN, 1)),
-                [h] => Ok(Arch::Lstm(num(h, "hidden size", MAX_WIDTH)?, 1)),
-                [h, l] => Ok(Arch::Lstm(
-                    num(h, "hidden size", MAX_WIDTH)?,
-                    num(l, "layer count", crate::nn::lstm::MAX_LAYERS)?,
-                )),
-                _ => Err(Error::invalid(format!("lstm takes lstm[:H[,layers]], got '{model}'"))),
-            }
-        }
-        _ => Err(Error::invalid(format!(
-            "unknown model '{model}' (known: seed-cnn[:width], mlp, vgg[:cfg], resnet[:widths], lstm[:H[,layers]])"
-        ))),
-    }
 }
 
 pub struct Model {
@@ -159,7 +54,7 @@ impl ModelSpec {
     /// multiply-add; norms, activations and pooling are not counted).
     pub fn flops(&self) -> Result<usize> {
         let [c, h, w] = self.input;
-        let macs = match parse_arch(&self.model)? {
+        let macs = match self.model.clone() {
             Arch::SeedCnn(width) => c * width * 9 * h * w + width * (h / 2) * (w / 2) * self.classes,
             Arch::Mlp => c * h * w * 100 + 2 * 100 * 100 + 100 * self.classes,
             Arch::Vgg(items) => {
@@ -224,7 +119,7 @@ impl ModelSpec {
             return Err(Error::invalid(format!("dropout {} is outside [0, 1)", self.dropout)));
         }
         let (c, h, w, k) = (c as u128, h as u128, w as u128, self.classes as u128);
-        let weights: u128 = match parse_arch(&self.model)? {
+        let weights: u128 = match self.model.clone() {
             Arch::SeedCnn(width) => {
                 if h < 2 || w < 2 {
                     return Err(Error::invalid(format!(
@@ -293,15 +188,8 @@ impl ModelSpec {
         Ok(weights as usize)
     }
 
-    /// Canonicalizes and validates; errors name the bad part.
-    pub fn new(model: &str, norm: NormSpec, input: [usize; 3], classes: usize) -> Result<Self> {
-        let arch = parse_arch(model)?;
-        let model = match arch {
-            Arch::Vgg(_) if !model.contains(':') => format!("vgg:{DEFAULT_VGG}"),
-            Arch::ResNet(_) if !model.contains(':') => format!("resnet:{DEFAULT_RESNET}"),
-            Arch::Lstm(hid, layers) => format!("lstm:{hid},{layers}"),
-            _ => model.to_string(),
-        };
+    /// Validates the architecture against the input and class count; errors name the bad part.
+    pub fn new(model: Arch, norm: NormSpec, input: [usize; 3], classes: usize) -> Result<Self> {
         let spec = ModelSpec {
             model,
             norm,
@@ -346,7 +234,7 @@ impl Model {
     /// Builds the model with PyTorch-style random initialization from `seed`.
     pub fn build(spec: &ModelSpec, seed: u64) -> Result<Model> {
         spec.parameter_count()?;
-        let arch = parse_arch(&spec.model)?;
+        let arch = spec.model.clone();
         let norm = spec.norm;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let [c, h, w] = spec.input;
@@ -495,7 +383,7 @@ impl Model {
         let x = self.net.input_mut();
         if x.shape.len() != 4 || x.shape[1..] != [c, h, w] {
             return Err(Error::shape(
-                &self.spec.model,
+                self.spec.model.to_string(),
                 format!("expected input [N, {c}, {h}, {w}], got {:?}", x.shape),
             ));
         }
@@ -541,14 +429,26 @@ mod tests {
     #[test]
     fn optional_abilities_reach_every_conv_and_syncbn_inside_blocks_too() {
         use crate::nn::conv_algorithm::ConvAlgorithm;
-        let spec = ModelSpec::new("resnet:4,4,8,8,8,8", NormSpec::builtin("syncbn"), [1, 28, 28], 10).unwrap();
+        let spec = ModelSpec::new(
+            crate::models::Arch::builtin("resnet:4,4,8,8,8,8"),
+            NormSpec::builtin("syncbn"),
+            [1, 28, 28],
+            10,
+        )
+        .unwrap();
         let mut m = Model::build(&spec, 0).unwrap();
         // The stem, two convs per block and the three strided blocks' shortcuts.
         let convs = m.net.set_conv_algorithm(ConvAlgorithm::Im2col);
         let comm = crate::dist::single_process();
         let syncs = m.net.set_communicator(&comm);
         assert_eq!((convs, syncs), (1 + 6 * 2 + 2, 1 + 6 * 2 + 2));
-        let plain = ModelSpec::new("resnet:4,4,8,8,8,8", NormSpec::builtin("bn"), [1, 28, 28], 10).unwrap();
+        let plain = ModelSpec::new(
+            crate::models::Arch::builtin("resnet:4,4,8,8,8,8"),
+            NormSpec::builtin("bn"),
+            [1, 28, 28],
+            10,
+        )
+        .unwrap();
         assert_eq!(Model::build(&plain, 0).unwrap().net.set_communicator(&comm), 0);
     }
 
@@ -563,7 +463,13 @@ mod tests {
             "resnet:4,4,8,8,8,8",
             "resnet:1,2,3,4,5,6",
         ] {
-            let spec = ModelSpec::new(model, NormSpec::builtin("bn"), [1, 28, 28], 10).unwrap();
+            let spec = ModelSpec::new(
+                crate::models::Arch::builtin(model),
+                NormSpec::builtin("bn"),
+                [1, 28, 28],
+                10,
+            )
+            .unwrap();
             let mut m = Model::build(&spec, 0).unwrap();
             let mut weights = 0;
             m.net.visit_params(&mut |p| {
