@@ -58,9 +58,8 @@ impl<'a> LayerInputs<'a> {
 /// gives it (running statistics are constants; a norm without them uses batch statistics in
 /// eval too, so its backward is the training one). Returns `y`, `dx`, `dweight`, `dbias` and
 /// the buffers (unchanged in eval mode).
-pub fn run_layer(spec: &str, inputs: &LayerInputs, eval: bool) -> Result<Vec<Entry>> {
+pub fn run_layer(norm: NormSpec, inputs: &LayerInputs, eval: bool) -> Result<Vec<Entry>> {
     let path = inputs.path;
-    let norm: NormSpec = spec.parse()?;
     let x = inputs
         .f32("x")?
         .ok_or_else(|| Error::checkpoint(path, "has no tensor 'x' (the layer input)"))?;
@@ -136,7 +135,7 @@ pub fn run_layer(spec: &str, inputs: &LayerInputs, eval: bool) -> Result<Vec<Ent
 }
 
 /// The whole command: read `input`, run, write `output` atomically.
-pub fn layer_command(spec: &str, input: &Path, output: &Path, eval: bool) -> Result<usize> {
+pub fn layer_command(spec: NormSpec, input: &Path, output: &Path, eval: bool) -> Result<usize> {
     let bytes = crate::files::read_limited(input, checkpoint::FILE_LIMIT, "safetensors")?;
     let inputs = LayerInputs::parse(input, &bytes)?;
     let entries = run_layer(spec, &inputs, eval)?;
@@ -154,7 +153,7 @@ pub fn layer_command(spec: &str, input: &Path, output: &Path, eval: bool) -> Res
         )));
     }
     let mut md = std::collections::HashMap::new();
-    md.insert("normlab.spec".to_string(), spec.parse::<NormSpec>()?.to_string());
+    md.insert("normlab.spec".to_string(), spec.to_string());
     crate::files::write_atomic(output, &checkpoint::serialize(&entries, md)?)?;
     Ok(entries.len())
 }

@@ -11,8 +11,8 @@ use normlab::Result;
 #[command(after_long_help = "Example:\n  normlab layer --spec gn:4 --input in.safetensors --output out.safetensors")]
 pub struct LayerArgs {
     /// A --norm spec, e.g. bn, gn:4, layernorm, in:affine=true (`normlab norms` lists them).
-    #[arg(long)]
-    pub spec: String,
+    #[arg(long, value_name = "SPEC", value_parser = super::norm_spec)]
+    pub spec: normlab::nn::norm_spec::NormSpec,
     /// Safetensors with `x` ([N, C] or [N, C, H, W]) and optionally `dy`, `weight`, `bias`,
     /// `running_mean`, `running_var`, `num_batches_tracked`.
     #[arg(long, value_name = "FILE")]
@@ -30,7 +30,7 @@ pub struct LayerArgs {
 
 pub fn run(a: LayerArgs) -> Result<()> {
     let output = OutputGuard::new(a.force).input(&a.input).file("--output", &a.output)?;
-    let n = normlab::conformance::layer_command(&a.spec, &a.input, &output, a.eval)?;
+    let n = normlab::conformance::layer_command(a.spec, &a.input, &output, a.eval)?;
     outln!("wrote {n} tensors to {}", a.output.display())?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 use crate::kernels::reduce::{self, mean_var, relu_mask, shift_estimate, shifted_mean_var, Center, PairSums};
+pub use crate::kernels::shape::Ncs;
 use crate::kernels::simd::{multiversion, SharedOut};
 
 /// A channel's batch statistics: f64 mean and biased variance.
@@ -46,8 +47,8 @@ pub fn apply_run(x: &[f32], y: &mut [f32], center: Center, a: f32, b: f32, relu:
 
 multiversion! {
     /// Per-channel statistics over the channel's runs (corrected two-pass, f64 mean).
-    pub fn channel_stats(x: &[f32], c: usize, s: usize, n: usize, ch: usize) -> ChannelStats {
-        let (mean, var) = mean_var((0..n).map(|i| run_of(x, c, s, i, ch)));
+    pub fn channel_stats(x: &[f32], shape: Ncs, ch: usize) -> ChannelStats {
+        let (mean, var) = mean_var((0..shape.n).map(|i| &x[shape.run(i, ch)]));
         ChannelStats { mean, var }
     }
 }
@@ -55,61 +56,58 @@ multiversion! {
 /// Training forward: per channel, statistics, then y = act((x - mean)·scale + shift) where
 /// `affine(ch, stats)` gives (scale, shift) — γ·invstd and β for BatchNorm, with Batch Renorm's
 /// r and d folded in for it. `stats` receives each channel's statistics.
-#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_forward_train(
     x: &[f32],
     y: &mut [f32],
-    n: usize,
-    c: usize,
-    s: usize,
+    shape: Ncs,
     relu: bool,
     stats: &mut [ChannelStats],
     affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync),
     ws: &mut Workspace,
 ) {
-    debug_assert_eq!(x.len(), n * c * s);
-    if streams(s) {
-        forward_train_streaming(x, y, n, c, s, relu, stats, affine, ws);
+    debug_assert_eq!(x.len(), shape.len());
+    if streams(shape.s) {
+        forward_train_streaming(x, y, shape, relu, stats, affine, ws);
         return;
     }
     let out = SharedOut::new(y);
     stats
         .par_iter_mut()
         .enumerate()
-        .for_each(|(ch, st)| forward_channel(x, &out, n, c, s, ch, relu, st, affine));
+        .for_each(|(ch, st)| forward_channel(x, &out, shape, ch, relu, st, affine));
 }
 
 multiversion! {
     /// One channel of the training forward: statistics, then the affine over its runs.
-    fn forward_channel(x: &[f32], out: &SharedOut, n: usize, c: usize, s: usize, ch: usize, relu: bool, st: &mut ChannelStats, affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync)) {
-        let (mean, var) = mean_var((0..n).map(|i| run_of(x, c, s, i, ch)));
+    fn forward_channel(x: &[f32], out: &SharedOut, shape: Ncs, ch: usize, relu: bool, st: &mut ChannelStats, affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync)) {
+        let (mean, var) = mean_var((0..shape.n).map(|i| &x[shape.run(i, ch)]));
         *st = ChannelStats { mean, var };
         let (a, b) = affine(ch, *st);
         let center = Center::new(mean);
-        for i in 0..n {
-            let off = (i * c + ch) * s;
+        for i in 0..shape.n {
+            let r = shape.run(i, ch);
             // SAFETY: run (i, ch) belongs to this channel's task alone.
-            let yr = unsafe { out.run(off, s) };
-            apply_run(&x[off..off + s], yr, center, a, b, relu);
+            let yr = unsafe { out.run(r.start, shape.s) };
+            apply_run(&x[r], yr, center, a, b, relu);
         }
     }
 }
 
+/// Per-channel fixed statistics and affine of `batch_norm_forward_fixed`.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelAffine<'a> {
+    pub mean: &'a [f64],
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+}
+
 /// Eval (or any fixed-statistics) forward: y = act((x - mean[c])·scale[c] + shift[c]),
-/// parallel over samples.
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm_forward_fixed(
-    x: &[f32],
-    y: &mut [f32],
-    c: usize,
-    s: usize,
-    mean: &[f64],
-    scale: &[f32],
-    shift: &[f32],
-    relu: bool,
-) {
-    y.par_chunks_mut(c * s)
-        .zip(x.par_chunks(c * s))
+/// parallel over samples (`shape.n` is not read: any number of whole samples).
+pub fn batch_norm_forward_fixed(x: &[f32], y: &mut [f32], shape: Ncs, affine: ChannelAffine, relu: bool) {
+    let ChannelAffine { mean, scale, shift } = affine;
+    let (cs, s) = (shape.sample_len(), shape.s);
+    y.par_chunks_mut(cs)
+        .zip(x.par_chunks(cs))
         .for_each(|(ys, xs)| apply_sample(xs, ys, s, mean, scale, shift, relu));
 }
 
@@ -178,43 +176,39 @@ pub fn batch_norm_backward_train(
     y: &[f32],
     dy: &[f32],
     dx: &mut [f32],
-    n: usize,
-    c: usize,
-    s: usize,
+    shape: Ncs,
     relu: bool,
     grads: &[ChannelGrad],
     sums: &mut [ChannelSums],
     ws: &mut Workspace,
 ) {
-    if streams(s) {
-        backward_train_streaming(x, y, dy, dx, n, c, s, relu, grads, sums, ws);
+    if streams(shape.s) {
+        backward_train_streaming(x, y, dy, dx, shape, relu, grads, sums, ws);
         return;
     }
-    let m = (n * s) as f64;
     let out = SharedOut::new(dx);
     sums.par_iter_mut()
         .zip(grads.par_iter())
         .enumerate()
-        .for_each(|(ch, (sum, g))| backward_channel(x, y, dy, &out, n, c, s, ch, relu, m, g, sum));
+        .for_each(|(ch, (sum, g))| backward_channel(x, y, dy, &out, shape, ch, relu, g, sum));
 }
 
 multiversion! {
     /// One channel of the training backward: its sums, then dx over its runs.
-    fn backward_channel(x: &[f32], y: &[f32], dy: &[f32], out: &SharedOut, n: usize, c: usize, s: usize, ch: usize, relu: bool, m: f64, g: &ChannelGrad, sum: &mut ChannelSums) {
+    fn backward_channel(x: &[f32], y: &[f32], dy: &[f32], out: &SharedOut, shape: Ncs, ch: usize, relu: bool, g: &ChannelGrad, sum: &mut ChannelSums) {
         let center = Center::new(g.mean);
         let mut acc = PairSums::new();
-        for i in 0..n {
-            let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+        for i in 0..shape.n {
+            let r = shape.run(i, ch);
             acc.add_grad(&x[r.clone()], relu.then(|| &y[r.clone()]), &dy[r], center);
         }
         let (sd, sdx) = acc.totals();
-        let (channel_sums, k, a, b) = g.dx_terms(sd, sdx, m);
+        let (channel_sums, k, a, b) = g.dx_terms(sd, sdx, shape.per_channel() as f64);
         *sum = channel_sums;
-        for i in 0..n {
-            let off = (i * c + ch) * s;
-            let r = off..off + s;
+        for i in 0..shape.n {
+            let r = shape.run(i, ch);
             // SAFETY: run (i, ch) belongs to this channel's task alone.
-            let dr = unsafe { out.run(off, s) };
+            let dr = unsafe { out.run(r.start, shape.s) };
             dx_run(&x[r.clone()], &y[r.clone()], &dy[r], dr, center, k, a, b, relu);
         }
     }
@@ -266,53 +260,51 @@ fn chunk_totals(accs: &[PairSums], c: usize, ch: usize) -> (f64, f64) {
         .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
 }
 
-#[inline(always)]
-fn run_of(x: &[f32], c: usize, s: usize, i: usize, ch: usize) -> &[f32] {
-    &x[(i * c + ch) * s..(i * c + ch + 1) * s]
-}
-
 /// Streaming training forward: shifted sums per (sample chunk, channel) in one sequential pass,
 /// combined in chunk order, then the affine in a second sequential pass (three tensor-sizes of
 /// traffic, each pass at full streaming speed).
-#[allow(clippy::too_many_arguments)]
 fn forward_train_streaming(
     x: &[f32],
     y: &mut [f32],
-    n: usize,
-    c: usize,
-    s: usize,
+    shape: Ncs,
     relu: bool,
     stats: &mut [ChannelStats],
     affine: &(dyn Fn(usize, ChannelStats) -> (f32, f32) + Sync),
     ws: &mut Workspace,
 ) {
+    let Ncs { n, c, .. } = shape;
     let chunks = n.min(CHUNKS);
     ws.reset(chunks, c);
     for ch in 0..c {
-        let shift = shift_estimate((0..n).map(|i| run_of(x, c, s, i, ch)));
+        let shift = shift_estimate((0..n).map(|i| &x[shape.run(i, ch)]));
         ws.centers.push(shift.unwrap_or(Center::new(0.0)));
     }
     let centers = &ws.centers;
     ws.accs
         .par_chunks_mut(c)
         .enumerate()
-        .for_each(|(j, accs)| stats_chunk(x, c, s, chunk_range(n, chunks, j), centers, accs));
+        .for_each(|(j, accs)| stats_chunk(x, shape, chunk_range(n, chunks, j), centers, accs));
     for (ch, st) in stats.iter_mut().enumerate() {
         let (sd, sq) = chunk_totals(&ws.accs, c, ch);
-        let (mean, var) = shifted_mean_var(ws.centers[ch], sd, sq, n * s);
+        let (mean, var) = shifted_mean_var(ws.centers[ch], sd, sq, shape.per_channel());
         *st = ChannelStats { mean, var };
         let (a, b) = affine(ch, *st);
         (ws.mean[ch], ws.scale[ch], ws.shift[ch]) = (mean, a, b);
     }
-    batch_norm_forward_fixed(x, y, c, s, &ws.mean, &ws.scale, &ws.shift, relu);
+    let affine = ChannelAffine {
+        mean: &ws.mean,
+        scale: &ws.scale,
+        shift: &ws.shift,
+    };
+    batch_norm_forward_fixed(x, y, shape, affine, relu);
 }
 
 multiversion! {
     /// Σ(x - K) and Σ(x - K)² per channel over a chunk of samples, read in memory order.
-    fn stats_chunk(x: &[f32], c: usize, s: usize, samples: Range<usize>, centers: &[Center], accs: &mut [PairSums]) {
+    fn stats_chunk(x: &[f32], shape: Ncs, samples: Range<usize>, centers: &[Center], accs: &mut [PairSums]) {
         for i in samples {
             for (ch, acc) in accs.iter_mut().enumerate() {
-                acc.add_centered_and_sq(run_of(x, c, s, i, ch), centers[ch]);
+                acc.add_centered_and_sq(&x[shape.run(i, ch)], centers[ch]);
             }
         }
     }
@@ -326,23 +318,22 @@ fn backward_train_streaming(
     y: &[f32],
     dy: &[f32],
     dx: &mut [f32],
-    n: usize,
-    c: usize,
-    s: usize,
+    shape: Ncs,
     relu: bool,
     grads: &[ChannelGrad],
     sums: &mut [ChannelSums],
     ws: &mut Workspace,
 ) {
+    let Ncs { n, c, s } = shape;
     let chunks = n.min(CHUNKS);
-    let m = (n * s) as f64;
+    let m = shape.per_channel() as f64;
     ws.reset(chunks, c);
     ws.centers.extend(grads.iter().map(|g| Center::new(g.mean)));
     let centers = &ws.centers;
     ws.accs
         .par_chunks_mut(c)
         .enumerate()
-        .for_each(|(j, accs)| grad_chunk(x, y, dy, c, s, chunk_range(n, chunks, j), relu, centers, accs));
+        .for_each(|(j, accs)| grad_chunk(x, y, dy, shape, chunk_range(n, chunks, j), relu, centers, accs));
     for (ch, g) in grads.iter().enumerate() {
         let (sd, sdx) = chunk_totals(&ws.accs, c, ch);
         (sums[ch], ws.scale[ch], ws.shift[ch], ws.slope[ch]) = g.dx_terms(sd, sdx, m);
@@ -357,11 +348,12 @@ fn backward_train_streaming(
 
 multiversion! {
     /// Σg and Σg·(x - mean) per channel over a chunk of samples, read in memory order.
-    fn grad_chunk(x: &[f32], y: &[f32], dy: &[f32], c: usize, s: usize, samples: Range<usize>, relu: bool, centers: &[Center], accs: &mut [PairSums]) {
+    fn grad_chunk(x: &[f32], y: &[f32], dy: &[f32], shape: Ncs, samples: Range<usize>, relu: bool, centers: &[Center], accs: &mut [PairSums]) {
         for i in samples {
             for (ch, acc) in accs.iter_mut().enumerate() {
-                let mask = relu.then(|| run_of(y, c, s, i, ch));
-                acc.add_grad(run_of(x, c, s, i, ch), mask, run_of(dy, c, s, i, ch), centers[ch]);
+                let r = shape.run(i, ch);
+                let mask = relu.then(|| &y[r.clone()]);
+                acc.add_grad(&x[r.clone()], mask, &dy[r], centers[ch]);
             }
         }
     }
@@ -388,21 +380,20 @@ pub fn batch_norm_backward_fixed(
     y: &[f32],
     dy: &[f32],
     dx: Option<&mut [f32]>,
-    c: usize,
-    s: usize,
+    shape: Ncs,
     mean: &[f64],
     inv: &[f32],
     gain: &[f32],
     relu: bool,
     sums: &mut [ChannelSums],
 ) {
-    let n = x.len() / (c * s).max(1);
+    let s = shape.s;
     let out = dx.map(SharedOut::new);
     sums.par_iter_mut().enumerate().for_each(|(ch, sum)| {
         let center = Center::new(mean[ch]);
         let mut acc = PairSums::new();
-        for i in 0..n {
-            let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+        for i in 0..shape.n {
+            let r = shape.run(i, ch);
             acc.add_grad(&x[r.clone()], relu.then(|| &y[r.clone()]), &dy[r], center);
         }
         let (sd, sdx) = acc.totals();
@@ -412,11 +403,10 @@ pub fn batch_norm_backward_fixed(
         };
         if let Some(out) = &out {
             let k = gain[ch] * inv[ch];
-            for i in 0..n {
-                let off = (i * c + ch) * s;
-                let r = off..off + s;
+            for i in 0..shape.n {
+                let r = shape.run(i, ch);
                 // SAFETY: run (i, ch) belongs to this channel's task alone.
-                let dr = unsafe { out.run(off, s) };
+                let dr = unsafe { out.run(r.start, s) };
                 dx_run(&x[r.clone()], &y[r.clone()], &dy[r], dr, center, k, 0.0, 0.0, relu);
             }
         }
@@ -433,14 +423,14 @@ pub fn batch_norm_backward_dx(
     y: &[f32],
     dy: &[f32],
     dx: &mut [f32],
-    c: usize,
-    s: usize,
+    shape: Ncs,
     relu: bool,
     grads: &[ChannelGrad],
     sums: &[ChannelSums],
     m: f64,
     ws: &mut Workspace,
 ) {
+    let Ncs { c, s, .. } = shape;
     ws.reset(0, c);
     ws.centers.extend(grads.iter().map(|g| Center::new(g.mean)));
     for (ch, (g, sum)) in grads.iter().zip(sums).enumerate() {

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::batch_norm::{apply_run, inverse_std, ChannelStats};
+use crate::kernels::batch_norm::{apply_run, inverse_std, ChannelStats, Ncs};
 use crate::kernels::reduce::{self, mean_var, relu_mask, Center, PairSums};
 use crate::kernels::simd::multiversion;
 
@@ -32,8 +32,7 @@ fn tile_for(block: usize) -> usize {
 pub fn group_norm_forward_train(
     x: &[f32],
     y: &mut [f32],
-    c: usize,
-    s: usize,
+    shape: Ncs,
     groups: usize,
     eps: f64,
     gamma: Option<&[f32]>,
@@ -41,7 +40,7 @@ pub fn group_norm_forward_train(
     relu: bool,
     stats: &mut [ChannelStats],
 ) {
-    let cg = c / groups;
+    let (cg, s) = (shape.c / groups, shape.s);
     let block = cg * s;
     let tile = tile_for(block);
     y.par_chunks_mut(block * tile)
@@ -123,8 +122,7 @@ pub fn group_norm_backward(
     y: &[f32],
     dy: &[f32],
     dx: &mut [f32],
-    c: usize,
-    s: usize,
+    shape: Ncs,
     groups: usize,
     eps: f64,
     gamma: Option<&[f32]>,
@@ -132,7 +130,7 @@ pub fn group_norm_backward(
     stats: &[ChannelStats],
     channel_sums: &mut [(f64, f64)],
 ) {
-    let cg = c / groups;
+    let (cg, s) = (shape.c / groups, shape.s);
     let block = cg * s;
     let tile = tile_for(block);
     let span = block * tile;

@@ -9,5 +9,6 @@ pub mod lstm;
 pub mod matmul;
 pub mod pool;
 pub mod reduce;
+pub mod shape;
 pub mod simd;
 pub mod winograd;

@@ -3,7 +3,7 @@
 //! PyTorch's nn.LayerNorm with an elementwise affine over the trailing dimensions.
 
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm::{self as bnk, ChannelStats};
+use crate::kernels::batch_norm::{self as bnk, ChannelStats, Ncs};
 use crate::kernels::group_norm as k;
 use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
 use crate::onnx::graph::{relu_if, Attr, OnnxGraph};
@@ -271,7 +271,12 @@ impl Layer for GroupNorm {
                     .push(bnk::inverse_std(rv.data[ch], eps) * gamma.map_or(1.0, |g| g[ch]));
                 sc.shift.push(beta.map_or(0.0, |b| b[ch]));
             }
-            bnk::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &sc.mean, &sc.scale, &sc.shift, relu);
+            let affine = bnk::ChannelAffine {
+                mean: &sc.mean,
+                scale: &sc.scale,
+                shift: &sc.shift,
+            };
+            bnk::batch_norm_forward_fixed(&x.data, &mut y.data, Ncs::new(n, c, s), affine, relu);
             return Ok(());
         }
         if self.config.kind == WithinSample::Instance && s <= 1 {
@@ -285,7 +290,17 @@ impl Layer for GroupNorm {
         }
         self.scratch.stats.resize(n * groups, ChannelStats::default());
         let stats = &mut self.scratch.stats;
-        k::group_norm_forward_train(&x.data, &mut y.data, c, s, groups, eps, gamma, beta, relu, stats);
+        k::group_norm_forward_train(
+            &x.data,
+            &mut y.data,
+            Ncs::new(n, c, s),
+            groups,
+            eps,
+            gamma,
+            beta,
+            relu,
+            stats,
+        );
         if self.stats_mode.updates_running(mode) {
             self.update_running_stats(n, s);
         }
@@ -321,8 +336,7 @@ impl Layer for GroupNorm {
                 &y.data,
                 &dy.data,
                 Some(&mut dx.data),
-                c,
-                s,
+                Ncs::new(n, c, s),
                 &sc.mean,
                 &sc.scale,
                 &sc.shift,
@@ -353,8 +367,7 @@ impl Layer for GroupNorm {
             &y.data,
             &dy.data,
             &mut dx.data,
-            c,
-            s,
+            Ncs::new(n, c, s),
             groups,
             eps,
             gamma,

@@ -153,7 +153,10 @@ pub fn layer_outputs(bytes: &[u8]) -> HashMap<String, Vec<f32>> {
 
 pub fn serialize_run(spec: &str, path: &std::path::Path, input: &[u8], eval: bool) -> normlab::Result<Vec<u8>> {
     let parsed = normlab::conformance::LayerInputs::parse(path, input)?;
-    normlab::checkpoint::serialize(&normlab::conformance::run_layer(spec, &parsed, eval)?, HashMap::new())
+    normlab::checkpoint::serialize(
+        &normlab::conformance::run_layer(spec.parse()?, &parsed, eval)?,
+        HashMap::new(),
+    )
 }
 
 /// Sets a model's parameters and buffers to a golden's `{prefix}.{name}` tensors.

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::dist::Communicator;
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm::{self as k, ChannelGrad, ChannelStats, ChannelSums};
+use crate::kernels::batch_norm::{self as k, ChannelAffine, ChannelGrad, ChannelStats, ChannelSums, Ncs};
 use crate::kernels::lp_norm::{self, LpKind};
 use crate::nn::layer::{running_buffers, visit_weight_bias, BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
 use crate::onnx::graph::{channel_shape, relu_if, OnnxGraph};
@@ -189,7 +189,7 @@ impl BatchNorm {
     }
 
     /// (N, C, S) of the input, checked against the layer's dimensionality and channels.
-    fn view(&self, x: &Tensor) -> Result<(usize, usize, usize)> {
+    fn view(&self, x: &Tensor) -> Result<Ncs> {
         let ok_rank = match self.dims {
             1 => matches!(x.shape.len(), 2 | 3),
             _ => x.shape.len() == 4,
@@ -211,7 +211,7 @@ impl BatchNorm {
                 format!("expected {} channels, got input {:?}", self.channels, x.shape),
             ));
         }
-        Ok((x.shape[0], x.shape[1], x.shape[2..].iter().product()))
+        Ok(Ncs::new(x.shape[0], x.shape[1], x.shape[2..].iter().product()))
     }
 
     /// Samples per statistics set: the virtual batch for Ghost BN, else the whole batch.
@@ -264,8 +264,9 @@ impl BatchNorm {
 
     // Standard, Ghost and (one-process) Sync BN, per statistics set of v samples: shifted sums
     // of x per channel, then y = act((x − μ_B)·γ/sqrt(σ²_B + eps) + β) in one streamed pass.
-    fn forward_batch(&self, sc: &mut Scratch, x: &Tensor, y: &mut Tensor, v: usize, c: usize, s: usize) {
-        let (sets, block, eps, relu) = (x.batch() / v, v * c * s, self.config.eps, self.relu);
+    fn forward_batch(&self, sc: &mut Scratch, x: &Tensor, y: &mut Tensor, set: Ncs) {
+        let (c, block, eps, relu) = (set.c, set.len(), self.config.eps, self.relu);
+        let sets = x.batch() / set.n;
         let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         let beta = self.bias.as_ref().map(|p| p.value.data.as_slice());
         let affine = |ch: usize, st: ChannelStats| {
@@ -277,36 +278,18 @@ impl BatchNorm {
         for j in 0..sets {
             let r = j * block..(j + 1) * block;
             let st = &mut sc.stats[j * c..(j + 1) * c];
-            k::batch_norm_forward_train(
-                &x.data[r.clone()],
-                &mut y.data[r],
-                v,
-                c,
-                s,
-                relu,
-                st,
-                &affine,
-                &mut sc.ws,
-            );
+            k::batch_norm_forward_train(&x.data[r.clone()], &mut y.data[r], set, relu, st, &affine, &mut sc.ws);
         }
     }
 
     // Batch Renorm: batch statistics per channel, r = clip(σ_B/σ, 1/rmax, rmax) and
     // d = clip((μ_B − μ)/σ, ±dmax) from the running ones, y = act(γ·(x̂·r + d) + β).
-    fn forward_renorm(
-        &self,
-        sc: &mut Scratch,
-        x: &Tensor,
-        y: &mut Tensor,
-        c: usize,
-        s: usize,
-        limits: (f64, f64, u64),
-    ) {
-        let (n, eps) = (x.batch(), self.config.eps);
+    fn forward_renorm(&self, sc: &mut Scratch, x: &Tensor, y: &mut Tensor, shape: Ncs, limits: (f64, f64, u64)) {
+        let (c, eps) = (shape.c, self.config.eps);
         sc.stats
             .par_iter_mut()
             .enumerate()
-            .for_each(|(ch, st)| *st = k::channel_stats(&x.data, c, s, n, ch));
+            .for_each(|(ch, st)| *st = k::channel_stats(&x.data, shape, ch));
         if let (Some(rm), Some(rv)) = (self.running_mean.as_ref(), self.running_var.as_ref()) {
             let (rmax, dmax) = self.renorm_limits(limits.0, limits.1, limits.2);
             for ch in 0..c {
@@ -316,21 +299,21 @@ impl BatchNorm {
                 sc.d[ch] = ((sc.stats[ch].mean - rm.data[ch] as f64) / sigma).clamp(-dmax, dmax) as f32;
             }
         }
-        self.apply_fixed(sc, x, y, c, s, |sc, ch| {
+        self.apply_fixed(sc, x, y, shape, |sc, ch| {
             k::inverse_std(sc.stats[ch].var, eps) * sc.r[ch]
         });
     }
 
     // Lp BN (Santurkar et al.): centre by the batch mean, divide by the mean L1 norm (or the L∞
     // norm) of the centred values + eps; y = act(γ·z/scale + β).
-    fn forward_lp(&self, sc: &mut Scratch, x: &Tensor, y: &mut Tensor, c: usize, s: usize, kind: LpKind) {
+    fn forward_lp(&self, sc: &mut Scratch, x: &Tensor, y: &mut Tensor, shape: Ncs, kind: LpKind) {
         let eps = self.config.eps;
-        sc.lp.resize(c, (0.0, 0.0, 0.0));
-        lp_norm::lp_stats(&x.data, x.batch(), c, s, kind, &mut sc.lp);
+        sc.lp.resize(shape.c, (0.0, 0.0, 0.0));
+        lp_norm::lp_stats(&x.data, shape.n, shape.c, shape.s, kind, &mut sc.lp);
         for (st, lp) in sc.stats.iter_mut().zip(&sc.lp) {
             *st = ChannelStats { mean: lp.0, var: lp.1 };
         }
-        self.apply_fixed(sc, x, y, c, s, |sc, ch| (1.0 / (sc.lp[ch].1 as f64 + eps)) as f32);
+        self.apply_fixed(sc, x, y, shape, |sc, ch| (1.0 / (sc.lp[ch].1 as f64 + eps)) as f32);
     }
 
     /// y = act((x - mean)·γ·inv(ch) + β + γ·d) with the statistics in `sc.stats` (one set):
@@ -340,8 +323,7 @@ impl BatchNorm {
         sc: &mut Scratch,
         x: &Tensor,
         y: &mut Tensor,
-        c: usize,
-        s: usize,
+        shape: Ncs,
         inv: impl Fn(&Scratch, usize) -> f32,
     ) {
         let (mut mean, mut scale, mut shift) = (
@@ -352,12 +334,17 @@ impl BatchNorm {
         mean.clear();
         scale.clear();
         shift.clear();
-        for ch in 0..c {
+        for ch in 0..shape.c {
             mean.push(sc.stats[ch].mean);
             scale.push(inv(sc, ch) * self.gamma_or_one(ch));
             shift.push(self.beta_or_zero(ch) + self.gamma_or_one(ch) * sc.d[ch]);
         }
-        k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
+        let affine = ChannelAffine {
+            mean: &mean,
+            scale: &scale,
+            shift: &shift,
+        };
+        k::batch_norm_forward_fixed(&x.data, &mut y.data, shape, affine, self.relu);
         (sc.mean, sc.scale, sc.shift) = (mean, scale, shift);
     }
 }
@@ -406,16 +393,17 @@ impl Layer for BatchNorm {
 
     // y = (x - mean) / sqrt(var + eps) * gamma + beta   (then max(·, 0) when fused)
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
-        let (n, c, s) = self.view(x)?;
+        let shape = self.view(x)?;
+        let Ncs { n, c, s } = shape;
         y.resize_to(&x.shape)?;
         self.last_running = self.config.track_running_stats && self.stats_mode.uses_running(mode);
         if self.last_running {
-            self.forward_running(x, y, c, s);
+            self.forward_running(x, y, shape);
             return Ok(());
         }
         self.last_sync = None;
         if let Some(comm) = self.sync_comm(mode) {
-            return self.forward_sync(x, y, mode, n, c, s, &*comm);
+            return self.forward_sync(x, y, mode, shape, &*comm);
         }
         let v = self.set_size(n)?;
         if v * s <= 1 {
@@ -436,10 +424,12 @@ impl Layer for BatchNorm {
         sc.d.resize(c, 0.0);
         match self.config.stats {
             BatchStats::Standard | BatchStats::Ghost(_) | BatchStats::Sync => {
-                self.forward_batch(&mut sc, x, y, v, c, s)
+                self.forward_batch(&mut sc, x, y, shape.with_batch(v))
             }
-            BatchStats::Renorm { rmax, dmax, warmup } => self.forward_renorm(&mut sc, x, y, c, s, (rmax, dmax, warmup)),
-            BatchStats::Lp(kind) => self.forward_lp(&mut sc, x, y, c, s, kind),
+            BatchStats::Renorm { rmax, dmax, warmup } => {
+                self.forward_renorm(&mut sc, x, y, shape, (rmax, dmax, warmup))
+            }
+            BatchStats::Lp(kind) => self.forward_lp(&mut sc, x, y, shape, kind),
         }
         self.scratch = sc;
         if self.stats_mode.updates_running(mode) {
@@ -451,7 +441,8 @@ impl Layer for BatchNorm {
     // dx = γ·r·invstd/m · (m·dy - Σdy - x̂·Σdy·x̂) per statistics set,
     // dγ = Σdy·(x̂·r + d),  dβ = Σdy  (r = 1, d = 0 but for Batch Renorm; Lp BN has its own)
     fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
-        let (n, c, s) = self.view(x)?;
+        let shape = self.view(x)?;
+        let Ncs { n, c, s } = shape;
         if dy.shape != x.shape || y.shape != x.shape {
             return Err(Error::shape(
                 self.name(),
@@ -459,11 +450,11 @@ impl Layer for BatchNorm {
             ));
         }
         if self.last_running {
-            self.backward_running(x, y, dy, dx, c, s)?;
+            self.backward_running(x, y, dy, dx, shape)?;
             return Ok(());
         }
         if let (Some(m), Some(comm)) = (self.last_sync, self.comm.clone()) {
-            self.backward_sync(x, y, dy, dx, c, s, m, &*comm)?;
+            self.backward_sync(x, y, dy, dx, shape, m, &*comm)?;
             return Ok(());
         }
         let v = self.set_size(n)?;
@@ -522,9 +513,7 @@ impl Layer for BatchNorm {
                 &y.data[r.clone()],
                 &dy.data[r.clone()],
                 &mut dx.data[r],
-                v,
-                c,
-                s,
+                shape.with_batch(v),
                 relu,
                 &sc.grads,
                 &mut sc.sums,

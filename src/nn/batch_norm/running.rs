@@ -19,20 +19,25 @@ impl BatchNorm {
 
     /// Eval with running statistics: y = act((x - running_mean)·γ/σ + β) with σ =
     /// sqrt(running_var + eps), or running_scale + eps for Lp BN.
-    pub(super) fn forward_running(&mut self, x: &Tensor, y: &mut Tensor, c: usize, s: usize) {
+    pub(super) fn forward_running(&mut self, x: &Tensor, y: &mut Tensor, shape: Ncs) {
         let mut scale = std::mem::take(&mut self.scratch.scale);
         let mut shift = std::mem::take(&mut self.scratch.shift);
         let mut mean = std::mem::take(&mut self.scratch.mean);
         scale.clear();
         shift.clear();
         mean.clear();
-        for ch in 0..c {
+        for ch in 0..shape.c {
             let (m, inv) = self.running_inverse(ch);
             scale.push(inv * self.gamma_or_one(ch));
             shift.push(self.beta_or_zero(ch));
             mean.push(m);
         }
-        k::batch_norm_forward_fixed(&x.data, &mut y.data, c, s, &mean, &scale, &shift, self.relu);
+        let affine = ChannelAffine {
+            mean: &mean,
+            scale: &scale,
+            shift: &shift,
+        };
+        k::batch_norm_forward_fixed(&x.data, &mut y.data, shape, affine, self.relu);
         self.scratch.scale = scale;
         self.scratch.shift = shift;
         self.scratch.mean = mean;
@@ -46,9 +51,9 @@ impl BatchNorm {
         y: &Tensor,
         dy: &Tensor,
         dx: &mut Tensor,
-        c: usize,
-        s: usize,
+        shape: Ncs,
     ) -> Result<()> {
+        let c = shape.c;
         dx.resize_to(&x.shape)?;
         // The fixed-apply scratch holds mean, 1/σ and γ here (no allocation per step).
         let mut sc = std::mem::take(&mut self.scratch);
@@ -67,8 +72,7 @@ impl BatchNorm {
             &y.data,
             &dy.data,
             Some(&mut dx.data),
-            c,
-            s,
+            shape,
             &sc.mean,
             &sc.scale,
             &sc.shift,

@@ -18,24 +18,21 @@ impl BatchNorm {
     // combined exactly (Chan et al.): μ = Σ n_k·μ_k / N, then N·σ² = Σ n_k·(σ_k² + (μ_k - μ)²),
     // two all-reductions of C values in f64 and no extra pass over x; running_var is unbiased
     // with the global count.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_sync(
         &mut self,
         x: &Tensor,
         y: &mut Tensor,
         mode: Mode,
-        n: usize,
-        c: usize,
-        s: usize,
+        shape: Ncs,
         comm: &dyn Communicator,
     ) -> Result<()> {
         let mut sc = std::mem::take(&mut self.scratch);
-        let local = (n * s) as f64;
+        let (c, local) = (shape.c, shape.per_channel() as f64);
         sc.stats.resize(c, ChannelStats::default());
         sc.stats
             .par_iter_mut()
             .enumerate()
-            .for_each(|(ch, st)| *st = k::channel_stats(&x.data, c, s, n, ch));
+            .for_each(|(ch, st)| *st = k::channel_stats(&x.data, shape, ch));
         sc.global.clear();
         sc.global
             .extend(sc.stats.iter().flat_map(|st| [local, local * st.mean]));
@@ -71,7 +68,7 @@ impl BatchNorm {
         sc.r.resize(c, 1.0);
         sc.d.clear();
         sc.d.resize(c, 0.0);
-        self.apply_fixed(&mut sc, x, y, c, s, |sc, ch| k::inverse_std(sc.stats[ch].var, eps));
+        self.apply_fixed(&mut sc, x, y, shape, |sc, ch| k::inverse_std(sc.stats[ch].var, eps));
         self.scratch = sc;
         self.last_sync = Some(m);
         if self.stats_mode.updates_running(mode) {
@@ -89,11 +86,11 @@ impl BatchNorm {
         y: &Tensor,
         dy: &Tensor,
         dx: &mut Tensor,
-        c: usize,
-        s: usize,
+        shape: Ncs,
         m: f64,
         comm: &dyn Communicator,
     ) -> Result<()> {
+        let c = shape.c;
         dx.resize_to(&x.shape)?;
         let mut sc = std::mem::take(&mut self.scratch);
         let eps = self.config.eps;
@@ -119,8 +116,7 @@ impl BatchNorm {
             &y.data,
             &dy.data,
             None,
-            c,
-            s,
+            shape,
             &sc.mean,
             &sc.scale,
             &sc.shift,
@@ -142,8 +138,7 @@ impl BatchNorm {
             &y.data,
             &dy.data,
             &mut dx.data,
-            c,
-            s,
+            shape,
             self.relu,
             &sc.grads,
             &sc.sums,
