@@ -13,7 +13,36 @@ use crate::nn::norm_spec::NormSpec;
 use crate::nn::{BufferMut, Mode};
 use crate::tensor::Tensor;
 
-/// Input tensors by name: `x`, and optionally `dy`, `weight`, `bias` and the buffers.
+/// Where a layer's input tensors come from, by name: `x`, and optionally `dy`, `weight`,
+/// `bias` and the buffers (a safetensors file for `normlab layer`, arrays in memory for the
+/// Python API).
+pub trait TensorSource {
+    fn f32(&self, name: &str) -> Result<Option<Tensor>>;
+    fn i64(&self, name: &str) -> Result<Option<i64>>;
+    /// An error about the inputs, naming where they came from.
+    fn error(&self, message: String) -> Error;
+}
+
+/// Input tensors held in memory.
+#[derive(Default)]
+pub struct NamedTensors {
+    pub f32: std::collections::HashMap<String, Tensor>,
+    pub i64: std::collections::HashMap<String, i64>,
+}
+
+impl TensorSource for NamedTensors {
+    fn f32(&self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.f32.get(name).cloned())
+    }
+    fn i64(&self, name: &str) -> Result<Option<i64>> {
+        Ok(self.i64.get(name).copied())
+    }
+    fn error(&self, message: String) -> Error {
+        Error::invalid(message)
+    }
+}
+
+/// Input tensors from a safetensors file.
 pub struct LayerInputs<'a> {
     path: &'a Path,
     st: SafeTensors<'a>,
@@ -24,6 +53,12 @@ impl<'a> LayerInputs<'a> {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file ({e})")))?;
         Ok(LayerInputs { path, st })
+    }
+}
+
+impl TensorSource for LayerInputs<'_> {
+    fn error(&self, message: String) -> Error {
+        Error::checkpoint(self.path, message)
     }
 
     fn f32(&self, name: &str) -> Result<Option<Tensor>> {
@@ -58,27 +93,23 @@ impl<'a> LayerInputs<'a> {
 /// gives it (running statistics are constants; a norm without them uses batch statistics in
 /// eval too, so its backward is the training one). Returns `y`, `dx`, `dweight`, `dbias` and
 /// the buffers (unchanged in eval mode).
-pub fn run_layer(norm: NormSpec, inputs: &LayerInputs, eval: bool) -> Result<Vec<Entry>> {
-    let path = inputs.path;
+pub fn run_layer(norm: NormSpec, inputs: &dyn TensorSource, eval: bool) -> Result<Vec<Entry>> {
     let x = inputs
         .f32("x")?
-        .ok_or_else(|| Error::checkpoint(path, "has no tensor 'x' (the layer input)"))?;
+        .ok_or_else(|| inputs.error("has no tensor 'x' (the layer input)".into()))?;
     if !(2..=4).contains(&x.shape.len()) || x.shape.contains(&0) {
-        return Err(Error::checkpoint(
-            path,
-            format!("'x' must be [N, C], [N, C, L] or [N, C, H, W], got {:?}", x.shape),
-        ));
+        return Err(inputs.error(format!(
+            "'x' must be [N, C], [N, C, L] or [N, C, H, W], got {:?}",
+            x.shape
+        )));
     }
     if x.data.iter().any(|v| !v.is_finite()) {
-        return Err(Error::checkpoint(path, "'x' holds NaN or infinite values"));
+        return Err(inputs.error("'x' holds NaN or infinite values".into()));
     }
     let dy = inputs.f32("dy")?;
     if let Some(dy) = &dy {
         if dy.shape != x.shape {
-            return Err(Error::checkpoint(
-                path,
-                format!("'dy' has shape {:?}, 'x' has {:?}", dy.shape, x.shape),
-            ));
+            return Err(inputs.error(format!("'dy' has shape {:?}, 'x' has {:?}", dy.shape, x.shape)));
         }
     }
     let mut layer = norm
@@ -87,10 +118,10 @@ pub fn run_layer(norm: NormSpec, inputs: &LayerInputs, eval: bool) -> Result<Vec
     for (key, p) in layer.params() {
         if let Some(t) = inputs.f32(key)? {
             if t.shape != p.value.shape {
-                return Err(Error::checkpoint(
-                    path,
-                    format!("'{key}' has shape {:?}, the layer expects {:?}", t.shape, p.value.shape),
-                ));
+                return Err(inputs.error(format!(
+                    "'{key}' has shape {:?}, the layer expects {:?}",
+                    t.shape, p.value.shape
+                )));
             }
             p.value = t;
         }
@@ -100,10 +131,10 @@ pub fn run_layer(norm: NormSpec, inputs: &LayerInputs, eval: bool) -> Result<Vec
             BufferMut::F32(t) => {
                 if let Some(v) = inputs.f32(key)? {
                     if v.shape != t.shape {
-                        return Err(Error::checkpoint(
-                            path,
-                            format!("'{key}' has shape {:?}, the layer expects {:?}", v.shape, t.shape),
-                        ));
+                        return Err(inputs.error(format!(
+                            "'{key}' has shape {:?}, the layer expects {:?}",
+                            v.shape, t.shape
+                        )));
                     }
                     *t = v;
                 }

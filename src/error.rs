@@ -23,6 +23,10 @@ pub enum Error {
 
     /// A run that does not fit in memory, found before it starts or when a large buffer
     /// could not be allocated.
+    /// Stopped on request (Ctrl-C in the Python API); the run folder is resumable.
+    #[error("{0}")]
+    Interrupted(String),
+
     #[error("out of memory: {0}")]
     OutOfMemory(String),
 

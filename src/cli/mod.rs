@@ -227,11 +227,12 @@ impl Reporter for CliReporter {
         self.bar = Some(bar);
     }
 
-    fn batch(&mut self, mean_loss: f64, images_per_sec: f64) {
+    fn batch(&mut self, mean_loss: f64, images_per_sec: f64) -> Result<()> {
         if let Some(bar) = &self.bar {
             bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s"));
             bar.inc(1);
         }
+        Ok(())
     }
 
     fn epoch_end(&mut self, m: &EpochMetrics) -> Result<()> {

@@ -72,6 +72,7 @@ pub fn run(a: StudyArgs) -> Result<()> {
             bar.set_length(n as u64);
             bar.set_position(i as u64);
             bar.set_message(what.to_string());
+            Ok(())
         })
     });
     bar.finish_and_clear();

@@ -66,7 +66,7 @@ pub fn run_compare(
     grid: &CompareGrid,
     seeds: usize,
     out: &Path,
-    progress: &mut dyn FnMut(usize, usize, &str),
+    progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
 ) -> Result<StudyResults> {
     if seeds == 0 {
         return Err(Error::invalid("--seeds must be at least 1"));

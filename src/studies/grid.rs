@@ -72,7 +72,7 @@ pub fn run_grid(
     planned: &[Planned],
     seeds: usize,
     out: &Path,
-    progress: &mut dyn FnMut(usize, usize, &str),
+    progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
     comm: &std::sync::Arc<dyn crate::dist::Communicator>,
 ) -> Result<Vec<RunRecord>> {
     let lead = comm.rank() == 0;
@@ -92,7 +92,7 @@ pub fn run_grid(
         let processes: usize = p.labels.get("processes").and_then(|v| v.parse().ok()).unwrap_or(1);
         for seed in 0..seeds as u64 {
             let label: Vec<String> = p.labels.iter().map(|(a, b)| format!("{a}={b}")).collect();
-            progress(k, total, &format!("{} seed {seed}", label.join(" ")));
+            progress(k, total, &format!("{} seed {seed}", label.join(" ")))?;
             let dir = out.join("runs").join(format!("{k:03}"));
             let mut config = p.config.clone();
             config.seed = seed;
@@ -167,7 +167,7 @@ pub fn run_grid(
             k += 1;
         }
     }
-    progress(total, total, "done");
+    progress(total, total, "done")?;
     Ok(records)
 }
 

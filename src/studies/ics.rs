@@ -130,7 +130,7 @@ pub fn ics_run(
 /// The study: both MLPs for every seed.
 pub fn run(
     opts: &StudyOptions,
-    progress: &mut dyn FnMut(usize, usize, &str),
+    progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
 ) -> Result<(Vec<IcsRun>, BTreeMap<String, String>)> {
     let dir = resolve_data_dir(opts.data.as_deref())?;
     let mut train = load_split(&dir, true)?;
@@ -149,10 +149,10 @@ pub fn run(
         .flat_map(|n| (0..opts.seeds as u64).map(move |s| (*n, s)))
         .enumerate()
     {
-        progress(k, total, &format!("mlp norm={norm} seed {seed}"));
+        progress(k, total, &format!("mlp norm={norm} seed {seed}"))?;
         runs.push(ics_run(norm, seed, &train, &test, steps, every)?);
     }
-    progress(total, total, "done");
+    progress(total, total, "done")?;
     let mut settings = BTreeMap::new();
     settings.insert(
         "model".into(),
@@ -186,7 +186,7 @@ impl Study for Ics {
     fn run(
         &self,
         opts: &StudyOptions,
-        progress: &mut dyn FnMut(usize, usize, &str),
+        progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
         results: &mut StudyResults,
     ) -> Result<(Settings, Option<crate::files::RunLock>)> {
         let (runs, settings, lock) = super::study::own_loop(opts, || run(opts, progress))?;

@@ -202,7 +202,7 @@ fn landscape_run(
 /// The study: the net with BN, without, and with noisy BN, for every seed.
 pub fn run(
     opts: &StudyOptions,
-    progress: &mut dyn FnMut(usize, usize, &str),
+    progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
 ) -> Result<(Vec<LandscapeRun>, BTreeMap<String, String>)> {
     let dir = resolve_data_dir(opts.data.as_deref())?;
     let mut train = load_split(&dir, true)?;
@@ -234,12 +234,12 @@ pub fn run(
         .flat_map(|n| (0..opts.seeds as u64).map(move |s| (*n, s)))
         .enumerate()
     {
-        progress(k, total, &format!("{model} norm={norm} seed {seed}"));
+        progress(k, total, &format!("{model} norm={norm} seed {seed}"))?;
         runs.push(landscape_run(
             norm, seed, &train, &test, steps, every, lr, &etas, model,
         )?);
     }
-    progress(total, total, "done");
+    progress(total, total, "done")?;
     let mut settings = BTreeMap::new();
     settings.insert("model".into(), format!("{model} (BN+ReLU after each conv, or no norm)"));
     settings.insert("optimizer".into(), format!("SGD lr {lr}, batch 128"));
@@ -270,7 +270,7 @@ impl Study for Landscape {
     fn run(
         &self,
         opts: &StudyOptions,
-        progress: &mut dyn FnMut(usize, usize, &str),
+        progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
         results: &mut StudyResults,
     ) -> Result<(Settings, Option<crate::files::RunLock>)> {
         let (runs, settings, lock) = super::study::own_loop(opts, || run(opts, progress))?;

@@ -72,7 +72,7 @@ pub fn plan(study: &str, opts: &StudyOptions) -> Result<Plan> {
 pub fn run_study(
     study: &str,
     opts: &StudyOptions,
-    progress: &mut dyn FnMut(usize, usize, &str),
+    progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
 ) -> Result<StudyResults> {
     if opts.seeds == 0 {
         return Err(Error::invalid("--seeds must be at least 1"));

@@ -40,7 +40,7 @@ pub trait Study: Sync {
     fn run(
         &self,
         opts: &StudyOptions,
-        progress: &mut dyn FnMut(usize, usize, &str),
+        progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
         results: &mut StudyResults,
     ) -> Result<(Settings, Option<crate::files::RunLock>)> {
         let (planned, settings) = self.plan(opts)?;

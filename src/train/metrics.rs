@@ -51,7 +51,11 @@ pub trait Reporter {
         Ok(())
     }
     fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
-    fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64) {}
+    /// After each step. An error (the Python API's Ctrl-C) stops the run where it is: the run
+    /// folder keeps its last committed epoch, as after a kill.
+    fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64) -> Result<()> {
+        Ok(())
+    }
     fn epoch_end(&mut self, _m: &EpochMetrics) -> Result<()> {
         Ok(())
     }

@@ -215,7 +215,7 @@ pub fn train_on(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |d| d.as_secs_f64()),
             });
-            reporter.batch(loss_sum / seen as f64, seen as f64 / t0.elapsed().as_secs_f64());
+            reporter.batch(loss_sum / seen as f64, seen as f64 / t0.elapsed().as_secs_f64())?;
         }
         let seconds = t0.elapsed().as_secs_f64();
         let communication = timed.take();

@@ -1,0 +1,504 @@
+//! The engine from Python: train a run, run a study, read a checkpoint. The same library calls
+//! as the CLI, in this process: the GIL is released while training, a progress bar shows on a
+//! terminal, each epoch's row goes through Python's `sys.stdout` (so a notebook shows it), and
+//! Ctrl-C stops the run after the current step with its folder resumable, as in the shell.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use numpy::{IntoPyArray, PyArrayMethods};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use normlab::models::Arch;
+use normlab::nn::norm_spec::NormSpec;
+use normlab::optim::{OptimizerConfig, OptimizerKind};
+use normlab::train::{self, EpochMetrics, Reporter, RunMetrics, Start, TrainConfig};
+use normlab::{Error, Result};
+
+use crate::to_py;
+
+/// The keyword arguments of `normlab.train`: the CLI's `normlab train` options, by the same
+/// names with `_` for `-`.
+const TRAIN_OPTIONS: &[&str] = &[
+    "model",
+    "norm",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "no_decay_norm_bias",
+    "schedule",
+    "warmup",
+    "seed",
+    "threads",
+    "train_limit",
+    "test_limit",
+    "data",
+    "sparsity",
+    "gamma_init",
+    "dropout",
+    "init_scale",
+    "init_from",
+    "augment",
+    "resize",
+    "tensorboard",
+    "freeze_bn",
+];
+
+fn parsed<T: std::str::FromStr<Err = Error>>(v: &Bound<'_, PyAny>, key: &str) -> PyResult<T> {
+    let text: String = v
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{key} takes a string")))?;
+    text.parse().map_err(to_py)
+}
+
+fn number<'py, T: for<'a> FromPyObject<'a, 'py>>(v: &Bound<'py, PyAny>, key: &str) -> PyResult<T> {
+    v.extract()
+        .map_err(|_| PyTypeError::new_err(format!("{key} takes a number, got {v}")))
+}
+
+/// A fresh run's settings: the CLI's defaults with every keyword given put in its place.
+fn config_from(options: &Bound<'_, PyDict>, threads: usize) -> PyResult<TrainConfig> {
+    for key in options.keys() {
+        let key: String = key.extract()?;
+        if !TRAIN_OPTIONS.contains(&key.as_str()) {
+            return Err(PyTypeError::new_err(format!(
+                "train() got an unexpected keyword argument '{key}' (the options are: {})",
+                TRAIN_OPTIONS.join(", ")
+            )));
+        }
+    }
+    let get = |k: &str| options.get_item(k).ok().flatten().filter(|v| !v.is_none());
+    let kind: OptimizerKind = match get("optimizer") {
+        Some(v) => parsed(&v, "optimizer")?,
+        None => OptimizerKind::Adam,
+    };
+    let mut c = TrainConfig {
+        optimizer: OptimizerConfig {
+            kind,
+            lr: if kind == OptimizerKind::Sgd { 0.01 } else { 1e-3 },
+            ..OptimizerConfig::default()
+        },
+        threads,
+        ..TrainConfig::default()
+    };
+    if let Some(v) = get("model") {
+        c.model = parsed::<Arch>(&v, "model")?;
+    }
+    if let Some(v) = get("norm") {
+        c.norm = parsed::<NormSpec>(&v, "norm")?;
+    }
+    if let Some(v) = get("epochs") {
+        c.epochs = number(&v, "epochs")?;
+    }
+    if let Some(v) = get("batch_size") {
+        c.batch_size = number(&v, "batch_size")?;
+    }
+    if let Some(v) = get("lr") {
+        c.optimizer.lr = number(&v, "lr")?;
+    }
+    if let Some(v) = get("momentum") {
+        c.optimizer.momentum = number(&v, "momentum")?;
+    }
+    if let Some(v) = get("nesterov") {
+        c.optimizer.nesterov = v.is_truthy()?;
+    }
+    if let Some(v) = get("weight_decay") {
+        c.optimizer.weight_decay = number(&v, "weight_decay")?;
+    }
+    if let Some(v) = get("no_decay_norm_bias") {
+        c.optimizer.no_decay_norm_and_bias = v.is_truthy()?;
+    }
+    if let Some(v) = get("schedule") {
+        c.schedule = parsed(&v, "schedule")?;
+    }
+    if let Some(v) = get("warmup") {
+        c.warmup_epochs = number(&v, "warmup")?;
+    }
+    if let Some(v) = get("seed") {
+        c.seed = number(&v, "seed")?;
+    }
+    if let Some(v) = get("train_limit") {
+        c.train_limit = Some(number(&v, "train_limit")?);
+    }
+    if let Some(v) = get("test_limit") {
+        c.test_limit = Some(number(&v, "test_limit")?);
+    }
+    if let Some(v) = get("data") {
+        c.data = Some(v.extract::<PathBuf>()?);
+    }
+    if let Some(v) = get("sparsity") {
+        c.sparsity = number(&v, "sparsity")?;
+    }
+    if let Some(v) = get("gamma_init") {
+        c.gamma_init = Some(number(&v, "gamma_init")?);
+    }
+    if let Some(v) = get("dropout") {
+        c.dropout = number(&v, "dropout")?;
+    }
+    if let Some(v) = get("init_scale") {
+        c.init_scale = Some(number(&v, "init_scale")?);
+    }
+    if let Some(v) = get("init_from") {
+        c.init_from = Some(v.extract::<PathBuf>()?);
+    }
+    if let Some(v) = get("augment") {
+        c.augment = parsed(&v, "augment")?;
+    }
+    if let Some(v) = get("resize") {
+        let (h, w): (usize, usize) = v
+            .extract()
+            .map_err(|_| PyTypeError::new_err("resize takes (height, width)"))?;
+        c.resize = Some([h, w]);
+    }
+    if let Some(v) = get("tensorboard") {
+        c.tensorboard = v.is_truthy()?;
+    }
+    if let Some(v) = get("freeze_bn") {
+        c.freeze_bn = Some(parsed(&v, "freeze_bn")?);
+    }
+    if c.optimizer.nesterov && c.optimizer.momentum == 0.0 {
+        return Err(to_py(Error::invalid("nesterov needs momentum > 0")));
+    }
+    c.validate().map_err(to_py)?;
+    Ok(c)
+}
+
+/// Starts the worker threads once per process (`threads`, or one per core).
+fn start_threads(threads: Option<usize>) -> PyResult<usize> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if !(1..=256).contains(&n) {
+        return Err(to_py(Error::invalid(format!("threads must be in 1..=256, got {n}"))));
+    }
+    match rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+        Ok(()) => Ok(n),
+        // Already started (an earlier call in this process): results do not depend on it.
+        Err(_) => Ok(rayon::current_num_threads()),
+    }
+}
+
+/// Runs `f` on a worker of the global pool (as the CLI does) with the GIL released, while
+/// this (the main) thread looks at Python's signals every 100 ms: Python runs its Ctrl-C
+/// handler only on the main thread, so a KeyboardInterrupt there sets `stop`, which the
+/// training loop reads between steps.
+fn in_pool<T: Send>(py: Python<'_>, stop: &AtomicBool, f: impl FnOnce() -> T + Send) -> T {
+    let done: Arc<(Mutex<Option<T>>, Condvar)> = Arc::new((Mutex::new(None), Condvar::new()));
+    std::thread::scope(|s| {
+        let slot = done.clone();
+        s.spawn(move || {
+            let mut out = None;
+            rayon::scope(|s| s.spawn(|_| out = Some(f())));
+            let (lock, cv) = &*slot;
+            *lock.lock().expect("not poisoned") = out;
+            cv.notify_all();
+        });
+        loop {
+            let finished = py.detach(|| {
+                let (lock, cv) = &*done;
+                let guard = lock.lock().expect("not poisoned");
+                let (mut guard, _) = cv
+                    .wait_timeout_while(guard, Duration::from_millis(100), |v| v.is_none())
+                    .expect("not poisoned");
+                guard.take()
+            });
+            if let Some(v) = finished {
+                return v;
+            }
+            if py.check_signals().is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+    })
+}
+
+/// Writes a line through Python's sys.stdout (a notebook cell shows it).
+fn say(line: &str) {
+    Python::attach(|py| {
+        if let Ok(sys) = py.import("sys") {
+            if let Ok(out) = sys.getattr("stdout") {
+                let _ = out.call_method1("write", (format!("{line}\n"),));
+                let _ = out.call_method0("flush");
+            }
+        }
+    });
+}
+
+/// Progress bars on a terminal, the epoch table through sys.stdout, Ctrl-C between steps.
+struct PyReporter<'a> {
+    bar: Option<ProgressBar>,
+    stop: &'a AtomicBool,
+    show: bool,
+    out: PathBuf,
+    committed: usize,
+}
+
+impl PyReporter<'_> {
+    fn interrupted(&self) -> Error {
+        let how = format!("normlab.train(resume=\"{}\")", self.out.display());
+        Error::Interrupted(match self.committed {
+            0 => format!(
+                "interrupted before the first epoch ended: no checkpoint yet in {}; start again, or continue with {how}",
+                self.out.display()
+            ),
+            k => format!(
+                "interrupted: the last checkpoint is {} (epoch {k}); continue with {how}",
+                self.out.join("model.safetensors").display()
+            ),
+        })
+    }
+}
+
+impl Reporter for PyReporter<'_> {
+    fn started(&mut self, data: &str, out: &Path, m: &RunMetrics) -> Result<()> {
+        self.committed = m.epochs.len();
+        if self.show {
+            say(data);
+            let resumed = match m.epochs.len() {
+                0 => String::new(),
+                k => format!(" (resuming after epoch {k})"),
+            };
+            say(&format!("run folder: {}{resumed}", out.display()));
+            say(&format!(
+                "{:>5}  {:>9}  {:>10}  {:>9}  {:>9}  {:>8}  {:>7}  {:>8}",
+                "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img/s"
+            ));
+        }
+        Ok(())
+    }
+
+    fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize) {
+        if !self.show {
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(Some(batches as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed}, eta {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        bar.enable_steady_tick(Duration::from_millis(250));
+        self.bar = Some(bar);
+    }
+
+    fn batch(&mut self, mean_loss: f64, images_per_sec: f64) -> Result<()> {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s"));
+            bar.inc(1);
+        }
+        if self.stop.load(Ordering::Relaxed) {
+            if let Some(bar) = self.bar.take() {
+                bar.finish_and_clear();
+            }
+            return Err(self.interrupted());
+        }
+        Ok(())
+    }
+
+    fn epoch_end(&mut self, m: &EpochMetrics) -> Result<()> {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        if self.show {
+            say(&format!(
+                "{:>5}  {:>9.2e}  {:>10.4}  {:>9.4}  {:>9.4}  {:>8.4}  {:>7.1}  {:>8.0}",
+                m.epoch,
+                m.lr,
+                m.train_loss,
+                m.train_accuracy,
+                m.test_loss,
+                m.test_accuracy,
+                m.seconds,
+                m.images_per_sec
+            ));
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self, _out: &Path, epoch: usize) {
+        self.committed = epoch;
+    }
+}
+
+/// Trains a run (fresh from the options, or `resume`d) and returns its folder.
+#[pyfunction]
+#[pyo3(signature = (*, out=None, resume=None, progress=true, **options))]
+fn train_run(
+    py: Python<'_>,
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    progress: bool,
+    options: Option<&Bound<'_, PyDict>>,
+) -> PyResult<PathBuf> {
+    let empty = PyDict::new(py);
+    let options = options.unwrap_or(&empty);
+    let threads: Option<usize> = match options.get_item("threads")? {
+        Some(v) if !v.is_none() => Some(number(&v, "threads")?),
+        _ => None,
+    };
+    let (start, dir) = match resume {
+        Some(dir) => {
+            let extra: Vec<String> = options
+                .keys()
+                .iter()
+                .filter_map(|k| k.extract::<String>().ok())
+                .filter(|k| k != "epochs" && k != "threads")
+                .collect();
+            if !extra.is_empty() || out.is_some() {
+                return Err(to_py(Error::invalid(format!(
+                    "resume keeps the run's own settings; only epochs and threads may be given with it, not {}",
+                    if out.is_some() {
+                        "out".to_string()
+                    } else {
+                        extra.join(", ")
+                    }
+                ))));
+            }
+            let epochs: Option<usize> = match options.get_item("epochs")? {
+                Some(v) if !v.is_none() => Some(number(&v, "epochs")?),
+                _ => None,
+            };
+            start_threads(threads)?;
+            (Start::Resume { epochs, threads }, dir)
+        }
+        None => {
+            let n = start_threads(threads)?;
+            let config = config_from(options, n)?;
+            let name = format!(
+                "{}-{}",
+                config.model.short().replace([':', ','], "_"),
+                config.norm.short().replace([':', ',', '='], "_")
+            );
+            let dir = out.unwrap_or_else(|| train::fresh_run_dir(Path::new("runs"), &name));
+            (Start::Fresh(Box::new(config)), dir)
+        }
+    };
+    let stop = AtomicBool::new(false);
+    let mut reporter = PyReporter {
+        bar: None,
+        stop: &stop,
+        show: progress,
+        out: dir.clone(),
+        committed: 0,
+    };
+    let target = dir.clone();
+    let result = in_pool(py, &stop, move || train::train(start, &target, &mut reporter));
+    result.map_err(to_py)?;
+    Ok(dir)
+}
+
+/// Runs a study (`normlab study NAME`) into `out` and returns that folder.
+#[pyfunction]
+#[pyo3(signature = (name, *, quick=false, seeds=3, out=None, data=None, threads=None, progress=true))]
+#[allow(clippy::too_many_arguments)]
+fn study_run(
+    py: Python<'_>,
+    name: &str,
+    quick: bool,
+    seeds: usize,
+    out: Option<PathBuf>,
+    data: Option<PathBuf>,
+    threads: Option<usize>,
+    progress: bool,
+) -> PyResult<PathBuf> {
+    normlab::studies::find(name).map_err(to_py)?;
+    let threads = start_threads(threads)?;
+    let out = out.unwrap_or_else(|| train::fresh_run_dir(Path::new("studies"), name));
+    let opts = normlab::studies::StudyOptions {
+        comm: normlab::dist::single_process(),
+        quick,
+        seeds,
+        out: out.clone(),
+        data,
+        threads,
+    };
+    let bar = if progress {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("run {pos}/{len} [{bar:30}] {msg} ({elapsed}, eta {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let name = name.to_string();
+    // Ctrl-C stops the study between its runs (a study starts over in a new folder).
+    let stop = AtomicBool::new(false);
+    let results = in_pool(py, &stop, || {
+        normlab::studies::run_study(&name, &opts, &mut |i, n, what| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+            bar.set_message(what.to_string());
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted(format!(
+                    "interrupted between runs: the finished runs are in {}; a study starts over in a new folder",
+                    out.join("runs").display()
+                )));
+            }
+            Ok(())
+        })
+    });
+    bar.finish_and_clear();
+    results.map_err(to_py)?;
+    Ok(out)
+}
+
+/// A checkpoint's tensors by PyTorch name: float32 arrays, and int64 0-d arrays for
+/// `num_batches_tracked`, as `torch.load_state_dict` expects them.
+#[pyfunction]
+fn read_state_dict<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let bytes = normlab::checkpoint::read_safetensors(&path).map_err(to_py)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        to_py(Error::checkpoint(
+            &path,
+            format!("not a readable safetensors file ({e})"),
+        ))
+    })?;
+    let out = PyDict::new(py);
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    for name in names {
+        let t = st
+            .tensor(&name)
+            .map_err(|e| to_py(Error::checkpoint(&path, format!("{name}: {e}"))))?;
+        let shape = t.shape().to_vec();
+        match t.dtype() {
+            safetensors::Dtype::F32 => {
+                let v: Vec<f32> = normlab::checkpoint::le_f32s(t.data()).collect();
+                out.set_item(&name, v.into_pyarray(py).reshape(shape)?)?;
+            }
+            safetensors::Dtype::I64 => {
+                let v: Vec<i64> = t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect();
+                out.set_item(&name, v.into_pyarray(py).reshape(shape)?)?;
+            }
+            other => {
+                return Err(to_py(Error::checkpoint(
+                    &path,
+                    format!("tensor '{name}' is {other:?}; normlab writes F32 and I64 only"),
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(train_run, m)?)?;
+    m.add_function(wrap_pyfunction!(study_run, m)?)?;
+    m.add_function(wrap_pyfunction!(read_state_dict, m)?)?;
+    Ok(())
+}
