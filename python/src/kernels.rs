@@ -441,6 +441,14 @@ fn gn_train_backward<'py>(
             .zip(&var)
             .map(|(&mean, &var)| ChannelStats { mean, var })
             .collect();
+        let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
+        let gamma = gamma.as_deref();
+        if s == 1 && groups == 1 {
+            // nn.LayerNorm: column sums over the samples, not N·C per-element pairs.
+            gn::group_norm_backward(xs, xs, ds, dxs, shape, groups, eps, gamma, false, &stats, None);
+            gn::elementwise_param_grads(xs, xs, ds, shape, eps, false, &stats, &mut dw, &mut db);
+            return (dw, db);
+        }
         let mut per = vec![(0.0f64, 0.0f64); n * c];
         gn::group_norm_backward(
             xs,
@@ -450,12 +458,11 @@ fn gn_train_backward<'py>(
             shape,
             groups,
             eps,
-            gamma.as_deref(),
+            gamma,
             false,
             &stats,
-            &mut per,
+            Some(&mut per),
         );
-        let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
         for row in per.chunks(c) {
             for (ch, &(sd, sdx)) in row.iter().enumerate() {
                 db[ch] += sd;

@@ -3,6 +3,8 @@
 //! kernels; PyTorch's elementwise nn.LayerNorm is the (N, C·H·W, 1) view with G = 1. Blocks run
 //! in parallel; each is read from memory once and revisited in cache.
 
+use std::iter::repeat;
+
 use rayon::prelude::*;
 
 use crate::kernels::batch_norm::{apply_run, inverse_std, ChannelStats, Ncs};
@@ -98,10 +100,11 @@ multiversion! {
             let center = Center::new(st.mean);
             if l.s == 1 {
                 // Elementwise affine: one pass over the block with per-element γ, β.
-                for (j, (o, &v)) in yb.iter_mut().zip(xb).enumerate() {
-                    let a = invstd * gamma.map_or(1.0, |g| g[j]);
-                    let z = center.sub(v) * a + beta.map_or(0.0, |b| b[j]);
-                    *o = if relu { reduce::relu(z) } else { z };
+                match (gamma, beta) {
+                    (Some(g), Some(b)) => affine_elementwise(xb, yb, center, invstd, g.iter().copied(), b.iter().copied(), relu),
+                    (Some(g), None) => affine_elementwise(xb, yb, center, invstd, g.iter().copied(), repeat(0.0), relu),
+                    (None, Some(b)) => affine_elementwise(xb, yb, center, invstd, repeat(1.0), b.iter().copied(), relu),
+                    (None, None) => affine_elementwise(xb, yb, center, invstd, repeat(1.0), repeat(0.0), relu),
                 }
                 continue;
             }
@@ -113,9 +116,31 @@ multiversion! {
     }
 }
 
+/// y = act((x − mean)·invstd·γ[j] + β[j]) over a block with per-element γ, β (nn.LayerNorm);
+/// generic over the two iterators so that each combination compiles to one vector loop.
+#[inline(always)]
+fn affine_elementwise(
+    xb: &[f32],
+    yb: &mut [f32],
+    center: Center,
+    invstd: f32,
+    gamma: impl Iterator<Item = f32>,
+    beta: impl Iterator<Item = f32>,
+    relu: bool,
+) {
+    let it = yb.iter_mut().zip(xb).zip(gamma.zip(beta));
+    if relu {
+        it.for_each(|((o, &v), (g, b))| *o = reduce::relu(center.sub(v) * (invstd * g) + b));
+    } else {
+        it.for_each(|((o, &v), (g, b))| *o = center.sub(v) * (invstd * g) + b);
+    }
+}
+
 /// Backward: with g = γ·dy inside each (n, group) set of m values,
 /// dx = invstd/m · (m·g - Σg - x̂·Σg·x̂); per (n, c) the sums Σdy and Σdy·x̂ go to
-/// `channel_sums[n·C + c]` for the parameter gradients. With `relu`, dy is masked by y > 0.
+/// `channel_sums[n·C + c]` for the parameter gradients, when given (nn.LayerNorm's C·H·W
+/// per-element sums are four tensor-sizes of f64: `elementwise_param_grads` reduces over the
+/// samples directly instead). With `relu`, dy is masked by y > 0.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_backward(
     x: &[f32],
@@ -128,37 +153,97 @@ pub fn group_norm_backward(
     gamma: Option<&[f32]>,
     relu: bool,
     stats: &[ChannelStats],
-    channel_sums: &mut [(f64, f64)],
+    channel_sums: Option<&mut [(f64, f64)]>,
 ) {
     let (cg, s) = (shape.c / groups, shape.s);
     let block = cg * s;
     let tile = tile_for(block);
     let span = block * tile;
-    dx.par_chunks_mut(span)
-        .zip(x.par_chunks(span).zip(y.par_chunks(span)).zip(dy.par_chunks(span)))
-        .zip(channel_sums.par_chunks_mut(cg * tile).zip(stats.par_chunks(tile)))
+    let layout = |t: usize| Layout {
+        block,
+        s,
+        first: t * tile,
+        groups,
+    };
+    let tiles = dx
+        .par_chunks_mut(span)
+        .zip(x.par_chunks(span).zip(y.par_chunks(span)).zip(dy.par_chunks(span)));
+    match channel_sums {
+        Some(cs) => tiles
+            .zip(cs.par_chunks_mut(cg * tile).zip(stats.par_chunks(tile)))
+            .enumerate()
+            .for_each(|(t, ((dxt, ((xt, yt), dt)), (sums, st)))| {
+                backward_tile(xt, yt, dt, dxt, layout(t), eps, gamma, relu, st, Some(sums))
+            }),
+        None => tiles
+            .zip(stats.par_chunks(tile))
+            .enumerate()
+            .for_each(|(t, ((dxt, ((xt, yt), dt)), st))| {
+                backward_tile(xt, yt, dt, dxt, layout(t), eps, gamma, relu, st, None)
+            }),
+    }
+}
+
+// dγ[j] = Σ_n dy[n, j]·(x[n, j] − mean_n)·invstd_n, dβ[j] = Σ_n dy[n, j] for nn.LayerNorm's
+// (N, C, 1) view (one statistics set per sample), dy masked by y > 0 with `relu`.
+/// Column sums over the samples, channels in parallel chunks (each row segment read in
+/// order), accumulated in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn elementwise_param_grads(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    shape: Ncs,
+    eps: f64,
+    relu: bool,
+    stats: &[ChannelStats],
+    dgamma: &mut [f64],
+    dbeta: &mut [f64],
+) {
+    const COLUMNS: usize = 512;
+    let c = shape.c;
+    let rows: Vec<(Center, f32)> = stats
+        .iter()
+        .map(|st| (Center::new(st.mean), inverse_std(st.var, eps)))
+        .collect();
+    dgamma
+        .par_chunks_mut(COLUMNS)
+        .zip(dbeta.par_chunks_mut(COLUMNS))
         .enumerate()
-        .for_each(|(t, ((dxt, ((xt, yt), dt)), (sums, st)))| {
-            let layout = Layout {
-                block,
-                s,
-                first: t * tile,
-                groups,
-            };
-            backward_tile(xt, yt, dt, dxt, layout, eps, gamma, relu, st, sums);
+        .for_each(|(k, (dg, db))| {
+            dg.fill(0.0);
+            db.fill(0.0);
+            let cols = k * COLUMNS..k * COLUMNS + dg.len();
+            for (i, &(center, invstd)) in rows.iter().enumerate() {
+                let r = i * c + cols.start..i * c + cols.end;
+                column_sums(&x[r.clone()], &y[r.clone()], &dy[r], center, invstd, relu, dg, db);
+            }
         });
+}
+
+multiversion! {
+    /// One sample's row segment added into the column sums.
+    fn column_sums(x: &[f32], y: &[f32], dy: &[f32], center: Center, invstd: f32, relu: bool, dg: &mut [f64], db: &mut [f64]) {
+        for ((((g, b), &xv), &yv), &d) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(y).zip(dy) {
+            let d = if relu { relu_mask(yv, d) } else { d };
+            *g += (d * (center.sub(xv) * invstd)) as f64;
+            *b += d as f64;
+        }
+    }
 }
 
 multiversion! {
     /// A tile's backward: per block and channel run Σg and Σg·x̂ (into `sums`), for every block
     /// of the tile; then dx = invstd·(γ·g - Σγg/m - x̂·Σγg·x̂/m).
-    fn backward_tile(xt: &[f32], yt: &[f32], dt: &[f32], dxt: &mut [f32], l: Layout, eps: f64, gamma: Option<&[f32]>, relu: bool, stats: &[ChannelStats], sums: &mut [(f64, f64)]) {
+    fn backward_tile(xt: &[f32], yt: &[f32], dt: &[f32], dxt: &mut [f32], l: Layout, eps: f64, gamma: Option<&[f32]>, relu: bool, stats: &[ChannelStats], sums: Option<&mut [(f64, f64)]>) {
         // Per block: invstd and the two dx coefficients a = Σγg/m, b = Σγg·x̂/m·invstd.
         let mut coef = [(0.0f32, 0.0f32, 0.0f32); TILE];
         let cg = l.channels_per_block();
         let blocks = xt.chunks(l.block).zip(yt.chunks(l.block)).zip(dt.chunks(l.block));
-        for (k, ((((xb, yb), db), st), bsums)) in blocks.zip(stats).zip(sums.chunks_mut(cg)).enumerate() {
+        let mut sums = sums;
+        for (k, (((xb, yb), db), st)) in blocks.zip(stats).enumerate() {
             let gamma = gamma.map(|g| &g[l.channels(k)]);
+            let bsums = sums.as_deref_mut().map(|s| &mut s[k * cg..(k + 1) * cg]);
             coef[k] = block_grad_sums(xb, yb, db, l.s, eps, gamma, relu, st, bsums);
         }
         let blocks = dxt.chunks_mut(l.block).zip(xt.chunks(l.block)).zip(yt.chunks(l.block)).zip(dt.chunks(l.block));
@@ -182,37 +267,71 @@ fn block_grad_sums(
     gamma: Option<&[f32]>,
     relu: bool,
     st: &ChannelStats,
-    sums: &mut [(f64, f64)],
+    sums: Option<&mut [(f64, f64)]>,
 ) -> (f32, f32, f32) {
     let invstd = inverse_std(st.var, eps);
     let center = Center::new(st.mean);
     let m = xb.len() as f64;
     if s == 1 {
         // nn.LayerNorm's elementwise affine: per-element sums in one pass.
-        let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-        for (j, sum) in sums.iter_mut().enumerate() {
-            let g = if relu { relu_mask(yb[j], db[j]) } else { db[j] };
-            let xhat = center.sub(xb[j]) * invstd;
-            *sum = (g as f64, (g * xhat) as f64);
-            let gm = gamma.map_or(1.0, |gv| gv[j]);
-            sg += (gm * g) as f64;
-            sgx += (gm * g * xhat) as f64;
-        }
+        let (sg, sgx) = elementwise_grad_sums(xb, yb, db, gamma, center, invstd, relu, sums);
         return (invstd, (sg / m) as f32, (sgx / m) as f32);
     }
     let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-    for (j, sum) in sums.iter_mut().enumerate() {
+    let mut sums = sums;
+    for j in 0..xb.len() / s {
         let r = j * s..(j + 1) * s;
         let mut acc = PairSums::new();
         acc.add_grad(&xb[r.clone()], relu.then(|| &yb[r.clone()]), &db[r], center);
         let (sd, sdx) = acc.totals();
         let sdx_hat = sdx * invstd as f64;
-        *sum = (sd, sdx_hat);
+        if let Some(sums) = sums.as_deref_mut() {
+            sums[j] = (sd, sdx_hat);
+        }
         let gm = gamma.map_or(1.0, |g| g[j]) as f64;
         sg += gm * sd;
         sgx += gm * sdx_hat;
     }
     (invstd, (sg / m) as f32, (sgx / m * invstd as f64) as f32)
+}
+
+/// Per element: (g, g·x̂) into `sums` when given (g = dy masked by y > 0 with `relu`); returns
+/// Σγ·g and Σγ·g·x̂, accumulated in f64 over 8 lanes (independent chains, so the loop runs at
+/// vector speed rather than at one dependent f64 add per element).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn elementwise_grad_sums(
+    xb: &[f32],
+    yb: &[f32],
+    db: &[f32],
+    gamma: Option<&[f32]>,
+    center: Center,
+    invstd: f32,
+    relu: bool,
+    sums: Option<&mut [(f64, f64)]>,
+) -> (f64, f64) {
+    const LANES: usize = 8;
+    const CHUNK: usize = 512;
+    let ones = [1.0f32; CHUNK];
+    let (mut sg, mut sgx) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let mut sums = sums;
+    for (k, ((xc, yc), dc)) in xb.chunks(CHUNK).zip(yb.chunks(CHUNK)).zip(db.chunks(CHUNK)).enumerate() {
+        let base = k * CHUNK;
+        let gc = gamma.map_or(&ones[..xc.len()], |g| &g[base..base + xc.len()]);
+        for (j, (((&x, &y), &d), &gm)) in xc.iter().zip(yc).zip(dc).zip(gc).enumerate() {
+            let g = if relu { relu_mask(y, d) } else { d };
+            let xhat = center.sub(x) * invstd;
+            sg[j % LANES] += (gm * g) as f64;
+            sgx[j % LANES] += (gm * g * xhat) as f64;
+        }
+        if let Some(sums) = sums.as_deref_mut() {
+            for (((sum, &x), &y), &d) in sums[base..base + xc.len()].iter_mut().zip(xc).zip(yc).zip(dc) {
+                let g = if relu { relu_mask(y, d) } else { d };
+                *sum = (g as f64, (g * (center.sub(x) * invstd)) as f64);
+            }
+        }
+    }
+    (sg.iter().sum(), sgx.iter().sum())
 }
 
 /// One block's dx from its coefficients (invstd, a, b) of `block_grad_sums`.
@@ -231,10 +350,14 @@ fn block_dx(
 ) {
     let center = Center::new(st.mean);
     if s == 1 {
-        for (j, o) in dxb.iter_mut().enumerate() {
-            let g = if relu { relu_mask(yb[j], db[j]) } else { db[j] };
-            let xhat = center.sub(xb[j]) * invstd;
-            *o = invstd * (gamma.map_or(1.0, |gv| gv[j]) * g - a - xhat * b);
+        let dx = |o: &mut f32, x: f32, y: f32, d: f32, gm: f32| {
+            let g = if relu { relu_mask(y, d) } else { d };
+            *o = invstd * (gm * g - a - center.sub(x) * invstd * b);
+        };
+        let it = dxb.iter_mut().zip(xb).zip(yb.iter().zip(db));
+        match gamma {
+            Some(gv) => it.zip(gv).for_each(|(((o, &x), (&y, &d)), &gm)| dx(o, x, y, d, gm)),
+            None => it.for_each(|((o, &x), (&y, &d))| dx(o, x, y, d, 1.0)),
         }
         return;
     }

@@ -373,7 +373,7 @@ impl Layer for GroupNorm {
             gamma,
             relu,
             &sc.stats,
-            &mut sc.channel_sums,
+            Some(&mut sc.channel_sums),
         );
         if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
             for ch in 0..c {
