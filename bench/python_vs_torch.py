@@ -125,39 +125,27 @@ def train_step(model, x, y):
     return run
 
 
-def bn_share(model, x, y, reps):
-    """The fraction of a step's time inside the BatchNorm layers (forward hooks and backward
-    hooks time them), to say where the time goes."""
-    spent = [0.0]
-    starts = {}
-
-    def pre(m, inp):
-        starts[m] = time.perf_counter()
-
-    def post(m, inp, out):
-        spent[0] += time.perf_counter() - starts[m]
-
-    def bpre(m, gout):
-        starts[(m, "b")] = time.perf_counter()
-
-    def bpost(m, gin, gout):
-        spent[0] += time.perf_counter() - starts[(m, "b")]
-
-    hooks = []
+def bn_shapes(model, x):
+    """The input shapes of the model's BatchNorm layers in one forward."""
+    shapes, hooks = [], []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post),
-                      m.register_full_backward_pre_hook(bpre), m.register_full_backward_hook(bpost)]
-    step = train_step(model, x, y)
-    step()
-    spent[0] = 0.0
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        step()
-    total = time.perf_counter() - t0
+            hooks.append(m.register_forward_hook(lambda m, inp, out: shapes.append(tuple(inp[0].shape))))
+    with torch.no_grad():
+        model(x)
     for h in hooks:
         h.remove()
-    return spent[0] / total
+    return shapes
+
+
+def bn_time(shapes, cls, reps):
+    """Forward + backward of a BN layer of class `cls` at each shape, summed: the BN part of one
+    training step, timed alone."""
+    total = 0.0
+    for shape in shapes:
+        x, dy = torch.randn(shape), torch.randn(shape)
+        total += median_time(fwd_bwd(cls(shape[1]), x, dy), reps)
+    return total
 
 
 def main():
@@ -213,13 +201,17 @@ def main():
                 times[k].append(median_time(steps[k], step_reps))
             ratios.append(times["stock"][-1] / times["converted"][-1])
         ips = {k: 32 / statistics.median(v) for k, v in times.items()}
-        share = {k: bn_share(m, x, y, step_reps) for k, m in (("stock", stock), ("converted", converted))}
+        shapes = bn_shapes(stock, x)
+        bn_ms = {"stock": bn_time(shapes, nn.BatchNorm2d, step_reps) * 1e3, "converted": bn_time(shapes, nt.BatchNorm2d, step_reps) * 1e3}
+        step_ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        share = {k: bn_ms[k] / step_ms[k] for k in step_ms}
         print(f"\nResNet-18 training step, batch 32 at 64x64, {a.threads} threads, {a.rounds} alternating rounds")
         print(f"  stock {ips['stock']:.1f} images/s, converted {ips['converted']:.1f} images/s; "
               f"ratio min {min(ratios):.2f}x, median {statistics.median(ratios):.2f}x")
-        print(f"  time inside BatchNorm layers (forward + backward): stock {share['stock']:.0%}, "
-              f"converted {share['converted']:.0%} of a step")
-        rows[("resnet18", (32, 3, 64, 64))] = dict(images_per_sec=ips, ratio=ratios, bn_share=share)
+        print(f"  step {step_ms['stock']:.0f} ms stock, {step_ms['converted']:.0f} ms converted; its {len(shapes)} "
+              f"BatchNorm layers alone (forward + backward, timed apart): {bn_ms['stock']:.1f} ms PyTorch's "
+              f"({share['stock']:.0%} of the step), {bn_ms['converted']:.1f} ms normlab's ({share['converted']:.0%})")
+        rows[("resnet18", (32, 3, 64, 64))] = dict(images_per_sec=ips, ratio=ratios, bn_ms=bn_ms, step_ms=step_ms)
     if a.json:
         with open(a.json, "w") as f:
             json.dump([{"entry": k[0], "shape": list(k[1]), **v} for k, v in rows.items()], f, indent=1)

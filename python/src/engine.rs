@@ -1,11 +1,10 @@
 //! The engine from Python: train a run, run a study, read a checkpoint. The same library calls
-//! as the CLI, in this process: the GIL is released while training, a progress bar shows on a
-//! terminal, each epoch's row goes through Python's `sys.stdout` (so a notebook shows it), and
-//! Ctrl-C stops the run after the current step with its folder resumable, as in the shell.
+//! as the CLI, in this process and on the calling thread (the pool's worker 0): the GIL is
+//! released while training, a progress bar shows on a terminal, each epoch's row goes through
+//! Python's `sys.stdout` (so a notebook shows it), and Ctrl-C stops the run after the current
+//! step with its folder resumable, as in the shell.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -172,51 +171,15 @@ fn config_from(options: &Bound<'_, PyDict>, threads: usize) -> PyResult<TrainCon
     Ok(c)
 }
 
-/// Starts the worker threads once per process (`threads`, or one per core).
-fn start_threads(threads: Option<usize>) -> PyResult<usize> {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if !(1..=256).contains(&n) {
-        return Err(to_py(Error::invalid(format!("threads must be in 1..=256, got {n}"))));
-    }
-    match rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
-        Ok(()) => Ok(n),
-        // Already started (an earlier call in this process): results do not depend on it.
-        Err(_) => Ok(rayon::current_num_threads()),
-    }
+/// Runs `f` on this thread (the pool's worker 0, see `start_pool`) with the GIL released.
+fn run_here<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    py.detach(f)
 }
 
-/// Runs `f` on a worker of the global pool (as the CLI does) with the GIL released, while
-/// this (the main) thread looks at Python's signals every 100 ms: Python runs its Ctrl-C
-/// handler only on the main thread, so a KeyboardInterrupt there sets `stop`, which the
-/// training loop reads between steps.
-fn in_pool<T: Send>(py: Python<'_>, stop: &AtomicBool, f: impl FnOnce() -> T + Send) -> T {
-    let done: Arc<(Mutex<Option<T>>, Condvar)> = Arc::new((Mutex::new(None), Condvar::new()));
-    std::thread::scope(|s| {
-        let slot = done.clone();
-        s.spawn(move || {
-            let mut out = None;
-            rayon::scope(|s| s.spawn(|_| out = Some(f())));
-            let (lock, cv) = &*slot;
-            *lock.lock().expect("not poisoned") = out;
-            cv.notify_all();
-        });
-        loop {
-            let finished = py.detach(|| {
-                let (lock, cv) = &*done;
-                let guard = lock.lock().expect("not poisoned");
-                let (mut guard, _) = cv
-                    .wait_timeout_while(guard, Duration::from_millis(100), |v| v.is_none())
-                    .expect("not poisoned");
-                guard.take()
-            });
-            if let Some(v) = finished {
-                return v;
-            }
-            if py.check_signals().is_err() {
-                stop.store(true, Ordering::Relaxed);
-            }
-        }
-    })
+/// Whether Ctrl-C was pressed: runs Python's pending signal handlers (only the main thread
+/// has any) and says whether one raised.
+fn interrupted() -> bool {
+    Python::attach(|py| py.check_signals()).is_err()
 }
 
 /// Writes a line through Python's sys.stdout (a notebook cell shows it).
@@ -232,15 +195,14 @@ fn say(line: &str) {
 }
 
 /// Progress bars on a terminal, the epoch table through sys.stdout, Ctrl-C between steps.
-struct PyReporter<'a> {
+struct PyReporter {
     bar: Option<ProgressBar>,
-    stop: &'a AtomicBool,
     show: bool,
     out: PathBuf,
     committed: usize,
 }
 
-impl PyReporter<'_> {
+impl PyReporter {
     fn interrupted(&self) -> Error {
         let how = format!("normlab.train(resume=\"{}\")", self.out.display());
         Error::Interrupted(match self.committed {
@@ -256,7 +218,7 @@ impl PyReporter<'_> {
     }
 }
 
-impl Reporter for PyReporter<'_> {
+impl Reporter for PyReporter {
     fn started(&mut self, data: &str, out: &Path, m: &RunMetrics) -> Result<()> {
         self.committed = m.epochs.len();
         if self.show {
@@ -294,7 +256,7 @@ impl Reporter for PyReporter<'_> {
             bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s"));
             bar.inc(1);
         }
-        if self.stop.load(Ordering::Relaxed) {
+        if interrupted() {
             if let Some(bar) = self.bar.take() {
                 bar.finish_and_clear();
             }
@@ -366,11 +328,11 @@ fn train_run(
                 Some(v) if !v.is_none() => Some(number(&v, "epochs")?),
                 _ => None,
             };
-            start_threads(threads)?;
+            crate::start_pool(threads)?;
             (Start::Resume { epochs, threads }, dir)
         }
         None => {
-            let n = start_threads(threads)?;
+            let n = crate::start_pool(threads)?;
             let config = config_from(options, n)?;
             let name = format!(
                 "{}-{}",
@@ -381,16 +343,14 @@ fn train_run(
             (Start::Fresh(Box::new(config)), dir)
         }
     };
-    let stop = AtomicBool::new(false);
     let mut reporter = PyReporter {
         bar: None,
-        stop: &stop,
         show: progress,
         out: dir.clone(),
         committed: 0,
     };
     let target = dir.clone();
-    let result = in_pool(py, &stop, move || train::train(start, &target, &mut reporter));
+    let result = run_here(py, move || train::train(start, &target, &mut reporter));
     result.map_err(to_py)?;
     Ok(dir)
 }
@@ -410,7 +370,7 @@ fn study_run(
     progress: bool,
 ) -> PyResult<PathBuf> {
     normlab::studies::find(name).map_err(to_py)?;
-    let threads = start_threads(threads)?;
+    let threads = crate::start_pool(threads)?;
     let out = out.unwrap_or_else(|| train::fresh_run_dir(Path::new("studies"), name));
     let opts = normlab::studies::StudyOptions {
         comm: normlab::dist::single_process(),
@@ -433,13 +393,12 @@ fn study_run(
     };
     let name = name.to_string();
     // Ctrl-C stops the study between its runs (a study starts over in a new folder).
-    let stop = AtomicBool::new(false);
-    let results = in_pool(py, &stop, || {
+    let results = run_here(py, || {
         normlab::studies::run_study(&name, &opts, &mut |i, n, what| {
             bar.set_length(n as u64);
             bar.set_position(i as u64);
             bar.set_message(what.to_string());
-            if stop.load(Ordering::Relaxed) {
+            if interrupted() {
                 return Err(Error::Interrupted(format!(
                     "interrupted between runs: the finished runs are in {}; a study starts over in a new folder",
                     out.join("runs").display()

@@ -38,6 +38,7 @@ fn contiguous_mut<'a>(a: &'a mut Out, name: &str) -> PyResult<&'a mut [f32]> {
 
 /// The (N, C, S) view of an [N, C, *] array.
 fn view(x: &In, name: &str) -> PyResult<Ncs> {
+    crate::start_pool(None)?;
     let shape = x.shape();
     if shape.len() < 2 {
         return Err(bad(format!("{name} must be [N, C, *], got shape {shape:?}")));
@@ -51,6 +52,7 @@ fn view(x: &In, name: &str) -> PyResult<Ncs> {
 
 /// An explicit (N, C, S) view of any array of N·C·S values.
 fn explicit_view(x: &In, n: usize, c: usize, s: usize) -> PyResult<Ncs> {
+    crate::start_pool(None)?;
     let shape = Ncs::new(n, c, s);
     if shape.is_empty() || n.checked_mul(c).and_then(|v| v.checked_mul(s)) != Some(x.len()) {
         return Err(bad(format!(
@@ -595,6 +597,7 @@ fn norm_layer<'py>(
     tensors: &Bound<'py, PyDict>,
     training: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
+    crate::start_pool(None)?;
     let norm: normlab::nn::norm_spec::NormSpec = spec.parse().map_err(crate::to_py)?;
     let mut inputs = normlab::conformance::NamedTensors::default();
     for (k, v) in tensors.iter() {
