@@ -447,8 +447,7 @@ fn gn_train_backward<'py>(
         let gamma = gamma.as_deref();
         if s == 1 && groups == 1 {
             // nn.LayerNorm: column sums over the samples, not N·C per-element pairs.
-            gn::group_norm_backward(xs, xs, ds, dxs, shape, groups, eps, gamma, false, &stats, None);
-            gn::elementwise_param_grads(xs, xs, ds, shape, eps, false, &stats, &mut dw, &mut db);
+            gn::layer_norm_backward(xs, xs, ds, dxs, shape, eps, gamma, false, &stats, &mut dw, &mut db);
             return (dw, db);
         }
         let mut per = vec![(0.0f64, 0.0f64); n * c];

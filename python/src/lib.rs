@@ -37,7 +37,9 @@ pub(crate) fn to_py(e: normlab::Error) -> PyErr {
 pub(crate) fn start_pool(threads: Option<usize>) -> PyResult<usize> {
     use std::sync::Mutex;
     static STARTED: Mutex<Option<usize>> = Mutex::new(None);
-    let mut started = STARTED.lock().map_err(|_| PyRuntimeError::new_err("normlab's thread setup failed earlier"))?;
+    let mut started = STARTED
+        .lock()
+        .map_err(|_| PyRuntimeError::new_err("normlab's thread setup failed earlier"))?;
     if let Some(n) = *started {
         return match threads {
             Some(t) if t != n => Err(PyRuntimeError::new_err(format!(
@@ -50,7 +52,11 @@ pub(crate) fn start_pool(threads: Option<usize>) -> PyResult<usize> {
     if !(1..=256).contains(&n) {
         return Err(PyValueError::new_err(format!("threads must be in 1..=256, got {n}")));
     }
-    let n = match rayon::ThreadPoolBuilder::new().num_threads(n).use_current_thread().build_global() {
+    let n = match rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .use_current_thread()
+        .build_global()
+    {
         Ok(()) => n,
         // Started by something else in this process: use it as it is.
         Err(_) => rayon::current_num_threads(),

@@ -138,9 +138,10 @@ fn affine_elementwise(
 
 /// Backward: with g = γ·dy inside each (n, group) set of m values,
 /// dx = invstd/m · (m·g - Σg - x̂·Σg·x̂); per (n, c) the sums Σdy and Σdy·x̂ go to
-/// `channel_sums[n·C + c]` for the parameter gradients, when given (nn.LayerNorm's C·H·W
-/// per-element sums are four tensor-sizes of f64: `elementwise_param_grads` reduces over the
-/// samples directly instead). With `relu`, dy is masked by y > 0.
+/// `channel_sums[n·C + c]` for the parameter gradients, when given. (nn.LayerNorm's C·H·W
+/// per-element sums are four tensor-sizes of f64: the Python API uses `layer_norm_backward`,
+/// which reduces over the samples directly; the engine's layer keeps its allocation-free
+/// scratch.) With `relu`, dy is masked by y > 0.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_backward(
     x: &[f32],
@@ -184,51 +185,60 @@ pub fn group_norm_backward(
     }
 }
 
-// dγ[j] = Σ_n dy[n, j]·(x[n, j] − mean_n)·invstd_n, dβ[j] = Σ_n dy[n, j] for nn.LayerNorm's
-// (N, C, 1) view (one statistics set per sample), dy masked by y > 0 with `relu`.
-/// Column sums over the samples, channels in parallel chunks (each row segment read in
-/// order), accumulated in f64.
+// nn.LayerNorm's backward on the (N, C, 1) view, one statistics set per sample: with
+// g = γ·dy, dx = invstd·(g − Σg/C − x̂·Σg·x̂/C) per row; dγ = Σ_n dy·x̂, dβ = Σ_n dy.
+/// Rows in parallel, each read once into cache for its two passes; every task adds its rows'
+/// dγ, dβ into its own f64 accumulators, summed at the end (instead of N·C per-element sums).
 #[allow(clippy::too_many_arguments)]
-pub fn elementwise_param_grads(
+pub fn layer_norm_backward(
     x: &[f32],
     y: &[f32],
     dy: &[f32],
+    dx: &mut [f32],
     shape: Ncs,
     eps: f64,
+    gamma: Option<&[f32]>,
     relu: bool,
     stats: &[ChannelStats],
     dgamma: &mut [f64],
     dbeta: &mut [f64],
 ) {
-    const COLUMNS: usize = 512;
     let c = shape.c;
-    let rows: Vec<(Center, f32)> = stats
-        .iter()
-        .map(|st| (Center::new(st.mean), inverse_std(st.var, eps)))
-        .collect();
-    dgamma
-        .par_chunks_mut(COLUMNS)
-        .zip(dbeta.par_chunks_mut(COLUMNS))
-        .enumerate()
-        .for_each(|(k, (dg, db))| {
-            dg.fill(0.0);
-            db.fill(0.0);
-            let cols = k * COLUMNS..k * COLUMNS + dg.len();
-            for (i, &(center, invstd)) in rows.iter().enumerate() {
-                let r = i * c + cols.start..i * c + cols.end;
-                column_sums(&x[r.clone()], &y[r.clone()], &dy[r], center, invstd, relu, dg, db);
-            }
+    // A few tasks per thread: each owns two C-long accumulators.
+    let rows_per_task = shape.n.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let zero = || (vec![0.0f64; c], vec![0.0f64; c]);
+    let (g, b) = dx
+        .par_chunks_mut(c)
+        .zip(x.par_chunks(c).zip(y.par_chunks(c)).zip(dy.par_chunks(c)))
+        .zip(stats.par_iter())
+        .with_min_len(rows_per_task)
+        .fold(zero, |(mut g, mut b), ((dxr, ((xr, yr), dr)), st)| {
+            layer_norm_row(xr, yr, dr, dxr, gamma, st, eps, relu, &mut g, &mut b);
+            (g, b)
+        })
+        .reduce(zero, |(mut g, mut b), (g2, b2)| {
+            g.iter_mut().zip(&g2).for_each(|(a, v)| *a += v);
+            b.iter_mut().zip(&b2).for_each(|(a, v)| *a += v);
+            (g, b)
         });
+    dgamma.copy_from_slice(&g);
+    dbeta.copy_from_slice(&b);
 }
 
 multiversion! {
-    /// One sample's row segment added into the column sums.
-    fn column_sums(x: &[f32], y: &[f32], dy: &[f32], center: Center, invstd: f32, relu: bool, dg: &mut [f64], db: &mut [f64]) {
-        for ((((g, b), &xv), &yv), &d) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(y).zip(dy) {
-            let d = if relu { relu_mask(yv, d) } else { d };
-            *g += (d * (center.sub(xv) * invstd)) as f64;
-            *b += d as f64;
+    /// One row of `layer_norm_backward`: Σγg, Σγg·x̂ and the row's dγ, dβ terms in one pass,
+    /// then dx.
+    fn layer_norm_row(xr: &[f32], yr: &[f32], dr: &[f32], dxr: &mut [f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f64], db: &mut [f64]) {
+        let invstd = inverse_std(st.var, eps);
+        let center = Center::new(st.mean);
+        let m = xr.len() as f64;
+        let (sg, sgx) = elementwise_grad_sums(xr, yr, dr, gamma, center, invstd, relu, None);
+        for ((((a, bb), &x), &y), &d) in dg.iter_mut().zip(db.iter_mut()).zip(xr).zip(yr).zip(dr) {
+            let d = if relu { relu_mask(y, d) } else { d };
+            *a += (d * (center.sub(x) * invstd)) as f64;
+            *bb += d as f64;
         }
+        block_dx(xr, yr, dr, dxr, 1, gamma, relu, st, (invstd, (sg / m) as f32, (sgx / m) as f32));
     }
 }
 
@@ -310,28 +320,61 @@ fn elementwise_grad_sums(
     relu: bool,
     sums: Option<&mut [(f64, f64)]>,
 ) -> (f64, f64) {
-    const LANES: usize = 8;
-    const CHUNK: usize = 512;
-    let ones = [1.0f32; CHUNK];
     let (mut sg, mut sgx) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let mut sums = sums;
-    for (k, ((xc, yc), dc)) in xb.chunks(CHUNK).zip(yb.chunks(CHUNK)).zip(db.chunks(CHUNK)).enumerate() {
-        let base = k * CHUNK;
-        let gc = gamma.map_or(&ones[..xc.len()], |g| &g[base..base + xc.len()]);
-        for (j, (((&x, &y), &d), &gm)) in xc.iter().zip(yc).zip(dc).zip(gc).enumerate() {
+    let ones = [1.0f32; LANES];
+    let full = xb.len() / LANES * LANES;
+    let blocks = xb[..full]
+        .chunks_exact(LANES)
+        .zip(yb[..full].chunks_exact(LANES))
+        .zip(db[..full].chunks_exact(LANES));
+    for (k, ((x8, y8), d8)) in blocks.enumerate() {
+        let g8 = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
+        lane_sums(x8, y8, d8, g8, center, invstd, relu, &mut sg, &mut sgx);
+    }
+    let tail = xb.len() - full;
+    let gt = gamma.map_or(&ones[..tail], |g| &g[full..]);
+    lane_sums(
+        &xb[full..],
+        &yb[full..],
+        &db[full..],
+        gt,
+        center,
+        invstd,
+        relu,
+        &mut sg,
+        &mut sgx,
+    );
+    if let Some(sums) = sums {
+        for (((sum, &x), &y), &d) in sums.iter_mut().zip(xb).zip(yb).zip(db) {
             let g = if relu { relu_mask(y, d) } else { d };
-            let xhat = center.sub(x) * invstd;
-            sg[j % LANES] += (gm * g) as f64;
-            sgx[j % LANES] += (gm * g * xhat) as f64;
-        }
-        if let Some(sums) = sums.as_deref_mut() {
-            for (((sum, &x), &y), &d) in sums[base..base + xc.len()].iter_mut().zip(xc).zip(yc).zip(dc) {
-                let g = if relu { relu_mask(y, d) } else { d };
-                *sum = (g as f64, (g * (center.sub(x) * invstd)) as f64);
-            }
+            *sum = (g as f64, (g * (center.sub(x) * invstd)) as f64);
         }
     }
     (sg.iter().sum(), sgx.iter().sum())
+}
+
+const LANES: usize = 8;
+
+/// Up to LANES elements added lane by lane into Σγg and Σγg·x̂.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lane_sums(
+    x: &[f32],
+    y: &[f32],
+    d: &[f32],
+    gm: &[f32],
+    center: Center,
+    invstd: f32,
+    relu: bool,
+    sg: &mut [f64; LANES],
+    sgx: &mut [f64; LANES],
+) {
+    for l in 0..x.len().min(LANES) {
+        let g = if relu { relu_mask(y[l], d[l]) } else { d[l] };
+        let xhat = center.sub(x[l]) * invstd;
+        sg[l] += (gm[l] * g) as f64;
+        sgx[l] += (gm[l] * g * xhat) as f64;
+    }
 }
 
 /// One block's dx from its coefficients (invstd, a, b) of `block_grad_sums`.
