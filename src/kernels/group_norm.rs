@@ -204,8 +204,16 @@ pub fn layer_norm_backward(
     dbeta: &mut [f64],
 ) {
     let c = shape.c;
+    let threads = rayon::current_num_threads();
+    if shape.n < 4 * threads {
+        // Few wide rows (8 samples of 64x56x56): per-task accumulators would be as large as
+        // the rows; dx by blocks, then dγ, dβ by column chunks.
+        group_norm_backward(x, y, dy, dx, shape, 1, eps, gamma, relu, stats, None);
+        column_param_grads(x, y, dy, shape, eps, relu, stats, dgamma, dbeta);
+        return;
+    }
     // A few tasks per thread: each owns two C-long accumulators.
-    let rows_per_task = shape.n.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let rows_per_task = shape.n.div_ceil(4 * threads).max(1);
     let zero = || (vec![0.0f64; c], vec![0.0f64; c]);
     let (g, b) = dx
         .par_chunks_mut(c)
@@ -223,6 +231,53 @@ pub fn layer_norm_backward(
         });
     dgamma.copy_from_slice(&g);
     dbeta.copy_from_slice(&b);
+}
+
+// dγ[j] = Σ_n dy[n, j]·(x[n, j] − mean_n)·invstd_n, dβ[j] = Σ_n dy[n, j] on the (N, C, 1) view.
+/// Column sums over the samples, channels in parallel chunks (each row segment read in
+/// order), accumulated in f64.
+#[allow(clippy::too_many_arguments)]
+fn column_param_grads(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    shape: Ncs,
+    eps: f64,
+    relu: bool,
+    stats: &[ChannelStats],
+    dgamma: &mut [f64],
+    dbeta: &mut [f64],
+) {
+    const COLUMNS: usize = 512;
+    let c = shape.c;
+    let rows: Vec<(Center, f32)> = stats
+        .iter()
+        .map(|st| (Center::new(st.mean), inverse_std(st.var, eps)))
+        .collect();
+    dgamma
+        .par_chunks_mut(COLUMNS)
+        .zip(dbeta.par_chunks_mut(COLUMNS))
+        .enumerate()
+        .for_each(|(k, (dg, db))| {
+            dg.fill(0.0);
+            db.fill(0.0);
+            let cols = k * COLUMNS..k * COLUMNS + dg.len();
+            for (i, &(center, invstd)) in rows.iter().enumerate() {
+                let r = i * c + cols.start..i * c + cols.end;
+                column_sums(&x[r.clone()], &y[r.clone()], &dy[r], center, invstd, relu, dg, db);
+            }
+        });
+}
+
+multiversion! {
+    /// One sample's row segment added into the column sums.
+    fn column_sums(x: &[f32], y: &[f32], dy: &[f32], center: Center, invstd: f32, relu: bool, dg: &mut [f64], db: &mut [f64]) {
+        for ((((g, b), &xv), &yv), &d) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(y).zip(dy) {
+            let d = if relu { relu_mask(yv, d) } else { d };
+            *g += (d * (center.sub(xv) * invstd)) as f64;
+            *b += d as f64;
+        }
+    }
 }
 
 multiversion! {
