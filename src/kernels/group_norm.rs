@@ -250,9 +250,13 @@ fn column_param_grads(
 ) {
     const COLUMNS: usize = 512;
     let c = shape.c;
-    let rows: Vec<(Center, f32)> = stats
+    let rows: Vec<SetNorm> = stats
         .iter()
-        .map(|st| (Center::new(st.mean), inverse_std(st.var, eps)))
+        .map(|st| SetNorm {
+            center: Center::new(st.mean),
+            invstd: inverse_std(st.var, eps),
+            relu,
+        })
         .collect();
     dgamma
         .par_chunks_mut(COLUMNS)
@@ -262,19 +266,19 @@ fn column_param_grads(
             dg.fill(0.0);
             db.fill(0.0);
             let cols = k * COLUMNS..k * COLUMNS + dg.len();
-            for (i, &(center, invstd)) in rows.iter().enumerate() {
+            for (i, &norm) in rows.iter().enumerate() {
                 let r = i * c + cols.start..i * c + cols.end;
-                column_sums(&x[r.clone()], &y[r.clone()], &dy[r], center, invstd, relu, dg, db);
+                column_sums(&x[r.clone()], &y[r.clone()], &dy[r], norm, dg, db);
             }
         });
 }
 
 multiversion! {
     /// One sample's row segment added into the column sums.
-    fn column_sums(x: &[f32], y: &[f32], dy: &[f32], center: Center, invstd: f32, relu: bool, dg: &mut [f64], db: &mut [f64]) {
+    fn column_sums(x: &[f32], y: &[f32], dy: &[f32], norm: SetNorm, dg: &mut [f64], db: &mut [f64]) {
         for ((((g, b), &xv), &yv), &d) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(y).zip(dy) {
-            let d = if relu { relu_mask(yv, d) } else { d };
-            *g += (d * (center.sub(xv) * invstd)) as f64;
+            let d = norm.grad(yv, d);
+            *g += (d * norm.xhat(xv)) as f64;
             *b += d as f64;
         }
     }
@@ -287,12 +291,9 @@ multiversion! {
         let invstd = inverse_std(st.var, eps);
         let center = Center::new(st.mean);
         let m = xr.len() as f64;
-        let (sg, sgx) = elementwise_grad_sums(xr, yr, dr, gamma, center, invstd, relu, None);
-        for ((((a, bb), &x), &y), &d) in dg.iter_mut().zip(db.iter_mut()).zip(xr).zip(yr).zip(dr) {
-            let d = if relu { relu_mask(y, d) } else { d };
-            *a += (d * (center.sub(x) * invstd)) as f64;
-            *bb += d as f64;
-        }
+        let norm = SetNorm { center, invstd, relu };
+        let (sg, sgx) = elementwise_grad_sums(xr, yr, dr, gamma, norm, None);
+        column_sums(xr, yr, dr, norm, dg, db);
         block_dx(xr, yr, dr, dxr, 1, gamma, relu, st, (invstd, (sg / m) as f32, (sgx / m) as f32));
     }
 }
@@ -339,7 +340,8 @@ fn block_grad_sums(
     let m = xb.len() as f64;
     if s == 1 {
         // nn.LayerNorm's elementwise affine: per-element sums in one pass.
-        let (sg, sgx) = elementwise_grad_sums(xb, yb, db, gamma, center, invstd, relu, sums);
+        let norm = SetNorm { center, invstd, relu };
+        let (sg, sgx) = elementwise_grad_sums(xb, yb, db, gamma, norm, sums);
         return (invstd, (sg / m) as f32, (sgx / m) as f32);
     }
     let (mut sg, mut sgx) = (0.0f64, 0.0f64);
@@ -364,18 +366,15 @@ fn block_grad_sums(
 /// Σγ·g and Σγ·g·x̂, accumulated in f64 over 8 lanes (independent chains, so the loop runs at
 /// vector speed rather than at one dependent f64 add per element).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn elementwise_grad_sums(
     xb: &[f32],
     yb: &[f32],
     db: &[f32],
     gamma: Option<&[f32]>,
-    center: Center,
-    invstd: f32,
-    relu: bool,
+    n: SetNorm,
     sums: Option<&mut [(f64, f64)]>,
 ) -> (f64, f64) {
-    let (mut sg, mut sgx) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let mut acc = ([0.0f64; LANES], [0.0f64; LANES]);
     let ones = [1.0f32; LANES];
     let full = xb.len() / LANES * LANES;
     let blocks = xb[..full]
@@ -384,51 +383,54 @@ fn elementwise_grad_sums(
         .zip(db[..full].chunks_exact(LANES));
     for (k, ((x8, y8), d8)) in blocks.enumerate() {
         let g8 = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
-        lane_sums(x8, y8, d8, g8, center, invstd, relu, &mut sg, &mut sgx);
+        lane_sums(x8, y8, d8, g8, n, &mut acc);
     }
     let tail = xb.len() - full;
     let gt = gamma.map_or(&ones[..tail], |g| &g[full..]);
-    lane_sums(
-        &xb[full..],
-        &yb[full..],
-        &db[full..],
-        gt,
-        center,
-        invstd,
-        relu,
-        &mut sg,
-        &mut sgx,
-    );
+    lane_sums(&xb[full..], &yb[full..], &db[full..], gt, n, &mut acc);
     if let Some(sums) = sums {
         for (((sum, &x), &y), &d) in sums.iter_mut().zip(xb).zip(yb).zip(db) {
-            let g = if relu { relu_mask(y, d) } else { d };
-            *sum = (g as f64, (g * (center.sub(x) * invstd)) as f64);
+            let g = n.grad(y, d);
+            *sum = (g as f64, (g * n.xhat(x)) as f64);
         }
     }
-    (sg.iter().sum(), sgx.iter().sum())
+    (acc.0.iter().sum(), acc.1.iter().sum())
 }
 
 const LANES: usize = 8;
 
-/// Up to LANES elements added lane by lane into Σγg and Σγg·x̂.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn lane_sums(
-    x: &[f32],
-    y: &[f32],
-    d: &[f32],
-    gm: &[f32],
+/// How one statistics set normalizes: x̂ = (x − mean)·invstd, and whether dy is masked by a
+/// fused ReLU's output (y > 0).
+#[derive(Clone, Copy)]
+struct SetNorm {
     center: Center,
     invstd: f32,
     relu: bool,
-    sg: &mut [f64; LANES],
-    sgx: &mut [f64; LANES],
-) {
+}
+
+impl SetNorm {
+    #[inline(always)]
+    fn xhat(&self, x: f32) -> f32 {
+        self.center.sub(x) * self.invstd
+    }
+
+    #[inline(always)]
+    fn grad(&self, y: f32, d: f32) -> f32 {
+        if self.relu {
+            relu_mask(y, d)
+        } else {
+            d
+        }
+    }
+}
+
+/// Up to LANES elements added lane by lane into Σγg and Σγg·x̂.
+#[inline(always)]
+fn lane_sums(x: &[f32], y: &[f32], d: &[f32], gm: &[f32], n: SetNorm, acc: &mut ([f64; LANES], [f64; LANES])) {
     for l in 0..x.len().min(LANES) {
-        let g = if relu { relu_mask(y[l], d[l]) } else { d[l] };
-        let xhat = center.sub(x[l]) * invstd;
-        sg[l] += (gm[l] * g) as f64;
-        sgx[l] += (gm[l] * g * xhat) as f64;
+        let g = n.grad(y[l], d[l]);
+        acc.0[l] += (gm[l] * g) as f64;
+        acc.1[l] += (gm[l] * g * n.xhat(x[l])) as f64;
     }
 }
 
