@@ -5,9 +5,8 @@
 //! step with its folder resumable, as in the shell.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -228,33 +227,20 @@ impl Reporter for PyReporter {
                 k => format!(" (resuming after epoch {k})"),
             };
             say(&format!("run folder: {}{resumed}", out.display()));
-            say(&format!(
-                "{:>5}  {:>9}  {:>10}  {:>9}  {:>9}  {:>8}  {:>7}  {:>8}",
-                "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img/s"
-            ));
+            say(&train::progress::epoch_header());
         }
         Ok(())
     }
 
     fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize) {
-        if !self.show {
-            return;
+        if self.show {
+            self.bar = Some(train::progress::epoch_bar(epoch, epochs, batches));
         }
-        let bar = ProgressBar::with_draw_target(Some(batches as u64), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed}, eta {eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{epoch}/{epochs}"));
-        bar.enable_steady_tick(Duration::from_millis(250));
-        self.bar = Some(bar);
     }
 
     fn batch(&mut self, mean_loss: f64, images_per_sec: f64) -> Result<()> {
         if let Some(bar) = &self.bar {
-            bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s"));
-            bar.inc(1);
+            train::progress::advance(bar, mean_loss, images_per_sec);
         }
         if interrupted() {
             if let Some(bar) = self.bar.take() {
@@ -270,17 +256,7 @@ impl Reporter for PyReporter {
             bar.finish_and_clear();
         }
         if self.show {
-            say(&format!(
-                "{:>5}  {:>9.2e}  {:>10.4}  {:>9.4}  {:>9.4}  {:>8.4}  {:>7.1}  {:>8.0}",
-                m.epoch,
-                m.lr,
-                m.train_loss,
-                m.train_accuracy,
-                m.test_loss,
-                m.test_accuracy,
-                m.seconds,
-                m.images_per_sec
-            ));
+            say(&train::progress::epoch_row(m));
         }
         Ok(())
     }
@@ -381,13 +357,7 @@ fn study_run(
         threads,
     };
     let bar = if progress {
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("run {pos}/{len} [{bar:30}] {msg} ({elapsed}, eta {eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar
+        train::progress::runs_bar()
     } else {
         ProgressBar::hidden()
     };

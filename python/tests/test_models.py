@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import normlab.torch as nt
-from conftest import assert_close, rel_err
+from conftest import assert_close
 
 
 class Mixed(nn.Module):

@@ -2,7 +2,6 @@
 train and eval, output within 1e-5 relative, every gradient within 1e-4, running statistics
 after several steps within 1e-5. normlab's own variants against normlab's engine layer."""
 
-import copy
 import random
 
 import numpy as np

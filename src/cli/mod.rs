@@ -27,10 +27,9 @@ pub mod study;
 pub mod train;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use normlab::train::{EpochMetrics, Reporter, RunMetrics};
 use normlab::{Error, Result};
@@ -187,17 +186,7 @@ pub struct CliReporter {
 }
 
 pub fn print_epoch_header() -> Result<()> {
-    outln!(
-        "{:>5}  {:>9}  {:>10}  {:>9}  {:>9}  {:>8}  {:>7}  {:>8}",
-        "epoch",
-        "lr",
-        "train_loss",
-        "train_acc",
-        "test_loss",
-        "test_acc",
-        "seconds",
-        "img/s"
-    )
+    outln!("{}", normlab::train::progress::epoch_header())
 }
 
 impl Reporter for CliReporter {
@@ -216,21 +205,12 @@ impl Reporter for CliReporter {
     }
 
     fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize) {
-        let bar = ProgressBar::new(batches as u64);
-        bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed}, eta {eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{epoch}/{epochs}"));
-        bar.enable_steady_tick(Duration::from_millis(250));
-        self.bar = Some(bar);
+        self.bar = Some(normlab::train::progress::epoch_bar(epoch, epochs, batches));
     }
 
     fn batch(&mut self, mean_loss: f64, images_per_sec: f64) -> Result<()> {
         if let Some(bar) = &self.bar {
-            bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s"));
-            bar.inc(1);
+            normlab::train::progress::advance(bar, mean_loss, images_per_sec);
         }
         Ok(())
     }
@@ -239,17 +219,7 @@ impl Reporter for CliReporter {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        outln!(
-            "{:>5}  {:>9.2e}  {:>10.4}  {:>9.4}  {:>9.4}  {:>8.4}  {:>7.1}  {:>8.0}",
-            m.epoch,
-            m.lr,
-            m.train_loss,
-            m.train_accuracy,
-            m.test_loss,
-            m.test_accuracy,
-            m.seconds,
-            m.images_per_sec
-        )
+        outln!("{}", normlab::train::progress::epoch_row(m))
     }
 
     fn committed(&mut self, out: &Path, epoch: usize) {
@@ -279,14 +249,7 @@ pub fn print_data_line(data: Option<&Path>) -> Result<()> {
 
 /// A progress bar over a study's runs.
 pub fn run_bar() -> ProgressBar {
-    let bar = ProgressBar::new(1);
-    bar.set_style(
-        ProgressStyle::with_template("runs [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(500));
-    bar
+    normlab::train::progress::runs_bar()
 }
 
 /// The first table and the finding, as the study's summary on screen.

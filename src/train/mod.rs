@@ -6,6 +6,7 @@ pub mod data_parallel;
 mod footprint;
 pub mod logs;
 mod metrics;
+pub mod progress;
 mod run_folder;
 mod setup;
 mod step;
