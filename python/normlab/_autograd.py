@@ -1,10 +1,13 @@
 """The autograd functions of ``normlab.torch``: normlab's kernels (``normlab._native``) on the
 tensors' own memory, forward and backward, and the plumbing between tensors and arrays.
-Imported by ``normlab.torch``; not an API of its own."""
+Imported by ``normlab.torch``; not an API of its own. The backward passes are not themselves
+differentiable (``once_differentiable``): a double backward through them raises instead of
+silently giving zero second derivatives."""
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from . import _native
 
@@ -84,6 +87,7 @@ class _BatchNormTrain(torch.autograd.Function):
         return _back_to(y, fmt), mean_t, var_t
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
         xc, weight = ctx.saved_tensors
         dyc = dy.contiguous()
@@ -118,6 +122,7 @@ class _Affine(torch.autograd.Function):
         return _back_to(y, fmt)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xc, gain, mean64, inv = ctx.saved_tensors
         dyc = dy.contiguous()
@@ -149,6 +154,7 @@ class _GroupNorm(torch.autograd.Function):
         return _back_to(y, fmt)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xc, weight = ctx.saved_tensors
         dyc = dy.contiguous()
@@ -182,6 +188,7 @@ class _BatchRenormTrain(torch.autograd.Function):
         return _back_to(y, fmt)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xc, gain, r, d = ctx.saved_tensors
         dyc = dy.contiguous()
@@ -211,6 +218,7 @@ class _LpBatchNormTrain(torch.autograd.Function):
         return _back_to(y, fmt), mean_t, scale_t
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _dmean, _dscale):
         xc, weight = ctx.saved_tensors
         dyc = dy.contiguous()
@@ -264,6 +272,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         return _back_to(y, fmt), mean, var, torch.tensor(count)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _dmean, _dvar, _dcount):
         xc, gain = ctx.saved_tensors
         dyc = dy.contiguous()

@@ -313,3 +313,11 @@ def test_lp_batchnorm_is_the_engines_lp_bn(p, spec):
 def test_plain_bn_spec_agrees_with_pytorch_too():
     xs, gs = data(6, 4, 3, 3, steps=3)
     engine_steps("bn", with_random_affine(nt.BatchNorm2d(4)), xs, gs)
+
+
+def test_double_backward_raises_instead_of_giving_zero():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = nt.BatchNorm2d(3)(x)
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        g.sum().backward()
