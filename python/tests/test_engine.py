@@ -40,6 +40,10 @@ def test_train_resume_and_load_state_dict(tmp_path):
         normlab.train(epoch=1)
     with pytest.raises(ValueError, match="unknown norm spec"):
         normlab.train(norm="bogus")
+    with pytest.raises(ValueError, match="sides must be in"):
+        normlab.train(resize=(0, 28))
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        normlab.train(lr=-1.0)
     state = normlab.load_state_dict(run.checkpoint)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert state["conv1.weight"].shape == (8, 1, 3, 3) and state["fc1.weight"].shape == (10, 16 * 7 * 7)

@@ -140,6 +140,16 @@ impl TrainConfig {
                 return Err(Error::invalid(format!("--gamma-init must be a finite number, got {g}")));
             }
         }
+        // The CLI's parser checks --resize too; a config can also come from the Python API.
+        if let Some([h, w]) = self.resize {
+            let side = 1..=crate::data::MAX_INPUT_SIDE;
+            if !side.contains(&h) || !side.contains(&w) {
+                return Err(Error::invalid(format!(
+                    "--resize {h}x{w}: sides must be in 1..={}",
+                    crate::data::MAX_INPUT_SIDE
+                )));
+            }
+        }
         self.optimizer.validate()
     }
 }
