@@ -72,23 +72,25 @@ def _values_per_channel(x):
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Batch statistics (per virtual batch for Ghost BN): y = (x − μ_B)/sqrt(σ²_B + eps)·γ + β."""
+    """Batch statistics (per virtual batch for Ghost BN): y = (x − μ_B)/sqrt(σ²_B + eps)·γ + β;
+    the running statistics, when given, are updated in the same native call."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, virtual_batch):
+    def forward(ctx, x, weight, bias, eps, virtual_batch, running_mean, running_var, momentum):
         fmt = _memory_format(x)
         xc = x.contiguous()
         y = torch.empty_like(xc)
-        mean, var = _native.bn_train_forward(_np(xc), _np(y), _vec(weight), _vec(bias), eps, virtual_batch)
+        running = (None, None) if running_mean is None or running_var is None else (_np(running_mean), _np(running_var))
+        mean, var = _native.bn_train_forward(
+            _np(xc), _np(y), _vec(weight), _vec(bias), eps, virtual_batch, running[0], running[1], momentum
+        )
         ctx.save_for_backward(xc, weight)
         ctx.stats, ctx.eps, ctx.virtual_batch, ctx.fmt = (mean, var), eps, virtual_batch, fmt
-        mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var)
-        ctx.mark_non_differentiable(mean_t, var_t)
-        return _back_to(y, fmt), mean_t, var_t
+        return _back_to(y, fmt)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         xc, weight = ctx.saved_tensors
         dyc = dy.contiguous()
         dx = torch.empty_like(xc)
@@ -99,7 +101,7 @@ class _BatchNormTrain(torch.autograd.Function):
         )
         dw = torch.from_numpy(sum_dy_xhat).float() if ctx.needs_input_grad[1] else None
         db = torch.from_numpy(sum_dy).float() if ctx.needs_input_grad[2] else None
-        return (_back_to(dx, ctx.fmt) if ctx.needs_input_grad[0] else None), dw, db, None, None
+        return (_back_to(dx, ctx.fmt) if ctx.needs_input_grad[0] else None), dw, db, None, None, None, None, None
 
 
 class _Affine(torch.autograd.Function):

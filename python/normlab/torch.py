@@ -82,12 +82,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not training:
         return _Affine.apply(input, weight, bias, running_mean, _inverse_std(running_var, eps))
-    y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps, 0)
-    if running_mean is not None and running_var is not None:
-        m = _values_per_channel(input)
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, var.double() * m / (m - 1), momentum)
-    return y
+    return _BatchNormTrain.apply(input, weight, bias, eps, 0, running_mean, running_var, momentum)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -319,13 +314,13 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             raise ValueError(f"ghost BN virtual batch {v} does not divide the batch of {n}")
         if v * _values_per_channel(input) // n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-        y, mean, var = _BatchNormTrain.apply(input, self.weight, self.bias, self.eps, v)
-        if self.training and self.track_running_stats:
+        running = self.training and self.track_running_stats
+        f = 0.0
+        if running:
             self.num_batches_tracked.add_(1)
             f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            c, m = input.shape[1], v * (_values_per_channel(input) // n)
-            _update_running(self.running_mean, mean.reshape(-1, c).mean(dim=0), f)
-            _update_running(self.running_var, var.double().reshape(-1, c).mean(dim=0) * m / (m - 1), f)
+        rm, rv = (self.running_mean, self.running_var) if running else (None, None)
+        y = _BatchNormTrain.apply(input, self.weight, self.bias, self.eps, v, rm, rv, f)
         return y
 
 

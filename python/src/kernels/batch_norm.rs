@@ -1,6 +1,6 @@
 //! BatchNorm's kernels (training forward and backward, fixed statistics, SyncBN's pieces).
 
-use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::*;
@@ -8,8 +8,12 @@ use normlab::kernels::batch_norm::{self as bn, ChannelAffine, ChannelGrad, Works
 
 /// BatchNorm's training forward: y = (x − μ_B)/sqrt(σ²_B + eps)·γ + β per channel, over the
 /// whole batch or per virtual batch; returns each set's (mean, biased variance), [sets·C].
+/// With `running_mean` and `running_var` (float32, updated in place): running = (1 − m)·running
+/// + m·batch in f64 as PyTorch's CPU kernel, with the sets' average mean and unbiased variance
+/// (Keras' Ghost BN for virtual batches).
 #[pyfunction]
-#[pyo3(signature = (x, y, weight, bias, eps, virtual_batch=0))]
+#[pyo3(signature = (x, y, weight, bias, eps, virtual_batch=0, running_mean=None, running_var=None, momentum=0.1))]
+#[allow(clippy::too_many_arguments)]
 fn bn_train_forward<'py>(
     py: Python<'py>,
     x: In<'py>,
@@ -18,6 +22,9 @@ fn bn_train_forward<'py>(
     bias: Option<PyReadonlyArray1<'py, f32>>,
     eps: f64,
     virtual_batch: usize,
+    running_mean: Option<PyReadwriteArray1<'py, f32>>,
+    running_var: Option<PyReadwriteArray1<'py, f32>>,
+    momentum: f64,
 ) -> PyResult<(F64s<'py>, Bound<'py, PyArray1<f32>>)> {
     let shape = view(&x, "x")?;
     same_shape(x.shape(), y.shape(), "y")?;
@@ -40,7 +47,36 @@ fn bn_train_forward<'py>(
             bn::batch_norm_forward_train(&xs[r.clone()], &mut ys[r], set, false, st, &affine, &mut ws);
         }
     });
+    if let (Some(mut rm), Some(mut rv)) = (running_mean, running_var) {
+        let c = shape.c;
+        let (rm, rv) = (
+            running_slice(&mut rm, c, "running_mean")?,
+            running_slice(&mut rv, c, "running_var")?,
+        );
+        let (sets, m) = ((shape.n / v) as f64, set.per_channel() as f64);
+        let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+        for ch in 0..c {
+            let mean = stats.iter().skip(ch).step_by(c).map(|st| st.mean).sum::<f64>() / sets;
+            let var = stats.iter().skip(ch).step_by(c).map(|st| st.var as f64).sum::<f64>() / sets * unbias;
+            rm[ch] = ((1.0 - momentum) * rm[ch] as f64 + momentum * mean) as f32;
+            rv[ch] = ((1.0 - momentum) * rv[ch] as f64 + momentum * var) as f32;
+        }
+    }
     Ok(stats_out(py, &stats))
+}
+
+/// A running-statistics buffer of `c` values, written in place.
+fn running_slice<'a>(a: &'a mut PyReadwriteArray1<'_, f32>, c: usize, name: &str) -> PyResult<&'a mut [f32]> {
+    let s = a
+        .as_slice_mut()
+        .map_err(|_| bad(format!("{name} must be a contiguous, writable float32 array")))?;
+    if s.len() != c {
+        return Err(bad(format!(
+            "{name} has {} values, expected {c} (one per channel)",
+            s.len()
+        )));
+    }
+    Ok(s)
 }
 
 /// Fixed statistics (eval mode, Batch Renorm, SyncBN): y = (x − mean[c])·scale[c] + shift[c].
