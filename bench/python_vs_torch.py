@@ -20,8 +20,9 @@ normlab is faster) and the report is the minimum and the median of those ratios.
 """
 import argparse
 import json
+import os
+import sys
 import statistics
-import time
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 
 import normlab
 import normlab.torch as nt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_vs_pytorch import median_time  # noqa: E402
 
 SHAPES = [
     (128, 32, 28, 28),
@@ -38,16 +42,6 @@ SHAPES = [
     (8, 64, 56, 56),
     (256, 16, 32, 32),
 ]
-
-
-def median_time(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def modules(c, h, w):

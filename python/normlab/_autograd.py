@@ -44,10 +44,6 @@ def _back_to(t, fmt):
     return t if fmt == torch.contiguous_format else t.contiguous(memory_format=fmt)
 
 
-def _ones(c, like):
-    return torch.ones(c, dtype=torch.float32)
-
-
 def _inverse_std(var, eps):
     """1/sqrt(var + eps) computed in float64, rounded once to float32 (normlab's inverse_std)."""
     return (1.0 / torch.sqrt(var.detach().double() + eps)).float()
@@ -113,7 +109,7 @@ class _Affine(torch.autograd.Function):
         fmt = _memory_format(x)
         xc = x.contiguous()
         c = xc.shape[1]
-        gain = weight.detach() if weight is not None else _ones(c, xc)
+        gain = weight.detach() if weight is not None else torch.ones(c)
         scale = (inv * gain).contiguous()
         shift = bias.detach().contiguous() if bias is not None else torch.zeros(c)
         y = torch.empty_like(xc)
@@ -178,7 +174,7 @@ class _BatchRenormTrain(torch.autograd.Function):
         fmt = _memory_format(x)
         xc = x.contiguous()
         c = xc.shape[1]
-        gain = weight.detach() if weight is not None else _ones(c, xc)
+        gain = weight.detach() if weight is not None else torch.ones(c)
         beta = bias.detach() if bias is not None else torch.zeros(c)
         inv = _inverse_std(torch.from_numpy(var), eps) * r
         scale = (inv * gain).contiguous()
@@ -263,7 +259,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         mean = first[1:] / count
         second = _all_reduce(local * (var_k + (mean_k - mean) ** 2), group)
         var = (second / count).float()
-        gain = weight.detach() if weight is not None else _ones(c, xc)
+        gain = weight.detach() if weight is not None else torch.ones(c)
         beta = bias.detach() if bias is not None else torch.zeros(c)
         inv = _inverse_std(var, eps)
         y = torch.empty_like(xc)

@@ -127,18 +127,12 @@ fn bn_train_backward<'py>(
     virtual_batch: usize,
 ) -> PyResult<(F64s<'py>, F64s<'py>)> {
     let shape = view(&x, "x")?;
-    same_shape(x.shape(), dy.shape(), "dy")?;
-    same_shape(x.shape(), dx.shape(), "dx")?;
     check_eps(eps)?;
     let v = set_size(shape.n, virtual_batch)?;
     let (c, sets) = (shape.c, shape.n / v);
     let (mean, var) = (required(mean, sets * c, "mean")?, required(var, sets * c, "var")?);
     let gain = required(gain, c, "gain")?;
-    let (xs, ds, dxs) = (
-        contiguous(&x, "x")?,
-        contiguous(&dy, "dy")?,
-        contiguous_mut(&mut dx, "dx")?,
-    );
+    let (xs, ds, dxs) = backward_slices(&x, &dy, &mut dx)?;
     let set = shape.with_batch(v);
     let mut total = vec![ChannelSums::default(); c];
     py.detach(|| {
@@ -242,8 +236,6 @@ fn bn_sync_dx<'py>(
     count: f64,
 ) -> PyResult<()> {
     let shape = view(&x, "x")?;
-    same_shape(x.shape(), dy.shape(), "dy")?;
-    same_shape(x.shape(), dx.shape(), "dx")?;
     check_eps(eps)?;
     if !(count >= 1.0 && count.is_finite()) {
         return Err(bad(format!("count must be >= 1, got {count}")));
@@ -255,11 +247,7 @@ fn bn_sync_dx<'py>(
         required(gain, c, "gain")?,
     );
     let (sd, sdx) = (required(sum_dy, c, "sum_dy")?, required(sum_dy_xhat, c, "sum_dy_xhat")?);
-    let (xs, ds, dxs) = (
-        contiguous(&x, "x")?,
-        contiguous(&dy, "dy")?,
-        contiguous_mut(&mut dx, "dx")?,
-    );
+    let (xs, ds, dxs) = backward_slices(&x, &dy, &mut dx)?;
     py.detach(|| {
         let grads: Vec<ChannelGrad> = (0..c)
             .map(|ch| ChannelGrad {

@@ -74,17 +74,11 @@ fn gn_train_backward<'py>(
     var: PyReadonlyArray1<'py, f32>,
 ) -> PyResult<(F64s<'py>, F64s<'py>)> {
     let shape = explicit_view(&x, n, c, s)?;
-    same_shape(x.shape(), dy.shape(), "dy")?;
-    same_shape(x.shape(), dx.shape(), "dx")?;
     check_groups(shape, groups)?;
     check_eps(eps)?;
     let gamma = channels(weight, c, "weight")?;
     let (mean, var) = (required(mean, n * groups, "mean")?, required(var, n * groups, "var")?);
-    let (xs, ds, dxs) = (
-        contiguous(&x, "x")?,
-        contiguous(&dy, "dy")?,
-        contiguous_mut(&mut dx, "dx")?,
-    );
+    let (xs, ds, dxs) = backward_slices(&x, &dy, &mut dx)?;
     let (dw, db) = py.detach(|| {
         let stats: Vec<ChannelStats> = mean
             .iter()

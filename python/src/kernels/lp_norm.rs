@@ -74,8 +74,6 @@ fn lp_train_backward<'py>(
 ) -> PyResult<(F64s<'py>, F64s<'py>)> {
     let kind = lp_kind(p)?;
     let shape = view(&x, "x")?;
-    same_shape(x.shape(), dy.shape(), "dy")?;
-    same_shape(x.shape(), dx.shape(), "dx")?;
     check_eps(eps)?;
     let c = shape.c;
     let gamma = channels(weight, c, "weight")?;
@@ -87,11 +85,7 @@ fn lp_train_backward<'py>(
     if kind == LpKind::Linf && extra.iter().any(|&e| !(e >= 0.0 && (e as usize / 2) < x.len())) {
         return Err(bad("extra does not come from lp_train_forward on this input".into()));
     }
-    let (xs, ds, dxs) = (
-        contiguous(&x, "x")?,
-        contiguous(&dy, "dy")?,
-        contiguous_mut(&mut dx, "dx")?,
-    );
+    let (xs, ds, dxs) = backward_slices(&x, &dy, &mut dx)?;
     let stats: Vec<(f64, f32, f64)> = (0..c).map(|ch| (mean[ch], scale[ch], extra[ch])).collect();
     let mut sums = vec![(0.0f64, 0.0f64); c];
     py.detach(|| {

@@ -37,6 +37,17 @@ pub(super) fn contiguous_mut<'a>(a: &'a mut Out, name: &str) -> PyResult<&'a mut
         .map_err(|_| bad(format!("{name} must be a C-contiguous, writable float32 array")))
 }
 
+/// A backward's x, dy and dx: same shapes, contiguous, dx writable.
+pub(super) fn backward_slices<'a>(
+    x: &'a In,
+    dy: &'a In,
+    dx: &'a mut Out,
+) -> PyResult<(&'a [f32], &'a [f32], &'a mut [f32])> {
+    same_shape(x.shape(), dy.shape(), "dy")?;
+    same_shape(x.shape(), dx.shape(), "dx")?;
+    Ok((contiguous(x, "x")?, contiguous(dy, "dy")?, contiguous_mut(dx, "dx")?))
+}
+
 /// The (N, C, S) view of an [N, C, *] array.
 pub(super) fn view(x: &In, name: &str) -> PyResult<Ncs> {
     crate::start_pool(None)?;
