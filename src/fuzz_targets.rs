@@ -84,6 +84,7 @@ fn metrics(epochs: usize) -> crate::train::RunMetrics {
                 seconds: 1.0,
                 images_per_sec: 1.0,
                 communication_seconds: 0.0,
+                fit: None,
             })
             .collect(),
         test_accuracy: 0.5,

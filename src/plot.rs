@@ -97,7 +97,10 @@ const PALETTE: [RGBColor; 12] = [
 /// The range a plotted quantity can take, read from its axis label: a percentage ("%") stays
 /// within 0..=100, a loss or an error at or above 0.
 fn quantity_bounds(y_label: &str) -> (f64, f64) {
-    if y_label.contains('%') {
+    if y_label.starts_with("log") {
+        // The logarithm of a loss or a norm: any sign.
+        (f64::NEG_INFINITY, f64::INFINITY)
+    } else if y_label.contains('%') {
         (0.0, 100.0)
     } else if y_label.contains("loss") || y_label.contains("error") {
         (0.0, f64::INFINITY)
@@ -142,6 +145,23 @@ fn legend_corner(
 
 /// A line plot with markers, spread bars and a legend; `log_x` uses a log2 x axis.
 pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], log_x: bool) -> Result<String> {
+    lines_marked_svg(title, x_label, y_label, series, log_x, &[], "")
+}
+
+/// A point to mark on a line plot: the index of its series, x, y (a matched point, a target
+/// reached); drawn as a large hollow diamond in the series' colour.
+pub type Mark = (usize, f64, f64);
+
+/// `lines_svg` with marked points, named in the legend by `mark_label`.
+pub fn lines_marked_svg(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_x: bool,
+    marks: &[Mark],
+    mark_label: &str,
+) -> Result<String> {
     let points = series.iter().flat_map(|(_, p)| p.iter()).filter(|p| p.1.is_finite());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, m, s) in points {
@@ -219,12 +239,14 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
             .draw()
             .map_err(plot_err)?;
         let mut seen: Vec<RGBColor> = Vec::new();
+        let mut colors = Vec::with_capacity(series.len());
         for (i, (name, pts)) in series.iter().enumerate() {
             // A second line of the same arm ("bn, final" after "bn, init") is a lighter shade.
             let base = arm_color(name, i);
             let repeats = seen.iter().filter(|c| **c == base).count();
             seen.push(base);
             let color = lighter(base, repeats);
+            colors.push(color);
             let ok: Vec<(f64, f64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
             chart
                 .draw_series(LineSeries::new(
@@ -244,6 +266,29 @@ pub fn lines_svg(title: &str, x_label: &str, y_label: &str, series: &[Series], l
                         .map(|&(x, m, s)| PathElement::new([(map(x), m - s), (map(x), m + s)], color.stroke_width(1))),
                 )
                 .map_err(plot_err)?;
+        }
+        let marked: Vec<(f64, f64, RGBColor)> = marks
+            .iter()
+            .filter(|m| m.0 < colors.len() && m.1.is_finite() && m.2.is_finite())
+            .map(|&(i, x, y)| (map(x), y, colors[i]))
+            .collect();
+        if !marked.is_empty() {
+            // A diamond 9 pixels across each way around the point.
+            let diamond = |x: f64, y: f64, c: RGBColor| {
+                EmptyElement::at((x, y))
+                    + Polygon::new(vec![(0, -9), (9, 0), (0, 9), (-9, 0)], c.mix(0.25).filled())
+                    + PathElement::new(vec![(0, -9), (9, 0), (0, 9), (-9, 0), (0, -9)], c.stroke_width(2))
+            };
+            chart
+                .draw_series(marked.iter().map(|&(x, y, c)| diamond(x, y, c)))
+                .map_err(plot_err)?
+                .label(mark_label)
+                .legend(|(x, y)| {
+                    PathElement::new(
+                        vec![(x + 8, y - 6), (x + 14, y), (x + 8, y + 6), (x + 2, y), (x + 8, y - 6)],
+                        BLACK.stroke_width(2),
+                    )
+                });
         }
         chart
             .configure_series_labels()

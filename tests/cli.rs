@@ -78,6 +78,26 @@ fn training_is_deterministic_across_threads_and_resumes_exactly() {
     assert_eq!(e["test_accuracy"], m["test_accuracy"]);
     assert!((e["test_loss"].as_f64().unwrap() - m["test_loss"].as_f64().unwrap()).abs() < 1e-9);
 
+    // --eval-train adds each epoch's fit (eval mode on the training images) and changes
+    // nothing that trains; --resume keeps it.
+    let d = t.path().join("d");
+    run(&d, &["--epochs", "1", "--threads", "2", "--eval-train"]);
+    ok(&["train", "--resume", s(&d), "--epochs", "2"]);
+    assert_eq!(learning_curve(&metrics(&a)), learning_curve(&metrics(&d)));
+    assert_eq!(
+        tensors(&a.join("model.safetensors")),
+        tensors(&d.join("model.safetensors"))
+    );
+    let md = metrics(&d);
+    for e in md["epochs"].as_array().unwrap() {
+        let (loss, acc) = (
+            e["fit"]["loss"].as_f64().unwrap(),
+            e["fit"]["accuracy"].as_f64().unwrap(),
+        );
+        assert!(loss.is_finite() && loss > 0.0 && (0.0..=1.0).contains(&acc), "{e}");
+    }
+    assert!(m["epochs"][0].get("fit").is_none(), "no fit without --eval-train");
+
     // A fresh run never overwrites an existing one.
     let err = fails(&["train", "--data", s(&data), "--out", s(&a), "--epochs", "1"]);
     assert!(err.contains("already holds a run"), "{err}");

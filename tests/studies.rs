@@ -78,6 +78,15 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
                 .iter()
                 .all(|r| r["status"] == "complete" || r["status"] == "diverged"));
             assert_eq!(csv.lines().count(), runs.len() + 1, "{study}: one CSV row per run");
+            if study == "regularization" {
+                // Each epoch's fit is the model in eval mode on the run's training images: at the
+                // last epoch, what the grid measures on the final checkpoint.
+                for run in runs {
+                    let fit = &run["epochs"].as_array().unwrap().last().unwrap()["fit"];
+                    let (a, b) = (fit["loss"].as_f64().unwrap(), run["train_loss"].as_f64().unwrap());
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "fit {a} vs final {b}");
+                }
+            }
             if study == "rnn" {
                 // One trained plain LSTM per seed, 28 steps of four gates each.
                 let gates = results["gates"].as_array().unwrap();

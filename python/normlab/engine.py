@@ -63,7 +63,7 @@ def train(model=None, norm=None, *, out=None, resume=None, progress=True, **opti
     ``optimizer="adam"``, ``lr`` (1e-3 for adam, 0.01 for sgd), ``momentum``, ``nesterov``,
     ``weight_decay``, ``no_decay_norm_bias``, ``schedule``, ``warmup``, ``seed``, ``threads``,
     ``train_limit``, ``test_limit``, ``data``, ``sparsity``, ``gamma_init``, ``dropout``,
-    ``init_scale``, ``init_from``, ``augment``, ``resize=(h, w)``, ``tensorboard``,
+    ``init_scale``, ``init_from``, ``augment``, ``resize=(h, w)``, ``tensorboard``, ``eval_train``,
     ``freeze_bn``. ``out`` is the run folder (default ``runs/<model>-<norm>``, never an
     existing run); ``resume=folder`` continues a run (only ``epochs`` and ``threads`` may be
     given with it).

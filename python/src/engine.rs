@@ -48,6 +48,7 @@ const TRAIN_OPTIONS: &[&str] = &[
     "augment",
     "resize",
     "tensorboard",
+    "eval_train",
     "freeze_bn",
 ];
 
@@ -159,6 +160,9 @@ fn config_from(options: &Bound<'_, PyDict>, threads: usize) -> PyResult<TrainCon
     }
     if let Some(v) = get("tensorboard") {
         c.tensorboard = v.is_truthy()?;
+    }
+    if let Some(v) = get("eval_train") {
+        c.eval_train = v.is_truthy()?;
     }
     if let Some(v) = get("freeze_bn") {
         c.freeze_bn = Some(parsed(&v, "freeze_bn")?);

@@ -113,6 +113,10 @@ pub struct TrainArgs {
     /// per-epoch accuracy and loss, and a histogram of each norm layer's |γ| every epoch.
     #[arg(long)]
     pub tensorboard: bool,
+    /// Also evaluate the model (eval mode) on the training images after every epoch: the fit
+    /// without dropout's noise or batch statistics, in metrics.json as each epoch's `fit`.
+    #[arg(long)]
+    pub eval_train: bool,
     /// Frozen BN: every BatchNorm runs in eval mode while training (running statistics used,
     /// never updated). stats: γ and β still train; all: they are frozen too (FrozenBatchNorm2d).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["stats", "all"]))]
@@ -204,6 +208,7 @@ impl TrainArgs {
                 .unwrap_or(base.augment),
             resize: self.resize.or(base.resize),
             tensorboard: self.tensorboard || base.tensorboard,
+            eval_train: self.eval_train || base.eval_train,
         })
     }
 

@@ -67,6 +67,45 @@ pub(crate) fn verdict_lines(claims: &[Claim]) -> String {
         .join(" ")
 }
 
+/// A training curve has flattened when its last epoch's fall is under this share (%) of the
+/// whole fall since epoch 1.
+pub(crate) const FLAT_SHARE: f64 = 10.0;
+
+/// The last epoch's fall in training loss as a share (%) of the fall from epoch 1 to the end;
+/// None with fewer than 3 epochs or no fall at all.
+pub(crate) fn last_epoch_share(epochs: &[EpochMetrics]) -> Option<f64> {
+    let n = epochs.len();
+    if n < 3 {
+        return None;
+    }
+    let total = epochs[0].train_loss - epochs[n - 1].train_loss;
+    let last = epochs[n - 2].train_loss - epochs[n - 1].train_loss;
+    (total > 0.0).then(|| 100.0 * last / total)
+}
+
+/// The condition of a claim that compares final values of arms trained for different numbers
+/// of steps: every arm's training curve has flattened (mean share over its seeds under
+/// `FLAT_SHARE`). Each arm is (its name, its runs); the reason it is broken, or None.
+pub(crate) fn unflattened(arms: &[(String, Vec<&RunRecord>)]) -> Option<String> {
+    let broken: Vec<String> = arms
+        .iter()
+        .filter_map(|(name, runs)| {
+            let share: Vec<f64> = runs.iter().filter_map(|x| last_epoch_share(&x.epochs)).collect();
+            let mean = mean_std(&share).0;
+            if share.is_empty() {
+                Some(format!("{name} has no training curve to judge"))
+            } else if mean >= FLAT_SHARE {
+                Some(format!(
+                    "{name} was still learning (last epoch's fall {mean:.1}% of the whole)"
+                ))
+            } else {
+                None
+            }
+        })
+        .collect();
+    (!broken.is_empty()).then(|| broken.join("; "))
+}
+
 /// Mean and standard deviation (0 for one value); NaN when empty.
 pub(crate) fn mean_std(v: &[f64]) -> (f64, f64) {
     if v.is_empty() {
@@ -115,9 +154,11 @@ pub(crate) fn error_cell(runs: &[&RunRecord]) -> (f64, f64, usize, usize) {
     (m, s, runs.len() - ok.len(), runs.len())
 }
 
-/// "m" or "m ± s" (s > 0 only with several seeds).
+/// "m" or "m ± s" (s > 0 only with several seeds); "—" when there is no value.
 pub(crate) fn fmt_mean((m, s): (f64, f64), digits: usize) -> String {
-    if s > 0.0 {
+    if m.is_nan() {
+        "—".into()
+    } else if s > 0.0 {
         format!("{m:.digits$} ± {s:.digits$}")
     } else {
         format!("{m:.digits$}")

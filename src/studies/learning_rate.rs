@@ -395,15 +395,49 @@ pub(crate) fn learning_rate_claims(r: &StudyResults, lrs: &[f64], target: f64) -
             })
             .collect()
     };
+    // The highest rate is measured only where the grid brackets it: an arm that still learns
+    // at the grid's top rate has its limit somewhere above. Without BN that leaves nothing
+    // measured; with BN the difference is a lower bound, which can confirm the claim but not
+    // refute it.
+    let still_learns_at_top = |norm: &str| -> Vec<u64> {
+        let Some(&top) = lrs.last() else { return Vec::new() };
+        (0..r.seeds as u64)
+            .filter(|&s| {
+                cell(norm, "1", top)
+                    .iter()
+                    .any(|x| x.seed == s && acc_of(x) >= FAIL_ACCURACY)
+            })
+            .collect()
+    };
+    let top = lrs.last().copied().unwrap_or(f64::NAN);
+    let higher = Claim::new(
+        "BN trains at higher learning rates",
+        format!("log10 of the highest rate reaching {FAIL_ACCURACY}% test accuracy, BN minus none (init scale 1)"),
+        &["bn", "none"],
+        Kind::Greater,
+        minus(&highest("bn"), &highest("none")),
+        0.3,
+        r.quick,
+    );
+    let seeds_text = |s: &[u64]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
+    let (none_top, bn_top) = (still_learns_at_top("none"), still_learns_at_top("bn"));
+    let broken = if !none_top.is_empty() {
+        Some(format!(
+            "none still reaches {FAIL_ACCURACY}% at the grid's highest rate {top} (seed {}): its limit lies above the grid",
+            seeds_text(&none_top)
+        ))
+    } else if !bn_top.is_empty() && higher.verdict != "agrees" {
+        Some(format!(
+            "bn still reaches {FAIL_ACCURACY}% at the grid's highest rate {top} (seed {}): the difference is only a lower bound",
+            seeds_text(&bn_top)
+        ))
+    } else {
+        None
+    };
     vec![
-        Claim::new(
-            "BN trains at higher learning rates",
-            format!("log10 of the highest rate reaching {FAIL_ACCURACY}% test accuracy, BN minus none (init scale 1)"),
-            &["bn", "none"],
-            Kind::Greater,
-            minus(&highest("bn"), &highest("none")),
-            0.3,
-            r.quick,
+        higher.given(
+            "the grid brackets the highest rate: none fails at the grid's top rate (and so does BN, unless the lower bound already agrees)",
+            broken,
         ),
         Claim::new(
             "BN reaches the target accuracy in fewer steps",

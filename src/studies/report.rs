@@ -123,9 +123,12 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
              excludes zero on the claimed side and the mean passes the threshold, <i>disagrees</i> when \
              it excludes zero on the other side or lies within the threshold of zero, else \
              <i>inconclusive</i> (always with fewer than 3 seeds). An equivalence claim agrees when the \
-             whole interval lies within ±threshold.</p>\n<table><tr><th>claim</th><th>metric</th>\
+             whole interval lies within ±threshold. A claim whose comparison is only fair under a \
+             condition (the arms at matched fit, curves that have flattened) states it; when the run \
+             breaks it, the verdict is <i>inconclusive (confounded: …)</i> whatever the interval \
+             says.</p>\n<table><tr><th>claim</th><th>metric</th>\
              <th>per seed</th><th>mean</th><th>95% interval</th><th>threshold</th><th>seeds</th>\
-             <th>verdict</th></tr>\n",
+             <th>fair only if</th><th>verdict</th></tr>\n",
         );
         for c in &a.claims {
             let per: Vec<String> = c.per_seed.iter().map(|v| format!("{v:.3}")).collect();
@@ -141,7 +144,8 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
             };
             h.push_str(&format!(
                 "<tr><td>{}</td><td style=\"text-align:left\">{}</td><td>{}</td><td>{}</td><td>[{}, {}]</td>\
-                 <td>{}</td><td>{}</td><td style=\"background:{color}\"><b>{}</b></td></tr>\n",
+                 <td>{}</td><td>{}</td><td style=\"text-align:left\">{}</td>\
+                 <td style=\"background:{color}\"><b>{}</b></td></tr>\n",
                 esc(&c.claim),
                 esc(&c.metric),
                 per.join(", "),
@@ -150,6 +154,14 @@ pub fn html(r: &StudyResults, a: &Analysis) -> String {
                 num(c.interval[1], false),
                 esc(&c.rule()),
                 c.seeds,
+                match &c.condition {
+                    None => "—".to_string(),
+                    Some(k) => format!(
+                        "{} ({})",
+                        esc(&k.requires),
+                        if k.broken.is_some() { "broken" } else { "held" }
+                    ),
+                },
                 esc(&c.verdict)
             ));
         }

@@ -2,6 +2,11 @@
 //! paper predicts to be positive (or, for an equivalence claim, near zero); the verdict comes
 //! from the mean and a 95% t-interval across seeds, set against a practical threshold stated
 //! in the report. Fewer than 3 seeds, or a `--quick` run, gives no verdict.
+//!
+//! A claim may also declare what must hold for its comparison to be fair (`Condition`: the
+//! arms at matched fit, training curves that have flattened, a grid that brackets the limit
+//! measured). When the run breaks it, the difference is arithmetic on a confounded comparison:
+//! the verdict is `inconclusive (confounded: why)`, whatever the interval says.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,8 +37,22 @@ pub struct Claim {
     pub interval: [f64; 2],
     pub threshold: f64,
     pub seeds: usize,
-    /// agrees, disagrees, inconclusive, inconclusive (N seeds), inconclusive (quick run).
+    /// agrees, disagrees, inconclusive, inconclusive (N seeds), inconclusive (quick run),
+    /// inconclusive (confounded: why).
     pub verdict: String,
+    /// What must hold for the comparison to be fair, and whether it held (absent: nothing to
+    /// hold, as when both arms take the same steps and are measured at the same point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<Condition>,
+}
+
+/// What a claim needs of the run for its comparison to mean anything.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    /// What must hold, stated for the report ("every arm reaches training loss 0.05").
+    pub requires: String,
+    /// Why it did not hold in this run (None: it held).
+    pub broken: Option<String>,
 }
 
 /// JSON has no NaN or infinity (serde_json writes null): read null back as NaN. Every study
@@ -122,7 +141,29 @@ impl Claim {
             interval,
             threshold,
             verdict,
+            condition: None,
         }
+    }
+
+    /// The claim with what its comparison requires; `broken` says why the run breaks it (None:
+    /// it holds). A broken condition makes the verdict `inconclusive (confounded: ...)`, except
+    /// in a quick run, which gives no verdict anyway.
+    pub fn given(mut self, requires: impl Into<String>, broken: Option<String>) -> Claim {
+        if let Some(why) = &broken {
+            if !self.verdict.ends_with("(quick run)") {
+                self.verdict = format!("inconclusive (confounded: {why})");
+            }
+        }
+        self.condition = Some(Condition {
+            requires: requires.into(),
+            broken,
+        });
+        self
+    }
+
+    /// Whether the claim's comparison was confounded in this run.
+    pub fn confounded(&self) -> bool {
+        self.condition.as_ref().is_some_and(|c| c.broken.is_some())
     }
 
     /// The threshold as the report states it.
@@ -181,6 +222,31 @@ mod tests {
         assert_eq!(judge(Kind::Equivalent, &[0.2, -0.1, 0.1, 0.0], 1.0, false).2, "agrees");
         assert_eq!(judge(Kind::Equivalent, &[3.0, 3.2, 2.9], 1.0, false).2, "disagrees");
         assert_eq!(judge(Kind::Equivalent, &[0.2, 1.9, -1.5], 1.0, false).2, "inconclusive");
+    }
+
+    #[test]
+    fn a_broken_condition_overrides_the_interval() {
+        let seeds = vec![5.0, 5.5, 4.8, 5.2];
+        let held =
+            Claim::new("c", "m", &["a", "b"], Kind::Greater, seeds.clone(), 1.0, false).given("both arms fit", None);
+        assert_eq!(held.verdict, "agrees");
+        assert!(!held.confounded());
+        let broken = Claim::new("c", "m", &["a", "b"], Kind::Greater, seeds.clone(), 1.0, false)
+            .given("both arms fit", Some("b never reached the target".into()));
+        assert_eq!(broken.verdict, "inconclusive (confounded: b never reached the target)");
+        assert!(broken.confounded());
+        // The interval is still reported; only the verdict is withheld.
+        assert_eq!(broken.mean_difference, held.mean_difference);
+        let quick = Claim::new("c", "m", &["a", "b"], Kind::Greater, seeds, 1.0, true)
+            .given("both arms fit", Some("b never reached the target".into()));
+        assert_eq!(quick.verdict, "inconclusive (quick run)");
+        // results.json keeps the condition; one written before conditions existed still reads.
+        let json = serde_json::to_string(&broken).unwrap();
+        let back: Claim = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, broken);
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("condition");
+        assert!(serde_json::from_value::<Claim>(old).unwrap().condition.is_none());
     }
 
     #[test]

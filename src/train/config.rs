@@ -50,6 +50,10 @@ pub struct TrainConfig {
     /// Also write TensorBoard event files under RUN/tb/ (with per-layer |γ| histograms).
     #[serde(default)]
     pub tensorboard: bool,
+    /// Also evaluate the model in eval mode on the training images after every epoch (the fit
+    /// itself, free of dropout's noise and of batch statistics; the studies' matched fit).
+    #[serde(default)]
+    pub eval_train: bool,
 }
 
 /// What `--freeze-bn` freezes.
@@ -97,6 +101,7 @@ impl Default for TrainConfig {
             augment: Augment::default(),
             resize: None,
             tensorboard: false,
+            eval_train: false,
         }
     }
 }

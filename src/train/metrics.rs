@@ -17,6 +17,17 @@ pub struct EpochMetrics {
     /// Seconds of the epoch's training spent in communication between processes (0 alone).
     #[serde(default)]
     pub communication_seconds: f64,
+    /// With `eval_train`: loss and accuracy in eval mode on the training images after the
+    /// epoch (train_loss above is the running mean over the epoch's training-mode batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit: Option<Fit>,
+}
+
+/// The model in eval mode on its training images.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fit {
+    pub loss: f64,
+    pub accuracy: f64,
 }
 
 /// metrics.json.

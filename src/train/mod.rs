@@ -34,9 +34,9 @@ use data_parallel::GradientSync;
 
 pub use config::{FreezeBn, TrainConfig};
 use metrics::summarize;
-pub use metrics::{EpochMetrics, Quiet, Reporter, RunMetrics};
+pub use metrics::{EpochMetrics, Fit, Quiet, Reporter, RunMetrics};
 use setup::{prepare, same_config, settings, take_folder};
-pub use step::{evaluate, evaluate_samples, loss_and_grad, train_step, Evaluation};
+pub use step::{evaluate, evaluate_samples, evaluate_shared, loss_and_grad, train_step, Evaluation};
 use step::{parallel_step, warmup};
 
 /// Picks `runs/<name>`, or `runs/<name>-2`, `-3`, ... so an earlier run is never overwritten.
@@ -160,7 +160,6 @@ pub fn train_on(
     let bs = config.batch_size;
     let batches = train_set.len().div_ceil(bs);
     let (rank, size) = (comm.rank(), comm.size());
-    let test_order: Vec<usize> = (0..test_set.len()).collect();
     let mut y = Vec::new();
     let mut augment_scratch = Vec::new();
     let mut sync = GradientSync::default();
@@ -223,22 +222,24 @@ pub fn train_on(
         // Evaluation: each process its share of the test set, with rank 0's running statistics
         // (per-process BN keeps its own; PyTorch DDP broadcasts rank 0's buffers likewise).
         data_parallel::broadcast_buffers(comm, &mut model.net);
-        let (test_loss, test_accuracy) = if size == 1 {
-            let test = evaluate(&mut model, &test_set, input_norm, eval_batch)?;
-            (test.loss, test.accuracy)
-        } else {
-            let mine = data_parallel::shard(&test_order, rank, size);
-            let test = evaluate_samples(&mut model, &test_set, mine, input_norm, eval_batch)?;
-            let n = mine.len() as f64;
-            let mut sums = [test.loss * n, (test.accuracy * n).round()];
-            comm.all_reduce_sum_f64(&mut sums);
-            let all = test_set.len().max(1) as f64;
-            (sums[0] / all, sums[1] / all)
-        };
+        let (test_loss, test_accuracy) = evaluate_shared(&mut model, &test_set, input_norm, eval_batch, comm)?;
         if !test_loss.is_finite() {
             let what = format!("the test loss became {test_loss} after epoch {} (lr {lr})", epoch + 1);
             return Err(diverged(&files, &mut metrics, &what, lead));
         }
+        let fit = if config.eval_train {
+            let (loss, accuracy) = evaluate_shared(&mut model, &train_set, input_norm, eval_batch, comm)?;
+            if !loss.is_finite() {
+                let what = format!(
+                    "the loss on the training images became {loss} after epoch {} (lr {lr})",
+                    epoch + 1
+                );
+                return Err(diverged(&files, &mut metrics, &what, lead));
+            }
+            Some(Fit { loss, accuracy })
+        } else {
+            None
+        };
         if let Some(name) = first_non_finite(&mut model) {
             let what = format!("{name} holds a non-finite value after epoch {} (lr {lr})", epoch + 1);
             return Err(diverged(&files, &mut metrics, &what, lead));
@@ -253,6 +254,7 @@ pub fn train_on(
             seconds,
             images_per_sec: seen as f64 / seconds,
             communication_seconds: communication.as_secs_f64(),
+            fit,
         };
         // A failure to show the row (standard output full or closed) ends the run after the
         // epoch is committed.

@@ -20,6 +20,29 @@ pub fn evaluate(model: &mut Model, data: &Dataset, norm: InputNorm, batch_size: 
     evaluate_samples(model, data, &order, norm, batch_size)
 }
 
+/// (mean loss, accuracy) of `model` in eval mode over `data`, each process of `comm` taking
+/// its share of the samples (all of them alone).
+pub fn evaluate_shared(
+    model: &mut Model,
+    data: &Dataset,
+    norm: InputNorm,
+    batch_size: usize,
+    comm: &dyn Communicator,
+) -> Result<(f64, f64)> {
+    if comm.size() == 1 {
+        let e = evaluate(model, data, norm, batch_size)?;
+        return Ok((e.loss, e.accuracy));
+    }
+    let order: Vec<usize> = (0..data.len()).collect();
+    let mine = data_parallel::shard(&order, comm.rank(), comm.size());
+    let e = evaluate_samples(model, data, mine, norm, batch_size)?;
+    let n = mine.len() as f64;
+    let mut sums = [e.loss * n, (e.accuracy * n).round()];
+    comm.all_reduce_sum_f64(&mut sums);
+    let all = data.len().max(1) as f64;
+    Ok((sums[0] / all, sums[1] / all))
+}
+
 /// `evaluate` over the samples `order` of `data` (a process's share of a test set).
 pub fn evaluate_samples(
     model: &mut Model,
