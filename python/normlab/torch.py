@@ -42,6 +42,10 @@ from ._autograd import (
     _SyncBatchNorm,
 )
 
+# torch has loaded its OpenMP runtime: normlab's kernels run with its team asleep rather than
+# spin-waiting on the cores they need (see python/src/omp.rs).
+_native._find_openmp()
+
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",

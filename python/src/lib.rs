@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 
 mod engine;
 mod kernels;
+mod omp;
 
 /// normlab's error as the Python exception a Python user expects for it.
 pub(crate) fn to_py(e: normlab::Error) -> PyErr {
@@ -78,9 +79,17 @@ fn get_num_threads() -> PyResult<usize> {
     start_pool(None)
 }
 
+/// Looks for the process's OpenMP runtime (PyTorch's), whose team then sleeps while normlab's
+/// kernels run; whether it was found. `normlab.torch` calls it once torch is imported.
+#[pyfunction]
+fn _find_openmp() -> bool {
+    omp::search()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(_find_openmp, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     kernels::register(m)?;
     engine::register(m)?;

@@ -25,9 +25,12 @@ def test_train_resume_and_load_state_dict(tmp_path):
     out = tmp_path / "run"
     run = normlab.train(
         model="vgg:8,M,16,M", norm="gn:4", epochs=1, train_limit=512, test_limit=256,
-        batch_size=64, data=DATA, out=out, progress=False,
+        batch_size=64, data=DATA, out=out, progress=False, eval_train=True,
     )
     m = run.metrics
+    # eval_train: each epoch's fit, the model in eval mode on its 512 training images.
+    fit = m["epochs"][0]["fit"]
+    assert fit["loss"] > 0 and 0.0 <= fit["accuracy"] <= 1.0 and m["config"]["eval_train"] is True
     assert m["status"] == "complete" and len(m["epochs"]) == 1
     assert m["config"]["model"] == "vgg:8,M,16,M" and m["config"]["norm"] == "gn:4"
     assert 0.0 <= m["test_accuracy"] <= 1.0

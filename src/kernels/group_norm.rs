@@ -187,8 +187,12 @@ pub fn group_norm_backward(
 
 // nn.LayerNorm's backward on the (N, C, 1) view, one statistics set per sample: with
 // g = γ·dy, dx = invstd·(g − Σg/C − x̂·Σg·x̂/C) per row; dγ = Σ_n dy·x̂, dβ = Σ_n dy.
-/// Rows in parallel, each read once into cache for its two passes; every task adds its rows'
-/// dγ, dβ into its own f64 accumulators, summed at the end (instead of N·C per-element sums).
+/// A few tasks per thread, each a run of whole rows: every row is read once from memory for
+/// one fused pass (its two sums, and its dy·x̂ and dy added into the task's f32 column
+/// accumulators) and once more from cache for dx; the tasks' accumulators are summed in f64
+/// at the end. Measured against the previous kernel (f64 accumulators per rayon split and a
+/// separate column pass, or a third pass over x and dy for fewer than 4 rows per thread):
+/// see ARCHITECTURE.md, "LayerNorm's backward".
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_backward(
     x: &[f32],
@@ -204,97 +208,87 @@ pub fn layer_norm_backward(
     dbeta: &mut [f64],
 ) {
     let c = shape.c;
-    let threads = rayon::current_num_threads();
-    if shape.n < 4 * threads {
-        // Few wide rows (8 samples of 64x56x56): per-task accumulators would be as large as
-        // the rows; dx by blocks, then dγ, dβ by column chunks.
-        group_norm_backward(x, y, dy, dx, shape, 1, eps, gamma, relu, stats, None);
-        column_param_grads(x, y, dy, shape, eps, relu, stats, dgamma, dbeta);
-        return;
-    }
-    // A few tasks per thread: each owns two C-long accumulators.
-    let rows_per_task = shape.n.div_ceil(4 * threads).max(1);
-    let zero = || (vec![0.0f64; c], vec![0.0f64; c]);
-    let (g, b) = dx
-        .par_chunks_mut(c)
-        .zip(x.par_chunks(c).zip(y.par_chunks(c)).zip(dy.par_chunks(c)))
-        .zip(stats.par_iter())
-        .with_min_len(rows_per_task)
-        .fold(zero, |(mut g, mut b), ((dxr, ((xr, yr), dr)), st)| {
+    // A small tensor runs as one task on the calling thread: waking a worker costs more.
+    let tasks = if x.len() < 1 << 15 {
+        1
+    } else {
+        (2 * rayon::current_num_threads()).clamp(1, shape.n.max(1))
+    };
+    let rows = shape.n.div_ceil(tasks).max(1);
+    let span = rows * c.max(1);
+    let task = |((dxt, ((xt, yt), dt)), st): ((&mut [f32], ((&[f32], &[f32]), &[f32])), &[ChannelStats])| {
+        let (mut g, mut b) = (vec![0.0f32; c], vec![0.0f32; c]);
+        let rows = dxt.chunks_mut(c).zip(xt.chunks(c)).zip(yt.chunks(c)).zip(dt.chunks(c));
+        for ((((dxr, xr), yr), dr), st) in rows.zip(st) {
             layer_norm_row(xr, yr, dr, dxr, gamma, st, eps, relu, &mut g, &mut b);
-            (g, b)
-        })
-        .reduce(zero, |(mut g, mut b), (g2, b2)| {
-            g.iter_mut().zip(&g2).for_each(|(a, v)| *a += v);
-            b.iter_mut().zip(&b2).for_each(|(a, v)| *a += v);
-            (g, b)
-        });
-    dgamma.copy_from_slice(&g);
-    dbeta.copy_from_slice(&b);
-}
-
-// dγ[j] = Σ_n dy[n, j]·(x[n, j] − mean_n)·invstd_n, dβ[j] = Σ_n dy[n, j] on the (N, C, 1) view.
-/// Column sums over the samples, channels in parallel chunks (each row segment read in
-/// order), accumulated in f64.
-#[allow(clippy::too_many_arguments)]
-fn column_param_grads(
-    x: &[f32],
-    y: &[f32],
-    dy: &[f32],
-    shape: Ncs,
-    eps: f64,
-    relu: bool,
-    stats: &[ChannelStats],
-    dgamma: &mut [f64],
-    dbeta: &mut [f64],
-) {
-    const COLUMNS: usize = 512;
-    let c = shape.c;
-    let rows: Vec<SetNorm> = stats
-        .iter()
-        .map(|st| SetNorm {
-            center: Center::new(st.mean),
-            invstd: inverse_std(st.var, eps),
-            relu,
-        })
-        .collect();
-    dgamma
-        .par_chunks_mut(COLUMNS)
-        .zip(dbeta.par_chunks_mut(COLUMNS))
-        .enumerate()
-        .for_each(|(k, (dg, db))| {
-            dg.fill(0.0);
-            db.fill(0.0);
-            let cols = k * COLUMNS..k * COLUMNS + dg.len();
-            for (i, &norm) in rows.iter().enumerate() {
-                let r = i * c + cols.start..i * c + cols.end;
-                column_sums(&x[r.clone()], &y[r.clone()], &dy[r], norm, dg, db);
-            }
-        });
-}
-
-multiversion! {
-    /// One sample's row segment added into the column sums.
-    fn column_sums(x: &[f32], y: &[f32], dy: &[f32], norm: SetNorm, dg: &mut [f64], db: &mut [f64]) {
-        for ((((g, b), &xv), &yv), &d) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(y).zip(dy) {
-            let d = norm.grad(yv, d);
-            *g += (d * norm.xhat(xv)) as f64;
-            *b += d as f64;
         }
+        (g, b)
+    };
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = if tasks == 1 {
+        vec![task(((dx, ((x, y), dy)), stats))]
+    } else {
+        dx.par_chunks_mut(span)
+            .zip(x.par_chunks(span).zip(y.par_chunks(span)).zip(dy.par_chunks(span)))
+            .zip(stats.par_chunks(rows))
+            .map(task)
+            .collect()
+    };
+    dgamma.fill(0.0);
+    dbeta.fill(0.0);
+    for (g, b) in &partial {
+        dgamma.iter_mut().zip(g).for_each(|(a, &v)| *a += v as f64);
+        dbeta.iter_mut().zip(b).for_each(|(a, &v)| *a += v as f64);
     }
 }
 
 multiversion! {
-    /// One row of `layer_norm_backward`: Σγg, Σγg·x̂ and the row's dγ, dβ terms in one pass,
-    /// then dx.
-    fn layer_norm_row(xr: &[f32], yr: &[f32], dr: &[f32], dxr: &mut [f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f64], db: &mut [f64]) {
+    /// One row of `layer_norm_backward`: Σγg and Σγg·x̂ (f64 lanes) and the row's dγ, dβ terms
+    /// (into the task's f32 columns) in one pass, then dx.
+    fn layer_norm_row(xr: &[f32], yr: &[f32], dr: &[f32], dxr: &mut [f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f32], db: &mut [f32]) {
         let invstd = inverse_std(st.var, eps);
         let center = Center::new(st.mean);
         let m = xr.len() as f64;
         let norm = SetNorm { center, invstd, relu };
-        let (sg, sgx) = elementwise_grad_sums(xr, yr, dr, gamma, norm, None);
-        column_sums(xr, yr, dr, norm, dg, db);
+        let mut acc = ([0.0f64; LANES], [0.0f64; LANES]);
+        let ones = [1.0f32; LANES];
+        let full = xr.len() / LANES * LANES;
+        let lanes = xr[..full]
+            .chunks_exact(LANES)
+            .zip(yr[..full].chunks_exact(LANES))
+            .zip(dr[..full].chunks_exact(LANES))
+            .zip(dg[..full].chunks_exact_mut(LANES).zip(db[..full].chunks_exact_mut(LANES)));
+        for (k, (((x8, y8), d8), (g8, b8))) in lanes.enumerate() {
+            let gm = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
+            lane_sums_and_columns(x8, y8, d8, gm, norm, &mut acc, g8, b8);
+        }
+        let tail = xr.len() - full;
+        let gm = gamma.map_or(&ones[..tail], |g| &g[full..]);
+        lane_sums_and_columns(&xr[full..], &yr[full..], &dr[full..], gm, norm, &mut acc, &mut dg[full..], &mut db[full..]);
+        let (sg, sgx): (f64, f64) = (acc.0.iter().sum(), acc.1.iter().sum());
         block_dx(xr, yr, dr, dxr, 1, gamma, relu, st, (invstd, (sg / m) as f32, (sgx / m) as f32));
+    }
+}
+
+/// `lane_sums`, and each element's g·x̂ and g added into its column's dγ, dβ.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lane_sums_and_columns(
+    x: &[f32],
+    y: &[f32],
+    d: &[f32],
+    gm: &[f32],
+    n: SetNorm,
+    acc: &mut ([f64; LANES], [f64; LANES]),
+    dg: &mut [f32],
+    db: &mut [f32],
+) {
+    for l in 0..x.len().min(LANES) {
+        let g = n.grad(y[l], d[l]);
+        let xh = n.xhat(x[l]);
+        acc.0[l] += (gm[l] * g) as f64;
+        acc.1[l] += (gm[l] * g * xh) as f64;
+        dg[l] += g * xh;
+        db[l] += g;
     }
 }
 
@@ -475,6 +469,107 @@ fn block_dx(
         } else {
             for ((o, &xv), &g) in dxr.iter_mut().zip(xr).zip(dr) {
                 *o = k * g - invstd * (a + center.sub(xv) * b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in about [-2, 2).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 4000) as f32 / 1000.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_the_per_element_reference() {
+        // Under 2^15 values one task; above, several, each with its own accumulators.
+        for (n, c) in [(1, 37), (3, 100), (8, 1000), (33, 257), (40, 1000), (5, 9001)] {
+            for (affine, relu) in [(false, false), (true, false), (true, true)] {
+                let shape = Ncs { n, c, s: 1 };
+                let x = values(n * c, 1);
+                let dy = values(n * c, 2);
+                let gamma = affine.then(|| values(c, 3));
+                let beta = affine.then(|| values(c, 4));
+                let mut y = vec![0.0; n * c];
+                let mut stats = vec![ChannelStats::default(); n];
+                group_norm_forward_train(
+                    &x,
+                    &mut y,
+                    shape,
+                    1,
+                    1e-5,
+                    gamma.as_deref(),
+                    beta.as_deref(),
+                    relu,
+                    &mut stats,
+                );
+                // The reference: GroupNorm's backward with its per-element sums, summed over rows.
+                let mut dx_ref = vec![0.0; n * c];
+                let mut per = vec![(0.0, 0.0); n * c];
+                group_norm_backward(
+                    &x,
+                    &y,
+                    &dy,
+                    &mut dx_ref,
+                    shape,
+                    1,
+                    1e-5,
+                    gamma.as_deref(),
+                    relu,
+                    &stats,
+                    Some(&mut per),
+                );
+                let (mut dg_ref, mut db_ref) = (vec![0.0f64; c], vec![0.0f64; c]);
+                for row in per.chunks(c) {
+                    for (j, &(sd, sdx)) in row.iter().enumerate() {
+                        db_ref[j] += sd;
+                        dg_ref[j] += sdx;
+                    }
+                }
+                let mut dx = vec![0.0; n * c];
+                let (mut dg, mut db) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+                layer_norm_backward(
+                    &x,
+                    &y,
+                    &dy,
+                    &mut dx,
+                    shape,
+                    1e-5,
+                    gamma.as_deref(),
+                    relu,
+                    &stats,
+                    &mut dg,
+                    &mut db,
+                );
+                let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * (1.0 + b.abs());
+                for (i, (&a, &b)) in dx.iter().zip(&dx_ref).enumerate() {
+                    assert!(close(a as f64, b as f64, 1e-5), "dx[{i}] {a} vs {b} (n {n}, c {c})");
+                }
+                for j in 0..c {
+                    assert!(
+                        close(dg[j], dg_ref[j], 1e-5),
+                        "dγ[{j}] {} vs {} (n {n}, c {c})",
+                        dg[j],
+                        dg_ref[j]
+                    );
+                    assert!(
+                        close(db[j], db_ref[j], 1e-5),
+                        "dβ[{j}] {} vs {} (n {n}, c {c})",
+                        db[j],
+                        db_ref[j]
+                    );
+                }
             }
         }
     }

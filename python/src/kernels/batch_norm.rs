@@ -34,7 +34,7 @@ fn bn_train_forward<'py>(
     let (xs, ys) = (contiguous(&x, "x")?, contiguous_mut(&mut y, "y")?);
     let set = shape.with_batch(v);
     let mut stats = vec![ChannelStats::default(); shape.n / v * shape.c];
-    py.detach(|| {
+    detached(py, xs.len(), || {
         let affine = |ch: usize, st: ChannelStats| {
             (
                 bn::inverse_std(st.var, eps) * gamma.as_ref().map_or(1.0, |g| g[ch]),
@@ -98,7 +98,7 @@ fn bn_fixed_forward<'py>(
         required(shift, c, "shift")?,
     );
     let (xs, ys) = (contiguous(&x, "x")?, contiguous_mut(&mut y, "y")?);
-    py.detach(|| {
+    detached(py, xs.len(), || {
         let affine = ChannelAffine {
             mean: &mean,
             scale: &scale,
@@ -135,7 +135,7 @@ fn bn_train_backward<'py>(
     let (xs, ds, dxs) = backward_slices(&x, &dy, &mut dx)?;
     let set = shape.with_batch(v);
     let mut total = vec![ChannelSums::default(); c];
-    py.detach(|| {
+    detached(py, xs.len(), || {
         let mut ws = Workspace::default();
         let mut sums = vec![ChannelSums::default(); c];
         for j in 0..sets {
@@ -198,7 +198,9 @@ fn bn_fixed_backward<'py>(
         None => None,
     };
     let mut sums = vec![ChannelSums::default(); c];
-    py.detach(|| bn::batch_norm_backward_fixed(xs, xs, ds, dxs, shape, &mean, &inv, &gain, false, &mut sums));
+    detached(py, xs.len(), || {
+        bn::batch_norm_backward_fixed(xs, xs, ds, dxs, shape, &mean, &inv, &gain, false, &mut sums)
+    });
     Ok(sums_out(py, &sums))
 }
 
@@ -208,7 +210,7 @@ fn bn_fixed_backward<'py>(
 fn bn_channel_stats<'py>(py: Python<'py>, x: In<'py>) -> PyResult<(F64s<'py>, Bound<'py, PyArray1<f32>>)> {
     let shape = view(&x, "x")?;
     let xs = contiguous(&x, "x")?;
-    let stats: Vec<ChannelStats> = py.detach(|| {
+    let stats: Vec<ChannelStats> = detached(py, xs.len(), || {
         use rayon::prelude::*;
         (0..shape.c)
             .into_par_iter()
@@ -248,7 +250,7 @@ fn bn_sync_dx<'py>(
     );
     let (sd, sdx) = (required(sum_dy, c, "sum_dy")?, required(sum_dy_xhat, c, "sum_dy_xhat")?);
     let (xs, ds, dxs) = backward_slices(&x, &dy, &mut dx)?;
-    py.detach(|| {
+    detached(py, xs.len(), || {
         let grads: Vec<ChannelGrad> = (0..c)
             .map(|ch| ChannelGrad {
                 mean: mean[ch],

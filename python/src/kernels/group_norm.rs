@@ -40,7 +40,7 @@ fn gn_train_forward<'py>(
     let (gamma, beta) = (channels(weight, c, "weight")?, channels(bias, c, "bias")?);
     let (xs, ys) = (contiguous(&x, "x")?, contiguous_mut(&mut y, "y")?);
     let mut stats = vec![ChannelStats::default(); n * groups];
-    py.detach(|| {
+    detached(py, xs.len(), || {
         gn::group_norm_forward_train(
             xs,
             ys,
@@ -79,7 +79,7 @@ fn gn_train_backward<'py>(
     let gamma = channels(weight, c, "weight")?;
     let (mean, var) = (required(mean, n * groups, "mean")?, required(var, n * groups, "var")?);
     let (xs, ds, dxs) = backward_slices(&x, &dy, &mut dx)?;
-    let (dw, db) = py.detach(|| {
+    let (dw, db) = detached(py, xs.len(), || {
         let stats: Vec<ChannelStats> = mean
             .iter()
             .zip(&var)

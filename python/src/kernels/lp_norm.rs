@@ -37,7 +37,7 @@ fn lp_train_forward<'py>(
     let (gamma, beta) = (channels(weight, c, "weight")?, channels(bias, c, "bias")?);
     let (xs, ys) = (contiguous(&x, "x")?, contiguous_mut(&mut y, "y")?);
     let mut stats = vec![(0.0f64, 0.0f32, 0.0f64); c];
-    py.detach(|| {
+    detached(py, xs.len(), || {
         lp_norm::lp_stats(xs, shape.n, c, shape.s, kind, &mut stats);
         let mean: Vec<f64> = stats.iter().map(|s| s.0).collect();
         let scale: Vec<f32> = (0..c)
@@ -88,7 +88,7 @@ fn lp_train_backward<'py>(
     let (xs, ds, dxs) = backward_slices(&x, &dy, &mut dx)?;
     let stats: Vec<(f64, f32, f64)> = (0..c).map(|ch| (mean[ch], scale[ch], extra[ch])).collect();
     let mut sums = vec![(0.0f64, 0.0f64); c];
-    py.detach(|| {
+    detached(py, xs.len(), || {
         lp_norm::lp_backward(
             xs,
             xs,
