@@ -216,7 +216,7 @@ pub fn layer_norm_backward(
     };
     let rows = shape.n.div_ceil(tasks).max(1);
     let span = rows * c.max(1);
-    let task = |((dxt, ((xt, yt), dt)), st): ((&mut [f32], ((&[f32], &[f32]), &[f32])), &[ChannelStats])| {
+    let task = |dxt: &mut [f32], xt: &[f32], yt: &[f32], dt: &[f32], st: &[ChannelStats]| {
         let (mut g, mut b) = (vec![0.0f32; c], vec![0.0f32; c]);
         let rows = dxt.chunks_mut(c).zip(xt.chunks(c)).zip(yt.chunks(c)).zip(dt.chunks(c));
         for ((((dxr, xr), yr), dr), st) in rows.zip(st) {
@@ -225,12 +225,12 @@ pub fn layer_norm_backward(
         (g, b)
     };
     let partial: Vec<(Vec<f32>, Vec<f32>)> = if tasks == 1 {
-        vec![task(((dx, ((x, y), dy)), stats))]
+        vec![task(dx, x, y, dy, stats)]
     } else {
         dx.par_chunks_mut(span)
             .zip(x.par_chunks(span).zip(y.par_chunks(span)).zip(dy.par_chunks(span)))
             .zip(stats.par_chunks(rows))
-            .map(task)
+            .map(|((dxt, ((xt, yt), dt)), st)| task(dxt, xt, yt, dt, st))
             .collect()
     };
     dgamma.fill(0.0);
