@@ -126,6 +126,7 @@ def _rand_affine(module, g):
     with torch.no_grad():
         if getattr(module, "weight", None) is not None:
             module.weight.copy_((torch.rand(module.weight.shape, generator=g) + 0.5).float().double())
+        if getattr(module, "bias", None) is not None:
             module.bias.copy_(torch.randn(module.bias.shape, generator=g).float().double())
 
 
@@ -183,8 +184,9 @@ def norm_family_cases():
         x.requires_grad_(True)
         dy = _data(shape, g)
         inputs = {"x": x.detach(), "dy": dy}
-        if getattr(module, "weight", None) is not None:
-            inputs["weight"], inputs["bias"] = module.weight.detach().clone(), module.bias.detach().clone()
+        for k in ("weight", "bias"):
+            if getattr(module, k, None) is not None:
+                inputs[k] = getattr(module, k).detach().clone()
         if getattr(module, "running_mean", None) is not None:
             with torch.no_grad():
                 module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=g).float().double() * 0.1)
@@ -194,8 +196,9 @@ def norm_family_cases():
         y = module(x)
         y.backward(dy)
         out = {"y": y.detach(), "dx": x.grad}
-        if "weight" in inputs:
-            out["dweight"], out["dbias"] = module.weight.grad, module.bias.grad
+        for k in ("weight", "bias"):
+            if k in inputs:
+                out["d" + k] = getattr(module, k).grad
         if "running_mean" in inputs:
             out["running_mean"], out["running_var"] = module.running_mean, module.running_var
         for k, v in inputs.items():
@@ -288,6 +291,15 @@ def norm_family_cases():
     formula_case("bn-l1", (7, 6), lp("l1"))
     formula_case("bn-linf", (5, 4, 3, 3), lp("linf"))
     formula_case("bn-linf", (7, 6), lp("linf"))
+    # RMSNorm (no bias), after the others so that their random draws stay as they were; eps
+    # 1e-6 as timm's RmsNorm and normlab's default (torch.nn.RMSNorm's default is the dtype's).
+    RMS = lambda affine=True: (lambda s: nn.RMSNorm(list(s[1:]), eps=1e-6, elementwise_affine=affine))
+    module_case("rms", RMS(), (4, 6, 5, 5))
+    module_case("rms", RMS(), (6, 10))
+    module_case("rms", RMS(), (1, 3, 2, 2))
+    module_case("rms:affine=false", RMS(False), (3, 5, 3, 3))
+    module_case("rms", RMS(), (3, 4, 5, 5), 3.0, 0.01)
+    module_case("rms:eps=1e-5", (lambda s: nn.RMSNorm(list(s[1:]), eps=1e-5)), (5, 2, 7, 7))
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "norm_family.safetensors"),
               metadata={"cases": json.dumps(cases)})
     print(f"norm_family.safetensors: {len(cases)} cases")

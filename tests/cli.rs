@@ -414,6 +414,7 @@ fn every_norm_spec_trains_evaluates_and_resumes() {
         "gn",
         "ln",
         "layernorm",
+        "rms",
         "in",
         "in:affine=true,track=true",
         "brn",

@@ -104,6 +104,8 @@ fn onnx_runtime_gives_normlabs_logits() {
         ("vgg:4,M,8,M", "gn:2"),
         ("mlp", "ln"),
         ("seed-cnn:6", "layernorm"),
+        ("seed-cnn:6", "rms"),
+        ("mlp", "rms"),
         ("seed-cnn:6", "in:affine=true"),
         ("seed-cnn:6", "in:track=true"),
         ("seed-cnn:6", "bn-l1"),
@@ -146,6 +148,6 @@ fn onnx_runtime_gives_normlabs_logits() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     // Plain and folded for the six BN-family checkpoints and the two pruned ones, plain for
-    // the other seven (the LSTM as ONNX's LSTM operator).
-    assert_eq!(stdout.matches("PASS").count(), 2 * 8 + 7, "{stdout}");
+    // the other nine (the LSTM as ONNX's LSTM operator; RMSNorm as its decomposition).
+    assert_eq!(stdout.matches("PASS").count(), 2 * 8 + 9, "{stdout}");
 }

@@ -265,6 +265,8 @@ fn every_norm_spec_has_correct_gradients() {
         ("ln", vec![2, 3, 3, 3]),
         ("ln", vec![3, 5]),
         ("layernorm", vec![2, 3, 2, 3]),
+        ("rms", vec![2, 3, 2, 3]),
+        ("rms:affine=false", vec![3, 5]),
         ("in:affine=true", vec![2, 3, 3, 3]),
         ("in:affine=true,track=true", vec![2, 3, 3, 3]),
         ("ghost:2", vec![6, 3, 2, 2]),

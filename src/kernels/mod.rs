@@ -9,6 +9,7 @@ pub mod lstm;
 pub mod matmul;
 pub mod pool;
 pub mod reduce;
+pub mod rms_norm;
 pub mod shape;
 pub mod simd;
 pub mod winograd;

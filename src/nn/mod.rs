@@ -14,6 +14,7 @@ pub mod noisy_batch_norm;
 pub mod norm_spec;
 pub mod pool;
 pub mod residual;
+pub mod rms_norm;
 pub mod sequential;
 
 pub use layer::{BufferMut, Layer, Mode, Param, ParamKind, StatsMode};

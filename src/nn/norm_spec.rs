@@ -9,6 +9,7 @@ use crate::nn::batch_norm::{BatchNorm, BatchNormConfig, BatchStats};
 use crate::nn::group_norm::{GroupNorm, WithinSample, WithinSampleConfig};
 use crate::nn::layer::Layer;
 use crate::nn::noisy_batch_norm::NoisyBatchNorm;
+use crate::nn::rms_norm::RmsNorm;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NormSpec {
@@ -29,6 +30,9 @@ pub enum NormSpec {
     /// The LSTM's naive BN: one set of running statistics shared by every time step
     /// (`bn-shared`; only the lstm model has time steps).
     SharedBatch(BatchNormConfig),
+    /// RMSNorm over the trailing dims (torch.nn.RMSNorm, timm's RmsNorm): no centring, an
+    /// elementwise scale and no shift.
+    Rms { eps: f64, affine: bool },
 }
 
 /// Every spec with one line on what it does (`normlab norms`).
@@ -81,6 +85,10 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         "bn-noisy",
         "Noisy BN (Santurkar et al.): BN, then a random per-sample, per-unit scale and shift in training; eval = BN",
+    ),
+    (
+        "rms",
+        "RMSNorm (torch.nn.RMSNorm, timm's RmsNorm) over the trailing dims (C,H,W): x/√(mean(x²)+eps), elementwise scale, no shift, no centring; eps=1e-6, affine",
     ),
 ];
 
@@ -171,6 +179,9 @@ impl NormSpec {
                 Some(Box::new(fuse_gn(GroupNorm::new(cfg, sample_shape, layer)?)))
             }
             NormSpec::Within(cfg) => Some(Box::new(fuse_gn(GroupNorm::new(cfg, sample_shape, layer)?))),
+            NormSpec::Rms { eps, affine } => Some(Box::new(
+                RmsNorm::new(eps, affine, sample_shape, layer)?.with_relu(relu),
+            )),
             NormSpec::SharedBatch(_) => {
                 return Err(Error::invalid(format!(
                     "{layer}: bn-shared is the LSTM's BN with statistics shared across time steps; \
@@ -363,6 +374,18 @@ impl FromStr for NormSpec {
                 }
                 Ok(NormSpec::Within(cfg))
             }
+            "rms" => {
+                let (mut eps, mut affine) = (1e-6, true);
+                for (key, v) in pairs {
+                    match key {
+                        "eps" => eps = parse_num(key, v)?,
+                        "affine" => affine = parse_bool(key, v)?,
+                        _ => return Err(unknown(key, name, "eps, affine")),
+                    }
+                }
+                check_eps(eps)?;
+                Ok(NormSpec::Rms { eps, affine })
+            }
             _ => {
                 let known: Vec<&str> = CATALOG.iter().map(|(s, _)| *s).collect();
                 Err(Error::invalid(format!(
@@ -424,6 +447,7 @@ impl fmt::Display for NormSpec {
                 Some(g) => write!(f, "gn:{g},eps={eps},affine={affine}"),
                 None => write!(f, "gn:eps={eps},affine={affine}"),
             },
+            NormSpec::Rms { eps, affine } => write!(f, "rms:eps={eps},affine={affine}"),
             NormSpec::Within(c) => match c.kind {
                 WithinSample::Layer => write!(f, "ln:eps={},affine={}", c.eps, c.affine),
                 WithinSample::LayerElementwise => write!(f, "layernorm:eps={},affine={}", c.eps, c.affine),
