@@ -29,14 +29,20 @@ pub const SHAPES: [[usize; 4]; 6] = [
 ];
 
 /// What is timed: the norm spec, the passes, and how many tensor-sizes of traffic they need.
-pub const KERNELS: [(&str, &str, &str, f64); 6] = [
+pub const KERNELS: [(&str, &str, &str, f64); 8] = [
     ("bn_train_fwd", "bn", "fwd", 2.0),
     ("bn_train_fwd_bwd", "bn", "fwd+bwd", 5.0),
     ("bn_eval_fwd", "bn", "eval", 2.0),
     ("gn_fwd_bwd", "gn", "fwd+bwd", 5.0),
     ("ln_fwd_bwd", "ln", "fwd+bwd", 5.0),
     ("in_fwd_bwd", "in", "fwd+bwd", 5.0),
+    ("layernorm_fwd_bwd", "layernorm", "fwd+bwd", 5.0),
+    ("rms_fwd_bwd", "rms", "fwd+bwd", 5.0),
 ];
+
+/// Transformer activations [B·T, D, 1, 1] (the trailing-dims norms only): D = 384 and 768, as
+/// in ViT-S and ViT-B, 4096 and 2048 tokens.
+pub const TOKEN_SHAPES: [[usize; 4]; 2] = [[4096, 384, 1, 1], [2048, 768, 1, 1]];
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelResult {
@@ -203,7 +209,12 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
     let copy = copy_bandwidth(reps);
     let mut kernels = Vec::new();
     for (kernel, spec, passes, traffic) in KERNELS.into_iter().filter(|k| k.0.contains(filter)) {
-        for shape in SHAPES {
+        let tokens: &[[usize; 4]] = if matches!(spec, "layernorm" | "rms") {
+            &TOKEN_SHAPES
+        } else {
+            &[]
+        };
+        for &shape in SHAPES.iter().chain(tokens) {
             progress(&format!("{kernel} {shape:?}"));
             let secs = bench_kernel(kernel, spec, passes, shape, reps)?;
             let bytes = shape.iter().product::<usize>() as f64 * 4.0 * traffic;

@@ -43,6 +43,8 @@ fn training_steps_after_the_first_allocate_nothing() {
             ("seed-cnn", "bn"),
             ("vgg:8,M,16,M", "gn:4"),
             ("vgg:8,M", "ghost:4"),
+            ("vgg:8,M", "layernorm"),
+            ("vgg:8,M", "rms"),
             ("mlp", "bn"),
         ] {
             let spec = ModelSpec::new(

@@ -124,11 +124,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let threads = init_threads(a.threads)?;
     // The memory copy, then the kernels and models, or with `--filter conv` the conv table.
-    use normlab::bench::{CONV_ALGORITHMS, CONV_SHAPES, KERNELS, SHAPES, TRAINING_MODELS};
+    use normlab::bench::{CONV_ALGORITHMS, CONV_SHAPES, KERNELS, SHAPES, TOKEN_SHAPES, TRAINING_MODELS};
     let measured = if a.filter == "conv" {
         CONV_SHAPES.len() * CONV_ALGORITHMS.len()
     } else {
-        KERNELS.len() * SHAPES.len() + TRAINING_MODELS.len()
+        KERNELS.len() * SHAPES.len() + 2 * TOKEN_SHAPES.len() + TRAINING_MODELS.len()
     };
     let total = (1 + measured) as u64;
     let bar = ProgressBar::new(total);

@@ -139,9 +139,9 @@ fn affine_elementwise(
 /// Backward: with g = γ·dy inside each (n, group) set of m values,
 /// dx = invstd/m · (m·g - Σg - x̂·Σg·x̂); per (n, c) the sums Σdy and Σdy·x̂ go to
 /// `channel_sums[n·C + c]` for the parameter gradients, when given. (nn.LayerNorm's C·H·W
-/// per-element sums are four tensor-sizes of f64: the Python API uses `layer_norm_backward`,
-/// which reduces over the samples directly; the engine's layer keeps its allocation-free
-/// scratch.) With `relu`, dy is masked by y > 0.
+/// per-element sums would be four tensor-sizes of f64: its layer and the Python API use
+/// `layer_norm_backward`, which reduces over the samples directly.) With `relu`, dy is masked
+/// by y > 0.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_backward(
     x: &[f32],
@@ -189,10 +189,11 @@ pub fn group_norm_backward(
 // g = γ·dy, dx = invstd·(g − Σg/C − x̂·Σg·x̂/C) per row; dγ = Σ_n dy·x̂, dβ = Σ_n dy.
 /// A few tasks per thread, each a run of whole rows: every row is read once from memory for
 /// one fused pass (its two sums, and its dy·x̂ and dy added into the task's f32 column
-/// accumulators) and once more from cache for dx; the tasks' accumulators are summed in f64
-/// at the end. Measured against the previous kernel (f64 accumulators per rayon split and a
-/// separate column pass, or a third pass over x and dy for fewer than 4 rows per thread):
-/// see ARCHITECTURE.md, "LayerNorm's backward".
+/// accumulators in `scratch`, resized here and reused across calls) and once more from cache
+/// for dx; the tasks' accumulators are summed in f64 at the end. Measured against the
+/// previous kernel (f64 accumulators per rayon split and a separate column pass, or a third
+/// pass over x and dy for fewer than 4 rows per thread): see ARCHITECTURE.md, "LayerNorm's
+/// backward".
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_backward(
     x: &[f32],
@@ -206,8 +207,9 @@ pub fn layer_norm_backward(
     stats: &[ChannelStats],
     dgamma: &mut [f64],
     dbeta: &mut [f64],
+    scratch: &mut Vec<f32>,
 ) {
-    let c = shape.c;
+    let c = shape.c.max(1);
     // A small tensor runs as one task on the calling thread: waking a worker costs more.
     let tasks = if x.len() < 1 << 15 {
         1
@@ -215,29 +217,35 @@ pub fn layer_norm_backward(
         (2 * rayon::current_num_threads()).clamp(1, shape.n.max(1))
     };
     let rows = shape.n.div_ceil(tasks).max(1);
-    let span = rows * c.max(1);
-    let task = |dxt: &mut [f32], xt: &[f32], yt: &[f32], dt: &[f32], st: &[ChannelStats]| {
-        let (mut g, mut b) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let span = rows * c;
+    let used = shape.n.div_ceil(rows);
+    // Allocates only when a call needs more than any before (the engine's layer: first step).
+    if scratch.len() < used * 2 * c {
+        scratch.resize(used * 2 * c, 0.0);
+    }
+    let acc = &mut scratch[..used * 2 * c];
+    let task = |dxt: &mut [f32], xt: &[f32], yt: &[f32], dt: &[f32], st: &[ChannelStats], a: &mut [f32]| {
+        a.fill(0.0);
+        let (g, b) = a.split_at_mut(c);
         let rows = dxt.chunks_mut(c).zip(xt.chunks(c)).zip(yt.chunks(c)).zip(dt.chunks(c));
         for ((((dxr, xr), yr), dr), st) in rows.zip(st) {
-            layer_norm_row(xr, yr, dr, dxr, gamma, st, eps, relu, &mut g, &mut b);
+            layer_norm_row(xr, yr, dr, dxr, gamma, st, eps, relu, g, b);
         }
-        (g, b)
     };
-    let partial: Vec<(Vec<f32>, Vec<f32>)> = if tasks == 1 {
-        vec![task(dx, x, y, dy, stats)]
+    if used == 1 {
+        task(dx, x, y, dy, stats, acc);
     } else {
         dx.par_chunks_mut(span)
             .zip(x.par_chunks(span).zip(y.par_chunks(span)).zip(dy.par_chunks(span)))
-            .zip(stats.par_chunks(rows))
-            .map(|((dxt, ((xt, yt), dt)), st)| task(dxt, xt, yt, dt, st))
-            .collect()
-    };
+            .zip(stats.par_chunks(rows).zip(acc.par_chunks_mut(2 * c)))
+            .for_each(|((dxt, ((xt, yt), dt)), (st, a))| task(dxt, xt, yt, dt, st, a));
+    }
     dgamma.fill(0.0);
     dbeta.fill(0.0);
-    for (g, b) in &partial {
-        dgamma.iter_mut().zip(g).for_each(|(a, &v)| *a += v as f64);
-        dbeta.iter_mut().zip(b).for_each(|(a, &v)| *a += v as f64);
+    for a in acc.chunks(2 * c) {
+        let (g, b) = a.split_at(c);
+        dgamma.iter_mut().zip(g).for_each(|(d, &v)| *d += v as f64);
+        dbeta.iter_mut().zip(b).for_each(|(d, &v)| *d += v as f64);
     }
 }
 
@@ -539,6 +547,8 @@ mod tests {
                 }
                 let mut dx = vec![0.0; n * c];
                 let (mut dg, mut db) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+                // Scratch left dirty by a larger call: each call clears what it uses.
+                let mut scratch = vec![f32::NAN; 3 * n * c];
                 layer_norm_backward(
                     &x,
                     &y,
@@ -551,6 +561,7 @@ mod tests {
                     &stats,
                     &mut dg,
                     &mut db,
+                    &mut scratch,
                 );
                 let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * (1.0 + b.abs());
                 for (i, (&a, &b)) in dx.iter().zip(&dx_ref).enumerate() {

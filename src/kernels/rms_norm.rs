@@ -19,18 +19,18 @@ pub fn inverse_rms(mean_square: f64, eps: f64) -> f32 {
     (1.0 / (mean_square + eps).sqrt()) as f32
 }
 
-/// Σ over `v` of f(v) in 8 f64 lanes.
+/// Σx² over `v` in 8 f64 lanes (independent chains: vector speed).
 #[inline(always)]
-fn lane_sum(v: &[f32], f: impl Fn(usize, f32) -> f32) -> f64 {
+fn sum_of_squares(v: &[f32]) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let full = v.len() / LANES * LANES;
-    for (k, chunk) in v[..full].chunks_exact(LANES).enumerate() {
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
         for l in 0..LANES {
-            acc[l] += f(k * LANES + l, chunk[l]) as f64;
+            acc[l] += (c[l] * c[l]) as f64;
         }
     }
-    for (i, &x) in v.iter().enumerate().skip(full) {
-        acc[i - full] += f(i, x) as f64;
+    for (l, &x) in chunks.remainder().iter().enumerate() {
+        acc[l] += (x * x) as f64;
     }
     acc.iter().sum()
 }
@@ -59,19 +59,22 @@ pub fn rms_norm_forward(
 multiversion! {
     fn forward_rows(xt: &[f32], yt: &mut [f32], d: usize, eps: f64, gamma: Option<&[f32]>, relu: bool, rt: &mut [f32]) {
         for ((xr, yr), r) in xt.chunks(d).zip(yt.chunks_mut(d)).zip(rt.iter_mut()) {
-            *r = inverse_rms(lane_sum(xr, |_, v| v * v) / d as f64, eps);
+            *r = inverse_rms(sum_of_squares(xr) / d as f64, eps);
             let inv = *r;
-            let act = |v: f32| if relu { reduce::relu(v) } else { v };
-            match gamma {
-                Some(g) => yr.iter_mut().zip(xr).zip(g).for_each(|((o, &v), &gm)| *o = act(v * inv * gm)),
-                None => yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = act(v * inv)),
+            match (gamma, relu) {
+                (Some(g), false) => yr.iter_mut().zip(xr).zip(g).for_each(|((o, &v), &gm)| *o = v * inv * gm),
+                (Some(g), true) => yr.iter_mut().zip(xr).zip(g).for_each(|((o, &v), &gm)| *o = reduce::relu(v * inv * gm)),
+                (None, false) => yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * inv),
+                (None, true) => yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = reduce::relu(v * inv)),
             }
         }
     }
 }
 
 // With g = γ·dy (masked by y > 0 after a fused ReLU) and x̂ = x·r:
-// dx = r·(g − x̂·Σ(g·x̂)/D) per row; dγ = Σ_rows dy·x̂ (f64, into `dgamma` when given).
+// dx = r·(g − x̂·Σ(g·x̂)/D) per row; dγ = Σ_rows dy·x̂.
+/// As `layer_norm_backward`: a few tasks per thread, each a run of whole rows with its own f32
+/// column accumulators for dγ (in `scratch`, reused across calls), summed in f64 into `dgamma`.
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward(
     x: &[f32],
@@ -82,47 +85,79 @@ pub fn rms_norm_backward(
     gamma: Option<&[f32]>,
     relu: bool,
     inv_rms: &[f32],
-    dgamma: Option<&mut [f64]>,
+    dgamma: &mut [f64],
+    scratch: &mut Vec<f32>,
 ) {
-    let rows = rows_per_task(d);
-    let span = d * rows;
-    let want_dgamma = dgamma.is_some();
-    let partial: Vec<Vec<f64>> = dx
-        .par_chunks_mut(span)
-        .zip(x.par_chunks(span).zip(y.par_chunks(span)).zip(dy.par_chunks(span)))
-        .zip(inv_rms.par_chunks(rows))
-        .map(|((dxt, ((xt, yt), dt)), rt)| {
-            let mut acc = if want_dgamma { vec![0.0f64; d] } else { Vec::new() };
-            backward_rows(xt, yt, dt, dxt, d, gamma, relu, rt, &mut acc);
-            acc
-        })
-        .collect();
-    if let Some(dg) = dgamma {
-        dg.fill(0.0);
-        for acc in &partial {
-            dg.iter_mut().zip(acc).for_each(|(a, &v)| *a += v);
-        }
+    let d = d.max(1);
+    let n = inv_rms.len();
+    let tasks = if x.len() < 1 << 15 {
+        1
+    } else {
+        (2 * rayon::current_num_threads()).clamp(1, n.max(1))
+    };
+    let rows = n.div_ceil(tasks).max(1);
+    let used = n.div_ceil(rows).max(1);
+    if scratch.len() < used * d {
+        scratch.resize(used * d, 0.0);
+    }
+    let acc = &mut scratch[..used * d];
+    let span = rows * d;
+    if used == 1 {
+        acc.fill(0.0);
+        backward_rows(x, y, dy, dx, d, gamma, relu, inv_rms, acc);
+    } else {
+        dx.par_chunks_mut(span)
+            .zip(x.par_chunks(span).zip(y.par_chunks(span)).zip(dy.par_chunks(span)))
+            .zip(inv_rms.par_chunks(rows).zip(acc.par_chunks_mut(d)))
+            .for_each(|((dxt, ((xt, yt), dt)), (rt, a))| {
+                a.fill(0.0);
+                backward_rows(xt, yt, dt, dxt, d, gamma, relu, rt, a);
+            });
+    }
+    dgamma.fill(0.0);
+    for a in acc.chunks(d) {
+        dgamma.iter_mut().zip(a).for_each(|(g, &v)| *g += v as f64);
     }
 }
 
 multiversion! {
-    #[allow(clippy::too_many_arguments)]
-    fn backward_rows(xt: &[f32], yt: &[f32], dt: &[f32], dxt: &mut [f32], d: usize, gamma: Option<&[f32]>, relu: bool, rt: &[f32], acc: &mut [f64]) {
+    fn backward_rows(xt: &[f32], yt: &[f32], dt: &[f32], dxt: &mut [f32], d: usize, gamma: Option<&[f32]>, relu: bool, rt: &[f32], acc: &mut [f32]) {
+        let ones = [1.0f32; LANES];
         let rows = xt.chunks(d).zip(yt.chunks(d)).zip(dt.chunks(d)).zip(dxt.chunks_mut(d)).zip(rt);
         for ((((xr, yr), dr), dxr), &r) in rows {
-            let grad = |i: usize| if relu { relu_mask(yr[i], dr[i]) } else { dr[i] };
-            let gm = |i: usize| gamma.map_or(1.0, |g| g[i]);
-            // Σ g·x̂ over the row.
-            let s = lane_sum(xr, |i, v| gm(i) * grad(i) * (v * r));
-            let c = (s / d as f64) as f32;
-            for (i, o) in dxr.iter_mut().enumerate() {
-                let xh = xr[i] * r;
-                *o = r * (gm(i) * grad(i) - xh * c);
-            }
-            if !acc.is_empty() {
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a += (grad(i) * (xr[i] * r)) as f64;
+            // One pass: Σγg·x̂ in 8 f64 lanes and each element's g·x̂ into its column of dγ.
+            let mut lanes = [0.0f64; LANES];
+            let full = d / LANES * LANES;
+            let blocks = xr[..full]
+                .chunks_exact(LANES)
+                .zip(yr[..full].chunks_exact(LANES))
+                .zip(dr[..full].chunks_exact(LANES))
+                .zip(acc[..full].chunks_exact_mut(LANES));
+            for (k, (((x8, y8), d8), a8)) in blocks.enumerate() {
+                let g8 = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
+                for l in 0..LANES {
+                    let g = if relu { relu_mask(y8[l], d8[l]) } else { d8[l] };
+                    let xh = x8[l] * r;
+                    a8[l] += g * xh;
+                    lanes[l] += (g8[l] * g * xh) as f64;
                 }
+            }
+            for i in full..d {
+                let g = if relu { relu_mask(yr[i], dr[i]) } else { dr[i] };
+                let xh = xr[i] * r;
+                acc[i] += g * xh;
+                lanes[i - full] += (gamma.map_or(1.0, |gm| gm[i]) * g * xh) as f64;
+            }
+            let c = (lanes.iter().sum::<f64>() / d as f64) as f32;
+            // dx = r·(γg − x̂·c), from cache.
+            let it = dxr.iter_mut().zip(xr).zip(yr.iter().zip(dr));
+            let dx = |o: &mut f32, x: f32, y: f32, d: f32, gm: f32| {
+                let g = if relu { relu_mask(y, d) } else { d };
+                *o = r * (gm * g - x * r * c);
+            };
+            match gamma {
+                Some(gv) => it.zip(gv).for_each(|(((o, &x), (&y, &d)), &gm)| dx(o, x, y, d, gm)),
+                None => it.for_each(|((o, &x), (&y, &d))| dx(o, x, y, d, 1.0)),
             }
         }
     }
@@ -158,7 +193,18 @@ mod tests {
             let (mut y, mut dx, mut r) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n]);
             rms_norm_forward(&x, &mut y, d, 1e-6, Some(&gamma), false, &mut r);
             let mut dg = vec![0.0; d];
-            rms_norm_backward(&x, &y, &dy, &mut dx, d, Some(&gamma), false, &r, Some(&mut dg));
+            rms_norm_backward(
+                &x,
+                &y,
+                &dy,
+                &mut dx,
+                d,
+                Some(&gamma),
+                false,
+                &r,
+                &mut dg,
+                &mut Vec::new(),
+            );
             let (ye, dxe, dge) = reference(&x, &dy, d, &gamma, 1e-6);
             let close = |a: f64, b: f64| (a - b).abs() <= 2e-5 * (1.0 + b.abs());
             assert!(y.iter().zip(&ye).all(|(&a, &b)| close(a as f64, b)), "y, n {n} d {d}");

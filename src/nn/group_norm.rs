@@ -47,6 +47,9 @@ struct Scratch {
     shift: Vec<f32>,
     /// Per channel Σdy and Σdy·x̂ of the eval-mode backward.
     fixed_sums: Vec<bnk::ChannelSums>,
+    /// nn.LayerNorm's form: per element dγ and dβ, and the backward's per-task accumulators.
+    elementwise_grads: (Vec<f64>, Vec<f64>),
+    layer_norm_tasks: Vec<f32>,
 }
 
 pub struct GroupNorm {
@@ -359,9 +362,34 @@ impl Layer for GroupNorm {
         }
         dx.resize_to(&x.shape)?;
         let sc = &mut self.scratch;
-        sc.channel_sums.resize(n * c, (0.0, 0.0));
         let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         let (eps, relu) = (self.config.eps, self.relu);
+        if self.config.kind == WithinSample::LayerElementwise {
+            // One channel per element: dγ, dβ summed over the samples by the kernel itself.
+            let (dg, db) = &mut sc.elementwise_grads;
+            dg.resize(c, 0.0);
+            db.resize(c, 0.0);
+            k::layer_norm_backward(
+                &x.data,
+                &y.data,
+                &dy.data,
+                &mut dx.data,
+                Ncs::new(n, c, s),
+                eps,
+                gamma,
+                relu,
+                &sc.stats,
+                dg,
+                db,
+                &mut sc.layer_norm_tasks,
+            );
+            if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+                w.grad.data.iter_mut().zip(dg.iter()).for_each(|(g, &v)| *g += v as f32);
+                b.grad.data.iter_mut().zip(db.iter()).for_each(|(g, &v)| *g += v as f32);
+            }
+            return Ok(());
+        }
+        sc.channel_sums.resize(n * c, (0.0, 0.0));
         k::group_norm_backward(
             &x.data,
             &y.data,

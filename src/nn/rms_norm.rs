@@ -18,6 +18,9 @@ pub struct RmsNorm {
     pub relu: bool,
     /// 1/RMS per sample of the last forward.
     inv_rms: Vec<f32>,
+    /// The backward's dγ and per-task accumulators, sized once (a step allocates nothing).
+    dgamma: Vec<f64>,
+    tasks: Vec<f32>,
 }
 
 impl RmsNorm {
@@ -36,6 +39,8 @@ impl RmsNorm {
             weight: affine.then(|| Param::new(Tensor::full(sample_shape, 1.0), ParamKind::Norm)),
             relu: false,
             inv_rms: Vec::new(),
+            dgamma: Vec::new(),
+            tasks: Vec::new(),
         })
     }
 
@@ -89,11 +94,8 @@ impl Layer for RmsNorm {
             ));
         }
         dx.resize_to(&x.shape)?;
-        let (gamma, mut dgamma) = match self.weight.as_ref() {
-            Some(w) => (Some(w.value.data.as_slice()), vec![0.0f64; d]),
-            None => (None, Vec::new()),
-        };
-        let want = (!dgamma.is_empty()).then_some(dgamma.as_mut_slice());
+        self.dgamma.resize(d, 0.0);
+        let gamma = self.weight.as_ref().map(|w| w.value.data.as_slice());
         k::rms_norm_backward(
             &x.data,
             &y.data,
@@ -103,10 +105,15 @@ impl Layer for RmsNorm {
             gamma,
             self.relu,
             &self.inv_rms,
-            want,
+            &mut self.dgamma,
+            &mut self.tasks,
         );
         if let Some(w) = self.weight.as_mut() {
-            w.grad.data.iter_mut().zip(&dgamma).for_each(|(g, &v)| *g += v as f32);
+            w.grad
+                .data
+                .iter_mut()
+                .zip(&self.dgamma)
+                .for_each(|(g, &v)| *g += v as f32);
         }
         Ok(())
     }

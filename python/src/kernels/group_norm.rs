@@ -89,7 +89,20 @@ fn gn_train_backward<'py>(
         let gamma = gamma.as_deref();
         if s == 1 && groups == 1 {
             // nn.LayerNorm: column sums over the samples, not N·C per-element pairs.
-            gn::layer_norm_backward(xs, xs, ds, dxs, shape, eps, gamma, false, &stats, &mut dw, &mut db);
+            gn::layer_norm_backward(
+                xs,
+                xs,
+                ds,
+                dxs,
+                shape,
+                eps,
+                gamma,
+                false,
+                &stats,
+                &mut dw,
+                &mut db,
+                &mut Vec::new(),
+            );
             return (dw, db);
         }
         let mut per = vec![(0.0f64, 0.0f64); n * c];
