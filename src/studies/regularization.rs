@@ -259,7 +259,7 @@ pub(crate) fn regularization(r: &StudyResults) -> Result<Analysis> {
                     .collect();
                 (!seeds.is_empty()).then(|| {
                     format!(
-                        "{} never reached training loss {FIT_TARGET} in {epochs_budget} epochs (seed {})",
+                        "{} never reached training loss {FIT_TARGET} in {epochs_budget} epochs (seed {}): it has no matched point, so the comparison is not possible",
                         arm_name(norm, dropout),
                         seeds.join(", ")
                     )
