@@ -210,15 +210,8 @@ pub fn layer_norm_backward(
     scratch: &mut Vec<f32>,
 ) {
     let c = shape.c.max(1);
-    // A small tensor runs as one task on the calling thread: waking a worker costs more.
-    let tasks = if x.len() < 1 << 15 {
-        1
-    } else {
-        (2 * rayon::current_num_threads()).clamp(1, shape.n.max(1))
-    };
-    let rows = shape.n.div_ceil(tasks).max(1);
+    let (rows, used) = crate::kernels::shape::row_tasks(shape.n, x.len());
     let span = rows * c;
-    let used = shape.n.div_ceil(rows);
     // Allocates only when a call needs more than any before (the engine's layer: first step).
     if scratch.len() < used * 2 * c {
         scratch.resize(used * 2 * c, 0.0);

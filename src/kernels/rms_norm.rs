@@ -89,14 +89,7 @@ pub fn rms_norm_backward(
     scratch: &mut Vec<f32>,
 ) {
     let d = d.max(1);
-    let n = inv_rms.len();
-    let tasks = if x.len() < 1 << 15 {
-        1
-    } else {
-        (2 * rayon::current_num_threads()).clamp(1, n.max(1))
-    };
-    let rows = n.div_ceil(tasks).max(1);
-    let used = n.div_ceil(rows).max(1);
+    let (rows, used) = crate::kernels::shape::row_tasks(inv_rms.len(), x.len());
     if scratch.len() < used * d {
         scratch.resize(used * d, 0.0);
     }

@@ -50,3 +50,17 @@ impl Ncs {
         Ncs { n, ..*self }
     }
 }
+
+/// How a per-row backward over `n` rows (`values` values in all) splits into tasks, each a run
+/// of whole rows with its own column accumulators: one task on the calling thread under 2^15
+/// values (waking a worker costs more than such work), else two per thread. Returns (rows per
+/// task, tasks).
+pub fn row_tasks(n: usize, values: usize) -> (usize, usize) {
+    let tasks = if values < 1 << 15 {
+        1
+    } else {
+        (2 * rayon::current_num_threads()).clamp(1, n.max(1))
+    };
+    let rows = n.div_ceil(tasks).max(1);
+    (rows, n.div_ceil(rows).max(1))
+}

@@ -210,6 +210,20 @@ fn parse_num<T: FromStr>(key: &str, v: &str) -> Result<T> {
 /// A spec split into its name, an optional leading bare value and its key=value pairs.
 type SplitSpec<'a> = (&'a str, Option<&'a str>, Vec<(&'a str, &'a str)>);
 
+/// The options of a norm that takes only eps (default `eps`) and affine (default true).
+fn eps_and_affine(name: &str, pairs: &[(&str, &str)], eps: f64) -> Result<(f64, bool)> {
+    let (mut eps, mut affine) = (eps, true);
+    for &(key, v) in pairs {
+        match key {
+            "eps" => eps = parse_num(key, v)?,
+            "affine" => affine = parse_bool(key, v)?,
+            _ => return Err(unknown(key, name, "eps, affine")),
+        }
+    }
+    check_eps(eps)?;
+    Ok((eps, affine))
+}
+
 /// Splits `name:a,k=v,...` into the name, an optional leading bare value and the key=value pairs.
 fn split(spec: &str) -> Result<SplitSpec<'_>> {
     let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
@@ -325,15 +339,7 @@ impl FromStr for NormSpec {
                     },
                     None => None,
                 };
-                let (mut eps, mut affine) = (1e-5, true);
-                for (key, v) in pairs {
-                    match key {
-                        "eps" => eps = parse_num(key, v)?,
-                        "affine" => affine = parse_bool(key, v)?,
-                        _ => return Err(unknown(key, name, "eps, affine")),
-                    }
-                }
-                check_eps(eps)?;
+                let (eps, affine) = eps_and_affine(name, &pairs, 1e-5)?;
                 Ok(NormSpec::Group { groups, eps, affine })
             }
             "ln" | "layernorm" | "in" => {
@@ -375,15 +381,7 @@ impl FromStr for NormSpec {
                 Ok(NormSpec::Within(cfg))
             }
             "rms" => {
-                let (mut eps, mut affine) = (1e-6, true);
-                for (key, v) in pairs {
-                    match key {
-                        "eps" => eps = parse_num(key, v)?,
-                        "affine" => affine = parse_bool(key, v)?,
-                        _ => return Err(unknown(key, name, "eps, affine")),
-                    }
-                }
-                check_eps(eps)?;
+                let (eps, affine) = eps_and_affine(name, &pairs, 1e-6)?;
                 Ok(NormSpec::Rms { eps, affine })
             }
             _ => {
