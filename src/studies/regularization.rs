@@ -277,44 +277,40 @@ pub(crate) fn regularization(r: &StudyResults) -> Result<Analysis> {
     };
     let metric =
         |what: &str| format!("test loss at the epoch each run's training loss first reaches {FIT_TARGET}: {what}");
-    let mut claims = Vec::new();
-    let pair = [("none", "0"), ("bn", "0")];
-    claims.push(
+    // `arm` lowers `base`'s test loss at matched fit, fair only if both reached it.
+    let lowers = |claim: &str, what: &str, arm: (&str, &str), base: (&str, &str)| {
+        let both = [base, arm];
         Claim::new(
+            claim,
+            metric(what),
+            &[&arm_name(arm.0, arm.1), &arm_name(base.0, base.1)],
+            Kind::Greater,
+            reduction(arm, base),
+            THRESHOLD,
+            r.quick,
+        )
+        .given(requires(&both), never(&both))
+    };
+    let mut claims = vec![
+        lowers(
             "BN regularizes: at matched fit, a lower test loss than without BN",
-            metric("reduction with BN (% of none's)"),
-            &["bn", "none"],
-            Kind::Greater,
-            reduction(("bn", "0"), ("none", "0")),
-            THRESHOLD,
-            r.quick,
-        )
-        .given(requires(&pair), never(&pair)),
-    );
-    let ghost = [("bn", "0"), ("ghost:16", "0")];
-    claims.push(
-        Claim::new(
+            "reduction with BN (% of none's)",
+            ("bn", "0"),
+            ("none", "0"),
+        ),
+        lowers(
             "Smaller ghost batches (more noise) regularize more",
-            metric("reduction with ghost:16 (% of BN's over the whole batch of 128)"),
-            &["ghost:16", "bn"],
-            Kind::Greater,
-            reduction(("ghost:16", "0"), ("bn", "0")),
-            THRESHOLD,
-            r.quick,
-        )
-        .given(requires(&ghost), never(&ghost)),
-    );
-    let dropout_none = [("none", "0"), ("none", "0.5")];
-    let regime = Claim::new(
+            "reduction with ghost:16 (% of BN's over the whole batch of 128)",
+            ("ghost:16", "0"),
+            ("bn", "0"),
+        ),
+    ];
+    let regime = lowers(
         "The regime needs regularization: dropout helps the net without BN",
-        metric("reduction with dropout 0.5, no BN (% of none's)"),
-        &["none + dropout 0.5", "none"],
-        Kind::Greater,
-        reduction(("none", "0.5"), ("none", "0")),
-        THRESHOLD,
-        r.quick,
-    )
-    .given(requires(&dropout_none), never(&dropout_none));
+        "reduction with dropout 0.5, no BN (% of none's)",
+        ("none", "0.5"),
+        ("none", "0"),
+    );
     let four = [("none", "0"), ("none", "0.5"), ("bn", "0"), ("bn", "0.5")];
     let less = {
         let broken = never(&four).or_else(|| {
