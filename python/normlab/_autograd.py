@@ -160,9 +160,14 @@ class _GroupNorm(torch.autograd.Function):
         n, c, s = ctx.view
         mean, var = ctx.stats
         w = None if weight is None else _vec(weight.reshape(-1))
-        dw, db = _native.gn_train_backward(_np(xc), _np(dyc), _np(dx), n, c, s, ctx.groups, ctx.eps, w, mean, var)
-        dweight = torch.from_numpy(dw).float().reshape(weight.shape) if ctx.needs_input_grad[1] else None
-        dbias = torch.from_numpy(db).float().reshape(ctx.bias_shape) if ctx.needs_input_grad[2] else None
+        # dγ and dβ rounded by the kernel straight into new float32 tensors.
+        dweight = torch.empty(weight.shape) if ctx.needs_input_grad[1] else None
+        dbias = torch.empty(ctx.bias_shape) if ctx.needs_input_grad[2] else None
+        _native.gn_train_backward(
+            _np(xc), _np(dyc), _np(dx), n, c, s, ctx.groups, ctx.eps, w, mean, var,
+            None if dweight is None else _np(dweight).reshape(-1),
+            None if dbias is None else _np(dbias).reshape(-1),
+        )
         return (_back_to(dx, ctx.fmt) if ctx.needs_input_grad[0] else None), dweight, dbias, None, None, None
 
 

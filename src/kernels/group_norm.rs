@@ -210,6 +210,10 @@ pub fn layer_norm_backward(
     scratch: &mut Vec<f32>,
 ) {
     let c = shape.c.max(1);
+    if c >= COLUMN_SPLIT_FROM && x.len() >= 1 << 15 {
+        layer_norm_backward_columns(x, y, dy, dx, c, eps, gamma, relu, stats, dgamma, dbeta);
+        return;
+    }
     let (rows, used) = crate::kernels::shape::row_tasks(shape.n, x.len());
     let span = rows * c;
     // Allocates only when a call needs more than any before (the engine's layer: first step).
@@ -239,6 +243,122 @@ pub fn layer_norm_backward(
         let (g, b) = a.split_at(c);
         dgamma.iter_mut().zip(g).for_each(|(d, &v)| *d += v as f64);
         dbeta.iter_mut().zip(b).for_each(|(d, &v)| *d += v as f64);
+    }
+}
+
+/// Rows of at least this many values take `layer_norm_backward_columns`: a row's x, dy and dx
+/// no longer fit in L2 for the row kernel's second pass, and its per-task column accumulators
+/// (2·C floats, read and written once per row) move as many bytes as the data.
+const COLUMN_SPLIT_FROM: usize = 1 << 15;
+
+/// Columns per task of `layer_norm_backward_columns` (its f64 dγ, dβ: 64 KB, in L2).
+const COLUMN_TASK: usize = 4096;
+
+/// `layer_norm_backward` for long rows, split by columns: each task owns a run of columns and
+/// goes down all rows, adding each row's partial Σγg, Σγg·x̂ and its columns' dγ, dβ directly
+/// (no per-task copies of the columns); then dx per (row, column run) from the combined sums.
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_backward_columns(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    c: usize,
+    eps: f64,
+    gamma: Option<&[f32]>,
+    relu: bool,
+    stats: &[ChannelStats],
+    dgamma: &mut [f64],
+    dbeta: &mut [f64],
+) {
+    let n = stats.len();
+    let runs = c.div_ceil(COLUMN_TASK);
+    // partial[j·n + r]: row r's (Σγg, Σγg·x̂) over column run j.
+    let mut partial = vec![(0.0f64, 0.0f64); runs * n];
+    dgamma
+        .par_chunks_mut(COLUMN_TASK)
+        .zip(dbeta.par_chunks_mut(COLUMN_TASK))
+        .zip(partial.par_chunks_mut(n))
+        .enumerate()
+        .for_each(|(j, ((dg, db), part))| {
+            let cols = j * COLUMN_TASK..j * COLUMN_TASK + dg.len();
+            dg.fill(0.0);
+            db.fill(0.0);
+            let gm = gamma.map(|g| &g[cols.clone()]);
+            for (r, (st, p)) in stats.iter().zip(part.iter_mut()).enumerate() {
+                let at = r * c + cols.start..r * c + cols.end;
+                *p = column_run_sums(&x[at.clone()], &y[at.clone()], &dy[at], gm, st, eps, relu, dg, db);
+            }
+        });
+    let coef: Vec<(f32, f32, f32)> = (0..n)
+        .map(|r| {
+            let (sg, sgx) = (0..runs).fold((0.0, 0.0), |a, j| {
+                let p = partial[j * n + r];
+                (a.0 + p.0, a.1 + p.1)
+            });
+            let m = c as f64;
+            (inverse_std(stats[r].var, eps), (sg / m) as f32, (sgx / m) as f32)
+        })
+        .collect();
+    dx.par_chunks_mut(c).enumerate().for_each(|(r, dxr)| {
+        dxr.par_chunks_mut(COLUMN_TASK).enumerate().for_each(|(j, dxs)| {
+            let at = r * c + j * COLUMN_TASK..r * c + j * COLUMN_TASK + dxs.len();
+            let gm = gamma.map(|g| &g[at.start - r * c..at.end - r * c]);
+            column_run_dx(
+                &x[at.clone()],
+                &y[at.clone()],
+                &dy[at],
+                dxs,
+                gm,
+                relu,
+                &stats[r],
+                coef[r],
+            );
+        });
+    });
+}
+
+multiversion! {
+    /// One row's run of columns: its (Σγg, Σγg·x̂) in f64 lanes, and g·x̂, g added into the
+    /// columns' dγ, dβ.
+    fn column_run_sums(xr: &[f32], yr: &[f32], dr: &[f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f64], db: &mut [f64]) -> (f64, f64) {
+        let norm = SetNorm { center: Center::new(st.mean), invstd: inverse_std(st.var, eps), relu };
+        let mut acc = ([0.0f64; LANES], [0.0f64; LANES]);
+        let ones = [1.0f32; LANES];
+        let full = xr.len() / LANES * LANES;
+        let lanes = xr[..full]
+            .chunks_exact(LANES)
+            .zip(yr[..full].chunks_exact(LANES))
+            .zip(dr[..full].chunks_exact(LANES))
+            .zip(dg[..full].chunks_exact_mut(LANES).zip(db[..full].chunks_exact_mut(LANES)));
+        for (k, (((x8, y8), d8), (g8, b8))) in lanes.enumerate() {
+            let gm = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
+            for l in 0..LANES {
+                let g = norm.grad(y8[l], d8[l]);
+                let xh = norm.xhat(x8[l]);
+                acc.0[l] += (gm[l] * g) as f64;
+                acc.1[l] += (gm[l] * g * xh) as f64;
+                g8[l] += (g * xh) as f64;
+                b8[l] += g as f64;
+            }
+        }
+        for i in full..xr.len() {
+            let g = norm.grad(yr[i], dr[i]);
+            let xh = norm.xhat(xr[i]);
+            let gm = gamma.map_or(1.0, |g| g[i]);
+            acc.0[0] += (gm * g) as f64;
+            acc.1[0] += (gm * g * xh) as f64;
+            dg[i] += (g * xh) as f64;
+            db[i] += g as f64;
+        }
+        (acc.0.iter().sum(), acc.1.iter().sum())
+    }
+}
+
+multiversion! {
+    /// One row's run of columns of dx, from the row's coefficients.
+    fn column_run_dx(xr: &[f32], yr: &[f32], dr: &[f32], dxr: &mut [f32], gamma: Option<&[f32]>, relu: bool, st: &ChannelStats, coef: (f32, f32, f32)) {
+        block_dx(xr, yr, dr, dxr, 1, gamma, relu, st, coef);
     }
 }
 
@@ -494,8 +614,17 @@ mod tests {
 
     #[test]
     fn layer_norm_backward_matches_the_per_element_reference() {
-        // Under 2^15 values one task; above, several, each with its own accumulators.
-        for (n, c) in [(1, 37), (3, 100), (8, 1000), (33, 257), (40, 1000), (5, 9001)] {
+        // Under 2^15 values one task; above, several, each with its own accumulators; rows of
+        // 2^15 values and more split by columns (a last run shorter than COLUMN_TASK).
+        for (n, c) in [
+            (1, 37),
+            (3, 100),
+            (8, 1000),
+            (33, 257),
+            (40, 1000),
+            (5, 9001),
+            (3, 40_003),
+        ] {
             for (affine, relu) in [(false, false), (true, false), (true, true)] {
                 let shape = Ncs { n, c, s: 1 };
                 let x = values(n * c, 1);
