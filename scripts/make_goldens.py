@@ -3,7 +3,7 @@
 
 Run from the repository root:  .venv-torch/bin/python scripts/make_goldens.py [NAME...]
 Writes tests/goldens/*.safetensors (all, or the named ones: batch_norm, seed_cnn_steps,
-norm_family, eval_backward, lstm, conv, vgg_steps). Never edit the outputs by hand; rerun this script.
+norm_family, eval_backward, lstm, conv, vgg_steps, vit). Never edit the outputs by hand; rerun this script.
 """
 import json
 import os
@@ -618,6 +618,196 @@ def vgg_steps():
     print("vgg_steps.safetensors written")
 
 
+# --- Vision Transformer (timm's layout, written out so the goldens need no timm) ------------
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over batch x tokens per feature: BatchNorm1d on the [B·T, D] rows."""
+
+    def forward(self, x):
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def vit_norm(kind, d):
+    return {
+        "layernorm": lambda: nn.LayerNorm(d, eps=1e-6),
+        "rms": lambda: nn.RMSNorm(d, eps=1e-6),
+        "bn": lambda: TokenBatchNorm(d),
+        "none": lambda: nn.Identity(),
+    }[kind]()
+
+
+class VitAttention(nn.Module):
+    """timm's Attention (fused qkv with bias, no q/k norm, no dropout), the explicit path."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class VitMlp(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VitBlock(nn.Module):
+    def __init__(self, d, heads, ratio, norm, placement):
+        super().__init__()
+        self.placement = placement
+        self.norm1 = vit_norm(norm, d)
+        self.attn = VitAttention(d, heads)
+        self.norm2 = vit_norm(norm, d)
+        self.mlp = VitMlp(d, d * ratio)
+
+    def forward(self, x):
+        if self.placement == "pre":
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class VitPatchEmbed(nn.Module):
+    def __init__(self, c, d, p):
+        super().__init__()
+        self.proj = nn.Conv2d(c, d, p, stride=p)
+
+
+class Vit(nn.Module):
+    """timm's VisionTransformer(class_token=True, global_pool='token', no dropout)."""
+
+    def __init__(self, c, side, classes, d, depth, heads, patch, ratio=4, norm="layernorm", placement="pre"):
+        super().__init__()
+        t = (side // patch) ** 2 + 1
+        self.patch_embed = VitPatchEmbed(c, d, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, t, d) * 0.02)
+        self.blocks = nn.Sequential(*[VitBlock(d, heads, ratio, norm, placement) for _ in range(depth)])
+        self.norm = vit_norm(norm, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def _randomize_norms(module, g):
+    """Norm parameters (and BN running statistics) away from 1 and 0, so a swapped γ/β or a
+    missing centring shows."""
+    for m in module.modules():
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d)):
+            with torch.no_grad():
+                m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+
+
+VIT_ATTENTION = (3, 7, 2, 5)  # batch, tokens, heads, head dim
+VIT_BLOCK = (3, 9, 16, 2, 2)  # batch, tokens, width, heads, MLP ratio
+VIT_NORMS = ["layernorm", "rms", "bn", "none"]
+VIT_STEPS = [("vit:16,2,2,7,2", "layernorm", "pre"), ("vit:16,2,2,7,2,post", "layernorm", "post"),
+             ("vit:16,2,2,7,2", "bn", "pre"), ("vit:16,2,2,7,2", "rms", "pre")]
+
+
+def vit_cases():
+    """The attention's forward and backward; one block pre and post with every norm; two SGD
+    steps of small ViTs. Float64 on float32 inputs; between steps the parameters are rounded to
+    float32 (as in vgg_steps), so each recorded step starts from values normlab holds exactly."""
+    tensors = {}
+    g = torch.Generator().manual_seed(21)
+    # Attention on a fused qkv: [B·T, 3D] -> [B·T, D].
+    b, t, h, hd = VIT_ATTENTION
+    d = h * hd
+    qkv = torch.randn(b * t, 3 * d, generator=g)
+    dout = torch.randn(b * t, d, generator=g)
+    x = qkv.double().reshape(b, t, 3, h, hd).permute(2, 0, 3, 1, 4).requires_grad_(True)
+    q, k, v = x.unbind(0)
+    attn = ((q * hd ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(b * t, d)
+    out.backward(dout.double())
+    tensors["attention.qkv"], tensors["attention.dout"] = qkv, dout
+    tensors["attention.out"] = out.detach().float()
+    tensors["attention.dqkv"] = x.grad.permute(1, 3, 0, 2, 4).reshape(b * t, 3 * d).float()
+    # One block on token rows.
+    b, t, d, h, ratio = VIT_BLOCK
+    for norm in VIT_NORMS:
+        for placement in ["pre", "post"]:
+            key = f"block.{norm}.{placement}"
+            torch.manual_seed(len(tensors))
+            block = VitBlock(d, h, ratio, norm, placement)
+            _randomize_norms(block, g)
+            block = block.double().train()
+            xin = torch.randn(b, t, d, generator=g)
+            dy = torch.randn(b, t, d, generator=g)
+            for name, p in block.state_dict().items():
+                tensors[f"{key}.before.{name}"] = p.float() if p.is_floating_point() else p.clone()
+            xd = xin.double().requires_grad_(True)
+            y = block(xd)
+            y.backward(dy.double())
+            tensors[f"{key}.x"], tensors[f"{key}.dy"] = xin.reshape(b * t, d), dy.reshape(b * t, d)
+            tensors[f"{key}.y"] = y.detach().reshape(b * t, d).float()
+            tensors[f"{key}.dx"] = xd.grad.reshape(b * t, d).float()
+            for name, p in block.named_parameters():
+                tensors[f"{key}.grad.{name}"] = p.grad.float()
+            for name, v in block.state_dict().items():
+                if "running" in name or "num_batches" in name:
+                    tensors[f"{key}.after.{name}"] = v.float() if v.is_floating_point() else v.clone()
+    # Whole models: two SGD steps (momentum 0.9) on batches of 4.
+    for i, (model, norm, placement) in enumerate(VIT_STEPS):
+        torch.manual_seed(100 + i)
+        net = Vit(1, 28, 10, 16, 2, 2, 7, ratio=2, norm=norm, placement=placement)
+        _randomize_norms(net, g)
+        net = net.double().train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        with torch.no_grad():
+            for v in net.state_dict().values():
+                if v.is_floating_point():
+                    v.copy_(v.float().double())
+        for s in range(2):
+            pre = f"steps{i}"
+            x = torch.randn(4, 1, 28, 28, generator=g)
+            y = torch.randint(0, 10, (4,), generator=g, dtype=torch.int64)
+            tensors[f"{pre}.x{s}"], tensors[f"{pre}.y{s}"] = x, y
+            for k, v in net.state_dict().items():
+                tensors[f"{pre}.before{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x.double()), y)
+            loss.backward()
+            tensors[f"{pre}.loss{s}"] = torch.tensor([loss.item()], dtype=torch.float64)
+            for k, p in net.named_parameters():
+                tensors[f"{pre}.grad{s}.{k}"] = p.grad.float()
+            opt.step()
+            with torch.no_grad():
+                for v in net.state_dict().values():
+                    if v.is_floating_point():
+                        v.copy_(v.float().double())
+            for k, v in net.state_dict().items():
+                if "running" in k or "num_batches" in k:
+                    tensors[f"{pre}.after{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
+    meta = {
+        "attention": json.dumps(VIT_ATTENTION),
+        "block": json.dumps(VIT_BLOCK),
+        "norms": json.dumps(VIT_NORMS),
+        "steps": json.dumps(VIT_STEPS),
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "vit.safetensors"), metadata=meta)
+    print(f"vit.safetensors: {len(tensors)} tensors")
+
+
 GOLDENS = {
     "batch_norm": batch_norm_cases,
     "seed_cnn_steps": seed_cnn_steps,
@@ -626,6 +816,7 @@ GOLDENS = {
     "lstm": lstm_cases,
     "conv": conv_cases,
     "vgg_steps": vgg_steps,
+    "vit": vit_cases,
 }
 
 if __name__ == "__main__":

@@ -465,3 +465,28 @@ fn lstm_gradients_through_time_for_every_recurrent_norm() {
         }
     }
 }
+
+#[test]
+fn attention_and_transformer_block_gradients() {
+    use normlab::nn::norm_spec::NormSpec;
+    use normlab::nn::vit::attention::Attention;
+    use normlab::nn::vit::block::Block;
+    use normlab::nn::vit::Placement;
+    let mut g = rng();
+    // Two samples of 5 tokens, width 8 in 2 heads.
+    let mut attn = Attention::new(8, 2, 5, &mut g);
+    check("attention", &mut attn, random(&[10, 8], &mut g), 1e-2);
+    for (norm, placement) in [
+        ("layernorm:eps=1e-6", Placement::Pre),
+        ("rms", Placement::Post),
+        ("bn", Placement::Pre),
+    ] {
+        let mut block = Block::new(8, 2, 5, 16, &NormSpec::builtin(norm), placement, "b", &mut g).unwrap();
+        check(
+            &format!("block {norm} {placement}"),
+            &mut block,
+            random(&[10, 8], &mut g),
+            1e-2,
+        );
+    }
+}

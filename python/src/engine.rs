@@ -92,8 +92,9 @@ fn config_from(options: &Bound<'_, PyDict>, threads: usize) -> PyResult<TrainCon
     if let Some(v) = get("model") {
         c.model = parsed::<Arch>(&v, "model")?;
     }
-    if let Some(v) = get("norm") {
-        c.norm = parsed::<NormSpec>(&v, "norm")?;
+    match get("norm") {
+        Some(v) => c.norm = parsed::<NormSpec>(&v, "norm")?,
+        None => c.norm = c.model.default_norm(),
     }
     if let Some(v) = get("epochs") {
         c.epochs = number(&v, "epochs")?;

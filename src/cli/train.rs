@@ -14,7 +14,9 @@ use super::*;
 pub const MODEL_HELP: &str = "seed-cnn[:W] (the articles' net: conv 3x3 with W filters, default 32, \
     norm, ReLU, max-pool, linear), mlp (784-100-100-100-10 sigmoid, the BN paper's), vgg[:CFG] (3x3 \
     conv widths and M for max-pool; default 32,32,M,64,64,M,128,128,M), resnet[:W1,...,W6] (six basic \
-    blocks' inner widths; default 16,16,32,32,64,64). Widths up to 4096";
+    blocks' inner widths; default 16,16,32,32,64,64), lstm[:H[,L]], vit[:D,L,H,P[,R][,post]] (a Vision \
+    Transformer in timm's layout: width D, L blocks of H heads, PxP patches, MLP ratio R (default 4), pre-norm \
+    or post-norm; default 64,4,4,4; --norm layernorm:eps=1e-6 unless given, or rms, bn, none). Widths up to 4096";
 
 #[derive(Args)]
 #[command(
@@ -22,7 +24,8 @@ pub const MODEL_HELP: &str = "seed-cnn[:W] (the articles' net: conv 3x3 with W f
     --optimizer sgd --lr 0.05 --schedule cosine --out runs/vgg\n  normlab train --resume runs/vgg --epochs 20"
 )]
 pub struct TrainArgs {
-    /// The network [default: seed-cnn]: seed-cnn[:W], mlp, vgg[:CFG] or resnet[:W1,...,W6].
+    /// The network [default: seed-cnn]: seed-cnn[:W], mlp, vgg[:CFG], resnet[:W1,...,W6],
+    /// lstm[:H[,L]] or vit[:D,L,H,P[,R][,post]].
     #[arg(long, value_name = "MODEL", value_parser = model_arch, long_help = format!("{MODEL_HELP} [default: seed-cnn]"))]
     pub model: Option<normlab::models::Arch>,
     /// Normalization after each conv/linear layer [default: bn]; `normlab norms` lists every
@@ -154,7 +157,10 @@ impl TrainArgs {
             },
             ..TrainConfig::default()
         };
-        let config = self.over(defaults, threads)?;
+        let mut config = self.over(defaults, threads)?;
+        if self.norm.is_none() {
+            config.norm = config.model.default_norm();
+        }
         config.validate()?;
         Ok(config)
     }

@@ -1,6 +1,8 @@
 //! Pure functions on slices: the numerical core every layer calls.
 
+pub mod attention;
 pub mod batch_norm;
+pub mod gelu;
 pub mod group_norm;
 pub mod im2col;
 pub mod loss;

@@ -29,7 +29,34 @@ pub enum Arch {
     ResNet(Vec<usize>),
     /// Hidden size and layers of an LSTM reading the image row by row.
     Lstm(usize, usize),
+    /// A Vision Transformer in timm's layout.
+    Vit(VitConfig),
 }
+
+/// `vit:D,L,H,P[,R][,post]`: width D, L blocks of H heads, P×P patches, MLP ratio R.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VitConfig {
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub patch: usize,
+    pub mlp_ratio: usize,
+    pub placement: crate::nn::vit::Placement,
+}
+
+impl VitConfig {
+    /// The MLP's hidden width (timm: int(D·R)).
+    pub fn hidden(&self) -> usize {
+        self.dim * self.mlp_ratio
+    }
+}
+
+/// The default ViT (`vit`): width 64, 4 blocks of 4 heads, 4×4 patches, MLP ratio 4, pre-norm.
+pub const DEFAULT_VIT: &str = "64,4,4,4";
+/// Limits of a vit spec (untrusted, like every spec): blocks, heads and the MLP ratio.
+pub const MAX_VIT_DEPTH: usize = 64;
+pub const MAX_VIT_HEADS: usize = 64;
+pub const MAX_VIT_RATIO: usize = 16;
 
 /// The default ResNet: a 16-channel stem, then three stages of two basic blocks with 16, 32
 /// and 64 channels (strides 1, 2, 2), global average pooling and a linear classifier.
@@ -52,6 +79,15 @@ impl Arch {
         match full.split_once(':') {
             Some((name, _)) if name.parse::<Arch>().ok().as_ref() == Some(self) => name.to_string(),
             _ => full,
+        }
+    }
+
+    /// The norm a fresh run of this architecture gets without `--norm`: BN, except the ViT's
+    /// LayerNorm with timm's eps 1e-6.
+    pub fn default_norm(&self) -> crate::nn::norm_spec::NormSpec {
+        match self {
+            Arch::Vit(_) => crate::nn::norm_spec::NormSpec::builtin("layernorm:eps=1e-6"),
+            _ => crate::nn::norm_spec::NormSpec::builtin("bn"),
         }
     }
 
@@ -82,6 +118,13 @@ impl fmt::Display for Arch {
             ),
             Arch::ResNet(mids) => write!(f, "resnet:{}", list(mids.iter().map(|w| w.to_string()).collect())),
             Arch::Lstm(h, l) => write!(f, "lstm:{h},{l}"),
+            Arch::Vit(v) => {
+                write!(f, "vit:{},{},{},{},{}", v.dim, v.depth, v.heads, v.patch, v.mlp_ratio)?;
+                if v.placement == crate::nn::vit::Placement::Post {
+                    write!(f, ",post")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -180,11 +223,57 @@ impl FromStr for Arch {
                     _ => Err(Error::invalid(format!("lstm takes lstm[:H[,layers]], got '{model}'"))),
                 }
             }
+            ("vit", cfg) => parse_vit(if cfg.is_empty() { DEFAULT_VIT } else { cfg }).map(Arch::Vit),
             _ => Err(Error::invalid(format!(
-                "unknown model '{model}' (known: seed-cnn[:width], mlp, vgg[:cfg], resnet[:widths], lstm[:H[,layers]])"
+                "unknown model '{model}' (known: seed-cnn[:width], mlp, vgg[:cfg], resnet[:widths], lstm[:H[,layers]], \
+                 vit[:D,L,H,P[,R][,pre|post]])"
             ))),
         }
     }
+}
+
+/// `D,L,H,P[,R][,pre|post]`, each number checked against its limit.
+fn parse_vit(cfg: &str) -> Result<VitConfig> {
+    use crate::nn::vit::Placement;
+    let mut parts: Vec<&str> = cfg.split(',').map(str::trim).collect();
+    let placement = match parts.last() {
+        Some(&"post") => Placement::Post,
+        Some(&"pre") => Placement::Pre,
+        _ => Placement::Pre,
+    };
+    if matches!(parts.last(), Some(&"post") | Some(&"pre")) {
+        parts.pop();
+    }
+    let num = |t: &str, what: &str, max: usize| match t.parse::<usize>() {
+        Ok(v) if (1..=max).contains(&v) => Ok(v),
+        _ => Err(Error::invalid(format!(
+            "vit {what} '{t}' is not a whole number in 1..={max}"
+        ))),
+    };
+    let (dim, depth, heads, patch, ratio) = match parts.as_slice() {
+        [d, l, h, p] => (d, l, h, p, "4"),
+        [d, l, h, p, r] => (d, l, h, p, *r),
+        _ => {
+            return Err(Error::invalid(format!(
+                "vit takes vit:D,L,H,P[,R][,pre|post] (width, blocks, heads, patch side, MLP ratio), got 'vit:{cfg}'"
+            )))
+        }
+    };
+    let v = VitConfig {
+        dim: num(dim, "width D", MAX_WIDTH)?,
+        depth: num(depth, "block count L", MAX_VIT_DEPTH)?,
+        heads: num(heads, "head count H", MAX_VIT_HEADS)?,
+        patch: num(patch, "patch side P", crate::data::MAX_INPUT_SIDE)?,
+        mlp_ratio: num(ratio, "MLP ratio R", MAX_VIT_RATIO)?,
+        placement,
+    };
+    if !v.dim.is_multiple_of(v.heads) {
+        return Err(Error::invalid(format!(
+            "vit width {} is not divisible by its {} heads; choose D a multiple of H",
+            v.dim, v.heads
+        )));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -203,6 +292,10 @@ mod tests {
             ("resnet", "resnet:16,16,32,32,64,64", "resnet"),
             ("lstm", "lstm:128,1", "lstm"),
             ("lstm:64", "lstm:64,1", "lstm:64,1"),
+            ("vit", "vit:64,4,4,4,4", "vit"),
+            ("vit:32,2,2,7", "vit:32,2,2,7,4", "vit:32,2,2,7,4"),
+            ("vit:32,2,2,7,2,post", "vit:32,2,2,7,2,post", "vit:32,2,2,7,2,post"),
+            ("vit:32,2,2,7,2,pre", "vit:32,2,2,7,2", "vit:32,2,2,7,2"),
         ] {
             let arch: Arch = text.parse().unwrap();
             assert_eq!(arch.to_string(), full, "{text}");
@@ -218,6 +311,11 @@ mod tests {
             "seed-cnn:x",
             "lstm:1,2,3",
             "transformer",
+            "vit:30,2,4,4",
+            "vit:0,2,2,4",
+            "vit:64,4,4",
+            "vit:64,100,4,4",
+            "vit:64,4,4,4,4,sideways",
         ] {
             assert!(bad.parse::<Arch>().is_err(), "{bad}");
         }

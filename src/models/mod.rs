@@ -26,6 +26,8 @@ pub const MAX_INPUT_CHANNELS: usize = 64;
 pub use crate::data::{MAX_CLASSES, MAX_INPUT_SIDE};
 /// Conv and linear weights of one model (1 GiB of f32).
 pub const MAX_WEIGHTS: usize = 1 << 28;
+/// Tokens of a ViT (the attention keeps T² probabilities per head and sample).
+pub const MAX_VIT_TOKENS: usize = 4097;
 
 /// Everything needed to rebuild a model's structure; stored in checkpoint metadata.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -93,6 +95,15 @@ impl ModelSpec {
                     .map(|l| 4 * hid * (if l == 0 { w } else { hid } + hid))
                     .sum();
                 per_step * h + hid * self.classes
+            }
+            Arch::Vit(v) => {
+                let patches = (h / v.patch) * (w / v.patch);
+                let t = patches + 1;
+                let (d, hid) = (v.dim, v.hidden());
+                // Patch conv; per block qkv, proj, fc1, fc2 and the two attention products.
+                patches * d * c * v.patch * v.patch
+                    + v.depth * (t * (4 * d * d + 2 * d * hid) + 2 * t * t * d)
+                    + d * self.classes
             }
         };
         Ok(2 * macs)
@@ -178,6 +189,21 @@ impl ModelSpec {
                     .sum();
                 stack + hid * k
             }
+            Arch::Vit(v) => {
+                let (p, d, hid) = (v.patch as u128, v.dim as u128, v.hidden() as u128);
+                if h % p != 0 || w % p != 0 {
+                    return Err(Error::invalid(format!(
+                        "vit patch side {p} does not divide the {h}x{w} images; choose P dividing both sides (or --resize)"
+                    )));
+                }
+                let tokens = (h / p) * (w / p) + 1;
+                if tokens > MAX_VIT_TOKENS as u128 {
+                    return Err(Error::invalid(format!(
+                        "vit with {p}x{p} patches on {h}x{w} images has {tokens} tokens, more than {MAX_VIT_TOKENS}; use larger patches"
+                    )));
+                }
+                c * d * p * p + v.depth as u128 * (4 * d * d + 2 * d * hid) + d * k
+            }
         };
         if weights > MAX_WEIGHTS as u128 {
             return Err(Error::invalid(format!(
@@ -228,6 +254,54 @@ fn recurrent_norm(norm: &NormSpec) -> Result<RecurrentNorm> {
             "lstm supports --norm none, ln (LN-LSTM), bn (per-step BN-LSTM) and bn-shared, not {other}"
         ))),
     }
+}
+
+/// timm's VisionTransformer: patch_embed.proj (a P×P stride-P conv), the token rows with
+/// cls_token and pos_embed, blocks.{i}, the final norm, the class token's row, and the head.
+fn build_vit(
+    net: &mut Sequential,
+    v: VitConfig,
+    norm: &NormSpec,
+    spec: &ModelSpec,
+    rng: &mut ChaCha8Rng,
+) -> Result<()> {
+    use crate::nn::vit::{
+        attention::vit_linear,
+        block::Block,
+        tokens::{ClassToken, PatchTokens},
+    };
+    if matches!(norm, NormSpec::Within(c) if c.kind != crate::nn::group_norm::WithinSample::LayerElementwise)
+        || matches!(
+            norm,
+            NormSpec::Group { .. } | NormSpec::NoisyBatch(_) | NormSpec::SharedBatch(_)
+        )
+    {
+        return Err(Error::invalid(format!(
+            "vit's blocks take --norm layernorm (default, eps 1e-6 as timm's), rms, bn (over batch and tokens) or none, not {norm}"
+        )));
+    }
+    let [c, h, w] = spec.input;
+    let patches = (h / v.patch) * (w / v.patch);
+    let tokens = patches + 1;
+    net.push(
+        "patch_embed.proj",
+        Conv2d::new(c, v.dim, v.patch, v.patch, 0, true, rng),
+    );
+    net.push("", PatchTokens::new(v.dim, patches, rng));
+    for i in 0..v.depth {
+        let name = format!("blocks.{i}");
+        let block = Block::new(v.dim, v.heads, tokens, v.hidden(), norm, v.placement, &name, rng)?;
+        net.push(&name, block);
+    }
+    if let Some(layer) = norm.build(&[v.dim], "norm", false)? {
+        net.push_boxed("norm", layer);
+    }
+    net.push("", ClassToken { tokens });
+    if spec.dropout > 0.0 {
+        net.push("", Dropout::new(spec.dropout)?);
+    }
+    net.push("head", vit_linear(v.dim, spec.classes, rng));
+    Ok(())
 }
 
 impl Model {
@@ -354,6 +428,7 @@ impl Model {
                 push_dropout(&mut net)?;
                 net.push("fc", Linear::new(ch, spec.classes, true, &mut rng));
             }
+            Arch::Vit(v) => build_vit(&mut net, v, &norm, spec, &mut rng)?,
             Arch::Lstm(hid, layers) => {
                 let recurrent = recurrent_norm(&norm)?;
                 net.push("lstm", Lstm::new(w, hid, layers, h, recurrent, &mut rng)?);

@@ -16,6 +16,7 @@ pub mod pool;
 pub mod residual;
 pub mod rms_norm;
 pub mod sequential;
+pub mod vit;
 
 pub use layer::{BufferMut, Layer, Mode, Param, ParamKind, StatsMode};
 pub use sequential::Sequential;

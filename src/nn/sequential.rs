@@ -5,6 +5,16 @@ use crate::error::{Error, Result};
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, ParamKind};
 use crate::tensor::Tensor;
 
+/// A state-dict key: the layer's prefix and its own key ("conv1.weight"); a layer pushed
+/// without a name keeps its own key at the top level (the ViT's "cls_token").
+fn qualified(name: &str, key: &str) -> String {
+    if name.is_empty() {
+        key.to_string()
+    } else {
+        format!("{name}.{key}")
+    }
+}
+
 #[derive(Default)]
 pub struct Sequential {
     pub layers: Vec<(String, Box<dyn Layer>)>,
@@ -92,7 +102,7 @@ impl Sequential {
         let mut out = Vec::new();
         for (name, layer) in self.layers.iter_mut() {
             for (key, p) in layer.params() {
-                out.push((format!("{name}.{key}"), p));
+                out.push((qualified(name, key), p));
             }
         }
         out
@@ -103,7 +113,7 @@ impl Sequential {
         let mut out = Vec::new();
         for (name, layer) in self.layers.iter_mut() {
             for (key, b) in layer.buffers() {
-                out.push((format!("{name}.{key}"), b));
+                out.push((qualified(name, key), b));
             }
         }
         out

@@ -37,6 +37,11 @@ impl Golden {
         md.metadata().clone().unwrap_or_default()
     }
 
+    /// Every tensor name in the file.
+    pub fn names(&self) -> Vec<String> {
+        self.st().names().into_iter().cloned().collect()
+    }
+
     pub fn has(&self, key: &str) -> bool {
         self.st().tensor(key).is_ok()
     }

@@ -1,0 +1,59 @@
+//! The exact GELU (nn.GELU(approximate='none'), timm's MLP activation).
+
+use rayon::prelude::*;
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 14;
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1/√(2π)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+// y = x·Φ(x) = x/2·(1 + erf(x/√2))
+pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "gelu: y");
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
+        yc.iter_mut()
+            .zip(xc)
+            .for_each(|(o, &v)| *o = 0.5 * v * (1.0 + libm::erff(v * FRAC_1_SQRT_2)));
+    });
+}
+
+// dx = dy·(Φ(x) + x·φ(x)), φ(x) = exp(−x²/2)/√(2π)
+pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    assert_eq!(x.len(), dy.len(), "gelu backward: dy");
+    assert_eq!(x.len(), dx.len(), "gelu backward: dx");
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|(dc, (xc, gc))| {
+            for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                let cdf = 0.5 * (1.0 + libm::erff(v * FRAC_1_SQRT_2));
+                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+                *o = g * (cdf + v * pdf);
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_known_values_and_its_derivative() {
+        // GELU(1) = Φ(1) = 0.841344746..., GELU(-2) = -2·Φ(-2) = -0.045500264...
+        let x = [0.0f32, 1.0, -2.0, 3.5];
+        let mut y = [0.0; 4];
+        gelu_forward(&x, &mut y);
+        assert!(y[0].abs() < 1e-7);
+        assert!((y[1] - 0.841_344_7).abs() < 1e-6);
+        assert!((y[2] + 0.045_500_26).abs() < 1e-6);
+        let mut dx = [0.0; 4];
+        gelu_backward(&x, &[1.0; 4], &mut dx);
+        for (i, &v) in x.iter().enumerate() {
+            let h = 1e-3f64;
+            let f = |z: f64| 0.5 * z * (1.0 + libm::erf(z / std::f64::consts::SQRT_2));
+            let fd = (f(v as f64 + h) - f(v as f64 - h)) / (2.0 * h);
+            assert!((dx[i] as f64 - fd).abs() < 1e-5, "x {v}: {} vs {fd}", dx[i]);
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! timm's `Attention`: a fused qkv Linear (with bias), multi-head scaled dot-product attention
+//! and an output projection, on token rows [N·T, D].
+
+use rand::Rng;
+
+use crate::error::{Error, Result};
+use crate::kernels::attention::{attention_backward, attention_forward, AttentionShape};
+use crate::nn::layer::{Layer, Mode, Param};
+use crate::nn::linear::Linear;
+use crate::tensor::Tensor;
+
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    heads: usize,
+    tokens: usize,
+    /// The last forward's qkv rows [N·T, 3D], heads' outputs [N·T, D] and probabilities.
+    qkv_out: Tensor,
+    core: Tensor,
+    probs: Vec<f32>,
+    dcore: Tensor,
+    dqkv: Tensor,
+    scratch: Vec<f32>,
+}
+
+/// timm's Linear init (init_weights_vit_timm): weight ~ trunc_normal(std 0.02), bias 0.
+pub fn vit_linear(inputs: usize, outputs: usize, rng: &mut impl Rng) -> Linear {
+    let mut l = Linear::new(inputs, outputs, true, rng);
+    l.weight.value.data = crate::nn::init::trunc_normal(rng, inputs * outputs, 0.02);
+    if let Some(b) = l.bias.as_mut() {
+        b.value.data.fill(0.0);
+    }
+    l
+}
+
+impl Attention {
+    pub fn new(dim: usize, heads: usize, tokens: usize, rng: &mut impl Rng) -> Self {
+        Attention {
+            qkv: vit_linear(dim, 3 * dim, rng),
+            proj: vit_linear(dim, dim, rng),
+            heads,
+            tokens,
+            qkv_out: Tensor::default(),
+            core: Tensor::default(),
+            probs: Vec::new(),
+            dcore: Tensor::default(),
+            dqkv: Tensor::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn shape(&self, x: &Tensor) -> Result<AttentionShape> {
+        let d = self.proj.out_features;
+        if x.shape.len() != 2 || x.shape[1] != d || !x.shape[0].is_multiple_of(self.tokens) {
+            return Err(Error::shape(
+                "Attention",
+                format!("expected token rows [N·{}, {d}], got {:?}", self.tokens, x.shape),
+            ));
+        }
+        Ok(AttentionShape {
+            batch: x.shape[0] / self.tokens,
+            tokens: self.tokens,
+            heads: self.heads,
+            head_dim: d / self.heads,
+        })
+    }
+}
+
+impl Layer for Attention {
+    fn kind(&self) -> &'static str {
+        "Attention"
+    }
+
+    // y = proj(MHA(qkv(x)))
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+        let s = self.shape(x)?;
+        self.qkv.forward(x, &mut self.qkv_out, mode)?;
+        self.core.resize_to(&x.shape)?;
+        self.probs.resize(s.probs_len(), 0.0);
+        attention_forward(&self.qkv_out.data, &mut self.core.data, &mut self.probs, s);
+        self.proj.forward(&self.core, y, mode)
+    }
+
+    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        let s = self.shape(x)?;
+        if self.probs.len() != s.probs_len() || self.qkv_out.shape != [x.shape[0], 3 * x.shape[1]] {
+            return Err(Error::invalid(
+                "Attention backward needs a training forward of this batch first",
+            ));
+        }
+        self.proj.backward(&self.core, y, dy, &mut self.dcore)?;
+        self.dqkv.resize_to(&self.qkv_out.shape)?;
+        self.scratch.resize(s.probs_len(), 0.0);
+        attention_backward(
+            &self.qkv_out.data,
+            &self.probs,
+            &self.dcore.data,
+            &mut self.dqkv.data,
+            &mut self.scratch,
+            s,
+        );
+        self.qkv.backward(x, &self.qkv_out, &self.dqkv, dx)
+    }
+
+    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
+        self.qkv
+            .visit_params(&mut |k, p| f(if k == "weight" { "qkv.weight" } else { "qkv.bias" }, p));
+        self.proj
+            .visit_params(&mut |k, p| f(if k == "weight" { "proj.weight" } else { "proj.bias" }, p));
+    }
+
+    fn set_input_grad(&mut self, needed: bool) {
+        self.qkv.set_input_grad(needed);
+    }
+
+    fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
+        f(&mut self.qkv);
+        f(&mut self.proj);
+    }
+}

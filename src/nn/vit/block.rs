@@ -1,0 +1,294 @@
+//! One transformer block on token rows [N·T, D], timm's `Block` names: norm1, attn, norm2 and
+//! an MLP (fc1, exact GELU, fc2), with residual connections. Pre-norm (timm's, GPT-2's):
+//! x + attn(norm1(x)), then + mlp(norm2(·)). Post-norm (the original Transformer):
+//! norm1(x + attn(x)), then norm2(· + mlp(·)).
+
+use rand::Rng;
+
+use crate::error::Result;
+use crate::kernels::gelu::{gelu_backward, gelu_forward};
+use crate::nn::layer::{BufferMut, Layer, Mode, Param, StatsMode};
+use crate::nn::linear::Linear;
+use crate::nn::norm_spec::NormSpec;
+use crate::tensor::Tensor;
+
+use super::attention::{vit_linear, Attention};
+use super::Placement;
+
+pub struct Block {
+    pub placement: Placement,
+    pub norm1: Option<Box<dyn Layer>>,
+    pub attn: Attention,
+    pub norm2: Option<Box<dyn Layer>>,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    /// Activations of the last forward. Pre: h1 = norm1(x), r1 = x + a, h2 = norm2(r1).
+    /// Post: h1 = x + a, r1 = norm1(h1), h2 = r1 + f (the input of norm2).
+    h1: Tensor,
+    a: Tensor,
+    r1: Tensor,
+    h2: Tensor,
+    f1: Tensor,
+    g: Tensor,
+    f: Tensor,
+    // Gradients.
+    d1: Tensor,
+    d2: Tensor,
+    d3: Tensor,
+    d4: Tensor,
+}
+
+/// y = norm(x), or a copy of x without a norm.
+fn norm_forward(norm: &mut Option<Box<dyn Layer>>, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+    match norm {
+        Some(n) => n.forward(x, y, mode),
+        None => {
+            y.resize_to(&x.shape)?;
+            y.data.copy_from_slice(&x.data);
+            Ok(())
+        }
+    }
+}
+
+fn norm_backward(
+    norm: &mut Option<Box<dyn Layer>>,
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    dx: &mut Tensor,
+) -> Result<()> {
+    match norm {
+        Some(n) => n.backward(x, y, dy, dx),
+        None => {
+            dx.resize_to(&dy.shape)?;
+            dx.data.copy_from_slice(&dy.data);
+            Ok(())
+        }
+    }
+}
+
+/// out = a + b.
+fn add(a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
+    out.resize_to(&a.shape)?;
+    out.data
+        .iter_mut()
+        .zip(a.data.iter().zip(&b.data))
+        .for_each(|(o, (&x, &y))| *o = x + y);
+    Ok(())
+}
+
+/// acc += b.
+fn add_into(acc: &mut Tensor, b: &Tensor) {
+    acc.data.iter_mut().zip(&b.data).for_each(|(o, &v)| *o += v);
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        tokens: usize,
+        hidden: usize,
+        norm: &NormSpec,
+        placement: Placement,
+        name: &str,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        let norm1 = norm.build(&[dim], &format!("{name}.norm1"), false)?;
+        let attn = Attention::new(dim, heads, tokens, rng);
+        let norm2 = norm.build(&[dim], &format!("{name}.norm2"), false)?;
+        let fc1 = vit_linear(dim, hidden, rng);
+        let fc2 = vit_linear(hidden, dim, rng);
+        Ok(Block {
+            placement,
+            norm1,
+            attn,
+            norm2,
+            fc1,
+            fc2,
+            h1: Tensor::default(),
+            a: Tensor::default(),
+            r1: Tensor::default(),
+            h2: Tensor::default(),
+            f1: Tensor::default(),
+            g: Tensor::default(),
+            f: Tensor::default(),
+            d1: Tensor::default(),
+            d2: Tensor::default(),
+            d3: Tensor::default(),
+            d4: Tensor::default(),
+        })
+    }
+
+    /// f = fc2(gelu(fc1(x))), keeping fc1's output and the GELU's.
+    fn mlp_forward(&mut self, x: &Tensor, mode: Mode) -> Result<()> {
+        self.fc1.forward(x, &mut self.f1, mode)?;
+        self.g.resize_to(&self.f1.shape)?;
+        gelu_forward(&self.f1.data, &mut self.g.data);
+        self.fc2.forward(&self.g, &mut self.f, mode)
+    }
+
+    /// dx of the MLP into `d3` (its input was `x`), given df.
+    fn mlp_backward(&mut self, x: &Tensor, df: &Tensor) -> Result<()> {
+        self.fc2.backward(&self.g, &self.f, df, &mut self.d1)?;
+        self.d2.resize_to(&self.f1.shape)?;
+        gelu_backward(&self.f1.data, &self.d1.data, &mut self.d2.data);
+        self.fc1.backward(x, &self.f1, &self.d2, &mut self.d3)
+    }
+}
+
+/// A block's norm keys ("norm1.weight", "norm2.running_var") from the norm layer's own.
+fn norm_key(which: u8, key: &str) -> &'static str {
+    match (which, key) {
+        (1, "weight") => "norm1.weight",
+        (1, "bias") => "norm1.bias",
+        (1, "running_mean") => "norm1.running_mean",
+        (1, "running_var") => "norm1.running_var",
+        (1, "running_scale") => "norm1.running_scale",
+        (1, _) => "norm1.num_batches_tracked",
+        (_, "weight") => "norm2.weight",
+        (_, "bias") => "norm2.bias",
+        (_, "running_mean") => "norm2.running_mean",
+        (_, "running_var") => "norm2.running_var",
+        (_, "running_scale") => "norm2.running_scale",
+        _ => "norm2.num_batches_tracked",
+    }
+}
+
+impl Layer for Block {
+    fn kind(&self) -> &'static str {
+        "Block"
+    }
+
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+        match self.placement {
+            Placement::Pre => {
+                norm_forward(&mut self.norm1, x, &mut self.h1, mode)?;
+                self.attn.forward(&self.h1, &mut self.a, mode)?;
+                add(x, &self.a, &mut self.r1)?;
+                norm_forward(&mut self.norm2, &self.r1, &mut self.h2, mode)?;
+                let h2 = std::mem::take(&mut self.h2);
+                let r = self.mlp_forward(&h2, mode);
+                self.h2 = h2;
+                r?;
+                add(&self.r1, &self.f, y)
+            }
+            Placement::Post => {
+                self.attn.forward(x, &mut self.a, mode)?;
+                add(x, &self.a, &mut self.h1)?;
+                norm_forward(&mut self.norm1, &self.h1, &mut self.r1, mode)?;
+                let r1 = std::mem::take(&mut self.r1);
+                let r = self.mlp_forward(&r1, mode);
+                self.r1 = r1;
+                r?;
+                add(&self.r1, &self.f, &mut self.h2)?;
+                norm_forward(&mut self.norm2, &self.h2, y, mode)
+            }
+        }
+    }
+
+    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        match self.placement {
+            Placement::Pre => {
+                // y = r1 + mlp(h2), h2 = norm2(r1): dr1 = dy + norm2ᵀ(mlpᵀ(dy)).
+                let h2 = std::mem::take(&mut self.h2);
+                let r = self.mlp_backward(&h2, dy);
+                self.h2 = h2;
+                r?;
+                let mut dr1 = std::mem::take(&mut self.d1);
+                norm_backward(&mut self.norm2, &self.r1, &self.h2, &self.d3, &mut dr1)?;
+                add_into(&mut dr1, dy);
+                // r1 = x + attn(h1), h1 = norm1(x): dx = dr1 + norm1ᵀ(attnᵀ(dr1)).
+                self.attn.backward(&self.h1, &self.a, &dr1, &mut self.d2)?;
+                norm_backward(&mut self.norm1, x, &self.h1, &self.d2, dx)?;
+                add_into(dx, &dr1);
+                self.d1 = dr1;
+                Ok(())
+            }
+            Placement::Post => {
+                // y = norm2(h2), h2 = r1 + mlp(r1): dr1 = dh2 + mlpᵀ(dh2).
+                let mut dh2 = std::mem::take(&mut self.d4);
+                norm_backward(&mut self.norm2, &self.h2, y, dy, &mut dh2)?;
+                let r1 = std::mem::take(&mut self.r1);
+                let r = self.mlp_backward(&r1, &dh2);
+                self.r1 = r1;
+                r?;
+                add_into(&mut self.d3, &dh2);
+                // r1 = norm1(h1), h1 = x + attn(x): dx = dh1 + attnᵀ(dh1).
+                norm_backward(&mut self.norm1, &self.h1, &self.r1, &self.d3, &mut dh2)?;
+                self.attn.backward(x, &self.a, &dh2, dx)?;
+                add_into(dx, &dh2);
+                self.d4 = dh2;
+                Ok(())
+            }
+        }
+    }
+
+    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
+        if let Some(n) = self.norm1.as_mut() {
+            n.visit_params(&mut |k, p| f(norm_key(1, k), p));
+        }
+        self.attn.visit_params(&mut |k, p| {
+            f(
+                match k {
+                    "qkv.weight" => "attn.qkv.weight",
+                    "qkv.bias" => "attn.qkv.bias",
+                    "proj.weight" => "attn.proj.weight",
+                    _ => "attn.proj.bias",
+                },
+                p,
+            )
+        });
+        if let Some(n) = self.norm2.as_mut() {
+            n.visit_params(&mut |k, p| f(norm_key(2, k), p));
+        }
+        self.fc1.visit_params(&mut |k, p| {
+            f(
+                if k == "weight" {
+                    "mlp.fc1.weight"
+                } else {
+                    "mlp.fc1.bias"
+                },
+                p,
+            )
+        });
+        self.fc2.visit_params(&mut |k, p| {
+            f(
+                if k == "weight" {
+                    "mlp.fc2.weight"
+                } else {
+                    "mlp.fc2.bias"
+                },
+                p,
+            )
+        });
+    }
+
+    fn buffers(&mut self) -> Vec<(&'static str, BufferMut<'_>)> {
+        let mut out = Vec::new();
+        if let Some(n) = self.norm1.as_mut() {
+            out.extend(n.buffers().into_iter().map(|(k, b)| (norm_key(1, k), b)));
+        }
+        if let Some(n) = self.norm2.as_mut() {
+            out.extend(n.buffers().into_iter().map(|(k, b)| (norm_key(2, k), b)));
+        }
+        out
+    }
+
+    fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
+        if let Some(n) = self.norm1.as_mut() {
+            n.visit_parts(f);
+        }
+        self.attn.visit_parts(f);
+        if let Some(n) = self.norm2.as_mut() {
+            n.visit_parts(f);
+        }
+        f(&mut self.fc1);
+        f(&mut self.fc2);
+    }
+
+    fn set_stats_mode(&mut self, mode: StatsMode) -> usize {
+        self.norm1.as_mut().map_or(0, |n| n.set_stats_mode(mode))
+            + self.norm2.as_mut().map_or(0, |n| n.set_stats_mode(mode))
+    }
+}
