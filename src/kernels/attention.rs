@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::matmul::{matmul_strided, Op};
+use crate::kernels::simd::multiversion;
 
 /// The attention's sizes: `batch` samples of `tokens` rows, `heads` heads of `head_dim` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +49,7 @@ pub fn attention_forward(qkv: &[f32], out: &mut [f32], probs: &mut [f32], s: Att
             for (h, ph) in p.chunks_mut(t * t).enumerate() {
                 let (q, k, v) = (&x[h * hd..], &x[d + h * hd..], &x[2 * d + h * hd..]);
                 matmul_strided(ph, t, t, t, hd, (q, 3 * d, Op::N), (k, 3 * d, Op::T), false, 1);
-                ph.chunks_mut(t).for_each(|row| softmax_scaled(row, scale));
+                softmax_rows(ph, t, scale);
                 matmul_strided(
                     &mut o[h * hd..],
                     d,
@@ -64,17 +65,29 @@ pub fn attention_forward(qkv: &[f32], out: &mut [f32], probs: &mut [f32], s: Att
         });
 }
 
-// p = exp(scale·s − max)/Σ exp(scale·s − max) over one row, in place (the max taken over the
-// scaled scores; the sum in f64).
-fn softmax_scaled(row: &mut [f32], scale: f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-    let mut sum = 0.0f64;
-    for v in row.iter_mut() {
-        *v = (*v * scale - max).exp();
-        sum += *v as f64;
+multiversion! {
+    // p = exp(scale·s − max)/Σ exp(scale·s − max) over each row of `t`, in place (the max taken
+    // over the scaled scores; the sum in f64).
+    fn softmax_rows(scores: &mut [f32], t: usize, scale: f32) {
+        for row in scores.chunks_mut(t) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+            row.iter_mut().for_each(|v| *v = crate::kernels::special::exp(*v * scale - max));
+            let sum: f64 = row.iter().map(|&v| v as f64).sum();
+            let inv = (1.0 / sum) as f32;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
     }
-    let inv = (1.0 / sum) as f32;
-    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+multiversion! {
+    // dS = scale · P ⊙ (dP − Σ_j dP·P) over each row, in place in dP.
+    fn softmax_backward_rows(ds: &mut [f32], p: &[f32], t: usize, scale: f32) {
+        for (dr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+            let dot: f64 = dr.iter().zip(pr).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let dot = dot as f32;
+            dr.iter_mut().zip(pr).for_each(|(v, &pv)| *v = scale * pv * (*v - dot));
+        }
+    }
 }
 
 // With G = dO per head: dV = Pᵀ G; dP = G Vᵀ; dS = scale · P ⊙ (dP − Σ_j dP·P); dQ = dS K;
@@ -117,11 +130,7 @@ pub fn attention_backward(
                 );
                 // dP = G Vᵀ, then the softmax's backward in place, scaled.
                 matmul_strided(ds, t, t, t, hd, (gh, d, Op::N), (v, 3 * d, Op::T), false, 1);
-                for (dr, pr) in ds.chunks_mut(t).zip(ph.chunks(t)) {
-                    let dot: f64 = dr.iter().zip(pr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let dot = dot as f32;
-                    dr.iter_mut().zip(pr).for_each(|(v, &pv)| *v = scale * pv * (*v - dot));
-                }
+                softmax_backward_rows(ds, ph, t, scale);
                 // dQ = dS K, dK = dSᵀ Q
                 matmul_strided(
                     &mut dx[h * hd..],

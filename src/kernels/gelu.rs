@@ -1,22 +1,29 @@
-//! The exact GELU (nn.GELU(approximate='none'), timm's MLP activation).
+//! The exact GELU (nn.GELU(approximate='none'), timm's MLP activation), with Φ from
+//! `special::normal_cdf_and_kernel` so the loops vectorize.
 
 use rayon::prelude::*;
+
+use crate::kernels::simd::multiversion;
+use crate::kernels::special::normal_cdf_and_kernel;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 // y = x·Φ(x) = x/2·(1 + erf(x/√2))
 pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len(), "gelu: y");
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
-        yc.iter_mut()
-            .zip(xc)
-            .for_each(|(o, &v)| *o = 0.5 * v * (1.0 + libm::erff(v * FRAC_1_SQRT_2)));
-    });
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(yc, xc)| forward_chunk(xc, yc));
+}
+
+multiversion! {
+    fn forward_chunk(xc: &[f32], yc: &mut [f32]) {
+        yc.iter_mut().zip(xc).for_each(|(o, &v)| *o = v * normal_cdf_and_kernel(v).0);
+    }
 }
 
 // dx = dy·(Φ(x) + x·φ(x)), φ(x) = exp(−x²/2)/√(2π)
@@ -25,13 +32,16 @@ pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     assert_eq!(x.len(), dx.len(), "gelu backward: dx");
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dc, (xc, gc))| {
-            for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let cdf = 0.5 * (1.0 + libm::erff(v * FRAC_1_SQRT_2));
-                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
-                *o = g * (cdf + v * pdf);
-            }
-        });
+        .for_each(|(dc, (xc, gc))| backward_chunk(xc, gc, dc));
+}
+
+multiversion! {
+    fn backward_chunk(xc: &[f32], gc: &[f32], dc: &mut [f32]) {
+        for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+            let (cdf, kernel) = normal_cdf_and_kernel(v);
+            *o = g * (cdf + v * INV_SQRT_2PI * kernel);
+        }
+    }
 }
 
 #[cfg(test)]

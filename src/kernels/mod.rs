@@ -14,4 +14,5 @@ pub mod reduce;
 pub mod rms_norm;
 pub mod shape;
 pub mod simd;
+pub mod special;
 pub mod winograd;
