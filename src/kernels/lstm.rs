@@ -6,28 +6,10 @@
 use rayon::prelude::*;
 
 use crate::kernels::simd::multiversion;
+use crate::kernels::special::exp as exp_fast;
 
 /// Rows (samples) per parallel task of the elementwise kernels.
 const ROWS_PER_TASK: usize = 16;
-
-// e^x = 2^n · e^r, n = round(x·log2 e), |r| ≤ ln2/2, e^r by Cephes' degree-6 polynomial
-// (relative error about 2e-7); branch-free so that the loops around it vectorize, which
-// libm's expf and tanhf calls do not (they were 30% of an LSTM training step).
-#[inline(always)]
-pub fn exp_fast(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = shifted - MAGIC;
-    // n as an integer, read from the low mantissa bits of `shifted` (a float-to-int cast
-    // would be scalarized for its saturation rules).
-    let ni = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p =
-        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((ni + 127) << 23) as u32)
-}
 
 #[inline(always)]
 fn sigmoid(v: f32) -> f32 {

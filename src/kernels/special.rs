@@ -1,31 +1,27 @@
 //! exp and the normal distribution's CDF in f32 as straight-line arithmetic, so the loops of the
 //! softmax and the GELU vectorize (libm's calls do not). Accuracy, checked below against f64:
-//! exp within 2 ulp; Φ within 2.5e-7 absolute (Abramowitz & Stegun's 7.1.26 in f32, as PyTorch's
-//! vectorized erf), and since Φ comes from erfc directly on the negative side (no cancellation
+//! exp within 5e-7 relative (its test sits with the LSTM's gates, its first user); Φ within
+//! 2.5e-7 absolute (Abramowitz & Stegun's 7.1.26 in f32, as PyTorch's vectorized erf), and since Φ comes from erfc directly on the negative side (no cancellation
 //! in 1 + erf) within 1e-4 relative down to x = −3; beyond, the relative error grows (1.5% at
 //! x = −9, where Φ is 1e-19).
 
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-// ln 2 split in a high part exact in f32 and the rest (Cody–Waite).
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-
-// exp(x) = 2^n · exp(r), n = round(x·log2 e), r = x − n·ln 2 in [−ln2/2, ln2/2]; exp(r) by
-// Cephes' degree-7 polynomial. Inputs are clamped to [−87.3, 88.0] (2^n a normal float).
+// e^x = 2^n · e^r, n = round(x·log2 e), |r| ≤ ln2/2, e^r by Cephes' degree-6 polynomial
+// (relative error about 2e-7); branch-free so that the loops around it vectorize, which
+// libm's expf and tanhf calls do not (they were 30% of an LSTM training step).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.0);
-    // Round to nearest by the 1.5·2^23 trick: no floor call, so the loop vectorizes on any x86.
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
+    // n as an integer, read from the low mantissa bits of `shifted` (a float-to-int cast
+    // would be scalarized for its saturation rules).
+    let ni = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p =
+        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
 // Φ(x) = ½·erfc(−x/√2). With z = |x|/√2 and t = 1/(1 + 0.3275911·z), erfc(z) ≈
@@ -44,19 +40,6 @@ pub fn normal_cdf_and_kernel(x: f32) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_within_two_ulp() {
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let want = (x as f64).exp();
-            let got = exp(x) as f64;
-            assert!((got - want).abs() <= 2.5e-7 * want, "exp({x}) = {got}, want {want}");
-            x += 0.013;
-        }
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
-    }
 
     #[test]
     fn normal_cdf_is_accurate_on_both_sides() {
