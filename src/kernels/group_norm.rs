@@ -333,24 +333,11 @@ multiversion! {
             .zip(dg[..full].chunks_exact_mut(LANES).zip(db[..full].chunks_exact_mut(LANES)));
         for (k, (((x8, y8), d8), (g8, b8))) in lanes.enumerate() {
             let gm = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
-            for l in 0..LANES {
-                let g = norm.grad(y8[l], d8[l]);
-                let xh = norm.xhat(x8[l]);
-                acc.0[l] += (gm[l] * g) as f64;
-                acc.1[l] += (gm[l] * g * xh) as f64;
-                g8[l] += (g * xh) as f64;
-                b8[l] += g as f64;
-            }
+            lane_sums_and_columns(x8, y8, d8, gm, norm, &mut acc, g8, b8);
         }
-        for i in full..xr.len() {
-            let g = norm.grad(yr[i], dr[i]);
-            let xh = norm.xhat(xr[i]);
-            let gm = gamma.map_or(1.0, |g| g[i]);
-            acc.0[0] += (gm * g) as f64;
-            acc.1[0] += (gm * g * xh) as f64;
-            dg[i] += (g * xh) as f64;
-            db[i] += g as f64;
-        }
+        let tail = xr.len() - full;
+        let gm = gamma.map_or(&ones[..tail], |g| &g[full..]);
+        lane_sums_and_columns(&xr[full..], &yr[full..], &dr[full..], gm, norm, &mut acc, &mut dg[full..], &mut db[full..]);
         (acc.0.iter().sum(), acc.1.iter().sum())
     }
 }
@@ -393,23 +380,23 @@ multiversion! {
 /// `lane_sums`, and each element's g·x̂ and g added into its column's dγ, dβ.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn lane_sums_and_columns(
+fn lane_sums_and_columns<A: Copy + std::ops::AddAssign + From<f32>>(
     x: &[f32],
     y: &[f32],
     d: &[f32],
     gm: &[f32],
     n: SetNorm,
     acc: &mut ([f64; LANES], [f64; LANES]),
-    dg: &mut [f32],
-    db: &mut [f32],
+    dg: &mut [A],
+    db: &mut [A],
 ) {
     for l in 0..x.len().min(LANES) {
         let g = n.grad(y[l], d[l]);
         let xh = n.xhat(x[l]);
         acc.0[l] += (gm[l] * g) as f64;
         acc.1[l] += (gm[l] * g * xh) as f64;
-        dg[l] += g * xh;
-        db[l] += g;
+        dg[l] += A::from(g * xh);
+        db[l] += A::from(g);
     }
 }
 
