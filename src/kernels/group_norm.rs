@@ -323,22 +323,7 @@ multiversion! {
     /// columns' dγ, dβ.
     fn column_run_sums(xr: &[f32], yr: &[f32], dr: &[f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f64], db: &mut [f64]) -> (f64, f64) {
         let norm = SetNorm { center: Center::new(st.mean), invstd: inverse_std(st.var, eps), relu };
-        let mut acc = ([0.0f64; LANES], [0.0f64; LANES]);
-        let ones = [1.0f32; LANES];
-        let full = xr.len() / LANES * LANES;
-        let lanes = xr[..full]
-            .chunks_exact(LANES)
-            .zip(yr[..full].chunks_exact(LANES))
-            .zip(dr[..full].chunks_exact(LANES))
-            .zip(dg[..full].chunks_exact_mut(LANES).zip(db[..full].chunks_exact_mut(LANES)));
-        for (k, (((x8, y8), d8), (g8, b8))) in lanes.enumerate() {
-            let gm = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
-            lane_sums_and_columns(x8, y8, d8, gm, norm, &mut acc, g8, b8);
-        }
-        let tail = xr.len() - full;
-        let gm = gamma.map_or(&ones[..tail], |g| &g[full..]);
-        lane_sums_and_columns(&xr[full..], &yr[full..], &dr[full..], gm, norm, &mut acc, &mut dg[full..], &mut db[full..]);
-        (acc.0.iter().sum(), acc.1.iter().sum())
+        row_sums_and_columns(xr, yr, dr, gamma, norm, dg, db)
     }
 }
 
@@ -357,24 +342,53 @@ multiversion! {
         let center = Center::new(st.mean);
         let m = xr.len() as f64;
         let norm = SetNorm { center, invstd, relu };
-        let mut acc = ([0.0f64; LANES], [0.0f64; LANES]);
-        let ones = [1.0f32; LANES];
-        let full = xr.len() / LANES * LANES;
-        let lanes = xr[..full]
-            .chunks_exact(LANES)
-            .zip(yr[..full].chunks_exact(LANES))
-            .zip(dr[..full].chunks_exact(LANES))
-            .zip(dg[..full].chunks_exact_mut(LANES).zip(db[..full].chunks_exact_mut(LANES)));
-        for (k, (((x8, y8), d8), (g8, b8))) in lanes.enumerate() {
-            let gm = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
-            lane_sums_and_columns(x8, y8, d8, gm, norm, &mut acc, g8, b8);
-        }
-        let tail = xr.len() - full;
-        let gm = gamma.map_or(&ones[..tail], |g| &g[full..]);
-        lane_sums_and_columns(&xr[full..], &yr[full..], &dr[full..], gm, norm, &mut acc, &mut dg[full..], &mut db[full..]);
-        let (sg, sgx): (f64, f64) = (acc.0.iter().sum(), acc.1.iter().sum());
+        let (sg, sgx) = row_sums_and_columns(xr, yr, dr, gamma, norm, dg, db);
         block_dx(xr, yr, dr, dxr, 1, gamma, relu, st, (invstd, (sg / m) as f32, (sgx / m) as f32));
     }
+}
+
+/// A row's (Σγg, Σγg·x̂) in 8 f64 lanes, with each element's g·x̂ and g added into its column's
+/// dγ, dβ (f32 per-task accumulators or f64 outputs): the one fused pass of both LayerNorm
+/// backwards.
+#[inline(always)]
+fn row_sums_and_columns<A: Copy + std::ops::AddAssign + From<f32>>(
+    xr: &[f32],
+    yr: &[f32],
+    dr: &[f32],
+    gamma: Option<&[f32]>,
+    norm: SetNorm,
+    dg: &mut [A],
+    db: &mut [A],
+) -> (f64, f64) {
+    let mut acc = ([0.0f64; LANES], [0.0f64; LANES]);
+    let ones = [1.0f32; LANES];
+    let full = xr.len() / LANES * LANES;
+    let lanes = xr[..full]
+        .chunks_exact(LANES)
+        .zip(yr[..full].chunks_exact(LANES))
+        .zip(dr[..full].chunks_exact(LANES))
+        .zip(
+            dg[..full]
+                .chunks_exact_mut(LANES)
+                .zip(db[..full].chunks_exact_mut(LANES)),
+        );
+    for (k, (((x8, y8), d8), (g8, b8))) in lanes.enumerate() {
+        let gm = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
+        lane_sums_and_columns(x8, y8, d8, gm, norm, &mut acc, g8, b8);
+    }
+    let tail = xr.len() - full;
+    let gm = gamma.map_or(&ones[..tail], |g| &g[full..]);
+    lane_sums_and_columns(
+        &xr[full..],
+        &yr[full..],
+        &dr[full..],
+        gm,
+        norm,
+        &mut acc,
+        &mut dg[full..],
+        &mut db[full..],
+    );
+    (acc.0.iter().sum(), acc.1.iter().sum())
 }
 
 /// `lane_sums`, and each element's g·x̂ and g added into its column's dγ, dβ.
