@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fmnist_torch import seed_cnn  # noqa: E402
 from pytorch_weights import vgg  # noqa: E402
+from vit_torch import Vit, VitBlock  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "goldens")
 torch.set_num_threads(1)
@@ -581,30 +582,25 @@ def conv_cases():
     print("conv.safetensors written")
 
 
-def vgg_steps():
-    """Three SGD steps (momentum 0.9) of vgg:16,16,M,32,32,M,M with BN in float64 on float32
-    batches; after each step the parameters are rounded to float32, so that each recorded step
-    (parameters before it, loss, gradients, running statistics after it) starts from values
-    normlab holds exactly. A max-pool or ReLU that flips on a rounding difference would send a
-    whole gradient value elsewhere, and over free-running steps such flips compound."""
-    torch.manual_seed(11)
-    cfg, steps, batch = "16,16,M,32,32,M,M", 3, 8
-    model = vgg(cfg)
-    model.double().train()
+def record_sgd_steps(model, steps, batch, tensors, prefix):
+    """SGD steps (lr 0.05, momentum 0.9) of a float64 model in training mode on float32 batches
+    `batch(s)` = (x, y), recorded under `prefix`: the batch, the state before each step, its
+    loss and gradients, and the running statistics after it. After each step the parameters
+    are rounded to float32, so that each recorded step starts from values normlab holds exactly
+    (a max-pool or ReLU that flips on a rounding difference would send a whole gradient value
+    elsewhere, and over free-running steps such flips compound)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    tensors = {}
     for s in range(steps):
-        x = torch.randn(batch, 1, 28, 28)
-        y = torch.randint(0, 10, (batch,), dtype=torch.int64)
-        tensors[f"x{s}"], tensors[f"y{s}"] = x, y
+        x, y = batch(s)
+        tensors[f"{prefix}x{s}"], tensors[f"{prefix}y{s}"] = x, y
         for k, v in model.state_dict().items():
-            tensors[f"before{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
+            tensors[f"{prefix}before{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
         opt.zero_grad()
         loss = F.cross_entropy(model(x.double()), y)
         loss.backward()
-        tensors[f"loss{s}"] = torch.tensor([loss.item()], dtype=torch.float64)
+        tensors[f"{prefix}loss{s}"] = torch.tensor([loss.item()], dtype=torch.float64)
         for k, p in model.named_parameters():
-            tensors[f"grad{s}.{k}"] = p.grad.float()
+            tensors[f"{prefix}grad{s}.{k}"] = p.grad.float()
         opt.step()
         with torch.no_grad():
             for v in model.state_dict().values():
@@ -612,97 +608,24 @@ def vgg_steps():
                     v.copy_(v.float().double())
         for k, v in model.state_dict().items():
             if "running" in k or "num_batches" in k:
-                tensors[f"after{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
+                tensors[f"{prefix}after{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
+
+
+def vgg_steps():
+    """Three SGD steps of vgg:16,16,M,32,32,M,M with BN (`record_sgd_steps`)."""
+    torch.manual_seed(11)
+    cfg, steps, batch_size = "16,16,M,32,32,M,M", 3, 8
+    model = vgg(cfg)
+    model.double().train()
+    tensors = {}
+
+    def batch(_):
+        return torch.randn(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,), dtype=torch.int64)
+
+    record_sgd_steps(model, steps, batch, tensors, "")
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "vgg_steps.safetensors"),
               metadata={"model": f"vgg:{cfg}", "steps": str(steps)})
     print("vgg_steps.safetensors written")
-
-
-# --- Vision Transformer (timm's layout, written out so the goldens need no timm) ------------
-
-
-class TokenBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over batch x tokens per feature: BatchNorm1d on the [B·T, D] rows."""
-
-    def forward(self, x):
-        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-
-
-def vit_norm(kind, d):
-    return {
-        "layernorm": lambda: nn.LayerNorm(d, eps=1e-6),
-        "rms": lambda: nn.RMSNorm(d, eps=1e-6),
-        "bn": lambda: TokenBatchNorm(d),
-        "none": lambda: nn.Identity(),
-    }[kind]()
-
-
-class VitAttention(nn.Module):
-    """timm's Attention (fused qkv with bias, no q/k norm, no dropout), the explicit path."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = ((q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, t, d))
-
-
-class VitMlp(nn.Module):
-    def __init__(self, d, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(d, hidden)
-        self.fc2 = nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class VitBlock(nn.Module):
-    def __init__(self, d, heads, ratio, norm, placement):
-        super().__init__()
-        self.placement = placement
-        self.norm1 = vit_norm(norm, d)
-        self.attn = VitAttention(d, heads)
-        self.norm2 = vit_norm(norm, d)
-        self.mlp = VitMlp(d, d * ratio)
-
-    def forward(self, x):
-        if self.placement == "pre":
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x))
-        return self.norm2(x + self.mlp(x))
-
-
-class VitPatchEmbed(nn.Module):
-    def __init__(self, c, d, p):
-        super().__init__()
-        self.proj = nn.Conv2d(c, d, p, stride=p)
-
-
-class Vit(nn.Module):
-    """timm's VisionTransformer(class_token=True, global_pool='token', no dropout)."""
-
-    def __init__(self, c, side, classes, d, depth, heads, patch, ratio=4, norm="layernorm", placement="pre"):
-        super().__init__()
-        t = (side // patch) ** 2 + 1
-        self.patch_embed = VitPatchEmbed(c, d, patch)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.pos_embed = nn.Parameter(torch.randn(1, t, d) * 0.02)
-        self.blocks = nn.Sequential(*[VitBlock(d, heads, ratio, norm, placement) for _ in range(depth)])
-        self.norm = vit_norm(norm, d)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.head(self.norm(self.blocks(x))[:, 0])
 
 
 def _randomize_norms(module, g):
@@ -772,32 +695,15 @@ def vit_cases():
         net = Vit(1, 28, 10, 16, 2, 2, 7, ratio=2, norm=norm, placement=placement)
         _randomize_norms(net, g)
         net = net.double().train()
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         with torch.no_grad():
             for v in net.state_dict().values():
                 if v.is_floating_point():
                     v.copy_(v.float().double())
-        for s in range(2):
-            pre = f"steps{i}"
-            x = torch.randn(4, 1, 28, 28, generator=g)
-            y = torch.randint(0, 10, (4,), generator=g, dtype=torch.int64)
-            tensors[f"{pre}.x{s}"], tensors[f"{pre}.y{s}"] = x, y
-            for k, v in net.state_dict().items():
-                tensors[f"{pre}.before{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
-            opt.zero_grad()
-            loss = F.cross_entropy(net(x.double()), y)
-            loss.backward()
-            tensors[f"{pre}.loss{s}"] = torch.tensor([loss.item()], dtype=torch.float64)
-            for k, p in net.named_parameters():
-                tensors[f"{pre}.grad{s}.{k}"] = p.grad.float()
-            opt.step()
-            with torch.no_grad():
-                for v in net.state_dict().values():
-                    if v.is_floating_point():
-                        v.copy_(v.float().double())
-            for k, v in net.state_dict().items():
-                if "running" in k or "num_batches" in k:
-                    tensors[f"{pre}.after{s}.{k}"] = v.float() if v.is_floating_point() else v.clone()
+
+        def batch(_):
+            return torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g, dtype=torch.int64)
+
+        record_sgd_steps(net, 2, batch, tensors, f"steps{i}.")
     meta = {
         "attention": json.dumps(VIT_ATTENTION),
         "block": json.dumps(VIT_BLOCK),
