@@ -7,43 +7,13 @@ use std::path::Path;
 
 use common::cli::*;
 
-fn train(t: &tempfile::TempDir, data: &Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
-    let out = t.path().join(name);
-    let mut args = vec!["train", "--data", s(data), "--out", s(&out), "--batch-size", "16"];
-    args.extend_from_slice(extra);
-    ok(&args);
-    out
-}
-
 #[test]
 fn every_recurrent_norm_trains_and_resumes_exactly() {
     let t = tmp();
     let data = t.path().join("data");
     write_dataset(&data, 96, 40, false);
     for norm in ["none", "ln", "bn", "bn-shared"] {
-        let whole = train(
-            &t,
-            &data,
-            &format!("{norm}-2"),
-            &["--model", "lstm:8", "--norm", norm, "--epochs", "2"],
-        );
-        let half = train(
-            &t,
-            &data,
-            &format!("{norm}-1"),
-            &["--model", "lstm:8", "--norm", norm, "--epochs", "1"],
-        );
-        ok(&["train", "--resume", s(&half), "--epochs", "2"]);
-        assert_eq!(
-            learning_curve(&metrics(&whole)),
-            learning_curve(&metrics(&half)),
-            "{norm}"
-        );
-        assert_eq!(
-            tensors(&whole.join("model.safetensors")),
-            tensors(&half.join("model.safetensors")),
-            "{norm}"
-        );
+        let whole = resumes_exactly(&t, &data, norm, &["--model", "lstm:8", "--norm", norm]);
         let names: Vec<String> = tensors(&whole.join("model.safetensors"))
             .into_iter()
             .map(|(n, _)| n)
@@ -74,7 +44,7 @@ fn pytorch_loads_the_plain_lstm_and_predicts_the_same_classes() {
     let t = tmp();
     let data = t.path().join("data");
     write_dataset(&data, 96, 40, false);
-    let run = train(
+    let run = train_batch16(
         &t,
         &data,
         "plain",

@@ -8,14 +8,6 @@ use std::path::Path;
 
 use common::cli::*;
 
-fn train(t: &tempfile::TempDir, data: &Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
-    let out = t.path().join(name);
-    let mut args = vec!["train", "--data", s(data), "--out", s(&out), "--batch-size", "16"];
-    args.extend_from_slice(extra);
-    ok(&args);
-    out
-}
-
 #[test]
 fn every_block_norm_and_placement_trains_and_resumes_exactly() {
     let t = tmp();
@@ -29,29 +21,11 @@ fn every_block_norm_and_placement_trains_and_resumes_exactly() {
         ("vit:16,1,2,7,1,post", "none"),
     ] {
         let name = format!("{model}-{norm}").replace([':', ',', '='], "_");
-        let extra = ["--model", model, "--norm", norm, "--optimizer", "adamw"];
-        let whole = train(
+        let whole = resumes_exactly(
             &t,
             &data,
-            &format!("{name}-2"),
-            &[&extra[..], &["--epochs", "2"]].concat(),
-        );
-        let half = train(
-            &t,
-            &data,
-            &format!("{name}-1"),
-            &[&extra[..], &["--epochs", "1"]].concat(),
-        );
-        ok(&["train", "--resume", s(&half), "--epochs", "2"]);
-        assert_eq!(
-            learning_curve(&metrics(&whole)),
-            learning_curve(&metrics(&half)),
-            "{model} {norm}"
-        );
-        assert_eq!(
-            tensors(&whole.join("model.safetensors")),
-            tensors(&half.join("model.safetensors")),
-            "{model} {norm}"
+            &name,
+            &["--model", model, "--norm", norm, "--optimizer", "adamw"],
         );
         let names: Vec<String> = tensors(&whole.join("model.safetensors"))
             .into_iter()
@@ -79,7 +53,7 @@ fn a_fresh_vit_defaults_to_timms_layer_norm() {
     let t = tmp();
     let data = t.path().join("data");
     write_dataset(&data, 32, 10, false);
-    let run = train(&t, &data, "default", &["--model", "vit:8,1,2,7", "--epochs", "1"]);
+    let run = train_batch16(&t, &data, "default", &["--model", "vit:8,1,2,7", "--epochs", "1"]);
     let names: Vec<String> = tensors(&run.join("model.safetensors"))
         .into_iter()
         .map(|(n, _)| n)
@@ -100,7 +74,7 @@ fn timm_loads_the_checkpoint_strictly_and_predicts_the_same() {
     let data = t.path().join("data");
     write_dataset(&data, 64, 40, false);
     for norm in ["layernorm:eps=1e-6", "rms"] {
-        let run = train(
+        let run = train_batch16(
             &t,
             &data,
             norm.split(':').next().unwrap(),

@@ -180,3 +180,31 @@ pub fn venv_python(modules: &str) -> Option<std::path::PathBuf> {
     }
     ok.then_some(python)
 }
+
+/// `normlab train` on `data` into `t/name` with batch 16 and the `extra` options.
+pub fn train_batch16(t: &tempfile::TempDir, data: &Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
+    let out = t.path().join(name);
+    let mut args = vec!["train", "--data", s(data), "--out", s(&out), "--batch-size", "16"];
+    args.extend_from_slice(extra);
+    ok(&args);
+    out
+}
+
+/// Trains `extra` for 2 epochs in one go and for 1 then `--resume` to 2, and asserts both give
+/// the same learning curve and weights; returns the two-epoch run.
+pub fn resumes_exactly(t: &tempfile::TempDir, data: &Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
+    let whole = train_batch16(t, data, &format!("{name}-2"), &[extra, &["--epochs", "2"]].concat());
+    let half = train_batch16(t, data, &format!("{name}-1"), &[extra, &["--epochs", "1"]].concat());
+    ok(&["train", "--resume", s(&half), "--epochs", "2"]);
+    assert_eq!(
+        learning_curve(&metrics(&whole)),
+        learning_curve(&metrics(&half)),
+        "{name}"
+    );
+    assert_eq!(
+        tensors(&whole.join("model.safetensors")),
+        tensors(&half.join("model.safetensors")),
+        "{name}"
+    );
+    whole
+}
