@@ -5,6 +5,7 @@ pub mod batch_norm;
 pub mod gelu;
 pub mod group_norm;
 pub mod im2col;
+pub mod layer_norm;
 pub mod loss;
 pub mod lp_norm;
 pub mod lstm;

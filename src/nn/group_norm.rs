@@ -369,7 +369,7 @@ impl Layer for GroupNorm {
             let (dg, db) = &mut sc.elementwise_grads;
             dg.resize(c, 0.0);
             db.resize(c, 0.0);
-            k::layer_norm_backward(
+            crate::kernels::layer_norm::layer_norm_backward(
                 &x.data,
                 &y.data,
                 &dy.data,

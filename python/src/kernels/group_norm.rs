@@ -141,7 +141,7 @@ fn gn_train_backward<'py>(
             let sc = &mut *guard;
             sc.dgamma.resize(c, 0.0);
             sc.dbeta.resize(c, 0.0);
-            gn::layer_norm_backward(
+            normlab::kernels::layer_norm::layer_norm_backward(
                 xs,
                 xs,
                 ds,
