@@ -47,6 +47,10 @@ def torch_kernel(kernel, shape, reps):
         layer = nn.GroupNorm(min(32, c), c)
     elif kernel.startswith("ln"):
         layer = nn.GroupNorm(1, c)
+    elif kernel.startswith("layernorm"):
+        layer = nn.LayerNorm([c, h, w])
+    elif kernel.startswith("rms"):
+        layer = nn.RMSNorm([c, h, w], eps=1e-6)
     else:
         layer = nn.InstanceNorm2d(c)
     x = torch.rand(shape) * 4 - 2
@@ -105,7 +109,8 @@ def torch_training(model_name, norm, batch, steps):
     return batch / median_time(step, steps)
 
 
-KERNELS = ["bn_train_fwd", "bn_train_fwd_bwd", "bn_eval_fwd", "gn_fwd_bwd", "ln_fwd_bwd", "in_fwd_bwd"]
+KERNELS = ["bn_train_fwd", "bn_train_fwd_bwd", "bn_eval_fwd", "gn_fwd_bwd", "ln_fwd_bwd", "in_fwd_bwd",
+           "layernorm_fwd_bwd", "rms_fwd_bwd"]
 # `normlab bench --filter` values, one training model each (its label is "MODEL NORM").
 MODELS = ["seed-cnn", "vgg:32,32,M,64,64,M,128,128,M bn", "gn:8", "resnet"]
 

@@ -40,9 +40,15 @@ pub const KERNELS: [(&str, &str, &str, f64); 8] = [
     ("rms_fwd_bwd", "rms", "fwd+bwd", 5.0),
 ];
 
-/// Transformer activations [B·T, D, 1, 1] (the trailing-dims norms only): D = 384 and 768, as
-/// in ViT-S and ViT-B, 4096 and 2048 tokens.
-pub const TOKEN_SHAPES: [[usize; 4]; 2] = [[4096, 384, 1, 1], [2048, 768, 1, 1]];
+/// Transformer activations [B·T, D, 1, 1] (the trailing-dims norms only): normlab's own
+/// vit:64 and vit:128 at batch 128 on Fashion-MNIST (50 tokens of 4x4 patches), and D = 384 and
+/// 768 as in ViT-S and ViT-B with 4096 and 2048 tokens.
+pub const TOKEN_SHAPES: [[usize; 4]; 4] = [
+    [6400, 64, 1, 1],
+    [6400, 128, 1, 1],
+    [4096, 384, 1, 1],
+    [2048, 768, 1, 1],
+];
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelResult {

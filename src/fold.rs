@@ -73,6 +73,13 @@ pub fn fold(model: &mut Model) -> Result<Model> {
             model.spec.model
         )));
     }
+    if matches!(model.spec.model, Arch::Vit(_)) && model.spec.norm != NormSpec::None {
+        return Err(Error::invalid(format!(
+            "{}'s norms follow residual sums (pre-norm: they read the residual stream; post-norm: they \
+             normalize a sum), where no layer's weights can absorb them: nothing to fold",
+            model.spec.model
+        )));
+    }
     let norm = model.spec.norm;
     let NormSpec::Batch(cfg) = norm else {
         return Err(Error::invalid(format!(

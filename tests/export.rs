@@ -82,6 +82,12 @@ fn export_writes_a_checked_file_and_refuses_bad_input_writing_nothing() {
     let gn = train(&t, &data, "seed-cnn:4", "gn:2");
     let err = fails(&["export", "--checkpoint", s(&gn), "--out", s(&nothing), "--fold"]);
     assert!(err.contains("fold"), "{err}");
+    let vit_bn = train(&t, &data, "vit:8,1,2,14", "bn");
+    let err = fails(&["export", "--checkpoint", s(&vit_bn), "--out", s(&nothing), "--fold"]);
+    assert!(
+        err.contains("residual sums") && err.contains("nothing to fold"),
+        "{err}"
+    );
     assert!(!nothing.exists(), "a refused export wrote {}", nothing.display());
 }
 
@@ -112,6 +118,9 @@ fn onnx_runtime_gives_normlabs_logits() {
         ("seed-cnn:6", "brn"),
         ("vgg:4,M,8,M", "none"),
         ("lstm:6,2", "none"),
+        ("vit:8,1,2,7", "layernorm:eps=1e-6"),
+        ("vit:8,2,2,7,2,post", "rms"),
+        ("vit:8,1,2,14", "bn"),
     ]
     .iter()
     .map(|(m, n)| train(&t, &data, m, n))
@@ -148,6 +157,7 @@ fn onnx_runtime_gives_normlabs_logits() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     // Plain and folded for the six BN-family checkpoints and the two pruned ones, plain for
-    // the other nine (the LSTM as ONNX's LSTM operator; RMSNorm as its decomposition).
-    assert_eq!(stdout.matches("PASS").count(), 2 * 8 + 9, "{stdout}");
+    // the other nine (the LSTM as ONNX's LSTM operator; RMSNorm as its decomposition) and the
+    // three ViTs (their norms follow residual sums: nothing to fold).
+    assert_eq!(stdout.matches("PASS").count(), 2 * 8 + 9 + 3, "{stdout}");
 }

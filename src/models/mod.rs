@@ -296,7 +296,7 @@ fn build_vit(
     if let Some(layer) = norm.build(&[v.dim], "norm", false)? {
         net.push_boxed("norm", layer);
     }
-    net.push("", ClassToken { tokens });
+    net.push("", ClassToken { tokens, dim: v.dim });
     if spec.dropout > 0.0 {
         net.push("", Dropout::new(spec.dropout)?);
     }

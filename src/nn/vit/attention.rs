@@ -7,7 +7,10 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_backward, attention_forward, AttentionShape};
 use crate::nn::layer::{Layer, Mode, Param};
 use crate::nn::linear::Linear;
+use crate::onnx::graph::{Attr, OnnxGraph};
 use crate::tensor::Tensor;
+
+use super::{onnx_reshape, onnx_transpose};
 
 pub struct Attention {
     pub qkv: Linear,
@@ -111,6 +114,27 @@ impl Layer for Attention {
 
     fn set_input_grad(&mut self, needed: bool) {
         self.qkv.set_input_grad(needed);
+    }
+
+    // qkv rows → [N, T, 3, H, d] → [3, N, H, T, d]; softmax(scale·q kᵀ) v; → rows; proj.
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let (d, h, t) = (self.proj.out_features as i64, self.heads as i64, self.tokens as i64);
+        let hd = d / h;
+        let qkv = self.qkv.export_onnx(g, x, &format!("{name}.qkv"))?;
+        let split = onnx_reshape(g, &qkv, &[-1, t, 3, h, hd], &format!("{name}.split"));
+        let heads = onnx_transpose(g, &split, &[2, 0, 3, 1, 4]);
+        let sizes = g.constant_i64(&format!("{name}.sizes"), &[1, 1, 1]);
+        let parts = g.node_outputs("Split", &[&heads, &sizes], &[("axis", Attr::Int(0))], &[5, 5, 5]);
+        let [q, k, v] = [0, 1, 2].map(|i| onnx_reshape(g, &parts[i], &[-1, h, t, hd], &format!("{name}.head")));
+        let scale = g.constant(&format!("{name}.scale"), &[], &[(hd as f32).powf(-0.5)])?;
+        let q = g.node("Mul", &[&q, &scale], &[], 4);
+        let kt = onnx_transpose(g, &k, &[0, 1, 3, 2]);
+        let scores = g.node("MatMul", &[&q, &kt], &[], 4);
+        let probs = g.node("Softmax", &[&scores], &[("axis", Attr::Int(-1))], 4);
+        let out = g.node("MatMul", &[&probs, &v], &[], 4);
+        let out = onnx_transpose(g, &out, &[0, 2, 1, 3]);
+        let rows = onnx_reshape(g, &out, &[-1, d], &format!("{name}.rows"));
+        self.proj.export_onnx(g, &rows, &format!("{name}.proj"))
     }
 
     fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {

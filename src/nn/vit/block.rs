@@ -10,6 +10,7 @@ use crate::kernels::gelu::{gelu_backward, gelu_forward};
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, StatsMode};
 use crate::nn::linear::Linear;
 use crate::nn::norm_spec::NormSpec;
+use crate::onnx::graph::OnnxGraph;
 use crate::tensor::Tensor;
 
 use super::attention::{vit_linear, Attention};
@@ -137,6 +138,28 @@ impl Block {
     }
 }
 
+/// ONNX: norm(x), or x itself without a norm.
+fn norm_onnx(norm: &Option<Box<dyn Layer>>, g: &mut OnnxGraph, x: &str, name: String) -> Result<String> {
+    match norm {
+        Some(n) => n.export_onnx(g, x, &name),
+        None => Ok(x.to_string()),
+    }
+}
+
+/// ONNX: the exact GELU, x/2·(1 + erf(x/√2)) (Gelu is an operator only from opset 20).
+fn gelu_onnx(g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+    let sqrt2 = g.constant(&format!("{name}.sqrt2"), &[], &[std::f32::consts::SQRT_2])?;
+    let (one, half) = (
+        g.constant(&format!("{name}.one"), &[], &[1.0])?,
+        g.constant(&format!("{name}.half"), &[], &[0.5])?,
+    );
+    let z = g.node("Div", &[x, &sqrt2], &[], 2);
+    let e = g.node("Erf", &[&z], &[], 2);
+    let e = g.node("Add", &[&e, &one], &[], 2);
+    let hx = g.node("Mul", &[x, &half], &[], 2);
+    Ok(g.node("Mul", &[&hx, &e], &[], 2))
+}
+
 /// A block's norm keys ("norm1.weight", "norm2.running_var") from the norm layer's own.
 fn norm_key(which: u8, key: &str) -> &'static str {
     match (which, key) {
@@ -220,6 +243,33 @@ impl Layer for Block {
                 add_into(dx, &dh2);
                 self.d4 = dh2;
                 Ok(())
+            }
+        }
+    }
+
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let mlp = |g: &mut OnnxGraph, x: &str| -> Result<String> {
+            let h = self.fc1.export_onnx(g, x, &format!("{name}.mlp.fc1"))?;
+            let h = gelu_onnx(g, &h, &format!("{name}.mlp"))?;
+            self.fc2.export_onnx(g, &h, &format!("{name}.mlp.fc2"))
+        };
+        let (n1, n2) = (format!("{name}.norm1"), format!("{name}.norm2"));
+        match self.placement {
+            Placement::Pre => {
+                let h = norm_onnx(&self.norm1, g, x, n1)?;
+                let a = self.attn.export_onnx(g, &h, &format!("{name}.attn"))?;
+                let r = g.node("Add", &[x, &a], &[], 2);
+                let h = norm_onnx(&self.norm2, g, &r, n2)?;
+                let f = mlp(g, &h)?;
+                Ok(g.node("Add", &[&r, &f], &[], 2))
+            }
+            Placement::Post => {
+                let a = self.attn.export_onnx(g, x, &format!("{name}.attn"))?;
+                let s = g.node("Add", &[x, &a], &[], 2);
+                let r = norm_onnx(&self.norm1, g, &s, n1)?;
+                let f = mlp(g, &r)?;
+                let s = g.node("Add", &[&r, &f], &[], 2);
+                norm_onnx(&self.norm2, g, &s, n2)
             }
         }
     }

@@ -27,3 +27,16 @@ impl fmt::Display for Placement {
         })
     }
 }
+
+use crate::onnx::graph::{Attr, OnnxGraph};
+
+/// ONNX: `x` reshaped to `shape` (0 copies a dimension, -1 is inferred).
+pub(crate) fn onnx_reshape(g: &mut OnnxGraph, x: &str, shape: &[i64], hint: &str) -> String {
+    let s = g.constant_i64(hint, shape);
+    g.node("Reshape", &[x, &s], &[], shape.len())
+}
+
+/// ONNX: `x` with its axes permuted.
+pub(crate) fn onnx_transpose(g: &mut OnnxGraph, x: &str, perm: &[i64]) -> String {
+    g.node("Transpose", &[x], &[("perm", Attr::Ints(perm.to_vec()))], perm.len())
+}

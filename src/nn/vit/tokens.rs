@@ -6,7 +6,10 @@ use rand::Rng;
 
 use crate::error::{Error, Result};
 use crate::nn::layer::{Layer, Mode, Param, ParamKind};
+use crate::onnx::graph::{Attr, OnnxGraph};
 use crate::tensor::Tensor;
+
+use super::{onnx_reshape, onnx_transpose};
 
 /// [N, D, gh, gw] patch embeddings to rows [N·T, D], T = 1 + gh·gw: row (n, 0) is cls_token +
 /// pos_embed[0], row (n, 1 + p) is patch p (row-major over the grid) + pos_embed[1 + p]; timm's
@@ -116,6 +119,25 @@ impl Layer for PatchTokens {
         Ok(())
     }
 
+    // [N, D, gh, gw] → [N, P, D]; the class token expanded to [N, 1, D] in front; + pos_embed;
+    // rows [N·T, D].
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        let d = self.dim as i64;
+        let flat = onnx_reshape(g, x, &[0, d, -1], "patch_rows");
+        let patches = onnx_transpose(g, &flat, &[0, 2, 1]);
+        let shape = g.node("Shape", &[&patches], &[], 1);
+        let (start, end) = (g.constant_i64("batch_start", &[0]), g.constant_i64("batch_end", &[1]));
+        let n = g.node("Slice", &[&shape, &start, &end], &[], 1);
+        let rest = g.constant_i64("cls_shape", &[1, d]);
+        let cls_shape = g.node("Concat", &[&n, &rest], &[("axis", Attr::Int(0))], 1);
+        let cls = g.constant("cls_token", &self.cls_token.value.shape, &self.cls_token.value.data)?;
+        let cls = g.node("Expand", &[&cls, &cls_shape], &[], 3);
+        let tokens = g.node("Concat", &[&cls, &patches], &[("axis", Attr::Int(1))], 3);
+        let pos = g.constant("pos_embed", &self.pos_embed.value.shape, &self.pos_embed.value.data)?;
+        let tokens = g.node("Add", &[&tokens, &pos], &[], 3);
+        Ok(onnx_reshape(g, &tokens, &[-1, d], "token_rows"))
+    }
+
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
         f("cls_token", &mut self.cls_token);
         f("pos_embed", &mut self.pos_embed);
@@ -125,9 +147,17 @@ impl Layer for PatchTokens {
 /// Rows [N·T, D] to the class token's rows [N, D] (timm's `global_pool='token'`).
 pub struct ClassToken {
     pub tokens: usize,
+    pub dim: usize,
 }
 
 impl ClassToken {
+    fn dim_of(&self, g: &OnnxGraph, x: &str) -> Result<i64> {
+        if g.rank(x)? != 2 {
+            return Err(Error::invalid("ONNX export: the class token reads token rows [N·T, D]"));
+        }
+        Ok(self.dim as i64)
+    }
+
     fn check(&self, x: &Tensor) -> Result<usize> {
         if x.shape.len() != 2 || !x.shape[0].is_multiple_of(self.tokens) {
             return Err(Error::shape(
@@ -142,6 +172,15 @@ impl ClassToken {
 impl Layer for ClassToken {
     fn kind(&self) -> &'static str {
         "ClassToken"
+    }
+
+    // rows [N·T, D] → [N, T, D] → token 0 → [N, D]
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, _name: &str) -> Result<String> {
+        let d = self.dim_of(g, x)?;
+        let tokens = onnx_reshape(g, x, &[-1, self.tokens as i64, d], "sample_tokens");
+        let first = g.constant_i64("class_token_index", &[0]);
+        let cls = g.node("Gather", &[&tokens, &first], &[("axis", Attr::Int(1))], 3);
+        Ok(onnx_reshape(g, &cls, &[-1, d], "class_rows"))
     }
 
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
