@@ -18,6 +18,7 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
         "ics",
         "landscape",
         "rnn",
+        "transformer",
     ] {
         let out = t.path().join(study);
         let text = ok(&[
@@ -92,6 +93,14 @@ fn every_quick_study_writes_parseable_outputs_and_report_rebuilds_them() {
                 let gates = results["gates"].as_array().unwrap();
                 assert_eq!(gates.len(), 2);
                 assert_eq!(gates[0]["steps"].as_array().unwrap().len(), 28);
+            }
+            if study == "transformer" {
+                // Gradient norms at init, pre and post per seed; the two kernels, one round each.
+                let grads = results["gradients"].as_array().unwrap();
+                assert_eq!(grads.len(), 4);
+                let kernels = results["kernels"].as_array().unwrap();
+                assert_eq!(kernels.len(), 2);
+                assert!(kernels.iter().all(|k| k["ms"].as_array().unwrap().len() == 2));
             }
         }
         let html = std::fs::read_to_string(out.join("report.html")).unwrap();

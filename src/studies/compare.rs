@@ -97,6 +97,7 @@ pub fn run_compare(
         claims: Vec::new(),
         gradients: Vec::new(),
         gates: Vec::new(),
+        kernels: Vec::new(),
     };
     report::write_all(&results, out)?;
     Ok(results)

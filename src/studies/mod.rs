@@ -22,6 +22,7 @@ pub mod report;
 pub mod rnn;
 mod study;
 pub mod sync_bn;
+pub mod transformer;
 pub mod verdict;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,7 @@ pub const STUDIES: &[&dyn Study] = &[
     &landscape::Landscape,
     &sync_bn::SyncBn,
     &rnn::Rnn,
+    &transformer::Transformer,
 ];
 
 /// The study named `name`, or an error listing the known ones.
@@ -100,6 +102,7 @@ pub fn run_study(
         claims: Vec::new(),
         gradients: Vec::new(),
         gates: Vec::new(),
+        kernels: Vec::new(),
     };
     let (settings, _lock) = found.run(opts, progress, &mut results)?;
     results.settings = settings;

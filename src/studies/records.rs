@@ -67,6 +67,9 @@ pub struct StudyResults {
     /// The rnn study's gate pre-activation statistics of each trained plain LSTM.
     #[serde(default)]
     pub gates: Vec<GateStats>,
+    /// The transformer study's kernel timings (RMSNorm against LayerNorm).
+    #[serde(default)]
+    pub kernels: Vec<crate::studies::transformer::KernelTiming>,
 }
 
 /// One trained plain LSTM's gate pre-activations on test images: per time step, per gate

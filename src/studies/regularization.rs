@@ -490,6 +490,7 @@ mod tests {
             claims: Vec::new(),
             gradients: Vec::new(),
             gates: Vec::new(),
+            kernels: Vec::new(),
         }
     }
 
