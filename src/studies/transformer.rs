@@ -252,7 +252,11 @@ pub(crate) fn transformer(r: &StudyResults) -> Result<Analysis> {
                     ((e + 1) as f64, m, sd)
                 })
                 .collect();
-            curves.push((name(a), pts));
+            // Named by placement first: the plot colours a line by its label's first word.
+            curves.push((
+                format!("{}-norm{}", a.0, if a.1 == "1" { ", warm-up" } else { ", no warm-up" }),
+                pts,
+            ));
         }
     }
     tables.push(Table {
