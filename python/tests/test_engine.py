@@ -60,6 +60,17 @@ def test_train_resume_and_load_state_dict(tmp_path):
     twin.load_state_dict(state, strict=True)
 
 
+@needs_data
+def test_a_vit_trains_from_python_with_timms_norm_by_default(tmp_path):
+    run = normlab.train(model="vit:16,1,2,7", epochs=1, train_limit=256, test_limit=64, batch_size=64,
+                        data=DATA, out=tmp_path / "vit", progress=False)
+    assert run.metrics["config"]["norm"] == "layernorm:eps=0.000001"
+    state = normlab.load_state_dict(run.checkpoint)
+    assert state["pos_embed"].shape == (1, 17, 16) and state["blocks.0.attn.qkv.weight"].shape == (48, 16)
+    with pytest.raises(ValueError, match="not divisible by its 3 heads"):
+        normlab.train(model="vit:16,1,3,7")
+
+
 def test_unknown_study_is_a_value_error():
     with pytest.raises(ValueError, match="unknown study"):
         normlab.study("no-such-study", quick=True)
