@@ -199,7 +199,14 @@ fn row_sums_and_columns<A: Copy + std::ops::AddAssign + From<f32>>(
         );
     for (k, (((x8, y8), d8), (g8, b8))) in lanes.enumerate() {
         let gm = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
-        lane_sums_and_columns(x8, y8, d8, gm, norm, &mut acc, g8, b8);
+        // Fixed-length arrays: the lane loop unrolls into vector operations (with slices of a
+        // run-time length it stayed scalar, its f64 lanes shuffled in and out of registers).
+        let arr = |v: &[f32]| -> [f32; LANES] { v.try_into().expect("a full chunk") };
+        let (gs, bs): (&mut [A; LANES], &mut [A; LANES]) = (
+            g8.try_into().expect("a full chunk"),
+            b8.try_into().expect("a full chunk"),
+        );
+        full_lane_sums_and_columns(&arr(x8), &arr(y8), &arr(d8), &arr(gm), norm, &mut acc, gs, bs);
     }
     let tail = xr.len() - full;
     let gm = gamma.map_or(&ones[..tail], |g| &g[full..]);
@@ -214,6 +221,29 @@ fn row_sums_and_columns<A: Copy + std::ops::AddAssign + From<f32>>(
         &mut db[full..],
     );
     (acc.0.iter().sum(), acc.1.iter().sum())
+}
+
+/// `lane_sums_and_columns` on exactly LANES elements.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn full_lane_sums_and_columns<A: Copy + std::ops::AddAssign + From<f32>>(
+    x: &[f32; LANES],
+    y: &[f32; LANES],
+    d: &[f32; LANES],
+    gm: &[f32; LANES],
+    n: SetNorm,
+    acc: &mut ([f64; LANES], [f64; LANES]),
+    dg: &mut [A; LANES],
+    db: &mut [A; LANES],
+) {
+    for l in 0..LANES {
+        let g = n.grad(y[l], d[l]);
+        let xh = n.xhat(x[l]);
+        acc.0[l] += (gm[l] * g) as f64;
+        acc.1[l] += (gm[l] * g * xh) as f64;
+        dg[l] += A::from(g * xh);
+        db[l] += A::from(g);
+    }
 }
 
 /// `lane_sums`, and each element's g·x̂ and g added into its column's dγ, dβ.
