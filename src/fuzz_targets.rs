@@ -84,6 +84,9 @@ fn metrics(epochs: usize) -> crate::train::RunMetrics {
                 seconds: 1.0,
                 images_per_sec: 1.0,
                 communication_seconds: 0.0,
+                data_wait_seconds: 0.0,
+                loader_images_per_sec: 0.0,
+                skipped_images: 0,
                 fit: None,
             })
             .collect(),

@@ -50,6 +50,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Run one normalization layer on tensors from a safetensors file (conformance checks).
     Layer(cli::layer::LayerArgs),
+    /// Data tools: pack an image folder into WebDataset shards; time the loader.
+    Data(cli::data::DataArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
         Command::Norms => cli::norms::run(),
         Command::Bench(a) => cli::bench::run(a),
         Command::Layer(a) => cli::layer::run(a),
+        Command::Data(a) => cli::data::run(a),
     };
     let code = cli::launch::finish(result);
     // MPI_Finalize, before the process ends.

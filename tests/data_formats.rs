@@ -80,16 +80,16 @@ fn cifar_batches_load_as_colour_planes_with_their_labels() {
     let s = 3 * 1024;
     assert_eq!(
         [
-            train.images[13 * s],
-            train.images[13 * s + 1024],
-            train.images[13 * s + 2048]
+            train.cached_bytes().unwrap()[13 * s],
+            train.cached_bytes().unwrap()[13 * s + 1024],
+            train.cached_bytes().unwrap()[13 * s + 2048]
         ],
         [39, 40, 41]
     );
     assert_eq!(train.class_names[3], "cat");
     assert_eq!(load_split(t.path(), false).unwrap().len(), 7);
     // Per-channel statistics: channel c of record k is (3k + c)/255.
-    let norm = train.pixel_stats();
+    let norm = train.pixel_stats().unwrap();
     assert_eq!(norm.channels, 3);
     let mean_r: f64 = (0..25).map(|k| (3 * k) as f64 / 255.0).sum::<f64>() / 25.0;
     assert!((norm.mean[0] as f64 - mean_r).abs() < 1e-6);
@@ -106,14 +106,20 @@ fn image_folders_sort_classes_and_decide_grey_or_colour() {
     assert_eq!(train.labels, vec![0, 0, 0, 1, 1, 1]);
     // A grey image becomes three equal planes; the red one has R = 200 everywhere.
     let s = 3 * 24;
-    assert_eq!(train.images[0..24], train.images[24..48]);
-    assert!(train.images[3 * s..3 * s + 24].iter().all(|&v| v == 200));
+    assert_eq!(
+        train.cached_bytes().unwrap()[0..24],
+        train.cached_bytes().unwrap()[24..48]
+    );
+    assert!(train.cached_bytes().unwrap()[3 * s..3 * s + 24]
+        .iter()
+        .all(|&v| v == 200));
     let grey = load_split_with(
         t.path(),
         true,
         FolderOptions {
             resize: Some([8, 5]),
             channels: Some(1),
+            ..FolderOptions::default()
         },
     )
     .unwrap();
@@ -125,6 +131,7 @@ fn image_folders_sort_classes_and_decide_grey_or_colour() {
         FolderOptions {
             resize: None,
             channels: Some(2),
+            ..FolderOptions::default()
         },
     )
     .unwrap_err()

@@ -243,9 +243,9 @@ impl Reporter for PyReporter {
         }
     }
 
-    fn batch(&mut self, mean_loss: f64, images_per_sec: f64) -> Result<()> {
+    fn batch(&mut self, mean_loss: f64, images_per_sec: f64, data_wait: f64) -> Result<()> {
         if let Some(bar) = &self.bar {
-            train::progress::advance(bar, mean_loss, images_per_sec);
+            train::progress::advance(bar, mean_loss, images_per_sec, data_wait);
         }
         if interrupted() {
             if let Some(bar) = self.bar.take() {
@@ -310,7 +310,14 @@ fn train_run(
                 _ => None,
             };
             crate::start_pool(threads)?;
-            (Start::Resume { epochs, threads }, dir)
+            (
+                Start::Resume {
+                    epochs,
+                    threads,
+                    loader: Default::default(),
+                },
+                dir,
+            )
         }
         None => {
             let n = crate::start_pool(threads)?;

@@ -159,7 +159,7 @@ fn foreign(
     let spec = ModelSpec::new(model.clone(), norm, test.shape, test.classes)?;
     let input_norm = match (a.input_mean, a.input_std) {
         (Some(mean), Some(std)) => InputNorm::uniform(test.shape[0], mean, std as f32),
-        _ => normlab::data::load_split(dir, true)?.pixel_stats(),
+        _ => normlab::data::load_split(dir, true)?.pixel_stats()?,
     };
     let m = normlab::checkpoint::load_foreign(&a.checkpoint, &spec)?;
     Ok((

@@ -14,6 +14,7 @@ macro_rules! outln {
 
 pub mod bench;
 pub mod compare;
+pub mod data;
 pub mod eval;
 pub mod export;
 pub mod fold;
@@ -208,9 +209,9 @@ impl Reporter for CliReporter {
         self.bar = Some(normlab::train::progress::epoch_bar(epoch, epochs, batches));
     }
 
-    fn batch(&mut self, mean_loss: f64, images_per_sec: f64) -> Result<()> {
+    fn batch(&mut self, mean_loss: f64, images_per_sec: f64, data_wait: f64) -> Result<()> {
         if let Some(bar) = &self.bar {
-            normlab::train::progress::advance(bar, mean_loss, images_per_sec);
+            normlab::train::progress::advance(bar, mean_loss, images_per_sec, data_wait);
         }
         Ok(())
     }

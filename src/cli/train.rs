@@ -85,7 +85,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Continue the run in DIR where it stopped. Its saved settings apply; only --epochs (the
-    /// new total) and --threads may be given.
+    /// new total), --threads and the loader's --decode-threads, --cache-limit and
+    /// --skip-bad-images may be given.
     #[arg(long, value_name = "DIR", conflicts_with = "out")]
     pub resume: Option<PathBuf>,
     /// Network slimming: add LAMBDA·sign(γ) to the gradient of every BN scale γ [default: 0].
@@ -124,10 +125,53 @@ pub struct TrainArgs {
     /// never updated). stats: γ and β still train; all: they are frozen too (FrozenBatchNorm2d).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["stats", "all"]))]
     pub freeze_bn: Option<String>,
+    /// Image folders and shards: hold a split in memory when its decoded images take at most
+    /// SIZE (e.g. 0, 512MB, 4GB), else stream it from disk with background decoding [default: a
+    /// quarter of the memory available]; results are the same either way. May change on --resume.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_limit: Option<u64>,
+    /// Threads that decode a streamed split ahead of the training step [default: the cores the
+    /// training threads leave, at least 1]. May change on --resume.
+    #[arg(long, value_name = "N", value_parser = threads)]
+    pub decode_threads: Option<usize>,
+    /// Count and leave out images that do not decode (recorded in metrics.json) instead of
+    /// stopping the run. May be added on --resume.
+    #[arg(long)]
+    pub skip_bad_images: bool,
+    /// Train on the samples in the data's own order every epoch (no shuffle).
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// WebDataset shards: the shuffle buffer's size in samples, as webdataset's .shuffle(N)
+    /// (shards are shuffled per epoch too) [default: 1000].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub shuffle_buffer: Option<usize>,
+}
+
+/// A size in bytes: a number with an optional unit (B, KB, MB, GB, TB as powers of 1024; KiB,
+/// MiB, GiB too).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("'{s}' is not a size such as 0, 512MB or 4GB");
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
 }
 
 /// `--resize HxW`: two sides in 1..=1024.
-fn parse_resize(s: &str) -> std::result::Result<[usize; 2], String> {
+pub fn parse_resize(s: &str) -> std::result::Result<[usize; 2], String> {
     let bad = || {
         format!(
             "'{s}' is not HxW with sides in 1..={}, e.g. 32x32",
@@ -215,6 +259,11 @@ impl TrainArgs {
             resize: self.resize.or(base.resize),
             tensorboard: self.tensorboard || base.tensorboard,
             eval_train: self.eval_train || base.eval_train,
+            cache_limit: self.cache_limit.or(base.cache_limit),
+            decode_threads: self.decode_threads.or(base.decode_threads),
+            skip_bad_images: self.skip_bad_images || base.skip_bad_images,
+            shuffle: !self.no_shuffle && base.shuffle,
+            shuffle_buffer: self.shuffle_buffer.unwrap_or(base.shuffle_buffer),
         })
     }
 
@@ -246,7 +295,9 @@ fn differences(path: &str, given: &serde_json::Value, saved: &serde_json::Value,
         }
         return;
     }
-    if given == saved || ["epochs", "threads"].contains(&path) {
+    // The loader's settings do not change what a run computes (skipping only what stopped it).
+    let free = ["epochs", "threads", "decode_threads", "cache_limit", "skip_bad_images"];
+    if given == saved || free.contains(&path) {
         return;
     }
     let show = |v: &Value| match v {
@@ -263,6 +314,7 @@ fn flag(path: &str) -> String {
         "optimizer.kind" => "--optimizer".into(),
         "optimizer.no_decay_norm_and_bias" => "--no-decay-norm-bias".into(),
         "warmup_epochs" => "--warmup".into(),
+        "shuffle" => "--no-shuffle".into(),
         p => format!("--{}", p.rsplit('.').next().unwrap_or(p).replace('_', "-")),
     }
 }
@@ -284,6 +336,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 Start::Resume {
                     epochs: a.epochs,
                     threads: a.threads,
+                    loader: train::LoaderOverrides {
+                        decode_threads: a.decode_threads,
+                        cache_limit: a.cache_limit,
+                        skip_bad_images: a.skip_bad_images,
+                    },
                 },
                 dir.clone(),
             )
@@ -333,8 +390,8 @@ fn resume_check(a: &TrainArgs, dir: &std::path::Path) -> Result<Option<usize>> {
     let conflicts = a.resume_conflicts(&saved)?;
     if !conflicts.is_empty() {
         return Err(Error::invalid(format!(
-            "--resume {} keeps the run's own settings, and these differ: {}; only --epochs and \
-             --threads may be given with --resume",
+            "--resume {} keeps the run's own settings, and these differ: {}; only --epochs, \
+             --threads, --decode-threads, --cache-limit and --skip-bad-images may be given with --resume",
             dir.display(),
             conflicts.join(", ")
         )));

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::data::{DataFormat, Dataset, Source};
+use crate::data::{DataFormat, Dataset, Pixels, Source};
 use crate::error::{Error, Result};
 use crate::files::read_limited;
 use crate::memory::try_reserve;
@@ -56,7 +56,7 @@ pub fn load_cifar(dir: &Path, train: bool) -> Result<Dataset> {
     }
     let read = labels.len();
     Ok(Dataset {
-        images,
+        images: Pixels::Memory(images),
         labels,
         shape: [3, SIDE, SIDE],
         classes: CLASSES,

@@ -1,6 +1,7 @@
 //! An image-classification dataset in memory, the data-directory search, and a seeded loader.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -10,13 +11,17 @@ use serde::{Deserialize, Serialize};
 use crate::data::cifar::{holds_cifar, load_cifar};
 use crate::data::folder::{holds_folder, load_folder, FolderOptions};
 use crate::data::idx::read_idx;
+use crate::data::shards::{holds_shards, load_shards};
+use crate::data::stats::sampled_pixel_stats;
+use crate::data::stream::{Feed, FeedOptions, Pixels, RawBatch};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// Images as raw bytes [N, C, H, W] and labels; normalized to f32 per batch.
+/// Images as raw bytes [N, C, H, W] (in memory, or decoded on demand) and labels; normalized to
+/// f32 per batch.
 #[derive(Clone, Debug)]
 pub struct Dataset {
-    pub images: Vec<u8>,
+    pub images: Pixels,
     pub labels: Vec<u8>,
     /// [C, H, W]
     pub shape: [usize; 3],
@@ -40,6 +45,13 @@ pub struct Source {
     pub not_images: usize,
     /// Files beside the class folders.
     pub stray: usize,
+    /// Images that did not decode, left out with --skip-bad-images.
+    pub bad_images: usize,
+    /// Image folders and shards: held in memory (true) or decoded on demand, the split's
+    /// decoded bytes and the cache limit they were compared with.
+    pub cache: Option<(bool, u64, u64)>,
+    /// Shards: samples per shard, in index order (their epoch order needs it).
+    pub shards: Vec<usize>,
 }
 
 impl Source {
@@ -50,11 +62,19 @@ impl Source {
             hidden: 0,
             not_images: 0,
             stray: 0,
+            bad_images: 0,
+            cache: None,
+            shards: Vec::new(),
         }
     }
 
+    /// Records whether the split is cached, its decoded bytes and the limit.
+    pub fn set_cache(&mut self, cached: bool, bytes: u64, limit: u64) {
+        self.cache = Some((cached, bytes, limit));
+    }
+
     fn skipped(&self) -> usize {
-        self.hidden + self.not_images + self.stray
+        self.hidden + self.not_images + self.stray + self.bad_images
     }
 }
 
@@ -64,6 +84,7 @@ impl DataFormat {
             DataFormat::Idx => "IDX",
             DataFormat::Cifar => "CIFAR-10",
             DataFormat::Folder => "image folder",
+            DataFormat::Shards => "WebDataset shards",
         }
     }
 }
@@ -90,8 +111,8 @@ pub fn describe_data(dir: &Path, train: Option<&Dataset>, test: &Dataset) -> Str
         test.source.format.name(),
         test.classes
     );
+    let sets: Vec<&Source> = train.into_iter().chain([test]).map(|d| &d.source).collect();
     if test.source.format == DataFormat::Folder {
-        let sets: Vec<&Source> = train.into_iter().chain([test]).map(|d| &d.source).collect();
         let sum = |f: fn(&Source) -> usize| sets.iter().map(|s| f(s)).sum::<usize>();
         let skipped = sum(Source::skipped);
         if skipped == 0 {
@@ -101,12 +122,40 @@ pub fn describe_data(dir: &Path, train: Option<&Dataset>, test: &Dataset) -> Str
                 (sum(|s| s.hidden), "hidden"),
                 (sum(|s| s.not_images), "not .png/.jpg/.jpeg"),
                 (sum(|s| s.stray), "beside the class folders"),
+                (sum(|s| s.bad_images), "unreadable images, --skip-bad-images"),
             ]
             .iter()
             .filter(|(n, _)| *n > 0)
             .map(|(n, w)| format!("{n} {w}"))
             .collect();
             line.push_str(&format!("; skipped {skipped} files ({})", why.join(", ")));
+        }
+    } else if sets.iter().any(|s| s.bad_images > 0) {
+        let n: usize = sets.iter().map(|s| s.bad_images).sum();
+        line.push_str(&format!("; skipped {n} unreadable images (--skip-bad-images)"));
+    }
+    // Cached or streamed, and why: the decoded bytes against the cache limit.
+    let human = crate::memory::human;
+    let names: &[&str] = if train.is_some() {
+        &["training", "test"]
+    } else {
+        &["test"]
+    };
+    for (name, s) in names.iter().zip(&sets) {
+        if let Some((cached, bytes, limit)) = s.cache {
+            if cached {
+                line.push_str(&format!(
+                    "; {name} set cached in memory ({} <= --cache-limit {})",
+                    human(bytes),
+                    human(limit)
+                ));
+            } else {
+                line.push_str(&format!(
+                    "; {name} set streamed from disk ({} > --cache-limit {})",
+                    human(bytes),
+                    human(limit)
+                ));
+            }
         }
     }
     line
@@ -206,18 +255,64 @@ impl Dataset {
     /// Keeps the first `n` samples (a subset for quick runs).
     pub fn truncate(&mut self, n: usize) {
         let n = n.min(self.len());
-        self.images.truncate(n * self.sample_len());
+        if let Pixels::Memory(bytes) = &mut self.images {
+            bytes.truncate(n * self.shape.iter().product::<usize>());
+        }
         self.labels.truncate(n);
     }
 
-    /// Mean and standard deviation of each channel's pixel values (scaled to [0, 1]).
-    pub fn pixel_stats(&self) -> InputNorm {
+    /// The order of the samples in 0-based `epoch` (`epoch_order`; shards in webdataset's
+    /// order, `shard_epoch_order`, with a shuffle buffer of `buffer` samples).
+    pub fn epoch_order(&self, seed: u64, epoch: usize, shuffle: bool, buffer: usize) -> Vec<usize> {
+        if self.source.format == DataFormat::Shards {
+            crate::data::shards::shard_epoch_order(&self.source.shards, self.len(), seed, epoch, shuffle, buffer)
+        } else {
+            epoch_order(self.len(), seed, epoch, shuffle)
+        }
+    }
+
+    /// The decoded bytes when the split is held in memory.
+    pub fn cached_bytes(&self) -> Option<&[u8]> {
+        match &self.images {
+            Pixels::Memory(b) => Some(b),
+            Pixels::Stream(_) => None,
+        }
+    }
+
+    /// True when the images are decoded on demand.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.images, Pixels::Stream(_))
+    }
+
+    /// Sample `i`'s [C, H, W] bytes into `dst`: copied from memory or decoded.
+    pub fn read_sample(&self, i: usize, dst: &mut [u8]) -> Result<()> {
+        let s = self.sample_len();
+        match &self.images {
+            Pixels::Memory(b) => {
+                dst.copy_from_slice(&b[i * s..(i + 1) * s]);
+                Ok(())
+            }
+            Pixels::Stream(r) => r.read(i, dst),
+        }
+    }
+
+    /// Mean and standard deviation of each channel's pixel values (scaled to [0, 1]): over every
+    /// image of IDX and CIFAR-10 data; over an evenly spaced sample of at most
+    /// `stats::STATS_IMAGES` images of an image folder or shards, cached or streamed alike (a
+    /// streamed set is not decoded whole before training for it).
+    pub fn pixel_stats(&self) -> Result<InputNorm> {
+        if matches!(self.source.format, DataFormat::Folder | DataFormat::Shards) {
+            return sampled_pixel_stats(self);
+        }
+        let Pixels::Memory(images) = &self.images else {
+            return sampled_pixel_stats(self);
+        };
         let [c, h, w] = self.shape;
         let plane = h * w;
         let mut norm = InputNorm::uniform(c, 0.0, 1.0);
         for ch in 0..c.min(3) {
             let values = || {
-                self.images
+                images
                     .chunks(c * plane)
                     .flat_map(move |img| &img[ch * plane..(ch + 1) * plane])
                     .map(|&b| b as f64 / 255.0)
@@ -228,32 +323,130 @@ impl Dataset {
             norm.mean[ch] = mean as f32;
             norm.std[ch] = var.sqrt().max(1e-6) as f32;
         }
-        norm
+        Ok(norm)
     }
 
-    /// Gathers samples `idx` into a normalized [B, C, H, W] tensor and their labels.
+    /// Gathers samples `idx` into a normalized [B, C, H, W] tensor and their labels (a
+    /// streamed split decodes them here, on this thread).
     pub fn batch(&self, idx: &[usize], norm: InputNorm, x: &mut Tensor, y: &mut Vec<u8>) -> Result<()> {
         let s = self.sample_len();
-        let [c, h, w] = self.shape;
-        x.resize_to(&[idx.len(), c, h, w])?;
-        y.clear();
-        // Per channel: x/255 − mean over std as one multiply-add (no allocation per batch).
-        let affine = |ch: usize| {
-            let k = ch.min(norm.channels - 1);
-            (1.0 / (255.0 * norm.std[k]), norm.mean[k] / norm.std[k])
-        };
-        for (dst, &i) in x.data.chunks_mut(s).zip(idx) {
-            let src = &self.images[i * s..(i + 1) * s];
-            for (ch, (dp, sp)) in dst.chunks_mut(h * w).zip(src.chunks(h * w)).enumerate() {
-                let (scale, shift) = affine(ch);
-                for (o, &b) in dp.iter_mut().zip(sp) {
-                    *o = b as f32 * scale - shift;
-                }
+        match &self.images {
+            Pixels::Memory(images) => {
+                let samples = idx.iter().map(|&i| &images[i * s..(i + 1) * s]);
+                normalize_batch(samples, idx.len(), self.shape, norm, x)?;
             }
-            y.push(self.labels[i]);
+            Pixels::Stream(reader) => {
+                let mut bytes = vec![0u8; idx.len() * s];
+                for (dst, &i) in bytes.chunks_mut(s).zip(idx) {
+                    reader.read(i, dst)?;
+                }
+                normalize_batch(bytes.chunks(s), idx.len(), self.shape, norm, x)?;
+            }
         }
+        y.clear();
+        y.extend(idx.iter().map(|&i| self.labels[i]));
         Ok(())
     }
+
+    /// The batches `batches` of this split, in order: gathered from memory when taken, or, for a
+    /// streamed split, decoded ahead by `opts.threads` threads.
+    pub fn feed(&self, batches: Vec<Vec<usize>>, opts: FeedOptions) -> Batches<'_> {
+        match &self.images {
+            Pixels::Memory(_) => Batches::Memory {
+                set: self,
+                batches,
+                next: 0,
+            },
+            Pixels::Stream(reader) => Batches::Stream(Feed::start(
+                Arc::clone(reader),
+                Arc::new(self.labels.clone()),
+                self.shape,
+                batches,
+                opts,
+            )),
+        }
+    }
+}
+
+/// A split's batches in order (`Dataset::feed`).
+pub enum Batches<'a> {
+    Memory {
+        set: &'a Dataset,
+        batches: Vec<Vec<usize>>,
+        next: usize,
+    },
+    Stream(Feed),
+}
+
+/// One batch put into the model's input: how many samples it holds and the images skipped.
+#[derive(Debug, Default)]
+pub struct Fed {
+    pub samples: usize,
+    pub skipped: Vec<String>,
+}
+
+impl Batches<'_> {
+    /// Normalizes the next batch into `x` and its labels into `y`; None after the last.
+    pub fn next_into(&mut self, norm: InputNorm, x: &mut Tensor, y: &mut Vec<u8>) -> Option<Result<Fed>> {
+        match self {
+            Batches::Memory { set, batches, next } => {
+                let idx = batches.get(*next)?;
+                *next += 1;
+                Some(set.batch(idx, norm, x, y).map(|()| Fed {
+                    samples: idx.len(),
+                    skipped: Vec::new(),
+                }))
+            }
+            Batches::Stream(feed) => {
+                let shape = feed.shape();
+                Some(feed.next_batch()?.and_then(|RawBatch { bytes, labels, skipped }| {
+                    let s: usize = shape.iter().product();
+                    normalize_batch(bytes.chunks(s), labels.len(), shape, norm, x)?;
+                    y.clear();
+                    y.extend_from_slice(&labels);
+                    Ok(Fed {
+                        samples: labels.len(),
+                        skipped,
+                    })
+                }))
+            }
+        }
+    }
+
+    /// Images decoded so far and the time spent waiting for a batch that was not ready
+    /// (nothing for a split in memory).
+    pub fn stats(&self) -> crate::data::stream::FeedStats {
+        match self {
+            Batches::Memory { .. } => Default::default(),
+            Batches::Stream(feed) => feed.stats,
+        }
+    }
+}
+
+/// x ↦ x/255·(1/std_c) − mean_c/std_c per channel: `n` samples of [C, H, W] bytes into the
+/// [n, C, H, W] tensor `x` (one multiply-add per value, no allocation per batch).
+pub fn normalize_batch<'s>(
+    samples: impl Iterator<Item = &'s [u8]>,
+    n: usize,
+    shape: [usize; 3],
+    norm: InputNorm,
+    x: &mut Tensor,
+) -> Result<()> {
+    let [c, h, w] = shape;
+    x.resize_to(&[n, c, h, w])?;
+    let affine = |ch: usize| {
+        let k = ch.min(norm.channels - 1);
+        (1.0 / (255.0 * norm.std[k]), norm.mean[k] / norm.std[k])
+    };
+    for (dst, src) in x.data.chunks_mut(c * h * w).zip(samples) {
+        for (ch, (dp, sp)) in dst.chunks_mut(h * w).zip(src.chunks(h * w)).enumerate() {
+            let (scale, shift) = affine(ch);
+            for (o, &b) in dp.iter_mut().zip(sp) {
+                *o = b as f32 * scale - shift;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The four IDX files of MNIST / Fashion-MNIST, with or without `.gz`.
@@ -284,6 +477,8 @@ pub enum DataFormat {
     Cifar,
     /// train/<class>/*.png and test/<class>/*, as torchvision's ImageFolder.
     Folder,
+    /// WebDataset tar shards: train-*.tar and test-*.tar (KEY.png|jpg|jpeg with KEY.cls).
+    Shards,
 }
 
 /// Which layout `dir` holds, if any.
@@ -294,13 +489,16 @@ pub fn data_format(dir: &Path) -> Option<DataFormat> {
         Some(DataFormat::Cifar)
     } else if holds_folder(dir) {
         Some(DataFormat::Folder)
+    } else if holds_shards(dir) {
+        Some(DataFormat::Shards)
     } else {
         None
     }
 }
 
 const LAYOUTS: &str = "the four MNIST-format IDX files (train-images-idx3-ubyte[.gz], ...), CIFAR-10's binary \
-                       batches (data_batch_1.bin ... test_batch.bin), or train/<class>/*.png and test/<class>/*";
+                       batches (data_batch_1.bin ... test_batch.bin), train/<class>/*.png and test/<class>/*, or \
+                       WebDataset shards train-*.tar and test-*.tar";
 
 /// The data directory: `--data DIR`, else `$NORMLAB_DATA` (which must then hold data), else
 /// `./data/fashion-mnist`, else the Debian package's `/usr/share/datasets/fashion-mnist`.
@@ -351,6 +549,7 @@ pub fn load_split_with(dir: &Path, train: bool, opts: FolderOptions) -> Result<D
     match data_format(dir) {
         Some(DataFormat::Cifar) => load_cifar(dir, train),
         Some(DataFormat::Folder) => load_folder(dir, if train { "train" } else { "test" }, opts),
+        Some(DataFormat::Shards) => load_shards(dir, train, opts),
         _ => load_idx_split(dir, train),
     }
 }
@@ -387,7 +586,7 @@ fn load_idx_split(dir: &Path, train: bool) -> Result<Dataset> {
     }
     let read = labels.data.len();
     Ok(Dataset {
-        images: images.data,
+        images: Pixels::Memory(images.data),
         labels: labels.data,
         shape: [1, images.dims[1], images.dims[2]],
         classes: 10,
@@ -404,6 +603,7 @@ pub fn load_test_for(data: Option<&Path>, limit: Option<usize>, input: [usize; 3
     let opts = FolderOptions {
         resize: Some([input[1], input[2]]),
         channels: Some(input[0]),
+        ..FolderOptions::default()
     };
     let mut test = load_split_with(&dir, false, opts)?;
     if let Some(n) = limit {

@@ -1,18 +1,21 @@
 //! A folder of images in torchvision's ImageFolder layout: `DIR/train/<class>/*.png|jpg|jpeg`
 //! and `DIR/test/<class>/*`. Classes are the training folder's subfolders sorted by name (as
-//! torchvision sorts them); a test class must be one of them. Images are decoded once per run,
-//! in parallel, after every header has been read and the total size checked.
+//! torchvision sorts them); a test class must be one of them. Every header is read and checked
+//! first; then the split is decoded once, in parallel, and held (`Pixels::Memory`) when its
+//! bytes fit under the cache limit, or else read and decoded on demand (`Pixels::Stream`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use image::{DynamicImage, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
+use crate::data::stream::{Pixels, SampleReader};
 use crate::data::{DataFormat, Dataset, Source};
 use crate::data::{MAX_CLASSES, MAX_INPUT_SIDE};
 use crate::error::{Error, Result};
-use crate::memory::{try_reserve, Need};
+use crate::memory::try_resize;
 
 /// The decoded dataset may take at most this many bytes (one per pixel and channel).
 pub const MAX_DATASET_BYTES: usize = 8 << 30;
@@ -29,6 +32,28 @@ pub struct FolderOptions {
     pub resize: Option<[usize; 2]>,
     /// 1 (grey) or 3 (RGB); without it, 3 when any image has colour, else 1.
     pub channels: Option<usize>,
+    /// Hold the decoded split in memory when it takes at most this many bytes, else stream
+    /// it [default: `default_cache_limit()`].
+    pub cache_limit: Option<u64>,
+    /// Count and leave out images that do not decode instead of stopping.
+    pub skip_bad: bool,
+}
+
+/// The default cache limit: a quarter of the memory this process can allocate when the split
+/// is read (8 GiB where that cannot be read), never above `MAX_DATASET_BYTES`.
+pub fn default_cache_limit() -> u64 {
+    crate::memory::available()
+        .map_or(8 << 30, |a| a / 4)
+        .min(MAX_DATASET_BYTES as u64)
+}
+
+/// Cached or streamed: the split's decoded bytes against the limit.
+pub fn caches(bytes: u64, opts: &FolderOptions) -> (bool, u64) {
+    let limit = opts
+        .cache_limit
+        .unwrap_or_else(default_cache_limit)
+        .min(MAX_DATASET_BYTES as u64);
+    (bytes <= limit, limit)
 }
 
 /// True when `dir` has `train/` and `test/` subfolders.
@@ -38,10 +63,51 @@ pub fn holds_folder(dir: &Path) -> bool {
 
 /// What is left out of a split on purpose, counted (`Source`'s fields).
 #[derive(Default)]
-struct Skips {
-    hidden: usize,
-    not_images: usize,
-    stray: usize,
+pub struct Skips {
+    pub hidden: usize,
+    pub not_images: usize,
+    pub stray: usize,
+}
+
+/// A split's image files in order (classes sorted by name, files sorted in each), their labels
+/// (indices into the training folder's sorted classes), the class names, and what was skipped.
+pub struct FolderIndex {
+    pub files: Vec<(PathBuf, u8)>,
+    pub names: Vec<String>,
+    pub skips: Skips,
+}
+
+/// The files of `split` ("train" or "test") in the order every reader uses.
+pub fn index_folder(dir: &Path, split: &str) -> Result<FolderIndex> {
+    let mut skips = Skips::default();
+    let classes = class_dirs(&dir.join("train"), &mut skips)?;
+    let names: Vec<String> = classes.iter().map(|(n, _)| n.clone()).collect();
+    let wanted = if split == "train" {
+        classes
+    } else {
+        // Only this split's own skips are counted.
+        skips = Skips::default();
+        class_dirs(&dir.join(split), &mut skips)?
+    };
+    let mut files: Vec<(PathBuf, u8)> = Vec::new();
+    for (name, path) in &wanted {
+        let Some(label) = names.iter().position(|n| n == name) else {
+            return Err(Error::data(
+                path,
+                format!(
+                    "is a {split} class that train/ lacks (its classes: {}); every {split} class needs training images",
+                    names.join(", ")
+                ),
+            ));
+        };
+        for f in image_files(path, &mut skips)? {
+            files.push((f, label as u8));
+        }
+        if files.len() > MAX_IMAGES {
+            return Err(Error::data(dir, format!("has more than {MAX_IMAGES} {split} images")));
+        }
+    }
+    Ok(FolderIndex { files, names, skips })
 }
 
 fn is_hidden(entry: &std::fs::DirEntry) -> bool {
@@ -127,7 +193,7 @@ fn image_files(class_dir: &Path, skips: &mut Skips) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn limits() -> Limits {
+pub(crate) fn limits() -> Limits {
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SOURCE_SIDE);
     limits.max_image_height = Some(MAX_SOURCE_SIDE);
@@ -135,7 +201,7 @@ fn limits() -> Limits {
     limits
 }
 
-fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+pub(crate) fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
     let mut r = ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
@@ -165,10 +231,86 @@ pub fn check_image_bytes(bytes: &[u8], decode_side: u32) -> Result<(u32, u32)> {
     Ok((w, h))
 }
 
-fn bad_image(path: &Path, e: impl std::fmt::Display) -> Error {
+/// What a header says: width, height and whether the pixels have colour.
+pub(crate) fn header_of<R: std::io::BufRead + std::io::Seek>(
+    r: ImageReader<R>,
+    path: &Path,
+) -> Result<(u32, u32, bool)> {
+    let d = r.into_decoder().map_err(|e| bad_image(path, e))?;
+    let (w, h) = d.dimensions();
+    if w > MAX_SOURCE_SIDE || h > MAX_SOURCE_SIDE {
+        return Err(bad_image(path, format!("{w}x{h} is over {MAX_SOURCE_SIDE} a side")));
+    }
+    Ok((w, h, d.color_type().has_color()))
+}
+
+/// One decoded image to the split's [C, H, W] bytes: resized to `shape` when its size differs
+/// (bilinear, as before any caching), made 8-bit RGB, then grey (`to_luma8`) or RGB planes.
+/// The cache and the stream both go through here, so their bytes are equal.
+pub(crate) fn image_to_sample(
+    img: DynamicImage,
+    shape: [usize; 3],
+    resize: bool,
+    path: &Path,
+    dst: &mut [u8],
+) -> Result<()> {
+    let [c, h, w] = shape;
+    let img = if (img.height() as usize, img.width() as usize) != (h, w) {
+        if !resize {
+            return Err(Error::data(
+                path,
+                format!(
+                    "is {}x{} (HxW) but the split's images are {h}x{w}; all images must share one size, or pass --resize HxW",
+                    img.height(),
+                    img.width()
+                ),
+            ));
+        }
+        img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
+    } else {
+        img
+    };
+    let rgb = img.to_rgb8();
+    if c == 1 {
+        // Equal R, G and B give back the grey value exactly.
+        dst.copy_from_slice(DynamicImage::ImageRgb8(rgb).to_luma8().as_raw());
+    } else {
+        // Interleaved RGB to the planes [C, H, W].
+        let plane = h * w;
+        for (k, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+            dst[k] = px[0];
+            dst[plane + k] = px[1];
+            dst[2 * plane + k] = px[2];
+        }
+    }
+    Ok(())
+}
+
+/// An image folder's split read on demand: file `i` decoded into sample `i`.
+pub struct FolderReader {
+    files: Vec<PathBuf>,
+    shape: [usize; 3],
+    resize: bool,
+}
+
+impl SampleReader for FolderReader {
+    fn read(&self, i: usize, dst: &mut [u8]) -> Result<()> {
+        let p = &self.files[i];
+        let img = reader(p)?.decode().map_err(|e| bad_image(p, e))?;
+        image_to_sample(img, self.shape, self.resize, p, dst)
+    }
+
+    fn name(&self, i: usize) -> String {
+        self.files[i].display().to_string()
+    }
+}
+
+pub(crate) fn bad_image(path: &Path, e: impl std::fmt::Display) -> Error {
+    // The decoders' messages may span lines; the error is one.
+    let why = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
     Error::data(
         path,
-        format!("is not a readable PNG or JPEG image ({e}); replace or remove it"),
+        format!("is not a readable PNG or JPEG image ({why}); replace or remove it (or pass --skip-bad-images)"),
     )
 }
 
@@ -181,34 +323,7 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
             dir.display()
         )));
     }
-    let mut skips = Skips::default();
-    let classes = class_dirs(&dir.join("train"), &mut skips)?;
-    let names: Vec<String> = classes.iter().map(|(n, _)| n.clone()).collect();
-    let wanted = if split == "train" {
-        classes
-    } else {
-        // Only this split's own skips are counted.
-        skips = Skips::default();
-        class_dirs(&dir.join(split), &mut skips)?
-    };
-    let mut files: Vec<(PathBuf, u8)> = Vec::new();
-    for (name, path) in &wanted {
-        let Some(label) = names.iter().position(|n| n == name) else {
-            return Err(Error::data(
-                path,
-                format!(
-                    "is a {split} class that train/ lacks (its classes: {}); every {split} class needs training images",
-                    names.join(", ")
-                ),
-            ));
-        };
-        for f in image_files(path, &mut skips)? {
-            files.push((f, label as u8));
-        }
-        if files.len() > MAX_IMAGES {
-            return Err(Error::data(dir, format!("has more than {MAX_IMAGES} {split} images")));
-        }
-    }
+    let FolderIndex { files, names, skips } = index_folder(dir, split)?;
     if let Some([h, w]) = opts.resize {
         if !(1..=MAX_INPUT_SIDE).contains(&h) || !(1..=MAX_INPUT_SIDE).contains(&w) {
             return Err(Error::invalid(format!(
@@ -217,105 +332,142 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
         }
     }
     // Headers first: every size is known and checked before any pixel is decoded.
-    let dims: Vec<(u32, u32)> = files
-        .par_iter()
-        .map(|(p, _)| reader(p)?.into_dimensions().map_err(|e| bad_image(p, e)))
-        .collect::<Result<_>>()?;
+    let headers: Vec<Result<(u32, u32, bool)>> = files.par_iter().map(|(p, _)| header_of(reader(p)?, p)).collect();
+    let mut bad = 0;
+    let mut dims = Vec::with_capacity(files.len());
+    let mut kept = Vec::with_capacity(files.len());
+    for (f, h) in files.into_iter().zip(headers) {
+        match h {
+            Ok(d) => {
+                dims.push(d);
+                kept.push(f);
+            }
+            Err(_) if opts.skip_bad => bad += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    let files = kept;
+    if files.is_empty() {
+        return Err(Error::data(dir, format!("has no readable {split} image")));
+    }
+    let shape = split_shape(&dims, opts, |k| files[k].0.as_path())?;
+    let sample = shape.iter().product::<usize>();
+    let bytes = (files.len() as u64).saturating_mul(sample as u64);
+    let (cached, limit) = caches(bytes, &opts);
+    let mut source = Source {
+        hidden: skips.hidden,
+        not_images: skips.not_images,
+        stray: skips.stray,
+        bad_images: bad,
+        ..Source::new(DataFormat::Folder, files.len())
+    };
+    source.set_cache(cached, bytes, limit);
+    let (paths, mut labels): (Vec<PathBuf>, Vec<u8>) = files.into_iter().unzip();
+    let reader = FolderReader {
+        files: paths,
+        shape,
+        resize: opts.resize.is_some(),
+    };
+    let images = if cached {
+        let n = reader.files.len();
+        let (images, bad_now) = decode_all(&reader, n, shape, split, opts.skip_bad, &mut labels)?;
+        source.bad_images += bad_now;
+        Pixels::Memory(images)
+    } else {
+        Pixels::Stream(Arc::new(reader))
+    };
+    Ok(Dataset {
+        images,
+        labels,
+        shape,
+        classes: names.len(),
+        class_names: names,
+        source,
+    })
+}
+
+/// The [C, H, W] of a split from its headers (width, height, colour): `--resize` or the one
+/// size all share, and the channels asked for or 3 when any image has colour.
+pub(crate) fn split_shape<'a>(
+    dims: &[(u32, u32, bool)],
+    opts: FolderOptions,
+    name: impl Fn(usize) -> &'a Path,
+) -> Result<[usize; 3]> {
     let [h, w] = match opts.resize {
         Some(hw) => hw,
         None => {
-            let (w0, h0) = dims[0];
-            if let Some(k) = dims.iter().position(|&d| d != (w0, h0)) {
+            let (w0, h0, _) = dims[0];
+            if let Some(k) = dims.iter().position(|&(w, h, _)| (w, h) != (w0, h0)) {
                 return Err(Error::data(
-                    &files[k].0,
+                    name(k),
                     format!(
                         "is {}x{} (HxW) but {} is {h0}x{w0}; all images must share one size, or pass --resize HxW",
                         dims[k].1,
                         dims[k].0,
-                        files[0].0.display()
+                        name(0).display()
                     ),
                 ));
             }
             if h0 as usize > MAX_INPUT_SIDE || w0 as usize > MAX_INPUT_SIDE {
                 return Err(Error::data(
-                    &files[0].0,
+                    name(0),
                     format!("is {h0}x{w0}, larger than {MAX_INPUT_SIDE} a side; pass --resize HxW"),
                 ));
             }
             [h0 as usize, w0 as usize]
         }
     };
-    let total = files.len().saturating_mul(3 * h * w);
-    if total > MAX_DATASET_BYTES {
-        return Err(Error::data(
-            dir,
-            format!(
-                "{} {split} images of {h}x{w} would take {total} bytes, more than {MAX_DATASET_BYTES}; pass a smaller --resize",
-                files.len()
-            ),
-        ));
-    }
-    // The decoded RGB images and the dataset made from them are both held for a moment.
-    let mut need = Need::default();
-    need.add("decoded images", total as u64);
-    need.add("the dataset", total as u64);
-    need.check(
-        &format!("decoding {} {split} images of {h}x{w}", files.len()),
-        "pass a smaller --resize",
-    )?;
-    let bar = ProgressBar::new(files.len() as u64);
+    let channels = opts.channels.unwrap_or(if dims.iter().any(|d| d.2) { 3 } else { 1 });
+    Ok([channels, h, w])
+}
+
+/// Decodes every sample of `reader` into one buffer, in parallel, with a progress bar; with
+/// `skip_bad`, an image that does not decode is left out (with its label) and counted.
+pub(crate) fn decode_all(
+    reader: &dyn SampleReader,
+    n: usize,
+    shape: [usize; 3],
+    split: &str,
+    skip_bad: bool,
+    labels: &mut Vec<u8>,
+) -> Result<(Vec<u8>, usize)> {
+    let s: usize = shape.iter().product();
+    let mut images = Vec::new();
+    try_resize(&mut images, n * s, 0u8, "the decoded images")?;
+    let bar = ProgressBar::new(n as u64);
     bar.set_style(
         ProgressStyle::with_template("decoding {msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
             .expect("valid template")
             .progress_chars("=> "),
     );
     bar.set_message(format!("{split} images"));
-    // Each image is kept as 8-bit RGB right after decoding (and resizing), so the decoded set
-    // never takes more than the checked total, whatever the files' own pixel formats.
-    let decoded: Vec<(image::RgbImage, bool)> = files
-        .par_iter()
-        .map(|(p, _)| {
-            let img = reader(p)?.decode().map_err(|e| bad_image(p, e))?;
-            let img = match opts.resize {
-                Some([rh, rw]) if (img.height() as usize, img.width() as usize) != (rh, rw) => {
-                    img.resize_exact(rw as u32, rh as u32, image::imageops::FilterType::Triangle)
-                }
-                _ => img,
-            };
+    let ok: Vec<bool> = images
+        .par_chunks_mut(s)
+        .enumerate()
+        .map(|(i, dst)| {
+            let r = reader.read(i, dst);
             bar.inc(1);
-            Ok((img.to_rgb8(), img.color().has_color()))
+            match r {
+                Ok(()) => Ok(true),
+                Err(_) if skip_bad => Ok(false),
+                Err(e) => Err(e),
+            }
         })
         .collect::<Result<_>>()?;
     bar.finish_and_clear();
-    let channels = opts.channels.unwrap_or(if decoded.iter().any(|(_, colour)| *colour) {
-        3
-    } else {
-        1
-    });
-    let mut images = Vec::new();
-    try_reserve(&mut images, files.len() * channels * h * w, "the decoded images")?;
-    for (rgb, _) in &decoded {
-        if channels == 1 {
-            // Equal R, G and B give back the grey value exactly.
-            images.extend_from_slice(DynamicImage::ImageRgb8(rgb.clone()).to_luma8().as_raw());
-        } else {
-            // Interleaved RGB to the planes [C, H, W].
-            for c in 0..3 {
-                images.extend(rgb.as_raw().iter().skip(c).step_by(3));
+    let bad = ok.iter().filter(|&&k| !k).count();
+    if bad > 0 {
+        // Close the gaps left by the images skipped.
+        let mut at = 0;
+        for (i, &k) in ok.iter().enumerate() {
+            if k {
+                images.copy_within(i * s..(i + 1) * s, at * s);
+                labels[at] = labels[i];
+                at += 1;
             }
         }
+        images.truncate(at * s);
+        labels.truncate(at);
     }
-    Ok(Dataset {
-        images,
-        labels: files.iter().map(|(_, l)| *l).collect(),
-        shape: [channels, h, w],
-        classes: names.len(),
-        class_names: names,
-        source: Source {
-            hidden: skips.hidden,
-            not_images: skips.not_images,
-            stray: skips.stray,
-            ..Source::new(DataFormat::Folder, files.len())
-        },
-    })
+    Ok((images, bad))
 }

@@ -11,9 +11,15 @@ pub mod cifar;
 pub mod dataset;
 pub mod folder;
 pub mod idx;
+pub mod pack;
+pub mod shards;
+pub mod stats;
+pub mod stream;
 
 pub use dataset::{
     data_format, describe_data, epoch_order, load_split, load_split_with, load_test_for, resolve_data_dir, DataFormat,
     Dataset, InputNorm, Source,
 };
+pub use dataset::{normalize_batch, Batches, Fed};
 pub use folder::FolderOptions;
+pub use stream::{FeedOptions, Pixels};

@@ -64,7 +64,7 @@ pub fn ics_run(
         momentum: 0.0,
         ..OptimizerConfig::default()
     });
-    let input_norm = train.pixel_stats();
+    let input_norm = train.pixel_stats()?;
     // The last hidden layer's pre-activation: the layer just before the third Sigmoid.
     let probe_layer = model
         .net

@@ -160,7 +160,7 @@ fn landscape_run(
         momentum: 0.0,
         ..OptimizerConfig::default()
     });
-    let input_norm = train.pixel_stats();
+    let input_norm = train.pixel_stats()?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x1A5D);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let (mut cursor, bs) = (order.len(), 128);

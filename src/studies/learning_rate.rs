@@ -81,7 +81,7 @@ pub(crate) fn learning_rate_gradients(
 ) -> Result<Vec<gradients::GradientNorms>> {
     let dir = resolve_data_dir(opts.data.as_deref())?;
     let train_set = crate::data::load_split(&dir, true)?;
-    let input_norm = train_set.pixel_stats();
+    let input_norm = train_set.pixel_stats()?;
     let mut lrs: Vec<f64> = planned.iter().map(|p| p.config.optimizer.lr).collect();
     lrs.sort_by(|a, b| a.total_cmp(b));
     lrs.dedup();

@@ -124,7 +124,7 @@ impl Study for Transformer {
     fn probe(&self, planned: &[Planned], results: &mut StudyResults, opts: &StudyOptions) -> Result<()> {
         let dir = resolve_data_dir(opts.data.as_deref())?;
         let train_set = crate::data::load_split(&dir, true)?;
-        let input_norm = train_set.pixel_stats();
+        let input_norm = train_set.pixel_stats()?;
         // Gradient norms at initialization, pre and post (layernorm, no warm-up, the high rate).
         for p in planned.iter().filter(|p| {
             p.labels["warmup"] == "0" && p.labels["norm"] == "layernorm" && p.config.optimizer.lr == LR_HIGH

@@ -54,6 +54,51 @@ pub struct TrainConfig {
     /// itself, free of dropout's noise and of batch statistics; the studies' matched fit).
     #[serde(default)]
     pub eval_train: bool,
+    /// Image folders and shards: hold a split in memory when its decoded bytes are at most
+    /// this many, else stream it [default: a quarter of the memory available].
+    #[serde(default)]
+    pub cache_limit: Option<u64>,
+    /// Decode threads of a streamed split [default: from the cores and the training threads].
+    #[serde(default)]
+    pub decode_threads: Option<usize>,
+    /// Count and leave out images that do not decode instead of stopping the run.
+    #[serde(default)]
+    pub skip_bad_images: bool,
+    /// Shuffle the training samples every epoch (false: the data's own order each epoch).
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// Shards: the shuffle buffer's size in samples (webdataset's `.shuffle(N)`).
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_shuffle_buffer() -> usize {
+    crate::data::shards::DEFAULT_SHUFFLE_BUFFER
+}
+
+impl TrainConfig {
+    /// Decode threads for a streamed split: as given, else the cores the training threads
+    /// leave free, at least one (a decode thread mostly waits once its queue is full).
+    pub fn decode_threads(&self) -> usize {
+        self.decode_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores.saturating_sub(self.threads).max(1)
+        })
+    }
+
+    /// How the loader reads the data of this run.
+    pub fn folder_options(&self) -> FolderOptions {
+        FolderOptions {
+            resize: self.resize,
+            channels: None,
+            cache_limit: self.cache_limit,
+            skip_bad: self.skip_bad_images,
+        }
+    }
 }
 
 /// What `--freeze-bn` freezes.
@@ -102,6 +147,11 @@ impl Default for TrainConfig {
             resize: None,
             tensorboard: false,
             eval_train: false,
+            cache_limit: None,
+            decode_threads: None,
+            skip_bad_images: false,
+            shuffle: true,
+            shuffle_buffer: crate::data::shards::DEFAULT_SHUFFLE_BUFFER,
         }
     }
 }
@@ -154,6 +204,12 @@ impl TrainConfig {
                     crate::data::MAX_INPUT_SIDE
                 )));
             }
+        }
+        if self.decode_threads == Some(0) || self.decode_threads.is_some_and(|t| t > 256) {
+            return Err(Error::invalid("--decode-threads must be from 1 to 256"));
+        }
+        if self.shuffle_buffer == 0 {
+            return Err(Error::invalid("--shuffle-buffer must be at least 1 (1: no buffer)"));
         }
         self.optimizer.validate()
     }

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 
 /// The event file TensorBoard reads (it looks for "tfevents" in the name).
 pub const EVENTS_FILE: &str = "events.out.tfevents.normlab";
-const STEP_COLUMNS: usize = 6;
+const STEP_COLUMNS: usize = 7;
+/// Records written before the data-wait column had six.
+const OLD_STEP_COLUMNS: usize = 6;
 const HISTOGRAM_BUCKETS: usize = 30;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +34,8 @@ pub struct StepRow {
     pub images_per_sec: f64,
     /// Seconds since the Unix epoch when the step ended.
     pub wall_time: f64,
+    /// Seconds the step waited for its batch (a streamed split whose decoding fell behind).
+    pub data_wait: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -53,6 +57,7 @@ impl RunLog {
                 r.lr,
                 r.images_per_sec,
                 r.wall_time,
+                r.data_wait,
             ]);
         }
         let mut out = vec![Entry {
@@ -73,7 +78,8 @@ impl RunLog {
         let mut log = RunLog::default();
         let bad = |m: String| Error::checkpoint(path, m);
         if let Ok(t) = st.tensor("log.steps") {
-            if t.dtype() != Dtype::F64 || t.shape().len() != 2 || t.shape()[1] != STEP_COLUMNS {
+            let columns = t.shape().get(1).copied().unwrap_or(0);
+            if t.dtype() != Dtype::F64 || t.shape().len() != 2 || ![STEP_COLUMNS, OLD_STEP_COLUMNS].contains(&columns) {
                 return Err(bad(format!(
                     "log.steps is {:?} {:?}, expected F64 [N, {STEP_COLUMNS}]",
                     t.dtype(),
@@ -85,7 +91,7 @@ impl RunLog {
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
                 .collect();
-            for row in values.chunks_exact(STEP_COLUMNS) {
+            for row in values.chunks_exact(columns) {
                 let epoch = row[1] as usize;
                 if !(1..=epochs).contains(&epoch) || row[0].is_nan() || row[0] < 1.0 {
                     return Err(bad(format!("log.steps has a row of epoch {} step {}", row[1], row[0])));
@@ -97,6 +103,7 @@ impl RunLog {
                     lr: row[3],
                     images_per_sec: row[4],
                     wall_time: row[5],
+                    data_wait: row.get(6).copied().unwrap_or(0.0),
                 });
             }
         }
@@ -120,18 +127,19 @@ impl RunLog {
 
     /// steps.csv: one row per optimizer step.
     pub fn steps_csv(&self) -> String {
-        let mut s = String::from("step,epoch,loss,lr,images_per_sec,wall_time\n");
+        let mut s = String::from("step,epoch,loss,lr,images_per_sec,wall_time,data_wait_s\n");
         for r in &self.steps {
             s.push_str(&format!(
-                "{},{},{},{},{:.1},{:.3}\n",
-                r.step, r.epoch, r.loss, r.lr, r.images_per_sec, r.wall_time
+                "{},{},{},{},{:.1},{:.3},{:.6}\n",
+                r.step, r.epoch, r.loss, r.lr, r.images_per_sec, r.wall_time, r.data_wait
             ));
         }
         s
     }
 
-    /// The whole TensorBoard event file: per step train/loss, train/lr, train/images_per_sec;
-    /// per epoch (step = epoch) epoch/{train,test}_{loss,accuracy} and a histogram of |γ| per
+    /// The whole TensorBoard event file: per step train/loss, train/lr, train/images_per_sec,
+    /// train/data_wait_seconds; per epoch (step = epoch) epoch/{train,test}_{loss,accuracy},
+    /// epoch/data_wait_seconds, epoch/loader_images_per_sec and a histogram of |γ| per
     /// norm layer (gamma_abs/<layer>).
     pub fn tensorboard_events(&self, metrics: &RunMetrics) -> Result<Vec<u8>> {
         let mut out = Vec::new();
@@ -145,6 +153,7 @@ impl RunLog {
                 ("train/loss", r.loss),
                 ("train/lr", r.lr),
                 ("train/images_per_sec", r.images_per_sec),
+                ("train/data_wait_seconds", r.data_wait),
             ] {
                 write_record(
                     &mut out,
@@ -164,6 +173,8 @@ impl RunLog {
                 ("epoch/train_accuracy", e.train_accuracy),
                 ("epoch/test_loss", e.test_loss),
                 ("epoch/test_accuracy", e.test_accuracy),
+                ("epoch/data_wait_seconds", e.data_wait_seconds),
+                ("epoch/loader_images_per_sec", e.loader_images_per_sec),
             ] {
                 write_record(&mut out, &event(wall, e.epoch as i64, tag, Value::Scalar(v as f32)))?;
             }

@@ -21,6 +21,15 @@ pub struct EpochMetrics {
     /// epoch (train_loss above is the running mean over the epoch's training-mode batches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fit: Option<Fit>,
+    /// Seconds the epoch's steps waited for batches the loader had not decoded yet.
+    #[serde(default)]
+    pub data_wait_seconds: f64,
+    /// A streamed split: images the loader decoded per second of the epoch (0 in memory).
+    #[serde(default)]
+    pub loader_images_per_sec: f64,
+    /// Images left out as unreadable (--skip-bad-images).
+    #[serde(default)]
+    pub skipped_images: usize,
 }
 
 /// The model in eval mode on its training images.
@@ -64,7 +73,8 @@ pub trait Reporter {
     fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
     /// After each step. An error (the Python API's Ctrl-C) stops the run where it is: the run
     /// folder keeps its last committed epoch, as after a kill.
-    fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64) -> Result<()> {
+    /// `data_wait` is the share of the epoch so far spent waiting for data.
+    fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64, _data_wait: f64) -> Result<()> {
         Ok(())
     }
     fn epoch_end(&mut self, _m: &EpochMetrics) -> Result<()> {

@@ -21,7 +21,7 @@ pub use run_folder::{read_run, RunFiles};
 
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::augment::Augment;
-use crate::data::{describe_data, epoch_order, load_split_with, resolve_data_dir, Dataset, FolderOptions, InputNorm};
+use crate::data::{describe_data, load_split_with, resolve_data_dir, Dataset, FeedOptions, FolderOptions, InputNorm};
 use crate::dist::{self, Communicator};
 use crate::error::{Error, Result};
 use crate::files::RunLock;
@@ -53,11 +53,23 @@ pub fn fresh_run_dir(root: &Path, name: &str) -> PathBuf {
 /// How a run starts: fresh into `out`, or continuing the run in `out`.
 pub enum Start {
     Fresh(Box<TrainConfig>),
-    /// Continue the run in the folder; `epochs`/`threads` may override the stored config.
+    /// Continue the run in the folder; `epochs`/`threads` and the loader's settings may
+    /// override the stored config.
     Resume {
         epochs: Option<usize>,
         threads: Option<usize>,
+        loader: LoaderOverrides,
     },
+}
+
+/// What `--resume` may change about how the data are read (none of it changes the numbers of
+/// a run whose images all decode).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoaderOverrides {
+    pub decode_threads: Option<usize>,
+    pub cache_limit: Option<u64>,
+    /// Turns on --skip-bad-images (an image found unreadable mid-run can then be skipped).
+    pub skip_bad_images: bool,
 }
 
 /// Trains as `start` says, writing the run folder `out`; returns the final metrics. Everything
@@ -163,16 +175,42 @@ pub fn train_on(
     let mut y = Vec::new();
     let mut augment_scratch = Vec::new();
     let mut sync = GradientSync::default();
+    let feed_options = FeedOptions::new(config.decode_threads(), config.skip_bad_images);
     for epoch in start_epoch..config.epochs {
         let lr = config.schedule.lr(config.optimizer.lr, epoch, config.epochs);
         reporter.epoch_start(epoch + 1, config.epochs, batches);
-        let order = epoch_order(train_set.len(), config.seed, epoch, true);
+        let order = train_set.epoch_order(config.seed, epoch, config.shuffle, config.shuffle_buffer);
+        // This process's share of every batch: a streamed split decodes only these.
+        let shares: Vec<Vec<usize>> = order
+            .chunks(bs)
+            .map(|idx| data_parallel::shard(idx, rank, size).to_vec())
+            .collect();
+        let mut feed = train_set.feed(shares, feed_options);
         let t0 = Instant::now();
         timed.take();
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let (mut loss_sum, mut correct, mut seen, mut skipped) = (0.0f64, 0usize, 0usize, 0usize);
+        let mut waited_before = std::time::Duration::ZERO;
         for (b, idx) in order.chunks(bs).enumerate() {
-            let mine = data_parallel::shard(idx, rank, size);
-            train_set.batch(mine, input_norm, model.input_mut(), &mut y)?;
+            let fed = match feed.next_into(input_norm, model.input_mut(), &mut y) {
+                Some(Ok(fed)) => fed,
+                Some(Err(e)) => return Err(stopped_by_data(e, out, epoch)),
+                None => return Err(Error::invalid("the loader ended before the epoch's last batch")),
+            };
+            let step_wait = feed.stats().waited - waited_before;
+            waited_before = feed.stats().waited;
+            // With --skip-bad-images a batch may hold fewer samples than its indices.
+            let mut global = idx.len();
+            if config.skip_bad_images {
+                let mut kept = [fed.samples as f64, fed.skipped.len() as f64];
+                if size > 1 {
+                    comm.all_reduce_sum_f64(&mut kept);
+                }
+                global = kept[0] as usize;
+                skipped += kept[1] as usize;
+                if global == 0 {
+                    continue;
+                }
+            }
             let mut step_seed = config.seed ^ ((epoch * batches + b) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
             if size > 1 {
                 // Each process's samples get their own dropout masks and augmentation draws.
@@ -188,7 +226,7 @@ pub fn train_on(
                 &mut opt,
                 &y,
                 train_set.classes,
-                idx.len(),
+                global,
                 step_lr,
                 config.sparsity,
                 comm,
@@ -202,22 +240,30 @@ pub fn train_on(
                 );
                 return Err(diverged(&files, &mut metrics, &what, lead));
             }
-            loss_sum += loss * idx.len() as f64;
+            loss_sum += loss * global as f64;
             correct += c;
-            seen += idx.len();
+            seen += global;
             log.steps.push(logs::StepRow {
                 step: (epoch * batches + b + 1) as u64,
                 epoch: epoch + 1,
                 loss,
                 lr: step_lr,
                 images_per_sec: seen as f64 / t0.elapsed().as_secs_f64(),
+                data_wait: step_wait.as_secs_f64(),
                 wall_time: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |d| d.as_secs_f64()),
             });
-            reporter.batch(loss_sum / seen as f64, seen as f64 / t0.elapsed().as_secs_f64())?;
+            let wait_share = feed.stats().waited.as_secs_f64() / t0.elapsed().as_secs_f64();
+            reporter.batch(
+                loss_sum / seen as f64,
+                seen as f64 / t0.elapsed().as_secs_f64(),
+                wait_share,
+            )?;
         }
         let seconds = t0.elapsed().as_secs_f64();
+        let loaded = feed.stats();
+        drop(feed);
         let communication = timed.take();
         // Evaluation: each process its share of the test set, with rank 0's running statistics
         // (per-process BN keeps its own; PyTorch DDP broadcasts rank 0's buffers likewise).
@@ -255,6 +301,13 @@ pub fn train_on(
             images_per_sec: seen as f64 / seconds,
             communication_seconds: communication.as_secs_f64(),
             fit,
+            data_wait_seconds: loaded.waited.as_secs_f64(),
+            loader_images_per_sec: if train_set.is_streamed() {
+                loaded.images as f64 / seconds
+            } else {
+                0.0
+            },
+            skipped_images: skipped,
         };
         // A failure to show the row (standard output full or closed) ends the run after the
         // epoch is committed.
@@ -296,6 +349,24 @@ pub fn train_on(
         }
     }
     Ok(metrics)
+}
+
+/// A data error mid-epoch: the image named, and how to go on (the folder keeps the last
+/// committed epoch, which `--resume` continues).
+fn stopped_by_data(e: Error, out: &Path, epoch: usize) -> Error {
+    let resume = format!(
+        "the run stopped in epoch {}; {} keeps the last finished epoch: continue with `normlab train --resume {}`",
+        epoch + 1,
+        out.display(),
+        out.display(),
+    );
+    match e {
+        Error::Data { path, message } => Error::Data {
+            path,
+            message: format!("{message}; {resume}"),
+        },
+        other => Error::invalid(format!("{other}; {resume}")),
+    }
 }
 
 /// Marks the run diverged in metrics.json (the last commit stays as it was) and says what is

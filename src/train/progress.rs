@@ -21,9 +21,15 @@ pub fn epoch_bar(epoch: usize, epochs: usize, batches: usize) -> ProgressBar {
     bar
 }
 
-/// One step done: the running mean loss and the rate on the bar.
-pub fn advance(bar: &ProgressBar, mean_loss: f64, images_per_sec: f64) {
-    bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s"));
+/// One step done: the running mean loss, the rate and, when the step waited for data, the
+/// share of the epoch spent waiting, on the bar.
+pub fn advance(bar: &ProgressBar, mean_loss: f64, images_per_sec: f64, data_wait: f64) {
+    let wait = if data_wait >= 0.005 {
+        format!("  data wait {:.0}%", 100.0 * data_wait)
+    } else {
+        String::new()
+    };
+    bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s{wait}"));
     bar.inc(1);
 }
 

@@ -20,7 +20,11 @@ pub(super) fn settings(
             Ok((*config, None))
         }
         Start::Resume { .. } if !lead => Ok((TrainConfig::default(), None)),
-        Start::Resume { epochs, threads } => {
+        Start::Resume {
+            epochs,
+            threads,
+            loader,
+        } => {
             let (mut config, commit) = run_folder::read_run(files)?;
             let done = commit.as_ref().map_or(0, |c| c.metrics.epochs.len());
             if let Some(e) = epochs {
@@ -35,6 +39,9 @@ pub(super) fn settings(
             if let Some(t) = threads {
                 config.threads = t;
             }
+            config.decode_threads = loader.decode_threads.or(config.decode_threads);
+            config.cache_limit = loader.cache_limit.or(config.cache_limit);
+            config.skip_bad_images |= loader.skip_bad_images;
             config.validate()?;
             Ok((config, commit))
         }
@@ -78,10 +85,7 @@ pub(super) fn prepare(
     lead: bool,
 ) -> Result<Prepared> {
     let data_dir = resolve_data_dir(config.data.as_deref())?;
-    let folder = FolderOptions {
-        resize: config.resize,
-        channels: None,
-    };
+    let folder = config.folder_options();
     let mut train_set = load_split_with(&data_dir, true, folder)?;
     // The test images take the training images' channels (grey or colour).
     let folder = FolderOptions {
@@ -97,7 +101,24 @@ pub(super) fn prepare(
             train_set.shape
         )));
     }
-    let input_norm = train_set.pixel_stats();
+    if test_set.source.format == crate::data::DataFormat::Shards {
+        // Shards carry class indices, not a class list: the test split takes the training one.
+        if test_set.classes > train_set.classes {
+            return Err(Error::invalid(format!(
+                "the test shards in {} hold class index {} but the training shards only {} classes; every test class needs training images",
+                data_dir.display(),
+                test_set.classes - 1,
+                train_set.classes
+            )));
+        }
+        test_set.classes = train_set.classes;
+        test_set.class_names.clone_from(&train_set.class_names);
+    }
+    // A resumed run keeps the normalization it started with (and skips the sampling pass).
+    let input_norm = match commit {
+        Some(c) => c.metrics.input_norm,
+        None => train_set.pixel_stats()?,
+    };
     if let Some(n) = config.train_limit {
         train_set.truncate(n);
     }

@@ -55,8 +55,13 @@ pub fn evaluate_samples(
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
     let mut predictions = Vec::with_capacity(order.len());
     let mut all_logits = Vec::with_capacity(order.len() * data.classes);
+    // A streamed split is decoded ahead by one thread per core while the model runs.
+    let batches: Vec<Vec<usize>> = order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut feed = data.feed(batches, crate::data::FeedOptions::new(cores, false));
     for idx in order.chunks(batch_size.max(1)) {
-        data.batch(idx, norm, model.input_mut(), &mut y)?;
+        feed.next_into(norm, model.input_mut(), &mut y)
+            .ok_or_else(|| Error::invalid("the loader ended before the last test batch"))??;
         model.forward(Mode::Eval)?;
         let (logits, dlogits) = model.net.output_and_grad();
         dlogits.resize_to(&logits.shape)?;

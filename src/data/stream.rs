@@ -1,0 +1,239 @@
+//! Pixels in memory or decoded on demand, and the feed that turns a list of batches into ready
+//! batches: gathered in place from memory, or decoded by a pool of threads into a bounded queue
+//! of ready batches, delivered in order. The bytes of a sample are the same either way (the
+//! same decode function fills both), so a run from the cache and a streamed run see the same
+//! numbers.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// A split whose samples are read and decoded on demand (an image folder or tar shards).
+pub trait SampleReader: Send + Sync {
+    /// Decodes sample `i` into `dst` ([C, H, W] bytes of the split's shape).
+    fn read(&self, i: usize, dst: &mut [u8]) -> Result<()>;
+    /// Where sample `i` comes from, for error messages.
+    fn name(&self, i: usize) -> String;
+}
+
+/// A split's pixels: decoded once and held ([N, C, H, W] bytes), or read on demand.
+#[derive(Clone)]
+pub enum Pixels {
+    Memory(Vec<u8>),
+    Stream(Arc<dyn SampleReader>),
+}
+
+impl std::fmt::Debug for Pixels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pixels::Memory(v) => write!(f, "Pixels::Memory({} bytes)", v.len()),
+            Pixels::Stream(_) => write!(f, "Pixels::Stream"),
+        }
+    }
+}
+
+/// How a streamed split is fed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeedOptions {
+    /// Decode threads (separate from the training threads, so decoding overlaps the step).
+    pub threads: usize,
+    /// Ready batches queued ahead of the step that takes them (decoded, not yet used).
+    pub depth: usize,
+    /// Count and leave out an image that does not decode, instead of stopping.
+    pub skip_bad: bool,
+}
+
+/// Default queue depth: two batches per decode thread, so every thread can finish one batch
+/// while the step holds another.
+pub const DEFAULT_DEPTH_PER_THREAD: usize = 2;
+
+impl FeedOptions {
+    pub fn new(threads: usize, skip_bad: bool) -> Self {
+        let threads = threads.max(1);
+        FeedOptions {
+            threads,
+            depth: threads * DEFAULT_DEPTH_PER_THREAD,
+            skip_bad,
+        }
+    }
+}
+
+/// One batch ready for the step: [B, C, H, W] bytes and B labels (B is smaller than asked
+/// when bad images were skipped), and the names of the images skipped.
+#[derive(Debug, Default)]
+pub struct RawBatch {
+    pub bytes: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub skipped: Vec<String>,
+}
+
+/// What a feed did over its batches: images decoded, the decoding threads' busy seconds, and
+/// how long the consumer waited for a batch that was not ready.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FeedStats {
+    pub images: usize,
+    pub waited: Duration,
+}
+
+struct Shared {
+    reader: Arc<dyn SampleReader>,
+    labels: Arc<Vec<u8>>,
+    batches: Vec<Vec<usize>>,
+    shape: [usize; 3],
+    sample_len: usize,
+    skip_bad: bool,
+    next: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// Decodes `batches` of a streamed split in the background, `opts.depth` batches ahead at
+/// most, and hands them out in order. Dropping it stops the threads.
+pub struct Feed {
+    shared: Arc<Shared>,
+    ready: Receiver<(usize, Result<RawBatch>)>,
+    /// One token per batch that may be decoded ahead; the consumer returns one per batch taken.
+    tokens: Option<SyncSender<()>>,
+    parked: BTreeMap<usize, Result<RawBatch>>,
+    taken: usize,
+    threads: Vec<JoinHandle<()>>,
+    pub stats: FeedStats,
+}
+
+impl Feed {
+    pub fn start(
+        reader: Arc<dyn SampleReader>,
+        labels: Arc<Vec<u8>>,
+        shape: [usize; 3],
+        batches: Vec<Vec<usize>>,
+        opts: FeedOptions,
+    ) -> Feed {
+        let depth = opts.depth.max(1);
+        let (token_tx, token_rx) = sync_channel::<()>(depth);
+        for _ in 0..depth {
+            token_tx.send(()).expect("the channel holds depth tokens");
+        }
+        let token_rx = Arc::new(Mutex::new(token_rx));
+        let (ready_tx, ready_rx) = sync_channel(depth);
+        let shared = Arc::new(Shared {
+            reader,
+            labels,
+            batches,
+            shape,
+            sample_len: shape.iter().product(),
+            skip_bad: opts.skip_bad,
+            next: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let threads = (0..opts.threads.max(1))
+            .map(|t| {
+                let shared = Arc::clone(&shared);
+                let tokens = Arc::clone(&token_rx);
+                let ready = ready_tx.clone();
+                std::thread::Builder::new()
+                    .name(format!("normlab-decode-{t}"))
+                    .spawn(move || decode_worker(&shared, &tokens, &ready))
+                    .expect("a decode thread starts")
+            })
+            .collect();
+        Feed {
+            shared,
+            ready: ready_rx,
+            tokens: Some(token_tx),
+            parked: BTreeMap::new(),
+            taken: 0,
+            threads,
+            stats: FeedStats::default(),
+        }
+    }
+
+    /// The [C, H, W] shape of one sample.
+    pub fn shape(&self) -> [usize; 3] {
+        self.shared.shape
+    }
+
+    /// The next batch in order, None after the last.
+    pub fn next_batch(&mut self) -> Option<Result<RawBatch>> {
+        if self.taken == self.shared.batches.len() {
+            return None;
+        }
+        let t0 = Instant::now();
+        let got = loop {
+            if let Some(b) = self.parked.remove(&self.taken) {
+                break b;
+            }
+            match self.ready.recv() {
+                Ok((k, b)) => {
+                    self.parked.insert(k, b);
+                }
+                // Every thread ended without this batch: only a panic in one does that.
+                Err(_) => break Err(Error::invalid("the decode threads stopped unexpectedly")),
+            }
+        };
+        self.stats.waited += t0.elapsed();
+        self.taken += 1;
+        // The batch is out of the queue: one more may be decoded ahead.
+        if let Some(t) = &self.tokens {
+            let _ = t.try_send(());
+        }
+        if let Ok(b) = &got {
+            self.stats.images += b.labels.len() + b.skipped.len();
+        }
+        Some(got)
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Without the token sender every thread waiting for a token wakes with an error; the
+        // queue always has room for the batches in flight (tokens bound them), so none blocks.
+        self.tokens = None;
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn decode_worker(shared: &Shared, tokens: &Mutex<Receiver<()>>, ready: &SyncSender<(usize, Result<RawBatch>)>) {
+    loop {
+        // A token first (bounded look-ahead), then the next batch number.
+        if tokens.lock().map(|t| t.recv()).is_err() || shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let k = shared.next.fetch_add(1, Ordering::SeqCst);
+        let Some(idx) = shared.batches.get(k) else {
+            return;
+        };
+        let batch = decode_batch(shared, idx);
+        if shared.stop.load(Ordering::SeqCst) || ready.send((k, batch)).is_err() {
+            return;
+        }
+    }
+}
+
+fn decode_batch(shared: &Shared, idx: &[usize]) -> Result<RawBatch> {
+    let s = shared.sample_len;
+    let mut out = RawBatch {
+        bytes: vec![0; idx.len() * s],
+        labels: Vec::with_capacity(idx.len()),
+        skipped: Vec::new(),
+    };
+    let mut kept = 0;
+    for &i in idx {
+        match shared.reader.read(i, &mut out.bytes[kept * s..(kept + 1) * s]) {
+            Ok(()) => {
+                out.labels.push(shared.labels[i]);
+                kept += 1;
+            }
+            Err(_) if shared.skip_bad => out.skipped.push(shared.reader.name(i)),
+            Err(e) => return Err(e),
+        }
+    }
+    out.bytes.truncate(kept * s);
+    Ok(out)
+}
