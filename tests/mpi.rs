@@ -451,3 +451,56 @@ fn resume_takes_another_process_count_that_divides_the_batch() {
     let e = one_error(mpirun(3, &["train", "--resume", s(&run), "--epochs", "4"]));
     assert!(e.contains("multiple of 3"), "{e}");
 }
+
+#[test]
+fn a_streamed_folder_over_two_processes_decodes_each_share_once_and_equals_the_cached_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    for split in ["train", "test"] {
+        for (c, class) in ["a", "b"].iter().enumerate() {
+            let d = data.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..24u32 {
+                image::RgbImage::from_fn(10, 10, |x, y| {
+                    image::Rgb([(x * 20 + i) as u8, (y * 9) as u8, 100 * c as u8])
+                })
+                .save(d.join(format!("{i}.png")))
+                .unwrap();
+            }
+        }
+    }
+    let data = s(&data).to_string();
+    let run = |name: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        let mut args = vec![
+            "train",
+            "--data",
+            &data,
+            "--out",
+            s(&dir),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        ok(mpirun(2, &args));
+        dir
+    };
+    let cached = run("cached", &[]);
+    let streamed = run("streamed", &["--cache-limit", "0", "--decode-threads", "1"]);
+    assert_eq!(losses(&cached), losses(&streamed));
+    assert_eq!(
+        tensors(&cached.join("model.safetensors")),
+        tensors(&streamed.join("model.safetensors"))
+    );
+    // Process 0 decoded its half of the 48 training images in each epoch, no more.
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(streamed.join("metrics.json")).unwrap()).unwrap();
+    for e in m["epochs"].as_array().unwrap() {
+        let decoded = e["loader_images_per_sec"].as_f64().unwrap() * e["seconds"].as_f64().unwrap();
+        assert_eq!(decoded.round(), 24.0, "{e}");
+    }
+}

@@ -64,7 +64,9 @@ def train(model=None, norm=None, *, out=None, resume=None, progress=True, **opti
     ``weight_decay``, ``no_decay_norm_bias``, ``schedule``, ``warmup``, ``seed``, ``threads``,
     ``train_limit``, ``test_limit``, ``data``, ``sparsity``, ``gamma_init``, ``dropout``,
     ``init_scale``, ``init_from``, ``augment``, ``resize=(h, w)``, ``tensorboard``, ``eval_train``,
-    ``freeze_bn``. ``out`` is the run folder (default ``runs/<model>-<norm>``, never an
+    ``freeze_bn``, and the loader's ``cache_limit`` (bytes; 0 streams image folders and shards
+    from disk), ``decode_threads``, ``skip_bad_images``, ``shuffle`` (default True) and
+    ``shuffle_buffer``. ``out`` is the run folder (default ``runs/<model>-<norm>``, never an
     existing run); ``resume=folder`` continues a run (only ``epochs`` and ``threads`` may be
     given with it).
     """

@@ -50,6 +50,11 @@ const TRAIN_OPTIONS: &[&str] = &[
     "tensorboard",
     "eval_train",
     "freeze_bn",
+    "cache_limit",
+    "decode_threads",
+    "skip_bad_images",
+    "shuffle",
+    "shuffle_buffer",
 ];
 
 fn parsed<T: std::str::FromStr<Err = Error>>(v: &Bound<'_, PyAny>, key: &str) -> PyResult<T> {
@@ -167,6 +172,29 @@ fn config_from(options: &Bound<'_, PyDict>, threads: usize) -> PyResult<TrainCon
     }
     if let Some(v) = get("freeze_bn") {
         c.freeze_bn = Some(parsed(&v, "freeze_bn")?);
+    }
+    if let Some(v) = get("cache_limit") {
+        c.cache_limit = Some(
+            v.extract::<u64>()
+                .map_err(|_| PyTypeError::new_err("cache_limit takes a number of bytes"))?,
+        );
+    }
+    if let Some(v) = get("decode_threads") {
+        c.decode_threads = Some(
+            v.extract::<usize>()
+                .map_err(|_| PyTypeError::new_err("decode_threads takes a whole number"))?,
+        );
+    }
+    if let Some(v) = get("skip_bad_images") {
+        c.skip_bad_images = v.is_truthy()?;
+    }
+    if let Some(v) = get("shuffle") {
+        c.shuffle = v.is_truthy()?;
+    }
+    if let Some(v) = get("shuffle_buffer") {
+        c.shuffle_buffer = v
+            .extract::<usize>()
+            .map_err(|_| PyTypeError::new_err("shuffle_buffer takes a whole number"))?;
     }
     if c.optimizer.nesterov && c.optimizer.momentum == 0.0 {
         return Err(to_py(Error::invalid("nesterov needs momentum > 0")));
