@@ -87,6 +87,7 @@ fn metrics(epochs: usize) -> crate::train::RunMetrics {
                 data_wait_seconds: 0.0,
                 loader_images_per_sec: 0.0,
                 skipped_images: 0,
+                decoded_images: 0,
                 fit: None,
             })
             .collect(),

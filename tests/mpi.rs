@@ -500,7 +500,7 @@ fn a_streamed_folder_over_two_processes_decodes_each_share_once_and_equals_the_c
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(streamed.join("metrics.json")).unwrap()).unwrap();
     for e in m["epochs"].as_array().unwrap() {
-        let decoded = e["loader_images_per_sec"].as_f64().unwrap() * e["seconds"].as_f64().unwrap();
-        assert_eq!(decoded.round(), 24.0, "{e}");
+        assert_eq!(e["decoded_images"], 24, "{e}");
+        assert!(e["loader_images_per_sec"].as_f64().unwrap() > 0.0, "{e}");
     }
 }

@@ -15,7 +15,7 @@ use pyo3::types::PyDict;
 use normlab::models::Arch;
 use normlab::nn::norm_spec::NormSpec;
 use normlab::optim::{OptimizerConfig, OptimizerKind};
-use normlab::train::{self, EpochMetrics, Reporter, RunMetrics, Start, TrainConfig};
+use normlab::train::{self, EpochMetrics, LoaderProgress, Reporter, RunMetrics, Start, TrainConfig};
 use normlab::{Error, Result};
 
 use crate::to_py;
@@ -271,9 +271,9 @@ impl Reporter for PyReporter {
         }
     }
 
-    fn batch(&mut self, mean_loss: f64, images_per_sec: f64, data_wait: f64) -> Result<()> {
+    fn batch(&mut self, mean_loss: f64, images_per_sec: f64, data: Option<LoaderProgress>) -> Result<()> {
         if let Some(bar) = &self.bar {
-            train::progress::advance(bar, mean_loss, images_per_sec, data_wait);
+            train::progress::advance(bar, mean_loss, images_per_sec, data);
         }
         if interrupted() {
             if let Some(bar) = self.bar.take() {

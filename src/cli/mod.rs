@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use indicatif::ProgressBar;
 
-use normlab::train::{EpochMetrics, Reporter, RunMetrics};
+use normlab::train::{EpochMetrics, LoaderProgress, Reporter, RunMetrics};
 use normlab::{Error, Result};
 
 /// Writes to standard output; a full disk or closed pipe becomes `Error::Output`.
@@ -209,9 +209,9 @@ impl Reporter for CliReporter {
         self.bar = Some(normlab::train::progress::epoch_bar(epoch, epochs, batches));
     }
 
-    fn batch(&mut self, mean_loss: f64, images_per_sec: f64, data_wait: f64) -> Result<()> {
+    fn batch(&mut self, mean_loss: f64, images_per_sec: f64, data: Option<LoaderProgress>) -> Result<()> {
         if let Some(bar) = &self.bar {
-            normlab::train::progress::advance(bar, mean_loss, images_per_sec, data_wait);
+            normlab::train::progress::advance(bar, mean_loss, images_per_sec, data);
         }
         Ok(())
     }

@@ -78,6 +78,21 @@ pub struct RawBatch {
 pub struct FeedStats {
     pub images: usize,
     pub waited: Duration,
+    /// Seconds the decode threads spent decoding, summed over the threads.
+    pub decoding: Duration,
+    pub threads: usize,
+}
+
+impl FeedStats {
+    /// What the decode threads can deliver: images per second of decoding, times the threads.
+    pub fn capacity(&self) -> f64 {
+        let busy = self.decoding.as_secs_f64();
+        if busy > 0.0 {
+            self.images as f64 / busy * self.threads as f64
+        } else {
+            0.0
+        }
+    }
 }
 
 struct Shared {
@@ -89,6 +104,7 @@ struct Shared {
     skip_bad: bool,
     next: AtomicUsize,
     stop: AtomicBool,
+    busy_nanos: std::sync::atomic::AtomicU64,
 }
 
 /// Decodes `batches` of a streamed split in the background, `opts.depth` batches ahead at
@@ -128,8 +144,9 @@ impl Feed {
             skip_bad: opts.skip_bad,
             next: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            busy_nanos: Default::default(),
         });
-        let threads = (0..opts.threads.max(1))
+        let threads: Vec<JoinHandle<()>> = (0..opts.threads.max(1))
             .map(|t| {
                 let shared = Arc::clone(&shared);
                 let tokens = Arc::clone(&token_rx);
@@ -146,8 +163,11 @@ impl Feed {
             tokens: Some(token_tx),
             parked: BTreeMap::new(),
             taken: 0,
+            stats: FeedStats {
+                threads: threads.len(),
+                ..FeedStats::default()
+            },
             threads,
-            stats: FeedStats::default(),
         }
     }
 
@@ -183,6 +203,7 @@ impl Feed {
         if let Ok(b) = &got {
             self.stats.images += b.labels.len() + b.skipped.len();
         }
+        self.stats.decoding = Duration::from_nanos(self.shared.busy_nanos.load(Ordering::Relaxed));
         Some(got)
     }
 }
@@ -209,7 +230,11 @@ fn decode_worker(shared: &Shared, tokens: &Mutex<Receiver<()>>, ready: &SyncSend
         let Some(idx) = shared.batches.get(k) else {
             return;
         };
+        let t0 = Instant::now();
         let batch = decode_batch(shared, idx);
+        shared
+            .busy_nanos
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if shared.stop.load(Ordering::SeqCst) || ready.send((k, batch)).is_err() {
             return;
         }

@@ -450,6 +450,7 @@ mod tests {
                     data_wait_seconds: 0.0,
                     loader_images_per_sec: 0.0,
                     skipped_images: 0,
+                    decoded_images: 0,
                     fit: Some(Fit {
                         loss,
                         accuracy: 1.0 - loss / 10.0,

@@ -24,9 +24,13 @@ pub struct EpochMetrics {
     /// Seconds the epoch's steps waited for batches the loader had not decoded yet.
     #[serde(default)]
     pub data_wait_seconds: f64,
-    /// A streamed split: images the loader decoded per second of the epoch (0 in memory).
+    /// A streamed split: images the decode threads can deliver per second (images per second
+    /// of decoding, times the threads; 0 in memory). Above the training rate, decoding keeps up.
     #[serde(default)]
     pub loader_images_per_sec: f64,
+    /// A streamed split: images this process (process 0 of a job) decoded in the epoch.
+    #[serde(default)]
+    pub decoded_images: usize,
     /// Images left out as unreadable (--skip-bad-images).
     #[serde(default)]
     pub skipped_images: usize,
@@ -73,8 +77,8 @@ pub trait Reporter {
     fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
     /// After each step. An error (the Python API's Ctrl-C) stops the run where it is: the run
     /// folder keeps its last committed epoch, as after a kill.
-    /// `data_wait` is the share of the epoch so far spent waiting for data.
-    fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64, _data_wait: f64) -> Result<()> {
+    /// `data`: a streamed split's loader so far (None in memory).
+    fn batch(&mut self, _mean_loss: f64, _images_per_sec: f64, _data: Option<LoaderProgress>) -> Result<()> {
         Ok(())
     }
     fn epoch_end(&mut self, _m: &EpochMetrics) -> Result<()> {
@@ -82,6 +86,14 @@ pub trait Reporter {
     }
     /// Epoch `epoch` is committed in `out`: a kill from now on resumes after it.
     fn committed(&mut self, _out: &Path, _epoch: usize) {}
+}
+
+/// A streamed split's loader during an epoch: the share of the time spent waiting for data and
+/// what the decode threads can deliver (`FeedStats::capacity`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoaderProgress {
+    pub wait_share: f64,
+    pub images_per_sec: f64,
 }
 
 /// A reporter that says nothing.

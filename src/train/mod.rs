@@ -34,7 +34,7 @@ use data_parallel::GradientSync;
 
 pub use config::{FreezeBn, TrainConfig};
 use metrics::summarize;
-pub use metrics::{EpochMetrics, Fit, Quiet, Reporter, RunMetrics};
+pub use metrics::{EpochMetrics, Fit, LoaderProgress, Quiet, Reporter, RunMetrics};
 use setup::{prepare, same_config, settings, take_folder};
 pub use step::{evaluate, evaluate_samples, evaluate_shared, loss_and_grad, train_step, Evaluation};
 use step::{parallel_step, warmup};
@@ -254,12 +254,11 @@ pub fn train_on(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |d| d.as_secs_f64()),
             });
-            let wait_share = feed.stats().waited.as_secs_f64() / t0.elapsed().as_secs_f64();
-            reporter.batch(
-                loss_sum / seen as f64,
-                seen as f64 / t0.elapsed().as_secs_f64(),
-                wait_share,
-            )?;
+            let data = train_set.is_streamed().then(|| LoaderProgress {
+                wait_share: feed.stats().waited.as_secs_f64() / t0.elapsed().as_secs_f64(),
+                images_per_sec: feed.stats().capacity(),
+            });
+            reporter.batch(loss_sum / seen as f64, seen as f64 / t0.elapsed().as_secs_f64(), data)?;
         }
         let seconds = t0.elapsed().as_secs_f64();
         let loaded = feed.stats();
@@ -302,11 +301,8 @@ pub fn train_on(
             communication_seconds: communication.as_secs_f64(),
             fit,
             data_wait_seconds: loaded.waited.as_secs_f64(),
-            loader_images_per_sec: if train_set.is_streamed() {
-                loaded.images as f64 / seconds
-            } else {
-                0.0
-            },
+            loader_images_per_sec: loaded.capacity(),
+            decoded_images: loaded.images,
             skipped_images: skipped,
         };
         // A failure to show the row (standard output full or closed) ends the run after the

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::EpochMetrics;
+use super::{EpochMetrics, LoaderProgress};
 
 /// The bar of one epoch's batches (drawn on standard error; hidden when that is not a
 /// terminal).
@@ -21,13 +21,16 @@ pub fn epoch_bar(epoch: usize, epochs: usize, batches: usize) -> ProgressBar {
     bar
 }
 
-/// One step done: the running mean loss, the rate and, when the step waited for data, the
-/// share of the epoch spent waiting, on the bar.
-pub fn advance(bar: &ProgressBar, mean_loss: f64, images_per_sec: f64, data_wait: f64) {
-    let wait = if data_wait >= 0.005 {
-        format!("  data wait {:.0}%", 100.0 * data_wait)
-    } else {
-        String::new()
+/// One step done: the running mean loss, the rate and, for a streamed split, what the loader
+/// can deliver and the share of the epoch spent waiting for it, on the bar.
+pub fn advance(bar: &ProgressBar, mean_loss: f64, images_per_sec: f64, data: Option<LoaderProgress>) {
+    let wait = match data {
+        Some(d) => format!(
+            "  loader {:.0} img/s, data wait {:.0}%",
+            d.images_per_sec,
+            100.0 * d.wait_share
+        ),
+        None => String::new(),
     };
     bar.set_message(format!("loss {mean_loss:.4}  {images_per_sec:.0} img/s{wait}"));
     bar.inc(1);
