@@ -84,7 +84,7 @@ fn a_streamed_folder_trains_bit_for_bit_as_the_cached_one() {
     assert!(m["epochs"][0]["data_wait_seconds"].as_f64().unwrap() >= 0.0);
     let steps = std::fs::read_to_string(streamed.join("steps.csv")).unwrap();
     assert!(
-        steps.starts_with("step,epoch,loss,lr,images_per_sec,wall_time,data_wait_s\n"),
+        steps.starts_with("step,epoch,loss,lr,images_per_sec,wall_time,data_wait_s,loader_images_per_sec\n"),
         "{steps}"
     );
     assert_eq!(metrics(&cached)["epochs"][0]["loader_images_per_sec"], 0.0);

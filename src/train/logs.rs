@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 
 /// The event file TensorBoard reads (it looks for "tfevents" in the name).
 pub const EVENTS_FILE: &str = "events.out.tfevents.normlab";
-const STEP_COLUMNS: usize = 7;
-/// Records written before the data-wait column had six.
+const STEP_COLUMNS: usize = 8;
+/// Records written before the loader's columns had six.
 const OLD_STEP_COLUMNS: usize = 6;
 const HISTOGRAM_BUCKETS: usize = 30;
 
@@ -36,6 +36,9 @@ pub struct StepRow {
     pub wall_time: f64,
     /// Seconds the step waited for its batch (a streamed split whose decoding fell behind).
     pub data_wait: f64,
+    /// A streamed split: what the decode threads can deliver so far in the epoch (images per
+    /// second of decoding, times the threads); 0 in memory.
+    pub loader_images_per_sec: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -58,6 +61,7 @@ impl RunLog {
                 r.images_per_sec,
                 r.wall_time,
                 r.data_wait,
+                r.loader_images_per_sec,
             ]);
         }
         let mut out = vec![Entry {
@@ -104,6 +108,7 @@ impl RunLog {
                     images_per_sec: row[4],
                     wall_time: row[5],
                     data_wait: row.get(6).copied().unwrap_or(0.0),
+                    loader_images_per_sec: row.get(7).copied().unwrap_or(0.0),
                 });
             }
         }
@@ -127,18 +132,18 @@ impl RunLog {
 
     /// steps.csv: one row per optimizer step.
     pub fn steps_csv(&self) -> String {
-        let mut s = String::from("step,epoch,loss,lr,images_per_sec,wall_time,data_wait_s\n");
+        let mut s = String::from("step,epoch,loss,lr,images_per_sec,wall_time,data_wait_s,loader_images_per_sec\n");
         for r in &self.steps {
             s.push_str(&format!(
-                "{},{},{},{},{:.1},{:.3},{:.6}\n",
-                r.step, r.epoch, r.loss, r.lr, r.images_per_sec, r.wall_time, r.data_wait
+                "{},{},{},{},{:.1},{:.3},{:.6},{:.1}\n",
+                r.step, r.epoch, r.loss, r.lr, r.images_per_sec, r.wall_time, r.data_wait, r.loader_images_per_sec
             ));
         }
         s
     }
 
     /// The whole TensorBoard event file: per step train/loss, train/lr, train/images_per_sec,
-    /// train/data_wait_seconds; per epoch (step = epoch) epoch/{train,test}_{loss,accuracy},
+    /// train/data_wait_seconds, train/loader_images_per_sec; per epoch (step = epoch) epoch/{train,test}_{loss,accuracy},
     /// epoch/data_wait_seconds, epoch/loader_images_per_sec and a histogram of |γ| per
     /// norm layer (gamma_abs/<layer>).
     pub fn tensorboard_events(&self, metrics: &RunMetrics) -> Result<Vec<u8>> {
@@ -154,6 +159,7 @@ impl RunLog {
                 ("train/lr", r.lr),
                 ("train/images_per_sec", r.images_per_sec),
                 ("train/data_wait_seconds", r.data_wait),
+                ("train/loader_images_per_sec", r.loader_images_per_sec),
             ] {
                 write_record(
                     &mut out,

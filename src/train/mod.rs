@@ -250,6 +250,7 @@ pub fn train_on(
                 lr: step_lr,
                 images_per_sec: seen as f64 / t0.elapsed().as_secs_f64(),
                 data_wait: step_wait.as_secs_f64(),
+                loader_images_per_sec: feed.stats().capacity(),
                 wall_time: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |d| d.as_secs_f64()),
