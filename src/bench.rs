@@ -75,6 +75,9 @@ pub struct BenchReport {
     pub threads: usize,
     /// Parallel memory copy of a 256 MiB buffer, counting bytes read plus bytes written.
     pub copy_gb_per_s: f64,
+    /// With `--filter conv`: the machine's measured GEMM rate, the conv table's limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemm_peak_gflops: Option<f64>,
     pub kernels: Vec<KernelResult>,
     pub convs: Vec<ConvResult>,
     pub training: Vec<TrainResult>,
@@ -138,6 +141,29 @@ pub fn bench_kernel(kernel: &str, spec: &'static str, passes: &str, shape: [usiz
     })
 }
 
+/// The machine's GEMM rate: a 1024^3 f32 product through `kernels::matmul` (the gemm crate,
+/// every thread), 2·M·N·K flops per call; the best of the medians of three square shapes, so a
+/// conv's GFLOP/s has a printed limit beside it.
+pub fn gemm_peak_gflops(reps: usize) -> f64 {
+    let mut best = 0.0f64;
+    for size in [512usize, 1024, 1536] {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let a: Vec<f32> = (0..size * size).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..size * size).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut c = vec![0.0f32; size * size];
+        let threads = rayon::current_num_threads();
+        let secs = time_median(reps.clamp(3, 7), || {
+            use crate::kernels::matmul::{matmul, Op};
+            matmul(&mut c, size, size, size, &a, Op::N, &b, Op::N, false, threads);
+            Ok(())
+        })
+        .expect("a product cannot fail");
+        std::hint::black_box(&c);
+        best = best.max(2.0 * (size * size * size) as f64 / secs / 1e9);
+    }
+    best
+}
+
 /// The 3x3 stride-1 convolutions of vgg and resnet in a batch of 128 Fashion-MNIST images, as
 /// (N, C, OC, H=W): vgg's six, then resnet's stem and the 3x3 convs of its three stages.
 pub const CONV_SHAPES: [[usize; 4]; 9] = [
@@ -161,6 +187,15 @@ pub struct ConvResult {
     pub forward_ms: f64,
     pub weight_grad_ms: f64,
     pub backward_ms: f64,
+    /// The direct algorithm's flops over the time: 2·N·C·OC·H·W·9 per pass (forward, weight
+    /// gradient, input gradient alike), whatever the algorithm does instead.
+    pub forward_gflops: f64,
+    pub backward_gflops: f64,
+}
+
+/// 2·N·C·OC·H·W·9: the multiply-adds of a 3x3 padding-1 conv's direct algorithm, counted twice.
+pub fn conv_direct_flops([n, c, oc, hw]: [usize; 4]) -> f64 {
+    2.0 * (n * c * oc * hw * hw * 9) as f64
 }
 
 /// The conv algorithms `bench --filter conv` compares, side by side.
@@ -180,12 +215,16 @@ pub fn bench_conv(shape: [usize; 4], algorithm: &str, reps: usize) -> Result<Con
     let weight_grad = time_median(reps, || conv.backward(&x, &y, &dy, &mut dx))?;
     conv.set_input_grad(true);
     let backward = time_median(reps, || conv.backward(&x, &y, &dy, &mut dx))?;
+    let flops = conv_direct_flops(shape);
     Ok(ConvResult {
         shape,
         algorithm: algorithm.into(),
         forward_ms: forward * 1e3,
         weight_grad_ms: weight_grad * 1e3,
         backward_ms: backward * 1e3,
+        forward_gflops: flops / forward / 1e9,
+        // The backward is two passes of the forward's flops: dW and dx.
+        backward_gflops: 2.0 * flops / backward / 1e9,
     })
 }
 
@@ -237,7 +276,10 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
         }
     }
     let mut convs = Vec::new();
+    let mut gemm_peak = None;
     if filter == "conv" {
+        progress("gemm peak");
+        gemm_peak = Some(gemm_peak_gflops(reps));
         // Shape by shape, the algorithms one after another: a burst of host load hits them alike.
         for shape in CONV_SHAPES {
             for algorithm in CONV_ALGORITHMS {
@@ -267,6 +309,7 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
         copy_gb_per_s: copy,
+        gemm_peak_gflops: gemm_peak,
         kernels,
         convs,
         training,

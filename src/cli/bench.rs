@@ -126,7 +126,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // The memory copy, then the kernels and models, or with `--filter conv` the conv table.
     use normlab::bench::{CONV_ALGORITHMS, CONV_SHAPES, KERNELS, SHAPES, TOKEN_SHAPES, TRAINING_MODELS};
     let measured = if a.filter == "conv" {
-        CONV_SHAPES.len() * CONV_ALGORITHMS.len()
+        1 + CONV_SHAPES.len() * CONV_ALGORITHMS.len()
     } else {
         KERNELS.len() * SHAPES.len() + 2 * TOKEN_SHAPES.len() + TRAINING_MODELS.len()
     };
@@ -149,14 +149,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "threads {threads}; memory copy {:.1} GB/s (read + write)",
         report.copy_gb_per_s
     )?;
-    outln!(
-        "{:<18} {:<18} {:>9} {:>9} {:>7}",
-        "kernel",
-        "shape (N,C,H,W)",
-        "ms",
-        "GB/s",
-        "copy%"
-    )?;
+    if !report.kernels.is_empty() {
+        outln!(
+            "{:<18} {:<18} {:>9} {:>9} {:>7}",
+            "kernel",
+            "shape (N,C,H,W)",
+            "ms",
+            "GB/s",
+            "copy%"
+        )?;
+    }
     for k in &report.kernels {
         let shape = format!("{:?}", k.shape);
         outln!(
@@ -168,27 +170,36 @@ pub fn run(a: BenchArgs) -> Result<()> {
             100.0 * k.copy_fraction
         )?;
     }
-    if !report.convs.is_empty() {
+    if let Some(peak) = report.gemm_peak_gflops {
+        outln!("gemm peak {peak:.0} GFLOP/s (f32, square products of 512 to 1536, every thread); conv GFLOP/s count the direct algorithm's 2·N·C·OC·H·W·9 per pass")?;
         outln!(
-            "{:<22} {:<10} {:>10} {:>10} {:>10} {:>10}",
+            "{:<22} {:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6}",
             "conv (N,C,OC,H=W)",
             "algorithm",
             "fwd ms",
             "dW ms",
             "dx ms",
-            "bwd ms"
+            "bwd ms",
+            "fwd GF/s",
+            "peak%",
+            "bwd GF/s",
+            "peak%"
         )?;
-    }
-    for c in &report.convs {
-        outln!(
-            "{:<22} {:<10} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
-            format!("{:?}", c.shape),
-            c.algorithm,
-            c.forward_ms,
-            c.weight_grad_ms,
-            c.backward_ms - c.weight_grad_ms,
-            c.backward_ms
-        )?;
+        for c in &report.convs {
+            outln!(
+                "{:<22} {:<10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0} {:>5.0}% {:>9.0} {:>5.0}%",
+                format!("{:?}", c.shape),
+                c.algorithm,
+                c.forward_ms,
+                c.weight_grad_ms,
+                c.backward_ms - c.weight_grad_ms,
+                c.backward_ms,
+                c.forward_gflops,
+                100.0 * c.forward_gflops / peak,
+                c.backward_gflops,
+                100.0 * c.backward_gflops / peak
+            )?;
+        }
     }
     for t in &report.training {
         outln!(
