@@ -29,6 +29,8 @@ pub struct LayerPlan {
 #[derive(Clone, Debug, Serialize)]
 pub struct PrunePlan {
     pub percent: f64,
+    /// Every layer keeps a multiple of this many channels (1: any count).
+    pub multiple_of: usize,
     /// Channels with |γ| <= threshold are removed.
     pub threshold: f32,
     pub layers: Vec<LayerPlan>,
@@ -90,8 +92,14 @@ fn prunable(model: &Model) -> Result<Vec<(String, String, String)>> {
 }
 
 /// Chooses the channels to keep: the floor(P·total) smallest |γ| over all prunable BN layers
-/// go; each layer keeps at least its largest one.
-pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
+/// go; each layer keeps at least its largest one. With `multiple_of` m > 1 each layer's count
+/// is then rounded up to a multiple of m (at most its width), taking back its largest |γ| among
+/// those removed, as deployment tools round widths to what the kernels like (16-lane vectors,
+/// the Winograd paths' 16-channel blocks).
+pub fn plan(model: &mut Model, percent: f64, multiple_of: usize) -> Result<PrunePlan> {
+    if multiple_of == 0 {
+        return Err(Error::invalid("--multiple-of must be at least 1"));
+    }
     if !(0.0..1.0).contains(&percent) {
         return Err(Error::invalid(format!(
             "--percent must be in [0, 1) (a fraction of the channels), got {percent}"
@@ -129,6 +137,14 @@ pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
             let best = (0..g.len()).max_by(|&a, &b| g[a].total_cmp(&g[b])).unwrap_or(0);
             keep.push(best);
         }
+        let rounded = keep.len().div_ceil(multiple_of) * multiple_of;
+        if rounded > keep.len() {
+            let mut dropped: Vec<usize> = (0..g.len()).filter(|i| !keep.contains(i)).collect();
+            dropped.sort_by(|&a, &b| g[b].total_cmp(&g[a]));
+            let back = rounded.min(g.len()) - keep.len();
+            keep.extend(dropped.into_iter().take(back));
+            keep.sort_unstable();
+        }
         layers.push(LayerPlan {
             conv,
             bn,
@@ -140,6 +156,7 @@ pub fn plan(model: &mut Model, percent: f64) -> Result<PrunePlan> {
     }
     Ok(PrunePlan {
         percent,
+        multiple_of,
         threshold,
         layers,
         gammas: all,
@@ -255,6 +272,8 @@ pub fn apply(model: &mut Model, plan: &PrunePlan) -> Result<Model> {
 pub struct PruneRequest {
     pub checkpoint: std::path::PathBuf,
     pub percent: f64,
+    /// Round every layer's kept channels up to a multiple of this (1: off).
+    pub multiple_of: usize,
     pub finetune: Option<usize>,
     pub out: std::path::PathBuf,
     pub data: Option<std::path::PathBuf>,
@@ -311,7 +330,7 @@ pub fn run_prune(
     }
     let pruned_path = dir.join("model.safetensors");
     let (mut model, meta) = checkpoint::load_model(&req.checkpoint)?;
-    let plan = plan(&mut model, req.percent)?;
+    let plan = plan(&mut model, req.percent, req.multiple_of)?;
     let data_dir = crate::data::resolve_data_dir(req.data.as_deref())?;
     let test = crate::data::load_test_for(Some(&data_dir), req.test_limit, meta.spec.input)?;
     let finetune = match req.finetune {

@@ -94,7 +94,7 @@ fn resnet_pruning_cuts_only_inside_blocks_and_keeps_the_logits() {
         layer.starts_with("layer") && layer.ends_with("bn1")
     });
     let total: usize = [16, 16, 32, 32, 64, 64].iter().sum();
-    let plan = slimming::plan(&mut m, 12.0 / total as f64).unwrap();
+    let plan = slimming::plan(&mut m, 12.0 / total as f64, 1).unwrap();
     assert!(plan
         .layers
         .iter()
@@ -127,7 +127,7 @@ fn logits(m: &mut Model, x: &Tensor) -> Vec<f32> {
 fn pruning_dead_channels_leaves_the_logits_unchanged() {
     // Channels 1 and 4 are dead in both BN layers: 4 of the 14 channels.
     let mut m = model_with_dead_channels(&[1, 4]);
-    let plan = slimming::plan(&mut m, 4.0 / 14.0).unwrap();
+    let plan = slimming::plan(&mut m, 4.0 / 14.0, 1).unwrap();
     assert_eq!(
         plan.layers.iter().map(|l| (l.before, l.after)).collect::<Vec<_>>(),
         [(6, 4), (8, 6)]
@@ -142,8 +142,24 @@ fn pruning_dead_channels_leaves_the_logits_unchanged() {
     assert!(pruned.parameter_count() < m.parameter_count());
     assert!(pruned.spec.flops().unwrap() < m.spec.flops().unwrap());
     // Each layer keeps at least one channel, even at 99%.
-    let plan = slimming::plan(&mut m, 0.99).unwrap();
+    let plan = slimming::plan(&mut m, 0.99, 1).unwrap();
     assert!(plan.layers.iter().all(|l| l.after >= 1));
+    // --multiple-of 4: the counts rounded up (6 -> 4 stays 4, 8 -> 6 becomes 8, capped at the
+    // width), taking back the largest |γ| removed: here the dead channels, so the logits hold.
+    let plan = slimming::plan(&mut m, 4.0 / 14.0, 4).unwrap();
+    assert_eq!(
+        plan.layers.iter().map(|l| (l.before, l.after)).collect::<Vec<_>>(),
+        [(6, 4), (8, 8)]
+    );
+    let mut rounded = slimming::apply(&mut m, &plan).unwrap();
+    assert_eq!(rounded.spec.model.to_string(), "vgg:4,M,8,M");
+    let c = logits(&mut rounded, &x);
+    for (p, q) in a.iter().zip(&c) {
+        assert!((p - q).abs() < 1e-5, "logits changed: {a:?} vs {c:?}");
+    }
+    let plan = slimming::plan(&mut m, 0.5, 3).unwrap();
+    assert!(plan.layers.iter().all(|l| l.after % 3 == 0 || l.after == l.before));
+    assert!(slimming::plan(&mut m, 0.5, 0).is_err());
 }
 
 #[test]

@@ -22,6 +22,10 @@ pub struct PruneArgs {
     /// Fraction of all BN channels to remove, in [0, 1): one global |γ| threshold.
     #[arg(long, value_parser = fraction)]
     pub percent: f64,
+    /// Round every layer's kept channels up to a multiple of N (at most its width), taking back
+    /// its largest |γ| among those removed: widths the kernels run at full speed [default: 1].
+    #[arg(long, value_name = "N", value_parser = at_least_one, default_value_t = 1)]
+    pub multiple_of: usize,
     /// Fine-tune the pruned model for N epochs with the original run's settings, into DIR/finetune.
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub finetune: Option<usize>,
@@ -75,6 +79,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let req = normlab::slimming::PruneRequest {
         checkpoint: a.checkpoint.clone(),
         percent: a.percent,
+        multiple_of: a.multiple_of,
         finetune: a.finetune,
         out: a.out.clone(),
         data: Some(data.clone()),
