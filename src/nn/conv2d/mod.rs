@@ -195,6 +195,12 @@ impl Conv2d {
     }
 }
 
+/// A lone sample's conv is split over the threads (columns of its gemm, channels of its im2col)
+/// from this many multiply-adds: vgg's 32->32 conv at 28x28 (7.2M) went from 0.19 to 0.095 ms;
+/// below it (seed-cnn's 1->32 stem, 0.23M) the split's dispatch cost more than it saved
+/// (0.019 -> 0.029 ms for the whole seed-cnn at batch 1).
+const SPLIT_FROM_MACS: usize = 1 << 20;
+
 /// gemm's own threads for a lone sample (latency at batch 1); otherwise samples run in parallel.
 fn gemm_threads(n: usize) -> usize {
     if n == 1 {
@@ -267,8 +273,64 @@ impl Layer for Conv2d {
                 for (yb, xb) in yg.chunks_mut(batch * oc * cols).zip(xg.chunks(batch * xs)) {
                     let p = xb.len() / xs;
                     let ld = p * cols;
-                    for (i, xi) in xb.chunks(xs).enumerate() {
-                        im2col(xi, &g, &mut col[i * cols..], ld);
+                    let split = p == 1 && threads > 1 && oc * cols * rows >= SPLIT_FROM_MACS;
+                    if split && g.channels >= 2 * threads {
+                        // A lone sample's im2col by channel runs over the threads (each
+                        // channel's k·k rows of the column matrix are its own).
+                        let per = g.channels.div_ceil(threads);
+                        let plane = g.height * g.width;
+                        let taps = g.kernel_h * g.kernel_w;
+                        col[..rows * cols]
+                            .par_chunks_mut(per * taps * cols)
+                            .zip(xb.par_chunks(per * plane))
+                            .for_each(|(ct, xt)| {
+                                let sub = ConvGeometry {
+                                    channels: xt.len() / plane,
+                                    ..g
+                                };
+                                im2col(xt, &sub, ct, cols);
+                            });
+                    } else {
+                        for (i, xi) in xb.chunks(xs).enumerate() {
+                            im2col(xi, &g, &mut col[i * cols..], ld);
+                        }
+                    }
+                    if split {
+                        // A lone sample: the columns (output positions) split over the threads,
+                        // each a gemm of W against its block of the column matrix into its own
+                        // [OC, block] buffer, copied into y's rows (gemm's own threading left
+                        // this size on one core: batch 1 ran as fast on 1 thread as on 2).
+                        let block = cols.div_ceil(threads).div_ceil(16) * 16;
+                        let starts: Vec<usize> = (0..cols).step_by(block).collect();
+                        let parts: Vec<Vec<f32>> = starts
+                            .par_iter()
+                            .map(|&c0| {
+                                let bw = block.min(cols - c0);
+                                let mut part = vec![0.0f32; oc * bw];
+                                matmul_strided(
+                                    &mut part,
+                                    bw,
+                                    oc,
+                                    bw,
+                                    rows,
+                                    (w, rows, Op::N),
+                                    (&col[c0..], cols, Op::N),
+                                    false,
+                                    1,
+                                );
+                                part
+                            })
+                            .collect();
+                        for (&c0, part) in starts.iter().zip(&parts) {
+                            let bw = part.len() / oc;
+                            for (o, yr) in yb.chunks_mut(cols).enumerate() {
+                                yr[c0..c0 + bw].copy_from_slice(&part[o * bw..(o + 1) * bw]);
+                            }
+                        }
+                        if bias.is_some() || relu {
+                            add_bias_relu(yb, cols, bias, relu);
+                        }
+                        continue;
                     }
                     if p == 1 {
                         matmul(yb, oc, cols, rows, w, Op::N, col, Op::N, false, threads);
