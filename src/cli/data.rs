@@ -157,7 +157,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let batches: Vec<Vec<usize>> = order.chunks(a.batch_size).map(<[usize]>::to_vec).collect();
     let count = batches.len();
     let t0 = Instant::now();
-    let mut feed = set.feed(batches, FeedOptions::new(threads, false));
+    let mut feed = set.feed(batches, FeedOptions::new(threads, false))?;
     let (mut x, mut y, mut scratch) = (Tensor::zeros(&[1]), Vec::new(), Vec::new());
     let mut images = 0;
     for b in 0..count {

@@ -130,9 +130,17 @@ pub fn describe_data(dir: &Path, train: Option<&Dataset>, test: &Dataset) -> Str
             .collect();
             line.push_str(&format!("; skipped {skipped} files ({})", why.join(", ")));
         }
-    } else if sets.iter().any(|s| s.bad_images > 0) {
-        let n: usize = sets.iter().map(|s| s.bad_images).sum();
-        line.push_str(&format!("; skipped {n} unreadable images (--skip-bad-images)"));
+    } else {
+        let others: usize = sets.iter().map(|s| s.not_images).sum();
+        if test.source.format == DataFormat::Shards && others > 0 {
+            line.push_str(&format!(
+                "; skipped {others} tar members that are no sample's .png/.jpg/.jpeg or .cls"
+            ));
+        }
+        let bad: usize = sets.iter().map(|s| s.bad_images).sum();
+        if bad > 0 {
+            line.push_str(&format!("; skipped {bad} unreadable images (--skip-bad-images)"));
+        }
     }
     // Cached or streamed, and why: the decoded bytes against the cache limit.
     let human = crate::memory::human;
@@ -350,8 +358,8 @@ impl Dataset {
 
     /// The batches `batches` of this split, in order: gathered from memory when taken, or, for a
     /// streamed split, decoded ahead by `opts.threads` threads.
-    pub fn feed(&self, batches: Vec<Vec<usize>>, opts: FeedOptions) -> Batches<'_> {
-        match &self.images {
+    pub fn feed(&self, batches: Vec<Vec<usize>>, opts: FeedOptions) -> Result<Batches<'_>> {
+        Ok(match &self.images {
             Pixels::Memory(_) => Batches::Memory {
                 set: self,
                 batches,
@@ -363,8 +371,8 @@ impl Dataset {
                 self.shape,
                 batches,
                 opts,
-            )),
-        }
+            )?),
+        })
     }
 }
 

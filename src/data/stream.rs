@@ -127,7 +127,7 @@ impl Feed {
         shape: [usize; 3],
         batches: Vec<Vec<usize>>,
         opts: FeedOptions,
-    ) -> Feed {
+    ) -> Result<Feed> {
         let depth = opts.depth.max(1);
         let (token_tx, token_rx) = sync_channel::<()>(depth);
         for _ in 0..depth {
@@ -146,18 +146,24 @@ impl Feed {
             stop: AtomicBool::new(false),
             busy_nanos: Default::default(),
         });
-        let threads: Vec<JoinHandle<()>> = (0..opts.threads.max(1))
-            .map(|t| {
-                let shared = Arc::clone(&shared);
-                let tokens = Arc::clone(&token_rx);
-                let ready = ready_tx.clone();
-                std::thread::Builder::new()
-                    .name(format!("normlab-decode-{t}"))
-                    .spawn(move || decode_worker(&shared, &tokens, &ready))
-                    .expect("a decode thread starts")
-            })
-            .collect();
-        Feed {
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for t in 0..opts.threads.max(1) {
+            let (shared, tokens, ready) = (Arc::clone(&shared), Arc::clone(&token_rx), ready_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("normlab-decode-{t}"))
+                .spawn(move || decode_worker(&shared, &tokens, &ready));
+            match spawned {
+                Ok(h) => threads.push(h),
+                // Fewer threads than asked still deliver every batch; none cannot.
+                Err(e) if threads.is_empty() => {
+                    return Err(Error::invalid(format!(
+                        "cannot start a decode thread ({e}); lower --decode-threads or free some memory"
+                    )))
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(Feed {
             shared,
             ready: ready_rx,
             tokens: Some(token_tx),
@@ -168,7 +174,7 @@ impl Feed {
                 ..FeedStats::default()
             },
             threads,
-        }
+        })
     }
 
     /// The [C, H, W] shape of one sample.
@@ -222,8 +228,13 @@ impl Drop for Feed {
 
 fn decode_worker(shared: &Shared, tokens: &Mutex<Receiver<()>>, ready: &SyncSender<(usize, Result<RawBatch>)>) {
     loop {
-        // A token first (bounded look-ahead), then the next batch number.
-        if tokens.lock().map(|t| t.recv()).is_err() || shared.stop.load(Ordering::SeqCst) {
+        // A token first (bounded look-ahead), then the next batch number. The sender gone (the
+        // feed dropped) or a poisoned lock ends the thread.
+        let got = match tokens.lock() {
+            Ok(t) => t.recv().is_ok(),
+            Err(_) => false,
+        };
+        if !got || shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let k = shared.next.fetch_add(1, Ordering::SeqCst);

@@ -185,7 +185,7 @@ pub fn train_on(
             .chunks(bs)
             .map(|idx| data_parallel::shard(idx, rank, size).to_vec())
             .collect();
-        let mut feed = train_set.feed(shares, feed_options);
+        let mut feed = train_set.feed(shares, feed_options)?;
         let t0 = Instant::now();
         timed.take();
         let (mut loss_sum, mut correct, mut seen, mut skipped) = (0.0f64, 0usize, 0usize, 0usize);

@@ -58,7 +58,7 @@ pub fn evaluate_samples(
     // A streamed split is decoded ahead by one thread per core while the model runs.
     let batches: Vec<Vec<usize>> = order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut feed = data.feed(batches, crate::data::FeedOptions::new(cores, false));
+    let mut feed = data.feed(batches, crate::data::FeedOptions::new(cores, false))?;
     for idx in order.chunks(batch_size.max(1)) {
         feed.next_into(norm, model.input_mut(), &mut y)
             .ok_or_else(|| Error::invalid("the loader ended before the last test batch"))??;
