@@ -353,23 +353,8 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
     }
     // Headers first: every size is known and checked before any pixel is decoded.
     let headers: Vec<Result<(u32, u32, bool)>> = files.par_iter().map(|(p, _)| header_of(reader(p)?, p)).collect();
-    let mut bad = 0;
-    let mut dims = Vec::with_capacity(files.len());
-    let mut kept = Vec::with_capacity(files.len());
-    for (f, h) in files.into_iter().zip(headers) {
-        match h {
-            Ok(d) => {
-                dims.push(d);
-                kept.push(f);
-            }
-            Err(_) if opts.skip_bad => bad += 1,
-            Err(e) => return Err(e),
-        }
-    }
-    let files = kept;
-    if files.is_empty() {
-        return Err(Error::data(dir, format!("has no readable {split} image")));
-    }
+    let (dims, keep, bad) = readable_headers(headers, opts.skip_bad, dir, split)?;
+    let files: Vec<(PathBuf, u8)> = keep.into_iter().map(|i| files[i].clone()).collect();
     let shape = split_shape(&dims, opts, |k| files[k].0.as_path())?;
     let sample = shape.iter().product::<usize>();
     let bytes = (files.len() as u64).saturating_mul(sample as u64);
@@ -404,6 +389,34 @@ pub fn load_folder(dir: &Path, split: &str, opts: FolderOptions) -> Result<Datas
         class_names: names,
         source,
     })
+}
+
+/// What a header says: width, height, and whether the pixels have colour.
+pub(crate) type Header = (u32, u32, bool);
+
+/// The headers that read (width, height, colour) and their indices in the split, and how many
+/// did not: with `skip_bad` those are counted and left out, else the first one's error stops it.
+pub(crate) fn readable_headers(
+    headers: Vec<Result<Header>>,
+    skip_bad: bool,
+    dir: &Path,
+    split: &str,
+) -> Result<(Vec<Header>, Vec<usize>, usize)> {
+    let (mut dims, mut keep, mut bad) = (Vec::with_capacity(headers.len()), Vec::new(), 0);
+    for (i, h) in headers.into_iter().enumerate() {
+        match h {
+            Ok(d) => {
+                dims.push(d);
+                keep.push(i);
+            }
+            Err(_) if skip_bad => bad += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    if keep.is_empty() {
+        return Err(Error::data(dir, format!("has no readable {split} image")));
+    }
+    Ok((dims, keep, bad))
 }
 
 /// The [C, H, W] of a split from its headers (width, height, colour): `--resize` or the one

@@ -20,6 +20,6 @@ pub use dataset::{
     data_format, describe_data, epoch_order, load_split, load_split_with, load_test_for, resolve_data_dir, DataFormat,
     Dataset, InputNorm, Source,
 };
-pub use dataset::{normalize_batch, Batches, Fed};
 pub use folder::FolderOptions;
+pub use stream::{normalize_batch, Batches, Fed};
 pub use stream::{FeedOptions, Pixels};

@@ -19,7 +19,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::data::folder::{bad_image, caches, decode_all, header_of, image_to_sample, limits, split_shape};
+use crate::data::folder::{
+    bad_image, caches, decode_all, header_of, image_to_sample, limits, readable_headers, split_shape,
+};
 use crate::data::stream::{Pixels, SampleReader};
 use crate::data::{DataFormat, Dataset, FolderOptions, Source, MAX_CLASSES};
 use crate::error::{Error, Result};
@@ -386,21 +388,7 @@ pub fn load_shards(path: &Path, train: bool, opts: FolderOptions) -> Result<Data
             header_of(r, Path::new(&reader.name(i)))
         })
         .collect();
-    let (mut dims, mut keep) = (Vec::new(), Vec::new());
-    let mut bad = 0;
-    for (i, h) in headers.into_iter().enumerate() {
-        match h {
-            Ok(d) => {
-                dims.push(d);
-                keep.push(i);
-            }
-            Err(_) if opts.skip_bad => bad += 1,
-            Err(e) => return Err(e),
-        }
-    }
-    if keep.is_empty() {
-        return Err(Error::data(path, format!("has no readable {split} image")));
-    }
+    let (dims, keep, bad) = readable_headers(headers, opts.skip_bad, path, split)?;
     let mut labels = index.labels;
     if bad > 0 {
         // Drop the unreadable samples from the index and the per-shard counts.

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::data::{Dataset, InputNorm};
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 
 /// A split whose samples are read and decoded on demand (an image folder or tar shards).
 pub trait SampleReader: Send + Sync {
@@ -272,4 +274,85 @@ fn decode_batch(shared: &Shared, idx: &[usize]) -> Result<RawBatch> {
     }
     out.bytes.truncate(kept * s);
     Ok(out)
+}
+
+/// A split's batches in order (`Dataset::feed`).
+pub enum Batches<'a> {
+    Memory {
+        set: &'a Dataset,
+        batches: Vec<Vec<usize>>,
+        next: usize,
+    },
+    Stream(Feed),
+}
+
+/// One batch put into the model's input: how many samples it holds and the images skipped.
+#[derive(Debug, Default)]
+pub struct Fed {
+    pub samples: usize,
+    pub skipped: Vec<String>,
+}
+
+impl Batches<'_> {
+    /// Normalizes the next batch into `x` and its labels into `y`; None after the last.
+    pub fn next_into(&mut self, norm: InputNorm, x: &mut Tensor, y: &mut Vec<u8>) -> Option<Result<Fed>> {
+        match self {
+            Batches::Memory { set, batches, next } => {
+                let idx = batches.get(*next)?;
+                *next += 1;
+                Some(set.batch(idx, norm, x, y).map(|()| Fed {
+                    samples: idx.len(),
+                    skipped: Vec::new(),
+                }))
+            }
+            Batches::Stream(feed) => {
+                let shape = feed.shape();
+                Some(feed.next_batch()?.and_then(|RawBatch { bytes, labels, skipped }| {
+                    let s: usize = shape.iter().product();
+                    normalize_batch(bytes.chunks(s), labels.len(), shape, norm, x)?;
+                    y.clear();
+                    y.extend_from_slice(&labels);
+                    Ok(Fed {
+                        samples: labels.len(),
+                        skipped,
+                    })
+                }))
+            }
+        }
+    }
+
+    /// Images decoded so far and the time spent waiting for a batch that was not ready
+    /// (nothing for a split in memory).
+    pub fn stats(&self) -> FeedStats {
+        match self {
+            Batches::Memory { .. } => Default::default(),
+            Batches::Stream(feed) => feed.stats,
+        }
+    }
+}
+
+/// x ↦ x/255·(1/std_c) − mean_c/std_c per channel: `n` samples of [C, H, W] bytes into the
+/// [n, C, H, W] tensor `x` (one multiply-add per value, no allocation per batch).
+pub fn normalize_batch<'s>(
+    samples: impl Iterator<Item = &'s [u8]>,
+    n: usize,
+    shape: [usize; 3],
+    norm: InputNorm,
+    x: &mut Tensor,
+) -> Result<()> {
+    let [c, h, w] = shape;
+    x.resize_to(&[n, c, h, w])?;
+    let affine = |ch: usize| {
+        let k = ch.min(norm.channels - 1);
+        (1.0 / (255.0 * norm.std[k]), norm.mean[k] / norm.std[k])
+    };
+    for (dst, src) in x.data.chunks_mut(c * h * w).zip(samples) {
+        for (ch, (dp, sp)) in dst.chunks_mut(h * w).zip(src.chunks(h * w)).enumerate() {
+            let (scale, shift) = affine(ch);
+            for (o, &b) in dp.iter_mut().zip(sp) {
+                *o = b as f32 * scale - shift;
+            }
+        }
+    }
+    Ok(())
 }
