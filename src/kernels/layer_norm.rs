@@ -1,14 +1,90 @@
 //! PyTorch's elementwise nn.LayerNorm backward on the (N, C, 1) view (C = the normalized
 //! shape's size, one statistics set per row): dx and dγ, dβ summed over the rows, without the
 //! per-element sums GroupNorm's backward would write. The forward is GroupNorm's
-//! (`group_norm_forward_train` with G = 1, S = 1); the per-set math is shared with it.
+//! (`group_norm_forward_train` with G = 1, S = 1). Row sums run in 16 f32 lanes added into f64
+//! totals every `FLUSH` values: vector speed at f64-like accuracy.
 
 use rayon::prelude::*;
 
 use crate::kernels::batch_norm::{inverse_std, ChannelStats, Ncs};
-use crate::kernels::group_norm::{block_dx, SetNorm, LANES};
-use crate::kernels::reduce::Center;
+use crate::kernels::reduce::{relu_mask, Center};
 use crate::kernels::simd::multiversion;
+
+/// Values per f32 lane group (one AVX-512 register, two AVX2 ones).
+const W: usize = 16;
+
+/// Values summed in the f32 lanes before they are added into the f64 totals: each lane adds
+/// 16 values, so its rounding stays at a few ulps of a block's sum.
+const FLUSH: usize = 16 * W;
+
+/// Rows of at least this many values take `layer_norm_backward_columns`: a row's x, dy and dx no longer fit in L2 for a second pass,
+/// and per-task column accumulators (2·C floats, read and written once per row) move as many
+/// bytes as the data.
+const LONG_ROW: usize = 1 << 15;
+
+/// Values i..i+W of `v`, copied: the loops read their inputs into arrays, compute into an
+/// array and store it whole, so LLVM need not prove that an output does not alias an input
+/// (with references into the slices it emitted scalar code, measured).
+#[inline(always)]
+fn lanes(v: &[f32], i: usize) -> [f32; W] {
+    v[i..i + W].try_into().expect("W values")
+}
+
+/// Stores `o` at i..i+W of `v`.
+#[inline(always)]
+fn store(v: &mut [f32], i: usize, o: [f32; W]) {
+    v[i..i + W].copy_from_slice(&o);
+}
+
+/// Σ over the first `full` values of a row (a multiple of W) of K quantities: `$body` adds
+/// values $i..$i+W into the K f32 lane groups `$acc`, flushed into f64 lanes every FLUSH
+/// values and summed by halving at the end. The caller adds the last len mod W values itself.
+/// A macro, not a function taking a closure: a closure is compiled apart from the
+/// `multiversion!` function that calls it, without its AVX-512 (measured: scalar code).
+macro_rules! blocked_sums {
+    ($full:expr, [$($acc:ident),+], |$i:ident| $body:block) => {{
+        let full: usize = $full;
+        const K: usize = [$(stringify!($acc)),+].len();
+        let mut total = [[0.0f64; W]; K];
+        let mut start = 0;
+        while start < full {
+            let end = (start + FLUSH).min(full);
+            $(let mut $acc = [0.0f32; W];)+
+            let mut $i = start;
+            while $i < end {
+                $body
+                $i += W;
+            }
+            let mut k = 0;
+            $(
+                for l in 0..W {
+                    total[k][l] += $acc[l] as f64;
+                }
+                k += 1;
+            )+
+            let _ = k;
+            start = end;
+        }
+        let mut out = [0.0f64; K];
+        for k in 0..K {
+            out[k] = tree_sum(total[k]);
+        }
+        out
+    }};
+}
+
+/// Σ of W lanes by halving (a few vector adds, not a chain of W dependent ones).
+#[inline(always)]
+fn tree_sum(mut t: [f64; W]) -> f64 {
+    let mut half = W / 2;
+    while half > 0 {
+        for l in 0..half {
+            t[l] += t[l + half];
+        }
+        half /= 2;
+    }
+    t[0]
+}
 
 // nn.LayerNorm's backward on the (N, C, 1) view, one statistics set per sample: with
 // g = γ·dy, dx = invstd·(g − Σg/C − x̂·Σg·x̂/C) per row; dγ = Σ_n dy·x̂, dβ = Σ_n dy.
@@ -16,9 +92,7 @@ use crate::kernels::simd::multiversion;
 /// one fused pass (its two sums, and its dy·x̂ and dy added into the task's f32 column
 /// accumulators in `scratch`, resized here and reused across calls) and once more from cache
 /// for dx; the tasks' accumulators are summed in f64 at the end. Measured against the
-/// previous kernel (f64 accumulators per rayon split and a separate column pass, or a third
-/// pass over x and dy for fewer than 4 rows per thread): see ARCHITECTURE.md, "LayerNorm's
-/// backward".
+/// previous kernels: see ARCHITECTURE.md, "LayerNorm's backward".
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_backward(
     x: &[f32],
@@ -35,7 +109,7 @@ pub fn layer_norm_backward(
     scratch: &mut Vec<f32>,
 ) {
     let c = shape.c.max(1);
-    if c >= COLUMN_SPLIT_FROM && x.len() >= 1 << 15 {
+    if c >= LONG_ROW && x.len() >= 1 << 15 {
         layer_norm_backward_columns(x, y, dy, dx, c, eps, gamma, relu, stats, dgamma, dbeta);
         return;
     }
@@ -49,10 +123,7 @@ pub fn layer_norm_backward(
     let task = |dxt: &mut [f32], xt: &[f32], yt: &[f32], dt: &[f32], st: &[ChannelStats], a: &mut [f32]| {
         a.fill(0.0);
         let (g, b) = a.split_at_mut(c);
-        let rows = dxt.chunks_mut(c).zip(xt.chunks(c)).zip(yt.chunks(c)).zip(dt.chunks(c));
-        for ((((dxr, xr), yr), dr), st) in rows.zip(st) {
-            layer_norm_row(xr, yr, dr, dxr, gamma, st, eps, relu, g, b);
-        }
+        backward_rows(xt, yt, dt, dxt, c, gamma, relu, st, eps, g, b);
     };
     if used == 1 {
         task(dx, x, y, dy, stats, acc);
@@ -71,17 +142,123 @@ pub fn layer_norm_backward(
     }
 }
 
-/// Rows of at least this many values take `layer_norm_backward_columns`: a row's x, dy and dx
-/// no longer fit in L2 for the row kernel's second pass, and its per-task column accumulators
-/// (2·C floats, read and written once per row) move as many bytes as the data.
-const COLUMN_SPLIT_FROM: usize = 1 << 15;
+multiversion! {
+    /// Rows of `c` values of `layer_norm_backward`, their dγ, dβ terms added into `dg`, `db`.
+    fn backward_rows(xt: &[f32], yt: &[f32], dt: &[f32], dxt: &mut [f32], c: usize, gamma: Option<&[f32]>, relu: bool, stats: &[ChannelStats], eps: f64, dg: &mut [f32], db: &mut [f32]) {
+        let gm = gamma.unwrap_or(&[]);
+        let rows = xt.chunks(c).zip(yt.chunks(c)).zip(dt.chunks(c)).zip(dxt.chunks_mut(c));
+        for ((((xr, yr), dr), dxr), st) in rows.zip(stats) {
+            let invstd = inverse_std(st.var, eps);
+            let center = Center::new(st.mean);
+            let m = c as f64;
+            let (sg, sgx) = match (gamma.is_some(), relu) {
+                (true, false) => row_sums::<true, false>(xr, yr, dr, gm, center, invstd, dg, db),
+                (true, true) => row_sums::<true, true>(xr, yr, dr, gm, center, invstd, dg, db),
+                (false, false) => row_sums::<false, false>(xr, yr, dr, gm, center, invstd, dg, db),
+                (false, true) => row_sums::<false, true>(xr, yr, dr, gm, center, invstd, dg, db),
+            };
+            let coef = (invstd, (sg / m) as f32, (sgx / m) as f32);
+            match (gamma.is_some(), relu) {
+                (true, false) => row_dx::<true, false>(xr, yr, dr, dxr, gm, center, coef),
+                (true, true) => row_dx::<true, true>(xr, yr, dr, dxr, gm, center, coef),
+                (false, false) => row_dx::<false, false>(xr, yr, dr, dxr, gm, center, coef),
+                (false, true) => row_dx::<false, true>(xr, yr, dr, dxr, gm, center, coef),
+            }
+        }
+    }
+}
 
-/// Columns per task of `layer_norm_backward_columns` (its f64 dγ, dβ: 64 KB, in L2).
+/// One row's (Σγg, Σγg·x̂), with each element's g·x̂ and g added into its column's dγ, dβ
+/// (g = dy, masked by y > 0 after a fused ReLU): the one fused pass of the backward.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_sums<const G: bool, const R: bool>(
+    xr: &[f32],
+    yr: &[f32],
+    dr: &[f32],
+    gamma: &[f32],
+    center: Center,
+    invstd: f32,
+    dg: &mut [f32],
+    db: &mut [f32],
+) -> (f64, f64) {
+    let full = xr.len() / W * W;
+    let ones = [1.0f32; W];
+    let [mut sg, mut sgx] = blocked_sums!(full, [a, q], |i| {
+        let (x, d) = (lanes(xr, i), lanes(dr, i));
+        let y = if R { lanes(yr, i) } else { d };
+        let gm = if G { lanes(gamma, i) } else { ones };
+        let (mut gs, mut bs) = (lanes(dg, i), lanes(db, i));
+        for l in 0..W {
+            let g = grad::<R>(y[l], d[l]);
+            let xh = center.sub(x[l]) * invstd;
+            a[l] += gm[l] * g;
+            q[l] += gm[l] * g * xh;
+            gs[l] += g * xh;
+            bs[l] += g;
+        }
+        store(dg, i, gs);
+        store(db, i, bs);
+    });
+    for i in full..xr.len() {
+        let g = grad::<R>(yr[i], dr[i]);
+        let xh = center.sub(xr[i]) * invstd;
+        let gm = if G { gamma[i] } else { 1.0 };
+        sg += (gm * g) as f64;
+        sgx += (gm * g * xh) as f64;
+        dg[i] += g * xh;
+        db[i] += g;
+    }
+    (sg, sgx)
+}
+
+/// dy, masked by y > 0 after a fused ReLU.
+#[inline(always)]
+fn grad<const R: bool>(y: f32, d: f32) -> f32 {
+    if R {
+        relu_mask(y, d)
+    } else {
+        d
+    }
+}
+
+/// One row's dx = invstd·(γg − a − x̂·b) from its coefficients (invstd, a = Σγg/m,
+/// b = Σγg·x̂/m).
+#[inline(always)]
+fn row_dx<const G: bool, const R: bool>(
+    xr: &[f32],
+    yr: &[f32],
+    dr: &[f32],
+    dxr: &mut [f32],
+    gamma: &[f32],
+    center: Center,
+    (invstd, a, b): (f32, f32, f32),
+) {
+    let full = xr.len() / W * W;
+    let ones = [1.0f32; W];
+    for i in (0..full).step_by(W) {
+        let (x, d) = (lanes(xr, i), lanes(dr, i));
+        let y = if R { lanes(yr, i) } else { d };
+        let gm = if G { lanes(gamma, i) } else { ones };
+        let mut o = [0.0f32; W];
+        for l in 0..W {
+            o[l] = invstd * (gm[l] * grad::<R>(y[l], d[l]) - a - center.sub(x[l]) * invstd * b);
+        }
+        store(dxr, i, o);
+    }
+    for i in full..xr.len() {
+        dxr[i] =
+            invstd * (if G { gamma[i] } else { 1.0 } * grad::<R>(yr[i], dr[i]) - a - center.sub(xr[i]) * invstd * b);
+    }
+}
+
+/// Columns per task of `layer_norm_backward_columns` (two f32 column runs: 32 KB, in L2).
 const COLUMN_TASK: usize = 4096;
 
 /// `layer_norm_backward` for long rows, split by columns: each task owns a run of columns and
-/// goes down all rows, adding each row's partial Σγg, Σγg·x̂ and its columns' dγ, dβ directly
-/// (no per-task copies of the columns); then dx per (row, column run) from the combined sums.
+/// goes down all rows, adding each row's partial Σγg, Σγg·x̂ and its columns' dγ, dβ (into the
+/// task's f32 runs, added into the f64 outputs at the end); then dx per (row, column run)
+/// from the combined sums.
 #[allow(clippy::too_many_arguments)]
 fn layer_norm_backward_columns(
     x: &[f32],
@@ -107,13 +284,24 @@ fn layer_norm_backward_columns(
         .enumerate()
         .for_each(|(j, ((dg, db), part))| {
             let cols = j * COLUMN_TASK..j * COLUMN_TASK + dg.len();
-            dg.fill(0.0);
-            db.fill(0.0);
             let gm = gamma.map(|g| &g[cols.clone()]);
+            let (mut g32, mut b32) = (vec![0.0f32; dg.len()], vec![0.0f32; dg.len()]);
             for (r, (st, p)) in stats.iter().zip(part.iter_mut()).enumerate() {
                 let at = r * c + cols.start..r * c + cols.end;
-                *p = column_run_sums(&x[at.clone()], &y[at.clone()], &dy[at], gm, st, eps, relu, dg, db);
+                *p = column_run_sums(
+                    &x[at.clone()],
+                    &y[at.clone()],
+                    &dy[at],
+                    gm,
+                    st,
+                    eps,
+                    relu,
+                    &mut g32,
+                    &mut b32,
+                );
             }
+            dg.iter_mut().zip(&g32).for_each(|(o, &v)| *o = v as f64);
+            db.iter_mut().zip(&b32).for_each(|(o, &v)| *o = v as f64);
         });
     let coef: Vec<(f32, f32, f32)> = (0..n)
         .map(|r| {
@@ -144,128 +332,28 @@ fn layer_norm_backward_columns(
 }
 
 multiversion! {
-    /// One row's run of columns: its (Σγg, Σγg·x̂) in f64 lanes, and g·x̂, g added into the
-    /// columns' dγ, dβ.
-    fn column_run_sums(xr: &[f32], yr: &[f32], dr: &[f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f64], db: &mut [f64]) -> (f64, f64) {
-        let norm = SetNorm { center: Center::new(st.mean), invstd: inverse_std(st.var, eps), relu };
-        row_sums_and_columns(xr, yr, dr, gamma, norm, dg, db)
+    /// One row's run of columns: its (Σγg, Σγg·x̂), and g·x̂, g added into the run's dγ, dβ.
+    fn column_run_sums(xr: &[f32], yr: &[f32], dr: &[f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f32], db: &mut [f32]) -> (f64, f64) {
+        let (center, invstd, gm) = (Center::new(st.mean), inverse_std(st.var, eps), gamma.unwrap_or(&[]));
+        match (gamma.is_some(), relu) {
+            (true, false) => row_sums::<true, false>(xr, yr, dr, gm, center, invstd, dg, db),
+            (true, true) => row_sums::<true, true>(xr, yr, dr, gm, center, invstd, dg, db),
+            (false, false) => row_sums::<false, false>(xr, yr, dr, gm, center, invstd, dg, db),
+            (false, true) => row_sums::<false, true>(xr, yr, dr, gm, center, invstd, dg, db),
+        }
     }
 }
 
 multiversion! {
     /// One row's run of columns of dx, from the row's coefficients.
     fn column_run_dx(xr: &[f32], yr: &[f32], dr: &[f32], dxr: &mut [f32], gamma: Option<&[f32]>, relu: bool, st: &ChannelStats, coef: (f32, f32, f32)) {
-        block_dx(xr, yr, dr, dxr, 1, gamma, relu, st, coef);
-    }
-}
-
-multiversion! {
-    /// One row of `layer_norm_backward`: Σγg and Σγg·x̂ (f64 lanes) and the row's dγ, dβ terms
-    /// (into the task's f32 columns) in one pass, then dx.
-    fn layer_norm_row(xr: &[f32], yr: &[f32], dr: &[f32], dxr: &mut [f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f32], db: &mut [f32]) {
-        let invstd = inverse_std(st.var, eps);
-        let center = Center::new(st.mean);
-        let m = xr.len() as f64;
-        let norm = SetNorm { center, invstd, relu };
-        let (sg, sgx) = row_sums_and_columns(xr, yr, dr, gamma, norm, dg, db);
-        block_dx(xr, yr, dr, dxr, 1, gamma, relu, st, (invstd, (sg / m) as f32, (sgx / m) as f32));
-    }
-}
-
-/// A row's (Σγg, Σγg·x̂) in 8 f64 lanes, with each element's g·x̂ and g added into its column's
-/// dγ, dβ (f32 per-task accumulators or f64 outputs): the one fused pass of both LayerNorm
-/// backwards.
-#[inline(always)]
-fn row_sums_and_columns<A: Copy + std::ops::AddAssign + From<f32>>(
-    xr: &[f32],
-    yr: &[f32],
-    dr: &[f32],
-    gamma: Option<&[f32]>,
-    norm: SetNorm,
-    dg: &mut [A],
-    db: &mut [A],
-) -> (f64, f64) {
-    let mut acc = ([0.0f64; LANES], [0.0f64; LANES]);
-    let ones = [1.0f32; LANES];
-    let full = xr.len() / LANES * LANES;
-    let lanes = xr[..full]
-        .chunks_exact(LANES)
-        .zip(yr[..full].chunks_exact(LANES))
-        .zip(dr[..full].chunks_exact(LANES))
-        .zip(
-            dg[..full]
-                .chunks_exact_mut(LANES)
-                .zip(db[..full].chunks_exact_mut(LANES)),
-        );
-    for (k, (((x8, y8), d8), (g8, b8))) in lanes.enumerate() {
-        let gm = gamma.map_or(&ones[..], |g| &g[k * LANES..(k + 1) * LANES]);
-        // Fixed-length arrays: the lane loop unrolls into vector operations (with slices of a
-        // run-time length it stayed scalar, its f64 lanes shuffled in and out of registers).
-        let arr = |v: &[f32]| -> [f32; LANES] { v.try_into().expect("a full chunk") };
-        let (gs, bs): (&mut [A; LANES], &mut [A; LANES]) = (
-            g8.try_into().expect("a full chunk"),
-            b8.try_into().expect("a full chunk"),
-        );
-        full_lane_sums_and_columns(&arr(x8), &arr(y8), &arr(d8), &arr(gm), norm, &mut acc, gs, bs);
-    }
-    let tail = xr.len() - full;
-    let gm = gamma.map_or(&ones[..tail], |g| &g[full..]);
-    lane_sums_and_columns(
-        &xr[full..],
-        &yr[full..],
-        &dr[full..],
-        gm,
-        norm,
-        &mut acc,
-        &mut dg[full..],
-        &mut db[full..],
-    );
-    (acc.0.iter().sum(), acc.1.iter().sum())
-}
-
-/// `lane_sums_and_columns` on exactly LANES elements.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn full_lane_sums_and_columns<A: Copy + std::ops::AddAssign + From<f32>>(
-    x: &[f32; LANES],
-    y: &[f32; LANES],
-    d: &[f32; LANES],
-    gm: &[f32; LANES],
-    n: SetNorm,
-    acc: &mut ([f64; LANES], [f64; LANES]),
-    dg: &mut [A; LANES],
-    db: &mut [A; LANES],
-) {
-    for l in 0..LANES {
-        let g = n.grad(y[l], d[l]);
-        let xh = n.xhat(x[l]);
-        acc.0[l] += (gm[l] * g) as f64;
-        acc.1[l] += (gm[l] * g * xh) as f64;
-        dg[l] += A::from(g * xh);
-        db[l] += A::from(g);
-    }
-}
-
-/// `lane_sums`, and each element's g·x̂ and g added into its column's dγ, dβ.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn lane_sums_and_columns<A: Copy + std::ops::AddAssign + From<f32>>(
-    x: &[f32],
-    y: &[f32],
-    d: &[f32],
-    gm: &[f32],
-    n: SetNorm,
-    acc: &mut ([f64; LANES], [f64; LANES]),
-    dg: &mut [A],
-    db: &mut [A],
-) {
-    for l in 0..x.len().min(LANES) {
-        let g = n.grad(y[l], d[l]);
-        let xh = n.xhat(x[l]);
-        acc.0[l] += (gm[l] * g) as f64;
-        acc.1[l] += (gm[l] * g * xh) as f64;
-        dg[l] += A::from(g * xh);
-        db[l] += A::from(g);
+        let (center, gm) = (Center::new(st.mean), gamma.unwrap_or(&[]));
+        match (gamma.is_some(), relu) {
+            (true, false) => row_dx::<true, false>(xr, yr, dr, dxr, gm, center, coef),
+            (true, true) => row_dx::<true, true>(xr, yr, dr, dxr, gm, center, coef),
+            (false, false) => row_dx::<false, false>(xr, yr, dr, dxr, gm, center, coef),
+            (false, true) => row_dx::<false, true>(xr, yr, dr, dxr, gm, center, coef),
+        }
     }
 }
 
