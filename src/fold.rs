@@ -65,7 +65,8 @@ fn bn_affine(state: &HashMap<String, Tensor>, prefix: &str, eps: f64, lp: bool) 
 }
 
 /// The folded model: same architecture, no norm layers, conv/linear weights and biases
-/// absorbing each BatchNorm's eval-mode affine.
+/// absorbing each BatchNorm's eval-mode affine; each conv → ReLU → 2x2 max-pool fused into one
+/// `ConvPool` (same state dict, same outputs).
 pub fn fold(model: &mut Model) -> Result<Model> {
     if matches!(model.spec.model, Arch::Lstm(..)) && model.spec.norm != NormSpec::None {
         return Err(Error::invalid(format!(
@@ -159,6 +160,8 @@ pub fn fold(model: &mut Model) -> Result<Model> {
             }
         }
     }
+    // An inference model: a conv and the ReLU + max-pool after it run as one pass.
+    crate::nn::conv_pool::fuse_conv_pools(&mut folded.net);
     Ok(folded)
 }
 

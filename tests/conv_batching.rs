@@ -72,3 +72,90 @@ fn batched_conv_equals_sample_by_sample() {
         assert_close(&format!("case n{n} c{c} relu {relu} dW"), &batched_dw, &sum_dw);
     }
 }
+
+/// Inference's fused conv → ReLU → 2x2 max-pool (`ConvPool`, made by `fuse_conv_pools` for the
+/// folded model) gives exactly the two layers' outputs in eval mode, on batched small maps,
+/// one sample per gemm, odd sizes (a 7x7 map pools to 3x3), with and without a bias; under
+/// Winograd it falls back to the two layers; in training it is the two layers (outputs and
+/// every gradient).
+#[test]
+fn fused_conv_pool_equals_conv_then_pool() {
+    use normlab::nn::conv_algorithm::ConvAlgorithm;
+    use normlab::nn::conv_pool::{fuse_conv_pools, ConvPool};
+    use normlab::nn::pool::MaxPool2d;
+    use normlab::nn::sequential::Sequential;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    // (N, C, OC, H, W, bias, algorithm)
+    let cases = [
+        (9, 3, 5, 6, 6, true, ConvAlgorithm::Im2col),
+        (4, 1, 32, 28, 28, true, ConvAlgorithm::Im2col),
+        (3, 2, 4, 7, 9, false, ConvAlgorithm::Im2col),
+        (2, 1, 3, 11, 11, true, ConvAlgorithm::Auto),
+        (
+            2,
+            16,
+            16,
+            14,
+            14,
+            true,
+            ConvAlgorithm::Winograd(normlab::kernels::winograd::WinogradTile::F4),
+        ),
+    ];
+    for (n, c, oc, h, w, bias, algorithm) in cases {
+        let x = random(&[n, c, h, w], &mut ChaCha8Rng::seed_from_u64(rng.gen()));
+        let build = |seed| {
+            let mut conv = Conv2d::new(c, oc, 3, 1, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
+            conv.algorithm = algorithm;
+            conv
+        };
+        let seed = rng.gen();
+        let (mut conv, mut pool) = (build(seed), MaxPool2d::new(2, 2).with_relu());
+        let mut fused = ConvPool::new(build(seed), MaxPool2d::new(2, 2).with_relu());
+        let (mut mid, mut want, mut got) = (Tensor::default(), Tensor::default(), Tensor::default());
+        conv.forward(&x, &mut mid, Mode::Eval).unwrap();
+        pool.forward(&mid, &mut want, Mode::Eval).unwrap();
+        fused.forward(&x, &mut got, Mode::Eval).unwrap();
+        assert_eq!(got.shape, want.shape, "case {:?}", (n, c, oc, h, w));
+        assert_eq!(got.data, want.data, "eval outputs differ, case {:?}", (n, c, oc, h, w));
+        // The one-pass path ran where the conv is im2col (the auto choice for one input
+        // channel, as seed-cnn's stem), and not under Winograd.
+        let took = build(seed)
+            .forward_max_pooled(&x, &mut Tensor::default(), true)
+            .unwrap();
+        let winograd = matches!(algorithm, ConvAlgorithm::Winograd(_));
+        assert_eq!(took, !winograd, "case {:?}", (n, c, oc, h, w));
+        // Training: the same two layers, so the same outputs and gradients.
+        let dy = random(&want.shape, &mut rng);
+        let (mut dmid, mut dx_want, mut dx_got) = (Tensor::default(), Tensor::default(), Tensor::default());
+        conv.forward(&x, &mut mid, Mode::Train).unwrap();
+        pool.forward(&mid, &mut want, Mode::Train).unwrap();
+        pool.backward(&mid, &want, &dy, &mut dmid).unwrap();
+        conv.backward(&x, &mid, &dmid, &mut dx_want).unwrap();
+        fused.forward(&x, &mut got, Mode::Train).unwrap();
+        fused.backward(&x, &got, &dy, &mut dx_got).unwrap();
+        assert_eq!(got.data, want.data);
+        assert_eq!(dx_got.data, dx_want.data);
+        let grads =
+            |l: &mut dyn Layer| -> Vec<Vec<f32>> { l.params().into_iter().map(|(_, p)| p.grad.data.clone()).collect() };
+        assert_eq!(grads(&mut fused), grads(&mut conv));
+    }
+    // The pass: a conv without its own ReLU followed by a ReLU + 2x2 max-pool becomes one layer
+    // under the conv's name; a conv with a fused ReLU, or a plain pool, is left alone.
+    let mut net = Sequential::default();
+    net.push("conv1", Conv2d::new(1, 4, 3, 1, 1, true, &mut rng));
+    net.push("", MaxPool2d::new(2, 2).with_relu());
+    net.push("conv2", Conv2d::new(4, 4, 3, 1, 1, true, &mut rng).with_relu());
+    net.push("", MaxPool2d::new(2, 2));
+    fuse_conv_pools(&mut net);
+    let kinds: Vec<(String, &str)> = net.layers.iter().map(|(n, l)| (n.clone(), l.kind())).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("conv1".to_string(), "Conv2d+ReLU+MaxPool2d"),
+            ("conv2".to_string(), "Conv2d+ReLU"),
+            (String::new(), "MaxPool2d"),
+        ]
+    );
+    let keys: Vec<String> = net.named_params().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]);
+}

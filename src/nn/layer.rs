@@ -90,7 +90,7 @@ pub enum BufferMut<'a> {
     I64(&'a mut i64),
 }
 
-pub trait Layer: Send {
+pub trait Layer: std::any::Any + Send {
     /// The PyTorch class this layer corresponds to, for messages ("Conv2d", "BatchNorm2d").
     fn kind(&self) -> &'static str;
 

@@ -4,6 +4,7 @@ pub mod activation;
 pub mod batch_norm;
 pub mod conv2d;
 pub mod conv_algorithm;
+pub mod conv_pool;
 pub mod dropout;
 pub mod group_norm;
 pub mod init;

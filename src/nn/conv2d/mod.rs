@@ -4,6 +4,7 @@
 //! 7x7 map's 49 terms). Each group owns its scratch and its weight-gradient partial sum, kept
 //! between steps.
 
+mod pooled;
 mod winograd;
 
 use rayon::prelude::*;
