@@ -2,7 +2,7 @@
 //! shape's size, one statistics set per row): dx and dγ, dβ summed over the rows, without the
 //! per-element sums GroupNorm's backward would write. The forward is GroupNorm's
 //! (`group_norm_forward_train` with G = 1, S = 1). Row sums run in 16 f32 lanes added into f64
-//! totals every `FLUSH` values: vector speed at f64-like accuracy.
+//! lanes every `FLUSH` values: vector speed at f64-like accuracy.
 
 use rayon::prelude::*;
 
@@ -17,9 +17,9 @@ const W: usize = 16;
 /// 16 values, so its rounding stays at a few ulps of a block's sum.
 const FLUSH: usize = 16 * W;
 
-/// Rows of at least this many values take `layer_norm_backward_columns`: a row's x, dy and dx no longer fit in L2 for a second pass,
-/// and per-task column accumulators (2·C floats, read and written once per row) move as many
-/// bytes as the data.
+/// Rows of at least this many values take `layer_norm_backward_columns`: a row's x, dy and dx
+/// no longer fit in L2 for a second pass, and per-task column accumulators (2·C floats, read
+/// and written once per row) move as many bytes as the data.
 const LONG_ROW: usize = 1 << 15;
 
 /// Values i..i+W of `v`, copied: the loops read their inputs into arrays, compute into an
@@ -34,43 +34,6 @@ fn lanes(v: &[f32], i: usize) -> [f32; W] {
 #[inline(always)]
 fn store(v: &mut [f32], i: usize, o: [f32; W]) {
     v[i..i + W].copy_from_slice(&o);
-}
-
-/// Σ over the first `full` values of a row (a multiple of W) of K quantities: `$body` adds
-/// values $i..$i+W into the K f32 lane groups `$acc`, flushed into f64 lanes every FLUSH
-/// values and summed by halving at the end. The caller adds the last len mod W values itself.
-/// A macro, not a function taking a closure: a closure is compiled apart from the
-/// `multiversion!` function that calls it, without its AVX-512 (measured: scalar code).
-macro_rules! blocked_sums {
-    ($full:expr, [$($acc:ident),+], |$i:ident| $body:block) => {{
-        let full: usize = $full;
-        const K: usize = [$(stringify!($acc)),+].len();
-        let mut total = [[0.0f64; W]; K];
-        let mut start = 0;
-        while start < full {
-            let end = (start + FLUSH).min(full);
-            $(let mut $acc = [0.0f32; W];)+
-            let mut $i = start;
-            while $i < end {
-                $body
-                $i += W;
-            }
-            let mut k = 0;
-            $(
-                for l in 0..W {
-                    total[k][l] += $acc[l] as f64;
-                }
-                k += 1;
-            )+
-            let _ = k;
-            start = end;
-        }
-        let mut out = [0.0f64; K];
-        for k in 0..K {
-            out[k] = tree_sum(total[k]);
-        }
-        out
-    }};
 }
 
 /// Σ of W lanes by halving (a few vector adds, not a chain of W dependent ones).
@@ -184,22 +147,35 @@ fn row_sums<const G: bool, const R: bool>(
 ) -> (f64, f64) {
     let full = xr.len() / W * W;
     let ones = [1.0f32; W];
-    let [mut sg, mut sgx] = blocked_sums!(full, [a, q], |i| {
-        let (x, d) = (lanes(xr, i), lanes(dr, i));
-        let y = if R { lanes(yr, i) } else { d };
-        let gm = if G { lanes(gamma, i) } else { ones };
-        let (mut gs, mut bs) = (lanes(dg, i), lanes(db, i));
-        for l in 0..W {
-            let g = grad::<R>(y[l], d[l]);
-            let xh = center.sub(x[l]) * invstd;
-            a[l] += gm[l] * g;
-            q[l] += gm[l] * g * xh;
-            gs[l] += g * xh;
-            bs[l] += g;
+    // Every FLUSH values the f32 lanes go into f64 lanes. The loop is written out here, not in
+    // a helper taking a closure: a closure is compiled apart from the `multiversion!` function
+    // that calls it, without its AVX-512 (measured: scalar code).
+    let (mut total_g, mut total_gx) = ([0.0f64; W], [0.0f64; W]);
+    for start in (0..full).step_by(FLUSH) {
+        let mut a = [0.0f32; W];
+        let mut q = [0.0f32; W];
+        for i in (start..(start + FLUSH).min(full)).step_by(W) {
+            let (x, d) = (lanes(xr, i), lanes(dr, i));
+            let y = if R { lanes(yr, i) } else { d };
+            let gm = if G { lanes(gamma, i) } else { ones };
+            let (mut gs, mut bs) = (lanes(dg, i), lanes(db, i));
+            for l in 0..W {
+                let g = grad::<R>(y[l], d[l]);
+                let xh = center.sub(x[l]) * invstd;
+                a[l] += gm[l] * g;
+                q[l] += gm[l] * g * xh;
+                gs[l] += g * xh;
+                bs[l] += g;
+            }
+            store(dg, i, gs);
+            store(db, i, bs);
         }
-        store(dg, i, gs);
-        store(db, i, bs);
-    });
+        for l in 0..W {
+            total_g[l] += a[l] as f64;
+            total_gx[l] += q[l] as f64;
+        }
+    }
+    let (mut sg, mut sgx) = (tree_sum(total_g), tree_sum(total_gx));
     for i in full..xr.len() {
         let g = grad::<R>(yr[i], dr[i]);
         let xh = center.sub(xr[i]) * invstd;

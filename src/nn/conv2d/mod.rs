@@ -171,8 +171,9 @@ impl Conv2d {
         })
     }
 
-    /// Samples per group and samples per gemm, with the scratch sized for them.
-    fn prepare(&mut self, n: usize, g: &ConvGeometry) -> Result<(usize, usize)> {
+    /// Samples per group and samples per gemm, with the scratch sized for them; `own_out`: the
+    /// gemm writes into the group's `out` even one sample at a time (the pooled forward).
+    fn prepare(&mut self, n: usize, g: &ConvGeometry, own_out: bool) -> Result<(usize, usize)> {
         let per_group = n.div_ceil(GROUPS).max(1);
         let groups = n.div_ceil(per_group);
         let cols = g.col_cols();
@@ -181,7 +182,7 @@ impl Conv2d {
             .clamp(1, per_group);
         let col_len = g.col_rows() * batch * cols;
         let partial_len = self.out_channels * (g.col_rows() + 1);
-        let out_len = if batch > 1 || self.relu {
+        let out_len = if batch > 1 || self.relu || own_out {
             self.out_channels * batch * cols
         } else {
             0
@@ -256,7 +257,7 @@ impl Layer for Conv2d {
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
         let oc = self.out_channels;
-        let (per_group, batch) = self.prepare(n, &g)?;
+        let (per_group, batch) = self.prepare(n, &g, false)?;
         y.resize_to(&[n, oc, g.out_h(), g.out_w()])?;
         let (w, bias) = (
             &self.weight.value.data,
@@ -380,7 +381,7 @@ impl Layer for Conv2d {
             self.backward_winograd(x, y, dy, dx, &g, passes)?;
             return Ok(());
         }
-        let (per_group, batch) = self.prepare(n, &g)?;
+        let (per_group, batch) = self.prepare(n, &g, false)?;
         let xs = x.sample_len();
         let input_grad = self.input_grad;
         dx.resize_to(&x.shape)?;

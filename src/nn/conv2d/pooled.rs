@@ -10,7 +10,6 @@ use crate::kernels::im2col::im2col;
 use crate::kernels::matmul::{matmul, Op};
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_width};
 use crate::kernels::reduce::add_bias_relu;
-use crate::memory::try_resize;
 use crate::tensor::Tensor;
 
 impl Conv2d {
@@ -32,10 +31,7 @@ impl Conv2d {
         if self.relu || split || oh < 2 || ow < 2 || self.passes(&g, n).forward.is_some() {
             return Ok(false);
         }
-        let (per_group, batch) = self.prepare(n, &g)?;
-        for s in self.groups.iter_mut() {
-            try_resize(&mut s.out, oc * batch * cols, 0.0, "the convolution's scratch")?;
-        }
+        let (per_group, batch) = self.prepare(n, &g, true)?;
         let (ph, pw) = (oh / 2, ow / 2);
         let pooled = ph * pw;
         y.resize_to(&[n, oc, ph, pw])?;
