@@ -108,26 +108,60 @@ pub fn layer_norm_backward(
 multiversion! {
     /// Rows of `c` values of `layer_norm_backward`, their dγ, dβ terms added into `dg`, `db`.
     fn backward_rows(xt: &[f32], yt: &[f32], dt: &[f32], dxt: &mut [f32], c: usize, gamma: Option<&[f32]>, relu: bool, stats: &[ChannelStats], eps: f64, dg: &mut [f32], db: &mut [f32]) {
-        let gm = gamma.unwrap_or(&[]);
         let rows = xt.chunks(c).zip(yt.chunks(c)).zip(dt.chunks(c)).zip(dxt.chunks_mut(c));
         for ((((xr, yr), dr), dxr), st) in rows.zip(stats) {
             let invstd = inverse_std(st.var, eps);
             let center = Center::new(st.mean);
             let m = c as f64;
-            let (sg, sgx) = match (gamma.is_some(), relu) {
-                (true, false) => row_sums::<true, false>(xr, yr, dr, gm, center, invstd, dg, db),
-                (true, true) => row_sums::<true, true>(xr, yr, dr, gm, center, invstd, dg, db),
-                (false, false) => row_sums::<false, false>(xr, yr, dr, gm, center, invstd, dg, db),
-                (false, true) => row_sums::<false, true>(xr, yr, dr, gm, center, invstd, dg, db),
-            };
+            let (sg, sgx) = row_sums_for(xr, yr, dr, gamma, relu, center, invstd, dg, db);
             let coef = (invstd, (sg / m) as f32, (sgx / m) as f32);
-            match (gamma.is_some(), relu) {
-                (true, false) => row_dx::<true, false>(xr, yr, dr, dxr, gm, center, coef),
-                (true, true) => row_dx::<true, true>(xr, yr, dr, dxr, gm, center, coef),
-                (false, false) => row_dx::<false, false>(xr, yr, dr, dxr, gm, center, coef),
-                (false, true) => row_dx::<false, true>(xr, yr, dr, dxr, gm, center, coef),
-            }
+            row_dx_for(xr, yr, dr, dxr, gamma, relu, center, coef)
         }
+    }
+}
+
+/// `row_sums` instantiated for whether there is a γ and a fused ReLU (both backward paths).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_sums_for(
+    xr: &[f32],
+    yr: &[f32],
+    dr: &[f32],
+    gamma: Option<&[f32]>,
+    relu: bool,
+    center: Center,
+    invstd: f32,
+    dg: &mut [f32],
+    db: &mut [f32],
+) -> (f64, f64) {
+    let gm = gamma.unwrap_or(&[]);
+    match (gamma.is_some(), relu) {
+        (true, false) => row_sums::<true, false>(xr, yr, dr, gm, center, invstd, dg, db),
+        (true, true) => row_sums::<true, true>(xr, yr, dr, gm, center, invstd, dg, db),
+        (false, false) => row_sums::<false, false>(xr, yr, dr, gm, center, invstd, dg, db),
+        (false, true) => row_sums::<false, true>(xr, yr, dr, gm, center, invstd, dg, db),
+    }
+}
+
+/// `row_dx` instantiated for whether there is a γ and a fused ReLU (both backward paths).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_dx_for(
+    xr: &[f32],
+    yr: &[f32],
+    dr: &[f32],
+    dxr: &mut [f32],
+    gamma: Option<&[f32]>,
+    relu: bool,
+    center: Center,
+    coef: (f32, f32, f32),
+) {
+    let gm = gamma.unwrap_or(&[]);
+    match (gamma.is_some(), relu) {
+        (true, false) => row_dx::<true, false>(xr, yr, dr, dxr, gm, center, coef),
+        (true, true) => row_dx::<true, true>(xr, yr, dr, dxr, gm, center, coef),
+        (false, false) => row_dx::<false, false>(xr, yr, dr, dxr, gm, center, coef),
+        (false, true) => row_dx::<false, true>(xr, yr, dr, dxr, gm, center, coef),
     }
 }
 
@@ -310,26 +344,15 @@ fn layer_norm_backward_columns(
 multiversion! {
     /// One row's run of columns: its (Σγg, Σγg·x̂), and g·x̂, g added into the run's dγ, dβ.
     fn column_run_sums(xr: &[f32], yr: &[f32], dr: &[f32], gamma: Option<&[f32]>, st: &ChannelStats, eps: f64, relu: bool, dg: &mut [f32], db: &mut [f32]) -> (f64, f64) {
-        let (center, invstd, gm) = (Center::new(st.mean), inverse_std(st.var, eps), gamma.unwrap_or(&[]));
-        match (gamma.is_some(), relu) {
-            (true, false) => row_sums::<true, false>(xr, yr, dr, gm, center, invstd, dg, db),
-            (true, true) => row_sums::<true, true>(xr, yr, dr, gm, center, invstd, dg, db),
-            (false, false) => row_sums::<false, false>(xr, yr, dr, gm, center, invstd, dg, db),
-            (false, true) => row_sums::<false, true>(xr, yr, dr, gm, center, invstd, dg, db),
-        }
+        let (center, invstd) = (Center::new(st.mean), inverse_std(st.var, eps));
+        row_sums_for(xr, yr, dr, gamma, relu, center, invstd, dg, db)
     }
 }
 
 multiversion! {
     /// One row's run of columns of dx, from the row's coefficients.
     fn column_run_dx(xr: &[f32], yr: &[f32], dr: &[f32], dxr: &mut [f32], gamma: Option<&[f32]>, relu: bool, st: &ChannelStats, coef: (f32, f32, f32)) {
-        let (center, gm) = (Center::new(st.mean), gamma.unwrap_or(&[]));
-        match (gamma.is_some(), relu) {
-            (true, false) => row_dx::<true, false>(xr, yr, dr, dxr, gm, center, coef),
-            (true, true) => row_dx::<true, true>(xr, yr, dr, dxr, gm, center, coef),
-            (false, false) => row_dx::<false, false>(xr, yr, dr, dxr, gm, center, coef),
-            (false, true) => row_dx::<false, true>(xr, yr, dr, dxr, gm, center, coef),
-        }
+        row_dx_for(xr, yr, dr, dxr, gamma, relu, Center::new(st.mean), coef)
     }
 }
 
