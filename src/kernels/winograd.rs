@@ -177,6 +177,20 @@ mod avx512 {
             let dst = &mut dst[..super::LANES];
             unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), self.0) }
         }
+        // Masked: the default's copy through a stack array called memcpy, and the vector load
+        // of bytes just written by it stalled (30% of the input transform in a vgg step).
+        #[inline(always)]
+        fn load_first(src: &[f32], n: usize) -> Self {
+            let src = &src[..n.min(super::LANES)];
+            let mask = ((1u32 << src.len()) - 1) as __mmask16;
+            Avx512(unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr()) })
+        }
+        #[inline(always)]
+        fn store_first(self, dst: &mut [f32], n: usize) {
+            let dst = &mut dst[..n.min(super::LANES)];
+            let mask = ((1u32 << dst.len()) - 1) as __mmask16;
+            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, self.0) }
+        }
         #[inline(always)]
         fn scale(self, c: f32) -> Self {
             Avx512(unsafe { _mm512_mul_ps(self.0, _mm512_set1_ps(c)) })
