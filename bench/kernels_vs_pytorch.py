@@ -158,8 +158,11 @@ def main():
             copy = max(copy, gbs)
             for k in kernels:
                 t = torch_kernel(k["kernel"], k["shape"], reps)
-                row = kernel_rows.setdefault((k["kernel"], tuple(k["shape"])), dict(ms=[], torch_ms=[], ratio=[]))
+                row = kernel_rows.setdefault((k["kernel"], tuple(k["shape"])),
+                                             dict(ms=[], torch_ms=[], ratio=[], gb_per_s=[], copy_fraction=[]))
                 row["ms"].append(k["ms"])
+                row["gb_per_s"].append(k["gb_per_s"])
+                row["copy_fraction"].append(k["copy_fraction"])
                 row["torch_ms"].append(t * 1e3)
                 row["ratio"].append(t * 1e3 / k["ms"])
             for t in training:
@@ -184,10 +187,14 @@ def main():
     print(f"threads {args.threads}, torch {torch.__version__}, {max(1, args.rounds)} alternating rounds; "
           f"memory copy {copy:.1f} GB/s; ratios > 1: normlab faster (per round: min, median)")
     if kernel_rows:
-        print(f"{'kernel':<18} {'shape':<18} {'normlab ms':>10} {'torch ms':>9} {'ratio min':>9} {'median':>7}")
+        # GB/s: normlab's minimum tensor traffic (bench.rs KERNELS: 2 or 5 tensor sizes) over its
+        # time; copy%: that against the copy bandwidth measured in the same normlab run (medians).
+        print(f"{'kernel':<18} {'shape':<18} {'normlab ms':>10} {'torch ms':>9} {'ratio min':>9} {'median':>7} "
+              f"{'GB/s':>6} {'copy%':>6}")
     for (name, shape), row in kernel_rows.items():
         print(f"{name:<18} {str(list(shape)):<18} {med(row['ms']):>10.3f} {med(row['torch_ms']):>9.3f} "
-              f"{min(row['ratio']):>9.2f} {med(row['ratio']):>7.2f}")
+              f"{min(row['ratio']):>9.2f} {med(row['ratio']):>7.2f} {med(row['gb_per_s']):>6.1f} "
+              f"{100 * med(row['copy_fraction']):>5.0f}%")
     for name in dict.fromkeys(k for k, _ in kernel_rows):
         rs = [min(r["ratio"]) for (k, _), r in kernel_rows.items() if k == name]
         print(f"  {name:<18} worst shape's min ratio {min(rs):.2f}x")
