@@ -766,16 +766,10 @@ crate::kernels::simd::multiversion! {
     /// Rows first..first + count of every u[ξ] (see `winograd_filter_transform`), `KERNELS`
     /// columns at a time.
     fn filter_transform_rows(tile: WinogradTile, w: &[f32], in_channels: usize, adjoint: bool, first: usize, count: usize, rows: usize, cols: usize, out: &SharedOut) {
-        // Loops and functions, no closures: a closure is compiled apart from the
-        // `multiversion!` function, without its AVX-512 (measured here too).
+        // No closure carries the arithmetic (only the row iteration below): a closure is
+        // compiled apart from the `multiversion!` function, without its AVX-512 (measured here too).
         let t = tile.t();
-        // G's rows as a slice whose length the compiler does not see: with G's shape known,
-        // LLVM vectorized across G's rows (gathering its columns with masks), not across the
-        // 8 kernels (measured).
-        let g_rows: &[[f64; 3]] = std::hint::black_box(match tile {
-            WinogradTile::F2 => &G2[..],
-            WinogradTile::F4 => &G4[..],
-        });
+        let g_rows = hidden_g(tile);
         let mut gk = [[[[0.0f64; KERNELS]; 3]; 6]; ROW_BLOCKS];
         for (r, c0) in (first..first + count).flat_map(|r| (0..cols).step_by(ROW_BLOCKS * KERNELS).map(move |c0| (r, c0))) {
             let span = (ROW_BLOCKS * KERNELS).min(cols - c0);
@@ -808,6 +802,17 @@ crate::kernels::simd::multiversion! {
             }
         }
     }
+}
+
+/// G's rows as a slice whose length the compiler does not see: with G's shape known, LLVM
+/// vectorized the filter transforms across G's rows (gathering its columns with masks), not
+/// across the 8 kernels (measured).
+#[inline(always)]
+fn hidden_g(tile: WinogradTile) -> &'static [[f64; 3]] {
+    std::hint::black_box(match tile {
+        WinogradTile::F2 => &G2[..],
+        WinogradTile::F4 => &G4[..],
+    })
 }
 
 /// Blocks of `KERNELS` columns whose G k `filter_transform_rows` holds at a time (36 KB).
@@ -846,11 +851,7 @@ crate::kernels::simd::multiversion! {
     /// Output channels o0.. of `winograd_filter_gradient` (dwb: their [C, 3, 3] kernels).
     fn filter_gradient_block(tile: WinogradTile, du: &[f32], out_channels: usize, in_channels: usize, o0: usize, dwb: &mut [f32]) {
         let t2 = tile.t() * tile.t();
-        // As in `filter_transform_rows`: G's shape hidden, so that the lanes are the kernels.
-        let g_rows: &[[f64; 3]] = std::hint::black_box(match tile {
-            WinogradTile::F2 => &G2[..],
-            WinogradTile::F4 => &G4[..],
-        });
+        let g_rows = hidden_g(tile);
         let n = dwb.len() / (in_channels * 9);
         let oc_c = out_channels * in_channels;
         for c in 0..in_channels {
