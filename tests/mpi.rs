@@ -335,8 +335,9 @@ fn a_batch_that_does_not_split_or_bad_input_on_one_process_fails_the_job_with_on
     assert!(e.contains("start every other command as one process"), "{e}");
 }
 
-/// The pid of rank `rank` among mpirun's children.
-fn rank_pid(rank: usize) -> Option<u32> {
+/// The pid of rank `rank` of the job whose command line names `run`: the tests run side by
+/// side, and another test's rank 1 is not this job's.
+fn rank_pid(rank: usize, run: &Path) -> Option<u32> {
     let want = format!("OMPI_COMM_WORLD_RANK={rank}");
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -346,6 +347,10 @@ fn rank_pid(rank: usize) -> Option<u32> {
             continue;
         };
         if exe != Path::new(env!("CARGO_BIN_EXE_normlab")) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !cmdline.split(|&b| b == 0).any(|a| a == s(run).as_bytes()) {
             continue;
         }
         let env = std::fs::read(entry.path().join("environ")).unwrap_or_default();
@@ -403,7 +408,7 @@ fn killing_one_process_ends_the_job_quickly_and_resume_continues_exactly() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let pid = rank_pid(1).expect("rank 1 runs");
+    let pid = rank_pid(1, &run).expect("rank 1 of this job runs");
     let killed = Instant::now();
     assert!(Command::new("kill")
         .args(["-9", &pid.to_string()])
