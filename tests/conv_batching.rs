@@ -75,8 +75,8 @@ fn batched_conv_equals_sample_by_sample() {
 
 /// Inference's fused conv → ReLU → 2x2 max-pool (`ConvPool`, made by `fuse_conv_pools` for the
 /// folded model) gives exactly the two layers' outputs in eval mode, on batched small maps,
-/// one sample per gemm, odd sizes (a 7x7 map pools to 3x3), with and without a bias; under
-/// Winograd it falls back to the two layers; in training it is the two layers (outputs and
+/// one sample per gemm, odd sizes (a 7x7 map pools to 3x3), with and without a bias, and in the
+/// direct kernel's epilogue; under Winograd it falls back to the two layers; in training it is the two layers (outputs and
 /// every gradient).
 #[test]
 fn fused_conv_pool_equals_conv_then_pool() {
@@ -91,6 +91,10 @@ fn fused_conv_pool_equals_conv_then_pool() {
         (4, 1, 32, 28, 28, true, ConvAlgorithm::Im2col),
         (3, 2, 4, 7, 9, false, ConvAlgorithm::Im2col),
         (2, 1, 3, 11, 11, true, ConvAlgorithm::Auto),
+        // The direct forward pools in its epilogue: one sample split over the threads by
+        // channel blocks (6 channels: a partial block), and odd maps over sample groups.
+        (1, 16, 6, 14, 14, true, ConvAlgorithm::Direct),
+        (3, 5, 7, 7, 9, false, ConvAlgorithm::Direct),
         (
             2,
             16,

@@ -1,6 +1,7 @@
 //! Conv2d against float64 PyTorch (tests/goldens/conv.safetensors) with every algorithm:
-//! im2col + gemm, Winograd F(2x2,3x3), Winograd F(4x4,3x3) and the measured choice (im2col
-//! for these batches of under 16 samples). Outputs
+//! im2col + gemm, Winograd F(2x2,3x3), Winograd F(4x4,3x3), the direct forward and the measured
+//! choice (for these batches of under 16 samples the direct forward where the CPU has AVX-512,
+//! else im2col). Outputs
 //! within 1e-5 and gradients within 1e-4 of the largest reference value; the inputs are rebuilt
 //! here from the same integer hash as scripts/make_goldens.py.
 
@@ -43,7 +44,7 @@ fn conv_passes_match_pytorch_with_every_algorithm() {
     let cases: Vec<(usize, usize, usize, usize, bool)> =
         serde_json::from_str(&g.metadata()["cases"]).expect("case list");
     assert!(cases.len() >= 3);
-    for algorithm in ["im2col", "winograd2", "winograd4", "auto"] {
+    for algorithm in ["im2col", "winograd2", "winograd4", "direct", "auto"] {
         for (i, &(n, c, oc, hw, bias)) in cases.iter().enumerate() {
             let i32_ = i as u32;
             let mut e = 0;

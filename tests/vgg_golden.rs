@@ -1,6 +1,6 @@
 //! Training steps of vgg:16,16,M,32,32,M,M with BN against float64 PyTorch
 //! (tests/goldens/vgg_steps.safetensors), with every convolution algorithm (the measured choice
-//! is im2col for this batch of 8). Each step starts
+//! for this batch of 8 is the direct forward where the CPU has AVX-512, else im2col). Each step starts
 //! from PyTorch's parameters and running statistics before it (rounded to f32 on both sides),
 //! so the check is the step itself: the loss within 1e-4, every gradient and the running
 //! statistics after it within 1e-4 of the largest reference value.
@@ -67,6 +67,11 @@ fn vgg_steps_match_pytorch_with_winograd_2x2() {
 #[test]
 fn vgg_steps_match_pytorch_with_winograd_4x4() {
     run("winograd4");
+}
+
+#[test]
+fn vgg_steps_match_pytorch_with_the_direct_forward() {
+    run("direct");
 }
 
 #[test]

@@ -2,9 +2,11 @@
 
 pub mod attention;
 pub mod batch_norm;
+pub mod conv_direct;
 pub mod gelu;
 pub mod group_norm;
 pub mod im2col;
+pub mod lanes;
 pub mod layer_norm;
 pub mod loss;
 pub mod lp_norm;

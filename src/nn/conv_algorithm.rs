@@ -14,6 +14,9 @@ pub enum ConvAlgorithm {
     /// Winograd with this tile for every pass where the geometry allows it (3x3, stride 1,
     /// padding 1), im2col elsewhere.
     Winograd(WinogradTile),
+    /// The direct kernel (kernels::conv_direct) for the forward where the geometry allows it
+    /// (3x3, stride 1, padding 1), im2col for the rest and for the backward passes.
+    Direct,
 }
 
 impl std::str::FromStr for ConvAlgorithm {
@@ -24,8 +27,9 @@ impl std::str::FromStr for ConvAlgorithm {
             "im2col" => Ok(ConvAlgorithm::Im2col),
             "winograd2" => Ok(ConvAlgorithm::Winograd(WinogradTile::F2)),
             "winograd4" => Ok(ConvAlgorithm::Winograd(WinogradTile::F4)),
+            "direct" => Ok(ConvAlgorithm::Direct),
             _ => Err(format!(
-                "unknown convolution algorithm '{s}': use auto, im2col, winograd2 or winograd4"
+                "unknown convolution algorithm '{s}': use auto, im2col, winograd2, winograd4 or direct"
             )),
         }
     }

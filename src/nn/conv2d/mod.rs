@@ -4,6 +4,7 @@
 //! 7x7 map's 49 terms). Each group owns its scratch and its weight-gradient partial sum, kept
 //! between steps.
 
+mod direct;
 mod pooled;
 mod winograd;
 
@@ -54,10 +55,20 @@ pub struct Conv2d {
     wino_u_adjoint: Vec<f32>,
 }
 
-/// The method of each pass of one conv: None is im2col + gemm, Some(tile) Winograd.
+/// How a conv's forward is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardMethod {
+    Im2col,
+    Winograd(WinogradTile),
+    /// kernels::conv_direct (3x3, stride 1, padding 1).
+    Direct,
+}
+
+/// The method of each pass of one conv; for the backward passes None is im2col + gemm,
+/// Some(tile) Winograd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvPasses {
-    pub forward: Option<WinogradTile>,
+    pub forward: ForwardMethod,
     pub input_grad: Option<WinogradTile>,
     pub weight_grad: Option<WinogradTile>,
 }
@@ -250,9 +261,10 @@ impl Layer for Conv2d {
     // [OC, batch·cols] = W · [im2col(x_p) side by side]
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         let g = self.geometry(x)?;
-        if let Some(tile) = self.passes(&g, x.batch()).forward {
-            self.forward_winograd(x, y, &g, tile)?;
-            return Ok(());
+        match self.passes(&g, x.batch()).forward {
+            ForwardMethod::Winograd(tile) => return self.forward_winograd(x, y, &g, tile),
+            ForwardMethod::Direct => return self.forward_direct(x, y, &g, None),
+            ForwardMethod::Im2col => {}
         }
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());

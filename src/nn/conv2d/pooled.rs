@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::{gemm_threads, Conv2d, GroupScratch, SPLIT_FROM_MACS};
+use super::{gemm_threads, Conv2d, ConvAlgorithm, ForwardMethod, GroupScratch, SPLIT_FROM_MACS};
 use crate::error::Result;
 use crate::kernels::im2col::im2col;
 use crate::kernels::matmul::{matmul, Op};
@@ -16,9 +16,10 @@ impl Conv2d {
     // y_n = act(maxpool2x2(W · im2col(x_n)) + b): max(v + b) = max(v) + b exactly (rounding is
     // monotonic), so the bias and the ReLU go on the pooled quarter.
     /// The eval forward followed by a 2x2 stride-2 max-pool (and a ReLU when `relu`), the same
-    /// values as the three layers one after another. Returns false, doing nothing, where this
-    /// layer's forward is not the im2col path (a Winograd tile, a fused ReLU of its own); the
-    /// caller then runs the layers one by one.
+    /// values as the three layers one after another, through the direct kernel's epilogue or
+    /// im2col's. Returns false, doing nothing, where this layer's forward is neither (a
+    /// Winograd tile, or im2col with a fused ReLU of its own); the caller then runs the layers
+    /// one by one.
     pub fn forward_max_pooled(&mut self, x: &Tensor, y: &mut Tensor, relu: bool) -> Result<bool> {
         let g = self.geometry(x)?;
         let (oh, ow) = (g.out_h(), g.out_w());
@@ -28,7 +29,19 @@ impl Conv2d {
         // A lone sample big enough to be split over the threads keeps the plain forward's split
         // (this path runs one sample on one thread: vgg at batch 1 went 0.44 -> 0.72 ms).
         let split = n == 1 && rayon::current_num_threads() > 1 && oc * cols * rows >= SPLIT_FROM_MACS;
-        if self.relu || split || oh < 2 || ow < 2 || self.passes(&g, n).forward.is_some() {
+        let mut forward = self.passes(&g, n).forward;
+        // The direct kernel pools in its epilogue from rows W + 2 apart, which the vectorized
+        // even-width pool cannot read: with 16+ samples im2col's pooled pass was ahead
+        // (seed-cnn's 1->32 stem at batch 128, 2 threads: 0.88 ms against 1.06 ms), so `auto`
+        // keeps it there; below 16 samples the direct kernel (vgg at batch 1: 0.43 -> 0.37 ms).
+        if forward == ForwardMethod::Direct && self.algorithm == ConvAlgorithm::Auto && n >= 16 {
+            forward = ForwardMethod::Im2col;
+        }
+        if forward == ForwardMethod::Direct && oh >= 2 && ow >= 2 {
+            self.forward_direct(x, y, &g, Some(relu))?;
+            return Ok(true);
+        }
+        if self.relu || split || oh < 2 || ow < 2 || forward != ForwardMethod::Im2col {
             return Ok(false);
         }
         let (per_group, batch) = self.prepare(n, &g, true)?;

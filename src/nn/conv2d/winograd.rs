@@ -3,6 +3,7 @@
 //! (the transforms themselves are kernels::winograd).
 
 use super::*;
+use crate::kernels::conv_direct::direct_is_vectorized;
 
 impl GroupScratch {
     /// out = the 3x3 padding-1 conv of `src` (the planned samples × cin × h × w) with the
@@ -49,7 +50,7 @@ impl Conv2d {
     pub fn passes(&self, g: &ConvGeometry, n: usize) -> ConvPasses {
         let eligible = self.kernel == 3 && self.stride == 1 && self.padding == 1;
         let all = |t: Option<WinogradTile>| ConvPasses {
-            forward: t,
+            forward: t.map_or(ForwardMethod::Im2col, ForwardMethod::Winograd),
             input_grad: t,
             weight_grad: t,
         };
@@ -57,6 +58,10 @@ impl Conv2d {
             _ if !eligible => all(None),
             ConvAlgorithm::Im2col => all(None),
             ConvAlgorithm::Winograd(t) => all(Some(t)),
+            ConvAlgorithm::Direct => ConvPasses {
+                forward: ForwardMethod::Direct,
+                ..all(None)
+            },
             ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels),
         }
     }
@@ -254,12 +259,20 @@ impl Conv2d {
 /// slower). Below 16 samples the kernel transforms, redone at every call, cost more than the
 /// samples save (`bench/inference_vs_runtimes.py`, vgg at batch 1: 2.1-2.4 ms with Winograd,
 /// 0.68 ms with im2col, on this session's host). The forward
-/// pass keeps F(4x4) to 128 input channels, the widest the goldens hold within 1e-5.
+/// pass keeps F(4x4) to 128 input channels, the widest the goldens hold within 1e-5. Every
+/// other forward takes the direct kernel where the CPU runs it on vectors (AVX-512).
 pub(super) fn auto_passes(n: usize, c: usize, oc: usize) -> ConvPasses {
     let wide = n >= 16 && c >= 16 && oc >= 16;
     let f4 = Some(WinogradTile::F4);
+    let forward = if wide && c <= 128 {
+        ForwardMethod::Winograd(WinogradTile::F4)
+    } else if direct_is_vectorized() {
+        ForwardMethod::Direct
+    } else {
+        ForwardMethod::Im2col
+    };
     ConvPasses {
-        forward: f4.filter(|_| wide && c <= 128),
+        forward,
         input_grad: f4.filter(|_| wide),
         weight_grad: f4.filter(|_| wide && c >= 32),
     }

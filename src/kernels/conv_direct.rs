@@ -1,0 +1,203 @@
+//! Direct 3x3 stride-1 padding-1 convolution of one sample, for the shapes where im2col + gemm
+//! and Winograd spend more on moving data than on multiplying: a lone sample (inference at
+//! batch 1) and few channels. The input is copied once into a zero-padded map whose rows are
+//! W + 2 wide; on that grid each tap of the kernel is a fixed shift, so an output run of 16
+//! consecutive positions (crossing rows; the 2 positions per row that fall on the padding are
+//! computed and dropped) reads 16 consecutive inputs per tap:
+//!
+//!   out[o][p] = Σ_c Σ_{ky,kx} w[o][c][ky][kx] · xp[c][p + ky·(W+2) + kx]
+//!
+//! A block of 4 output channels × NB vectors of 16 positions stays in registers (24
+//! accumulators at NB = 6) while the loop runs over the C·9 (channel, tap) pairs: per pair NB
+//! loads, 4 broadcasts and 4·NB fused multiply-adds, in the same order for every position, so
+//! the result does not depend on the blocking or the thread count.
+
+use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
+
+/// Output channels computed together (the rows of the register block).
+pub const DIRECT_CHANNELS: usize = 4;
+
+/// The padded grid of one sample's map: `channels` maps of h × w.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectGrid {
+    pub channels: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl DirectGrid {
+    /// The padded row length W + 2.
+    pub fn row(&self) -> usize {
+        self.w + 2
+    }
+    /// One padded map, (H + 2)·(W + 2).
+    pub fn plane(&self) -> usize {
+        (self.h + 2) * self.row()
+    }
+    /// Vectors of LANES output positions covering the H·(W + 2) positions of the output grid.
+    pub fn vectors(&self) -> usize {
+        (self.h * self.row()).div_ceil(LANES)
+    }
+    /// The padded input's length: every map, plus the slack the last vector's taps read past
+    /// the last map (those positions are dropped).
+    pub fn padded_len(&self) -> usize {
+        self.channels * self.plane() + self.vectors() * LANES + 2 * self.row() + 2
+    }
+    /// The output block's length: DIRECT_CHANNELS maps on the output grid.
+    pub fn block_len(&self) -> usize {
+        DIRECT_CHANNELS * self.vectors() * LANES
+    }
+}
+
+/// xp = x [C, H, W] zero-padded by one on every side, rows W + 2 apart (`grid.padded_len()`
+/// values; the slack past the maps is zeroed too).
+pub fn direct_pad_input(x: &[f32], grid: DirectGrid, xp: &mut [f32]) {
+    let (h, w, row, plane) = (grid.h, grid.w, grid.row(), grid.plane());
+    let xp = &mut xp[..grid.padded_len()];
+    xp.fill(0.0);
+    for (xc, pc) in x.chunks_exact(h * w).take(grid.channels).zip(xp.chunks_mut(plane)) {
+        for (xr, pr) in xc.chunks_exact(w).zip(pc[row + 1..].chunks_mut(row)) {
+            pr[..w].copy_from_slice(xr);
+        }
+    }
+}
+
+/// Whether this CPU runs the direct kernel on vectors (AVX-512); elsewhere it runs on plain
+/// arrays, correct but slower than im2col + gemm, and `auto` does not take it.
+pub fn direct_is_vectorized() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+lanes_entry! {
+    /// Output channels o0..o0 + DIRECT_CHANNELS of the conv of the padded sample `xp` with the
+    /// [OC, C, 3, 3] weights `w`, on the output grid: channel o0 + r at `out[r·V·LANES..]`
+    /// (V = `grid.vectors()`), position (y, x) at y·(W + 2) + x; the columns x ≥ W hold
+    /// nothing useful. Channels past OC repeat the last one's values (not to be read).
+    pub fn direct_conv3x3_block(xp: &[f32], grid: DirectGrid, w: &[f32], out_channels: usize, o0: usize, out: &mut [f32]) => block
+}
+
+#[inline(always)]
+fn block<V: Lanes>(xp: &[f32], grid: DirectGrid, w: &[f32], out_channels: usize, o0: usize, out: &mut [f32]) {
+    let nv = grid.vectors();
+    // Vectors per register block: the one of 4..=6 that wastes the least on the last block
+    // (which is shifted back to end at the last vector, recomputing a few); fewer on tiny maps.
+    let nb = if nv < 6 {
+        nv
+    } else {
+        (4..=6)
+            .min_by_key(|&b| (nv.div_ceil(b) * b, usize::MAX - b))
+            .unwrap_or(6)
+    };
+    match nb {
+        1 => run::<V, 1>(xp, grid, w, out_channels, o0, out),
+        2 => run::<V, 2>(xp, grid, w, out_channels, o0, out),
+        3 => run::<V, 3>(xp, grid, w, out_channels, o0, out),
+        4 => run::<V, 4>(xp, grid, w, out_channels, o0, out),
+        5 => run::<V, 5>(xp, grid, w, out_channels, o0, out),
+        _ => run::<V, 6>(xp, grid, w, out_channels, o0, out),
+    }
+}
+
+#[inline(always)]
+fn run<V: Lanes, const NB: usize>(
+    xp: &[f32],
+    grid: DirectGrid,
+    w: &[f32],
+    out_channels: usize,
+    o0: usize,
+    out: &mut [f32],
+) {
+    let (c, row, plane, nv) = (grid.channels, grid.row(), grid.plane(), grid.vectors());
+    let k = c * 9;
+    let taps: [usize; 9] = std::array::from_fn(|t| (t / 3) * row + t % 3);
+    let ws: [&[f32]; DIRECT_CHANNELS] = std::array::from_fn(|r| {
+        let o = (o0 + r).min(out_channels - 1);
+        &w[o * k..(o + 1) * k]
+    });
+    let span = NB * LANES + 2 * row + 2;
+    let mut start = 0;
+    while start < nv {
+        let s = start.min(nv - NB);
+        let mut acc = [[V::zero(); NB]; DIRECT_CHANNELS];
+        for ci in 0..c {
+            let xc = &xp[ci * plane + s * LANES..][..span];
+            for (t, &off) in taps.iter().enumerate() {
+                let xs: [V; NB] = std::array::from_fn(|v| V::load(&xc[off + v * LANES..]));
+                for (r, wr) in ws.iter().enumerate() {
+                    let b = V::splat(wr[ci * 9 + t]);
+                    for v in 0..NB {
+                        acc[r][v] = b.mul_add(xs[v], acc[r][v]);
+                    }
+                }
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            let dst = &mut out[r * nv * LANES + s * LANES..];
+            for (v, a) in ar.iter().enumerate() {
+                a.store(&mut dst[v * LANES..]);
+            }
+        }
+        start += NB;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The block equals the definition computed in f64 (to f32 rounding), for maps whose
+    /// output grid is shorter than one register block, one block and several, and channel
+    /// counts that leave a partial block of output channels.
+    #[test]
+    fn direct_block_is_the_definition() {
+        for (c, oc, h, w) in [
+            (1, 3, 2, 2),
+            (3, 5, 7, 7),
+            (2, 4, 5, 13),
+            (5, 9, 14, 14),
+            (2, 6, 28, 28),
+        ] {
+            let grid = DirectGrid { channels: c, h, w };
+            let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+            let wt: Vec<f32> = (0..oc * c * 9).map(|i| ((i * 53 % 89) as f32) / 44.0 - 1.0).collect();
+            let mut xp = vec![f32::NAN; grid.padded_len()];
+            direct_pad_input(&x, grid, &mut xp);
+            let mut out = vec![f32::NAN; grid.block_len()];
+            for o0 in (0..oc).step_by(DIRECT_CHANNELS) {
+                direct_conv3x3_block(&xp, grid, &wt, oc, o0, &mut out);
+                for r in 0..DIRECT_CHANNELS.min(oc - o0) {
+                    let o = o0 + r;
+                    for y in 0..h {
+                        for xx in 0..w {
+                            let mut want = 0.0f64;
+                            for ci in 0..c {
+                                for ky in 0..3 {
+                                    for kx in 0..3 {
+                                        let (iy, ix) = (y + ky, xx + kx);
+                                        if iy < 1 || ix < 1 || iy > h || ix > w {
+                                            continue;
+                                        }
+                                        let xv = x[ci * h * w + (iy - 1) * w + ix - 1] as f64;
+                                        want += wt[((o * c + ci) * 3 + ky) * 3 + kx] as f64 * xv;
+                                    }
+                                }
+                            }
+                            let got = out[r * grid.vectors() * LANES + y * grid.row() + xx] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "c {c} oc {oc} {h}x{w}: out[{o}][{y}][{xx}] {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

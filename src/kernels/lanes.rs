@@ -1,0 +1,281 @@
+//! A vector of LANES f32 written once as a trait and compiled twice: on AVX-512 registers
+//! through intrinsics, and on plain arrays for CPUs without them. Kernels generic over `Lanes`
+//! (the Winograd transforms, the direct convolution) enter through `lanes_entry!`.
+
+/// Values per vector: one AVX-512 register of f32.
+pub(crate) const LANES: usize = 16;
+
+/// A vector of LANES channels' values. The transforms are written once on this trait and
+/// compiled twice: on AVX-512 registers through intrinsics and on plain arrays. Arrays alone
+/// were turned by LLVM into gathers and scatters across the tile (5-10x slower); both
+/// versions do the same adds, subtracts and multiplies in the same order, so they agree bit
+/// for bit.
+pub(crate) trait Lanes: Copy + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> {
+    fn zero() -> Self;
+    /// The first LANES values of `src`.
+    fn load(src: &[f32]) -> Self;
+    fn store(self, dst: &mut [f32]);
+    /// The first n values of `src`, the other lanes zero (the last block of channels or columns).
+    #[inline(always)]
+    fn load_first(src: &[f32], n: usize) -> Self {
+        if n == LANES {
+            return Self::load(src);
+        }
+        let mut spill = [0.0f32; LANES];
+        spill[..n].copy_from_slice(&src[..n]);
+        Self::load(&spill)
+    }
+    /// Stores the first n lanes only.
+    #[inline(always)]
+    fn store_first(self, dst: &mut [f32], n: usize) {
+        if n == LANES {
+            return self.store(dst);
+        }
+        let mut spill = [0.0f32; LANES];
+        self.store(&mut spill);
+        dst[..n].copy_from_slice(&spill[..n]);
+    }
+    fn scale(self, c: f32) -> Self;
+    /// c in every lane.
+    fn splat(c: f32) -> Self;
+    /// self·b + c lane by lane, rounded once (a fused multiply-add).
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    /// max(v, 0) lane by lane, 0 for NaN (as `reduce::relu`).
+    fn relu(self) -> Self;
+    /// The LANES × LANES square with rows and columns swapped: out[j] lane i = rows[i] lane j.
+    fn transpose(rows: [Self; LANES]) -> [Self; LANES];
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Portable([f32; LANES]);
+
+impl std::ops::Add for Portable {
+    type Output = Self;
+    #[inline(always)]
+    fn add(mut self, o: Self) -> Self {
+        self.0.iter_mut().zip(o.0).for_each(|(a, b)| *a += b);
+        self
+    }
+}
+
+impl std::ops::Sub for Portable {
+    type Output = Self;
+    #[inline(always)]
+    fn sub(mut self, o: Self) -> Self {
+        self.0.iter_mut().zip(o.0).for_each(|(a, b)| *a -= b);
+        self
+    }
+}
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn zero() -> Self {
+        Portable([0.0; LANES])
+    }
+    #[inline(always)]
+    fn load(src: &[f32]) -> Self {
+        let mut v = [0.0; LANES];
+        v.copy_from_slice(&src[..LANES]);
+        Portable(v)
+    }
+    #[inline(always)]
+    fn store(self, dst: &mut [f32]) {
+        dst[..LANES].copy_from_slice(&self.0);
+    }
+    #[inline(always)]
+    fn scale(mut self, c: f32) -> Self {
+        self.0.iter_mut().for_each(|a| *a *= c);
+        self
+    }
+    #[inline(always)]
+    fn splat(c: f32) -> Self {
+        Portable([c; LANES])
+    }
+    #[inline(always)]
+    fn mul_add(mut self, b: Self, c: Self) -> Self {
+        for ((a, b), c) in self.0.iter_mut().zip(b.0).zip(c.0) {
+            *a = a.mul_add(b, c);
+        }
+        self
+    }
+    #[inline(always)]
+    fn relu(mut self) -> Self {
+        self.0.iter_mut().for_each(|a| *a = crate::kernels::reduce::relu(*a));
+        self
+    }
+    #[inline(always)]
+    fn transpose(rows: [Self; LANES]) -> [Self; LANES] {
+        std::array::from_fn(|j| Portable(std::array::from_fn(|i| rows[i].0[j])))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// LANES f32 in one register; only built inside functions compiled with AVX-512F and
+    /// called after `is_x86_feature_detected!("avx512f")`.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512(__m512);
+
+    // SAFETY (every intrinsic below): these inline into the `#[target_feature(enable =
+    // "avx512f")]` entry points, which run only on CPUs that have AVX-512F; loads and stores
+    // are bounds-checked against LANES values first.
+    impl std::ops::Add for Avx512 {
+        type Output = Self;
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            Avx512(unsafe { _mm512_add_ps(self.0, o.0) })
+        }
+    }
+
+    impl std::ops::Sub for Avx512 {
+        type Output = Self;
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            Avx512(unsafe { _mm512_sub_ps(self.0, o.0) })
+        }
+    }
+
+    impl super::Lanes for Avx512 {
+        #[inline(always)]
+        fn zero() -> Self {
+            Avx512(unsafe { _mm512_setzero_ps() })
+        }
+        #[inline(always)]
+        fn load(src: &[f32]) -> Self {
+            let src = &src[..super::LANES];
+            Avx512(unsafe { _mm512_loadu_ps(src.as_ptr()) })
+        }
+        #[inline(always)]
+        fn store(self, dst: &mut [f32]) {
+            let dst = &mut dst[..super::LANES];
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), self.0) }
+        }
+        // Masked: the default's copy through a stack array called memcpy, and the vector load
+        // of bytes just written by it stalled (30% of the input transform in a vgg step).
+        #[inline(always)]
+        fn load_first(src: &[f32], n: usize) -> Self {
+            let src = &src[..n.min(super::LANES)];
+            let mask = ((1u32 << src.len()) - 1) as __mmask16;
+            Avx512(unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr()) })
+        }
+        #[inline(always)]
+        fn store_first(self, dst: &mut [f32], n: usize) {
+            let dst = &mut dst[..n.min(super::LANES)];
+            let mask = ((1u32 << dst.len()) - 1) as __mmask16;
+            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, self.0) }
+        }
+        #[inline(always)]
+        fn scale(self, c: f32) -> Self {
+            Avx512(unsafe { _mm512_mul_ps(self.0, _mm512_set1_ps(c)) })
+        }
+        #[inline(always)]
+        fn splat(c: f32) -> Self {
+            Avx512(unsafe { _mm512_set1_ps(c) })
+        }
+        #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            Avx512(unsafe { _mm512_fmadd_ps(self.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        fn relu(self) -> Self {
+            // max(0, v) returns its second operand when either is NaN: 0, as reduce::relu.
+            Avx512(unsafe { _mm512_max_ps(_mm512_setzero_ps(), self.0) })
+        }
+        // 16x16 in registers: pairs of rows interleaved as f32 then as f64 give, in each
+        // 128-bit lane L, column 4L + c of four rows (u[4g + c]); two rounds of 128-bit lane
+        // shuffles gather a column's four row groups.
+        #[inline(always)]
+        fn transpose(r: [Self; 16]) -> [Self; 16] {
+            unsafe {
+                let mut t = [_mm512_setzero_ps(); 16];
+                for k in 0..8 {
+                    t[2 * k] = _mm512_unpacklo_ps(r[2 * k].0, r[2 * k + 1].0);
+                    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k].0, r[2 * k + 1].0);
+                }
+                let mut u = [_mm512_setzero_ps(); 16];
+                for g in 0..4 {
+                    let pd = |v: __m512| _mm512_castps_pd(v);
+                    let (a, b, c, d) = (pd(t[4 * g]), pd(t[4 * g + 2]), pd(t[4 * g + 1]), pd(t[4 * g + 3]));
+                    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+                    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+                    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+                }
+                let mut out = [Avx512(_mm512_setzero_ps()); 16];
+                for c in 0..4 {
+                    let v = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+                    let w = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+                    let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+                    let w2 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+                    out[c] = Avx512(_mm512_shuffle_f32x4::<0x88>(v, v2));
+                    out[4 + c] = Avx512(_mm512_shuffle_f32x4::<0x88>(w, w2));
+                    out[8 + c] = Avx512(_mm512_shuffle_f32x4::<0xdd>(v, v2));
+                    out[12 + c] = Avx512(_mm512_shuffle_f32x4::<0xdd>(w, w2));
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Defines `pub fn $name(args)` that runs `$imp::<Avx512>` inside a function compiled with
+/// AVX-512F where the CPU has it, else `$imp::<Portable>`. The generic body must be inlined
+/// into the target-feature function itself: passed in as a closure it was compiled without
+/// the feature, and the intrinsics became calls (3x slower than im2col).
+macro_rules! lanes_entry {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $imp:ident) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn with_avx512($($arg: $ty),*) {
+                    $imp::<$crate::kernels::lanes::avx512::Avx512>($($arg),*)
+                }
+                // SAFETY: the CPU has AVX-512F, which the lane type's intrinsics need.
+                return unsafe { with_avx512($($arg),*) };
+            }
+            $imp::<$crate::kernels::lanes::Portable>($($arg),*)
+        }
+    };
+}
+
+pub(crate) use lanes_entry;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 register transpose equals the portable one (where the CPU has AVX-512).
+    #[test]
+    fn register_transpose_matches_the_portable_one() {
+        let rows: [Portable; LANES] = std::array::from_fn(|i| Portable(std::array::from_fn(|j| (i * 100 + j) as f32)));
+        let want = Portable::transpose(rows);
+        for (j, col) in want.iter().enumerate() {
+            for (i, &v) in col.0.iter().enumerate() {
+                assert_eq!(v, (i * 100 + j) as f32);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn transposed(rows: &[Portable; LANES]) -> [[f32; LANES]; LANES] {
+                let v: [avx512::Avx512; LANES] = std::array::from_fn(|i| avx512::Avx512::load(&rows[i].0));
+                let mut out = [[0.0f32; LANES]; LANES];
+                for (o, t) in out.iter_mut().zip(avx512::Avx512::transpose(v)) {
+                    t.store(o);
+                }
+                out
+            }
+            // SAFETY: the CPU has AVX-512F.
+            let got = unsafe { transposed(&rows) };
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g, &w.0);
+            }
+        }
+    }
+}

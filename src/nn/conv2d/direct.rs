@@ -1,0 +1,122 @@
+//! Conv2d's direct forward (kernels::conv_direct): at batch 1 the blocks of output channels
+//! split over the threads; at larger batches each sample group pads and convolves its own
+//! samples. The epilogue takes each block of channels from the padded output grid while it is
+//! in cache: + bias, ReLU, and with `pool` the 2x2 max-pool of ConvPool.
+
+use super::*;
+use crate::kernels::conv_direct::{direct_conv3x3_block, direct_pad_input, DirectGrid, DIRECT_CHANNELS};
+use crate::kernels::lanes::LANES;
+use crate::kernels::pool::max_pool_2x2_values;
+
+/// Tasks per thread for a lone sample.
+const TASKS_PER_THREAD: usize = 4;
+
+impl Conv2d {
+    // y = act(conv(x) + b), or with `pool` = Some(relu) act(maxpool2x2(conv(x)) + b), a ReLU
+    // after the pool when `relu` (max(v + b) = max(v) + b exactly).
+    pub(super) fn forward_direct(
+        &mut self,
+        x: &Tensor,
+        y: &mut Tensor,
+        g: &ConvGeometry,
+        pool: Option<bool>,
+    ) -> Result<()> {
+        let n = x.batch();
+        let oc = self.out_channels;
+        let grid = DirectGrid {
+            channels: g.channels,
+            h: g.height,
+            w: g.width,
+        };
+        let (oh, ow) = if pool.is_some() {
+            (g.height / 2, g.width / 2)
+        } else {
+            (g.height, g.width)
+        };
+        let (ys, xs) = (oh * ow, x.sample_len());
+        y.resize_to(&[n, oc, oh, ow])?;
+        let blocks = oc.div_ceil(DIRECT_CHANNELS);
+        let per_group = n.div_ceil(GROUPS).max(1);
+        // A lone sample: a few blocks of channels per thread, so that a worker that wakes late
+        // still takes its share (one task per thread: the other often ran both).
+        let tasks = if n == 1 {
+            (TASKS_PER_THREAD * rayon::current_num_threads()).clamp(1, blocks)
+        } else {
+            n.div_ceil(per_group)
+        };
+        self.groups.resize_with(tasks, GroupScratch::default);
+        for s in self.groups.iter_mut() {
+            let what = "the direct convolution's scratch";
+            try_resize(&mut s.staging, grid.padded_len(), 0.0, what)?;
+            try_resize(&mut s.out, grid.block_len(), 0.0, what)?;
+        }
+        let epilogue = Epilogue {
+            w: &self.weight.value.data,
+            bias: self.bias.as_ref().map(|b| b.value.data.as_slice()),
+            relu: self.relu || pool == Some(true),
+            pool: pool.is_some(),
+            oc,
+            grid,
+        };
+        if n == 1 {
+            let mut xp = std::mem::take(&mut self.groups[0].staging);
+            direct_pad_input(&x.data, grid, &mut xp);
+            let per_task = blocks.div_ceil(tasks) * DIRECT_CHANNELS;
+            y.data
+                .par_chunks_mut(per_task * ys)
+                .zip(self.groups.par_iter_mut())
+                .enumerate()
+                .for_each(|(i, (yt, s))| epilogue.channels(&xp, i * per_task, yt, &mut s.out));
+            self.groups[0].staging = xp;
+        } else {
+            y.data
+                .par_chunks_mut(per_group * oc * ys)
+                .zip(x.data.par_chunks(per_group * xs))
+                .zip(self.groups.par_iter_mut())
+                .for_each(|((yg, xg), s)| {
+                    for (yn, xn) in yg.chunks_mut(oc * ys).zip(xg.chunks(xs)) {
+                        direct_pad_input(xn, grid, &mut s.staging);
+                        epilogue.channels(&s.staging, 0, yn, &mut s.out);
+                    }
+                });
+        }
+        Ok(())
+    }
+}
+
+/// What every task of one direct forward shares.
+struct Epilogue<'a> {
+    w: &'a [f32],
+    bias: Option<&'a [f32]>,
+    relu: bool,
+    pool: bool,
+    oc: usize,
+    grid: DirectGrid,
+}
+
+impl Epilogue<'_> {
+    /// Output channels o_start.. of one sample (as many as `y` holds) from its padded input.
+    fn channels(&self, xp: &[f32], o_start: usize, y: &mut [f32], block: &mut [f32]) {
+        let DirectGrid { h, w, .. } = self.grid;
+        let (row, span) = (self.grid.row(), self.grid.vectors() * LANES);
+        let plane = if self.pool { (h / 2) * (w / 2) } else { h * w };
+        for (b, yb) in y.chunks_mut(DIRECT_CHANNELS * plane).enumerate() {
+            let o0 = o_start + b * DIRECT_CHANNELS;
+            direct_conv3x3_block(xp, self.grid, self.w, self.oc, o0, block);
+            for (r, yo) in yb.chunks_mut(plane).enumerate() {
+                let src = &block[r * span..(r + 1) * span];
+                if self.pool {
+                    // The grid's rows are W + 2 apart: the pool reads each row's first W.
+                    max_pool_2x2_values(src, row, w / 2, false, yo);
+                } else {
+                    for (yy, yr) in yo.chunks_mut(w).enumerate() {
+                        yr.copy_from_slice(&src[yy * row..yy * row + w]);
+                    }
+                }
+                if self.bias.is_some() || self.relu {
+                    add_bias_relu(yo, plane, self.bias.map(|bs| &bs[o0 + r..o0 + r + 1]), self.relu);
+                }
+            }
+        }
+    }
+}
