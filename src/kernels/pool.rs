@@ -132,21 +132,23 @@ multiversion! {
 }
 
 multiversion! {
-    /// `max_pool_2x2_values` for an even width w (ow = w/2), with `hp` (at least half the
-    /// plane) as scratch: every row pair's horizontal maxima in one run over the plane (whole
-    /// vectors, where row by row a 28-wide map gives 14-value loops), then each output row the
-    /// max of two runs of them. The comparisons are the ones of `max_pool_2x2_values` in the
-    /// same order, so the values (and which NaN) are the same. A fused conv's epilogue
-    /// (`Conv2d::forward_max_pooled`, its im2col buffer as the scratch).
-    pub fn max_pool_2x2_values_even_width(xp: &[f32], w: usize, relu: bool, yp: &mut [f32], hp: &mut [f32]) {
-        let ow = w / 2;
+    /// `max_pool_2x2_values` for rows an even number `row` of values apart (ow ≤ row/2 outputs
+    /// per row read from each row's first 2·ow), with `hp` (at least oh·row values) as
+    /// scratch: every row pair's horizontal maxima in one run over the plane (whole vectors,
+    /// where row by row a 28-wide map gives 14-value loops), then each output row the max of
+    /// two runs of them. The comparisons are the ones of `max_pool_2x2_values` in the same
+    /// order, so the values (and which NaN) are the same. A fused conv's epilogue
+    /// (`Conv2d::forward_max_pooled`: rows of the map itself, its im2col buffer as the scratch;
+    /// the direct kernel's padded rows, W + 2 apart).
+    pub fn max_pool_2x2_values_even_rows(xp: &[f32], row: usize, ow: usize, relu: bool, yp: &mut [f32], hp: &mut [f32]) {
+        let half = row / 2;
         let oh = yp.len() / ow.max(1);
-        let hp = &mut hp[..oh * w];
-        for (h, p) in hp.iter_mut().zip(xp[..2 * oh * w].chunks_exact(2)) {
+        let hp = &mut hp[..oh * row];
+        for (h, p) in hp.iter_mut().zip(xp[..2 * oh * row].chunks_exact(2)) {
             *h = if beats(p[1], p[0]) { p[1] } else { p[0] };
         }
-        for (yr, rows) in yp.chunks_exact_mut(ow).zip(hp.chunks_exact(2 * ow)) {
-            let (m0, m1) = rows.split_at(ow);
+        for (yr, rows) in yp.chunks_exact_mut(ow).zip(hp.chunks_exact(row)) {
+            let (m0, m1) = (&rows[..ow], &rows[half..half + ow]);
             for ((o, &a), &b) in yr.iter_mut().zip(m0).zip(m1) {
                 *o = relu_if(if beats(b, a) { b } else { a }, relu);
             }

@@ -6,7 +6,7 @@
 use super::*;
 use crate::kernels::conv_direct::{direct_conv3x3_block, direct_pad_input, DirectGrid, DIRECT_CHANNELS};
 use crate::kernels::lanes::LANES;
-use crate::kernels::pool::max_pool_2x2_values;
+use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
 
 /// Tasks per thread for a lone sample.
 const TASKS_PER_THREAD: usize = 4;
@@ -49,6 +49,8 @@ impl Conv2d {
             let what = "the direct convolution's scratch";
             try_resize(&mut s.staging, grid.padded_len(), 0.0, what)?;
             try_resize(&mut s.out, grid.block_len(), 0.0, what)?;
+            let pool_scratch = if pool.is_some() { g.height * grid.row() } else { 0 };
+            try_resize(&mut s.col, pool_scratch, 0.0, what)?;
         }
         let epilogue = Epilogue {
             w: &self.weight.value.data,
@@ -66,7 +68,7 @@ impl Conv2d {
                 .par_chunks_mut(per_task * ys)
                 .zip(self.groups.par_iter_mut())
                 .enumerate()
-                .for_each(|(i, (yt, s))| epilogue.channels(&xp, i * per_task, yt, &mut s.out));
+                .for_each(|(i, (yt, s))| epilogue.channels(&xp, i * per_task, yt, &mut s.out, &mut s.col));
             self.groups[0].staging = xp;
         } else {
             y.data
@@ -76,7 +78,7 @@ impl Conv2d {
                 .for_each(|((yg, xg), s)| {
                     for (yn, xn) in yg.chunks_mut(oc * ys).zip(xg.chunks(xs)) {
                         direct_pad_input(xn, grid, &mut s.staging);
-                        epilogue.channels(&s.staging, 0, yn, &mut s.out);
+                        epilogue.channels(&s.staging, 0, yn, &mut s.out, &mut s.col);
                     }
                 });
         }
@@ -95,8 +97,9 @@ struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    /// Output channels o_start.. of one sample (as many as `y` holds) from its padded input.
-    fn channels(&self, xp: &[f32], o_start: usize, y: &mut [f32], block: &mut [f32]) {
+    /// Output channels o_start.. of one sample (as many as `y` holds) from its padded input;
+    /// `hp` is the pool's scratch.
+    fn channels(&self, xp: &[f32], o_start: usize, y: &mut [f32], block: &mut [f32], hp: &mut [f32]) {
         let DirectGrid { h, w, .. } = self.grid;
         let (row, span) = (self.grid.row(), self.grid.vectors() * LANES);
         let plane = if self.pool { (h / 2) * (w / 2) } else { h * w };
@@ -105,8 +108,10 @@ impl Epilogue<'_> {
             direct_conv3x3_block(xp, self.grid, self.w, self.oc, o0, block);
             for (r, yo) in yb.chunks_mut(plane).enumerate() {
                 let src = &block[r * span..(r + 1) * span];
-                if self.pool {
+                if self.pool && row % 2 == 0 {
                     // The grid's rows are W + 2 apart: the pool reads each row's first W.
+                    max_pool_2x2_values_even_rows(src, row, w / 2, false, yo, hp);
+                } else if self.pool {
                     max_pool_2x2_values(src, row, w / 2, false, yo);
                 } else {
                     for (yy, yr) in yo.chunks_mut(w).enumerate() {

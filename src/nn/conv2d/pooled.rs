@@ -4,11 +4,11 @@
 
 use rayon::prelude::*;
 
-use super::{gemm_threads, Conv2d, ConvAlgorithm, ForwardMethod, GroupScratch, SPLIT_FROM_MACS};
+use super::{gemm_threads, Conv2d, ForwardMethod, GroupScratch, SPLIT_FROM_MACS};
 use crate::error::Result;
 use crate::kernels::im2col::im2col;
 use crate::kernels::matmul::{matmul, Op};
-use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_width};
+use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
 use crate::kernels::reduce::add_bias_relu;
 use crate::tensor::Tensor;
 
@@ -29,14 +29,7 @@ impl Conv2d {
         // A lone sample big enough to be split over the threads keeps the plain forward's split
         // (this path runs one sample on one thread: vgg at batch 1 went 0.44 -> 0.72 ms).
         let split = n == 1 && rayon::current_num_threads() > 1 && oc * cols * rows >= SPLIT_FROM_MACS;
-        let mut forward = self.passes(&g, n).forward;
-        // The direct kernel pools in its epilogue from rows W + 2 apart, which the vectorized
-        // even-width pool cannot read: with 16+ samples im2col's pooled pass was ahead
-        // (seed-cnn's 1->32 stem at batch 128, 2 threads: 0.88 ms against 1.06 ms), so `auto`
-        // keeps it there; below 16 samples the direct kernel (vgg at batch 1: 0.43 -> 0.37 ms).
-        if forward == ForwardMethod::Direct && self.algorithm == ConvAlgorithm::Auto && n >= 16 {
-            forward = ForwardMethod::Im2col;
-        }
+        let forward = self.passes(&g, n).forward;
         if forward == ForwardMethod::Direct && oh >= 2 && ow >= 2 {
             self.forward_direct(x, y, &g, Some(relu))?;
             return Ok(true);
@@ -72,7 +65,7 @@ impl Conv2d {
                         for (o, yp) in ys.chunks_mut(pooled).enumerate() {
                             let plane = &out[o * ld + i * cols..o * ld + (i + 1) * cols];
                             if ow % 2 == 0 {
-                                max_pool_2x2_values_even_width(plane, ow, false, yp, col);
+                                max_pool_2x2_values_even_rows(plane, ow, pw, false, yp, col);
                             } else {
                                 max_pool_2x2_values(plane, ow, pw, false, yp);
                             }
