@@ -26,6 +26,10 @@ pub struct BasicBlock {
     pub conv2: Conv2d,
     pub norm2: Box<dyn Layer>,
     pub shortcut: Option<(Conv2d, Box<dyn Layer>)>,
+    /// Which of norm1, norm2 and the shortcut's norm are identities (--norm none, the folded
+    /// model): their passes are skipped, not run as copies (resnet folded at batch 128: two
+    /// full-size copies per block).
+    identity: [bool; 3],
     /// h1 = conv1(x), a1 = norm1+ReLU(h1), h2 = conv2(a1), a2 = norm2(h2), hs = shortcut conv, s = its norm.
     acts: [Tensor; 6],
     /// Gradients of the same tensors, and of x through each branch.
@@ -48,26 +52,30 @@ impl BasicBlock {
         let bias = norm.wants_bias();
         let [h, w] = spatial;
         // Without a norm (--norm none) the slots hold an identity and conv1 applies the ReLU.
-        let or_identity = |l: Option<Box<dyn Layer>>| l.unwrap_or_else(|| Box::new(Identity));
-        let mut conv1 = Conv2d::new(in_channels, mid_channels, 3, stride, 1, bias, rng);
-        let norm1 = match norm.build(&[mid_channels, h, w], &format!("{prefix}.bn1"), true)? {
-            Some(l) => l,
-            None => {
-                conv1 = conv1.with_relu();
-                Box::new(Identity)
-            }
+        let mut identity = [false; 3];
+        let mut or_identity = |slot: usize, l: Option<Box<dyn Layer>>| {
+            identity[slot] = l.is_none();
+            l.unwrap_or_else(|| Box::new(Identity))
         };
+        let mut conv1 = Conv2d::new(in_channels, mid_channels, 3, stride, 1, bias, rng);
+        let norm1 = or_identity(0, norm.build(&[mid_channels, h, w], &format!("{prefix}.bn1"), true)?);
         let conv2 = Conv2d::new(mid_channels, out_channels, 3, 1, 1, bias, rng);
-        let norm2 = or_identity(norm.build(&[out_channels, h, w], &format!("{prefix}.bn2"), false)?);
+        let norm2 = or_identity(1, norm.build(&[out_channels, h, w], &format!("{prefix}.bn2"), false)?);
         let shortcut = if stride != 1 || in_channels != out_channels {
             let conv = Conv2d::new(in_channels, out_channels, 1, stride, 0, bias, rng);
             Some((
                 conv,
-                or_identity(norm.build(&[out_channels, h, w], &format!("{prefix}.shortcut.1"), false)?),
+                or_identity(
+                    2,
+                    norm.build(&[out_channels, h, w], &format!("{prefix}.shortcut.1"), false)?,
+                ),
             ))
         } else {
             None
         };
+        if identity[0] {
+            conv1 = conv1.with_relu();
+        }
         let mut block = BasicBlock {
             in_channels,
             mid_channels,
@@ -78,6 +86,7 @@ impl BasicBlock {
             conv2,
             norm2,
             shortcut,
+            identity,
             acts: Default::default(),
             grads: Default::default(),
         };
@@ -143,11 +152,26 @@ impl Layer for BasicBlock {
             ));
         }
         let [h1, a1, h2, a2, hs, s] = &mut self.acts;
+        let [id1, id2, id_short] = self.identity;
         self.conv1.forward(x, h1, mode)?;
-        self.norm1.forward(h1, a1, mode)?;
+        let a1: &Tensor = if id1 {
+            h1
+        } else {
+            self.norm1.forward(h1, a1, mode)?;
+            a1
+        };
         self.conv2.forward(a1, h2, mode)?;
-        self.norm2.forward(h2, a2, mode)?;
+        let a2: &Tensor = if id2 {
+            h2
+        } else {
+            self.norm2.forward(h2, a2, mode)?;
+            a2
+        };
         let shortcut: &Tensor = match self.shortcut.as_mut() {
+            Some((conv, _)) if id_short => {
+                conv.forward(x, hs, mode)?;
+                hs
+            }
             Some((conv, norm)) => {
                 conv.forward(x, hs, mode)?;
                 norm.forward(hs, s, mode)?;
@@ -182,6 +206,12 @@ impl Layer for BasicBlock {
             ));
         }
         let [h1, a1, h2, a2, hs, s] = &self.acts;
+        let [id1, id2, id_short] = self.identity;
+        let (a1, a2, s) = (
+            if id1 { h1 } else { a1 },
+            if id2 { h2 } else { a2 },
+            if id_short { hs } else { s },
+        );
         let [dsum, dh2, da1, dh1, dx_main, dhs, dx_short, _] = &mut self.grads;
         // The gradient reaching both branches: dy·[y > 0].
         dsum.resize_to(&dy.shape)?;
@@ -194,14 +224,29 @@ impl Layer for BasicBlock {
                     .zip(v)
                     .for_each(|((o, &g), &v)| *o = relu_mask(v, g))
             });
-        self.norm2.backward(h2, a2, dsum, dh2)?;
+        let dh2: &Tensor = if id2 {
+            dsum
+        } else {
+            self.norm2.backward(h2, a2, dsum, dh2)?;
+            dh2
+        };
         self.conv2.backward(a1, h2, dh2, da1)?;
-        self.norm1.backward(h1, a1, da1, dh1)?;
+        let dh1: &Tensor = if id1 {
+            da1
+        } else {
+            self.norm1.backward(h1, a1, da1, dh1)?;
+            dh1
+        };
         self.conv1.backward(x, h1, dh1, dx_main)?;
         dx.clone_from(dx_main);
         match self.shortcut.as_mut() {
             Some((conv, norm)) => {
-                norm.backward(hs, s, dsum, dhs)?;
+                let dhs: &Tensor = if id_short {
+                    dsum
+                } else {
+                    norm.backward(hs, s, dsum, dhs)?;
+                    dhs
+                };
                 conv.backward(x, hs, dhs, dx_short)?;
                 add_into(&mut dx.data, &dx_short.data);
             }
