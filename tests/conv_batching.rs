@@ -163,3 +163,41 @@ fn fused_conv_pool_equals_conv_then_pool() {
     let keys: Vec<String> = net.named_params().into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]);
 }
+
+/// The direct forward (stride 1 and 2, the latter through its four phase planes) gives im2col's
+/// outputs to f32 rounding: one sample split over the threads and batches over sample groups,
+/// with and without bias and ReLU, odd and even sides, partial blocks of output channels.
+#[test]
+fn direct_forward_equals_im2col_for_stride_one_and_two() {
+    use normlab::nn::conv_algorithm::ConvAlgorithm;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // (N, C, OC, H, W, stride, bias, relu)
+    let cases = [
+        (1, 16, 32, 28, 28, 2, true, true),
+        (3, 3, 6, 7, 9, 2, false, false),
+        (20, 2, 5, 14, 13, 2, true, false),
+        (1, 8, 10, 5, 5, 1, true, true),
+        (2, 32, 16, 14, 14, 2, false, true),
+    ];
+    for (n, c, oc, h, w, stride, bias, relu) in cases {
+        let seed = rng.gen();
+        let build = |algorithm| {
+            let mut conv = Conv2d::new(c, oc, 3, stride, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
+            if relu {
+                conv = conv.with_relu();
+            }
+            conv.algorithm = algorithm;
+            conv
+        };
+        let x = random(&[n, c, h, w], &mut rng);
+        let (mut want, mut got) = (Tensor::default(), Tensor::default());
+        build(ConvAlgorithm::Im2col).forward(&x, &mut want, Mode::Eval).unwrap();
+        build(ConvAlgorithm::Direct).forward(&x, &mut got, Mode::Eval).unwrap();
+        assert_eq!(got.shape, want.shape);
+        assert_close(
+            &format!("direct, case {:?}", (n, c, oc, h, w, stride)),
+            &got.data,
+            &want.data,
+        );
+    }
+}

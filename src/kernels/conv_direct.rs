@@ -1,11 +1,15 @@
-//! Direct 3x3 stride-1 padding-1 convolution of one sample, for the shapes where im2col + gemm
-//! and Winograd spend more on moving data than on multiplying: a lone sample (inference at
-//! batch 1) and few channels. The input is copied once into a zero-padded map whose rows are
-//! W + 2 wide; on that grid each tap of the kernel is a fixed shift, so an output run of 16
-//! consecutive positions (crossing rows; the 2 positions per row that fall on the padding are
-//! computed and dropped) reads 16 consecutive inputs per tap:
+//! Direct 3x3 padding-1 convolution of one sample, stride 1 or 2, for the shapes where im2col +
+//! gemm and Winograd spend more on moving data than on multiplying: a lone sample (inference
+//! at batch 1) and few channels. Stride 1: the input is copied once into a zero-padded map
+//! whose rows are W + 2 wide; on that grid each tap of the kernel is a fixed shift, so an
+//! output run of 16 consecutive positions (crossing rows; the 2 positions per row that fall on
+//! the padding are computed and dropped) reads 16 consecutive inputs per tap:
 //!
 //!   out[o][p] = Σ_c Σ_{ky,kx} w[o][c][ky][kx] · xp[c][p + ky·(W+2) + kx]
+//!
+//! Stride 2: the padded map is split into its four phases P_ab[i][j] = xp[2i + a][2j + b]
+//! (rows ⌈(W+2)/2⌉ wide); tap (ky, kx) reads phase (ky mod 2, kx mod 2) shifted by
+//! (⌊ky/2⌋, ⌊kx/2⌋), again a fixed shift on the output grid, whose rows are the phases' width.
 //!
 //! A block of 4 output channels × NB vectors of 16 positions stays in registers (24
 //! accumulators at NB = 6) while the loop runs over the C·9 (channel, tap) pairs: per pair NB
@@ -17,31 +21,54 @@ use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
 /// Output channels computed together (the rows of the register block).
 pub const DIRECT_CHANNELS: usize = 4;
 
-/// The padded grid of one sample's map: `channels` maps of h × w.
+/// The padded grid of one sample's map: `channels` maps of h × w, convolved with `stride`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirectGrid {
     pub channels: usize,
     pub h: usize,
     pub w: usize,
+    /// 1 or 2.
+    pub stride: usize,
 }
 
 impl DirectGrid {
-    /// The padded row length W + 2.
+    /// Output rows and columns.
+    pub fn out_h(&self) -> usize {
+        (self.h - 1) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.w - 1) / self.stride + 1
+    }
+    /// The row length of the output grid and of the (phase) planes: W + 2, or ⌈(W+2)/2⌉.
     pub fn row(&self) -> usize {
-        self.w + 2
+        (self.w + 2).div_ceil(self.stride)
     }
-    /// One padded map, (H + 2)·(W + 2).
+    /// Rows of one (phase) plane.
+    fn plane_rows(&self) -> usize {
+        (self.h + 2).div_ceil(self.stride)
+    }
+    /// One channel of the padded input: its map, or its four phase planes.
     pub fn plane(&self) -> usize {
-        (self.h + 2) * self.row()
+        self.stride * self.stride * self.plane_rows() * self.row()
     }
-    /// Vectors of LANES output positions covering the H·(W + 2) positions of the output grid.
+    /// Where tap (ky, kx) reads, relative to the output position, within a channel.
+    fn tap(&self, ky: usize, kx: usize) -> usize {
+        let s = self.stride;
+        let phase = (ky % s) * s + kx % s;
+        phase * self.plane_rows() * self.row() + (ky / s) * self.row() + kx / s
+    }
+    /// The farthest any tap reads past the output position.
+    fn reach(&self) -> usize {
+        (0..9).map(|t| self.tap(t / 3, t % 3)).max().unwrap_or(0)
+    }
+    /// Vectors of LANES output positions covering the output grid's out_h · row positions.
     pub fn vectors(&self) -> usize {
-        (self.h * self.row()).div_ceil(LANES)
+        (self.out_h() * self.row()).div_ceil(LANES)
     }
-    /// The padded input's length: every map, plus the slack the last vector's taps read past
-    /// the last map (those positions are dropped).
+    /// The padded input's length: every channel, plus the slack the last vector's taps read
+    /// past the last one (those positions are dropped).
     pub fn padded_len(&self) -> usize {
-        self.channels * self.plane() + self.vectors() * LANES + 2 * self.row() + 2
+        self.channels * self.plane() + self.vectors() * LANES + self.reach()
     }
     /// The output block's length: DIRECT_CHANNELS maps on the output grid.
     pub fn block_len(&self) -> usize {
@@ -49,15 +76,38 @@ impl DirectGrid {
     }
 }
 
-/// xp = x [C, H, W] zero-padded by one on every side, rows W + 2 apart (`grid.padded_len()`
-/// values; the slack past the maps is zeroed too).
+/// xp = x [C, H, W] zero-padded by one on every side, rows W + 2 apart; with stride 2 split
+/// into the four phase planes (`grid.padded_len()` values; the slack past the maps is zeroed
+/// too).
 pub fn direct_pad_input(x: &[f32], grid: DirectGrid, xp: &mut [f32]) {
     let (h, w, row, plane) = (grid.h, grid.w, grid.row(), grid.plane());
     let xp = &mut xp[..grid.padded_len()];
     xp.fill(0.0);
-    for (xc, pc) in x.chunks_exact(h * w).take(grid.channels).zip(xp.chunks_mut(plane)) {
-        for (xr, pr) in xc.chunks_exact(w).zip(pc[row + 1..].chunks_mut(row)) {
-            pr[..w].copy_from_slice(xr);
+    let channels = x.chunks_exact(h * w).take(grid.channels).zip(xp.chunks_mut(plane));
+    if grid.stride == 1 {
+        for (xc, pc) in channels {
+            for (xr, pr) in xc.chunks_exact(w).zip(pc[row + 1..].chunks_mut(row)) {
+                pr[..w].copy_from_slice(xr);
+            }
+        }
+        return;
+    }
+    // Padded position (r, c) = (y + 1, x + 1) goes to phase (r mod 2, c mod 2) at (r/2, c/2):
+    // even x to the odd-column phase at x/2, odd x to the even-column phase at (x+1)/2.
+    let phase_len = grid.plane_rows() * row;
+    for (xc, pc) in channels {
+        for (y, xr) in xc.chunks_exact(w).enumerate() {
+            let r = y + 1;
+            let at = (r % 2) * 2 * phase_len + (r / 2) * row;
+            let (even_c, odd_c) = pc[at..].split_at_mut(phase_len);
+            let (even_c, odd_c) = (&mut even_c[1..], &mut odd_c[..row]);
+            for ((pair, e), o) in xr.chunks_exact(2).zip(even_c.iter_mut()).zip(odd_c.iter_mut()) {
+                *o = pair[0];
+                *e = pair[1];
+            }
+            if w % 2 == 1 {
+                odd_c[w / 2] = xr[w - 1];
+            }
         }
     }
 }
@@ -78,8 +128,9 @@ pub fn direct_is_vectorized() -> bool {
 lanes_entry! {
     /// Output channels o0..o0 + DIRECT_CHANNELS of the conv of the padded sample `xp` with the
     /// [OC, C, 3, 3] weights `w`, on the output grid: channel o0 + r at `out[r·V·LANES..]`
-    /// (V = `grid.vectors()`), position (y, x) at y·(W + 2) + x; the columns x ≥ W hold
-    /// nothing useful. Channels past OC repeat the last one's values (not to be read).
+    /// (V = `grid.vectors()`), position (y, x) at y·row + x (`grid.row()`); the columns
+    /// x ≥ out_w hold nothing useful. Channels past OC repeat the last one's values (not to be
+    /// read).
     pub fn direct_conv3x3_block(xp: &[f32], grid: DirectGrid, w: &[f32], out_channels: usize, o0: usize, out: &mut [f32]) => block
 }
 
@@ -114,14 +165,14 @@ fn run<V: Lanes, const NB: usize>(
     o0: usize,
     out: &mut [f32],
 ) {
-    let (c, row, plane, nv) = (grid.channels, grid.row(), grid.plane(), grid.vectors());
+    let (c, plane, nv) = (grid.channels, grid.plane(), grid.vectors());
     let k = c * 9;
-    let taps: [usize; 9] = std::array::from_fn(|t| (t / 3) * row + t % 3);
+    let taps: [usize; 9] = std::array::from_fn(|t| grid.tap(t / 3, t % 3));
     let ws: [&[f32]; DIRECT_CHANNELS] = std::array::from_fn(|r| {
         let o = (o0 + r).min(out_channels - 1);
         &w[o * k..(o + 1) * k]
     });
-    let span = NB * LANES + 2 * row + 2;
+    let span = NB * LANES + grid.reach();
     let mut start = 0;
     while start < nv {
         let s = start.min(nv - NB);
@@ -152,19 +203,26 @@ fn run<V: Lanes, const NB: usize>(
 mod tests {
     use super::*;
 
-    /// The block equals the definition computed in f64 (to f32 rounding), for maps whose
-    /// output grid is shorter than one register block, one block and several, and channel
-    /// counts that leave a partial block of output channels.
+    /// The block equals the definition computed in f64 (to f32 rounding), stride 1 and 2, for
+    /// maps whose output grid is shorter than one register block, one block and several, odd
+    /// and even sides, and channel counts that leave a partial block of output channels.
     #[test]
     fn direct_block_is_the_definition() {
-        for (c, oc, h, w) in [
+        let shapes = [
             (1, 3, 2, 2),
             (3, 5, 7, 7),
             (2, 4, 5, 13),
             (5, 9, 14, 14),
             (2, 6, 28, 28),
-        ] {
-            let grid = DirectGrid { channels: c, h, w };
+            (3, 4, 1, 1),
+        ];
+        for ((c, oc, h, w), stride) in shapes.into_iter().flat_map(|s| [(s, 1), (s, 2)]) {
+            let grid = DirectGrid {
+                channels: c,
+                h,
+                w,
+                stride,
+            };
             let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
             let wt: Vec<f32> = (0..oc * c * 9).map(|i| ((i * 53 % 89) as f32) / 44.0 - 1.0).collect();
             let mut xp = vec![f32::NAN; grid.padded_len()];
@@ -174,13 +232,13 @@ mod tests {
                 direct_conv3x3_block(&xp, grid, &wt, oc, o0, &mut out);
                 for r in 0..DIRECT_CHANNELS.min(oc - o0) {
                     let o = o0 + r;
-                    for y in 0..h {
-                        for xx in 0..w {
+                    for y in 0..grid.out_h() {
+                        for xx in 0..grid.out_w() {
                             let mut want = 0.0f64;
                             for ci in 0..c {
                                 for ky in 0..3 {
                                     for kx in 0..3 {
-                                        let (iy, ix) = (y + ky, xx + kx);
+                                        let (iy, ix) = (stride * y + ky, stride * xx + kx);
                                         if iy < 1 || ix < 1 || iy > h || ix > w {
                                             continue;
                                         }
@@ -192,7 +250,7 @@ mod tests {
                             let got = out[r * grid.vectors() * LANES + y * grid.row() + xx] as f64;
                             assert!(
                                 (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "c {c} oc {oc} {h}x{w}: out[{o}][{y}][{xx}] {got} vs {want}"
+                                "c {c} oc {oc} {h}x{w} stride {stride}: out[{o}][{y}][{xx}] {got} vs {want}"
                             );
                         }
                     }

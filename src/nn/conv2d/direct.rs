@@ -1,4 +1,4 @@
-//! Conv2d's direct forward (kernels::conv_direct): at batch 1 the blocks of output channels
+//! Conv2d's direct forward (kernels::conv_direct, 3x3 padding 1, stride 1 or 2): at batch 1 the blocks of output channels
 //! split over the threads; at larger batches each sample group pads and convolves its own
 //! samples. The epilogue takes each block of channels from the padded output grid while it is
 //! in cache: + bias, ReLU, and with `pool` the 2x2 max-pool of ConvPool.
@@ -27,11 +27,12 @@ impl Conv2d {
             channels: g.channels,
             h: g.height,
             w: g.width,
+            stride: g.stride,
         };
         let (oh, ow) = if pool.is_some() {
-            (g.height / 2, g.width / 2)
+            (grid.out_h() / 2, grid.out_w() / 2)
         } else {
-            (g.height, g.width)
+            (grid.out_h(), grid.out_w())
         };
         let (ys, xs) = (oh * ow, x.sample_len());
         y.resize_to(&[n, oc, oh, ow])?;
@@ -49,7 +50,7 @@ impl Conv2d {
             let what = "the direct convolution's scratch";
             try_resize(&mut s.staging, grid.padded_len(), 0.0, what)?;
             try_resize(&mut s.out, grid.block_len(), 0.0, what)?;
-            let pool_scratch = if pool.is_some() { g.height * grid.row() } else { 0 };
+            let pool_scratch = if pool.is_some() { grid.out_h() * grid.row() } else { 0 };
             try_resize(&mut s.col, pool_scratch, 0.0, what)?;
         }
         let epilogue = Epilogue {
@@ -100,7 +101,7 @@ impl Epilogue<'_> {
     /// Output channels o_start.. of one sample (as many as `y` holds) from its padded input;
     /// `hp` is the pool's scratch.
     fn channels(&self, xp: &[f32], o_start: usize, y: &mut [f32], block: &mut [f32], hp: &mut [f32]) {
-        let DirectGrid { h, w, .. } = self.grid;
+        let (h, w) = (self.grid.out_h(), self.grid.out_w());
         let (row, span) = (self.grid.row(), self.grid.vectors() * LANES);
         let plane = if self.pool { (h / 2) * (w / 2) } else { h * w };
         for (b, yb) in y.chunks_mut(DIRECT_CHANNELS * plane).enumerate() {

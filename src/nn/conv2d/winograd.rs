@@ -45,23 +45,28 @@ impl GroupScratch {
 
 impl Conv2d {
     /// The method of each pass for geometry `g` and a batch of n samples. Winograd needs a 3x3
-    /// kernel, stride 1 and padding 1 (then dx is again such a conv); `Auto` takes the
-    /// measured table below.
+    /// kernel, stride 1 and padding 1 (then dx is again such a conv), the direct forward a 3x3
+    /// kernel, padding 1 and stride 1 or 2; `Auto` takes the measured table below, and the
+    /// direct forward for stride 2.
     pub fn passes(&self, g: &ConvGeometry, n: usize) -> ConvPasses {
         let eligible = self.kernel == 3 && self.stride == 1 && self.padding == 1;
+        // The direct kernel also takes stride 2 (its four phase planes).
+        let direct_eligible = self.kernel == 3 && self.padding == 1 && self.stride <= 2;
         let all = |t: Option<WinogradTile>| ConvPasses {
             forward: t.map_or(ForwardMethod::Im2col, ForwardMethod::Winograd),
             input_grad: t,
             weight_grad: t,
         };
+        let direct = ConvPasses {
+            forward: ForwardMethod::Direct,
+            ..all(None)
+        };
         match self.algorithm {
+            ConvAlgorithm::Direct if direct_eligible => direct,
+            ConvAlgorithm::Auto if direct_eligible && !eligible && direct_is_vectorized() => direct,
             _ if !eligible => all(None),
-            ConvAlgorithm::Im2col => all(None),
+            ConvAlgorithm::Im2col | ConvAlgorithm::Direct => all(None),
             ConvAlgorithm::Winograd(t) => all(Some(t)),
-            ConvAlgorithm::Direct => ConvPasses {
-                forward: ForwardMethod::Direct,
-                ..all(None)
-            },
             ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels),
         }
     }
