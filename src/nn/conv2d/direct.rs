@@ -50,8 +50,9 @@ impl Conv2d {
             let what = "the direct convolution's scratch";
             try_resize(&mut s.staging, grid.padded_len(), 0.0, what)?;
             try_resize(&mut s.out, grid.block_len(), 0.0, what)?;
-            let pool_scratch = if pool.is_some() { grid.out_h() * grid.row() } else { 0 };
-            try_resize(&mut s.col, pool_scratch, 0.0, what)?;
+            if pool.is_some() {
+                try_resize(&mut s.col, grid.out_h() * grid.row(), 0.0, what)?;
+            }
         }
         let epilogue = Epilogue {
             w: &self.weight.value.data,
