@@ -12,6 +12,7 @@ pub mod loss;
 pub mod lp_norm;
 pub mod lstm;
 pub mod matmul;
+pub mod narrow_product;
 pub mod pool;
 pub mod reduce;
 pub mod rms_norm;

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::matmul::{matmul, Op};
+use crate::kernels::narrow_product::{narrow_product, NARROW_MAX};
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
 use crate::onnx::graph::{Attr, OnnxGraph};
 use crate::tensor::Tensor;
@@ -98,18 +99,24 @@ impl Layer for Linear {
         self.check(x)?;
         let (n, i, o) = (x.batch(), self.in_features, self.out_features);
         y.resize_to(&[n, o])?;
-        matmul(
-            &mut y.data,
-            n,
-            o,
-            i,
-            &x.data,
-            Op::N,
-            &self.weight.value.data,
-            Op::T,
-            false,
-            gemm_threads(n * o * i),
-        );
+        if o <= NARROW_MAX {
+            // A classifier head: gemm packed all of x on every call (seed-cnn's 6272 -> 10 at
+            // batch 128, 2 threads: 0.36 ms through gemm, 0.10 ms here).
+            narrow_product(&x.data, &self.weight.value.data, i, o, &mut y.data);
+        } else {
+            matmul(
+                &mut y.data,
+                n,
+                o,
+                i,
+                &x.data,
+                Op::N,
+                &self.weight.value.data,
+                Op::T,
+                false,
+                gemm_threads(n * o * i),
+            );
+        }
         if let Some(b) = &self.bias {
             for row in y.data.chunks_mut(o) {
                 row.iter_mut().zip(&b.value.data).for_each(|(v, bv)| *v += bv);
