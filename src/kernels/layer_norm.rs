@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::batch_norm::{inverse_std, ChannelStats, Ncs};
-use crate::kernels::reduce::{relu_mask, Center};
+use crate::kernels::reduce::{relu_mask, tree_sum, Center};
 use crate::kernels::simd::multiversion;
 
 /// Values per f32 lane group (one AVX-512 register, two AVX2 ones).
@@ -34,19 +34,6 @@ fn lanes(v: &[f32], i: usize) -> [f32; W] {
 #[inline(always)]
 fn store(v: &mut [f32], i: usize, o: [f32; W]) {
     v[i..i + W].copy_from_slice(&o);
-}
-
-/// Σ of W lanes by halving (a few vector adds, not a chain of W dependent ones).
-#[inline(always)]
-fn tree_sum(mut t: [f64; W]) -> f64 {
-    let mut half = W / 2;
-    while half > 0 {
-        for l in 0..half {
-            t[l] += t[l + half];
-        }
-        half /= 2;
-    }
-    t[0]
 }
 
 // nn.LayerNorm's backward on the (N, C, 1) view, one statistics set per sample: with

@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
+use crate::kernels::reduce::tree_sum;
 
 /// The most outputs per row this kernel takes (2 rows × 12 outputs: 24 accumulators).
 pub const NARROW_MAX: usize = 12;
@@ -75,19 +76,6 @@ fn block<V: Lanes, const R: usize>(x: [&[f32]; R], w: &[f32], k: usize, o: usize
             *out = s;
         }
     }
-}
-
-/// Σ of the lanes by halving.
-#[inline(always)]
-fn tree_sum(mut t: [f32; LANES]) -> f32 {
-    let mut half = LANES / 2;
-    while half > 0 {
-        for l in 0..half {
-            t[l] += t[l + half];
-        }
-        half /= 2;
-    }
-    t[0]
 }
 
 #[cfg(test)]

@@ -49,6 +49,21 @@ impl Center {
     }
 }
 
+/// Σ of a power-of-two number of lanes by halving (a few vector adds, not a chain of N
+/// dependent ones), in the same order on every CPU.
+#[inline(always)]
+pub fn tree_sum<T: Copy + std::ops::Add<Output = T>, const N: usize>(mut t: [T; N]) -> T {
+    debug_assert!(N.is_power_of_two());
+    let mut half = N / 2;
+    while half > 0 {
+        for l in 0..half {
+            t[l] = t[l] + t[l + half];
+        }
+        half /= 2;
+    }
+    t[0]
+}
+
 /// max(z, 0) that keeps NaN, as torch.relu does (f32::max(NaN, 0) is 0, which hid NaN
 /// weights as a loss of exactly 0); a compare and a select, so it vectorizes.
 #[inline(always)]

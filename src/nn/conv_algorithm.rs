@@ -15,7 +15,7 @@ pub enum ConvAlgorithm {
     /// padding 1), im2col elsewhere.
     Winograd(WinogradTile),
     /// The direct kernel (kernels::conv_direct) for the forward where the geometry allows it
-    /// (3x3, stride 1, padding 1), im2col for the rest and for the backward passes.
+    /// (3x3, padding 1, stride 1 or 2), im2col for the rest and for the backward passes.
     Direct,
 }
 

@@ -60,7 +60,7 @@ pub struct Conv2d {
 pub enum ForwardMethod {
     Im2col,
     Winograd(WinogradTile),
-    /// kernels::conv_direct (3x3, stride 1, padding 1).
+    /// kernels::conv_direct (3x3, padding 1, stride 1 or 2).
     Direct,
 }
 
