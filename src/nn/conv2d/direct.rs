@@ -36,6 +36,9 @@ impl Conv2d {
         };
         let (ys, xs) = (oh * ow, x.sample_len());
         y.resize_to(&[n, oc, oh, ow])?;
+        if n == 0 || oc == 0 {
+            return Ok(());
+        }
         let blocks = oc.div_ceil(DIRECT_CHANNELS);
         let per_group = n.div_ceil(GROUPS).max(1);
         // A lone sample: a few blocks of channels per thread, so that a worker that wakes late
