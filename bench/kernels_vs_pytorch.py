@@ -2,7 +2,7 @@
 """normlab's kernels and training against PyTorch's, side by side, same thread count.
 
   .venv-torch/bin/python bench/kernels_vs_pytorch.py [--threads 2] [--quick] [--rounds 3]
-      [--only kernels,models,conv] [--json FILE]
+      [--only kernels,models,conv,KERNEL] [--json FILE]
 
 Runs `normlab bench --filter K --json` (the kernels through normlab's layer code, plus end-to-end
 training on random data) for one kernel or model K at a time, then times PyTorch on the same
@@ -137,14 +137,15 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", default="", help="comma-separated parts: kernels, models, conv (default all)")
+    p.add_argument("--only", default="", help="comma-separated parts: kernels, models, conv, or single kernels "
+                   "such as layernorm_fwd_bwd (default all)")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     exe = os.environ.get("NORMLAB", "target/release/normlab")
     reps = 3 if args.quick else 15
     only = set(filter(None, args.only.split(",")))
-    parts = ((KERNELS if not only or "kernels" in only else []) + (MODELS if not only or "models" in only else [])
+    parts = ((KERNELS if not only or "kernels" in only else [k for k in KERNELS if k in only]) + (MODELS if not only or "models" in only else [])
              + (["conv"] if not only or "conv" in only else []))
     # Each kernel (all six shapes), model and the conv table alternates between the two sides, a
     # few seconds apart, so a burst of host load hits both alike. Every round gives each entry

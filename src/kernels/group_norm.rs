@@ -43,6 +43,11 @@ pub fn group_norm_forward_train(
     stats: &mut [ChannelStats],
 ) {
     let (cg, s) = (shape.c / groups, shape.s);
+    if groups == 1 && s == 1 && crate::kernels::layer_norm_tiles::takes_tiles(shape.c) {
+        // nn.LayerNorm's token rows: 16 rows at a time (layer_norm_tiles.rs).
+        let k = crate::kernels::layer_norm_tiles::layer_norm_forward;
+        return k(x, y, shape.c, eps, gamma, beta, relu, stats);
+    }
     let block = cg * s;
     let tile = tile_for(block);
     y.par_chunks_mut(block * tile)

@@ -10,7 +10,9 @@ pub(crate) const LANES: usize = 16;
 /// were turned by LLVM into gathers and scatters across the tile (5-10x slower); both
 /// versions do the same adds, subtracts and multiplies in the same order, so they agree bit
 /// for bit.
-pub(crate) trait Lanes: Copy + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> {
+pub(crate) trait Lanes:
+    Copy + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self>
+{
     fn zero() -> Self;
     /// The first LANES values of `src`.
     fn load(src: &[f32]) -> Self;
@@ -42,6 +44,9 @@ pub(crate) trait Lanes: Copy + std::ops::Add<Output = Self> + std::ops::Sub<Outp
     fn mul_add(self, b: Self, c: Self) -> Self;
     /// max(v, 0) lane by lane, 0 for NaN (as `reduce::relu`).
     fn relu(self) -> Self;
+    /// self where `by` > 0 or NaN, else 0, lane by lane (as `reduce::relu_mask`: the ReLU's
+    /// gradient mask).
+    fn where_positive(self, by: Self) -> Self;
     /// The LANES × LANES square with rows and columns swapped: out[j] lane i = rows[i] lane j.
     fn transpose(rows: [Self; LANES]) -> [Self; LANES];
 }
@@ -63,6 +68,15 @@ impl std::ops::Sub for Portable {
     #[inline(always)]
     fn sub(mut self, o: Self) -> Self {
         self.0.iter_mut().zip(o.0).for_each(|(a, b)| *a -= b);
+        self
+    }
+}
+
+impl std::ops::Mul for Portable {
+    type Output = Self;
+    #[inline(always)]
+    fn mul(mut self, o: Self) -> Self {
+        self.0.iter_mut().zip(o.0).for_each(|(a, b)| *a *= b);
         self
     }
 }
@@ -104,6 +118,14 @@ impl Lanes for Portable {
         self
     }
     #[inline(always)]
+    fn where_positive(mut self, by: Self) -> Self {
+        self.0
+            .iter_mut()
+            .zip(by.0)
+            .for_each(|(a, y)| *a = crate::kernels::reduce::relu_mask(y, *a));
+        self
+    }
+    #[inline(always)]
     fn transpose(rows: [Self; LANES]) -> [Self; LANES] {
         std::array::from_fn(|j| Portable(std::array::from_fn(|i| rows[i].0[j])))
     }
@@ -134,6 +156,14 @@ pub(crate) mod avx512 {
         #[inline(always)]
         fn sub(self, o: Self) -> Self {
             Avx512(unsafe { _mm512_sub_ps(self.0, o.0) })
+        }
+    }
+
+    impl std::ops::Mul for Avx512 {
+        type Output = Self;
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            Avx512(unsafe { _mm512_mul_ps(self.0, o.0) })
         }
     }
 
@@ -182,6 +212,14 @@ pub(crate) mod avx512 {
         fn relu(self) -> Self {
             // max(0, v) returns its second operand when either is NaN: 0, as reduce::relu.
             Avx512(unsafe { _mm512_max_ps(_mm512_setzero_ps(), self.0) })
+        }
+        #[inline(always)]
+        fn where_positive(self, by: Self) -> Self {
+            // "Not less than or equal, unordered": true where by > 0 and where by is NaN.
+            unsafe {
+                let keep = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(by.0, _mm512_setzero_ps());
+                Avx512(_mm512_maskz_mov_ps(keep, self.0))
+            }
         }
         // 16x16 in registers: pairs of rows interleaved as f32 then as f64 give, in each
         // 128-bit lane L, column 4L + c of four rows (u[4g + c]); two rounds of 128-bit lane
@@ -276,6 +314,33 @@ mod tests {
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(g, &w.0);
             }
+        }
+    }
+
+    #[test]
+    fn where_positive_is_the_relu_mask_in_both_versions() {
+        let by: [f32; LANES] = std::array::from_fn(|i| match i % 5 {
+            0 => 1.5,
+            1 => -2.0,
+            2 => 0.0,
+            3 => f32::NAN,
+            _ => -0.0,
+        });
+        let v: [f32; LANES] = std::array::from_fn(|i| i as f32 + 0.25);
+        let want: [f32; LANES] = std::array::from_fn(|i| crate::kernels::reduce::relu_mask(by[i], v[i]));
+        assert_eq!(Portable(v).where_positive(Portable(by)).0, want);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn masked(v: &[f32; LANES], by: &[f32; LANES]) -> [f32; LANES] {
+                let mut out = [0.0f32; LANES];
+                avx512::Avx512::load(v)
+                    .where_positive(avx512::Avx512::load(by))
+                    .store(&mut out);
+                out
+            }
+            // SAFETY: the CPU has AVX-512F.
+            assert_eq!(unsafe { masked(&v, &by) }, want);
         }
     }
 }

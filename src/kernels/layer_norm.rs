@@ -1,7 +1,8 @@
 //! PyTorch's elementwise nn.LayerNorm backward on the (N, C, 1) view (C = the normalized
 //! shape's size, one statistics set per row): dx and dγ, dβ summed over the rows, without the
 //! per-element sums GroupNorm's backward would write. The forward is GroupNorm's
-//! (`group_norm_forward_train` with G = 1, S = 1). Row sums run in 16 f32 lanes added into f64
+//! (`group_norm_forward_train` with G = 1, S = 1). Rows of 16-256 values go to
+//! `layer_norm_tiles` on AVX-512, forward and backward. Row sums run in 16 f32 lanes added into f64
 //! lanes every `FLUSH` values: vector speed at f64-like accuracy.
 
 use rayon::prelude::*;
@@ -73,7 +74,11 @@ pub fn layer_norm_backward(
     let task = |dxt: &mut [f32], xt: &[f32], yt: &[f32], dt: &[f32], st: &[ChannelStats], a: &mut [f32]| {
         a.fill(0.0);
         let (g, b) = a.split_at_mut(c);
-        backward_rows(xt, yt, dt, dxt, c, gamma, relu, st, eps, g, b);
+        if crate::kernels::layer_norm_tiles::takes_tiles(c) {
+            crate::kernels::layer_norm_tiles::layer_norm_backward_tiles(xt, yt, dt, dxt, c, eps, gamma, relu, st, g, b);
+        } else {
+            backward_rows(xt, yt, dt, dxt, c, gamma, relu, st, eps, g, b);
+        }
     };
     if used == 1 {
         task(dx, x, y, dy, stats, acc);
