@@ -14,19 +14,20 @@ use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
 use crate::kernels::reduce::{relu_mask, Center};
 
 /// Rows per tile at most: one per lane.
-const ROWS: usize = LANES;
+pub(crate) const ROWS: usize = LANES;
 
 /// Bytes of one tensor's rows per tile: the passes after the first re-read the tile's x and
 /// dy from L1 (32 KB), so longer rows take fewer rows per tile (the rest of the lanes idle).
 const TILE_BYTES: usize = 12 << 10;
 
 /// Rows per tile for rows of `c` values.
-fn tile_rows(c: usize) -> usize {
+pub(crate) fn tile_rows(c: usize) -> usize {
     (TILE_BYTES / (4 * c.max(1))).clamp(1, ROWS)
 }
 
-/// The shortest and longest rows the tiles take: below 16 values a row is all tail; above 1024
-/// the row's own passes dominate and the row kernels keep their f64 flushes.
+/// The shortest and longest rows the tiles take: below 16 values a row is all tail; above 256
+/// the row kernels were faster (measured: the forward's three passes and the backward at 384
+/// values; ARCHITECTURE.md).
 pub const TILE_ROW_MIN: usize = LANES;
 pub const TILE_ROW_MAX: usize = 256;
 
@@ -50,7 +51,7 @@ pub fn takes_tiles(c: usize) -> bool {
 
 /// Lane i of the result: the sum of the lanes of `rows[i]` (transpose, then add the columns).
 #[inline(always)]
-fn row_totals<L: Lanes>(rows: [L; ROWS]) -> [f32; ROWS] {
+pub(crate) fn row_totals<L: Lanes>(rows: [L; ROWS]) -> [f32; ROWS] {
     let mut t = L::transpose(rows);
     let mut half = ROWS / 2;
     while half > 0 {
@@ -300,7 +301,7 @@ fn backward<L: Lanes>(
 }
 
 /// Rows per group of the backward's first pass.
-const GROUP: usize = 4;
+pub(crate) const GROUP: usize = 4;
 
 /// The backward's first pass over the whole vectors of K rows: each row's Σγg, Σγg·x̂ added
 /// into its lanes `sg`, `sq`; every column's Σg·x̂, Σg into `dg`, `db`, loaded and stored once

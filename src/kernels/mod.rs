@@ -17,6 +17,7 @@ pub mod narrow_product;
 pub mod pool;
 pub mod reduce;
 pub mod rms_norm;
+pub mod rms_norm_tiles;
 pub mod shape;
 pub mod simd;
 pub mod special;

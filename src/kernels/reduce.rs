@@ -64,6 +64,12 @@ pub fn tree_sum<T: Copy + std::ops::Add<Output = T>, const N: usize>(mut t: [T; 
     t[0]
 }
 
+/// RMSNorm's 1/√(mean(x²) + eps), computed in f64 and rounded once to f32 (PyTorch's float64
+/// reference agrees within the goldens' tolerance); here for the row and the tile kernels.
+pub fn inverse_rms(mean_square: f64, eps: f64) -> f32 {
+    (1.0 / (mean_square + eps).sqrt()) as f32
+}
+
 /// max(z, 0) that keeps NaN, as torch.relu does (f32::max(NaN, 0) is 0, which hid NaN
 /// weights as a loss of exactly 0); a compare and a select, so it vectorizes.
 #[inline(always)]

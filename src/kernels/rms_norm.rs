@@ -1,6 +1,6 @@
 //! RMSNorm (Zhang & Sennrich 2019; torch.nn.RMSNorm, timm's RmsNorm) on rows of D values: no
 //! centring and no shift, one statistic per row. Rows run in parallel; each is read once from
-//! memory and revisited in cache.
+//! memory and revisited in cache. Rows of 16-1024 values go to `rms_norm_tiles` on AVX-512.
 
 use rayon::prelude::*;
 
@@ -13,11 +13,7 @@ const LANES: usize = 8;
 /// Rows per parallel task: at least this many values, so that small tensors stay on one thread.
 const TASK_VALUES: usize = 1 << 14;
 
-/// 1/√(mean(x²) + eps), computed in f64 and rounded once to f32 (PyTorch's float64 reference
-/// agrees within the goldens' tolerance).
-pub fn inverse_rms(mean_square: f64, eps: f64) -> f32 {
-    (1.0 / (mean_square + eps).sqrt()) as f32
-}
+pub use crate::kernels::reduce::inverse_rms;
 
 /// Σx² over `v` in 8 f64 lanes (independent chains: vector speed).
 #[inline(always)]
@@ -49,6 +45,9 @@ pub fn rms_norm_forward(
     relu: bool,
     inv_rms: &mut [f32],
 ) {
+    if crate::kernels::rms_norm_tiles::takes_tiles(d) {
+        return crate::kernels::rms_norm_tiles::rms_norm_forward(x, y, d, eps, gamma, relu, inv_rms);
+    }
     let rows = rows_per_task(d);
     y.par_chunks_mut(d * rows)
         .zip(x.par_chunks(d * rows))
@@ -95,17 +94,22 @@ pub fn rms_norm_backward(
     }
     let acc = &mut scratch[..used * d];
     let span = rows * d;
+    let tiles = crate::kernels::rms_norm_tiles::takes_tiles(d);
+    let task = |dxt: &mut [f32], xt: &[f32], yt: &[f32], dt: &[f32], rt: &[f32], a: &mut [f32]| {
+        a.fill(0.0);
+        if tiles {
+            crate::kernels::rms_norm_tiles::rms_norm_backward_tiles(xt, yt, dt, dxt, d, gamma, relu, rt, a);
+        } else {
+            backward_rows(xt, yt, dt, dxt, d, gamma, relu, rt, a);
+        }
+    };
     if used == 1 {
-        acc.fill(0.0);
-        backward_rows(x, y, dy, dx, d, gamma, relu, inv_rms, acc);
+        task(dx, x, y, dy, inv_rms, acc);
     } else {
         dx.par_chunks_mut(span)
             .zip(x.par_chunks(span).zip(y.par_chunks(span)).zip(dy.par_chunks(span)))
             .zip(inv_rms.par_chunks(rows).zip(acc.par_chunks_mut(d)))
-            .for_each(|((dxt, ((xt, yt), dt)), (rt, a))| {
-                a.fill(0.0);
-                backward_rows(xt, yt, dt, dxt, d, gamma, relu, rt, a);
-            });
+            .for_each(|((dxt, ((xt, yt), dt)), (rt, a))| task(dxt, xt, yt, dt, rt, a));
     }
     dgamma.fill(0.0);
     for a in acc.chunks(d) {
