@@ -2,12 +2,14 @@
 //! shape's size, one statistics set per row): dx and dγ, dβ summed over the rows, without the
 //! per-element sums GroupNorm's backward would write. The forward is GroupNorm's
 //! (`group_norm_forward_train` with G = 1, S = 1). Rows of 16-256 values go to
-//! `layer_norm_tiles` on AVX-512, forward and backward. Row sums run in 16 f32 lanes added into f64
+//! `layer_norm_tiles` on AVX-512, forward and backward, and so does the backward of rows of
+//! 2,048 to 2^15 values in tasks of at least 16 rows. Row sums run in 16 f32 lanes added into f64
 //! lanes every `FLUSH` values: vector speed at f64-like accuracy.
 
 use rayon::prelude::*;
 
 use crate::kernels::batch_norm::{inverse_std, ChannelStats, Ncs};
+use crate::kernels::layer_norm_tiles;
 use crate::kernels::reduce::{relu_mask, tree_sum, Center};
 use crate::kernels::simd::multiversion;
 
@@ -22,6 +24,21 @@ const FLUSH: usize = 16 * W;
 /// no longer fit in L2 for a second pass, and per-task column accumulators (2·C floats, read
 /// and written once per row) move as many bytes as the data.
 const LONG_ROW: usize = 1 << 15;
+
+/// Rows from this many values up to `LONG_ROW` take the tiles' backward too, in
+/// tasks of at least `LONG_TASK_ROWS` rows: 4 rows per tile share each load and store of dγ
+/// and dβ, which for rows that do not fit L1 are L2 traffic as large as the row's own. Measured
+/// (2 threads, forward + backward): [512, 4096] 1.47–1.87 → 1.07–1.37 ms, [256, 16384]
+/// 3.62–4.13 → 3.26–3.66 ms; [128, 25088] level; [32, 12544] (8 rows per task) 0.33 → 0.55 ms
+/// and [1024, 1024] 0.43 → 0.45 ms slower, hence the bounds.
+const LONG_TILES_FROM: usize = 2048;
+const LONG_TASK_ROWS: usize = 16;
+
+/// Whether `layer_norm_backward` takes the tiles for rows of `c` values, `rows` per task.
+fn backward_takes_tiles(c: usize, rows: usize) -> bool {
+    layer_norm_tiles::takes_tiles(c)
+        || ((LONG_TILES_FROM..LONG_ROW).contains(&c) && rows >= LONG_TASK_ROWS && layer_norm_tiles::tiles_vectorized())
+}
 
 /// Values i..i+W of `v`, copied: the loops read their inputs into arrays, compute into an
 /// array and store it whole, so LLVM need not prove that an output does not alias an input
@@ -74,8 +91,8 @@ pub fn layer_norm_backward(
     let task = |dxt: &mut [f32], xt: &[f32], yt: &[f32], dt: &[f32], st: &[ChannelStats], a: &mut [f32]| {
         a.fill(0.0);
         let (g, b) = a.split_at_mut(c);
-        if crate::kernels::layer_norm_tiles::takes_tiles(c) {
-            crate::kernels::layer_norm_tiles::layer_norm_backward_tiles(xt, yt, dt, dxt, c, eps, gamma, relu, st, g, b);
+        if backward_takes_tiles(c, rows) {
+            layer_norm_tiles::layer_norm_backward_tiles(xt, yt, dt, dxt, c, eps, gamma, relu, st, g, b);
         } else {
             backward_rows(xt, yt, dt, dxt, c, gamma, relu, st, eps, g, b);
         }

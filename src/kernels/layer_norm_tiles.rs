@@ -231,7 +231,8 @@ fn backward<L: Lanes>(
     let full = c / LANES * LANES;
     let inv_c = 1.0 / c as f64;
     let grad = |yv: f32, d: f32| if relu { relu_mask(yv, d) } else { d };
-    let tile = tile_rows(c);
+    // At least one group: long rows (one per L1-sized tile) still share dγ, dβ four at a time.
+    let tile = tile_rows(c).max(GROUP);
     for (t, sts) in stats.chunks(tile).enumerate() {
         let at = t * tile * c;
         let rows = sts.len();
@@ -418,7 +419,8 @@ mod tests {
 
     /// Both versions (the portable one always, the AVX-512 one where the CPU has it) against
     /// the f64 definition: rows of whole vectors and with tails, one tile and several with a
-    /// partial last one, with and without γ, β and a fused ReLU, and an offset of 1e3.
+    /// partial last one, with and without γ, β and a fused ReLU, offsets up to 1e3 and a long
+    /// row (4100 values, as the backward takes for long rows).
     #[test]
     fn tiles_match_the_definition() {
         for &(n, c, offset) in &[
@@ -427,6 +429,7 @@ mod tests {
             (16, 100, 3.0),
             (20, 384, 1e3),
             (3, 1024, 0.0),
+            (9, 4100, 1e2),
         ] {
             for (affine, relu) in [(true, false), (false, false), (true, true)] {
                 let x = values(n * c, 1, offset);
