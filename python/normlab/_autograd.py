@@ -15,12 +15,17 @@ from . import _native
 # Plumbing: which tensors normlab takes, and their memory as numpy arrays.
 
 
+_F32, _STRIDED = torch.float32, torch.strided
+
+
 def _native_ok(*tensors):
-    """Whether normlab's kernels take these tensors (CPU float32; None is fine)."""
-    return all(
-        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided)
-        for t in tensors
-    )
+    """Whether normlab's kernels take these tensors (CPU float32; None is fine). A plain loop
+    over properties: it runs on every call of every module (a generator over `t.device.type`
+    cost 3 µs of a 50 µs call)."""
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.dtype is _F32 and t.layout is _STRIDED):
+            return False
+    return True
 
 
 def _np(t):

@@ -76,11 +76,16 @@ __all__ = [
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """``torch.nn.functional.batch_norm`` through normlab's kernels (PyTorch's own op for
     tensors normlab does not take, and for input it refuses, so its error is PyTorch's)."""
+    dims = input.shape
+    channels = (dims[1],) if len(dims) >= 2 else None
     fine = (
         _native_ok(input, running_mean, running_var, weight, bias)
-        and input.dim() >= 2
+        and channels is not None
         and input.numel() > 0
-        and all(t is None or t.shape == (input.shape[1],) for t in (running_mean, running_var, weight, bias))
+        and (running_mean is None or running_mean.shape == channels)
+        and (running_var is None or running_var.shape == channels)
+        and (weight is None or weight.shape == channels)
+        and (bias is None or bias.shape == channels)
     )
     if not fine or (training and _values_per_channel(input) <= 1) or (not training and running_mean is None):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -91,32 +96,34 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.group_norm`` through normlab's kernels."""
-    c = input.shape[1] if input.dim() >= 2 else -1
+    shape = input.shape
+    c = shape[1] if len(shape) >= 2 else -1
     fine = (
         _native_ok(input, weight, bias)
-        and input.dim() >= 2
+        and len(shape) >= 2
         and input.numel() > 0
         and num_groups > 0
         and c % num_groups == 0
-        and all(t is None or t.shape == (c,) for t in (weight, bias))
+        and (weight is None or weight.shape == (c,))
+        and (bias is None or bias.shape == (c,))
     )
     if not fine:
         return F.group_norm(input, num_groups, weight, bias, eps)
-    s = input[0, 0].numel()
-    return _GroupNorm.apply(input, weight, bias, (input.shape[0], c, s), num_groups, eps)
+    return _GroupNorm.apply(input, weight, bias, (shape[0], c, input.numel() // (shape[0] * c)), num_groups, eps)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.layer_norm`` through normlab's kernels."""
     shape = tuple(normalized_shape)
-    k = len(shape)
+    k, dims = len(shape), input.shape
     fine = (
         _native_ok(input, weight, bias)
         and k > 0
-        and input.dim() >= k
-        and tuple(input.shape[input.dim() - k:]) == shape
+        and len(dims) >= k
+        and dims[len(dims) - k:] == shape
         and input.numel() > 0
-        and all(t is None or tuple(t.shape) == shape for t in (weight, bias))
+        and (weight is None or weight.shape == shape)
+        and (bias is None or bias.shape == shape)
     )
     if not fine:
         return F.layer_norm(input, shape, weight, bias, eps)
@@ -128,14 +135,15 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
     """``torch.nn.functional.instance_norm`` through normlab's kernels."""
-    c = input.shape[1] if input.dim() >= 2 else -1
+    dims = input.shape
+    c = dims[1] if len(dims) >= 2 else -1
     fine = (
         _native_ok(input, running_mean, running_var, weight, bias)
-        and input.dim() >= 3
+        and len(dims) >= 3
         and input.numel() > 0
         and all(t is None or t.shape == (c,) for t in (running_mean, running_var, weight, bias))
     )
-    s = input[0, 0].numel() if fine else 0
+    s = input.numel() // (dims[0] * c) if fine else 0
     if not fine or (use_input_stats and s <= 1) or (not use_input_stats and running_mean is None):
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if not use_input_stats:
