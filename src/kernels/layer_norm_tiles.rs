@@ -65,18 +65,19 @@ pub(crate) fn row_totals<L: Lanes>(rows: [L; ROWS]) -> [f32; ROWS] {
     out
 }
 
-/// Σ of the whole vectors of a row, in four chains (one chain waits on the add's latency).
+/// Σ f(v) of the whole vectors v of a row, folded as `add(acc, v)` in four chains (one chain
+/// waits on the add's latency): Σx for LayerNorm, Σx² for RMSNorm.
 #[inline(always)]
-fn row_sum<L: Lanes>(row: &[f32]) -> L {
+pub(crate) fn row_fold<L: Lanes>(row: &[f32], add: impl Fn(L, L) -> L) -> L {
     let mut acc = [L::zero(); 4];
     let mut quads = row.chunks_exact(4 * LANES);
     for q in &mut quads {
         for (k, a) in acc.iter_mut().enumerate() {
-            *a = *a + L::load(&q[k * LANES..]);
+            *a = add(*a, L::load(&q[k * LANES..]));
         }
     }
     for v in quads.remainder().chunks_exact(LANES) {
-        acc[0] = acc[0] + L::load(v);
+        acc[0] = add(acc[0], L::load(v));
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3])
 }
@@ -128,7 +129,7 @@ fn forward<L: Lanes>(
         let rows = sts.len();
         let mut lanes = [L::zero(); ROWS];
         for (r, l) in lanes.iter_mut().enumerate().take(rows) {
-            *l = row_sum::<L>(&xs[r * c..r * c + full]);
+            *l = row_fold::<L>(&xs[r * c..r * c + full], |a, v| a + v);
         }
         let totals = row_totals(lanes);
         let mut mean0 = [0.0f32; ROWS];
@@ -176,7 +177,7 @@ fn forward<L: Lanes>(
 
 /// Rows per forward task: whole tiles of at least 2^14 values, so that small tensors stay on
 /// one thread.
-fn forward_task_rows(c: usize) -> usize {
+pub(crate) fn forward_task_rows(c: usize) -> usize {
     ((1 << 14) / c.max(1)).div_ceil(ROWS).max(1) * ROWS
 }
 

@@ -6,7 +6,9 @@
 use rayon::prelude::*;
 
 use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
-use crate::kernels::layer_norm_tiles::{row_totals, tile_rows, tiles_vectorized, GROUP, ROWS, TILE_ROW_MIN};
+use crate::kernels::layer_norm_tiles::{
+    forward_task_rows, row_fold, row_totals, tile_rows, tiles_vectorized, GROUP, ROWS, TILE_ROW_MIN,
+};
 use crate::kernels::reduce::{inverse_rms, relu_mask};
 
 /// The longest rows the tiles take: up to 1024 values they beat the row kernel (measured at
@@ -16,24 +18,6 @@ pub const TILE_ROW_MAX: usize = 1024;
 /// Whether rows of `d` values take the tiles on this CPU (AVX-512).
 pub fn takes_tiles(d: usize) -> bool {
     (TILE_ROW_MIN..=TILE_ROW_MAX).contains(&d) && tiles_vectorized()
-}
-
-/// Σx² of the whole vectors of a row, in four chains.
-#[inline(always)]
-fn row_sum_of_squares<L: Lanes>(row: &[f32]) -> L {
-    let mut acc = [L::zero(); 4];
-    let mut quads = row.chunks_exact(4 * LANES);
-    for q in &mut quads {
-        for (k, a) in acc.iter_mut().enumerate() {
-            let v = L::load(&q[k * LANES..]);
-            *a = v.mul_add(v, *a);
-        }
-    }
-    for v in quads.remainder().chunks_exact(LANES) {
-        let v = L::load(v);
-        acc[0] = v.mul_add(v, acc[0]);
-    }
-    (acc[0] + acc[1]) + (acc[2] + acc[3])
 }
 
 // y = act(x · r · γ) with r = 1/√(Σx²/d + eps) per row, kept in `inv_rms`.
@@ -58,7 +42,7 @@ fn forward<L: Lanes>(
         let rows = rs.len();
         let mut lanes = [L::zero(); ROWS];
         for (r, l) in lanes.iter_mut().enumerate().take(rows) {
-            *l = row_sum_of_squares::<L>(&xs[r * d..r * d + full]);
+            *l = row_fold::<L>(&xs[r * d..r * d + full], |a, v| v.mul_add(v, a));
         }
         let totals = row_totals(lanes);
         for r in 0..rows {
@@ -84,11 +68,6 @@ lanes_entry! {
     /// The RMSNorm forward on a run of rows of `d` values, 16 rows per tile: r into `inv_rms`,
     /// y = act(x·r·γ).
     pub fn rms_norm_forward_tiles(x: &[f32], y: &mut [f32], d: usize, eps: f64, gamma: Option<&[f32]>, relu: bool, inv_rms: &mut [f32]) => forward
-}
-
-/// Rows per forward task: whole tiles of at least 2^14 values.
-fn forward_task_rows(d: usize) -> usize {
-    ((1 << 14) / d.max(1)).div_ceil(ROWS).max(1) * ROWS
 }
 
 /// The RMSNorm forward on rows of `d` values (`takes_tiles(d)`), tasks of whole tiles in
