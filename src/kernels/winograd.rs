@@ -17,7 +17,9 @@
 //! algorithm with the flipped kernel, channels swapped (a 3x3 padding-1 conv's adjoint).
 
 mod filter;
+mod product;
 pub use filter::{winograd_filter_gradient, winograd_filter_transform};
+pub use product::winograd_product;
 
 /// The output tile size m of F(m×m, 3×3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +45,8 @@ impl WinogradTile {
 
 use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
 
-/// A 1-D transform of I values into O, applied to columns and then rows by `separable`:
+/// A 1-D transform of I values into O, applied to a window's columns and then to the rows of
+/// the result (L x Lᵀ for f = L·):
 /// Bᵀ, Aᵀ and A of F(2,3) and F(4,3) (points 0, ±1, ±2, ∞), written out as adds.
 trait OneD<const I: usize, const O: usize> {
     fn apply<V: Lanes>(x: [V; I]) -> [V; O];
@@ -58,20 +61,22 @@ impl OneD<4, 4> for Bt2 {
     }
 }
 
-/// Bᵀ d, F(4,3).
+/// Bᵀ d, F(4,3). Products by 4 and 2 are exact, so a multiply-add rounds them as the
+/// separate multiply and add did; the ones by 5 round once instead of twice.
 struct Bt4;
 impl OneD<6, 6> for Bt4 {
     #[inline(always)]
     fn apply<V: Lanes>([d0, d1, d2, d3, d4, d5]: [V; 6]) -> [V; 6] {
-        let (t1, t2) = (d4 - d2.scale(4.0), d3 - d1.scale(4.0));
+        let (four, minus_four, minus_five) = (V::splat(4.0), V::splat(-4.0), V::splat(-5.0));
+        let (t1, t2) = (d2.mul_add(minus_four, d4), d1.mul_add(minus_four, d3));
         let (t3, t4) = (d4 - d2, (d3 - d1).scale(2.0));
         [
-            d0.scale(4.0) - d2.scale(5.0) + d4,
+            d0.mul_add(four, d2.mul_add(minus_five, d4)),
             t1 + t2,
             t1 - t2,
             t3 + t4,
             t3 - t4,
-            d1.scale(4.0) - d3.scale(5.0) + d5,
+            d1.mul_add(four, d3.mul_add(minus_five, d5)),
         ]
     }
 }
@@ -90,12 +95,13 @@ struct At4;
 impl OneD<6, 4> for At4 {
     #[inline(always)]
     fn apply<V: Lanes>([m0, m1, m2, m3, m4, m5]: [V; 6]) -> [V; 4] {
+        // Products by 2, 4 and 8 are exact: the multiply-adds round as separate steps did.
         let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
         [
             m0 + s12 + s34,
-            d12 + d34.scale(2.0),
-            s12 + s34.scale(4.0),
-            d12 + d34.scale(8.0) + m5,
+            d34.mul_add(V::splat(2.0), d12),
+            s34.mul_add(V::splat(4.0), s12),
+            d34.mul_add(V::splat(8.0), d12) + m5,
         ]
     }
 }
@@ -115,28 +121,8 @@ impl OneD<4, 6> for A4 {
     #[inline(always)]
     fn apply<V: Lanes>([g0, g1, g2, g3]: [V; 4]) -> [V; 6] {
         let (e, o) = (g0 + g2, g1 + g3);
-        let (e2, o2) = (g0 + g2.scale(4.0), g1.scale(2.0) + g3.scale(8.0));
+        let (e2, o2) = (g2.mul_add(V::splat(4.0), g0), g3.mul_add(V::splat(8.0), g1.scale(2.0)));
         [g0, e + o, e - o, e2 + o2, e2 - o2, g3]
-    }
-}
-
-/// out = f applied to every column of x, then to every row of the result: L x Lᵀ for the
-/// 1-D transform f = L·.
-#[inline(always)]
-fn separable<V: Lanes, const I: usize, const O: usize, F: OneD<I, O>>(x: &[[V; I]; I], out: &mut [[V; O]; O]) {
-    let mut cols = [[V::zero(); I]; O];
-    for j in 0..I {
-        let mut col = [V::zero(); I];
-        for k in 0..I {
-            col[k] = x[k][j];
-        }
-        let r = F::apply(col);
-        for a in 0..O {
-            cols[a][j] = r[a];
-        }
-    }
-    for a in 0..O {
-        out[a] = F::apply(cols[a]);
     }
 }
 
@@ -255,23 +241,45 @@ fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     let m = plan.m();
     let (_, pw) = plan.padded();
     let cp = channels.next_multiple_of(LANES);
-    let (mut d, mut v) = ([[V::zero(); K]; K], [[V::zero(); R]; R]);
     for ty in 0..plan.tiles_h {
         for tx in 0..plan.tiles_w {
             let p = first_tile + ty * plan.tiles_w + tx;
             let corner = (ty * m + shift) * pw + tx * m + shift;
+            let tile_out = &mut out[p * R * R * channels..];
             for c0 in (0..channels).step_by(LANES) {
                 let n = LANES.min(channels - c0);
-                for (k, dk) in d.iter_mut().enumerate() {
-                    for (j, dkj) in dk.iter_mut().enumerate() {
-                        *dkj = V::load(&staging[(corner + k * pw + j) * cp + c0..]);
-                    }
-                }
-                separable::<V, K, R, F>(&d, &mut v);
-                for (xi, val) in v.iter().flatten().enumerate() {
-                    val.store_first(&mut out[(p * R * R + xi) * channels + c0..], n);
-                }
+                window_block::<V, K, R, F>(staging, corner, pw, cp, c0, n, channels, tile_out);
             }
+        }
+    }
+}
+
+/// One K×K window of LANES channels from c0 (n of them stored): F on the columns, loaded
+/// as they are transformed, then on the rows, stored as they come (through whole K×K and R×R
+/// arrays the transform spilled both to the stack and back: a quarter of its time on one
+/// spill).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn window_block<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
+    staging: &[f32],
+    corner: usize,
+    pw: usize,
+    cp: usize,
+    c0: usize,
+    n: usize,
+    channels: usize,
+    tile_out: &mut [f32],
+) {
+    let mut cols = [[V::zero(); K]; R];
+    for j in 0..K {
+        let col: [V; K] = std::array::from_fn(|k| V::load(&staging[(corner + k * pw + j) * cp + c0..]));
+        for (a, v) in F::apply(col).into_iter().enumerate() {
+            cols[a][j] = v;
+        }
+    }
+    for (a, row) in cols.iter().enumerate() {
+        for (b, v) in F::apply(*row).into_iter().enumerate() {
+            v.store_first(&mut tile_out[(a * R + b) * channels + c0..], n);
         }
     }
 }
@@ -342,22 +350,23 @@ fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     relu: bool,
 ) {
     let (cp, bw) = (channels.next_multiple_of(LANES), plan.tiles_w * R);
-    let (mut mm, mut out) = ([[V::zero(); K]; K], [[V::zero(); R]; R]);
+    let mut cols = [[V::zero(); K]; R];
     for ty in 0..plan.tiles_h {
         for tx in 0..plan.tiles_w {
             let p = first_tile + ty * plan.tiles_w + tx;
             for c0 in (0..channels).step_by(LANES) {
                 let n = LANES.min(channels - c0);
-                for (a, mma) in mm.iter_mut().enumerate() {
-                    for (b, v) in mma.iter_mut().enumerate() {
-                        let src = &mbuf[(p * K * K + a * K + b) * channels + c0..];
-                        *v = V::load_first(src, n);
+                // Columns, then rows, streamed as in `transform_sample`.
+                let tile_m = &mbuf[p * K * K * channels + c0..];
+                for j in 0..K {
+                    let col: [V; K] = std::array::from_fn(|k| V::load_first(&tile_m[(k * K + j) * channels..], n));
+                    for (a, v) in F::apply(col).into_iter().enumerate() {
+                        cols[a][j] = v;
                     }
                 }
-                separable::<V, K, R, F>(&mm, &mut out);
                 let b = bias.map_or(V::zero(), |b| V::load_first(&b[c0..], n));
-                for (a, out_a) in out.iter().enumerate() {
-                    for (bcol, &v) in out_a.iter().enumerate() {
+                for (a, row) in cols.iter().enumerate() {
+                    for (bcol, v) in F::apply(*row).into_iter().enumerate() {
                         let v = if bias.is_some() { v + b } else { v };
                         let v = if relu { v.relu() } else { v };
                         v.store(&mut buf[((ty * R + a) * bw + tx * R + bcol) * cp + c0..]);

@@ -16,7 +16,7 @@ use crate::kernels::matmul::{matmul, matmul_strided, Op};
 use crate::kernels::reduce::{add_bias_relu, add_row_sums, relu_mask};
 use crate::kernels::winograd::{
     winograd_filter_gradient, winograd_filter_transform, winograd_gradient_transform, winograd_input_transform,
-    winograd_output_transform, TilePlan, WinogradTile,
+    winograd_output_transform, winograd_product, TilePlan, WinogradTile,
 };
 use crate::memory::try_resize;
 pub use crate::nn::conv_algorithm::ConvAlgorithm;
@@ -91,10 +91,14 @@ struct GroupScratch {
     du: Vec<f32>,
 }
 
-/// Winograd batches samples until the larger transformed buffer holds about this many bytes:
-/// half of L2, so V and M stay near the core (vgg bn training, 3 alternating runs: 955-1020
-/// images/s at 512 KB, 904-990 at 2 MB).
-const WINOGRAD_BYTES: usize = 512 * 1024;
+/// Winograd batches samples until the larger transformed buffer holds about this many bytes,
+/// so that V and M stay near the core. On the AMD host (1 MB L2 per core) vgg bn training ran
+/// 955-1020 images/s at 512 KB, 904-990 at 2 MB; on the Intel host (2 MB L2, `normlab bench`,
+/// alternating runs) 256 KB against 512 KB: folded inference at batch 128 vgg 21.7-24.3 ms
+/// against 24.3-26.1, vgg pruned 9.9-10.9 against 13.0-14.2, resnet 28.2-28.6 against
+/// 36.4-37.2; training vgg bn level, resnet 990-1030 images/s against 906-917. (192 KB: level
+/// with 256 in inference, vgg training 3-5% slower; 1 MB: 30-40% slower in inference.)
+const WINOGRAD_BYTES: usize = 256 * 1024;
 
 impl Conv2d {
     #[allow(clippy::too_many_arguments)]

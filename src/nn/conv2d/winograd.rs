@@ -24,23 +24,29 @@ impl GroupScratch {
         let Some(tile) = self.plan.tile else { return };
         let (t2, p) = (tile.t() * tile.t(), self.plan.tiles());
         winograd_input_transform(&self.plan, src, cin, &mut self.wa, &mut self.staging);
+        let own_product = threads == 1 && product_is_ahead(cin, cout);
         for xi in 0..t2 {
-            let v_xi = (&self.wa[xi * cin..], t2 * cin, Op::N);
-            let u_xi = (&u[xi * cin * cout..], cout, Op::N);
-            matmul_strided(
-                &mut self.wb[xi * cout..],
-                t2 * cout,
-                p,
-                cout,
-                cin,
-                v_xi,
-                u_xi,
-                false,
-                threads,
-            );
+            let (m_xi, v_xi, u_xi) = (&mut self.wb[xi * cout..], &self.wa[xi * cin..], &u[xi * cin * cout..]);
+            if own_product {
+                winograd_product(m_xi, t2 * cout, v_xi, t2 * cin, u_xi, p, cin, cout);
+            } else {
+                let (v_xi, u_xi) = ((v_xi, t2 * cin, Op::N), (u_xi, cout, Op::N));
+                matmul_strided(m_xi, t2 * cout, p, cout, cin, v_xi, u_xi, false, threads);
+            }
         }
         winograd_output_transform(&self.plan, &self.wb, cout, out, bias, relu, &mut self.staging);
     }
+}
+
+/// Whether `winograd_product` beats the gemm crate on one position's channel sum of C -> OC
+/// channels. A scratch probe (one thread, the rows of 512 KB Winograd batches, 36 positions
+/// per call, the two alternating, several runs on the Intel host): 16->16 1.08-1.18x, 16->32
+/// 1.11-1.18x, 21->22 1.37-1.61x, 22->40 1.23-1.29x, 40->40 1.10-1.16x, 40->93 1.16-1.25x,
+/// 32->32 1.02-1.26x, 32->64 0.94-1.02x, 64->64 0.97-0.99x, 64->128 0.98x, 128->128 0.73x
+/// (U_ξ no longer fits L1). Ahead or level while U_ξ is at most 64x64 values, where the
+/// kernel runs on AVX-512 (its portable twin is no match for gemm's own kernels).
+fn product_is_ahead(c: usize, oc: usize) -> bool {
+    c * oc <= 64 * 64 && direct_is_vectorized()
 }
 
 impl Conv2d {
