@@ -47,6 +47,9 @@ pub(crate) trait Lanes:
     /// self where `by` > 0 or NaN, else 0, lane by lane (as `reduce::relu_mask`: the ReLU's
     /// gradient mask).
     fn where_positive(self, by: Self) -> Self;
+    /// `later` where it beats self (larger, or NaN where self is not), else self, lane by lane:
+    /// the max-pool's rule, under which the first maximum of a window wins (`pool::beats`).
+    fn pool_max(self, later: Self) -> Self;
     /// The LANES × LANES square with rows and columns swapped: out[j] lane i = rows[i] lane j.
     fn transpose(rows: [Self; LANES]) -> [Self; LANES];
 }
@@ -123,6 +126,15 @@ impl Lanes for Portable {
             .iter_mut()
             .zip(by.0)
             .for_each(|(a, y)| *a = crate::kernels::reduce::relu_mask(y, *a));
+        self
+    }
+    #[inline(always)]
+    fn pool_max(mut self, later: Self) -> Self {
+        for (a, b) in self.0.iter_mut().zip(later.0) {
+            if crate::kernels::pool::beats(b, *a) {
+                *a = b;
+            }
+        }
         self
     }
     #[inline(always)]
@@ -221,6 +233,15 @@ pub(crate) mod avx512 {
                 Avx512(_mm512_maskz_mov_ps(keep, self.0))
             }
         }
+        #[inline(always)]
+        fn pool_max(self, later: Self) -> Self {
+            unsafe {
+                let larger = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(later.0, self.0);
+                let later_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(later.0, later.0);
+                let self_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                Avx512(_mm512_mask_blend_ps(larger | (later_nan & !self_nan), self.0, later.0))
+            }
+        }
         // 16x16 in registers: pairs of rows interleaved as f32 then as f64 give, in each
         // 128-bit lane L, column 4L + c of four rows (u[4g + c]); two rounds of 128-bit lane
         // shuffles gather a column's four row groups.
@@ -314,6 +335,46 @@ mod tests {
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(g, &w.0);
             }
+        }
+    }
+
+    /// The pool's rule in both versions: ties keep the first (signed zeros tell), NaN beats a
+    /// number, a later NaN does not replace an earlier one.
+    #[test]
+    fn pool_max_is_the_pools_rule_in_both_versions() {
+        let pairs = [
+            (1.0, 2.0),
+            (2.0, 1.0),
+            (-0.0, 0.0),
+            (0.0, -0.0),
+            (1.0, f32::NAN),
+            (f32::NAN, 1.0),
+            (-f32::NAN, f32::NAN),
+            (-3.0, -3.0),
+        ];
+        let a: [f32; LANES] = std::array::from_fn(|i| pairs[i % pairs.len()].0);
+        let b: [f32; LANES] = std::array::from_fn(|i| pairs[i % pairs.len()].1);
+        let want: [f32; LANES] = std::array::from_fn(|i| {
+            if crate::kernels::pool::beats(b[i], a[i]) {
+                b[i]
+            } else {
+                a[i]
+            }
+        });
+        let bits = |v: [f32; LANES]| v.map(f32::to_bits);
+        assert_eq!(bits(Portable(a).pool_max(Portable(b)).0), bits(want));
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn pooled(a: &[f32; LANES], b: &[f32; LANES]) -> [f32; LANES] {
+                let mut out = [0.0f32; LANES];
+                avx512::Avx512::load(a)
+                    .pool_max(avx512::Avx512::load(b))
+                    .store(&mut out);
+                out
+            }
+            // SAFETY: the CPU has AVX-512F.
+            assert_eq!(bits(unsafe { pooled(&a, &b) }), bits(want));
         }
     }
 

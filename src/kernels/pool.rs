@@ -91,7 +91,7 @@ fn max_pool_generic(
 
 /// b beats a: larger, or NaN where a is not (the first maximum in row-major order wins).
 #[inline(always)]
-fn beats(b: f32, a: f32) -> bool {
+pub(crate) fn beats(b: f32, a: f32) -> bool {
     (b > a) | (b.is_nan() & !a.is_nan())
 }
 

@@ -421,6 +421,95 @@ lanes_entry! {
     ) => output_transform
 }
 
+/// y [C, h/2, w/2] of one sample: act(maxpool2x2(v) + b) from the channels-last conv output v
+/// in `buf` [th·m][tw·m][Cp] (no bias in it yet): the pool's first-maximum rule (`pool_max`),
+/// then + bias and the ReLU on the pooled quarter, max(v + b) = max(v) + b exactly as in
+/// `Conv2d::forward_max_pooled`.
+#[inline(always)]
+fn unstage_pooled<V: Lanes>(
+    plan: &TilePlan,
+    buf: &[f32],
+    channels: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    let (ph, pw) = (plan.h / 2, plan.w / 2);
+    let bw = plan.tiles_w * plan.m();
+    let cp = channels.next_multiple_of(LANES);
+    for c0 in (0..channels).step_by(LANES) {
+        let nc = LANES.min(channels - c0);
+        let b = bias.map_or(V::zero(), |b| V::load_first(&b[c0..], nc));
+        for py in 0..ph {
+            let (r0, r1) = (&buf[2 * py * bw * cp + c0..], &buf[(2 * py + 1) * bw * cp + c0..]);
+            for x0 in (0..pw).step_by(LANES) {
+                let nx = LANES.min(pw - x0);
+                let mut cols = [V::zero(); LANES];
+                for (xx, col) in cols.iter_mut().enumerate().take(nx) {
+                    let at = 2 * (x0 + xx) * cp;
+                    let m0 = V::load(&r0[at..]).pool_max(V::load(&r0[at + cp..]));
+                    let m1 = V::load(&r1[at..]).pool_max(V::load(&r1[at + cp..]));
+                    let m = m0.pool_max(m1);
+                    let m = if bias.is_some() { m + b } else { m };
+                    *col = if relu { m.relu() } else { m };
+                }
+                for (c, row) in V::transpose(cols).iter().enumerate().take(nc) {
+                    row.store_first(&mut y[(c0 + c) * ph * pw + py * pw + x0..], nx);
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn output_transform_pooled<V: Lanes>(
+    plan: &TilePlan,
+    mbuf: &[f32],
+    channels: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    staging: &mut [f32],
+) {
+    let Some(tile) = plan.tile else { return };
+    let per_sample = plan.tiles_h * plan.tiles_w;
+    let pooled = channels * (plan.h / 2) * (plan.w / 2);
+    for s in 0..plan.samples {
+        match tile {
+            WinogradTile::F2 => {
+                output_sample::<V, 4, 2, At2>(plan, mbuf, channels, s * per_sample, staging, None, false)
+            }
+            WinogradTile::F4 => {
+                output_sample::<V, 6, 4, At4>(plan, mbuf, channels, s * per_sample, staging, None, false)
+            }
+        }
+        unstage_pooled::<V>(
+            plan,
+            staging,
+            channels,
+            &mut y[s * pooled..(s + 1) * pooled],
+            bias,
+            relu,
+        );
+    }
+}
+
+lanes_entry! {
+    /// `winograd_output_transform` followed by a 2x2 stride-2 max-pool, + bias and a ReLU when
+    /// `relu`, into y: samples × channels × h/2 × w/2 (the pool's floor), the same values as the
+    /// conv's output (with its bias) pooled by `max_pool_2x2_values`. Inference's ConvPool:
+    /// the full-size map never leaves the staging buffer.
+    pub fn winograd_output_transform_pooled(
+        plan: &TilePlan,
+        mbuf: &[f32],
+        channels: usize,
+        y: &mut [f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        staging: &mut [f32],
+    ) => output_transform_pooled
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,10 +16,10 @@ impl Conv2d {
     // y_n = act(maxpool2x2(W · im2col(x_n)) + b): max(v + b) = max(v) + b exactly (rounding is
     // monotonic), so the bias and the ReLU go on the pooled quarter.
     /// The eval forward followed by a 2x2 stride-2 max-pool (and a ReLU when `relu`), the same
-    /// values as the three layers one after another, through the direct kernel's epilogue or
-    /// im2col's. Returns false, doing nothing, where this layer's forward is neither (a
-    /// Winograd tile, or im2col with a fused ReLU of its own); the caller then runs the layers
-    /// one by one.
+    /// values as the three layers one after another, through the direct kernel's epilogue,
+    /// Winograd's output transform or im2col's. Returns false, doing nothing, where the conv
+    /// has a fused ReLU of its own (or im2col splits one sample over the threads); the caller
+    /// then runs the layers one by one.
     pub fn forward_max_pooled(&mut self, x: &Tensor, y: &mut Tensor, relu: bool) -> Result<bool> {
         let g = self.geometry(x)?;
         let (oh, ow) = (g.out_h(), g.out_w());
@@ -32,6 +32,15 @@ impl Conv2d {
         let forward = self.passes(&g, n).forward;
         if forward == ForwardMethod::Direct && oh >= 2 && ow >= 2 {
             self.forward_direct(x, y, &g, Some(relu))?;
+            return Ok(true);
+        }
+        // Winograd pools in its output transform; with a ReLU of the conv's own the pool's
+        // max-then-ReLU would differ from ReLU-then-max where a window holds a NaN.
+        if let ForwardMethod::Winograd(tile) = forward {
+            if self.relu || oh < 2 || ow < 2 {
+                return Ok(false);
+            }
+            self.forward_winograd(x, y, &g, tile, Some(relu))?;
             return Ok(true);
         }
         if self.relu || split || oh < 2 || ow < 2 || forward != ForwardMethod::Im2col {

@@ -7,8 +7,8 @@ use crate::kernels::conv_direct::direct_is_vectorized;
 
 impl GroupScratch {
     /// out = the 3x3 padding-1 conv of `src` (the planned samples × cin × h × w) with the
-    /// Winograd-domain kernels `u` [t²][cin][cout] (+ bias, then ReLU): V = Bᵀ src B into `wa`,
-    /// M_ξ = V_ξ · U_ξ into `wb` (one gemm per position, rows t² apart), out = Aᵀ M A.
+    /// Winograd-domain kernels `u` [t²][cin][cout] (+ bias, then ReLU): `winograd_sums`, then
+    /// out = Aᵀ M A.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn winograd_conv(
         &mut self,
@@ -21,6 +21,13 @@ impl GroupScratch {
         relu: bool,
         threads: usize,
     ) {
+        self.winograd_sums(src, cin, u, cout, threads);
+        winograd_output_transform(&self.plan, &self.wb, cout, out, bias, relu, &mut self.staging);
+    }
+
+    /// V = Bᵀ src B into `wa`, then M_ξ = V_ξ · U_ξ into `wb` (one channel sum per position,
+    /// rows t² apart).
+    fn winograd_sums(&mut self, src: &[f32], cin: usize, u: &[f32], cout: usize, threads: usize) {
         let Some(tile) = self.plan.tile else { return };
         let (t2, p) = (tile.t() * tile.t(), self.plan.tiles());
         winograd_input_transform(&self.plan, src, cin, &mut self.wa, &mut self.staging);
@@ -34,7 +41,6 @@ impl GroupScratch {
                 matmul_strided(m_xi, t2 * cout, p, cout, cin, v_xi, u_xi, false, threads);
             }
         }
-        winograd_output_transform(&self.plan, &self.wb, cout, out, bias, relu, &mut self.staging);
     }
 }
 
@@ -110,20 +116,27 @@ impl Conv2d {
 
     // Winograd forward: U = G W Gᵀ once, then per batch of samples V = Bᵀ x B, M_ξ = V_ξ · U_ξ
     // (t² gemms), y = Aᵀ M A + b (then ReLU).
+    // With `pool` = Some(relu): act(maxpool2x2(conv(x)) + b) instead (inference's ConvPool),
+    // pooled from the output transform's staging buffer while it is in cache.
     pub(super) fn forward_winograd(
         &mut self,
         x: &Tensor,
         y: &mut Tensor,
         g: &ConvGeometry,
         tile: WinogradTile,
+        pool: Option<bool>,
     ) -> Result<()> {
         let n = x.batch();
         let (c, oc, t2) = (g.channels, self.out_channels, tile.t() * tile.t());
         let (per_group, batch) = self.prepare_winograd(n, g, tile, false)?;
         self.wino_u.resize(t2 * oc * c, 0.0);
         winograd_filter_transform(tile, &self.weight.value.data, oc, c, false, &mut self.wino_u);
-        y.resize_to(&[n, oc, g.out_h(), g.out_w()])?;
-        let (xs, ys) = (x.sample_len(), oc * g.col_cols());
+        let (oh, ow) = match pool {
+            Some(_) => (g.out_h() / 2, g.out_w() / 2),
+            None => (g.out_h(), g.out_w()),
+        };
+        y.resize_to(&[n, oc, oh, ow])?;
+        let (xs, ys) = (x.sample_len(), oc * oh * ow);
         let (u, bias, relu) = (
             &self.wino_u,
             self.bias.as_ref().map(|b| b.value.data.as_slice()),
@@ -137,7 +150,13 @@ impl Conv2d {
             .for_each(|((yg, xg), s)| {
                 for (yb, xb) in yg.chunks_mut(batch * ys).zip(xg.chunks(batch * xs)) {
                     s.plan.update(tile, xb.len() / xs, g.height, g.width);
-                    s.winograd_conv(xb, c, u, oc, yb, bias, relu, threads);
+                    match pool {
+                        Some(pool_relu) => {
+                            s.winograd_sums(xb, c, u, oc, threads);
+                            winograd_output_transform_pooled(&s.plan, &s.wb, oc, yb, bias, pool_relu, &mut s.staging);
+                        }
+                        None => s.winograd_conv(xb, c, u, oc, yb, bias, relu, threads),
+                    }
                 }
             });
         Ok(())
