@@ -284,6 +284,22 @@ fn window_block<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     }
 }
 
+/// Zeroes what `stage_channels_last` does not write: the padding rows and columns around the
+/// map and the tiles' extent past it (the output transform leaves its own layout in the same
+/// buffer). The whole buffer's memset, once per batch of one or two samples, had been as many
+/// bytes as the samples themselves.
+fn zero_margins(plan: &TilePlan, channels: usize, staging: &mut [f32]) {
+    let (ph, pw) = plan.padded();
+    let (h, w, cp) = (plan.h, plan.w, channels.next_multiple_of(LANES));
+    let row = pw * cp;
+    staging[..row].fill(0.0);
+    staging[(h + 1) * row..ph * row].fill(0.0);
+    for r in staging[row..(h + 1) * row].chunks_exact_mut(row) {
+        r[..cp].fill(0.0);
+        r[(w + 1) * cp..].fill(0.0);
+    }
+}
+
 /// Stages each sample channels-last and transforms all its tiles (`transform_sample`).
 #[inline(always)]
 fn transform_batch<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
@@ -296,7 +312,7 @@ fn transform_batch<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
 ) {
     let staging = &mut staging[..plan.staging_len(channels)];
     let per_sample = plan.tiles_h * plan.tiles_w;
-    staging.fill(0.0);
+    zero_margins(plan, channels, staging);
     let samples = src.chunks_exact(channels * plan.h * plan.w).take(plan.samples);
     for (s, sample) in samples.enumerate() {
         stage_channels_last::<V>(plan, sample, channels, staging);
@@ -516,7 +532,8 @@ mod tests {
     use crate::kernels::lanes::Portable;
 
     /// The portable lanes give the dispatched (AVX-512 here) transforms bit for bit: the same
-    /// operations in the same order, on CPUs without AVX-512 too.
+    /// operations in the same order, on CPUs without AVX-512 too; a staging buffer full of NaN
+    /// changes nothing.
     #[test]
     fn portable_transforms_match_the_dispatched_ones() {
         for tile in [WinogradTile::F2, WinogradTile::F4] {
@@ -531,9 +548,13 @@ mod tests {
             let len = t2 * plan.tiles() * channels;
             let (mut a, mut b) = (vec![0.0; len], vec![0.0; len]);
             input_transform::<Portable>(&plan, &x, channels, &mut a, &mut staging);
+            // Whatever the buffer held before (the output transform's layout): only its
+            // margins are zeroed, the rest is overwritten.
+            staging.fill(f32::NAN);
             winograd_input_transform(&plan, &x, channels, &mut b, &mut staging);
             assert_eq!(a, b, "{tile:?} input");
             gradient_transform::<Portable>(&plan, &x, channels, &mut a, &mut staging);
+            staging.fill(f32::NAN);
             winograd_gradient_transform(&plan, &x, channels, &mut b, &mut staging);
             assert_eq!(a, b, "{tile:?} gradient");
             let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.1 - 1.0).collect();
