@@ -46,11 +46,12 @@ impl GroupScratch {
 
 /// Whether `winograd_product` beats the gemm crate on one position's channel sum of C -> OC
 /// channels. A scratch probe (one thread, the rows of 512 KB Winograd batches, 36 positions
-/// per call, the two alternating, several runs on the Intel host): 16->16 1.08-1.18x, 16->32
-/// 1.11-1.18x, 21->22 1.37-1.61x, 22->40 1.23-1.29x, 40->40 1.10-1.16x, 40->93 1.16-1.25x,
-/// 32->32 1.02-1.26x, 32->64 0.94-1.02x, 64->64 0.97-0.99x, 64->128 0.98x, 128->128 0.73x
-/// (U_ξ no longer fits L1). Ahead or level while U_ξ is at most 64x64 values, where the
-/// kernel runs on AVX-512 (its portable twin is no match for gemm's own kernels).
+/// per call, the two alternating, two runs on the Intel host, with the sum in L1-sized chunks
+/// of k): 16->16 1.22-1.26x, 21->22 1.64-1.72x, 22->40 1.33-1.34x, 40->40 1.26-1.29x, 40->93
+/// 1.22-1.24x, 93->40 1.31x, 32->32 1.08-1.12x, 32->64 0.98x, 64->64 1.00x, 64->128 0.96x,
+/// 128->64 0.95x, 128->128 0.91-0.93x (0.73x before the chunks). Ahead or level while U_ξ is
+/// at most 64x64 values, where the kernel runs on AVX-512 (its portable twin is no match for
+/// gemm's own kernels).
 fn product_is_ahead(c: usize, oc: usize) -> bool {
     c * oc <= 64 * 64 && direct_is_vectorized()
 }
