@@ -393,8 +393,51 @@ fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     }
 }
 
+/// Aᵀ M A per sample into the staging buffer, then out to y: as it is, or pooled (`pool`:
+/// bias and ReLU then go on the pooled quarter in `unstage_pooled`).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn output_transform<V: Lanes>(
+    plan: &TilePlan,
+    mbuf: &[f32],
+    channels: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    pool: bool,
+    staging: &mut [f32],
+) {
+    let Some(tile) = plan.tile else { return };
+    let per_sample = plan.tiles_h * plan.tiles_w;
+    let (h, w) = if pool {
+        (plan.h / 2, plan.w / 2)
+    } else {
+        (plan.h, plan.w)
+    };
+    if channels * h * w == 0 {
+        return;
+    }
+    let (tile_bias, tile_relu) = if pool { (None, false) } else { (bias, relu) };
+    for (s, ys) in y.chunks_exact_mut(channels * h * w).take(plan.samples).enumerate() {
+        let first = s * per_sample;
+        match tile {
+            WinogradTile::F2 => {
+                output_sample::<V, 4, 2, At2>(plan, mbuf, channels, first, staging, tile_bias, tile_relu)
+            }
+            WinogradTile::F4 => {
+                output_sample::<V, 6, 4, At4>(plan, mbuf, channels, first, staging, tile_bias, tile_relu)
+            }
+        }
+        if pool {
+            unstage_pooled::<V>(plan, staging, channels, ys, bias, relu);
+        } else {
+            unstage_channels_last::<V>(plan, staging, channels, ys);
+        }
+    }
+}
+
+#[inline(always)]
+fn output_transform_plain<V: Lanes>(
     plan: &TilePlan,
     mbuf: &[f32],
     channels: usize,
@@ -403,23 +446,7 @@ fn output_transform<V: Lanes>(
     relu: bool,
     staging: &mut [f32],
 ) {
-    let Some(tile) = plan.tile else { return };
-    let per_sample = plan.tiles_h * plan.tiles_w;
-    for (s, ys) in y
-        .chunks_exact_mut(channels * plan.h * plan.w)
-        .take(plan.samples)
-        .enumerate()
-    {
-        match tile {
-            WinogradTile::F2 => {
-                output_sample::<V, 4, 2, At2>(plan, mbuf, channels, s * per_sample, staging, bias, relu)
-            }
-            WinogradTile::F4 => {
-                output_sample::<V, 6, 4, At4>(plan, mbuf, channels, s * per_sample, staging, bias, relu)
-            }
-        }
-        unstage_channels_last::<V>(plan, staging, channels, ys);
-    }
+    output_transform::<V>(plan, mbuf, channels, y, bias, relu, false, staging)
 }
 
 lanes_entry! {
@@ -434,7 +461,7 @@ lanes_entry! {
         bias: Option<&[f32]>,
         relu: bool,
         staging: &mut [f32],
-    ) => output_transform
+    ) => output_transform_plain
 }
 
 /// y [C, h/2, w/2] of one sample: act(maxpool2x2(v) + b) from the channels-last conv output v
@@ -487,27 +514,7 @@ fn output_transform_pooled<V: Lanes>(
     relu: bool,
     staging: &mut [f32],
 ) {
-    let Some(tile) = plan.tile else { return };
-    let per_sample = plan.tiles_h * plan.tiles_w;
-    let pooled = channels * (plan.h / 2) * (plan.w / 2);
-    for s in 0..plan.samples {
-        match tile {
-            WinogradTile::F2 => {
-                output_sample::<V, 4, 2, At2>(plan, mbuf, channels, s * per_sample, staging, None, false)
-            }
-            WinogradTile::F4 => {
-                output_sample::<V, 6, 4, At4>(plan, mbuf, channels, s * per_sample, staging, None, false)
-            }
-        }
-        unstage_pooled::<V>(
-            plan,
-            staging,
-            channels,
-            &mut y[s * pooled..(s + 1) * pooled],
-            bias,
-            relu,
-        );
-    }
+    output_transform::<V>(plan, mbuf, channels, y, bias, relu, true, staging)
 }
 
 lanes_entry! {
@@ -559,9 +566,14 @@ mod tests {
             assert_eq!(a, b, "{tile:?} gradient");
             let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.1 - 1.0).collect();
             let (mut ya, mut yb) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-            output_transform::<Portable>(&plan, &a, channels, &mut ya, Some(&bias), true, &mut staging);
+            output_transform::<Portable>(&plan, &a, channels, &mut ya, Some(&bias), true, false, &mut staging);
             winograd_output_transform(&plan, &a, channels, &mut yb, Some(&bias), true, &mut staging);
             assert_eq!(ya, yb, "{tile:?} output");
+            let pooled = samples * channels * (h / 2) * (w / 2);
+            let (mut pa, mut pb) = (vec![0.0; pooled], vec![0.0; pooled]);
+            output_transform::<Portable>(&plan, &a, channels, &mut pa, Some(&bias), true, true, &mut staging);
+            winograd_output_transform_pooled(&plan, &a, channels, &mut pb, Some(&bias), true, &mut staging);
+            assert_eq!(pa, pb, "{tile:?} pooled output");
         }
     }
 }

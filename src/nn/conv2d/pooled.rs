@@ -17,9 +17,9 @@ impl Conv2d {
     // monotonic), so the bias and the ReLU go on the pooled quarter.
     /// The eval forward followed by a 2x2 stride-2 max-pool (and a ReLU when `relu`), the same
     /// values as the three layers one after another, through the direct kernel's epilogue,
-    /// Winograd's output transform or im2col's. Returns false, doing nothing, where the conv
-    /// has a fused ReLU of its own (or im2col splits one sample over the threads); the caller
-    /// then runs the layers one by one.
+    /// Winograd's output transform or im2col's. Returns false, doing nothing, for a Winograd or
+    /// im2col conv with a fused ReLU of its own, a map under 2x2, or a lone sample im2col
+    /// splits over the threads; the caller then runs the layers one by one.
     pub fn forward_max_pooled(&mut self, x: &Tensor, y: &mut Tensor, relu: bool) -> Result<bool> {
         let g = self.geometry(x)?;
         let (oh, ow) = (g.out_h(), g.out_w());
