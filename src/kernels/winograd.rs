@@ -436,23 +436,13 @@ fn output_transform<V: Lanes>(
     }
 }
 
-#[inline(always)]
-fn output_transform_plain<V: Lanes>(
-    plan: &TilePlan,
-    mbuf: &[f32],
-    channels: usize,
-    y: &mut [f32],
-    bias: Option<&[f32]>,
-    relu: bool,
-    staging: &mut [f32],
-) {
-    output_transform::<V>(plan, mbuf, channels, y, bias, relu, false, staging)
-}
-
 lanes_entry! {
     /// y_{p,o} = Aᵀ M_{p,o} A (+ bias[o], then ReLU when `relu`) from M [P][t²][channels], into
-    /// y: samples × channels × h × w, tiles clipped at the map's edge. `staging` holds
-    /// plan.staging_len(channels) values.
+    /// y: samples × channels × h × w, tiles clipped at the map's edge. With `pool`, followed by
+    /// a 2x2 stride-2 max-pool, the bias and ReLU on the pooled quarter, into y: samples ×
+    /// channels × h/2 × w/2 (the pool's floor), the same values as the conv's output pooled by
+    /// `max_pool_2x2_values` (inference's ConvPool: the full-size map never leaves the staging
+    /// buffer). `staging` holds plan.staging_len(channels) values.
     pub fn winograd_output_transform(
         plan: &TilePlan,
         mbuf: &[f32],
@@ -460,8 +450,9 @@ lanes_entry! {
         y: &mut [f32],
         bias: Option<&[f32]>,
         relu: bool,
+        pool: bool,
         staging: &mut [f32],
-    ) => output_transform_plain
+    ) => output_transform
 }
 
 /// y [C, h/2, w/2] of one sample: act(maxpool2x2(v) + b) from the channels-last conv output v
@@ -504,35 +495,6 @@ fn unstage_pooled<V: Lanes>(
     }
 }
 
-#[inline(always)]
-fn output_transform_pooled<V: Lanes>(
-    plan: &TilePlan,
-    mbuf: &[f32],
-    channels: usize,
-    y: &mut [f32],
-    bias: Option<&[f32]>,
-    relu: bool,
-    staging: &mut [f32],
-) {
-    output_transform::<V>(plan, mbuf, channels, y, bias, relu, true, staging)
-}
-
-lanes_entry! {
-    /// `winograd_output_transform` followed by a 2x2 stride-2 max-pool, + bias and a ReLU when
-    /// `relu`, into y: samples × channels × h/2 × w/2 (the pool's floor), the same values as the
-    /// conv's output (with its bias) pooled by `max_pool_2x2_values`. Inference's ConvPool:
-    /// the full-size map never leaves the staging buffer.
-    pub fn winograd_output_transform_pooled(
-        plan: &TilePlan,
-        mbuf: &[f32],
-        channels: usize,
-        y: &mut [f32],
-        bias: Option<&[f32]>,
-        relu: bool,
-        staging: &mut [f32],
-    ) => output_transform_pooled
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,12 +529,12 @@ mod tests {
             let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.1 - 1.0).collect();
             let (mut ya, mut yb) = (vec![0.0; x.len()], vec![0.0; x.len()]);
             output_transform::<Portable>(&plan, &a, channels, &mut ya, Some(&bias), true, false, &mut staging);
-            winograd_output_transform(&plan, &a, channels, &mut yb, Some(&bias), true, &mut staging);
+            winograd_output_transform(&plan, &a, channels, &mut yb, Some(&bias), true, false, &mut staging);
             assert_eq!(ya, yb, "{tile:?} output");
             let pooled = samples * channels * (h / 2) * (w / 2);
             let (mut pa, mut pb) = (vec![0.0; pooled], vec![0.0; pooled]);
             output_transform::<Portable>(&plan, &a, channels, &mut pa, Some(&bias), true, true, &mut staging);
-            winograd_output_transform_pooled(&plan, &a, channels, &mut pb, Some(&bias), true, &mut staging);
+            winograd_output_transform(&plan, &a, channels, &mut pb, Some(&bias), true, true, &mut staging);
             assert_eq!(pa, pb, "{tile:?} pooled output");
         }
     }

@@ -22,7 +22,7 @@ impl GroupScratch {
         threads: usize,
     ) {
         self.winograd_sums(src, cin, u, cout, threads);
-        winograd_output_transform(&self.plan, &self.wb, cout, out, bias, relu, &mut self.staging);
+        winograd_output_transform(&self.plan, &self.wb, cout, out, bias, relu, false, &mut self.staging);
     }
 
     /// V = Bᵀ src B into `wa`, then M_ξ = V_ξ · U_ξ into `wb` (one channel sum per position,
@@ -154,7 +154,7 @@ impl Conv2d {
                     match pool {
                         Some(pool_relu) => {
                             s.winograd_sums(xb, c, u, oc, threads);
-                            winograd_output_transform_pooled(&s.plan, &s.wb, oc, yb, bias, pool_relu, &mut s.staging);
+                            winograd_output_transform(&s.plan, &s.wb, oc, yb, bias, pool_relu, true, &mut s.staging);
                         }
                         None => s.winograd_conv(xb, c, u, oc, yb, bias, relu, threads),
                     }
