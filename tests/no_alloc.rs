@@ -46,6 +46,8 @@ fn training_steps_after_the_first_allocate_nothing() {
             ("vgg:8,M", "layernorm"),
             ("vgg:8,M", "rms"),
             ("mlp", "bn"),
+            // 16 images of 50 tokens: 800 rows, so the Linear layers run by blocks.
+            ("vit:32,2,2,4", "layernorm"),
         ] {
             let spec = ModelSpec::new(
                 normlab::models::Arch::builtin(model),

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{assert_close, assert_close_scaled, load_state, Golden};
-use normlab::kernels::attention::{attention_backward, attention_forward, AttentionShape};
+use normlab::kernels::attention::{attention_backward, attention_forward, attention_scratch_len, AttentionShape};
 use normlab::models::{Arch, Model, ModelSpec};
 use normlab::nn::norm_spec::NormSpec;
 use normlab::nn::vit::block::Block;
@@ -54,10 +54,11 @@ fn attention_forward_and_backward_match_pytorch() {
     let qkv = g.tensor("attention.qkv").data;
     let mut out = vec![0.0; batch * tokens * s.dim()];
     let mut probs = vec![0.0; s.probs_len()];
-    attention_forward(&qkv, &mut out, &mut probs, s);
+    let mut scratch = vec![f32::NAN; attention_scratch_len(s)];
+    attention_forward(&qkv, &mut out, &mut probs, &mut scratch, s);
     assert_close("attention out", &out, &g.tensor("attention.out").data, 1e-5);
     let mut dqkv = vec![f32::NAN; qkv.len()];
-    let mut scratch = vec![f32::NAN; s.probs_len()];
+    scratch.fill(f32::NAN);
     attention_backward(
         &qkv,
         &probs,

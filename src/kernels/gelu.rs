@@ -21,8 +21,20 @@ pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
 }
 
 multiversion! {
-    fn forward_chunk(xc: &[f32], yc: &mut [f32]) {
+    /// `gelu_forward` on one thread (a block of rows already in cache).
+    pub fn forward_chunk(xc: &[f32], yc: &mut [f32]) {
         yc.iter_mut().zip(xc).for_each(|(o, &v)| *o = v * normal_cdf_and_kernel(v).0);
+    }
+}
+
+multiversion! {
+    /// d ← d·GELU'(x) in place, on one thread (dense_backward's epilogue: the gradient of a
+    /// Linear whose input was GELU(x)).
+    pub fn backward_in_place(xc: &[f32], dc: &mut [f32]) {
+        for (o, &v) in dc.iter_mut().zip(xc) {
+            let (cdf, kernel) = normal_cdf_and_kernel(v);
+            *o *= cdf + v * INV_SQRT_2PI * kernel;
+        }
     }
 }
 

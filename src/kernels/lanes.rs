@@ -52,6 +52,46 @@ pub(crate) trait Lanes:
     fn pool_max(self, later: Self) -> Self;
     /// The LANES × LANES square with rows and columns swapped: out[j] lane i = rows[i] lane j.
     fn transpose(rows: [Self; LANES]) -> [Self; LANES];
+    /// The first n values of `src`, the other lanes `fill`.
+    #[inline(always)]
+    fn load_first_or(src: &[f32], n: usize, fill: f32) -> Self {
+        let mut spill = [fill; LANES];
+        spill[..n].copy_from_slice(&src[..n]);
+        Self::load(&spill)
+    }
+    /// The first n lanes, the others zero.
+    fn keep_first(self, n: usize) -> Self;
+    /// `later` where it is larger or either is NaN, else self (x86's max), lane by lane.
+    fn max(self, later: Self) -> Self;
+    /// `special::exp` lane by lane, the same operations in the same order.
+    fn exp(self) -> Self;
+    /// The lanes' sum as a tree: lane i + lane i+8, then i+4, i+2, i+1.
+    fn reduce_sum(self) -> f32;
+    /// The lanes' max in the same tree (`max`'s rule at each step).
+    fn reduce_max(self) -> f32;
+}
+
+/// x86's max rule on two values: `b` unless a > b.
+#[inline(always)]
+fn x86_max(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// The tree of `reduce_sum` and `reduce_max` on an array.
+#[inline(always)]
+fn tree(mut v: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            v[i] = op(v[i], v[i + width]);
+        }
+    }
+    v[0]
 }
 
 #[derive(Clone, Copy)]
@@ -141,6 +181,29 @@ impl Lanes for Portable {
     fn transpose(rows: [Self; LANES]) -> [Self; LANES] {
         std::array::from_fn(|j| Portable(std::array::from_fn(|i| rows[i].0[j])))
     }
+    #[inline(always)]
+    fn keep_first(mut self, n: usize) -> Self {
+        self.0[n.min(LANES)..].fill(0.0);
+        self
+    }
+    #[inline(always)]
+    fn max(mut self, later: Self) -> Self {
+        self.0.iter_mut().zip(later.0).for_each(|(a, b)| *a = x86_max(*a, b));
+        self
+    }
+    #[inline(always)]
+    fn exp(mut self) -> Self {
+        self.0.iter_mut().for_each(|a| *a = crate::kernels::special::exp(*a));
+        self
+    }
+    #[inline(always)]
+    fn reduce_sum(self) -> f32 {
+        tree(self.0, |a, b| a + b)
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> f32 {
+        tree(self.0, x86_max)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -177,6 +240,12 @@ pub(crate) mod avx512 {
         fn mul(self, o: Self) -> Self {
             Avx512(unsafe { _mm512_mul_ps(self.0, o.0) })
         }
+    }
+
+    /// Lanes 8..16 (through f64: extracting f32 x 8 needs AVX-512DQ).
+    #[inline(always)]
+    unsafe fn high_half(v: __m512) -> __m256 {
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 
     impl super::Lanes for Avx512 {
@@ -274,6 +343,68 @@ pub(crate) mod avx512 {
                     out[12 + c] = Avx512(_mm512_shuffle_f32x4::<0xdd>(w, w2));
                 }
                 out
+            }
+        }
+        #[inline(always)]
+        fn load_first_or(src: &[f32], n: usize, fill: f32) -> Self {
+            let src = &src[..n.min(super::LANES)];
+            let mask = ((1u32 << src.len()) - 1) as __mmask16;
+            Avx512(unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask, src.as_ptr()) })
+        }
+        #[inline(always)]
+        fn keep_first(self, n: usize) -> Self {
+            let mask = ((1u32 << n.min(super::LANES)) - 1) as __mmask16;
+            Avx512(unsafe { _mm512_maskz_mov_ps(mask, self.0) })
+        }
+        #[inline(always)]
+        fn max(self, later: Self) -> Self {
+            // maxps returns its second operand unless the first is larger.
+            Avx512(unsafe { _mm512_max_ps(self.0, later.0) })
+        }
+        // special::exp's steps, each rounded on its own as there (no fused multiply-adds).
+        #[inline(always)]
+        fn exp(self) -> Self {
+            unsafe {
+                let c = _mm512_set1_ps;
+                const MAGIC: f32 = 12_582_912.0;
+                // clamp(−87, 88) keeping NaN: maxps/minps return their second operand on NaN.
+                let x = _mm512_min_ps(c(88.0), _mm512_max_ps(c(-87.0), self.0));
+                let shifted = _mm512_add_ps(_mm512_mul_ps(x, c(std::f32::consts::LOG2_E)), c(MAGIC));
+                let n = _mm512_sub_ps(shifted, c(MAGIC));
+                let ni = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(MAGIC.to_bits() as i32));
+                let r = _mm512_add_ps(
+                    _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_359_4))),
+                    _mm512_mul_ps(n, c(2.121_944_4e-4)),
+                );
+                let step = |p: __m512, k: f32| _mm512_add_ps(_mm512_mul_ps(p, r), c(k));
+                let p = step(c(1.987_569_1e-4), 1.398_2e-3);
+                let p = step(p, 8.333_452e-3);
+                let p = step(p, 4.166_579_6e-2);
+                let p = step(p, 0.166_666_65);
+                let p = step(p, 0.5);
+                let e = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), c(1.0));
+                let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127)));
+                Avx512(_mm512_mul_ps(e, _mm512_castsi512_ps(pow2)))
+            }
+        }
+        #[inline(always)]
+        fn reduce_sum(self) -> f32 {
+            unsafe {
+                let v = self.0;
+                let h = _mm256_add_ps(_mm512_castps512_ps256(v), high_half(v));
+                let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+                let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+                _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)))
+            }
+        }
+        #[inline(always)]
+        fn reduce_max(self) -> f32 {
+            unsafe {
+                let v = self.0;
+                let h = _mm256_max_ps(_mm512_castps512_ps256(v), high_half(v));
+                let q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+                let d = _mm_max_ps(q, _mm_movehl_ps(q, q));
+                _mm_cvtss_f32(_mm_max_ss(d, _mm_movehdup_ps(d)))
             }
         }
     }
@@ -375,6 +506,81 @@ mod tests {
             }
             // SAFETY: the CPU has AVX-512F.
             assert_eq!(bits(unsafe { pooled(&a, &b) }), bits(want));
+        }
+    }
+
+    /// The softmax's primitives in both versions, bit for bit: exp equals `special::exp`
+    /// lane by lane (NaN, ±inf and the clamp's ends included), the reductions follow the tree,
+    /// max follows x86's rule, the masked loads fill and keep what they say.
+    #[test]
+    fn softmax_primitives_agree_in_both_versions() {
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -87.5,
+            88.5,
+            -0.0,
+            0.0,
+            1e-30,
+        ];
+        let inputs: Vec<[f32; LANES]> = (0..200)
+            .map(|k| {
+                std::array::from_fn(|i| match (k * LANES + i) % 23 {
+                    0..=7 if k % 3 == 0 => specials[(k + i) % specials.len()],
+                    j => ((k * 131 + i * 17 + j) % 2001) as f32 / 10.0 - 100.0,
+                })
+            })
+            .collect();
+        let bits = |v: [f32; LANES]| v.map(f32::to_bits);
+        for (k, x) in inputs.iter().enumerate() {
+            let e = Portable(*x).exp().0;
+            for i in 0..LANES {
+                assert_eq!(
+                    e[i].to_bits(),
+                    crate::kernels::special::exp(x[i]).to_bits(),
+                    "exp({})",
+                    x[i]
+                );
+            }
+            let y = inputs[(k + 1) % inputs.len()];
+            let want = (
+                bits(e),
+                Portable(*x).reduce_sum().to_bits(),
+                Portable(*x).reduce_max().to_bits(),
+                bits(Portable(*x).max(Portable(y)).0),
+                bits(Portable::load_first_or(x, k % LANES, -7.0).0),
+                bits(Portable(*x).keep_first(k % LANES).0),
+            );
+            for (i, &v) in x.iter().enumerate() {
+                let first = i < k % LANES;
+                assert_eq!(want.4[i], if first { v } else { -7.0 }.to_bits());
+                assert_eq!(want.5[i], if first { v } else { 0.0 }.to_bits());
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f") {
+                type Got = ([u32; LANES], u32, u32, [u32; LANES], [u32; LANES], [u32; LANES]);
+                #[target_feature(enable = "avx512f")]
+                unsafe fn dispatched(x: &[f32; LANES], y: &[f32; LANES], n: usize) -> Got {
+                    let out = |v: avx512::Avx512| {
+                        let mut o = [0.0f32; LANES];
+                        v.store(&mut o);
+                        o.map(f32::to_bits)
+                    };
+                    let v = avx512::Avx512::load(x);
+                    (
+                        out(v.exp()),
+                        v.reduce_sum().to_bits(),
+                        v.reduce_max().to_bits(),
+                        out(v.max(avx512::Avx512::load(y))),
+                        out(avx512::Avx512::load_first_or(x, n, -7.0)),
+                        out(v.keep_first(n)),
+                    )
+                }
+                // SAFETY: the CPU has AVX-512F.
+                let got = unsafe { dispatched(x, &y, k % LANES) };
+                assert_eq!(got, want, "inputs {x:?}");
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod batch_norm;
 pub mod conv_direct;
+pub mod dense;
 pub mod gelu;
 pub mod group_norm;
 pub mod im2col;
@@ -16,6 +17,7 @@ pub mod matmul;
 pub mod narrow_product;
 pub mod pool;
 pub mod reduce;
+pub mod register_product;
 pub mod rms_norm;
 pub mod rms_norm_tiles;
 pub mod shape;

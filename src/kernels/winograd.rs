@@ -17,9 +17,7 @@
 //! algorithm with the flipped kernel, channels swapped (a 3x3 padding-1 conv's adjoint).
 
 mod filter;
-mod product;
 pub use filter::{winograd_filter_gradient, winograd_filter_transform};
-pub use product::winograd_product;
 
 /// The output tile size m of F(m×m, 3×3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,9 +14,10 @@ use crate::error::{Error, Result};
 use crate::kernels::im2col::{col2im, im2col, ConvGeometry};
 use crate::kernels::matmul::{matmul, matmul_strided, Op};
 use crate::kernels::reduce::{add_bias_relu, add_row_sums, relu_mask};
+use crate::kernels::register_product::register_product;
 use crate::kernels::winograd::{
     winograd_filter_gradient, winograd_filter_transform, winograd_gradient_transform, winograd_input_transform,
-    winograd_output_transform, winograd_product, TilePlan, WinogradTile,
+    winograd_output_transform, TilePlan, WinogradTile,
 };
 use crate::memory::try_resize;
 pub use crate::nn::conv_algorithm::ConvAlgorithm;

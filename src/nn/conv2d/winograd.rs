@@ -35,7 +35,7 @@ impl GroupScratch {
         for xi in 0..t2 {
             let (m_xi, v_xi, u_xi) = (&mut self.wb[xi * cout..], &self.wa[xi * cin..], &u[xi * cin * cout..]);
             if own_product {
-                winograd_product(m_xi, t2 * cout, v_xi, t2 * cin, u_xi, p, cin, cout);
+                register_product(m_xi, t2 * cout, (v_xi, t2 * cin, Op::N), u_xi, cout, p, cin, cout);
             } else {
                 let (v_xi, u_xi) = ((v_xi, t2 * cin, Op::N), (u_xi, cout, Op::N));
                 matmul_strided(m_xi, t2 * cout, p, cout, cin, v_xi, u_xi, false, threads);
@@ -44,7 +44,7 @@ impl GroupScratch {
     }
 }
 
-/// Whether `winograd_product` beats the gemm crate on one position's channel sum of C -> OC
+/// Whether `register_product` beats the gemm crate on one position's channel sum of C -> OC
 /// channels. A scratch probe (one thread, the rows of 512 KB Winograd batches, 36 positions
 /// per call, the two alternating, two runs on the Intel host, with the sum in L1-sized chunks
 /// of k): 16->16 1.22-1.26x, 21->22 1.64-1.72x, 22->40 1.33-1.34x, 40->40 1.26-1.29x, 40->93

@@ -4,7 +4,8 @@
 use rand::Rng;
 
 use crate::error::{Error, Result};
-use crate::kernels::attention::{attention_backward, attention_forward, AttentionShape};
+use crate::kernels::attention::{attention_backward, attention_forward, attention_scratch_len, AttentionShape};
+use crate::kernels::dense::DenseThen;
 use crate::nn::layer::{Layer, Mode, Param};
 use crate::nn::linear::Linear;
 use crate::onnx::graph::{Attr, OnnxGraph};
@@ -69,31 +70,50 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// y = proj(MHA(qkv(x))), plus `residual` where given (added in the projection's blocks:
+    /// a block's x + attn(x) without a pass of its own).
+    pub fn forward_then(&mut self, x: &Tensor, y: &mut Tensor, residual: Option<&Tensor>) -> Result<()> {
+        let s = self.shape(x)?;
+        if residual.is_some_and(|r| r.shape != x.shape) {
+            return Err(Error::shape("Attention", "the residual must have the input's shape"));
+        }
+        self.qkv.forward_then(x, &mut self.qkv_out, DenseThen::Nothing)?;
+        self.core.resize_to(&x.shape)?;
+        self.probs.resize(s.probs_len(), 0.0);
+        self.scratch.resize(attention_scratch_len(s), 0.0);
+        attention_forward(
+            &self.qkv_out.data,
+            &mut self.core.data,
+            &mut self.probs,
+            &mut self.scratch,
+            s,
+        );
+        let then = residual.map_or(DenseThen::Nothing, |r| DenseThen::AddResidual(&r.data));
+        self.proj.forward_then(&self.core, y, then)
+    }
+}
+
 impl Layer for Attention {
     fn kind(&self) -> &'static str {
         "Attention"
     }
 
     // y = proj(MHA(qkv(x)))
-    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
-        let s = self.shape(x)?;
-        self.qkv.forward(x, &mut self.qkv_out, mode)?;
-        self.core.resize_to(&x.shape)?;
-        self.probs.resize(s.probs_len(), 0.0);
-        attention_forward(&self.qkv_out.data, &mut self.core.data, &mut self.probs, s);
-        self.proj.forward(&self.core, y, mode)
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+        self.forward_then(x, y, None)
     }
 
-    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    fn backward(&mut self, x: &Tensor, _y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         let s = self.shape(x)?;
         if self.probs.len() != s.probs_len() || self.qkv_out.shape != [x.shape[0], 3 * x.shape[1]] {
             return Err(Error::invalid(
                 "Attention backward needs a training forward of this batch first",
             ));
         }
-        self.proj.backward(&self.core, y, dy, &mut self.dcore)?;
+        self.proj.backward_into(&self.core, dy, &mut self.dcore, None)?;
         self.dqkv.resize_to(&self.qkv_out.shape)?;
-        self.scratch.resize(s.probs_len(), 0.0);
+        self.scratch.resize(attention_scratch_len(s), 0.0);
         attention_backward(
             &self.qkv_out.data,
             &self.probs,
@@ -102,7 +122,7 @@ impl Layer for Attention {
             &mut self.scratch,
             s,
         );
-        self.qkv.backward(x, &self.qkv_out, &self.dqkv, dx)
+        self.qkv.backward_into(x, &self.dqkv, dx, None)
     }
 
     fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {

@@ -6,7 +6,7 @@
 use rand::Rng;
 
 use crate::error::Result;
-use crate::kernels::gelu::{gelu_backward, gelu_forward};
+use crate::kernels::dense::DenseThen;
 use crate::nn::layer::{BufferMut, Layer, Mode, Param, StatsMode};
 use crate::nn::linear::Linear;
 use crate::nn::norm_spec::NormSpec;
@@ -23,17 +23,16 @@ pub struct Block {
     pub norm2: Option<Box<dyn Layer>>,
     pub fc1: Linear,
     pub fc2: Linear,
-    /// Activations of the last forward. Pre: h1 = norm1(x), r1 = x + a, h2 = norm2(r1).
-    /// Post: h1 = x + a, r1 = norm1(h1), h2 = r1 + f (the input of norm2).
+    /// Activations of the last forward. Pre: h1 = norm1(x), r1 = x + attn(h1), h2 =
+    /// norm2(r1). Post: h1 = x + attn(x), r1 = norm1(h1), h2 = r1 + mlp(r1) (the input of
+    /// norm2). f1 = fc1(·), g = GELU(f1). The residual adds run inside the projections
+    /// (`DenseThen`), the GELU inside fc1's forward and fc2's backward.
     h1: Tensor,
-    a: Tensor,
     r1: Tensor,
     h2: Tensor,
     f1: Tensor,
     g: Tensor,
-    f: Tensor,
     // Gradients.
-    d1: Tensor,
     d2: Tensor,
     d3: Tensor,
     d4: Tensor,
@@ -68,16 +67,6 @@ fn norm_backward(
     }
 }
 
-/// out = a + b.
-fn add(a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
-    out.resize_to(&a.shape)?;
-    out.data
-        .iter_mut()
-        .zip(a.data.iter().zip(&b.data))
-        .for_each(|(o, (&x, &y))| *o = x + y);
-    Ok(())
-}
-
 /// acc += b.
 fn add_into(acc: &mut Tensor, b: &Tensor) {
     acc.data.iter_mut().zip(&b.data).for_each(|(o, &v)| *o += v);
@@ -108,33 +97,33 @@ impl Block {
             fc1,
             fc2,
             h1: Tensor::default(),
-            a: Tensor::default(),
             r1: Tensor::default(),
             h2: Tensor::default(),
             f1: Tensor::default(),
             g: Tensor::default(),
-            f: Tensor::default(),
-            d1: Tensor::default(),
             d2: Tensor::default(),
             d3: Tensor::default(),
             d4: Tensor::default(),
         })
     }
 
-    /// f = fc2(gelu(fc1(x))), keeping fc1's output and the GELU's.
-    fn mlp_forward(&mut self, x: &Tensor, mode: Mode) -> Result<()> {
-        self.fc1.forward(x, &mut self.f1, mode)?;
-        self.g.resize_to(&self.f1.shape)?;
-        gelu_forward(&self.f1.data, &mut self.g.data);
-        self.fc2.forward(&self.g, &mut self.f, mode)
+    /// y = residual + fc2(GELU(fc1(x))), keeping fc1's output and the GELU's.
+    fn mlp_forward(
+        (fc1, fc2): (&mut Linear, &mut Linear),
+        (f1, g): (&mut Tensor, &mut Tensor),
+        x: &Tensor,
+        residual: &Tensor,
+        y: &mut Tensor,
+    ) -> Result<()> {
+        g.resize_to(&[x.batch(), fc1.out_features])?;
+        fc1.forward_then(x, f1, DenseThen::Gelu(&mut g.data))?;
+        fc2.forward_then(g, y, DenseThen::AddResidual(&residual.data))
     }
 
-    /// dx of the MLP into `d3` (its input was `x`), given df.
+    /// dx of the MLP into `d3` (its input was `x`), given df; d2 holds the gradient at f1.
     fn mlp_backward(&mut self, x: &Tensor, df: &Tensor) -> Result<()> {
-        self.fc2.backward(&self.g, &self.f, df, &mut self.d1)?;
-        self.d2.resize_to(&self.f1.shape)?;
-        gelu_backward(&self.f1.data, &self.d1.data, &mut self.d2.data);
-        self.fc1.backward(x, &self.f1, &self.d2, &mut self.d3)
+        self.fc2.backward_into(&self.g, df, &mut self.d2, Some(&self.f1))?;
+        self.fc1.backward_into(x, &self.d2, &mut self.d3, None)
     }
 }
 
@@ -187,24 +176,16 @@ impl Layer for Block {
         match self.placement {
             Placement::Pre => {
                 norm_forward(&mut self.norm1, x, &mut self.h1, mode)?;
-                self.attn.forward(&self.h1, &mut self.a, mode)?;
-                add(x, &self.a, &mut self.r1)?;
+                self.attn.forward_then(&self.h1, &mut self.r1, Some(x))?;
                 norm_forward(&mut self.norm2, &self.r1, &mut self.h2, mode)?;
-                let h2 = std::mem::take(&mut self.h2);
-                let r = self.mlp_forward(&h2, mode);
-                self.h2 = h2;
-                r?;
-                add(&self.r1, &self.f, y)
+                let fcs = (&mut self.fc1, &mut self.fc2);
+                Block::mlp_forward(fcs, (&mut self.f1, &mut self.g), &self.h2, &self.r1, y)
             }
             Placement::Post => {
-                self.attn.forward(x, &mut self.a, mode)?;
-                add(x, &self.a, &mut self.h1)?;
+                self.attn.forward_then(x, &mut self.h1, Some(x))?;
                 norm_forward(&mut self.norm1, &self.h1, &mut self.r1, mode)?;
-                let r1 = std::mem::take(&mut self.r1);
-                let r = self.mlp_forward(&r1, mode);
-                self.r1 = r1;
-                r?;
-                add(&self.r1, &self.f, &mut self.h2)?;
+                let fcs = (&mut self.fc1, &mut self.fc2);
+                Block::mlp_forward(fcs, (&mut self.f1, &mut self.g), &self.r1, &self.r1, &mut self.h2)?;
                 norm_forward(&mut self.norm2, &self.h2, y, mode)
             }
         }
@@ -218,14 +199,17 @@ impl Layer for Block {
                 let r = self.mlp_backward(&h2, dy);
                 self.h2 = h2;
                 r?;
-                let mut dr1 = std::mem::take(&mut self.d1);
+                // dr1 in d4 and attn's dx in d3 (free once norm2 has read it): reusing the MLP's
+                // wider d1/d2 shrank them, and growing them back zero-filled [N, hidden] twice a
+                // step (6% of a vit:64 step).
+                let mut dr1 = std::mem::take(&mut self.d4);
                 norm_backward(&mut self.norm2, &self.r1, &self.h2, &self.d3, &mut dr1)?;
                 add_into(&mut dr1, dy);
                 // r1 = x + attn(h1), h1 = norm1(x): dx = dr1 + norm1ᵀ(attnᵀ(dr1)).
-                self.attn.backward(&self.h1, &self.a, &dr1, &mut self.d2)?;
-                norm_backward(&mut self.norm1, x, &self.h1, &self.d2, dx)?;
+                self.attn.backward(&self.h1, &self.r1, &dr1, &mut self.d3)?;
+                norm_backward(&mut self.norm1, x, &self.h1, &self.d3, dx)?;
                 add_into(dx, &dr1);
-                self.d1 = dr1;
+                self.d4 = dr1;
                 Ok(())
             }
             Placement::Post => {
@@ -239,7 +223,7 @@ impl Layer for Block {
                 add_into(&mut self.d3, &dh2);
                 // r1 = norm1(h1), h1 = x + attn(x): dx = dh1 + attnᵀ(dh1).
                 norm_backward(&mut self.norm1, &self.h1, &self.r1, &self.d3, &mut dh2)?;
-                self.attn.backward(x, &self.a, &dh2, dx)?;
+                self.attn.backward(x, &self.h1, &dh2, dx)?;
                 add_into(dx, &dh2);
                 self.d4 = dh2;
                 Ok(())
