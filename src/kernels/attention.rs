@@ -36,10 +36,17 @@ impl AttentionShape {
 }
 
 /// Values of the scratch `attention_forward` and `attention_backward` take, per sample: one
-/// head's Kᵀ (or Vᵀ) and one head's dP (used head after head, so it stays in L1; as [B, H, T,
-/// T] it went through memory, 5 MB a vit:64 block).
+/// head's Kᵀ or Vᵀ, one head's rows of K, V, Q or dO packed, and one head's dP (used head
+/// after head, so it stays in L1; as [B, H, T, T] it went through memory, 5 MB a vit:64 block).
 pub fn attention_scratch_len(s: AttentionShape) -> usize {
-    s.batch * (s.head_dim * s.tokens + s.tokens * s.tokens)
+    s.batch * (2 * s.head_dim * s.tokens + s.tokens * s.tokens)
+}
+
+/// Per-sample scratch: (a head transposed [hd, t], a head's rows packed [t, hd], dP [t, t]).
+fn split_scratch(sc: &mut [f32], t: usize, hd: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+    let (kt, rest) = sc.split_at_mut(hd * t);
+    let (rows, ds) = rest.split_at_mut(t * hd);
+    (kt, rows, ds)
 }
 
 /// kt [hd, t] = the head's rows of `x` [t, hd] (rows `ld` apart), transposed: the product
@@ -50,6 +57,14 @@ fn transpose_head(x: &[f32], ld: usize, t: usize, hd: usize, kt: &mut [f32]) {
             kt[e * t + j] = v;
         }
     }
+}
+
+/// rows [t, hd] = the head's rows of `x` (rows `ld` apart), contiguous: the product kernel's U.
+fn pack_head<'a>(x: &[f32], ld: usize, t: usize, hd: usize, rows: &'a mut [f32]) -> &'a [f32] {
+    for (dst, src) in rows.chunks_exact_mut(hd).zip(x.chunks(ld)).take(t) {
+        dst.copy_from_slice(&src[..hd]);
+    }
+    &rows[..t * hd]
 }
 
 // P = softmax(scale · Q Kᵀ) per row, O = P V, per sample and head; O goes to `out` [B·T, D]
@@ -67,16 +82,17 @@ pub fn attention_forward(qkv: &[f32], out: &mut [f32], probs: &mut [f32], scratc
         .zip(
             probs
                 .par_chunks_mut(s.heads * t * t)
-                .zip(scratch.par_chunks_mut(hd * t + t * t)),
+                .zip(scratch.par_chunks_mut(2 * hd * t + t * t)),
         )
         .for_each(|((o, x), (p, sc))| {
-            let kt = &mut sc[..hd * t];
+            let (kt, packed, _) = split_scratch(sc, t, hd);
             for (h, ph) in p.chunks_mut(t * t).enumerate() {
                 let (q, k, v) = (&x[h * hd..], &x[d + h * hd..], &x[2 * d + h * hd..]);
                 transpose_head(k, 3 * d, t, hd, kt);
-                register_product(ph, t, (q, 3 * d, Op::N), kt, t, t, hd, t);
+                register_product(ph, t, (q, 3 * d, Op::N), kt, t, hd, t);
                 softmax_rows(ph, t, scale);
-                register_product(&mut o[h * hd..], d, (ph, t, Op::N), v, 3 * d, t, t, hd);
+                let v = pack_head(v, 3 * d, t, hd, packed);
+                register_product(&mut o[h * hd..], d, (ph, t, Op::N), v, t, t, hd);
             }
         });
 }
@@ -166,22 +182,25 @@ pub fn attention_backward(
     dqkv.par_chunks_mut(t * 3 * d)
         .zip(qkv.par_chunks(t * 3 * d))
         .zip(dout.par_chunks(t * d).zip(probs.par_chunks(s.heads * t * t)))
-        .zip(scratch.par_chunks_mut(hd * t + t * t))
+        .zip(scratch.par_chunks_mut(2 * hd * t + t * t))
         .for_each(|(((dx, x), (g, p)), sc)| {
-            let (vt, ds) = sc.split_at_mut(hd * t);
+            let (vt, packed, ds) = split_scratch(sc, t, hd);
             for h in 0..s.heads {
                 let ph = &p[h * t * t..(h + 1) * t * t];
                 let (q, k, v) = (&x[h * hd..], &x[d + h * hd..], &x[2 * d + h * hd..]);
                 let gh = &g[h * hd..];
                 // dV = Pᵀ G
-                register_product(&mut dx[2 * d + h * hd..], 3 * d, (ph, t, Op::T), gh, d, t, t, hd);
+                let gp = pack_head(gh, d, t, hd, packed);
+                register_product(&mut dx[2 * d + h * hd..], 3 * d, (ph, t, Op::T), gp, t, t, hd);
                 // dP = G Vᵀ, then the softmax's backward in place, scaled.
                 transpose_head(v, 3 * d, t, hd, vt);
-                register_product(ds, t, (gh, d, Op::N), vt, t, t, hd, t);
+                register_product(ds, t, (gh, d, Op::N), vt, t, hd, t);
                 softmax_backward_rows(ds, ph, t, scale);
                 // dQ = dS K, dK = dSᵀ Q
-                register_product(&mut dx[h * hd..], 3 * d, (ds, t, Op::N), k, 3 * d, t, t, hd);
-                register_product(&mut dx[d + h * hd..], 3 * d, (ds, t, Op::T), q, 3 * d, t, t, hd);
+                let kp = pack_head(k, 3 * d, t, hd, packed);
+                register_product(&mut dx[h * hd..], 3 * d, (ds, t, Op::N), kp, t, t, hd);
+                let qp = pack_head(q, 3 * d, t, hd, packed);
+                register_product(&mut dx[d + h * hd..], 3 * d, (ds, t, Op::T), qp, t, t, hd);
             }
         });
 }

@@ -26,15 +26,17 @@ const GROUP_VECTORS: usize = 4;
 const CHUNK_VALUES: usize = 6 << 10;
 
 lanes_entry! {
-    /// M [rows, oc] (rows `ldm` apart) = op(A) [rows, c] · U [c, oc] (rows `ldu` apart),
+    /// M [rows, oc] (rows `ldm` apart) = op(A) [rows, c] · U [c, oc] (rows contiguous),
     /// overwriting M's first oc values of each row. A is (values, row stride, Op) as in
-    /// `matmul_strided`: Op::T reads A stored as [c, rows].
-    pub fn register_product(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], ldu: usize, rows: usize, c: usize, oc: usize) => product
+    /// `matmul_strided`: Op::T reads A stored as [c, rows]. U is contiguous so that its rows
+    /// come as slices of one known length (strided rows kept bounds checks in the loop:
+    /// Winograd 93 -> 40 channels 1.3x -> 1.13x of gemm); callers pack strided operands.
+    pub fn register_product(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], rows: usize, c: usize, oc: usize) => product
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn product<V: Lanes>(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], ldu: usize, rows: usize, c: usize, oc: usize) {
+fn product<V: Lanes>(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], rows: usize, c: usize, oc: usize) {
     let span = |rows: usize, len: usize, ld: usize| {
         if rows == 0 || len == 0 {
             0
@@ -47,10 +49,9 @@ fn product<V: Lanes>(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], ldu: usiz
     assert!(
         ldm >= oc
             && lda >= a_len
-            && ldu >= oc
             && m.len() >= span(rows, oc, ldm)
             && av.len() >= span(a_rows, a_len, lda)
-            && u.len() >= span(c, oc, ldu),
+            && u.len() >= c * oc,
         "register_product: operands shorter than {rows} x {c} x {oc}"
     );
     if rows == 0 || oc == 0 {
@@ -64,8 +65,8 @@ fn product<V: Lanes>(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], ldu: usiz
     for k0 in (0..c).step_by(chunk) {
         let kc = chunk.min(c - k0);
         match op {
-            Op::N => columns::<V, false>(m, ldm, (av, lda), (u, ldu), rows, (k0, kc), oc),
-            Op::T => columns::<V, true>(m, ldm, (av, lda), (u, ldu), rows, (k0, kc), oc),
+            Op::N => columns::<V, false>(m, ldm, (av, lda), u, rows, (k0, kc), oc),
+            Op::T => columns::<V, true>(m, ldm, (av, lda), u, rows, (k0, kc), oc),
         }
     }
 }
@@ -77,7 +78,7 @@ fn columns<V: Lanes, const AT: bool>(
     m: &mut [f32],
     ldm: usize,
     (a, lda): (&[f32], usize),
-    (u, ldu): (&[f32], usize),
+    u: &[f32],
     rows: usize,
     (k0, kc): (usize, usize),
     oc: usize,
@@ -95,8 +96,8 @@ fn columns<V: Lanes, const AT: bool>(
             a,
             lda,
             u,
-            ldu,
             k0,
+            oc,
             kc,
             j,
             tail,
@@ -127,10 +128,10 @@ struct Group<'a> {
     a: &'a [f32],
     lda: usize,
     u: &'a [f32],
-    ldu: usize,
     /// The chunk of the sum: k0 .. k0 + kc.
     k0: usize,
     kc: usize,
+    oc: usize,
     j: usize,
     tail: usize,
 }
@@ -180,7 +181,13 @@ impl Group<'_> {
                 }
             }
         }
-        for (k, u_row) in self.u[k0 * self.ldu..].chunks(self.ldu).take(kc).enumerate() {
+        // U's rows cut to this group's columns, each of a length known to cover the loads
+        // (iterating `chunks(ldu)`, of a variable last length, kept the bounds checks in the
+        // loop: Winograd 21 -> 22 channels 1.67x -> 1.45x of gemm).
+        for (k, u_row) in self.u[k0 * self.oc..(k0 + kc) * self.oc]
+            .chunks_exact(self.oc)
+            .enumerate()
+        {
             let u_row = &u_row[j..];
             let xt: &[f32] = if AT {
                 &self.a[(k0 + k) * self.lda + i..][..R]
@@ -221,7 +228,7 @@ mod tests {
     use crate::kernels::lanes::Portable;
 
     /// Every column-group shape (tails of 0 and 1..15 columns, 1-5 vectors, more than one
-    /// group), A as stored and transposed, strided rows of A, U and M, a row count that leaves
+    /// group), A as stored and transposed, strided rows of A and M, a row count that leaves
     /// a remainder, against the f64 sum; the dispatched version equals the portable one bit for
     /// bit.
     #[test]
@@ -243,9 +250,9 @@ mod tests {
                         .map(|i| ((i * 53) % 89) as f32 / 40.0 - 1.1)
                         .collect();
                     let mut got = vec![7.0f32; rows * ldm];
-                    register_product(&mut got, ldm, (&a, lda, op), &u, ldu, rows, c, oc);
+                    register_product(&mut got, ldm, (&a, lda, op), &u, rows, c, oc);
                     let mut portable = vec![7.0f32; rows * ldm];
-                    product::<Portable>(&mut portable, ldm, (&a, lda, op), &u, ldu, rows, c, oc);
+                    product::<Portable>(&mut portable, ldm, (&a, lda, op), &u, rows, c, oc);
                     assert_eq!(got, portable, "oc {oc} c {c} {op:?}: dispatched against portable");
                     let at = |i: usize, k: usize| if op == Op::N { a[i * lda + k] } else { a[k * lda + i] };
                     for i in 0..rows {
@@ -255,7 +262,7 @@ mod tests {
                                 assert_eq!(g, 7.0, "oc {oc} c {c}: wrote past the row at ({i}, {o})");
                                 continue;
                             }
-                            let want: f64 = (0..c).map(|k| at(i, k) as f64 * u[k * ldu + o] as f64).sum();
+                            let want: f64 = (0..c).map(|k| at(i, k) as f64 * u[k * oc + o] as f64).sum();
                             assert!(
                                 (g as f64 - want).abs() < 1e-4,
                                 "oc {oc} c {c} {op:?} ({i}, {o}): {g} vs {want}"

@@ -35,7 +35,7 @@ impl GroupScratch {
         for xi in 0..t2 {
             let (m_xi, v_xi, u_xi) = (&mut self.wb[xi * cout..], &self.wa[xi * cin..], &u[xi * cin * cout..]);
             if own_product {
-                register_product(m_xi, t2 * cout, (v_xi, t2 * cin, Op::N), u_xi, cout, p, cin, cout);
+                register_product(m_xi, t2 * cout, (v_xi, t2 * cin, Op::N), u_xi, p, cin, cout);
             } else {
                 let (v_xi, u_xi) = ((v_xi, t2 * cin, Op::N), (u_xi, cout, Op::N));
                 matmul_strided(m_xi, t2 * cout, p, cout, cin, v_xi, u_xi, false, threads);
