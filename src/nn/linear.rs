@@ -117,10 +117,16 @@ impl Linear {
     ) -> Result<()> {
         self.check(x)?;
         let (n, i, o) = (x.batch(), self.in_features, self.out_features);
-        if dy.shape != [n, o] || gelu_input.is_some_and(|u| u.data.len() != x.data.len()) {
+        if dy.shape != [n, o] {
             return Err(Error::shape(
                 "Linear",
                 format!("gradient {:?} does not match the output [{n}, {o}]", dy.shape),
+            ));
+        }
+        if let Some(u) = gelu_input.filter(|u| u.data.len() != x.data.len()) {
+            return Err(Error::shape(
+                "Linear",
+                format!("the GELU's input {:?} does not match the input {:?}", u.shape, x.shape),
             ));
         }
         let gelu_input = gelu_input.map(|u| &u.data[..]);
