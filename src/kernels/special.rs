@@ -24,15 +24,48 @@ pub fn exp(x: f32) -> f32 {
     e * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
+// `exp` with fused multiply-adds (the same polynomial, different roundings) for Φ, whose own
+// error (2.5e-7) is far above the difference. Its callers are multiversioned (FMA instructions;
+// a baseline build calls fmaf: slower, the same bits). Measured on the GELU, one thread, 16K
+// values in cache: forward 0.62 -> 0.42 ns a value, backward 0.66 -> 0.49 (the separate
+// multiplies and adds were the bound; a division-free 1/d by Newton's iteration was slower).
+#[inline(always)]
+fn exp_fused(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
+    let n = shifted - MAGIC;
+    let ni = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
+    let p = r.mul_add(
+        r.mul_add(
+            r.mul_add(
+                r.mul_add(r.mul_add(1.987_569_1e-4, 1.398_2e-3), 8.333_452e-3),
+                4.166_579_6e-2,
+            ),
+            0.166_666_65,
+        ),
+        0.5,
+    );
+    let e = (p * r).mul_add(r, r) + 1.0;
+    e * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
 // Φ(x) = ½·erfc(−x/√2). With z = |x|/√2 and t = 1/(1 + 0.3275911·z), erfc(z) ≈
 // t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·exp(−z²) (Abramowitz & Stegun 7.1.26, the formula of
 // PyTorch's vectorized erf); returns (Φ(x), exp(−x²/2)), the latter for the GELU's derivative.
 #[inline(always)]
 pub fn normal_cdf_and_kernel(x: f32) -> (f32, f32) {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_72 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let kernel = exp(-z * z);
+    let t = 1.0 / 0.327_591_1f32.mul_add(z, 1.0);
+    let poly = t * t.mul_add(
+        t.mul_add(
+            t.mul_add(t.mul_add(1.061_405_4, -1.453_152_1), 1.421_413_8),
+            -0.284_496_72,
+        ),
+        0.254_829_6,
+    );
+    let kernel = exp_fused(-z * z);
     let tail = 0.5 * poly * kernel;
     (if x >= 0.0 { 1.0 - tail } else { tail }, kernel)
 }
