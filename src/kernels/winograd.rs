@@ -203,7 +203,13 @@ fn stage_channels_last<V: Lanes>(plan: &TilePlan, x: &[f32], channels: usize, st
 
 /// The inverse: y [C, h, w] of one sample from the channels-last `buf` [th·m][tw·m][Cp].
 #[inline(always)]
-fn unstage_channels_last<V: Lanes>(plan: &TilePlan, buf: &[f32], channels: usize, y: &mut [f32]) {
+fn unstage_channels_last<V: Lanes>(
+    plan: &TilePlan,
+    buf: &[f32],
+    channels: usize,
+    y: &mut [f32],
+    residual: Option<(&[f32], bool)>,
+) {
     let (h, w) = (plan.h, plan.w);
     let bw = plan.tiles_w * plan.m();
     let cp = channels.next_multiple_of(LANES);
@@ -217,7 +223,19 @@ fn unstage_channels_last<V: Lanes>(plan: &TilePlan, buf: &[f32], channels: usize
                     *col = V::load(&buf[(yy * bw + x0 + xx) * cp + c0..]);
                 }
                 for (c, row) in V::transpose(cols).iter().enumerate().take(nc) {
-                    row.store_first(&mut y[(c0 + c) * h * w + yy * w + x0..], nx);
+                    let at = (c0 + c) * h * w + yy * w + x0;
+                    let row = match residual {
+                        Some((r, relu)) => {
+                            let v = *row + V::load_first(&r[at..], nx);
+                            if relu {
+                                v.relu()
+                            } else {
+                                v
+                            }
+                        }
+                        None => *row,
+                    };
+                    row.store_first(&mut y[at..], nx);
                 }
             }
         }
@@ -392,7 +410,8 @@ fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
 }
 
 /// Aᵀ M A per sample into the staging buffer, then out to y: as it is, or pooled (`pool`:
-/// bias and ReLU then go on the pooled quarter in `unstage_pooled`).
+/// bias and ReLU then go on the pooled quarter in `unstage_pooled`), or plus `residual` (the
+/// ReLU then after the sum).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn output_transform<V: Lanes>(
@@ -403,8 +422,10 @@ fn output_transform<V: Lanes>(
     bias: Option<&[f32]>,
     relu: bool,
     pool: bool,
+    residual: Option<&[f32]>,
     staging: &mut [f32],
 ) {
+    assert!(!pool || residual.is_none(), "winograd output: a residual with a pool");
     let Some(tile) = plan.tile else { return };
     let per_sample = plan.tiles_h * plan.tiles_w;
     let (h, w) = if pool {
@@ -415,8 +436,17 @@ fn output_transform<V: Lanes>(
     if channels * h * w == 0 {
         return;
     }
-    let (tile_bias, tile_relu) = if pool { (None, false) } else { (bias, relu) };
-    for (s, ys) in y.chunks_exact_mut(channels * h * w).take(plan.samples).enumerate() {
+    let (tile_bias, tile_relu) = if pool {
+        (None, false)
+    } else {
+        (bias, relu && residual.is_none())
+    };
+    let len = channels * h * w;
+    assert!(
+        residual.is_none_or(|r| r.len() >= plan.samples * len),
+        "winograd output: residual"
+    );
+    for (s, ys) in y.chunks_exact_mut(len).take(plan.samples).enumerate() {
         let first = s * per_sample;
         match tile {
             WinogradTile::F2 => {
@@ -429,7 +459,8 @@ fn output_transform<V: Lanes>(
         if pool {
             unstage_pooled::<V>(plan, staging, channels, ys, bias, relu);
         } else {
-            unstage_channels_last::<V>(plan, staging, channels, ys);
+            let r = residual.map(|r| (&r[s * len..(s + 1) * len], relu));
+            unstage_channels_last::<V>(plan, staging, channels, ys, r);
         }
     }
 }
@@ -440,7 +471,9 @@ lanes_entry! {
     /// a 2x2 stride-2 max-pool, the bias and ReLU on the pooled quarter, into y: samples ×
     /// channels × h/2 × w/2 (the pool's floor), the same values as the conv's output pooled by
     /// `max_pool_2x2_values` (inference's ConvPool: the full-size map never leaves the staging
-    /// buffer). `staging` holds plan.staging_len(channels) values.
+    /// buffer). With `residual` r (y's shape, no pool): y = (Aᵀ M A + bias) + r, then the ReLU
+    /// (a residual block's last conv, its sum made while the tile is in cache).
+    /// `staging` holds plan.staging_len(channels) values.
     pub fn winograd_output_transform(
         plan: &TilePlan,
         mbuf: &[f32],
@@ -449,6 +482,7 @@ lanes_entry! {
         bias: Option<&[f32]>,
         relu: bool,
         pool: bool,
+        residual: Option<&[f32]>,
         staging: &mut [f32],
     ) => output_transform
 }
@@ -526,13 +560,96 @@ mod tests {
             assert_eq!(a, b, "{tile:?} gradient");
             let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.1 - 1.0).collect();
             let (mut ya, mut yb) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-            output_transform::<Portable>(&plan, &a, channels, &mut ya, Some(&bias), true, false, &mut staging);
-            winograd_output_transform(&plan, &a, channels, &mut yb, Some(&bias), true, false, &mut staging);
+            output_transform::<Portable>(
+                &plan,
+                &a,
+                channels,
+                &mut ya,
+                Some(&bias),
+                true,
+                false,
+                None,
+                &mut staging,
+            );
+            winograd_output_transform(
+                &plan,
+                &a,
+                channels,
+                &mut yb,
+                Some(&bias),
+                true,
+                false,
+                None,
+                &mut staging,
+            );
             assert_eq!(ya, yb, "{tile:?} output");
+            // Plus a residual, then the ReLU: the separate passes' values, bit for bit.
+            let r: Vec<f32> = (0..x.len()).map(|i| (i % 13) as f32 * 0.37 - 2.0).collect();
+            let mut plain = vec![0.0; x.len()];
+            winograd_output_transform(
+                &plan,
+                &a,
+                channels,
+                &mut plain,
+                Some(&bias),
+                false,
+                false,
+                None,
+                &mut staging,
+            );
+            let want: Vec<f32> = plain
+                .iter()
+                .zip(&r)
+                .map(|(v, r)| crate::kernels::reduce::relu(v + r))
+                .collect();
+            output_transform::<Portable>(
+                &plan,
+                &a,
+                channels,
+                &mut ya,
+                Some(&bias),
+                true,
+                false,
+                Some(&r),
+                &mut staging,
+            );
+            winograd_output_transform(
+                &plan,
+                &a,
+                channels,
+                &mut yb,
+                Some(&bias),
+                true,
+                false,
+                Some(&r),
+                &mut staging,
+            );
+            assert_eq!(ya, want, "{tile:?} output + residual");
+            assert_eq!(yb, want, "{tile:?} output + residual");
             let pooled = samples * channels * (h / 2) * (w / 2);
             let (mut pa, mut pb) = (vec![0.0; pooled], vec![0.0; pooled]);
-            output_transform::<Portable>(&plan, &a, channels, &mut pa, Some(&bias), true, true, &mut staging);
-            winograd_output_transform(&plan, &a, channels, &mut pb, Some(&bias), true, true, &mut staging);
+            output_transform::<Portable>(
+                &plan,
+                &a,
+                channels,
+                &mut pa,
+                Some(&bias),
+                true,
+                true,
+                None,
+                &mut staging,
+            );
+            winograd_output_transform(
+                &plan,
+                &a,
+                channels,
+                &mut pb,
+                Some(&bias),
+                true,
+                true,
+                None,
+                &mut staging,
+            );
             assert_eq!(pa, pb, "{tile:?} pooled output");
         }
     }

@@ -160,13 +160,6 @@ impl Layer for BasicBlock {
             self.norm1.forward(h1, a1, mode)?;
             a1
         };
-        self.conv2.forward(a1, h2, mode)?;
-        let a2: &Tensor = if id2 {
-            h2
-        } else {
-            self.norm2.forward(h2, a2, mode)?;
-            a2
-        };
         let shortcut: &Tensor = match self.shortcut.as_mut() {
             Some((conv, _)) if id_short => {
                 conv.forward(x, hs, mode)?;
@@ -178,6 +171,18 @@ impl Layer for BasicBlock {
                 s
             }
             None => x,
+        };
+        // Inference without norm2 (the folded model): the sum and the ReLU in conv2's output
+        // transform where it runs Winograd (resnet folded at batch 128, alternating builds: 23.8-24.7 -> 21.1-22.6 ms).
+        if id2 && mode == Mode::Eval && self.conv2.forward_add_relu(a1, y, shortcut)? {
+            return Ok(());
+        }
+        self.conv2.forward(a1, h2, mode)?;
+        let a2: &Tensor = if id2 {
+            h2
+        } else {
+            self.norm2.forward(h2, a2, mode)?;
+            a2
         };
         if shortcut.shape != a2.shape {
             return Err(Error::shape(
@@ -334,5 +339,33 @@ impl Layer for BasicBlock {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Without norms (the folded model), the eval forward sums the shortcut in conv2's Winograd
+    /// output transform: the same bits as the separate conv, sum and ReLU of the train forward.
+    #[test]
+    fn fused_residual_sum_equals_the_separate_passes() {
+        let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let norm: NormSpec = "none".parse().unwrap();
+        for (cin, cout, stride, hw) in [(16, 16, 1, 9), (16, 32, 2, 14)] {
+            let out = (hw - 1) / stride + 1;
+            let mut block = BasicBlock::new(cin, cout, cout, stride, [out, out], &norm, "b", &mut g).unwrap();
+            let n = 17;
+            let data: Vec<f32> = (0..n * cin * hw * hw).map(|_| g.gen_range(-1.0..1.0)).collect();
+            let x = Tensor::from_vec(&[n, cin, hw, hw], data).unwrap();
+            let (mut fused, mut separate) = (Tensor::default(), Tensor::default());
+            block.forward(&x, &mut fused, Mode::Eval).unwrap();
+            assert!(block.acts[2].data.is_empty(), "the eval forward did not fuse");
+            block.forward(&x, &mut separate, Mode::Train).unwrap();
+            assert_eq!(fused.shape, separate.shape);
+            let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fused), bits(&separate), "{cin}->{cout} stride {stride}");
+        }
     }
 }

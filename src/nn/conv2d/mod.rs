@@ -6,6 +6,7 @@
 
 mod direct;
 mod pooled;
+mod residual_sum;
 mod winograd;
 
 use rayon::prelude::*;
@@ -267,7 +268,7 @@ impl Layer for Conv2d {
     fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
         let g = self.geometry(x)?;
         match self.passes(&g, x.batch()).forward {
-            ForwardMethod::Winograd(tile) => return self.forward_winograd(x, y, &g, tile, None),
+            ForwardMethod::Winograd(tile) => return self.forward_winograd(x, y, &g, tile, None, None),
             ForwardMethod::Direct => return self.forward_direct(x, y, &g, None),
             ForwardMethod::Im2col => {}
         }

@@ -40,7 +40,7 @@ impl Conv2d {
             if self.relu || oh < 2 || ow < 2 {
                 return Ok(false);
             }
-            self.forward_winograd(x, y, &g, tile, Some(relu))?;
+            self.forward_winograd(x, y, &g, tile, Some(relu), None)?;
             return Ok(true);
         }
         if self.relu || split || oh < 2 || ow < 2 || forward != ForwardMethod::Im2col {

@@ -7,8 +7,8 @@ use crate::kernels::conv_direct::direct_is_vectorized;
 
 impl GroupScratch {
     /// out = the 3x3 padding-1 conv of `src` (the planned samples × cin × h × w) with the
-    /// Winograd-domain kernels `u` [t²][cin][cout] (+ bias, then ReLU): `winograd_sums`, then
-    /// out = Aᵀ M A.
+    /// Winograd-domain kernels `u` [t²][cin][cout] (+ bias, + residual, then ReLU):
+    /// `winograd_sums`, then out = Aᵀ M A.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn winograd_conv(
         &mut self,
@@ -19,10 +19,21 @@ impl GroupScratch {
         out: &mut [f32],
         bias: Option<&[f32]>,
         relu: bool,
+        residual: Option<&[f32]>,
         threads: usize,
     ) {
         self.winograd_sums(src, cin, u, cout, threads);
-        winograd_output_transform(&self.plan, &self.wb, cout, out, bias, relu, false, &mut self.staging);
+        winograd_output_transform(
+            &self.plan,
+            &self.wb,
+            cout,
+            out,
+            bias,
+            relu,
+            false,
+            residual,
+            &mut self.staging,
+        );
     }
 
     /// V = Bᵀ src B into `wa`, then M_ξ = V_ξ · U_ξ into `wb` (one channel sum per position,
@@ -118,7 +129,8 @@ impl Conv2d {
     // Winograd forward: U = G W Gᵀ once, then per batch of samples V = Bᵀ x B, M_ξ = V_ξ · U_ξ
     // (t² gemms), y = Aᵀ M A + b (then ReLU).
     // With `pool` = Some(relu): act(maxpool2x2(conv(x)) + b) instead (inference's ConvPool),
-    // pooled from the output transform's staging buffer while it is in cache.
+    // pooled from the output transform's staging buffer while it is in cache. With `residual`
+    // r (y's shape): y = ReLU(conv(x) + b + r), the sum made in the output transform.
     pub(super) fn forward_winograd(
         &mut self,
         x: &Tensor,
@@ -126,6 +138,7 @@ impl Conv2d {
         g: &ConvGeometry,
         tile: WinogradTile,
         pool: Option<bool>,
+        residual: Option<&[f32]>,
     ) -> Result<()> {
         let n = x.batch();
         let (c, oc, t2) = (g.channels, self.out_channels, tile.t() * tile.t());
@@ -138,25 +151,41 @@ impl Conv2d {
         };
         y.resize_to(&[n, oc, oh, ow])?;
         let (xs, ys) = (x.sample_len(), oc * oh * ow);
+        assert!(residual.is_none_or(|r| r.len() == n * ys), "forward_winograd: residual");
         let (u, bias, relu) = (
             &self.wino_u,
             self.bias.as_ref().map(|b| b.value.data.as_slice()),
-            self.relu,
+            self.relu || residual.is_some(),
         );
         let threads = gemm_threads(n);
         y.data
             .par_chunks_mut(per_group * ys)
             .zip(x.data.par_chunks(per_group * xs))
             .zip(self.groups.par_iter_mut())
-            .for_each(|((yg, xg), s)| {
-                for (yb, xb) in yg.chunks_mut(batch * ys).zip(xg.chunks(batch * xs)) {
+            .enumerate()
+            .for_each(|(k, ((yg, xg), s))| {
+                for (i, (yb, xb)) in yg.chunks_mut(batch * ys).zip(xg.chunks(batch * xs)).enumerate() {
                     s.plan.update(tile, xb.len() / xs, g.height, g.width);
                     match pool {
                         Some(pool_relu) => {
                             s.winograd_sums(xb, c, u, oc, threads);
-                            winograd_output_transform(&s.plan, &s.wb, oc, yb, bias, pool_relu, true, &mut s.staging);
+                            winograd_output_transform(
+                                &s.plan,
+                                &s.wb,
+                                oc,
+                                yb,
+                                bias,
+                                pool_relu,
+                                true,
+                                None,
+                                &mut s.staging,
+                            );
                         }
-                        None => s.winograd_conv(xb, c, u, oc, yb, bias, relu, threads),
+                        None => {
+                            let at = k * per_group * ys + i * batch * ys;
+                            let r = residual.map(|r| &r[at..at + yb.len()]);
+                            s.winograd_conv(xb, c, u, oc, yb, bias, relu, r, threads)
+                        }
                     }
                 }
             });
@@ -243,7 +272,7 @@ impl Conv2d {
                         }
                     }
                     if dx_tile.is_some() {
-                        s.winograd_conv(grad, oc, u_adj, c, dxb, None, false, threads);
+                        s.winograd_conv(grad, oc, u_adj, c, dxb, None, false, None, threads);
                     }
                 }
                 s.out = masked;
