@@ -1,7 +1,8 @@
 //! Conv2d's direct forward (kernels::conv_direct, 3x3 padding 1, stride 1 or 2): at batch 1 the blocks of output channels
 //! split over the threads; at larger batches each sample group pads and convolves its own
 //! samples. The epilogue takes each block of channels from the padded output grid while it is
-//! in cache: + bias, ReLU, and with `pool` the 2x2 max-pool of ConvPool.
+//! in cache: + bias, ReLU, and with `pool` the 2x2 max-pool of ConvPool, or with `residual`
+//! the shortcut of a residual block before the ReLU.
 
 use super::*;
 use crate::kernels::conv_direct::{direct_conv3x3_block, direct_pad_input, DirectGrid, DIRECT_CHANNELS};
@@ -13,14 +14,20 @@ const TASKS_PER_THREAD: usize = 4;
 
 impl Conv2d {
     // y = act(conv(x) + b), or with `pool` = Some(relu) act(maxpool2x2(conv(x)) + b), a ReLU
-    // after the pool when `relu` (max(v + b) = max(v) + b exactly).
+    // after the pool when `relu` (max(v + b) = max(v) + b exactly), or with `residual` r (y's
+    // shape, no pool) ReLU(conv(x) + b + r).
     pub(super) fn forward_direct(
         &mut self,
         x: &Tensor,
         y: &mut Tensor,
         g: &ConvGeometry,
         pool: Option<bool>,
+        residual: Option<&[f32]>,
     ) -> Result<()> {
+        assert!(
+            pool.is_none() || residual.is_none(),
+            "forward_direct: a residual with a pool"
+        );
         let n = x.batch();
         let oc = self.out_channels;
         let grid = DirectGrid {
@@ -36,6 +43,10 @@ impl Conv2d {
         };
         let (ys, xs) = (oh * ow, x.sample_len());
         y.resize_to(&[n, oc, oh, ow])?;
+        assert!(
+            residual.is_none_or(|r| r.len() == y.data.len()),
+            "forward_direct: residual"
+        );
         if n == 0 || oc == 0 {
             return Ok(());
         }
@@ -60,7 +71,7 @@ impl Conv2d {
         let epilogue = Epilogue {
             w: &self.weight.value.data,
             bias: self.bias.as_ref().map(|b| b.value.data.as_slice()),
-            relu: self.relu || pool == Some(true),
+            relu: self.relu || pool == Some(true) || residual.is_some(),
             pool: pool.is_some(),
             oc,
             grid,
@@ -73,17 +84,22 @@ impl Conv2d {
                 .par_chunks_mut(per_task * ys)
                 .zip(self.groups.par_iter_mut())
                 .enumerate()
-                .for_each(|(i, (yt, s))| epilogue.channels(&xp, i * per_task, yt, &mut s.out, &mut s.col));
+                .for_each(|(i, (yt, s))| {
+                    let r = residual.map(|r| &r[i * per_task * ys..]);
+                    epilogue.channels(&xp, i * per_task, yt, r, &mut s.out, &mut s.col)
+                });
             self.groups[0].staging = xp;
         } else {
             y.data
                 .par_chunks_mut(per_group * oc * ys)
                 .zip(x.data.par_chunks(per_group * xs))
                 .zip(self.groups.par_iter_mut())
-                .for_each(|((yg, xg), s)| {
-                    for (yn, xn) in yg.chunks_mut(oc * ys).zip(xg.chunks(xs)) {
+                .enumerate()
+                .for_each(|(k, ((yg, xg), s))| {
+                    for (i, (yn, xn)) in yg.chunks_mut(oc * ys).zip(xg.chunks(xs)).enumerate() {
                         direct_pad_input(xn, grid, &mut s.staging);
-                        epilogue.channels(&s.staging, 0, yn, &mut s.out, &mut s.col);
+                        let r = residual.map(|r| &r[(k * per_group + i) * oc * ys..]);
+                        epilogue.channels(&s.staging, 0, yn, r, &mut s.out, &mut s.col);
                     }
                 });
         }
@@ -103,8 +119,18 @@ struct Epilogue<'a> {
 
 impl Epilogue<'_> {
     /// Output channels o_start.. of one sample (as many as `y` holds) from its padded input;
-    /// `hp` is the pool's scratch.
-    fn channels(&self, xp: &[f32], o_start: usize, y: &mut [f32], block: &mut [f32], hp: &mut [f32]) {
+    /// `res`: the residual from channel o_start on, added before the ReLU; `hp` is the pool's
+    /// scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn channels(
+        &self,
+        xp: &[f32],
+        o_start: usize,
+        y: &mut [f32],
+        res: Option<&[f32]>,
+        block: &mut [f32],
+        hp: &mut [f32],
+    ) {
         let (h, w) = (self.grid.out_h(), self.grid.out_w());
         let (row, span) = (self.grid.row(), self.grid.vectors() * LANES);
         let plane = if self.pool { (h / 2) * (w / 2) } else { h * w };
@@ -123,8 +149,20 @@ impl Epilogue<'_> {
                         yr.copy_from_slice(&src[yy * row..yy * row + w]);
                     }
                 }
-                if self.bias.is_some() || self.relu {
-                    add_bias_relu(yo, plane, self.bias.map(|bs| &bs[o0 + r..o0 + r + 1]), self.relu);
+                let bias = self.bias.map(|bs| &bs[o0 + r..o0 + r + 1]);
+                match res {
+                    Some(res) => {
+                        // (conv + b) + r, then the ReLU: the separate passes' order.
+                        let at = (b * DIRECT_CHANNELS + r) * plane;
+                        if bias.is_some() {
+                            add_bias_relu(yo, plane, bias, false);
+                        }
+                        yo.iter_mut()
+                            .zip(&res[at..at + plane])
+                            .for_each(|(v, s)| *v = crate::kernels::reduce::relu(*v + s));
+                    }
+                    None if bias.is_some() || self.relu => add_bias_relu(yo, plane, bias, self.relu),
+                    None => {}
                 }
             }
         }

@@ -269,7 +269,7 @@ impl Layer for Conv2d {
         let g = self.geometry(x)?;
         match self.passes(&g, x.batch()).forward {
             ForwardMethod::Winograd(tile) => return self.forward_winograd(x, y, &g, tile, None, None),
-            ForwardMethod::Direct => return self.forward_direct(x, y, &g, None),
+            ForwardMethod::Direct => return self.forward_direct(x, y, &g, None, None),
             ForwardMethod::Im2col => {}
         }
         let n = x.batch();

@@ -31,7 +31,7 @@ impl Conv2d {
         let split = n == 1 && rayon::current_num_threads() > 1 && oc * cols * rows >= SPLIT_FROM_MACS;
         let forward = self.passes(&g, n).forward;
         if forward == ForwardMethod::Direct && oh >= 2 && ow >= 2 {
-            self.forward_direct(x, y, &g, Some(relu))?;
+            self.forward_direct(x, y, &g, Some(relu), None)?;
             return Ok(true);
         }
         // Winograd pools in its output transform; with a ReLU of the conv's own the pool's
