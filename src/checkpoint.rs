@@ -291,7 +291,7 @@ pub fn load_model(path: &Path) -> Result<(Model, CheckpointMeta)> {
             String::new()
         };
         return Err(Error::invalid(format!(
-            "{} is a folder; --checkpoint takes a model file such as model.safetensors{hint}",
+            "{} is a folder; a checkpoint is a model file such as model.safetensors{hint}",
             path.display()
         )));
     }
@@ -378,6 +378,22 @@ pub fn build_checked(path: &Path, spec: &ModelSpec, file_bytes: usize) -> Result
 #[cfg(test)]
 mod canonical_tests {
     use super::*;
+
+    /// A run folder given where a model file belongs: one line naming the file to pass, and
+    /// no command's flag (the library's callers spell it differently).
+    #[test]
+    fn a_folder_is_refused_with_the_model_file_to_pass() {
+        let dir = std::env::temp_dir().join(format!("normlab-folder-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"").unwrap();
+        let err = load_model(&dir).err().expect("a folder must be refused").to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            err.contains("is a folder") && err.contains("model.safetensors?"),
+            "{err}"
+        );
+        assert!(!err.contains("--"), "{err}");
+    }
 
     #[test]
     fn the_same_tensors_and_metadata_make_the_same_file() {
