@@ -55,6 +55,9 @@ pub struct Conv2d {
     /// 180°-rotated kernels for dx.
     wino_u: Vec<f32>,
     wino_u_adjoint: Vec<f32>,
+    /// The tile and the weights (bit for bit) `wino_u` was transformed from: the forward
+    /// reuses U while they match (inference, where the weights stay as they are).
+    wino_u_source: Option<(WinogradTile, Vec<f32>)>,
 }
 
 /// How a conv's forward is computed.
@@ -146,6 +149,7 @@ impl Conv2d {
             groups: Vec::new(),
             wino_u: Vec::new(),
             wino_u_adjoint: Vec::new(),
+            wino_u_source: None,
         }
     }
 
