@@ -126,14 +126,14 @@ impl Conv2d {
         Ok((per_group, batch))
     }
 
-    /// U = G W Gᵀ into `wino_u`, unless it already holds the transform of these very weights:
+    /// U = G W Gᵀ (C = `c` input channels) into `wino_u`, unless it already holds the transform of these very weights:
     /// they are compared bit for bit with the copy kept beside U, so whatever changed them (an
     /// optimizer step, a loaded checkpoint, BN folding) U follows. Folded inference at batch
     /// 128, 5 alternating pairs of builds: resnet 23.0-24.0 -> 22.1-23.4 ms, vgg 16.7-17.1 ->
     /// 16.3-16.7 (the transforms were 2% of resnet's profile; the compare reads W twice).
-    fn transform_kernels(&mut self, tile: WinogradTile) -> Result<()> {
+    fn transform_kernels(&mut self, tile: WinogradTile, c: usize) -> Result<()> {
         let w = &self.weight.value.data;
-        let (oc, c, t2) = (self.out_channels, self.in_channels, tile.t() * tile.t());
+        let (oc, t2) = (self.out_channels, tile.t() * tile.t());
         let current = self
             .wino_u_source
             .as_ref()
@@ -168,7 +168,7 @@ impl Conv2d {
         let n = x.batch();
         let (c, oc) = (g.channels, self.out_channels);
         let (per_group, batch) = self.prepare_winograd(n, g, tile, false)?;
-        self.transform_kernels(tile)?;
+        self.transform_kernels(tile, c)?;
         let (oh, ow) = match pool {
             Some(_) => (g.out_h() / 2, g.out_w() / 2),
             None => (g.out_h(), g.out_w()),
