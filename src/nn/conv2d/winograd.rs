@@ -126,9 +126,10 @@ impl Conv2d {
         Ok((per_group, batch))
     }
 
-    /// U = G W Gᵀ (C = `c` input channels) into `wino_u`, unless it already holds the transform of these very weights:
-    /// they are compared bit for bit with the copy kept beside U, so whatever changed them (an
-    /// optimizer step, a loaded checkpoint, BN folding) U follows. Folded inference at batch
+    /// U = G W Gᵀ (C = `c` input channels) into `wino_u`, unless it already holds the
+    /// transform of these very weights: they are compared bit for bit with the copy kept
+    /// beside U, so whatever changed them (an optimizer step, a loaded checkpoint, BN folding)
+    /// U follows. Folded inference at batch
     /// 128, 5 alternating pairs of builds: resnet 23.0-24.0 -> 22.1-23.4 ms, vgg 16.7-17.1 ->
     /// 16.3-16.7 (the transforms were 2% of resnet's profile; the compare reads W twice).
     fn transform_kernels(&mut self, tile: WinogradTile, c: usize) -> Result<()> {
