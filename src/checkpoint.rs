@@ -385,7 +385,7 @@ mod canonical_tests {
     fn a_folder_is_refused_with_the_model_file_to_pass() {
         let dir = std::env::temp_dir().join(format!("normlab-folder-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("model.safetensors"), b"").unwrap();
+        crate::files::write_atomic(&dir.join("model.safetensors"), b"").unwrap();
         let err = load_model(&dir).err().expect("a folder must be refused").to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(

@@ -559,97 +559,35 @@ mod tests {
             winograd_gradient_transform(&plan, &x, channels, &mut b, &mut staging);
             assert_eq!(a, b, "{tile:?} gradient");
             let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.1 - 1.0).collect();
+            // The output transform in the portable version or the dispatched one.
+            let out = |portable: bool, y: &mut [f32], relu: bool, pool: bool, r: Option<&[f32]>, st: &mut [f32]| {
+                if portable {
+                    output_transform::<Portable>(&plan, &a, channels, y, Some(&bias), relu, pool, r, st);
+                } else {
+                    winograd_output_transform(&plan, &a, channels, y, Some(&bias), relu, pool, r, st);
+                }
+            };
             let (mut ya, mut yb) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-            output_transform::<Portable>(
-                &plan,
-                &a,
-                channels,
-                &mut ya,
-                Some(&bias),
-                true,
-                false,
-                None,
-                &mut staging,
-            );
-            winograd_output_transform(
-                &plan,
-                &a,
-                channels,
-                &mut yb,
-                Some(&bias),
-                true,
-                false,
-                None,
-                &mut staging,
-            );
+            out(true, &mut ya, true, false, None, &mut staging);
+            out(false, &mut yb, true, false, None, &mut staging);
             assert_eq!(ya, yb, "{tile:?} output");
             // Plus a residual, then the ReLU: the separate passes' values, bit for bit.
             let r: Vec<f32> = (0..x.len()).map(|i| (i % 13) as f32 * 0.37 - 2.0).collect();
             let mut plain = vec![0.0; x.len()];
-            winograd_output_transform(
-                &plan,
-                &a,
-                channels,
-                &mut plain,
-                Some(&bias),
-                false,
-                false,
-                None,
-                &mut staging,
-            );
+            out(false, &mut plain, false, false, None, &mut staging);
             let want: Vec<f32> = plain
                 .iter()
                 .zip(&r)
                 .map(|(v, r)| crate::kernels::reduce::relu(v + r))
                 .collect();
-            output_transform::<Portable>(
-                &plan,
-                &a,
-                channels,
-                &mut ya,
-                Some(&bias),
-                true,
-                false,
-                Some(&r),
-                &mut staging,
-            );
-            winograd_output_transform(
-                &plan,
-                &a,
-                channels,
-                &mut yb,
-                Some(&bias),
-                true,
-                false,
-                Some(&r),
-                &mut staging,
-            );
+            out(true, &mut ya, true, false, Some(&r), &mut staging);
+            out(false, &mut yb, true, false, Some(&r), &mut staging);
             assert_eq!(ya, want, "{tile:?} output + residual");
             assert_eq!(yb, want, "{tile:?} output + residual");
             let pooled = samples * channels * (h / 2) * (w / 2);
             let (mut pa, mut pb) = (vec![0.0; pooled], vec![0.0; pooled]);
-            output_transform::<Portable>(
-                &plan,
-                &a,
-                channels,
-                &mut pa,
-                Some(&bias),
-                true,
-                true,
-                None,
-                &mut staging,
-            );
-            winograd_output_transform(
-                &plan,
-                &a,
-                channels,
-                &mut pb,
-                Some(&bias),
-                true,
-                true,
-                None,
-                &mut staging,
-            );
+            out(true, &mut pa, true, true, None, &mut staging);
+            out(false, &mut pb, true, true, None, &mut staging);
             assert_eq!(pa, pb, "{tile:?} pooled output");
         }
     }
