@@ -71,7 +71,7 @@ impl Conv2d {
         let epilogue = Epilogue {
             w: &self.weight.value.data,
             bias: self.bias.as_ref().map(|b| b.value.data.as_slice()),
-            relu: self.relu || pool == Some(true) || residual.is_some(),
+            relu: self.relu || pool == Some(true),
             pool: pool.is_some(),
             oc,
             grid,
