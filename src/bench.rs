@@ -352,7 +352,8 @@ pub fn inference_layer_times(model: &mut Model, batch: usize, reps: usize) -> Re
     let mut seconds = vec![0.0; n];
     for i in 0..=reps {
         model.input_mut().clone_from(&x);
-        model.net.forward_timed(Mode::Eval, &mut seconds)?;
+        let (net, secs) = (&mut model.net, &mut seconds);
+        crate::workers::with_workers_awake(move || net.forward_timed(Mode::Eval, secs).map(|_| ()))?;
         if i > 0 {
             per_layer.iter_mut().zip(&seconds).for_each(|(v, &s)| v.push(s));
         }

@@ -23,6 +23,7 @@ pub mod slimming;
 pub mod studies;
 pub mod tensor;
 pub mod train;
+pub mod workers;
 
 pub use error::{Error, Result};
 pub use tensor::Tensor;

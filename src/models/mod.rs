@@ -462,12 +462,16 @@ impl Model {
                 format!("expected input [N, {c}, {h}, {w}], got {:?}", x.shape),
             ));
         }
-        self.net.forward(mode)
+        // A chain of short parallel regions (at batch 1, tens of µs each): keep the workers
+        // polling between them rather than waking them per region (crate::workers).
+        let net = &mut self.net;
+        crate::workers::with_workers_awake(move || net.forward(mode))
     }
 
     /// Backward after a training forward, once the loss has filled the logits' gradient.
     pub fn backward(&mut self) -> Result<()> {
-        self.net.backward()
+        let net = &mut self.net;
+        crate::workers::with_workers_awake(move || net.backward())
     }
 
     /// Total number of learnable values.

@@ -154,15 +154,18 @@ pub fn train_step(
     lr: f64,
     sparsity: f64,
 ) -> Result<(f64, usize)> {
-    let (loss, correct) = loss_and_grad(model, labels, classes)?;
-    if !loss.is_finite() {
-        return Ok((loss, correct));
-    }
-    if sparsity > 0.0 {
-        model.net.add_norm_scale_l1(sparsity as f32);
-    }
-    opt.step(&mut model.net, lr);
-    Ok((loss, correct))
+    // One chain of parallel regions from the forward to the update (crate::workers).
+    crate::workers::with_workers_awake(move || {
+        let (loss, correct) = loss_and_grad(model, labels, classes)?;
+        if !loss.is_finite() {
+            return Ok((loss, correct));
+        }
+        if sparsity > 0.0 {
+            model.net.add_norm_scale_l1(sparsity as f32);
+        }
+        opt.step(&mut model.net, lr);
+        Ok((loss, correct))
+    })
 }
 
 /// Linear warm-up: step k (0-based) of `steps` warm-up steps trains at lr·(k+1)/steps.
