@@ -206,3 +206,59 @@ fn direct_forward_equals_im2col_for_stride_one_and_two() {
         );
     }
 }
+
+/// A lone sample's direct forward splits into bands of output rows on several threads and into
+/// blocks of channels on one: the same bits, for stride 1 and 2, pooled (odd heights drop
+/// their last row), with a residual, with and without bias and ReLU, and band counts of 2 and
+/// 3 (the last band shorter).
+#[test]
+fn direct_bands_equal_the_channel_blocks_bit_for_bit() {
+    use normlab::nn::conv_algorithm::ConvAlgorithm;
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    // (C, OC, H, W, stride, bias, relu, what): what 0 plain, 1 pooled, 2 + residual.
+    let cases = [
+        (16, 6, 28, 28, 1, true, true, 0),
+        (5, 9, 23, 17, 1, false, false, 0),
+        (16, 6, 15, 13, 1, true, true, 1),
+        (3, 20, 28, 28, 1, true, false, 1),
+        (16, 32, 28, 28, 2, true, true, 0),
+        (4, 7, 29, 15, 2, false, true, 0),
+        (8, 12, 21, 14, 1, true, false, 2),
+        (8, 5, 14, 14, 1, false, false, 2),
+    ];
+    let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for (c, oc, h, w, stride, bias, relu, what) in cases {
+        let seed = rng.gen();
+        let x = random(&[1, c, h, w], &mut rng);
+        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let r = random(&[1, oc, oh, ow], &mut rng);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut conv = Conv2d::new(c, oc, 3, stride, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
+                if relu && what != 2 {
+                    conv = conv.with_relu();
+                }
+                conv.algorithm = ConvAlgorithm::Direct;
+                let mut y = Tensor::default();
+                let fused = match what {
+                    0 => conv.forward(&x, &mut y, Mode::Eval).map(|()| true),
+                    1 => conv.forward_max_pooled(&x, &mut y, relu),
+                    _ => conv.forward_add_relu(&x, &mut y, &r),
+                };
+                assert!(fused.unwrap(), "case {:?}: the fused path ran", (c, oc, h, w, what));
+                y
+            })
+        };
+        let blocks = run(1);
+        for threads in [2, 3] {
+            let (got, want) = (bits(&run(threads)), bits(&blocks));
+            let first = (0..want.len()).find(|&i| got.get(i) != Some(&want[i]));
+            assert!(
+                got.len() == want.len() && first.is_none(),
+                "case {:?} on {threads} threads: first difference at {first:?}",
+                (c, oc, h, w, stride, what)
+            );
+        }
+    }
+}

@@ -80,25 +80,34 @@ impl DirectGrid {
 /// into the four phase planes (`grid.padded_len()` values; the slack past the maps is zeroed
 /// too).
 pub fn direct_pad_input(x: &[f32], grid: DirectGrid, xp: &mut [f32]) {
-    let (h, w, row, plane) = (grid.h, grid.w, grid.row(), grid.plane());
+    direct_pad_rows(x, grid.h, 0, grid, xp);
+}
+
+/// `direct_pad_input` for a band of output rows: the padded rows `first..first + grid.h + 2`
+/// of a sample of `full_h` rows (x: [C, full_h, W]) as the padded map of a `grid.h`-row
+/// sample, rows outside the image zero. The band's grid computes output rows
+/// first/stride.. of the whole map (stride 2: `first` even, so every row keeps its phase).
+pub fn direct_pad_rows(x: &[f32], full_h: usize, first: usize, grid: DirectGrid, xp: &mut [f32]) {
+    assert!(
+        grid.stride == 1 || first.is_multiple_of(2),
+        "direct_pad_rows: an odd first row with stride 2"
+    );
+    let (w, row, plane) = (grid.w, grid.row(), grid.plane());
     let xp = &mut xp[..grid.padded_len()];
     xp.fill(0.0);
-    let channels = x.chunks_exact(h * w).take(grid.channels).zip(xp.chunks_mut(plane));
-    if grid.stride == 1 {
-        for (xc, pc) in channels {
-            for (xr, pr) in xc.chunks_exact(w).zip(pc[row + 1..].chunks_mut(row)) {
-                pr[..w].copy_from_slice(xr);
-            }
-        }
-        return;
-    }
-    // Padded position (r, c) = (y + 1, x + 1) goes to phase (r mod 2, c mod 2) at (r/2, c/2):
-    // even x to the odd-column phase at x/2, odd x to the even-column phase at (x+1)/2.
+    // The band's padded rows i that hold image rows: first + i - 1 in 0..full_h.
+    let rows = first.max(1) - first..(full_h + 1).saturating_sub(first).min(grid.h + 2);
     let phase_len = grid.plane_rows() * row;
-    for (xc, pc) in channels {
-        for (y, xr) in xc.chunks_exact(w).enumerate() {
-            let r = y + 1;
-            let at = (r % 2) * 2 * phase_len + (r / 2) * row;
+    for (xc, pc) in x.chunks_exact(full_h * w).take(grid.channels).zip(xp.chunks_mut(plane)) {
+        for i in rows.clone() {
+            let xr = &xc[(first + i - 1) * w..][..w];
+            if grid.stride == 1 {
+                pc[i * row + 1..][..w].copy_from_slice(xr);
+                continue;
+            }
+            // Padded position (i, c) goes to phase (i mod 2, c mod 2) at (i/2, c/2): even x
+            // to the odd-column phase at x/2, odd x to the even-column phase at (x+1)/2.
+            let at = (i % 2) * 2 * phase_len + (i / 2) * row;
             let (even_c, odd_c) = pc[at..].split_at_mut(phase_len);
             let (even_c, odd_c) = (&mut even_c[1..], &mut odd_c[..row]);
             for ((pair, e), o) in xr.chunks_exact(2).zip(even_c.iter_mut()).zip(odd_c.iter_mut()) {

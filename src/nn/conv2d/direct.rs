@@ -1,16 +1,27 @@
-//! Conv2d's direct forward (kernels::conv_direct, 3x3 padding 1, stride 1 or 2): at batch 1 the blocks of output channels
-//! split over the threads; at larger batches each sample group pads and convolves its own
-//! samples. The epilogue takes each block of channels from the padded output grid while it is
-//! in cache: + bias, ReLU, and with `pool` the 2x2 max-pool of ConvPool, or with `residual`
-//! the shortcut of a residual block before the ReLU.
+//! Conv2d's direct forward (kernels::conv_direct, 3x3 padding 1, stride 1 or 2): a lone
+//! sample splits over the threads in bands of output rows (maps of 14 rows and more), or in
+//! blocks of output channels (smaller maps); at larger batches each sample group pads and
+//! convolves its own samples. The epilogue takes each block of channels from the padded output
+//! grid while it is in cache: + bias, ReLU, and with `pool` the 2x2 max-pool of ConvPool, or
+//! with `residual` the shortcut of a residual block before the ReLU.
 
 use super::*;
-use crate::kernels::conv_direct::{direct_conv3x3_block, direct_pad_input, DirectGrid, DIRECT_CHANNELS};
+use crate::kernels::conv_direct::{
+    direct_conv3x3_block, direct_pad_input, direct_pad_rows, DirectGrid, DIRECT_CHANNELS,
+};
 use crate::kernels::lanes::LANES;
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
+use crate::kernels::simd::SharedOut;
 
 /// Tasks per thread for a lone sample.
 const TASKS_PER_THREAD: usize = 4;
+
+/// A lone sample is split into bands of at least this many output rows (`Epilogue::bands`);
+/// smaller maps into blocks of channels. Folded vgg and resnet at batch 1, 2 threads, per
+/// layer: bands took 28x28 and 14x14 maps from 66-90 to 44-76 µs, but 7x7 maps from 40-79 to
+/// 57-83 (a 4-row band of a 7x7 map fills 3 vectors of 16 with 36 positions: 5 vectors in
+/// all where the whole map takes 4).
+const BAND_ROWS: usize = 7;
 
 impl Conv2d {
     // y = act(conv(x) + b), or with `pool` = Some(relu) act(maxpool2x2(conv(x)) + b), a ReLU
@@ -50,6 +61,19 @@ impl Conv2d {
         if n == 0 || oc == 0 {
             return Ok(());
         }
+        let epilogue = Epilogue {
+            w: &self.weight.value.data,
+            bias: self.bias.as_ref().map(|b| b.value.data.as_slice()),
+            relu: self.relu || pool == Some(true),
+            pool: pool.is_some(),
+            oc,
+            grid,
+        };
+        let unit = if pool.is_some() { 2 } else { 1 };
+        let bands = rayon::current_num_threads().min(grid.out_h() / BAND_ROWS);
+        if n == 1 && bands > 1 {
+            return epilogue.bands(&x.data, bands, unit, &mut self.groups, &mut y.data, residual);
+        }
         let blocks = oc.div_ceil(DIRECT_CHANNELS);
         let per_group = n.div_ceil(GROUPS).max(1);
         // A lone sample: a few blocks of channels per thread, so that a worker that wakes late
@@ -68,14 +92,6 @@ impl Conv2d {
                 try_resize(&mut s.col, grid.out_h() * grid.row(), 0.0, what)?;
             }
         }
-        let epilogue = Epilogue {
-            w: &self.weight.value.data,
-            bias: self.bias.as_ref().map(|b| b.value.data.as_slice()),
-            relu: self.relu || pool == Some(true),
-            pool: pool.is_some(),
-            oc,
-            grid,
-        };
         if n == 1 {
             let mut xp = std::mem::take(&mut self.groups[0].staging);
             direct_pad_input(&x.data, grid, &mut xp);
@@ -132,39 +148,112 @@ impl Epilogue<'_> {
         hp: &mut [f32],
     ) {
         let (h, w) = (self.grid.out_h(), self.grid.out_w());
-        let (row, span) = (self.grid.row(), self.grid.vectors() * LANES);
+        let span = self.grid.vectors() * LANES;
         let plane = if self.pool { (h / 2) * (w / 2) } else { h * w };
         for (b, yb) in y.chunks_mut(DIRECT_CHANNELS * plane).enumerate() {
             let o0 = o_start + b * DIRECT_CHANNELS;
             direct_conv3x3_block(xp, self.grid, self.w, self.oc, o0, block);
             for (r, yo) in yb.chunks_mut(plane).enumerate() {
-                let src = &block[r * span..(r + 1) * span];
-                if self.pool && row % 2 == 0 {
-                    // The grid's rows are W + 2 apart: the pool reads each row's first W.
-                    max_pool_2x2_values_even_rows(src, row, w / 2, false, yo, hp);
-                } else if self.pool {
-                    max_pool_2x2_values(src, row, w / 2, false, yo);
-                } else {
-                    for (yy, yr) in yo.chunks_mut(w).enumerate() {
-                        yr.copy_from_slice(&src[yy * row..yy * row + w]);
-                    }
-                }
-                let bias = self.bias.map(|bs| &bs[o0 + r..o0 + r + 1]);
-                match res {
-                    Some(res) => {
-                        // (conv + b) + r, then the ReLU: the separate passes' order.
-                        let at = (b * DIRECT_CHANNELS + r) * plane;
-                        if bias.is_some() {
-                            add_bias_relu(yo, plane, bias, false);
-                        }
-                        yo.iter_mut()
-                            .zip(&res[at..at + plane])
-                            .for_each(|(v, s)| *v = crate::kernels::reduce::relu(*v + s));
-                    }
-                    None if bias.is_some() || self.relu => add_bias_relu(yo, plane, bias, self.relu),
-                    None => {}
+                let at = (b * DIRECT_CHANNELS + r) * plane;
+                let res = res.map(|res| &res[at..at + plane]);
+                self.finish(self.grid, &block[r * span..(r + 1) * span], o0 + r, yo, res, hp);
+            }
+        }
+    }
+
+    /// The whole output of one sample in `bands` bands of output rows (each a multiple of
+    /// `unit` rows: 2 when pooled), one task per band: each pads its own rows of the input
+    /// and computes every channel of its rows. The other split, blocks of channels over the
+    /// threads, has every thread read the whole padded input one thread just wrote: on the
+    /// 2-core host the first block after the pad took 35 µs instead of 13 (the lines move
+    /// between the cores), and vgg's 32->32 conv on 28x28 maps ran 1.2x faster on 2 threads
+    /// than on 1. Here a band reads the input rows the previous layer's band of the same rows
+    /// wrote (the same task index, usually the same worker).
+    fn bands(
+        &self,
+        x: &[f32],
+        bands: usize,
+        unit: usize,
+        groups: &mut Vec<GroupScratch>,
+        y: &mut [f32],
+        residual: Option<&[f32]>,
+    ) -> Result<()> {
+        let rows = self.grid.out_h() / unit * unit;
+        let per = rows.div_ceil(bands).next_multiple_of(unit);
+        let count = rows.div_ceil(per);
+        let band = |b: usize| {
+            let (r0, r1) = (b * per, (b * per + per).min(rows));
+            let s = self.grid.stride;
+            let sub = DirectGrid {
+                h: s * (r1 - r0) + 1 - s,
+                ..self.grid
+            };
+            (s * r0, r0, r1, sub)
+        };
+        if groups.len() < count {
+            groups.resize_with(count, GroupScratch::default);
+        }
+        for (b, s) in groups[..count].iter_mut().enumerate() {
+            let (.., sub) = band(b);
+            let what = "the direct convolution's scratch";
+            try_resize(&mut s.staging, sub.padded_len(), 0.0, what)?;
+            try_resize(&mut s.out, sub.block_len(), 0.0, what)?;
+            if self.pool {
+                try_resize(&mut s.col, sub.out_h() * sub.row(), 0.0, what)?;
+            }
+        }
+        let (ow, plane) = match self.pool {
+            true => (self.grid.out_w() / 2, (self.grid.out_h() / 2) * (self.grid.out_w() / 2)),
+            false => (self.grid.out_w(), self.grid.out_h() * self.grid.out_w()),
+        };
+        let out = SharedOut::new(y);
+        groups[..count].par_iter_mut().enumerate().for_each(|(b, s)| {
+            let (first, r0, r1, sub) = band(b);
+            direct_pad_rows(x, self.grid.h, first, sub, &mut s.staging);
+            let span = sub.vectors() * LANES;
+            let (start, len) = (r0 / unit * ow, (r1 - r0) / unit * ow);
+            for o0 in (0..self.oc).step_by(DIRECT_CHANNELS) {
+                direct_conv3x3_block(&s.staging, sub, self.w, self.oc, o0, &mut s.out);
+                for r in 0..DIRECT_CHANNELS.min(self.oc - o0) {
+                    let at = (o0 + r) * plane + start;
+                    // SAFETY: band b writes rows r0..r1 of each channel, no other band does.
+                    let yo = unsafe { out.run(at, len) };
+                    let res = residual.map(|res| &res[at..at + len]);
+                    self.finish(sub, &s.out[r * span..(r + 1) * span], o0 + r, yo, res, &mut s.col);
                 }
             }
+        });
+        Ok(())
+    }
+
+    /// One channel `o` of the output from its block rows `src` on `grid`'s output grid: the
+    /// pool or the grid's rows, + bias, + `res`, ReLU.
+    fn finish(&self, grid: DirectGrid, src: &[f32], o: usize, yo: &mut [f32], res: Option<&[f32]>, hp: &mut [f32]) {
+        let (w, row) = (grid.out_w(), grid.row());
+        if self.pool && row % 2 == 0 {
+            // The grid's rows are W + 2 apart: the pool reads each row's first W.
+            max_pool_2x2_values_even_rows(src, row, w / 2, false, yo, hp);
+        } else if self.pool {
+            max_pool_2x2_values(src, row, w / 2, false, yo);
+        } else {
+            for (yy, yr) in yo.chunks_mut(w).enumerate() {
+                yr.copy_from_slice(&src[yy * row..yy * row + w]);
+            }
+        }
+        let plane = yo.len();
+        let bias = self.bias.map(|bs| &bs[o..o + 1]);
+        match res {
+            Some(res) => {
+                // (conv + b) + r, then the ReLU: the separate passes' order.
+                if bias.is_some() {
+                    add_bias_relu(yo, plane, bias, false);
+                }
+                yo.iter_mut()
+                    .zip(res)
+                    .for_each(|(v, s)| *v = crate::kernels::reduce::relu(*v + s));
+            }
+            None if bias.is_some() || self.relu => add_bias_relu(yo, plane, bias, self.relu),
+            None => {}
         }
     }
 }
