@@ -1,6 +1,7 @@
 //! Conv2d's direct forward (kernels::conv_direct, 3x3 padding 1, stride 1 or 2): a lone
 //! sample splits over the threads in bands of output rows (maps of 14 rows and more), or in
-//! blocks of output channels (smaller maps); at larger batches each sample group pads and
+//! runs of output channels, one per thread with its own padded copy (smaller maps); at larger
+//! batches each sample group pads and
 //! convolves its own samples. The epilogue takes each block of channels from the padded output
 //! grid while it is in cache: + bias, ReLU, and with `pool` the 2x2 max-pool of ConvPool, or
 //! with `residual` the shortcut of a residual block before the ReLU.
@@ -12,9 +13,6 @@ use crate::kernels::conv_direct::{
 use crate::kernels::lanes::LANES;
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
 use crate::kernels::simd::SharedOut;
-
-/// Tasks per thread for a lone sample.
-const TASKS_PER_THREAD: usize = 4;
 
 /// A lone sample is split into bands of at least this many output rows (`Epilogue::bands`);
 /// smaller maps into blocks of channels. Folded vgg and resnet at batch 1, 2 threads, per
@@ -76,10 +74,12 @@ impl Conv2d {
         }
         let blocks = oc.div_ceil(DIRECT_CHANNELS);
         let per_group = n.div_ceil(GROUPS).max(1);
-        // A lone sample: a few blocks of channels per thread, so that a worker that wakes late
-        // still takes its share (one task per thread: the other often ran both).
+        // A lone sample (a small map): one run of channel blocks per thread, each padding its
+        // own copy of the input. One shared copy padded by one thread had every other thread
+        // pull all its lines from that core (vgg's conv6, 7x7 128->128: 76 -> 59-67 µs). Four
+        // tasks per thread served when a worker woke late; crate::workers keeps them awake.
         let tasks = if n == 1 {
-            (TASKS_PER_THREAD * rayon::current_num_threads()).clamp(1, blocks)
+            rayon::current_num_threads().clamp(1, blocks)
         } else {
             n.div_ceil(per_group)
         };
@@ -93,18 +93,16 @@ impl Conv2d {
             }
         }
         if n == 1 {
-            let mut xp = std::mem::take(&mut self.groups[0].staging);
-            direct_pad_input(&x.data, grid, &mut xp);
             let per_task = blocks.div_ceil(tasks) * DIRECT_CHANNELS;
             y.data
                 .par_chunks_mut(per_task * ys)
                 .zip(self.groups.par_iter_mut())
                 .enumerate()
                 .for_each(|(i, (yt, s))| {
+                    direct_pad_input(&x.data, grid, &mut s.staging);
                     let r = residual.map(|r| &r[i * per_task * ys..]);
-                    epilogue.channels(&xp, i * per_task, yt, r, &mut s.out, &mut s.col)
+                    epilogue.channels(&s.staging, i * per_task, yt, r, &mut s.out, &mut s.col)
                 });
-            self.groups[0].staging = xp;
         } else {
             y.data
                 .par_chunks_mut(per_group * oc * ys)
