@@ -219,7 +219,7 @@ fn direct_bands_equal_the_channel_blocks_bit_for_bit() {
     let cases = [
         (16, 6, 28, 28, 1, true, true, 0),
         (5, 9, 23, 17, 1, false, false, 0),
-        (16, 6, 15, 13, 1, true, true, 1),
+        (16, 6, 29, 13, 1, true, true, 1),
         (3, 20, 28, 28, 1, true, false, 1),
         (16, 32, 28, 28, 2, true, true, 0),
         (4, 7, 29, 15, 2, false, true, 0),
