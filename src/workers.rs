@@ -86,7 +86,7 @@ mod tests {
     /// The call returns f's value, from inside and outside the pool and nested; a panic in f
     /// reaches the caller and the next call runs.
     #[test]
-    fn returns_the_value_and_releases_the_workers() {
+    fn returns_the_value_inside_and_outside_the_pool_and_after_a_panic() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let sum = |n: u64| (0..n).into_par_iter().sum::<u64>();
         assert_eq!(pool.install(|| with_workers_awake(|| sum(1000))), 499_500);

@@ -1,10 +1,10 @@
 //! Conv2d's direct forward (kernels::conv_direct, 3x3 padding 1, stride 1 or 2): a lone
 //! sample splits over the threads in bands of output rows (maps of 14 rows and more), or in
 //! runs of output channels, one per thread with its own padded copy (smaller maps); at larger
-//! batches each sample group pads and
-//! convolves its own samples. The epilogue takes each block of channels from the padded output
-//! grid while it is in cache: + bias, ReLU, and with `pool` the 2x2 max-pool of ConvPool, or
-//! with `residual` the shortcut of a residual block before the ReLU.
+//! batches each sample group pads and convolves its own samples. The epilogue takes each block
+//! of channels from the padded output grid while it is in cache: + bias, ReLU, and with `pool`
+//! the 2x2 max-pool of ConvPool, or with `residual` the shortcut of a residual block before the
+//! ReLU.
 
 use super::*;
 use crate::kernels::conv_direct::{
@@ -70,8 +70,8 @@ impl Conv2d {
         let unit = if pool.is_some() { 2 } else { 1 };
         let bands = rayon::current_num_threads().min(grid.out_h() / BAND_ROWS);
         // Bands (of whole pooled row pairs) only where they come out about even: a pooled
-        // 14-row map would split 8 + 6 rows, and its conv took 76-78 µs so against 71-74 in
-        // channel runs (vgg's conv4 at batch 1, 3 alternating runs).
+        // 14-row map would split 8 + 6 rows; vgg's conv4 at batch 1 took 76-78 µs split that
+        // way against 71-74 in channel runs (3 alternating runs).
         let units = grid.out_h() / unit;
         let balanced = bands > 0 && (units.is_multiple_of(bands) || units / bands >= BAND_ROWS);
         if n == 1 && bands > 1 && balanced {
@@ -166,8 +166,8 @@ impl Epilogue<'_> {
 
     /// The whole output of one sample in `bands` bands of output rows (each a multiple of
     /// `unit` rows: 2 when pooled), one task per band: each pads its own rows of the input
-    /// and computes every channel of its rows. The other split, blocks of channels over the
-    /// threads, has every thread read the whole padded input one thread just wrote: on the
+    /// and computes every channel of its rows. Blocks of channels over the threads with one
+    /// shared padded input had every thread read what one thread had just written: on the
     /// 2-core host the first block after the pad took 35 µs instead of 13 (the lines move
     /// between the cores), and vgg's 32->32 conv on 28x28 maps ran 1.2x faster on 2 threads
     /// than on 1. Here a band reads the input rows the previous layer's band of the same rows
