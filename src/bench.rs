@@ -352,8 +352,7 @@ pub fn inference_layer_times(model: &mut Model, batch: usize, reps: usize) -> Re
     let mut seconds = vec![0.0; n];
     for i in 0..=reps {
         model.input_mut().clone_from(&x);
-        let (net, secs) = (&mut model.net, &mut seconds);
-        crate::workers::with_workers_awake(move || net.forward_timed(Mode::Eval, secs).map(|_| ()))?;
+        crate::workers::with_workers_awake(|| model.net.forward_timed(Mode::Eval, &mut seconds).map(|_| ()))?;
         if i > 0 {
             per_layer.iter_mut().zip(&seconds).for_each(|(v, &s)| v.push(s));
         }

@@ -464,14 +464,12 @@ impl Model {
         }
         // A chain of short parallel regions (at batch 1, tens of µs each): keep the workers
         // polling between them rather than waking them per region (crate::workers).
-        let net = &mut self.net;
-        crate::workers::with_workers_awake(move || net.forward(mode))
+        crate::workers::with_workers_awake(|| self.net.forward(mode))
     }
 
     /// Backward after a training forward, once the loss has filled the logits' gradient.
     pub fn backward(&mut self) -> Result<()> {
-        let net = &mut self.net;
-        crate::workers::with_workers_awake(move || net.backward())
+        crate::workers::with_workers_awake(|| self.net.backward())
     }
 
     /// Total number of learnable values.

@@ -73,8 +73,7 @@ impl Conv2d {
         // 14-row map would split 8 + 6 rows; vgg's conv4 at batch 1 took 76-78 µs split that
         // way against 71-74 in channel runs (3 alternating runs).
         let units = grid.out_h() / unit;
-        let balanced = bands > 0 && (units.is_multiple_of(bands) || units / bands >= BAND_ROWS);
-        if n == 1 && bands > 1 && balanced {
+        if n == 1 && bands > 1 && (units.is_multiple_of(bands) || units / bands >= BAND_ROWS) {
             return epilogue.bands(&x.data, bands, unit, &mut self.groups, &mut y.data, residual);
         }
         let blocks = oc.div_ceil(DIRECT_CHANNELS);
