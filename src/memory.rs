@@ -114,6 +114,16 @@ pub fn try_resize<T: Clone>(v: &mut Vec<T>, len: usize, value: T, what: &str) ->
     Ok(())
 }
 
+/// Makes `v` at least `len` long and keeps a longer length: for scratch that a pass writes
+/// before it reads, shared by layers of different sizes (nn::shared_scratch), where cutting it
+/// to each layer's length and growing it back refilled it with zeros at every call.
+pub fn try_grow<T: Clone>(v: &mut Vec<T>, len: usize, value: T, what: &str) -> Result<()> {
+    if len > v.len() {
+        try_resize(v, len, value, what)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@ pub mod pool;
 pub mod residual;
 pub mod rms_norm;
 pub mod sequential;
+pub mod shared_scratch;
 pub mod vit;
 
 pub use layer::{BufferMut, Layer, Mode, Param, ParamKind, StatsMode};

@@ -90,10 +90,10 @@ impl Conv2d {
         self.groups.resize_with(tasks, GroupScratch::default);
         for s in self.groups.iter_mut() {
             let what = "the direct convolution's scratch";
-            try_resize(&mut s.staging, grid.padded_len(), 0.0, what)?;
-            try_resize(&mut s.out, grid.block_len(), 0.0, what)?;
+            try_grow(&mut s.staging, grid.padded_len(), 0.0, what)?;
+            try_grow(&mut s.out, grid.block_len(), 0.0, what)?;
             if pool.is_some() {
-                try_resize(&mut s.col, grid.out_h() * grid.row(), 0.0, what)?;
+                try_grow(&mut s.col, grid.out_h() * grid.row(), 0.0, what)?;
             }
         }
         if n == 1 {
@@ -198,10 +198,10 @@ impl Epilogue<'_> {
         for (b, s) in groups[..count].iter_mut().enumerate() {
             let (.., sub) = band(b);
             let what = "the direct convolution's scratch";
-            try_resize(&mut s.staging, sub.padded_len(), 0.0, what)?;
-            try_resize(&mut s.out, sub.block_len(), 0.0, what)?;
+            try_grow(&mut s.staging, sub.padded_len(), 0.0, what)?;
+            try_grow(&mut s.out, sub.block_len(), 0.0, what)?;
             if self.pool {
-                try_resize(&mut s.col, sub.out_h() * sub.row(), 0.0, what)?;
+                try_grow(&mut s.col, sub.out_h() * sub.row(), 0.0, what)?;
             }
         }
         let (ow, plane) = match self.pool {

@@ -1,8 +1,8 @@
 //! Conv2d: im2col + gemm over a fixed number of sample groups in parallel. Inside a group, small
 //! feature maps are batched: the columns of several samples sit side by side in one matrix, so
 //! gemm sees up to `BATCH_COLS` columns in at most `COL_BYTES` (and dW a longer sum than one
-//! 7x7 map's 49 terms). Each group owns its scratch and its weight-gradient partial sum, kept
-//! between steps.
+//! 7x7 map's 49 terms). Each group has its scratch and its weight-gradient partial sum; the
+//! groups' scratch is one set shared by every conv (nn::shared_scratch), borrowed for a call.
 
 mod direct;
 mod pooled;
@@ -20,9 +20,10 @@ use crate::kernels::winograd::{
     winograd_filter_gradient, winograd_filter_transform, winograd_gradient_transform, winograd_input_transform,
     winograd_output_transform, TilePlan, WinogradTile,
 };
-use crate::memory::try_resize;
+use crate::memory::{try_grow, try_resize};
 pub use crate::nn::conv_algorithm::ConvAlgorithm;
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
+use crate::nn::shared_scratch::{SharedScratch, SHARE_FROM_VALUES};
 use crate::onnx::graph::{relu_if, Attr, OnnxGraph};
 use crate::tensor::Tensor;
 
@@ -94,6 +95,18 @@ struct GroupScratch {
     wa: Vec<f32>,
     wb: Vec<f32>,
     du: Vec<f32>,
+}
+
+/// The pass a conv's scratch is sized for. A buffer the pass does not read keeps its length
+/// (another conv's: the scratch is shared, nn::shared_scratch) instead of being cut and grown
+/// back, which refills it with zeros: in folded vgg at batch 128 those fills took 8% of the
+/// forward (`perf`) once one scratch served every conv.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    /// The forward with a 2x2 max-pool fused (the gemm always writes into `out`).
+    PooledForward,
+    Backward,
 }
 
 /// Winograd batches samples until the larger transformed buffer holds about this many bytes,
@@ -192,9 +205,9 @@ impl Conv2d {
         })
     }
 
-    /// Samples per group and samples per gemm, with the scratch sized for them; `own_out`: the
-    /// gemm writes into the group's `out` even one sample at a time (the pooled forward).
-    fn prepare(&mut self, n: usize, g: &ConvGeometry, own_out: bool) -> Result<(usize, usize)> {
+    /// Samples per group and samples per gemm, with the scratch that `pass` reads sized for
+    /// them (the pooled forward's gemm writes into the group's `out` even one sample at a time).
+    fn prepare(&mut self, n: usize, g: &ConvGeometry, pass: Pass) -> Result<(usize, usize)> {
         let per_group = n.div_ceil(GROUPS).max(1);
         let groups = n.div_ceil(per_group);
         let cols = g.col_cols();
@@ -203,16 +216,17 @@ impl Conv2d {
             .clamp(1, per_group);
         let col_len = g.col_rows() * batch * cols;
         let partial_len = self.out_channels * (g.col_rows() + 1);
-        let out_len = if batch > 1 || self.relu || own_out {
-            self.out_channels * batch * cols
-        } else {
-            0
-        };
+        let own_out = batch > 1 || self.relu || pass == Pass::PooledForward;
         self.groups.resize_with(groups, GroupScratch::default);
         for s in self.groups.iter_mut() {
-            try_resize(&mut s.col, col_len, 0.0, "the convolution's im2col scratch")?;
-            try_resize(&mut s.partial, partial_len, 0.0, "the convolution's scratch")?;
-            try_resize(&mut s.out, out_len, 0.0, "the convolution's scratch")?;
+            let what = "the convolution's scratch";
+            try_grow(&mut s.col, col_len, 0.0, "the convolution's im2col scratch")?;
+            if pass == Pass::Backward {
+                try_resize(&mut s.partial, partial_len, 0.0, what)?;
+            }
+            if own_out {
+                try_grow(&mut s.out, self.out_channels * batch * cols, 0.0, what)?;
+            }
         }
         Ok((per_group, batch))
     }
@@ -267,9 +281,43 @@ impl Layer for Conv2d {
         Ok(relu_if(g, y, self.relu))
     }
 
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+        self.with_shared_scratch(x, |conv| conv.forward_any(x, y))
+    }
+
+    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        self.with_shared_scratch(x, |conv| conv.backward_any(x, y, dy, dx))
+    }
+
+    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
+        visit_weight_bias(Some(&mut self.weight), self.bias.as_mut(), f);
+    }
+
+    fn set_input_grad(&mut self, needed: bool) {
+        self.input_grad = needed;
+    }
+
+    fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
+        f(self);
+    }
+}
+
+/// The group scratch every conv borrows for a call (nn::shared_scratch).
+static GROUP_SCRATCH: SharedScratch<Vec<GroupScratch>> = SharedScratch::new();
+
+impl Conv2d {
+    /// Runs `f` with the shared group scratch in `self.groups` for an input `x` of at least
+    /// SHARE_FROM_VALUES values, with the conv's own below.
+    pub(super) fn with_shared_scratch<R>(&mut self, x: &Tensor, f: impl FnOnce(&mut Self) -> R) -> R {
+        if x.len() < SHARE_FROM_VALUES {
+            return f(self);
+        }
+        GROUP_SCRATCH.lend(self, |c| &mut c.groups, f)
+    }
+
     // y_n = W[OC, C*k*k] · im2col(x_n) + b, for `batch` samples at a time:
     // [OC, batch·cols] = W · [im2col(x_p) side by side]
-    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
+    fn forward_any(&mut self, x: &Tensor, y: &mut Tensor) -> Result<()> {
         let g = self.geometry(x)?;
         match self.passes(&g, x.batch()).forward {
             ForwardMethod::Winograd(tile) => return self.forward_winograd(x, y, &g, tile, None, None),
@@ -279,7 +327,7 @@ impl Layer for Conv2d {
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
         let oc = self.out_channels;
-        let (per_group, batch) = self.prepare(n, &g, false)?;
+        let (per_group, batch) = self.prepare(n, &g, Pass::Forward)?;
         y.resize_to(&[n, oc, g.out_h(), g.out_w()])?;
         let (w, bias) = (
             &self.weight.value.data,
@@ -381,7 +429,7 @@ impl Layer for Conv2d {
 
     // dW = Σ_n dy_n · im2col(x_n)ᵀ,  db = Σ dy,  dx_n = col2im(Wᵀ · dy_n), `batch` samples at a
     // time: dW += [dy_p side by side] · [im2col(x_p) side by side]ᵀ
-    fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    fn backward_any(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         let g = self.geometry(x)?;
         let n = x.batch();
         let (rows, cols) = (g.col_rows(), g.col_cols());
@@ -403,7 +451,7 @@ impl Layer for Conv2d {
             self.backward_winograd(x, y, dy, dx, &g, passes)?;
             return Ok(());
         }
-        let (per_group, batch) = self.prepare(n, &g, false)?;
+        let (per_group, batch) = self.prepare(n, &g, Pass::Backward)?;
         let xs = x.sample_len();
         let input_grad = self.input_grad;
         dx.resize_to(&x.shape)?;
@@ -468,17 +516,5 @@ impl Layer for Conv2d {
         self.add_group_partials(rows, true);
         // Without input_grad (the network's first layer) dx is sized but left unspecified.
         Ok(())
-    }
-
-    fn visit_params<'a>(&'a mut self, f: &mut dyn FnMut(&'static str, &'a mut Param)) {
-        visit_weight_bias(Some(&mut self.weight), self.bias.as_mut(), f);
-    }
-
-    fn set_input_grad(&mut self, needed: bool) {
-        self.input_grad = needed;
-    }
-
-    fn visit_parts(&mut self, f: &mut dyn FnMut(&mut dyn std::any::Any)) {
-        f(self);
     }
 }

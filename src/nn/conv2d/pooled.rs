@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::{gemm_threads, Conv2d, ForwardMethod, GroupScratch, SPLIT_FROM_MACS};
+use super::{gemm_threads, Conv2d, ForwardMethod, GroupScratch, Pass, SPLIT_FROM_MACS};
 use crate::error::Result;
 use crate::kernels::im2col::im2col;
 use crate::kernels::matmul::{matmul, Op};
@@ -21,6 +21,10 @@ impl Conv2d {
     /// im2col conv with a fused ReLU of its own, a map under 2x2, or a lone sample im2col
     /// splits over the threads; the caller then runs the layers one by one.
     pub fn forward_max_pooled(&mut self, x: &Tensor, y: &mut Tensor, relu: bool) -> Result<bool> {
+        self.with_shared_scratch(x, |conv| conv.forward_max_pooled_any(x, y, relu))
+    }
+
+    fn forward_max_pooled_any(&mut self, x: &Tensor, y: &mut Tensor, relu: bool) -> Result<bool> {
         let g = self.geometry(x)?;
         let (oh, ow) = (g.out_h(), g.out_w());
         let n = x.batch();
@@ -46,7 +50,7 @@ impl Conv2d {
         if self.relu || split || oh < 2 || ow < 2 || forward != ForwardMethod::Im2col {
             return Ok(false);
         }
-        let (per_group, batch) = self.prepare(n, &g, true)?;
+        let (per_group, batch) = self.prepare(n, &g, Pass::PooledForward)?;
         let (ph, pw) = (oh / 2, ow / 2);
         let pooled = ph * pw;
         y.resize_to(&[n, oc, ph, pw])?;

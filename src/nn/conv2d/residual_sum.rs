@@ -17,9 +17,12 @@ impl Conv2d {
         if self.relu || r.shape != [x.batch(), self.out_channels, g.out_h(), g.out_w()] {
             return Ok(false);
         }
+        let r = Some(r.data.as_slice());
         match self.passes(&g, x.batch()).forward {
-            ForwardMethod::Winograd(tile) => self.forward_winograd(x, y, &g, tile, None, Some(&r.data))?,
-            ForwardMethod::Direct => self.forward_direct(x, y, &g, None, Some(&r.data))?,
+            ForwardMethod::Winograd(tile) => {
+                self.with_shared_scratch(x, |conv| conv.forward_winograd(x, y, &g, tile, None, r))?
+            }
+            ForwardMethod::Direct => self.with_shared_scratch(x, |conv| conv.forward_direct(x, y, &g, None, r))?,
             ForwardMethod::Im2col => return Ok(false),
         }
         Ok(true)

@@ -95,12 +95,14 @@ impl Conv2d {
         }
     }
 
-    /// Samples per group and per Winograd batch, with the scratch sized for them.
+    /// Samples per group and per Winograd batch, with the scratch that `pass` reads sized for
+    /// them (`im2col_dw`: the backward's dW through im2col).
     pub(super) fn prepare_winograd(
         &mut self,
         n: usize,
         g: &ConvGeometry,
         tile: WinogradTile,
+        pass: Pass,
         im2col_dw: bool,
     ) -> Result<(usize, usize)> {
         let per_group = n.div_ceil(GROUPS).max(1);
@@ -115,13 +117,20 @@ impl Conv2d {
         self.groups.resize_with(groups, GroupScratch::default);
         for s in self.groups.iter_mut() {
             let what = "the Winograd convolution's scratch";
-            try_resize(&mut s.staging, staging, 0.0, what)?;
-            try_resize(&mut s.wa, transformed, 0.0, what)?;
-            try_resize(&mut s.wb, transformed, 0.0, what)?;
+            try_grow(&mut s.staging, staging, 0.0, what)?;
+            try_grow(&mut s.wa, transformed, 0.0, what)?;
+            try_grow(&mut s.wb, transformed, 0.0, what)?;
+            if pass != Pass::Backward {
+                continue;
+            }
             try_resize(&mut s.du, t * t * oc * g.channels, 0.0, what)?;
             try_resize(&mut s.partial, oc * (rows + 1), 0.0, what)?;
-            try_resize(&mut s.out, if self.relu { oc * cols * batch } else { 0 }, 0.0, what)?;
-            try_resize(&mut s.col, if im2col_dw { rows * cols } else { 0 }, 0.0, what)?;
+            if self.relu {
+                try_grow(&mut s.out, oc * cols * batch, 0.0, what)?;
+            }
+            if im2col_dw {
+                try_grow(&mut s.col, rows * cols, 0.0, what)?;
+            }
         }
         Ok((per_group, batch))
     }
@@ -168,7 +177,7 @@ impl Conv2d {
     ) -> Result<()> {
         let n = x.batch();
         let (c, oc) = (g.channels, self.out_channels);
-        let (per_group, batch) = self.prepare_winograd(n, g, tile, false)?;
+        let (per_group, batch) = self.prepare_winograd(n, g, tile, Pass::Forward, false)?;
         self.transform_kernels(tile, c)?;
         let (oh, ow) = match pool {
             Some(_) => (g.out_h() / 2, g.out_w() / 2),
@@ -237,7 +246,7 @@ impl Conv2d {
         let t2 = tile.t() * tile.t();
         let dw_tile = passes.weight_grad;
         let dx_tile = passes.input_grad.filter(|_| self.input_grad);
-        let (per_group, batch) = self.prepare_winograd(n, g, tile, dw_tile.is_none())?;
+        let (per_group, batch) = self.prepare_winograd(n, g, tile, Pass::Backward, dw_tile.is_none())?;
         if dx_tile.is_some() {
             self.wino_u_adjoint.resize(t2 * c * oc, 0.0);
             winograd_filter_transform(tile, &self.weight.value.data, oc, c, true, &mut self.wino_u_adjoint);
