@@ -167,7 +167,7 @@ fn recalibrate_averages_the_batches_exactly_and_refuses_what_it_cannot_do() {
     let (mut means, mut vars) = (vec![0.0f64; c], vec![0.0f64; c]);
     for idx in order.chunks_exact(16).take(4) {
         train.batch(idx, meta.input_norm, m.input_mut(), &mut labels).unwrap();
-        m.forward_keeping(Mode::Eval).unwrap();
+        m.forward(Mode::Eval).unwrap();
         let h = m.net.activation(0).unwrap(); // conv1's output, bn1's input
         let s = h.shape[2] * h.shape[3];
         for ch in 0..c {

@@ -10,7 +10,6 @@ use crate::kernels::reduce::relu_mask;
 use crate::nn::conv2d::Conv2d;
 use crate::nn::layer::{BufferMut, Layer, Mode, Param};
 use crate::nn::norm_spec::NormSpec;
-use crate::nn::shared_scratch::{SharedScratch, SHARE_FROM_VALUES};
 use crate::onnx::graph::OnnxGraph;
 use crate::tensor::Tensor;
 
@@ -123,12 +122,29 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
         .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, b)| *a += b));
 }
 
-/// The inner outputs every block borrows for an eval-mode forward (nn::shared_scratch).
-static INNER_OUTPUTS: SharedScratch<[Tensor; 6]> = SharedScratch::new();
+impl Layer for BasicBlock {
+    fn kind(&self) -> &'static str {
+        "BasicBlock"
+    }
 
-impl BasicBlock {
-    /// The forward, its inner outputs left in `acts` (for the backward of a training step).
-    fn forward_keeping(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
+        let h1 = self.conv1.export_onnx(g, x, &format!("{name}.conv1"))?;
+        let a1 = self.norm1.export_onnx(g, &h1, &format!("{name}.bn1"))?;
+        let h2 = self.conv2.export_onnx(g, &a1, &format!("{name}.conv2"))?;
+        let a2 = self.norm2.export_onnx(g, &h2, &format!("{name}.bn2"))?;
+        let s = match &self.shortcut {
+            Some((conv, norm)) => {
+                let hs = conv.export_onnx(g, x, &format!("{name}.shortcut.0"))?;
+                norm.export_onnx(g, &hs, &format!("{name}.shortcut.1"))?
+            }
+            None => x.to_string(),
+        };
+        let sum = g.node("Add", &[&a2, &s], &[], 4);
+        Ok(g.node("Relu", &[&sum], &[], 4))
+    }
+
+    // y = ReLU(a2 + s)
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
         if x.shape.len() != 4 || x.shape[1] != self.in_channels {
             return Err(Error::shape(
                 "BasicBlock",
@@ -186,38 +202,6 @@ impl BasicBlock {
                     .for_each(|((o, &a), &b)| *o = crate::kernels::reduce::relu(a + b))
             });
         Ok(())
-    }
-}
-
-impl Layer for BasicBlock {
-    fn kind(&self) -> &'static str {
-        "BasicBlock"
-    }
-
-    fn export_onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> Result<String> {
-        let h1 = self.conv1.export_onnx(g, x, &format!("{name}.conv1"))?;
-        let a1 = self.norm1.export_onnx(g, &h1, &format!("{name}.bn1"))?;
-        let h2 = self.conv2.export_onnx(g, &a1, &format!("{name}.conv2"))?;
-        let a2 = self.norm2.export_onnx(g, &h2, &format!("{name}.bn2"))?;
-        let s = match &self.shortcut {
-            Some((conv, norm)) => {
-                let hs = conv.export_onnx(g, x, &format!("{name}.shortcut.0"))?;
-                norm.export_onnx(g, &hs, &format!("{name}.shortcut.1"))?
-            }
-            None => x.to_string(),
-        };
-        let sum = g.node("Add", &[&a2, &s], &[], 4);
-        Ok(g.node("Relu", &[&sum], &[], 4))
-    }
-
-    // y = ReLU(a2 + s)
-    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
-        // In eval mode no backward follows: the inner outputs are scratch, one set for every
-        // block (nn::shared_scratch).
-        if mode == Mode::Eval && x.len() >= SHARE_FROM_VALUES {
-            return INNER_OUTPUTS.lend(self, |b| &mut b.acts, |b| b.forward_keeping(x, y, mode));
-        }
-        self.forward_keeping(x, y, mode)
     }
 
     fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {

@@ -18,48 +18,10 @@ fn qualified(name: &str, key: &str) -> String {
 #[derive(Default)]
 pub struct Sequential {
     pub layers: Vec<(String, Box<dyn Layer>)>,
-    /// acts[0] is the input, acts[i + 1] the output of layer i (after a forward that keeps
-    /// them; an eval forward alternates between acts[1] and acts[2]).
+    /// acts[0] is the input, acts[i + 1] the output of layer i.
     acts: Vec<Tensor>,
     /// grads[i] is dL/d acts[i].
     grads: Vec<Tensor>,
-    /// Where the last forward's output lies in `acts`.
-    out: usize,
-    /// Whether the last forward kept every layer's output (what backward and the probes read).
-    kept: bool,
-}
-
-/// Which activations a forward keeps.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Keep {
-    /// Every layer's output: backward needs them, and probes read them.
-    All,
-    /// The output alone: layers write into two buffers in turn, so an inference's working
-    /// set stays a few tensors that the caches hold, not one fresh tensor per layer. Folded
-    /// resnet at batch 128 (~56 MB of outputs kept, this host's L3 holds ~32 MB at full
-    /// speed): each block ran 1.3-1.5x slower in the chain than when timed alone.
-    Output,
-}
-
-/// A layer's input and output buffers: (i, i + 1) when every output is kept, else the input
-/// (or the last output) and the other of the two alternating buffers.
-fn slots(i: usize, keep: Keep) -> (usize, usize) {
-    match keep {
-        Keep::All => (i, i + 1),
-        Keep::Output if i == 0 => (0, 1),
-        Keep::Output => (1 + (i - 1) % 2, 1 + i % 2),
-    }
-}
-
-/// `acts[a]` to read and `acts[b]` to write (a != b).
-fn read_write(acts: &mut [Tensor], a: usize, b: usize) -> (&Tensor, &mut Tensor) {
-    if a < b {
-        let (lo, hi) = acts.split_at_mut(b);
-        (&lo[a], &mut hi[0])
-    } else {
-        let (lo, hi) = acts.split_at_mut(a);
-        (&hi[0], &mut lo[b])
-    }
 }
 
 impl Sequential {
@@ -84,60 +46,46 @@ impl Sequential {
         &mut self.acts[0]
     }
 
-    /// The output of layer `i` in the last forward, if that forward kept it (a training one or
-    /// `forward_keeping`; probes such as the ICS study read one).
+    /// The output of layer `i` in the last forward (probes such as the ICS study read one).
     pub fn activation(&self, i: usize) -> Option<&Tensor> {
-        self.acts.get(i + 1).filter(|_| self.kept)
+        self.acts.get(i + 1)
     }
 
-    /// The values held at the layer boundaries after the last forward that kept them, input
-    /// included (for the memory estimate of a run).
+    /// The values held at the layer boundaries after the last forward, input included (for
+    /// the memory estimate of a run).
     pub fn boundary_values(&self) -> usize {
         self.acts.iter().map(Tensor::len).sum()
     }
 
-    /// Runs every layer on the input set through `input_mut`; returns the output. A training
-    /// forward keeps every layer's output for backward; an eval forward keeps the output alone
-    /// (`forward_keeping` keeps them all in either mode).
+    /// Runs every layer on the input set through `input_mut`; returns the output.
     pub fn forward(&mut self, mode: Mode) -> Result<&Tensor> {
-        let keep = if mode == Mode::Train { Keep::All } else { Keep::Output };
-        self.run(mode, keep, &mut [])
-    }
-
-    /// `forward` keeping every layer's output, for `activation` and `boundary_values`.
-    pub fn forward_keeping(&mut self, mode: Mode) -> Result<&Tensor> {
-        self.run(mode, Keep::All, &mut [])
+        self.size_buffers();
+        for (i, (_, layer)) in self.layers.iter_mut().enumerate() {
+            let (done, rest) = self.acts.split_at_mut(i + 1);
+            layer.forward(&done[i], &mut rest[0], mode)?;
+        }
+        Ok(&self.acts[self.layers.len()])
     }
 
     /// `forward`, with each layer's seconds written into `seconds[i]` (a profile of where the
     /// time of a forward goes; `normlab bench --inference --layers`).
     pub fn forward_timed(&mut self, mode: Mode, seconds: &mut [f64]) -> Result<&Tensor> {
-        let keep = if mode == Mode::Train { Keep::All } else { Keep::Output };
-        self.run(mode, keep, seconds)
-    }
-
-    fn run(&mut self, mode: Mode, keep: Keep, seconds: &mut [f64]) -> Result<&Tensor> {
         self.size_buffers();
-        self.kept = false;
-        let mut out = 0;
         for (i, (_, layer)) in self.layers.iter_mut().enumerate() {
-            let (a, b) = slots(i, keep);
-            let (x, y) = read_write(&mut self.acts, a, b);
+            let (done, rest) = self.acts.split_at_mut(i + 1);
             let t0 = std::time::Instant::now();
-            layer.forward(x, y, mode)?;
+            layer.forward(&done[i], &mut rest[0], mode)?;
             if let Some(s) = seconds.get_mut(i) {
                 *s = t0.elapsed().as_secs_f64();
             }
-            out = b;
         }
-        (self.out, self.kept) = (out, keep == Keep::All);
-        Ok(&self.acts[out])
+        Ok(&self.acts[self.layers.len()])
     }
 
     /// Backward through every layer after a training forward; the first layer skips dL/dx.
     pub fn backward(&mut self) -> Result<()> {
         let last = self.layers.len();
-        if !self.kept || self.acts.len() != last + 1 || self.grads[last].shape != self.acts[last].shape {
+        if self.acts.len() != last + 1 || self.grads[last].shape != self.acts[last].shape {
             return Err(Error::invalid(
                 "backward needs a training forward and dL/doutput of the output's shape",
             ));
@@ -253,7 +201,7 @@ impl Sequential {
     pub fn output_and_grad(&mut self) -> (&Tensor, &mut Tensor) {
         self.size_buffers();
         let last = self.layers.len();
-        (&self.acts[self.out], &mut self.grads[last])
+        (&self.acts[last], &mut self.grads[last])
     }
 
     pub fn set_step_seed(&mut self, seed: u64) {

@@ -1,11 +1,12 @@
-//! Scratch shared by every layer of a kind instead of owned by each. A network's layers run one
-//! after another, so one set serves them all and stays in cache from layer to layer, where
-//! owned sets were cold at each layer's first touch: read from memory and written back. Folded
-//! resnet at batch 128 ran each block 1.3-1.5x slower in the forward's chain than timed alone:
-//! 13 convs' group scratch (8 groups of up to ~0.7 MB) and 6 blocks' inner outputs on top of
-//! the activations, against the ~32 MB of L3 that runs at full speed on this host. With the
-//! convs' scratch, the blocks' eval inner outputs and Sequential's eval buffers shared: resnet
-//! 24.2-26.2 -> 19.5-20.9 ms, vgg 17.6-18.6 -> 16.9-18.4 (3 alternating rounds).
+//! Scratch shared by every layer of a kind instead of owned by each (the convs' group
+//! scratch). A network's layers run one after another, so one set serves them all and stays in
+//! cache from layer to layer, where owned sets were cold at each layer's first touch: read from
+//! memory and written back. Folded resnet at batch 128 ran each block 1.3-1.5x slower in the
+//! forward's chain than timed alone: 13 convs' group scratch (8 groups of up to ~0.7 MB) on top
+//! of the activations, against the ~32 MB of L3 that runs at full speed on this host. Shared:
+//! resnet 24.2-26.2 -> 19.5-20.9 ms, vgg 17.6-18.6 -> 16.9-18.4 (3 alternating rounds).
+//! (Sharing the residual blocks' inner outputs too, and writing an eval forward's outputs into
+//! two buffers in turn, measured level or slower: growing a buffer back refills it with zeros.)
 
 use std::sync::Mutex;
 

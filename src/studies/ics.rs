@@ -87,7 +87,7 @@ pub fn ics_run(
             let acc = evaluate(&mut model, test, input_norm, 1000)?.accuracy;
             let mut probe_labels = Vec::new();
             test.batch(&probe_idx, input_norm, model.input_mut(), &mut probe_labels)?;
-            model.forward_keeping(Mode::Eval)?;
+            model.forward(Mode::Eval)?;
             let act = model
                 .net
                 .activation(probe_layer)

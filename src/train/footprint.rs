@@ -17,7 +17,7 @@ pub fn activation_bytes_per_sample(model: &mut Model) -> Result<u64> {
     let [c, h, w] = model.spec.input;
     model.input_mut().resize_to(&[1, c, h, w])?;
     model.input_mut().data.fill(0.0);
-    model.forward_keeping(Mode::Eval)?;
+    model.forward(Mode::Eval)?;
     Ok(model.net.boundary_values() as u64 * 4)
 }
 
