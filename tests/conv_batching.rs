@@ -262,3 +262,58 @@ fn direct_bands_equal_the_channel_blocks_bit_for_bit() {
         }
     }
 }
+
+/// A lone sample's Winograd forward splits into bands of tile rows on several threads, each
+/// staging its own rows with their halo: the same bits as the whole map on one thread, for
+/// both tiles, pooled (odd heights drop their last row), with a residual, with and without
+/// bias and ReLU, band counts 2 to 4 (the last band shorter, or a single tile row).
+#[test]
+fn winograd_bands_equal_the_whole_map_bit_for_bit() {
+    use normlab::kernels::winograd::WinogradTile;
+    use normlab::nn::conv_algorithm::ConvAlgorithm;
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    // (C, OC, H, W, tile, bias, relu, what): what 0 plain, 1 pooled, 2 + residual.
+    let cases = [
+        (16, 16, 28, 28, WinogradTile::F4, true, true, 0),
+        (5, 9, 23, 17, WinogradTile::F4, false, false, 0),
+        (7, 6, 13, 11, WinogradTile::F2, true, true, 0),
+        (16, 6, 29, 13, WinogradTile::F4, true, true, 1),
+        (3, 20, 14, 14, WinogradTile::F2, true, false, 1),
+        (8, 12, 21, 14, WinogradTile::F4, true, false, 2),
+        (18, 5, 7, 7, WinogradTile::F4, false, false, 2),
+    ];
+    let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for (c, oc, h, w, tile, bias, relu, what) in cases {
+        let seed = rng.gen();
+        let x = random(&[1, c, h, w], &mut rng);
+        let r = random(&[1, oc, h, w], &mut rng);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut conv = Conv2d::new(c, oc, 3, 1, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
+                if relu && what == 0 {
+                    conv = conv.with_relu();
+                }
+                conv.algorithm = ConvAlgorithm::Winograd(tile);
+                let mut y = Tensor::default();
+                let fused = match what {
+                    0 => conv.forward(&x, &mut y, Mode::Eval).map(|()| true),
+                    1 => conv.forward_max_pooled(&x, &mut y, relu),
+                    _ => conv.forward_add_relu(&x, &mut y, &r),
+                };
+                assert!(fused.unwrap(), "case {:?}: the fused path ran", (c, oc, h, w, what));
+                y
+            })
+        };
+        let whole = run(1);
+        for threads in [2, 3, 4] {
+            let (got, want) = (bits(&run(threads)), bits(&whole));
+            let first = (0..want.len()).find(|&i| got.get(i) != Some(&want[i]));
+            assert!(
+                got.len() == want.len() && first.is_none(),
+                "case {:?} on {threads} threads: first difference at {first:?}",
+                (c, oc, h, w, tile, what)
+            );
+        }
+    }
+}

@@ -134,6 +134,10 @@ pub struct TilePlan {
     /// Tiles per column and per row of one sample.
     pub tiles_h: usize,
     pub tiles_w: usize,
+    /// A band of one sample's rows: its h rows are image rows first.. of an image of full_h
+    /// rows, the rows around it read from the image (a whole map: first 0, full_h = h).
+    pub first: usize,
+    pub full_h: usize,
 }
 
 impl TilePlan {
@@ -147,7 +151,25 @@ impl TilePlan {
             w,
             tiles_h: h.div_ceil(m),
             tiles_w: w.div_ceil(m),
+            first: 0,
+            full_h: h,
         };
+    }
+
+    /// Plans rows `first..first + rows` of one sample of full_h × w maps: the transforms read
+    /// the rows around the band from the image, and the output is the band's rows alone
+    /// (channels × rows × w).
+    pub fn update_band(&mut self, tile: WinogradTile, full_h: usize, w: usize, first: usize, rows: usize) {
+        assert!(first + rows <= full_h, "winograd band: rows {first}+{rows} of {full_h}");
+        self.update(tile, 1, rows, w);
+        (self.first, self.full_h) = (first, full_h);
+    }
+
+    /// The staged map's rows that hold image rows (staged row r holds image row first + r - 1);
+    /// the others are zero padding.
+    fn staged_rows(&self) -> std::ops::Range<usize> {
+        let (ph, _) = self.padded();
+        usize::from(self.first == 0)..ph.min(self.full_h + 1 - self.first)
     }
 
     /// P: tiles over all samples.
@@ -181,12 +203,13 @@ impl TilePlan {
 /// value scatter at stride Cp took 3 ns a value, a scalar transpose a tenth of a training step).
 #[inline(always)]
 fn stage_channels_last<V: Lanes>(plan: &TilePlan, x: &[f32], channels: usize, staging: &mut [f32]) {
-    let (h, w) = (plan.h, plan.w);
+    let (h, w) = (plan.full_h, plan.w);
     let (_, pw) = plan.padded();
     let cp = channels.next_multiple_of(LANES);
     for c0 in (0..channels).step_by(LANES) {
         let nc = LANES.min(channels - c0);
-        for y in 0..h {
+        for sy in plan.staged_rows() {
+            let y = plan.first + sy - 1;
             for x0 in (0..w).step_by(LANES) {
                 let nx = LANES.min(w - x0);
                 let mut rows = [V::zero(); LANES];
@@ -194,7 +217,7 @@ fn stage_channels_last<V: Lanes>(plan: &TilePlan, x: &[f32], channels: usize, st
                     *row = V::load_first(&x[(c0 + c) * h * w + y * w + x0..], nx);
                 }
                 for (xx, col) in V::transpose(rows).iter().enumerate().take(nx) {
-                    col.store(&mut staging[((y + 1) * pw + 1 + x0 + xx) * cp + c0..]);
+                    col.store(&mut staging[(sy * pw + 1 + x0 + xx) * cp + c0..]);
                 }
             }
         }
@@ -306,11 +329,12 @@ fn window_block<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
 /// bytes as the samples themselves.
 fn zero_margins(plan: &TilePlan, channels: usize, staging: &mut [f32]) {
     let (ph, pw) = plan.padded();
-    let (h, w, cp) = (plan.h, plan.w, channels.next_multiple_of(LANES));
+    let (w, cp) = (plan.w, channels.next_multiple_of(LANES));
     let row = pw * cp;
-    staging[..row].fill(0.0);
-    staging[(h + 1) * row..ph * row].fill(0.0);
-    for r in staging[row..(h + 1) * row].chunks_exact_mut(row) {
+    let staged = plan.staged_rows();
+    staging[..staged.start * row].fill(0.0);
+    staging[staged.end * row..ph * row].fill(0.0);
+    for r in staging[staged.start * row..staged.end * row].chunks_exact_mut(row) {
         r[..cp].fill(0.0);
         r[(w + 1) * cp..].fill(0.0);
     }
@@ -329,7 +353,7 @@ fn transform_batch<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     let staging = &mut staging[..plan.staging_len(channels)];
     let per_sample = plan.tiles_h * plan.tiles_w;
     zero_margins(plan, channels, staging);
-    let samples = src.chunks_exact(channels * plan.h * plan.w).take(plan.samples);
+    let samples = src.chunks_exact(channels * plan.full_h * plan.w).take(plan.samples);
     for (s, sample) in samples.enumerate() {
         stage_channels_last::<V>(plan, sample, channels, staging);
         transform_sample::<V, K, R, F>(plan, staging, channels, shift, s * per_sample, out);

@@ -8,6 +8,7 @@ mod direct;
 mod pooled;
 mod residual_sum;
 mod winograd;
+mod winograd_bands;
 
 use rayon::prelude::*;
 

@@ -38,7 +38,7 @@ impl GroupScratch {
 
     /// V = Bᵀ src B into `wa`, then M_ξ = V_ξ · U_ξ into `wb` (one channel sum per position,
     /// rows t² apart).
-    fn winograd_sums(&mut self, src: &[f32], cin: usize, u: &[f32], cout: usize, threads: usize) {
+    pub(super) fn winograd_sums(&mut self, src: &[f32], cin: usize, u: &[f32], cout: usize, threads: usize) {
         let Some(tile) = self.plan.tile else { return };
         let (t2, p) = (tile.t() * tile.t(), self.plan.tiles());
         winograd_input_transform(&self.plan, src, cin, &mut self.wa, &mut self.staging);
@@ -91,7 +91,7 @@ impl Conv2d {
             _ if !eligible => all(None),
             ConvAlgorithm::Im2col | ConvAlgorithm::Direct => all(None),
             ConvAlgorithm::Winograd(t) => all(Some(t)),
-            ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels),
+            ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels, g.height, g.width),
         }
     }
 
@@ -141,7 +141,7 @@ impl Conv2d {
     /// U follows. Folded inference at batch
     /// 128, 5 alternating pairs of builds: resnet 23.0-24.0 -> 22.1-23.4 ms, vgg 16.7-17.1 ->
     /// 16.3-16.7 (the transforms were 2% of resnet's profile; the compare reads W twice).
-    fn transform_kernels(&mut self, tile: WinogradTile, c: usize) -> Result<()> {
+    pub(super) fn transform_kernels(&mut self, tile: WinogradTile, c: usize) -> Result<()> {
         let w = &self.weight.value.data;
         let (oc, t2) = (self.out_channels, tile.t() * tile.t());
         let current = self
@@ -176,6 +176,10 @@ impl Conv2d {
         residual: Option<&[f32]>,
     ) -> Result<()> {
         let n = x.batch();
+        let bands = rayon::current_num_threads().min(g.height.div_ceil(tile.m()));
+        if n == 1 && bands > 1 {
+            return self.forward_winograd_bands(x, y, g, tile, pool, residual, bands);
+        }
         let (c, oc) = (g.channels, self.out_channels);
         let (per_group, batch) = self.prepare_winograd(n, g, tile, Pass::Forward, false)?;
         self.transform_kernels(tile, c)?;
@@ -361,15 +365,24 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 /// across runs); F(2x2,3x3) was never ahead of it; with
 /// one input channel (the stem) the transforms cost more than the 9-row gemm they save. The
 /// weight gradient gained only from 32 channels up (on 16->16 at 28x28 Winograd was 1.4x
-/// slower). Below 16 samples the kernel transforms, redone at every call, cost more than the
-/// samples save (`bench/inference_vs_runtimes.py`, vgg at batch 1: 2.1-2.4 ms with Winograd,
-/// 0.68 ms with im2col, on this session's host). The forward
-/// pass keeps F(4x4) to 128 input channels, the widest the goldens hold within 1e-5. Every
-/// other forward takes the direct kernel where the CPU runs it on vectors (AVX-512).
-pub(super) fn auto_passes(n: usize, c: usize, oc: usize) -> ConvPasses {
+/// slower). The forward pass keeps F(4x4) to 128 input channels, the widest the goldens hold
+/// within 1e-5. Below 16 samples the forward takes F(4x4) on maps of 14 rows and columns and
+/// more with C·OC·h·w of at least 32·64·14·14 (the kernels transformed once per weights, a
+/// lone sample in bands of tile rows over the threads): 2 threads, µs at batch 1, direct
+/// against Winograd, with bias and ReLU: 32->32 28x28 62.5/37.3, 32->64 14x14 39.4/28.1,
+/// 64->64 14x14 69.8/41.4, pooled 64->64 14x14 67.2/42.7; at 2, 4 and 8 samples Winograd
+/// 1.3-1.9x ahead on the same shapes. Below that product the direct kernel stays: 32->32
+/// 14x14 level (19.7/18.8, pooled 18.2/20.4), 16->16 14x14 7.5/9.7, and 16->16 28x28, ahead
+/// alone (17.4/14.9) but 2-4 µs slower per block inside resnet's batch-1 forward (`bench
+/// --inference --layers`, alternating builds); on 7x7 maps too (64->128 34.4/37.1, 128->128
+/// 67.7/108.6). Every other forward takes the direct kernel where the CPU runs it on vectors
+/// (AVX-512).
+pub(super) fn auto_passes(n: usize, c: usize, oc: usize, h: usize, w: usize) -> ConvPasses {
     let wide = n >= 16 && c >= 16 && oc >= 16;
     let f4 = Some(WinogradTile::F4);
-    let forward = if wide && c <= 128 {
+    let small_batch =
+        n < 16 && direct_is_vectorized() && h.min(w) >= 14 && c.min(oc) >= 16 && c * oc * h * w >= 32 * 64 * 14 * 14;
+    let forward = if (wide || small_batch) && c <= 128 {
         ForwardMethod::Winograd(WinogradTile::F4)
     } else if direct_is_vectorized() {
         ForwardMethod::Direct
