@@ -226,40 +226,51 @@ fn direct_bands_equal_the_channel_blocks_bit_for_bit() {
         (8, 12, 21, 14, 1, true, false, 2),
         (8, 5, 14, 14, 1, false, false, 2),
     ];
-    let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     for (c, oc, h, w, stride, bias, relu, what) in cases {
         let seed = rng.gen();
         let x = random(&[1, c, h, w], &mut rng);
         let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
         let r = random(&[1, oc, oh, ow], &mut rng);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                let mut conv = Conv2d::new(c, oc, 3, stride, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
-                if relu && what != 2 {
-                    conv = conv.with_relu();
-                }
-                conv.algorithm = ConvAlgorithm::Direct;
-                let mut y = Tensor::default();
-                let fused = match what {
-                    0 => conv.forward(&x, &mut y, Mode::Eval).map(|()| true),
-                    1 => conv.forward_max_pooled(&x, &mut y, relu),
-                    _ => conv.forward_add_relu(&x, &mut y, &r),
-                };
-                assert!(fused.unwrap(), "case {:?}: the fused path ran", (c, oc, h, w, what));
-                y
-            })
-        };
-        let blocks = run(1);
-        for threads in [2, 3] {
-            let (got, want) = (bits(&run(threads)), bits(&blocks));
-            let first = (0..want.len()).find(|&i| got.get(i) != Some(&want[i]));
-            assert!(
-                got.len() == want.len() && first.is_none(),
-                "case {:?} on {threads} threads: first difference at {first:?}",
-                (c, oc, h, w, stride, what)
-            );
-        }
+        let case = format!("{:?}", (c, oc, h, w, stride, what));
+        same_bits_on_more_threads(&case, &[2, 3], || {
+            let mut conv = Conv2d::new(c, oc, 3, stride, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
+            if relu && what != 2 {
+                conv = conv.with_relu();
+            }
+            conv.algorithm = ConvAlgorithm::Direct;
+            fused_forward(&mut conv, what, relu, &x, &r)
+        });
+    }
+}
+
+/// Runs one of the fused eval forwards (`what`: 0 plain, 1 pooled with `relu`, 2 + residual
+/// `r` and ReLU); fails unless the fused path ran.
+fn fused_forward(conv: &mut Conv2d, what: usize, relu: bool, x: &Tensor, r: &Tensor) -> Tensor {
+    let mut y = Tensor::default();
+    let fused = match what {
+        0 => conv.forward(x, &mut y, Mode::Eval).map(|()| true),
+        1 => conv.forward_max_pooled(x, &mut y, relu),
+        _ => conv.forward_add_relu(x, &mut y, r),
+    };
+    assert!(fused.unwrap(), "case {what}: the fused path ran");
+    y
+}
+
+/// `run` in a pool of one thread and of each of `threads` threads: the same bits every time.
+fn same_bits_on_more_threads(case: &str, threads: &[usize], run: impl Fn() -> Tensor + Sync) {
+    let on = |n: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+        let y = pool.install(&run);
+        y.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    let want = on(1);
+    for &n in threads {
+        let got = on(n);
+        let first = (0..want.len()).find(|&i| got.get(i) != Some(&want[i]));
+        assert!(
+            got.len() == want.len() && first.is_none(),
+            "case {case} on {n} threads: first difference at {first:?}"
+        );
     }
 }
 
@@ -282,38 +293,18 @@ fn winograd_bands_equal_the_whole_map_bit_for_bit() {
         (8, 12, 21, 14, WinogradTile::F4, true, false, 2),
         (18, 5, 7, 7, WinogradTile::F4, false, false, 2),
     ];
-    let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     for (c, oc, h, w, tile, bias, relu, what) in cases {
         let seed = rng.gen();
         let x = random(&[1, c, h, w], &mut rng);
         let r = random(&[1, oc, h, w], &mut rng);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                let mut conv = Conv2d::new(c, oc, 3, 1, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
-                if relu && what == 0 {
-                    conv = conv.with_relu();
-                }
-                conv.algorithm = ConvAlgorithm::Winograd(tile);
-                let mut y = Tensor::default();
-                let fused = match what {
-                    0 => conv.forward(&x, &mut y, Mode::Eval).map(|()| true),
-                    1 => conv.forward_max_pooled(&x, &mut y, relu),
-                    _ => conv.forward_add_relu(&x, &mut y, &r),
-                };
-                assert!(fused.unwrap(), "case {:?}: the fused path ran", (c, oc, h, w, what));
-                y
-            })
-        };
-        let whole = run(1);
-        for threads in [2, 3, 4] {
-            let (got, want) = (bits(&run(threads)), bits(&whole));
-            let first = (0..want.len()).find(|&i| got.get(i) != Some(&want[i]));
-            assert!(
-                got.len() == want.len() && first.is_none(),
-                "case {:?} on {threads} threads: first difference at {first:?}",
-                (c, oc, h, w, tile, what)
-            );
-        }
+        let case = format!("{:?}", (c, oc, h, w, tile, what));
+        same_bits_on_more_threads(&case, &[2, 3, 4], || {
+            let mut conv = Conv2d::new(c, oc, 3, 1, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
+            if relu && what == 0 {
+                conv = conv.with_relu();
+            }
+            conv.algorithm = ConvAlgorithm::Winograd(tile);
+            fused_forward(&mut conv, what, relu, &x, &r)
+        });
     }
 }
