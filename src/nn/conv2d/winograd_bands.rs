@@ -47,9 +47,9 @@ impl Conv2d {
             try_grow(&mut s.out, oc * ((per * m) >> halve) * ow, 0.0, what)?;
         }
         let (u, bias) = (&self.wino_u, self.bias.as_ref().map(|b| b.value.data.as_slice()));
-        // With a residual the ReLU follows the sum, made here while the band's rows are copied.
-        let relu = self.relu || residual.is_some();
-        let (tile_relu, pool_relu) = (relu && residual.is_none(), pool.unwrap_or(false));
+        // The output transform's activation: the pool's ReLU, or the conv's own; with a
+        // residual the ReLU follows the sum, made here while the band's rows are copied.
+        let act = pool.unwrap_or(self.relu && residual.is_none());
         let out = SharedOut::new(&mut y.data);
         self.groups[..bands].par_iter_mut().enumerate().for_each(|(b, s)| {
             let first = b * per * m;
@@ -58,7 +58,6 @@ impl Conv2d {
             s.winograd_sums(&x.data, c, u, oc, 1);
             let (first_out, rows_out) = (first >> halve, rows >> halve);
             let band = &mut s.out[..oc * rows_out * ow];
-            let act = if pool.is_some() { pool_relu } else { tile_relu };
             winograd_output_transform(
                 &s.plan,
                 &s.wb,
