@@ -328,19 +328,50 @@ pub struct Latency {
 /// Median eval-mode latency (ms) of one forward of `batch` images, over `reps` timed runs
 /// after one warm-up: the inference benchmark's normlab side.
 pub fn inference_latency(model: &mut Model, batch: usize, reps: usize) -> Result<f64> {
-    let [c, h, w] = model.spec.input;
-    let x = random_tensor(&[batch, c, h, w], &mut ChaCha8Rng::seed_from_u64(3));
-    let mut times = Vec::with_capacity(reps);
-    for i in 0..=reps {
-        model.input_mut().clone_from(&x);
-        let t0 = Instant::now();
-        model.forward(Mode::Eval)?;
-        if i > 0 {
-            times.push(t0.elapsed().as_secs_f64());
+    Ok(inference_latencies(std::slice::from_mut(model), batch, reps)?[0])
+}
+
+/// Timed forwards of one model per round of `inference_latencies`, after an untimed one.
+const ROUND_FORWARDS: usize = 5;
+
+/// `inference_latency` of several models side by side: the models take turns, a round of
+/// `ROUND_FORWARDS` timed forwards each after an untimed one, so a burst of load on a shared
+/// host slows them alike and their ratio (a pruned net against its original) holds where one
+/// model timed after the other did not (vgg and its slimmed net, timed one after the other,
+/// five invocations: 1.98x to 2.24x). Turns of a single forward measured each model with its
+/// caches full of the other's (the slimmed vgg 7.4-8.3 -> 9.6 ms), which no deployment sees.
+pub fn inference_latencies(models: &mut [Model], batch: usize, reps: usize) -> Result<Vec<f64>> {
+    let inputs: Vec<Tensor> = models
+        .iter()
+        .map(|m| {
+            let [c, h, w] = m.spec.input;
+            random_tensor(&[batch, c, h, w], &mut ChaCha8Rng::seed_from_u64(3))
+        })
+        .collect();
+    let reps = reps.max(1);
+    let mut times = vec![Vec::with_capacity(reps); models.len()];
+    while times[0].len() < reps {
+        // One model needs no turns: one warm-up, then every timed forward.
+        let turn = if models.len() == 1 { reps } else { ROUND_FORWARDS };
+        let round = turn.min(reps - times[0].len());
+        for ((model, x), t) in models.iter_mut().zip(&inputs).zip(&mut times) {
+            for i in 0..=round {
+                model.input_mut().clone_from(x);
+                let t0 = Instant::now();
+                model.forward(Mode::Eval)?;
+                if i > 0 {
+                    t.push(t0.elapsed().as_secs_f64());
+                }
+            }
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2] * 1e3)
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(|a, b| a.total_cmp(b));
+            t[t.len() / 2] * 1e3
+        })
+        .collect())
 }
 
 /// Median eval-mode time (ms) of each layer of one forward of `batch` images, as (layer, ms).
@@ -408,4 +439,31 @@ pub fn compare_latency(before: &mut Model, after: &mut Model) -> Result<Vec<Late
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Models of different inputs timed side by side: one median each, and each model ran on
+    /// an input of its own shape at the batch asked (its logits have that many rows), whatever
+    /// the reps against the turn length.
+    #[test]
+    fn side_by_side_latencies_time_every_model_on_its_own_input() {
+        let build = |arch: &'static str, input: [usize; 3]| {
+            let spec = ModelSpec::new(crate::models::Arch::builtin(arch), NormSpec::builtin("bn"), input, 10);
+            Model::build(&spec.unwrap(), 0).unwrap()
+        };
+        let mut models = [build("mlp", [1, 8, 8]), build("seed-cnn", [3, 12, 12])];
+        for reps in [1, 7] {
+            let ms = inference_latencies(&mut models, 3, reps).unwrap();
+            assert_eq!(ms.len(), 2);
+            assert!(ms.iter().all(|&t| t > 0.0 && t.is_finite()), "{ms:?}");
+            for m in &mut models {
+                assert_eq!(m.input_mut().shape[0], 3);
+                assert_eq!(m.net.output_and_grad().0.shape, [3, 10]);
+            }
+        }
+        assert!(inference_latency(&mut models[1], 2, 3).unwrap() > 0.0);
+    }
 }

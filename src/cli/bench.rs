@@ -59,41 +59,69 @@ fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
         a.batch_sizes.clone()
     };
     let mut rows = Vec::new();
-    outln!(
-        "threads {threads}; eval-mode forward, median of timed runs{}",
-        if a.fold { ", BN folded" } else { "" }
-    )?;
-    outln!("{:<50} {:>6} {:>10} {:>12}", "checkpoint", "batch", "ms", "images/s")?;
+    // Every checkpoint loaded (and checked) before any timing; several are timed side by side.
+    let mut models = Vec::with_capacity(a.inference.len());
     for path in &a.inference {
         let (mut model, _) = normlab::checkpoint::load_model(path)?;
         if a.fold {
             model = normlab::fold::fold(&mut model)?;
         }
-        for &b in &batches {
-            let reps = a.reps.map(|r| r as usize).unwrap_or(if a.quick {
-                5
-            } else if b == 1 {
-                200
+        models.push(model);
+    }
+    let several = models.len() > 1;
+    outln!(
+        "threads {threads}; eval-mode forward, median of timed runs{}{}",
+        if a.fold { ", BN folded" } else { "" },
+        if several {
+            "; the checkpoints alternate, one forward each per round"
+        } else {
+            ""
+        }
+    )?;
+    outln!(
+        "{:<50} {:>6} {:>10} {:>12}{}",
+        "checkpoint",
+        "batch",
+        "ms",
+        "images/s",
+        if several { "  first/this" } else { "" }
+    )?;
+    for &b in &batches {
+        let reps = a.reps.map(|r| r as usize).unwrap_or(if a.quick {
+            5
+        } else if b == 1 {
+            200
+        } else {
+            30
+        });
+        let ms = in_pool(|| normlab::bench::inference_latencies(&mut models, b, reps))?;
+        for ((path, model), &ms_i) in a.inference.iter().zip(&mut models).zip(&ms) {
+            let ratio = ms[0] / ms_i;
+            let vs_first = if several {
+                format!("  {ratio:>9.2}x")
             } else {
-                30
-            });
-            let ms = in_pool(|| normlab::bench::inference_latency(&mut model, b, reps))?;
+                String::new()
+            };
             outln!(
-                "{:<50} {:>6} {:>10.3} {:>12.0}",
+                "{:<50} {:>6} {:>10.3} {:>12.0}{vs_first}",
                 path.display(),
                 b,
-                ms,
-                b as f64 * 1e3 / ms
+                ms_i,
+                b as f64 * 1e3 / ms_i
             )?;
             if a.layers {
-                for (layer, ms) in in_pool(|| normlab::bench::inference_layer_times(&mut model, b, reps))? {
+                for (layer, ms) in in_pool(|| normlab::bench::inference_layer_times(model, b, reps))? {
                     outln!("    {layer:<46} {ms:>17.3}")?;
                 }
             }
-            rows.push(serde_json::json!({
+            let mut row = serde_json::json!({
                 "checkpoint": path, "model": model.spec.model, "norm": model.spec.norm,
-                "folded": a.fold, "batch": b, "ms": ms, "threads": threads,
-            }));
+                "folded": a.fold, "batch": b, "ms": ms_i, "threads": threads,
+            });
+            if several {
+                row["first_over_this"] = serde_json::json!(ratio);
+            }
+            rows.push(row);
         }
     }
     if let Some(path) = json {
