@@ -328,7 +328,7 @@ pub struct Latency {
 /// Median eval-mode latency (ms) of one forward of `batch` images, over `reps` timed runs
 /// after one warm-up: the inference benchmark's normlab side.
 pub fn inference_latency(model: &mut Model, batch: usize, reps: usize) -> Result<f64> {
-    Ok(inference_latencies(std::slice::from_mut(model), batch, reps)?[0])
+    Ok(inference_latencies(&mut [model], batch, reps)?[0])
 }
 
 /// Timed forwards of one model per round of `inference_latencies`, after an untimed one.
@@ -340,7 +340,7 @@ const ROUND_FORWARDS: usize = 5;
 /// model timed after the other did not (vgg and its slimmed net, timed one after the other,
 /// five invocations: 1.98x to 2.24x). Turns of a single forward measured each model with its
 /// caches full of the other's (the slimmed vgg 7.4-8.3 -> 9.6 ms), which no deployment sees.
-pub fn inference_latencies(models: &mut [Model], batch: usize, reps: usize) -> Result<Vec<f64>> {
+pub fn inference_latencies(models: &mut [&mut Model], batch: usize, reps: usize) -> Result<Vec<f64>> {
     let inputs: Vec<Tensor> = models
         .iter()
         .map(|m| {
@@ -405,37 +405,18 @@ pub fn inference_layer_times(model: &mut Model, batch: usize, reps: usize) -> Re
         .collect())
 }
 
-/// Median eval-mode latency of both models at batch 1 and 128. The two models alternate, one
-/// forward each, so a burst of load on a shared host slows both alike.
+/// Median eval-mode latency of both models at batch 1 and 128 (`fold`'s and `prune`'s
+/// report), the two taking turns as in `inference_latencies`.
 pub fn compare_latency(before: &mut Model, after: &mut Model) -> Result<Vec<Latency>> {
     let mut out = Vec::new();
     for batch in [1usize, 128] {
         let reps = if batch == 1 { 1000 } else { 100 };
-        let [c, h, w] = before.spec.input;
-        let x = random_tensor(&[batch, c, h, w], &mut ChaCha8Rng::seed_from_u64(3));
-        let once = |m: &mut Model| -> Result<f64> {
-            m.input_mut().clone_from(&x);
-            let t0 = Instant::now();
-            m.forward(Mode::Eval)?;
-            Ok(t0.elapsed().as_secs_f64())
-        };
-        once(before)?;
-        once(after)?;
-        let (mut tb, mut ta) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
-        for _ in 0..reps {
-            tb.push(once(before)?);
-            ta.push(once(after)?);
-        }
-        let median = |t: &mut Vec<f64>| {
-            t.sort_by(|a, b| a.total_cmp(b));
-            t[t.len() / 2]
-        };
-        let (b, a) = (median(&mut tb), median(&mut ta));
+        let ms = inference_latencies(&mut [&mut *before, &mut *after], batch, reps)?;
         out.push(Latency {
             batch,
-            before_ms: b * 1e3,
-            after_ms: a * 1e3,
-            speedup: b / a,
+            before_ms: ms[0],
+            after_ms: ms[1],
+            speedup: ms[0] / ms[1],
         });
     }
     Ok(out)
@@ -454,16 +435,18 @@ mod tests {
             let spec = ModelSpec::new(crate::models::Arch::builtin(arch), NormSpec::builtin("bn"), input, 10);
             Model::build(&spec.unwrap(), 0).unwrap()
         };
-        let mut models = [build("mlp", [1, 8, 8]), build("seed-cnn", [3, 12, 12])];
+        let (mut mlp, mut cnn) = (build("mlp", [1, 8, 8]), build("seed-cnn", [3, 12, 12]));
         for reps in [1, 7] {
-            let ms = inference_latencies(&mut models, 3, reps).unwrap();
+            let ms = inference_latencies(&mut [&mut mlp, &mut cnn], 3, reps).unwrap();
             assert_eq!(ms.len(), 2);
             assert!(ms.iter().all(|&t| t > 0.0 && t.is_finite()), "{ms:?}");
-            for m in &mut models {
+            for m in [&mut mlp, &mut cnn] {
                 assert_eq!(m.input_mut().shape[0], 3);
                 assert_eq!(m.net.output_and_grad().0.shape, [3, 10]);
             }
         }
-        assert!(inference_latency(&mut models[1], 2, 3).unwrap() > 0.0);
+        assert!(inference_latency(&mut cnn, 2, 3).unwrap() > 0.0);
+        let ms = compare_latency(&mut mlp, &mut build("mlp", [1, 8, 8])).unwrap();
+        assert_eq!(ms.iter().map(|l| l.batch).collect::<Vec<_>>(), [1, 128]);
     }
 }

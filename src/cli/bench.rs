@@ -73,7 +73,7 @@ fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
         "threads {threads}; eval-mode forward, median of timed runs{}{}",
         if a.fold { ", BN folded" } else { "" },
         if several {
-            "; the checkpoints alternate, one forward each per round"
+            "; the checkpoints take turns, 5 timed forwards each after an untimed one"
         } else {
             ""
         }
@@ -94,7 +94,10 @@ fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
         } else {
             30
         });
-        let ms = in_pool(|| normlab::bench::inference_latencies(&mut models, b, reps))?;
+        let ms = in_pool(|| {
+            let mut all: Vec<&mut normlab::models::Model> = models.iter_mut().collect();
+            normlab::bench::inference_latencies(&mut all, b, reps)
+        })?;
         for ((path, model), &ms_i) in a.inference.iter().zip(&mut models).zip(&ms) {
             let ratio = ms[0] / ms_i;
             let vs_first = if several {
