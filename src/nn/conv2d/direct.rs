@@ -12,6 +12,7 @@ use crate::kernels::conv_direct::{
 };
 use crate::kernels::lanes::LANES;
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
+use crate::kernels::reduce::copy_rows_bias_relu;
 use crate::kernels::simd::SharedOut;
 
 /// A lone sample is split into bands of at least this many output rows (`Epilogue::bands`);
@@ -229,33 +230,24 @@ impl Epilogue<'_> {
     }
 
     /// One channel `o` of the output from its block rows `src` on `grid`'s output grid: the
-    /// pool or the grid's rows, + bias, + `res`, ReLU.
+    /// grid's rows + bias (+ `res`), ReLU, in one pass; or the pool, then + bias and ReLU.
     fn finish(&self, grid: DirectGrid, src: &[f32], o: usize, yo: &mut [f32], res: Option<&[f32]>, hp: &mut [f32]) {
         let (w, row) = (grid.out_w(), grid.row());
-        if self.pool && row % 2 == 0 {
+        if !self.pool {
+            let bias = self.bias.map(|bs| bs[o]);
+            copy_rows_bias_relu(src, row, yo, w, bias, res, self.relu);
+            return;
+        }
+        if row % 2 == 0 {
             // The grid's rows are W + 2 apart: the pool reads each row's first W.
             max_pool_2x2_values_even_rows(src, row, w / 2, false, yo, hp);
-        } else if self.pool {
-            max_pool_2x2_values(src, row, w / 2, false, yo);
         } else {
-            for (yy, yr) in yo.chunks_mut(w).enumerate() {
-                yr.copy_from_slice(&src[yy * row..yy * row + w]);
-            }
+            max_pool_2x2_values(src, row, w / 2, false, yo);
         }
-        let plane = yo.len();
+        // A pooled output has no residual (forward_direct asserts it).
         let bias = self.bias.map(|bs| &bs[o..o + 1]);
-        match res {
-            Some(res) => {
-                // (conv + b) + r, then the ReLU: the separate passes' order.
-                if bias.is_some() {
-                    add_bias_relu(yo, plane, bias, false);
-                }
-                yo.iter_mut()
-                    .zip(res)
-                    .for_each(|(v, s)| *v = crate::kernels::reduce::relu(*v + s));
-            }
-            None if bias.is_some() || self.relu => add_bias_relu(yo, plane, bias, self.relu),
-            None => {}
+        if bias.is_some() || self.relu {
+            add_bias_relu(yo, yo.len(), bias, self.relu);
         }
     }
 }
