@@ -332,7 +332,7 @@ pub fn inference_latency(model: &mut Model, batch: usize, reps: usize) -> Result
 }
 
 /// Timed forwards of one model per round of `inference_latencies`, after an untimed one.
-const ROUND_FORWARDS: usize = 5;
+pub const ROUND_FORWARDS: usize = 5;
 
 /// `inference_latency` of several models side by side: the models take turns, a round of
 /// `ROUND_FORWARDS` timed forwards each after an untimed one, so a burst of load on a shared

@@ -69,14 +69,17 @@ fn run_inference(a: &BenchArgs, json: Option<PathBuf>) -> Result<()> {
         models.push(model);
     }
     let several = models.len() > 1;
+    let turns = if several {
+        format!(
+            "; the checkpoints take turns, {} timed forwards each after an untimed one",
+            normlab::bench::ROUND_FORWARDS
+        )
+    } else {
+        String::new()
+    };
     outln!(
-        "threads {threads}; eval-mode forward, median of timed runs{}{}",
-        if a.fold { ", BN folded" } else { "" },
-        if several {
-            "; the checkpoints take turns, 5 timed forwards each after an untimed one"
-        } else {
-            ""
-        }
+        "threads {threads}; eval-mode forward, median of timed runs{}{turns}",
+        if a.fold { ", BN folded" } else { "" }
     )?;
     outln!(
         "{:<50} {:>6} {:>10} {:>12}{}",
