@@ -223,7 +223,8 @@ impl Conv2d {
             let what = "the convolution's scratch";
             try_grow(&mut s.col, col_len, 0.0, "the convolution's im2col scratch")?;
             if pass == Pass::Backward {
-                try_resize(&mut s.partial, partial_len, 0.0, what)?;
+                // Grown, never cut (shared by convs of other sizes); the backward zeroes its part.
+                try_grow(&mut s.partial, partial_len, 0.0, what)?;
             }
             if own_out {
                 try_grow(&mut s.out, self.out_channels * batch * cols, 0.0, what)?;
@@ -471,6 +472,7 @@ impl Conv2d {
             .zip(dx.data.par_chunks_mut(per_group * xs))
             .for_each(|(((scratch, (dyg, yg)), xg), dxg)| {
                 let GroupScratch { col, partial, out, .. } = scratch;
+                let partial = &mut partial[..oc * (rows + 1)];
                 partial.fill(0.0);
                 let (dw_t, db) = partial.split_at_mut(oc * rows);
                 let batches = dyg.chunks(batch * oc * cols).zip(yg.chunks(batch * oc * cols));

@@ -123,8 +123,10 @@ impl Conv2d {
             if pass != Pass::Backward {
                 continue;
             }
-            try_resize(&mut s.du, t * t * oc * g.channels, 0.0, what)?;
-            try_resize(&mut s.partial, oc * (rows + 1), 0.0, what)?;
+            // Grown, never cut: the set is shared by convs of other sizes (nn::shared_scratch),
+            // and each call overwrites dU and zeroes its part of the partial sums itself.
+            try_grow(&mut s.du, t * t * oc * g.channels, 0.0, what)?;
+            try_grow(&mut s.partial, oc * (rows + 1), 0.0, what)?;
             if self.relu {
                 try_grow(&mut s.out, oc * cols * batch, 0.0, what)?;
             }
@@ -269,7 +271,7 @@ impl Conv2d {
             .zip(x.data.par_chunks(per_group * xs))
             .zip(dx.data.par_chunks_mut(per_group * xs))
             .for_each(|(((s, (dyg, yg)), xg), dxg)| {
-                s.partial.fill(0.0);
+                s.partial[..oc * (rows + 1)].fill(0.0);
                 // dU is overwritten by the group's first batch, not zeroed first (8 groups'
                 // 2.4 MB each on vgg's 128->128 conv: most of a step's memset).
                 let mut du_written = false;
@@ -286,7 +288,7 @@ impl Conv2d {
                     } else {
                         dyb
                     };
-                    let (dw_t, db) = s.partial.split_at_mut(oc * rows);
+                    let (dw_t, db) = s.partial[..oc * (rows + 1)].split_at_mut(oc * rows);
                     if has_bias {
                         for gs in grad.chunks(ys) {
                             add_row_sums(gs, cols, db);
@@ -318,10 +320,11 @@ impl Conv2d {
         self.add_group_partials(rows, dw_tile.is_none());
         // An empty batch has no groups and adds nothing.
         if let (Some(tile), Some((first, rest))) = (dw_tile, self.groups.split_first_mut()) {
+            let len = tile.t() * tile.t() * oc * c;
             for s in rest.iter() {
-                first.du.iter_mut().zip(&s.du).for_each(|(a, v)| *a += v);
+                first.du[..len].iter_mut().zip(&s.du[..len]).for_each(|(a, v)| *a += v);
             }
-            winograd_filter_gradient(tile, &first.du, oc, c, &mut self.weight.grad.data);
+            winograd_filter_gradient(tile, &first.du[..len], oc, c, &mut self.weight.grad.data);
         }
         Ok(())
     }
@@ -343,7 +346,7 @@ impl Conv2d {
                 b.grad
                     .data
                     .iter_mut()
-                    .zip(&s.partial[oc * rows..])
+                    .zip(&s.partial[oc * rows..oc * (rows + 1)])
                     .for_each(|(a, v)| *a += v);
             }
         }
@@ -403,6 +406,48 @@ mod tests {
     use super::*;
     use crate::nn::layer::Mode;
     use rand::{Rng, SeedableRng};
+
+    /// Convs of 2^18 input values and more share their group scratch (nn::shared_scratch), which
+    /// is grown and never cut: a conv's gradients do not depend on what a wider conv left in
+    /// it (dU, the [dWᵀ | db] partial sums), by Winograd and by im2col.
+    #[test]
+    fn backward_ignores_what_a_wider_conv_left_in_the_shared_scratch() {
+        let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (n, c, hw) = (8, 32, 32);
+        let mut values = |len: usize| -> Vec<f32> { (0..len).map(|_| g.gen_range(-1.0..1.0)).collect() };
+        let x = Tensor::from_vec(&[n, c, hw, hw], values(n * c * hw * hw)).unwrap();
+        assert!(x.len() >= crate::nn::shared_scratch::SHARE_FROM_VALUES);
+        let dy_narrow = Tensor::from_vec(&[n, 16, hw, hw], values(n * 16 * hw * hw)).unwrap();
+        let dy_wide = Tensor::from_vec(&[n, 64, hw, hw], values(n * 64 * hw * hw)).unwrap();
+        for algorithm in [ConvAlgorithm::Winograd(WinogradTile::F4), ConvAlgorithm::Im2col] {
+            let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+            let mut narrow = Conv2d::new(c, 16, 3, 1, 1, true, &mut g);
+            let mut wide = Conv2d::new(c, 64, 3, 1, 1, true, &mut g);
+            narrow.algorithm = algorithm;
+            wide.algorithm = algorithm;
+            let (mut y, mut dx) = (Tensor::default(), Tensor::default());
+            let mut gradients = |conv: &mut Conv2d, dy: &Tensor| {
+                conv.weight.grad.data.fill(0.0);
+                conv.bias.as_mut().unwrap().grad.data.fill(0.0);
+                conv.forward(&x, &mut y, Mode::Train).unwrap();
+                conv.backward(&x, &y, dy, &mut dx).unwrap();
+                (
+                    conv.weight.grad.data.clone(),
+                    conv.bias.as_ref().unwrap().grad.data.clone(),
+                    dx.data.clone(),
+                )
+            };
+            let first = gradients(&mut narrow, &dy_narrow);
+            for scale in [1.0f32, -3.0] {
+                let dy = Tensor::from_vec(&dy_wide.shape, dy_wide.data.iter().map(|v| v * scale).collect()).unwrap();
+                gradients(&mut wide, &dy);
+                assert!(
+                    gradients(&mut narrow, &dy_narrow) == first,
+                    "{algorithm:?} after the wide conv, scale {scale}"
+                );
+            }
+        }
+    }
 
     /// The forward reuses its transformed kernels only while the weights are the same bits:
     /// after any change to them (here by hand, as an optimizer or BN folding would) the output
