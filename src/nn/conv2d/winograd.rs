@@ -271,7 +271,9 @@ impl Conv2d {
             .zip(x.data.par_chunks(per_group * xs))
             .zip(dx.data.par_chunks_mut(per_group * xs))
             .for_each(|(((s, (dyg, yg)), xg), dxg)| {
-                s.partial[..oc * (rows + 1)].fill(0.0);
+                // Winograd's dW goes to dU: only the db part of the partial sums is read.
+                let zeroed = if dw_tile.is_some() { oc * rows } else { 0 };
+                s.partial[zeroed..oc * (rows + 1)].fill(0.0);
                 // dU is overwritten by the group's first batch, not zeroed first (8 groups'
                 // 2.4 MB each on vgg's 128->128 conv: most of a step's memset).
                 let mut du_written = false;
