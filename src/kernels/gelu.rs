@@ -21,10 +21,16 @@ pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
 }
 
 multiversion! {
-    /// `gelu_forward` on one thread (a block of rows already in cache).
-    pub fn forward_chunk(xc: &[f32], yc: &mut [f32]) {
-        yc.iter_mut().zip(xc).for_each(|(o, &v)| *o = v * normal_cdf_and_kernel(v).0);
+    /// `gelu_forward` on one thread.
+    fn forward_chunk(xc: &[f32], yc: &mut [f32]) {
+        yc.iter_mut().zip(xc).for_each(|(o, &v)| *o = gelu(v));
     }
+}
+
+/// GELU(x) = x·Φ(x), inlined into the callers' vector loops.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    x * normal_cdf_and_kernel(x).0
 }
 
 multiversion! {
