@@ -54,8 +54,8 @@ fn batched_conv_equals_sample_by_sample() {
         let (mut y, mut dx) = (Tensor::default(), Tensor::default());
         conv.forward(&x, &mut y, Mode::Train).unwrap();
         conv.backward(&x, &y, &dy, &mut dx).unwrap();
-        let batched_dw = conv.weight.grad.data.clone();
-        conv.weight.grad.data.fill(0.0);
+        let batched_dw = conv.weight().grad.data.clone();
+        conv.weight_mut().grad.data.fill(0.0);
 
         let (mut y1, mut dx1) = (Tensor::default(), Tensor::default());
         let mut sum_dw = vec![0.0f32; batched_dw.len()];
@@ -66,8 +66,11 @@ fn batched_conv_equals_sample_by_sample() {
             let what = format!("case n{n} c{c} relu {relu}, sample {i}");
             assert_close(&format!("{what} y"), &y1.data, &sample(&y, i).data);
             assert_close(&format!("{what} dx"), &dx1.data, &sample(&dx, i).data);
-            sum_dw.iter_mut().zip(&conv.weight.grad.data).for_each(|(s, g)| *s += g);
-            conv.weight.grad.data.fill(0.0);
+            sum_dw
+                .iter_mut()
+                .zip(&conv.weight().grad.data)
+                .for_each(|(s, g)| *s += g);
+            conv.weight_mut().grad.data.fill(0.0);
         }
         assert_close(&format!("case n{n} c{c} relu {relu} dW"), &batched_dw, &sum_dw);
     }

@@ -54,11 +54,11 @@ fn conv_passes_match_pytorch_with_every_algorithm() {
             let scale = 0.5f32.powi(e as i32);
             let mut conv = Conv2d::new(c, oc, 3, 1, 1, bias, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0));
             conv.algorithm = algorithm.parse::<ConvAlgorithm>().unwrap();
-            conv.weight.value.data = hashed_values(oc * c * 9, 4 * i32_ + 1)
+            conv.weight_mut().value.data = hashed_values(oc * c * 9, 4 * i32_ + 1)
                 .iter()
                 .map(|v| v * scale)
                 .collect();
-            if let Some(b) = conv.bias.as_mut() {
+            if let Some(b) = conv.bias_mut() {
                 b.value.data = hashed_values(oc, 4 * i32_ + 2);
             }
             let x = Tensor {
@@ -78,7 +78,7 @@ fn conv_passes_match_pytorch_with_every_algorithm() {
                 "{what}: relative error y {:.1e}, dx {:.1e}, dW {:.1e}",
                 rel(&y.data, "y"),
                 rel(&dx.data, "dx"),
-                rel(&conv.weight.grad.data, "dw")
+                rel(&conv.weight().grad.data, "dw")
             );
             assert_close(
                 &format!("{what} y"),
@@ -94,11 +94,11 @@ fn conv_passes_match_pytorch_with_every_algorithm() {
             );
             assert_close(
                 &format!("{what} dW"),
-                &conv.weight.grad.data,
+                &conv.weight().grad.data,
                 &g.tensor(&format!("case{i}.dw")).data,
                 1e-4,
             );
-            if let Some(b) = &conv.bias {
+            if let Some(b) = conv.bias() {
                 assert_close(
                     &format!("{what} db"),
                     &b.grad.data,

@@ -46,7 +46,7 @@ fn input_gradient_equals_the_definition() {
         let dy = random(&y.shape, &mut rng);
         conv.backward(&x, &y, &dy, &mut dx).unwrap();
 
-        let wt = &conv.weight.value.data;
+        let wt = &conv.weight().value.data;
         let mut want = vec![0.0f64; x.data.len()];
         for s in 0..n {
             for o in 0..oc {

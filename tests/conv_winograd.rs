@@ -115,14 +115,14 @@ fn winograd_passes_equal_the_definition() {
             conv.forward(&x, &mut y, Mode::Train).unwrap();
             let dy = random(&y.shape, &mut rng);
             conv.backward(&x, &y, &dy, &mut dx).unwrap();
-            let b = conv.bias.as_ref().map(|b| b.value.data.clone());
+            let b = conv.bias().map(|b| b.value.data.clone());
             let [want_y, want_dx, want_dw, want_db] =
-                reference(&x, &conv.weight.value.data, b.as_deref(), oc, &dy, relu);
+                reference(&x, &conv.weight().value.data, b.as_deref(), oc, &dy, relu);
             let what = format!("{tile:?} N{n} C{c} OC{oc} {h}x{w}");
             assert_close(&format!("{what} y"), &y.data, &want_y, 1e-5);
             assert_close(&format!("{what} dx"), &dx.data, &want_dx, 1e-5);
-            assert_close(&format!("{what} dW"), &conv.weight.grad.data, &want_dw, 1e-5);
-            if let Some(b) = &conv.bias {
+            assert_close(&format!("{what} dW"), &conv.weight().grad.data, &want_dw, 1e-5);
+            if let Some(b) = conv.bias() {
                 assert_close(&format!("{what} db"), &b.grad.data, &want_db, 1e-5);
             }
         }

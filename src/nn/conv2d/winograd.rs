@@ -138,28 +138,18 @@ impl Conv2d {
     }
 
     /// U = G W Gᵀ (C = `c` input channels) into `wino_u`, unless it already holds the
-    /// transform of these very weights: they are compared bit for bit with the copy kept
-    /// beside U, so whatever changed them (an optimizer step, a loaded checkpoint, BN folding)
-    /// U follows. Folded inference at batch
-    /// 128, 5 alternating pairs of builds: resnet 23.0-24.0 -> 22.1-23.4 ms, vgg 16.7-17.1 ->
-    /// 16.3-16.7 (the transforms were 2% of resnet's profile; the compare reads W twice).
+    /// transform of these weights (`wino_u_tile`, dropped whenever they may change). Folded
+    /// inference at batch 128, 5 alternating pairs of builds, against transforming at every
+    /// call: resnet 23.0-24.0 -> 22.1-23.4 ms, vgg 16.7-17.1 -> 16.3-16.7 (the transforms were
+    /// 2% of resnet's profile).
     pub(super) fn transform_kernels(&mut self, tile: WinogradTile, c: usize) -> Result<()> {
-        let w = &self.weight.value.data;
         let (oc, t2) = (self.out_channels, tile.t() * tile.t());
-        let current = self
-            .wino_u_source
-            .as_ref()
-            .is_some_and(|(t, source)| *t == tile && same_bits(source, w));
-        if current && self.wino_u.len() == t2 * oc * c {
+        if self.wino_u_tile == Some(tile) && self.wino_u.len() == t2 * oc * c {
             return Ok(());
         }
-        // The copy's buffer is reused: a training step transforms anew without allocating.
-        let mut source = self.wino_u_source.take().map(|(_, v)| v).unwrap_or_default();
         try_resize(&mut self.wino_u, t2 * oc * c, 0.0, "the Winograd kernels")?;
-        winograd_filter_transform(tile, w, oc, c, false, &mut self.wino_u);
-        source.clear();
-        source.extend_from_slice(w);
-        self.wino_u_source = Some((tile, source));
+        winograd_filter_transform(tile, &self.weight.value.data, oc, c, false, &mut self.wino_u);
+        self.wino_u_tile = Some(tile);
         Ok(())
     }
 
@@ -355,14 +345,6 @@ impl Conv2d {
     }
 }
 
-/// Whether two slices hold the same bits (NaNs included), in chunks that vectorize.
-fn same_bits(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len()
-        && a.chunks(256)
-            .zip(b.chunks(256))
-            .all(|(p, q)| p.iter().zip(q).fold(0, |d, (u, v)| d | (u.to_bits() ^ v.to_bits())) == 0)
-}
-
 /// The measured choice for a 3x3, stride-1, padding-1 conv of C -> OC channels on h×w maps
 /// for a batch of n samples (`normlab bench --filter conv`, batch 128, 2 threads;
 /// ARCHITECTURE.md has the table). F(4x4,3x3) took the forward pass and dx 1.2-1.8x faster
@@ -451,9 +433,9 @@ mod tests {
         }
     }
 
-    /// The forward reuses its transformed kernels only while the weights are the same bits:
-    /// after any change to them (here by hand, as an optimizer or BN folding would) the output
-    /// is that of a conv built with the new weights.
+    /// The forward reuses its transformed kernels until the weights may have changed: after a
+    /// change through `weight_mut` or `visit_params` (an optimizer, a loaded checkpoint, BN
+    /// folding) the output is that of a conv built with the new weights.
     #[test]
     fn transformed_kernels_follow_the_weights() {
         let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(9);
@@ -467,21 +449,31 @@ mod tests {
         conv.forward(&x, &mut again, Mode::Eval).unwrap();
         assert_eq!(first.data, again.data);
         let k = conv.weight.value.data.len() / 2;
-        conv.weight.value.data[k] += 0.5;
-        conv.forward(&x, &mut again, Mode::Eval).unwrap();
-        let mut fresh = Conv2d::new(c, oc, 3, 1, 1, true, &mut g);
-        fresh.algorithm = conv.algorithm;
-        fresh.weight.value.data.clone_from(&conv.weight.value.data);
-        fresh
-            .bias
-            .as_mut()
-            .unwrap()
-            .value
-            .data
-            .clone_from(&conv.bias.as_ref().unwrap().value.data);
-        let mut want = Tensor::default();
-        fresh.forward(&x, &mut want, Mode::Eval).unwrap();
-        assert_ne!(first.data, again.data, "the changed weight changed nothing");
-        assert_eq!(again.data, want.data);
+        let changes: [&dyn Fn(&mut Conv2d); 2] = [&|conv| conv.weight_mut().value.data[k] += 0.5, &|conv| {
+            conv.visit_params(&mut |name, p| {
+                if name == "weight" {
+                    p.value.data[k + 1] -= 0.25;
+                }
+            })
+        }];
+        for change in changes {
+            let before = again.clone();
+            change(&mut conv);
+            conv.forward(&x, &mut again, Mode::Eval).unwrap();
+            let mut fresh = Conv2d::new(c, oc, 3, 1, 1, true, &mut g);
+            fresh.algorithm = conv.algorithm;
+            fresh.weight.value.data.clone_from(&conv.weight.value.data);
+            fresh
+                .bias
+                .as_mut()
+                .unwrap()
+                .value
+                .data
+                .clone_from(&conv.bias.as_ref().unwrap().value.data);
+            let mut want = Tensor::default();
+            fresh.forward(&x, &mut want, Mode::Eval).unwrap();
+            assert_ne!(before.data, again.data, "the changed weight changed nothing");
+            assert_eq!(again.data, want.data);
+        }
     }
 }
