@@ -199,7 +199,7 @@ pub fn conv_direct_flops([n, c, oc, hw]: [usize; 4]) -> f64 {
 }
 
 /// The conv algorithms `bench --filter conv` compares, side by side.
-pub const CONV_ALGORITHMS: [&str; 5] = ["im2col", "winograd2", "winograd4", "direct", "auto"];
+pub const CONV_ALGORITHMS: [&str; 6] = ["im2col", "winograd2", "winograd4", "direct", "direct-lanes", "auto"];
 
 /// Times one 3x3 padding-1 conv (N, C, OC, H=W) with one algorithm through the layer code.
 pub fn bench_conv(shape: [usize; 4], algorithm: &str, reps: usize) -> Result<ConvResult> {

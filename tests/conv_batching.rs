@@ -246,6 +246,53 @@ fn direct_bands_equal_the_channel_blocks_bit_for_bit() {
     }
 }
 
+/// The direct forward with the output channels in the vector lanes gives the 4-channel
+/// kernel's bits (the same sums in the same order): one sample in bands and in runs of
+/// channel groups on 1, 2 and 3 threads, batches over sample groups, stride 1 and 2, plain,
+/// pooled and with a residual, partial groups of output channels.
+#[test]
+fn direct_lanes_equal_the_direct_kernel_bit_for_bit() {
+    use normlab::nn::conv_algorithm::ConvAlgorithm;
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    // (N, C, OC, H, W, stride, bias, relu, what): what 0 plain, 1 pooled, 2 + residual.
+    let cases = [
+        (1, 64, 128, 7, 7, 1, true, true, 1),
+        (1, 24, 64, 7, 7, 1, true, false, 2),
+        (1, 16, 40, 14, 14, 1, false, true, 0),
+        (1, 32, 64, 14, 14, 2, true, true, 0),
+        (1, 5, 70, 28, 28, 1, true, true, 1),
+        (1, 6, 33, 21, 14, 1, true, false, 2),
+        (3, 8, 33, 9, 8, 1, false, true, 0),
+        (5, 3, 20, 7, 9, 2, true, true, 0),
+    ];
+    for (n, c, oc, h, w, stride, bias, relu, what) in cases {
+        let seed = rng.gen();
+        let x = random(&[n, c, h, w], &mut rng);
+        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let r = random(&[n, oc, oh, ow], &mut rng);
+        let run = |algorithm| {
+            let mut conv = Conv2d::new(c, oc, 3, stride, 1, bias, &mut ChaCha8Rng::seed_from_u64(seed));
+            if relu && what != 2 {
+                conv = conv.with_relu();
+            }
+            conv.algorithm = algorithm;
+            let y = fused_forward(&mut conv, what, relu, &x, &r);
+            y.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+        };
+        let want = run(ConvAlgorithm::Direct);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let got = pool.install(|| run(ConvAlgorithm::DirectLanes));
+            let first = (0..want.len()).find(|&i| got.get(i) != Some(&want[i]));
+            assert!(
+                got.len() == want.len() && first.is_none(),
+                "case {:?} on {threads} threads: first difference at {first:?}",
+                (n, c, oc, h, w, stride, what)
+            );
+        }
+    }
+}
+
 /// Runs one of the fused eval forwards (`what`: 0 plain, 1 pooled with `relu`, 2 + residual
 /// `r` and ReLU); fails unless the fused path ran.
 fn fused_forward(conv: &mut Conv2d, what: usize, relu: bool, x: &Tensor, r: &Tensor) -> Tensor {

@@ -44,7 +44,7 @@ fn conv_passes_match_pytorch_with_every_algorithm() {
     let cases: Vec<(usize, usize, usize, usize, bool)> =
         serde_json::from_str(&g.metadata()["cases"]).expect("case list");
     assert!(cases.len() >= 3);
-    for algorithm in ["im2col", "winograd2", "winograd4", "direct", "auto"] {
+    for algorithm in ["im2col", "winograd2", "winograd4", "direct", "direct-lanes", "auto"] {
         for (i, &(n, c, oc, hw, bias)) in cases.iter().enumerate() {
             let i32_ = i as u32;
             let mut e = 0;

@@ -75,6 +75,11 @@ fn vgg_steps_match_pytorch_with_the_direct_forward() {
 }
 
 #[test]
+fn vgg_steps_match_pytorch_with_output_channels_in_the_lanes() {
+    run("direct-lanes");
+}
+
+#[test]
 fn vgg_steps_match_pytorch_with_the_measured_choice() {
     run("auto");
 }

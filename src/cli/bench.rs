@@ -207,7 +207,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(peak) = report.gemm_peak_gflops {
         outln!("gemm peak {peak:.0} GFLOP/s (f32, square products of 512 to 1536, every thread); conv GFLOP/s count the direct algorithm's 2·N·C·OC·H·W·9 per pass")?;
         outln!(
-            "{:<22} {:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6}",
+            "{:<22} {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6}",
             "conv (N,C,OC,H=W)",
             "algorithm",
             "fwd ms",
@@ -221,7 +221,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         )?;
         for c in &report.convs {
             outln!(
-                "{:<22} {:<10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0} {:>5.0}% {:>9.0} {:>5.0}%",
+                "{:<22} {:<12} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0} {:>5.0}% {:>9.0} {:>5.0}%",
                 format!("{:?}", c.shape),
                 c.algorithm,
                 c.forward_ms,

@@ -52,7 +52,7 @@ impl DirectGrid {
         self.stride * self.stride * self.plane_rows() * self.row()
     }
     /// Where tap (ky, kx) reads, relative to the output position, within a channel.
-    fn tap(&self, ky: usize, kx: usize) -> usize {
+    pub(crate) fn tap(&self, ky: usize, kx: usize) -> usize {
         let s = self.stride;
         let phase = (ky % s) * s + kx % s;
         phase * self.plane_rows() * self.row() + (ky / s) * self.row() + kx / s

@@ -17,6 +17,8 @@ pub enum ConvAlgorithm {
     /// The direct kernel (kernels::conv_direct) for the forward where the geometry allows it
     /// (3x3, padding 1, stride 1 or 2), im2col for the rest and for the backward passes.
     Direct,
+    /// As `Direct`, with the output channels in the vector lanes (kernels::conv_direct_lanes).
+    DirectLanes,
 }
 
 impl std::str::FromStr for ConvAlgorithm {
@@ -28,8 +30,9 @@ impl std::str::FromStr for ConvAlgorithm {
             "winograd2" => Ok(ConvAlgorithm::Winograd(WinogradTile::F2)),
             "winograd4" => Ok(ConvAlgorithm::Winograd(WinogradTile::F4)),
             "direct" => Ok(ConvAlgorithm::Direct),
+            "direct-lanes" => Ok(ConvAlgorithm::DirectLanes),
             _ => Err(format!(
-                "unknown convolution algorithm '{s}': use auto, im2col, winograd2, winograd4 or direct"
+                "unknown convolution algorithm '{s}': use auto, im2col, winograd2, winograd4, direct or direct-lanes"
             )),
         }
     }

@@ -10,6 +10,7 @@ use super::*;
 use crate::kernels::conv_direct::{
     direct_conv3x3_block, direct_pad_input, direct_pad_rows, DirectGrid, DIRECT_CHANNELS,
 };
+use crate::kernels::conv_direct_lanes::{lanes_conv3x3_group, pack_lane_weights, LANE_CHANNELS};
 use crate::kernels::lanes::LANES;
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
 use crate::kernels::reduce::copy_rows_bias_relu;
@@ -31,6 +32,7 @@ impl Conv2d {
         x: &Tensor,
         y: &mut Tensor,
         g: &ConvGeometry,
+        lanes: bool,
         pool: Option<bool>,
         residual: Option<&[f32]>,
     ) -> Result<()> {
@@ -60,8 +62,18 @@ impl Conv2d {
         if n == 0 || oc == 0 {
             return Ok(());
         }
+        let threads = rayon::current_num_threads();
+        let lane_groups = oc.div_ceil(LANE_CHANNELS);
+        let bands = threads.min(grid.out_h() / BAND_ROWS);
+        if lanes && !self.lane_weights_current {
+            let len = lane_groups * g.channels * 9 * LANE_CHANNELS;
+            try_resize(&mut self.lane_weights, len, 0.0, "the packed convolution weights")?;
+            pack_lane_weights(&self.weight.value.data, oc, g.channels, &mut self.lane_weights);
+            self.lane_weights_current = true;
+        }
         let epilogue = Epilogue {
             w: &self.weight.value.data,
+            lanes: lanes.then_some(self.lane_weights.as_slice()),
             bias: self.bias.as_ref().map(|b| b.value.data.as_slice()),
             relu: self.relu || pool == Some(true),
             pool: pool.is_some(),
@@ -69,7 +81,6 @@ impl Conv2d {
             grid,
         };
         let unit = if pool.is_some() { 2 } else { 1 };
-        let bands = rayon::current_num_threads().min(grid.out_h() / BAND_ROWS);
         // Bands (of whole pooled row pairs) only where they come out about even: a pooled
         // 14-row map would split 8 + 6 rows; vgg's conv4 at batch 1 took 76-78 µs split that
         // way against 71-74 in channel runs (3 alternating runs).
@@ -77,28 +88,27 @@ impl Conv2d {
         if n == 1 && bands > 1 && (units.is_multiple_of(bands) || units / bands >= BAND_ROWS) {
             return epilogue.bands(&x.data, bands, unit, &mut self.groups, &mut y.data, residual);
         }
-        let blocks = oc.div_ceil(DIRECT_CHANNELS);
         let per_group = n.div_ceil(GROUPS).max(1);
         // A lone sample (a small map): one run of channel blocks per thread, each padding its
         // own copy of the input. One shared copy padded by one thread had every other thread
         // pull all its lines from that core (vgg's conv6, 7x7 128->128: 76 -> 59-67 µs). Four
         // tasks per thread served when a worker woke late; crate::workers keeps them awake.
-        let tasks = if n == 1 {
-            rayon::current_num_threads().clamp(1, blocks)
-        } else {
-            n.div_ceil(per_group)
+        let block_channels = if lanes { LANE_CHANNELS } else { DIRECT_CHANNELS };
+        let tasks = match n {
+            1 => threads.clamp(1, oc.div_ceil(block_channels)),
+            _ => n.div_ceil(per_group),
         };
         self.groups.resize_with(tasks, GroupScratch::default);
         for s in self.groups.iter_mut() {
             let what = "the direct convolution's scratch";
             try_grow(&mut s.staging, grid.padded_len(), 0.0, what)?;
-            try_grow(&mut s.out, grid.block_len(), 0.0, what)?;
+            try_grow(&mut s.out, block_channels * grid.vectors() * LANES, 0.0, what)?;
             if pool.is_some() {
                 try_grow(&mut s.col, grid.out_h() * grid.row(), 0.0, what)?;
             }
         }
         if n == 1 {
-            let per_task = blocks.div_ceil(tasks) * DIRECT_CHANNELS;
+            let per_task = oc.div_ceil(block_channels).div_ceil(tasks) * block_channels;
             y.data
                 .par_chunks_mut(per_task * ys)
                 .zip(self.groups.par_iter_mut())
@@ -129,6 +139,8 @@ impl Conv2d {
 /// What every task of one direct forward shares.
 struct Epilogue<'a> {
     w: &'a [f32],
+    /// The weights packed for kernels::conv_direct_lanes, when `channels` runs that kernel.
+    lanes: Option<&'a [f32]>,
     bias: Option<&'a [f32]>,
     relu: bool,
     pool: bool,
@@ -153,11 +165,12 @@ impl Epilogue<'_> {
         let (h, w) = (self.grid.out_h(), self.grid.out_w());
         let span = self.grid.vectors() * LANES;
         let plane = if self.pool { (h / 2) * (w / 2) } else { h * w };
-        for (b, yb) in y.chunks_mut(DIRECT_CHANNELS * plane).enumerate() {
-            let o0 = o_start + b * DIRECT_CHANNELS;
-            direct_conv3x3_block(xp, self.grid, self.w, self.oc, o0, block);
+        let step = self.step();
+        for (b, yb) in y.chunks_mut(step * plane).enumerate() {
+            let o0 = o_start + b * step;
+            self.block(xp, self.grid, o0, block);
             for (r, yo) in yb.chunks_mut(plane).enumerate() {
-                let at = (b * DIRECT_CHANNELS + r) * plane;
+                let at = (b * step + r) * plane;
                 let res = res.map(|res| &res[at..at + plane]);
                 self.finish(self.grid, &block[r * span..(r + 1) * span], o0 + r, yo, res, hp);
             }
@@ -200,7 +213,8 @@ impl Epilogue<'_> {
             let (.., sub) = band(b);
             let what = "the direct convolution's scratch";
             try_grow(&mut s.staging, sub.padded_len(), 0.0, what)?;
-            try_grow(&mut s.out, sub.block_len(), 0.0, what)?;
+            let block_channels = self.step();
+            try_grow(&mut s.out, block_channels * sub.vectors() * LANES, 0.0, what)?;
             if self.pool {
                 try_grow(&mut s.col, sub.out_h() * sub.row(), 0.0, what)?;
             }
@@ -215,9 +229,10 @@ impl Epilogue<'_> {
             direct_pad_rows(x, self.grid.h, first, sub, &mut s.staging);
             let span = sub.vectors() * LANES;
             let (start, len) = (r0 / unit * ow, (r1 - r0) / unit * ow);
-            for o0 in (0..self.oc).step_by(DIRECT_CHANNELS) {
-                direct_conv3x3_block(&s.staging, sub, self.w, self.oc, o0, &mut s.out);
-                for r in 0..DIRECT_CHANNELS.min(self.oc - o0) {
+            let step = self.step();
+            for o0 in (0..self.oc).step_by(step) {
+                self.block(&s.staging, sub, o0, &mut s.out);
+                for r in 0..step.min(self.oc - o0) {
                     let at = (o0 + r) * plane + start;
                     // SAFETY: band b writes rows r0..r1 of each channel, no other band does.
                     let yo = unsafe { out.run(at, len) };
@@ -227,6 +242,27 @@ impl Epilogue<'_> {
             }
         });
         Ok(())
+    }
+
+    /// Output channels per `block`.
+    fn step(&self) -> usize {
+        if self.lanes.is_some() {
+            LANE_CHANNELS
+        } else {
+            DIRECT_CHANNELS
+        }
+    }
+
+    /// Output channels o0.. (a block of DIRECT_CHANNELS, or a group of LANE_CHANNELS) of the
+    /// padded sample `xp` on `grid`'s output grid into `out`.
+    fn block(&self, xp: &[f32], grid: DirectGrid, o0: usize, out: &mut [f32]) {
+        match self.lanes {
+            Some(packed) => {
+                let len = grid.channels * 9 * LANE_CHANNELS;
+                lanes_conv3x3_group(xp, grid, &packed[o0 / LANE_CHANNELS * len..][..len], out);
+            }
+            None => direct_conv3x3_block(xp, grid, self.w, self.oc, o0, out),
+        }
     }
 
     /// One channel `o` of the output from its block rows `src` on `grid`'s output grid: the

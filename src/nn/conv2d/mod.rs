@@ -60,6 +60,10 @@ pub struct Conv2d {
     /// The tile `wino_u` holds the current weights' transform for; None once the weights may
     /// have changed (see `weights_may_change`).
     wino_u_tile: Option<WinogradTile>,
+    /// The weights packed for kernels::conv_direct_lanes, and whether they are the current
+    /// weights' (dropped with `wino_u_tile`).
+    lane_weights: Vec<f32>,
+    lane_weights_current: bool,
 }
 
 /// How a conv's forward is computed.
@@ -67,8 +71,11 @@ pub struct Conv2d {
 pub enum ForwardMethod {
     Im2col,
     Winograd(WinogradTile),
-    /// kernels::conv_direct (3x3, padding 1, stride 1 or 2).
-    Direct,
+    /// kernels::conv_direct (3x3, padding 1, stride 1 or 2); with `lanes`
+    /// kernels::conv_direct_lanes (output channels in the vector lanes).
+    Direct {
+        lanes: bool,
+    },
 }
 
 /// The method of each pass of one conv; for the backward passes None is im2col + gemm,
@@ -164,6 +171,8 @@ impl Conv2d {
             wino_u: Vec::new(),
             wino_u_adjoint: Vec::new(),
             wino_u_tile: None,
+            lane_weights: Vec::new(),
+            lane_weights_current: false,
         }
     }
 
@@ -187,12 +196,14 @@ impl Conv2d {
         self.bias.as_mut()
     }
 
-    /// Drops what was derived from the weights (Winograd's U): called wherever a `&mut` to them
+    /// Drops what was derived from the weights (Winograd's U, the packed weights of the
+    /// channels-in-lanes kernel): called wherever a `&mut` to them
     /// leaves the layer, so a forward after an optimizer step, a loaded checkpoint or a
     /// fold derives it anew. Comparing the weights bit for bit with a copy at every call cost
     /// as much as it saved at batch 1 (13.6-15.1 µs for 128x128x9 weights on one thread).
     fn weights_may_change(&mut self) {
         self.wino_u_tile = None;
+        self.lane_weights_current = false;
     }
 
     /// The same layer with a ReLU fused after it.
@@ -352,7 +363,7 @@ impl Conv2d {
         let g = self.geometry(x)?;
         match self.passes(&g, x.batch()).forward {
             ForwardMethod::Winograd(tile) => return self.forward_winograd(x, y, &g, tile, None, None),
-            ForwardMethod::Direct => return self.forward_direct(x, y, &g, None, None),
+            ForwardMethod::Direct { lanes } => return self.forward_direct(x, y, &g, lanes, None, None),
             ForwardMethod::Im2col => {}
         }
         let n = x.batch();

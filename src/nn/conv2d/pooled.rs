@@ -34,8 +34,8 @@ impl Conv2d {
         // (this path runs one sample on one thread: vgg at batch 1 went 0.44 -> 0.72 ms).
         let split = n == 1 && rayon::current_num_threads() > 1 && oc * cols * rows >= SPLIT_FROM_MACS;
         let forward = self.passes(&g, n).forward;
-        if forward == ForwardMethod::Direct && oh >= 2 && ow >= 2 {
-            self.forward_direct(x, y, &g, Some(relu), None)?;
+        if let (ForwardMethod::Direct { lanes }, true) = (forward, oh >= 2 && ow >= 2) {
+            self.forward_direct(x, y, &g, lanes, Some(relu), None)?;
             return Ok(true);
         }
         // Winograd pools in its output transform; with a ReLU of the conv's own the pool's

@@ -22,7 +22,9 @@ impl Conv2d {
             ForwardMethod::Winograd(tile) => {
                 self.with_shared_scratch(x, |conv| conv.forward_winograd(x, y, &g, tile, None, r))?
             }
-            ForwardMethod::Direct => self.with_shared_scratch(x, |conv| conv.forward_direct(x, y, &g, None, r))?,
+            ForwardMethod::Direct { lanes } => {
+                self.with_shared_scratch(x, |conv| conv.forward_direct(x, y, &g, lanes, None, r))?
+            }
             ForwardMethod::Im2col => return Ok(false),
         }
         Ok(true)

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::kernels::conv_direct::direct_is_vectorized;
+use crate::kernels::conv_direct_lanes::LANE_CHANNELS;
 
 impl GroupScratch {
     /// out = the 3x3 padding-1 conv of `src` (the planned samples × cin × h × w) with the
@@ -81,15 +82,18 @@ impl Conv2d {
             input_grad: t,
             weight_grad: t,
         };
-        let direct = ConvPasses {
-            forward: ForwardMethod::Direct,
+        let direct = |lanes| ConvPasses {
+            forward: ForwardMethod::Direct { lanes },
             ..all(None)
         };
         match self.algorithm {
-            ConvAlgorithm::Direct if direct_eligible => direct,
-            ConvAlgorithm::Auto if direct_eligible && !eligible && direct_is_vectorized() => direct,
+            ConvAlgorithm::Direct if direct_eligible => direct(false),
+            ConvAlgorithm::DirectLanes if direct_eligible => direct(true),
+            ConvAlgorithm::Auto if direct_eligible && !eligible && direct_is_vectorized() => {
+                direct(direct_lanes_pay(n, self.out_channels, (g.height - 1) / self.stride + 1))
+            }
             _ if !eligible => all(None),
-            ConvAlgorithm::Im2col | ConvAlgorithm::Direct => all(None),
+            ConvAlgorithm::Im2col | ConvAlgorithm::Direct | ConvAlgorithm::DirectLanes => all(None),
             ConvAlgorithm::Winograd(t) => all(Some(t)),
             ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels, g.height, g.width),
         }
@@ -374,7 +378,9 @@ pub(super) fn auto_passes(n: usize, c: usize, oc: usize, h: usize, w: usize) -> 
     let forward = if (wide || small_batch) && c <= 128 {
         ForwardMethod::Winograd(WinogradTile::F4)
     } else if direct_is_vectorized() {
-        ForwardMethod::Direct
+        ForwardMethod::Direct {
+            lanes: direct_lanes_pay(n, oc, h),
+        }
     } else {
         ForwardMethod::Im2col
     };
@@ -383,6 +389,20 @@ pub(super) fn auto_passes(n: usize, c: usize, oc: usize, h: usize, w: usize) -> 
         input_grad: f4.filter(|_| wide),
         weight_grad: f4.filter(|_| wide),
     }
+}
+
+/// Whether the direct forward puts the output channels in the lanes (kernels::conv_direct_lanes)
+/// rather than positions, for OC output channels on maps of `out_h` output rows, a batch of n.
+/// Measured (examples-style probe of Conv2d's eval forward + ReLU, 2 threads, min of 3
+/// alternating rounds' medians, µs, direct against lanes): batch 1 on 7x7 outputs 64->128
+/// 45.4 / 39.8, 128->128 73.9 / 65.0, 64->64 24.1 / 21.3, 32->32 12.2 / 7.5 (one group on one
+/// thread still ahead of both threads), 16->32 9.5 / 4.7, stride 2 64->128 14x14 50.4 / 37.2;
+/// batch 8 128->128 526 / 420, 32->32 46.2 / 40.6. 14x14 outputs: batch 1 32->32 24.4 / 21.6,
+/// 16->16 11.8 / 14.6 (half of each vector wasted), batch 8 32->32 133 / 138; 28x28 16->16
+/// 22.1 / 36.7.
+pub(super) fn direct_lanes_pay(n: usize, oc: usize, out_h: usize) -> bool {
+    let wasted = oc.next_multiple_of(LANE_CHANNELS) - oc;
+    oc >= LANE_CHANNELS && 4 * wasted <= oc && (out_h < 14 || (n == 1 && out_h < 28))
 }
 
 #[cfg(test)]
