@@ -393,16 +393,24 @@ pub(super) fn auto_passes(n: usize, c: usize, oc: usize, h: usize, w: usize) -> 
 
 /// Whether the direct forward puts the output channels in the lanes (kernels::conv_direct_lanes)
 /// rather than positions, for OC output channels on maps of `out_h` output rows, a batch of n.
-/// Measured (examples-style probe of Conv2d's eval forward + ReLU, 2 threads, min of 3
-/// alternating rounds' medians, µs, direct against lanes): batch 1 on 7x7 outputs 64->128
-/// 45.4 / 39.8, 128->128 73.9 / 65.0, 64->64 24.1 / 21.3, 32->32 12.2 / 7.5 (one group on one
-/// thread still ahead of both threads), 16->32 9.5 / 4.7, stride 2 64->128 14x14 50.4 / 37.2;
-/// batch 8 128->128 526 / 420, 32->32 46.2 / 40.6. 14x14 outputs: batch 1 32->32 24.4 / 21.6,
-/// 16->16 11.8 / 14.6 (half of each vector wasted), batch 8 32->32 133 / 138; 28x28 16->16
-/// 22.1 / 36.7.
+/// Measured (a scratch probe of Conv2d's eval forward + ReLU inside a 2-thread pool, min of 3
+/// alternating rounds' medians, µs, direct against lanes), batch 1: 7x7 outputs 64->128 35.7 /
+/// 28.6, 128->128 66.4 / 50.8, 64->64 18.7 / 15.6, 32->64 11.2 / 9.6, but 32->32 6.7 / 8.4 and
+/// 16->32 4.3 / 7.3 (one group of 32 leaves a thread idle); stride 2 64->128 14x14 43.4 /
+/// 34.0, 32->64 13.1 / 11.0; 14x14 outputs (in bands of rows, every thread busy) 32->32 19.4 /
+/// 16.7, 16->32 11.5 / 9.7, stride 2 16->32 28x28 12.9 / 11.7; 16->16 14x14 7.0 / 9.7 and
+/// 28x28 17.5 / 29.5 (half of each vector wasted). Batch 8 (outside a pool) 7x7 128->128 526 /
+/// 420, 32->32 46.2 / 40.6, but 14x14 32->32 133 / 138. Uneven groups lose: slimmed vgg's
+/// 43->79 on 7x7 maps (3 groups on 2 threads) 17-18 -> 22-24 µs in the folded model.
 pub(super) fn direct_lanes_pay(n: usize, oc: usize, out_h: usize) -> bool {
-    let wasted = oc.next_multiple_of(LANE_CHANNELS) - oc;
-    oc >= LANE_CHANNELS && 4 * wasted <= oc && (out_h < 14 || (n == 1 && out_h < 28))
+    let groups = oc.div_ceil(LANE_CHANNELS);
+    // The lanes computed: the last group's padding, and at batch 1 on maps too small for
+    // bands the groups split over the threads (one group of 32 leaves a thread idle).
+    let slots = match n == 1 && out_h < 14 {
+        true => groups.next_multiple_of(rayon::current_num_threads()),
+        false => groups,
+    } * LANE_CHANNELS;
+    oc >= LANE_CHANNELS && 4 * oc >= 3 * slots && (out_h < 14 || (n == 1 && out_h < 28))
 }
 
 #[cfg(test)]
