@@ -121,6 +121,47 @@ pub fn direct_pad_rows(x: &[f32], full_h: usize, first: usize, grid: DirectGrid,
     }
 }
 
+lanes_entry! {
+    /// y = act(src + bias) row by row, y's rows of `w` values taken from rows `row` apart in
+    /// `src` (a direct conv's padded output grid); with `res` (y's shape) y = ReLU((src + bias)
+    /// + res), the order of the separate passes. One pass where a copy and then
+    /// `add_bias_relu` over the copy were two: resnet's stem (1 -> 16, 28x28, batch 128) 249
+    /// -> 244 µs alone, 3 alternating runs; the whole forwards level within their noise.
+    /// On vectors with masked ends: auto-vectorized, a 28-wide row took a vector and 12 scalar
+    /// steps, and the copy was a quarter of a batch-1 1->32 conv's profile.
+    pub fn copy_rows_bias_relu(src: &[f32], row: usize, y: &mut [f32], w: usize, bias: Option<f32>, res: Option<&[f32]>, relu: bool) => copy_rows
+}
+
+#[inline(always)]
+fn copy_rows<V: Lanes>(
+    src: &[f32],
+    row: usize,
+    y: &mut [f32],
+    w: usize,
+    bias: Option<f32>,
+    res: Option<&[f32]>,
+    relu: bool,
+) {
+    let b = V::splat(bias.unwrap_or(0.0));
+    for (yy, yr) in y.chunks_mut(w).enumerate() {
+        let s = &src[yy * row..yy * row + yr.len()];
+        let r = res.map(|r| &r[yy * w..yy * w + yr.len()]);
+        for at in (0..yr.len()).step_by(LANES) {
+            let n = (yr.len() - at).min(LANES);
+            let mut v = V::load_first(&s[at..], n);
+            if bias.is_some() {
+                v = v + b;
+            }
+            if let Some(r) = r {
+                v = (v + V::load_first(&r[at..], n)).relu();
+            } else if relu {
+                v = v.relu();
+            }
+            v.store_first(&mut yr[at..], n);
+        }
+    }
+}
+
 /// Whether this CPU runs the direct kernel on vectors (AVX-512); elsewhere it runs on plain
 /// arrays, correct but slower than im2col + gemm, and `auto` does not take it.
 pub fn direct_is_vectorized() -> bool {

@@ -105,27 +105,6 @@ crate::kernels::simd::multiversion! {
 }
 
 crate::kernels::simd::multiversion! {
-    /// y = act(src + bias) row by row, y's rows of `w` values taken from rows `row` apart in
-    /// `src` (a direct conv's padded output grid); with `res` (y's shape) y = ReLU((src + bias)
-    /// + res), the order of the separate passes. One pass where a copy and then
-    /// `add_bias_relu` over the copy were two: resnet's stem (1 -> 16, 28x28, batch 128) 249
-    /// -> 244 µs alone, 3 alternating runs; the whole forwards level within their noise.
-    pub fn copy_rows_bias_relu(src: &[f32], row: usize, y: &mut [f32], w: usize, bias: Option<f32>, res: Option<&[f32]>, relu: bool) {
-        for (yy, yr) in y.chunks_mut(w).enumerate() {
-            let s = &src[yy * row..yy * row + w];
-            match (bias, res) {
-                (Some(b), Some(r)) => yr.iter_mut().zip(s).zip(&r[yy * w..]).for_each(|((o, &v), &rv)| *o = self::relu((v + b) + rv)),
-                (None, Some(r)) => yr.iter_mut().zip(s).zip(&r[yy * w..]).for_each(|((o, &v), &rv)| *o = self::relu(v + rv)),
-                (Some(b), None) if relu => yr.iter_mut().zip(s).for_each(|(o, &v)| *o = self::relu(v + b)),
-                (Some(b), None) => yr.iter_mut().zip(s).for_each(|(o, &v)| *o = v + b),
-                (None, None) if relu => yr.iter_mut().zip(s).for_each(|(o, &v)| *o = self::relu(v)),
-                (None, None) => yr.copy_from_slice(s),
-            }
-        }
-    }
-}
-
-crate::kernels::simd::multiversion! {
     /// out[r] += Σ_j v[r·cols + j] over rows of `cols` values (a conv's bias gradient), in
     /// SHORT·2 independent lanes: a plain `.sum()` is one serial chain of scalar adds.
     #[allow(clippy::needless_range_loop)] // explicit lanes are what the vectorizer needs

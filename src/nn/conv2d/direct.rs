@@ -8,12 +8,11 @@
 
 use super::*;
 use crate::kernels::conv_direct::{
-    direct_conv3x3_block, direct_pad_input, direct_pad_rows, DirectGrid, DIRECT_CHANNELS,
+    copy_rows_bias_relu, direct_conv3x3_block, direct_pad_input, direct_pad_rows, DirectGrid, DIRECT_CHANNELS,
 };
 use crate::kernels::conv_direct_lanes::{lanes_conv3x3_group, pack_lane_weights, LANE_CHANNELS};
 use crate::kernels::lanes::LANES;
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
-use crate::kernels::reduce::copy_rows_bias_relu;
 use crate::kernels::simd::SharedOut;
 
 /// A lone sample is split into bands of at least this many output rows (`Epilogue::bands`);
