@@ -255,6 +255,29 @@ fn run<V: Lanes, const NB: usize>(
     }
 }
 
+/// A test sample: the grid of a C×h×w map convolved with `stride`, its values x, [OC, C, 3, 3]
+/// weights and the padded input (both kernels' tests).
+#[cfg(test)]
+pub(crate) fn test_sample(
+    c: usize,
+    oc: usize,
+    h: usize,
+    w: usize,
+    stride: usize,
+) -> (DirectGrid, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let grid = DirectGrid {
+        channels: c,
+        h,
+        w,
+        stride,
+    };
+    let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+    let wt: Vec<f32> = (0..oc * c * 9).map(|i| ((i * 53 % 89) as f32) / 44.0 - 1.0).collect();
+    let mut xp = vec![f32::NAN; grid.padded_len()];
+    direct_pad_input(&x, grid, &mut xp);
+    (grid, x, wt, xp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,16 +296,7 @@ mod tests {
             (3, 4, 1, 1),
         ];
         for ((c, oc, h, w), stride) in shapes.into_iter().flat_map(|s| [(s, 1), (s, 2)]) {
-            let grid = DirectGrid {
-                channels: c,
-                h,
-                w,
-                stride,
-            };
-            let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
-            let wt: Vec<f32> = (0..oc * c * 9).map(|i| ((i * 53 % 89) as f32) / 44.0 - 1.0).collect();
-            let mut xp = vec![f32::NAN; grid.padded_len()];
-            direct_pad_input(&x, grid, &mut xp);
+            let (grid, x, wt, xp) = test_sample(c, oc, h, w, stride);
             let mut out = vec![f32::NAN; grid.block_len()];
             for o0 in (0..oc).step_by(DIRECT_CHANNELS) {
                 direct_conv3x3_block(&xp, grid, &wt, oc, o0, &mut out);

@@ -93,7 +93,7 @@ fn group<V: Lanes>(xp: &[f32], grid: DirectGrid, wg: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::conv_direct::{direct_conv3x3_block, direct_pad_input, DIRECT_CHANNELS};
+    use crate::kernels::conv_direct::{direct_conv3x3_block, test_sample, DIRECT_CHANNELS};
 
     /// Every output channel and position equals conv_direct's block bit for bit (the same
     /// sums in the same order), stride 1 and 2, maps narrower than a register block, one
@@ -109,16 +109,7 @@ mod tests {
             (4, 64, 9, 8),
         ];
         for ((c, oc, h, w), stride) in shapes.into_iter().flat_map(|s| [(s, 1), (s, 2)]) {
-            let grid = DirectGrid {
-                channels: c,
-                h,
-                w,
-                stride,
-            };
-            let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
-            let wt: Vec<f32> = (0..oc * c * 9).map(|i| ((i * 53 % 89) as f32) / 44.0 - 1.0).collect();
-            let mut xp = vec![0.0; grid.padded_len()];
-            direct_pad_input(&x, grid, &mut xp);
+            let (grid, _, wt, xp) = test_sample(c, oc, h, w, stride);
             let mut packed = vec![f32::NAN; oc.div_ceil(LANE_CHANNELS) * c * 9 * LANE_CHANNELS];
             pack_lane_weights(&wt, oc, c, &mut packed);
             let span = grid.vectors() * LANES;

@@ -62,10 +62,9 @@ impl Conv2d {
             return Ok(());
         }
         let threads = rayon::current_num_threads();
-        let lane_groups = oc.div_ceil(LANE_CHANNELS);
         let bands = threads.min(grid.out_h() / BAND_ROWS);
         if lanes && !self.lane_weights_current {
-            let len = lane_groups * g.channels * 9 * LANE_CHANNELS;
+            let len = oc.div_ceil(LANE_CHANNELS) * g.channels * 9 * LANE_CHANNELS;
             try_resize(&mut self.lane_weights, len, 0.0, "the packed convolution weights")?;
             pack_lane_weights(&self.weight.value.data, oc, g.channels, &mut self.lane_weights);
             self.lane_weights_current = true;
@@ -92,7 +91,7 @@ impl Conv2d {
         // own copy of the input. One shared copy padded by one thread had every other thread
         // pull all its lines from that core (vgg's conv6, 7x7 128->128: 76 -> 59-67 µs). Four
         // tasks per thread served when a worker woke late; crate::workers keeps them awake.
-        let block_channels = if lanes { LANE_CHANNELS } else { DIRECT_CHANNELS };
+        let block_channels = epilogue.step();
         let tasks = match n {
             1 => threads.clamp(1, oc.div_ceil(block_channels)),
             _ => n.div_ceil(per_group),
@@ -212,8 +211,7 @@ impl Epilogue<'_> {
             let (.., sub) = band(b);
             let what = "the direct convolution's scratch";
             try_grow(&mut s.staging, sub.padded_len(), 0.0, what)?;
-            let block_channels = self.step();
-            try_grow(&mut s.out, block_channels * sub.vectors() * LANES, 0.0, what)?;
+            try_grow(&mut s.out, self.step() * sub.vectors() * LANES, 0.0, what)?;
             if self.pool {
                 try_grow(&mut s.col, sub.out_h() * sub.row(), 0.0, what)?;
             }
