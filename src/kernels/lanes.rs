@@ -440,6 +440,31 @@ pub(crate) use lanes_entry;
 mod tests {
     use super::*;
 
+    /// ReLU on both lane types and `reduce::relu` keep NaN and -0.0 as torch.relu does
+    /// (torch.relu(-0.0) is -0.0), bit for bit.
+    #[test]
+    fn relu_is_torch_s_on_both_lane_types() {
+        let x: [f32; LANES] = std::array::from_fn(|i| [-0.0, f32::NAN, -1.5, 2.5, 0.0, f32::NEG_INFINITY][i % 6]);
+        let want: Vec<u32> = [0x8000_0000u32, f32::NAN.to_bits(), 0, 2.5f32.to_bits(), 0, 0].into();
+        let bits = |v: [f32; LANES]| -> Vec<u32> { v.iter().map(|f| f.to_bits()).collect() };
+        let scalar = bits(x.map(crate::kernels::reduce::relu));
+        let portable = bits(Portable::load(&x).relu().0);
+        for (i, (s, p)) in scalar.iter().zip(&portable).enumerate() {
+            assert_eq!((*s, *p), (want[i % 6], want[i % 6]), "lane {i}: {}", x[i]);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn relu512(x: &[f32; LANES]) -> [f32; LANES] {
+                let mut out = [0.0; LANES];
+                avx512::Avx512::load(x).relu().store(&mut out);
+                out
+            }
+            // SAFETY: the CPU has AVX-512F.
+            assert_eq!(bits(unsafe { relu512(&x) }), scalar);
+        }
+    }
+
     /// The AVX-512 register transpose equals the portable one (where the CPU has AVX-512).
     #[test]
     fn register_transpose_matches_the_portable_one() {

@@ -70,11 +70,12 @@ pub fn inverse_rms(mean_square: f64, eps: f64) -> f32 {
     (1.0 / (mean_square + eps).sqrt()) as f32
 }
 
-/// max(z, 0) that keeps NaN, as torch.relu does (f32::max(NaN, 0) is 0, which hid NaN
-/// weights as a loss of exactly 0); a compare and a select, so it vectorizes.
+/// max(z, 0) that keeps NaN and -0.0, as torch.relu does (f32::max(NaN, 0) is 0, which hid
+/// NaN weights as a loss of exactly 0) and as AVX-512's `max(0, z)` in `Lanes::relu` does;
+/// a compare and a select, so it vectorizes.
 #[inline(always)]
 pub fn relu(z: f32) -> f32 {
-    if z <= 0.0 {
+    if z < 0.0 {
         0.0
     } else {
         z
