@@ -70,9 +70,10 @@ impl DirectGrid {
     pub fn padded_len(&self) -> usize {
         self.channels * self.plane() + self.vectors() * LANES + self.reach()
     }
-    /// The output block's length: DIRECT_CHANNELS maps on the output grid.
-    pub fn block_len(&self) -> usize {
-        DIRECT_CHANNELS * self.vectors() * LANES
+    /// The length of an output block of `channels` maps on the output grid (DIRECT_CHANNELS
+    /// for this kernel, LANE_CHANNELS for conv_direct_lanes).
+    pub fn block_len(&self, channels: usize) -> usize {
+        channels * self.vectors() * LANES
     }
 }
 
@@ -297,7 +298,7 @@ mod tests {
         ];
         for ((c, oc, h, w), stride) in shapes.into_iter().flat_map(|s| [(s, 1), (s, 2)]) {
             let (grid, x, wt, xp) = test_sample(c, oc, h, w, stride);
-            let mut out = vec![f32::NAN; grid.block_len()];
+            let mut out = vec![f32::NAN; grid.block_len(DIRECT_CHANNELS)];
             for o0 in (0..oc).step_by(DIRECT_CHANNELS) {
                 direct_conv3x3_block(&xp, grid, &wt, oc, o0, &mut out);
                 for r in 0..DIRECT_CHANNELS.min(oc - o0) {

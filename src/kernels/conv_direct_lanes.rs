@@ -113,7 +113,7 @@ mod tests {
             let mut packed = vec![f32::NAN; oc.div_ceil(LANE_CHANNELS) * c * 9 * LANE_CHANNELS];
             pack_lane_weights(&wt, oc, c, &mut packed);
             let span = grid.vectors() * LANES;
-            let mut want = vec![0.0; grid.block_len()];
+            let mut want = vec![0.0; grid.block_len(DIRECT_CHANNELS)];
             let mut got = vec![f32::NAN; LANE_CHANNELS * span];
             for (g, wg) in packed.chunks(c * 9 * LANE_CHANNELS).enumerate() {
                 lanes_conv3x3_group(&xp, grid, wg, &mut got);

@@ -100,7 +100,7 @@ impl Conv2d {
         for s in self.groups.iter_mut() {
             let what = "the direct convolution's scratch";
             try_grow(&mut s.staging, grid.padded_len(), 0.0, what)?;
-            try_grow(&mut s.out, block_channels * grid.vectors() * LANES, 0.0, what)?;
+            try_grow(&mut s.out, grid.block_len(block_channels), 0.0, what)?;
             if pool.is_some() {
                 try_grow(&mut s.col, grid.out_h() * grid.row(), 0.0, what)?;
             }
@@ -211,7 +211,7 @@ impl Epilogue<'_> {
             let (.., sub) = band(b);
             let what = "the direct convolution's scratch";
             try_grow(&mut s.staging, sub.padded_len(), 0.0, what)?;
-            try_grow(&mut s.out, self.step() * sub.vectors() * LANES, 0.0, what)?;
+            try_grow(&mut s.out, sub.block_len(self.step()), 0.0, what)?;
             if self.pool {
                 try_grow(&mut s.col, sub.out_h() * sub.row(), 0.0, what)?;
             }
