@@ -32,16 +32,32 @@ fn block_rows(values: usize, inputs: usize, outputs: usize) -> usize {
     (values / (inputs + outputs).max(1)).clamp(16, 1024)
 }
 
-/// The spans of blocks the backward splits `rows` into: (blocks per span, span count).
-fn spans(rows: usize, block: usize) -> (usize, usize) {
-    let blocks = rows.div_ceil(block).max(1);
-    let per_span = blocks.div_ceil(SPANS);
-    (per_span, blocks.div_ceil(per_span))
+/// `rows` in blocks of about `block` rows, their count a multiple of 4 and their sizes within a
+/// row of each other, so that they share out evenly on 1, 2 or 4 threads: 13 blocks of 512 on
+/// 2 threads left one idle for a twelfth of vit:128's qkv forward (6400 rows, 128 -> 384). From
+/// the row count alone: gemm's order of summation depends on the block's rows, and the output
+/// must not depend on the thread count.
+fn balanced_block(rows: usize, block: usize) -> usize {
+    const SHARES: usize = 4;
+    let blocks = rows.div_ceil(block.max(1)).div_ceil(SHARES) * SHARES;
+    rows.div_ceil(blocks.max(1)).max(1)
+}
+
+/// How the backward splits `rows`: (rows per span, span count, rows per block in a span). At
+/// most SPANS spans of equal rows (the last shorter), each in blocks of about `block` rows; from
+/// the row count alone, so the sums keep their order at any thread count, and 8 even spans
+/// share out evenly on 1, 2, 4 or 8 threads (spans of 7 blocks and one of 1 left a thread of 2
+/// idle for a ninth of vit:128's qkv backward).
+fn spans(rows: usize, block: usize) -> (usize, usize, usize) {
+    let count = rows.div_ceil(block.max(1)).clamp(1, SPANS);
+    let span_rows = rows.div_ceil(count).max(1);
+    let span_block = span_rows.div_ceil(span_rows.div_ceil(block.max(1)));
+    (span_rows, rows.div_ceil(span_rows).max(1), span_block)
 }
 
 /// Values of the scratch `dense_backward` needs for `rows` rows of `inputs` -> `outputs`.
 pub fn dense_scratch_len(rows: usize, inputs: usize, outputs: usize) -> usize {
-    let (_, count) = spans(rows, block_rows(BLOCK_VALUES, inputs, outputs));
+    let (_, count, _) = spans(rows, block_rows(BLOCK_VALUES, inputs, outputs));
     count * (inputs * outputs + outputs)
 }
 
@@ -82,7 +98,7 @@ pub fn dense_forward(
         "dense_forward: gelu output"
     );
     let gelu = gelu.map(SharedOut::new);
-    let block = block_rows(FORWARD_BLOCK_VALUES, inputs, outputs);
+    let block = balanced_block(rows, block_rows(FORWARD_BLOCK_VALUES, inputs, outputs));
     y.par_chunks_mut(block * outputs)
         .zip(x.par_chunks(block * inputs))
         .enumerate()
@@ -147,9 +163,7 @@ pub fn dense_backward(
         "dense_backward: gelu input"
     );
     assert_eq!(scratch.len(), dense_scratch_len(rows, i, o), "dense_backward: scratch");
-    let block = block_rows(BLOCK_VALUES, i, o);
-    let (per_span, _) = spans(rows, block);
-    let span_rows = per_span * block;
+    let (span_rows, _, block) = spans(rows, block_rows(BLOCK_VALUES, i, o));
     let part = i * o + o;
     let dx = dx.map(SharedOut::new);
     scratch
