@@ -67,8 +67,9 @@ pub enum DenseThen<'a> {
     Nothing,
     /// y += r (a residual connection; r has y's shape).
     AddResidual(&'a [f32]),
-    /// g = GELU(y), y kept (the MLP's first layer; g has y's shape).
-    Gelu(&'a mut [f32]),
+    /// g = GELU(y), y replaced by GELU'(y), the slope the backward multiplies by (the MLP's
+    /// first layer; g has y's shape).
+    GeluKeepingSlope(&'a mut [f32]),
 }
 
 // y[n, o] = x[n, i] · Wᵀ + b (then `then`), block by block in parallel.
@@ -90,7 +91,7 @@ pub fn dense_forward(
     let (residual, gelu) = match then {
         DenseThen::Nothing => (None, None),
         DenseThen::AddResidual(r) => (Some(r), None),
-        DenseThen::Gelu(g) => (None, Some(g)),
+        DenseThen::GeluKeepingSlope(g) => (None, Some(g)),
     };
     assert!(residual.is_none_or(|r| r.len() == y.len()), "dense_forward: residual");
     assert!(
@@ -114,9 +115,9 @@ pub fn dense_forward(
 }
 
 multiversion! {
-    /// y += b, y += r, g = GELU(y) (each where given) over a block's rows, one row at a time
-    /// through all its steps while it is in L1: as passes over the block, compiled for the
-    /// baseline CPU, they were 2.8% of a vit:128 step in `perf`.
+    /// y += b, y += r, g = GELU(y) with y ← GELU'(y) (each where given) over a block's rows, one
+    /// row at a time through all its steps while it is in L1: as passes over the block,
+    /// compiled for the baseline CPU, they were 2.8% of a vit:128 step in `perf`.
     fn forward_epilogue(yb: &mut [f32], outputs: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, gelu: Option<&mut [f32]>) {
         let mut gelu = gelu;
         for (j, row) in yb.chunks_exact_mut(outputs).enumerate() {
@@ -128,15 +129,19 @@ multiversion! {
                 row.iter_mut().zip(&r[cols.clone()]).for_each(|(v, rv)| *v += rv);
             }
             if let Some(g) = gelu.as_deref_mut() {
-                g[cols].iter_mut().zip(row.iter()).for_each(|(o, &v)| *o = gelu::gelu(v));
+                g[cols].iter_mut().zip(row.iter_mut()).for_each(|(o, v)| {
+                    let (gelu, slope) = gelu::gelu_and_slope(*v);
+                    *o = gelu;
+                    *v = slope;
+                });
             }
         }
     }
 }
 
 // dW += dyᵀ · x, db += Σ_n dy, dx = dy · W: per block, from the block's rows in cache; dW and
-// db summed per span of blocks into `scratch`, then the spans in order. With `gelu_input` u
-// (x = GELU(u)), dx is the gradient at u instead: dx = (dy · W) ⊙ GELU'(u).
+// db summed per span of blocks into `scratch`, then the spans in order. With `gelu_slope` s
+// (x = GELU(u), s = GELU'(u)), dx is the gradient at u instead: dx = (dy · W) ⊙ s.
 #[allow(clippy::too_many_arguments)]
 pub fn dense_backward(
     x: &[f32],
@@ -147,7 +152,7 @@ pub fn dense_backward(
     dw: &mut [f32],
     db: Option<&mut [f32]>,
     dx: Option<&mut [f32]>,
-    gelu_input: Option<&[f32]>,
+    gelu_slope: Option<&[f32]>,
     scratch: &mut [f32],
 ) {
     let (i, o) = (inputs, outputs);
@@ -159,8 +164,8 @@ pub fn dense_backward(
     assert!(db.as_ref().is_none_or(|b| b.len() == o), "dense_backward: db");
     assert!(dx.as_ref().is_none_or(|d| d.len() == x.len()), "dense_backward: dx");
     assert!(
-        gelu_input.is_none_or(|u| u.len() == x.len()),
-        "dense_backward: gelu input"
+        gelu_slope.is_none_or(|u| u.len() == x.len()),
+        "dense_backward: gelu slope"
     );
     assert_eq!(scratch.len(), dense_scratch_len(rows, i, o), "dense_backward: scratch");
     let (span_rows, _, block) = spans(rows, block_rows(BLOCK_VALUES, i, o));
@@ -176,7 +181,7 @@ pub fn dense_backward(
             for (k, (xb, gb)) in xs.chunks(block * i).zip(gs.chunks(block * o)).enumerate() {
                 let r = xb.len() / i;
                 let at = (s * span_rows + k * block) * i;
-                if let (Some(u), Some(_)) = (gelu_input, &dx) {
+                if let (Some(u), Some(_)) = (gelu_slope, &dx) {
                     prefetch(&u[at..at + r * i]);
                 }
                 matmul(pw, o, i, r, gb, Op::T, xb, Op::N, k > 0, 1);
@@ -187,8 +192,8 @@ pub fn dense_backward(
                     // SAFETY: each block's rows of dx are written by this task alone.
                     let d = unsafe { d.run(at, r * i) };
                     matmul(d, r, i, o, gb, Op::N, w, Op::N, false, 1);
-                    if let Some(u) = gelu_input {
-                        gelu::backward_in_place(&u[at..at + r * i], d);
+                    if let Some(u) = gelu_slope {
+                        gelu::scale_by_slope(&u[at..at + r * i], d);
                     }
                 }
             }
@@ -200,7 +205,7 @@ pub fn dense_backward(
 }
 
 /// Asks for `v` in L2 while a block's products run: what the epilogue reads back from memory
-/// after them (the GELU's input in the backward: its loads stalled it, 7.0% -> 4.6% of a
+/// after them (the GELU's slope in the backward, then its input: its loads stalled it, 7.0% -> 4.6% of a
 /// vit:128 step; vit:128 training 473-493 -> 488-500, vit:64 1,699-1,762 -> 1,735-1,810
 /// images/s, alternating builds). The forward's residual the same way was slower (vit:128
 /// 463-483 vs 483-490).
@@ -298,7 +303,8 @@ mod tests {
         }
     }
 
-    /// The epilogues equal the separate passes bit for bit: y + r, GELU(y), and dx ⊙ GELU'(u).
+    /// The epilogues equal the separate passes bit for bit: y + r, GELU(y) and its slope, and
+    /// dx ⊙ GELU'(u) from the kept slope as `gelu_backward` computes it from u.
     #[test]
     fn fused_epilogues_equal_the_separate_passes() {
         let (rows, i, o) = (1500, 48, 40);
@@ -310,18 +316,21 @@ mod tests {
         let want: Vec<f32> = plain.iter().zip(&r).map(|(a, b)| a + b).collect();
         assert_eq!(y, want, "residual");
         let (mut y, mut g) = (vec![0.0; rows * o], vec![f32::NAN; rows * o]);
-        dense_forward(&x, &w, Some(&b), i, o, &mut y, DenseThen::Gelu(&mut g));
-        let mut want = vec![0.0; rows * o];
+        dense_forward(&x, &w, Some(&b), i, o, &mut y, DenseThen::GeluKeepingSlope(&mut g));
+        let (mut want, mut slope) = (vec![0.0; rows * o], vec![0.0; rows * o]);
         gelu::gelu_forward(&plain, &mut want);
-        assert_eq!((&y, &g), (&plain, &want), "gelu");
+        gelu::gelu_backward(&plain, &vec![1.0; rows * o], &mut slope);
+        assert_eq!((&y, &g), (&slope, &want), "gelu and its slope");
         let (dy, u) = (values(rows * o, 6), values(rows * i, 7));
+        let mut slope = vec![0.0; rows * i];
+        gelu::gelu_backward(&u, &vec![1.0; rows * i], &mut slope);
         let run = |through: Option<&[f32]>| {
             let (mut dw, mut dx) = (vec![0.0; i * o], vec![0.0; rows * i]);
             let mut scratch = vec![0.0; dense_scratch_len(rows, i, o)];
             dense_backward(&x, &w, &dy, i, o, &mut dw, None, Some(&mut dx), through, &mut scratch);
             (dw, dx)
         };
-        let ((dw, dx), (dw_gelu, dx_gelu)) = (run(None), run(Some(&u)));
+        let ((dw, dx), (dw_gelu, dx_gelu)) = (run(None), run(Some(&slope)));
         let mut want = vec![0.0; rows * i];
         gelu::gelu_backward(&u, &dx, &mut want);
         assert_eq!((dw_gelu, dx_gelu), (dw, want), "gelu backward");

@@ -1,9 +1,11 @@
 //! Linear: y = x Wᵀ + b with PyTorch's [out, in] weight layout. An input [N, ...] is read as
 //! [N, in] (what nn.Flatten before it would give), so models need no flatten copy.
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::kernels::dense::{dense_backward, dense_forward, dense_scratch_len, DenseThen, DENSE_MAX_WEIGHTS};
-use crate::kernels::gelu::{backward_in_place as gelu_backward_in_place, gelu_forward};
+use crate::kernels::gelu::{gelu_forward_keeping_slope, scale_by_slope};
 use crate::kernels::matmul::{matmul, Op};
 use crate::kernels::narrow_product::{narrow_product, NARROW_MAX};
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
@@ -101,19 +103,19 @@ impl Linear {
         match then {
             DenseThen::Nothing => {}
             DenseThen::AddResidual(r) => y.data.iter_mut().zip(r).for_each(|(v, r)| *v += r),
-            DenseThen::Gelu(g) => gelu_forward(&y.data, g),
+            DenseThen::GeluKeepingSlope(g) => gelu_forward_keeping_slope(&mut y.data, g),
         }
         Ok(())
     }
 
-    /// dW += dyᵀ · x, db += Σ_n dy, dx = dy · W; with `gelu_input` u (x = GELU(u)), dx is the
-    /// gradient at u: (dy · W) ⊙ GELU'(u).
+    /// dW += dyᵀ · x, db += Σ_n dy, dx = dy · W; with `gelu_slope` s (x = GELU(u), s = GELU'(u),
+    /// as `DenseThen::GeluKeepingSlope` leaves it), dx is the gradient at u: (dy · W) ⊙ s.
     pub fn backward_into(
         &mut self,
         x: &Tensor,
         dy: &Tensor,
         dx: &mut Tensor,
-        gelu_input: Option<&Tensor>,
+        gelu_slope: Option<&Tensor>,
     ) -> Result<()> {
         self.check(x)?;
         let (n, i, o) = (x.batch(), self.in_features, self.out_features);
@@ -123,13 +125,13 @@ impl Linear {
                 format!("gradient {:?} does not match the output [{n}, {o}]", dy.shape),
             ));
         }
-        if let Some(u) = gelu_input.filter(|u| u.data.len() != x.data.len()) {
+        if let Some(u) = gelu_slope.filter(|u| u.data.len() != x.data.len()) {
             return Err(Error::shape(
                 "Linear",
-                format!("the GELU's input {:?} does not match the input {:?}", u.shape, x.shape),
+                format!("the GELU's slope {:?} does not match the input {:?}", u.shape, x.shape),
             ));
         }
-        let gelu_input = gelu_input.map(|u| &u.data[..]);
+        let gelu_slope = gelu_slope.map(|u| &u.data[..]);
         dx.resize_to(&x.shape)?;
         if self.by_blocks(n) {
             self.scratch.resize(dense_scratch_len(n, i, o), 0.0);
@@ -142,7 +144,7 @@ impl Linear {
                 &mut self.weight.grad.data,
                 self.bias.as_mut().map(|b| &mut b.grad.data[..]),
                 self.input_grad.then_some(&mut dx.data[..]),
-                gelu_input,
+                gelu_slope,
                 &mut self.scratch,
             );
             return Ok(());
@@ -178,8 +180,11 @@ impl Linear {
                 false,
                 t,
             );
-            if let Some(u) = gelu_input {
-                gelu_backward_in_place(u, &mut dx.data);
+            if let Some(s) = gelu_slope {
+                dx.data
+                    .par_chunks_mut(1 << 14)
+                    .zip(s.par_chunks(1 << 14))
+                    .for_each(|(d, s)| scale_by_slope(s, d));
             }
         }
         Ok(())

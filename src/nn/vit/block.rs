@@ -25,8 +25,9 @@ pub struct Block {
     pub fc2: Linear,
     /// Activations of the last forward. Pre: h1 = norm1(x), r1 = x + attn(h1), h2 =
     /// norm2(r1). Post: h1 = x + attn(x), r1 = norm1(h1), h2 = r1 + mlp(r1) (the input of
-    /// norm2). f1 = fc1(·), g = GELU(f1). The residual adds run inside the projections
-    /// (`DenseThen`), the GELU inside fc1's forward and fc2's backward.
+    /// norm2). g = GELU(fc1(·)), f1 = GELU'(fc1(·)), the slope the backward multiplies by. The
+    /// residual adds run inside the projections (`DenseThen`), the GELU inside fc1's forward and
+    /// fc2's backward.
     h1: Tensor,
     r1: Tensor,
     h2: Tensor,
@@ -116,7 +117,7 @@ impl Block {
         y: &mut Tensor,
     ) -> Result<()> {
         g.resize_to(&[x.batch(), fc1.out_features])?;
-        fc1.forward_then(x, f1, DenseThen::Gelu(&mut g.data))?;
+        fc1.forward_then(x, f1, DenseThen::GeluKeepingSlope(&mut g.data))?;
         fc2.forward_then(g, y, DenseThen::AddResidual(&residual.data))
     }
 
