@@ -3,9 +3,11 @@
 
 use std::str::FromStr;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::kernels::simd::multiversion;
 use crate::nn::{ParamKind, Sequential};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,17 +144,33 @@ impl Optimizer {
     }
 }
 
+/// Values per parallel task of an update. A parameter of fewer than two runs in place: each
+/// value's update is independent of the others, so the split changes no bit.
+const UPDATE_CHUNK: usize = 1 << 14;
+
 // d = g + wd·w;  buf = μ·buf + d (buf = d on the first step);  w -= lr·(nesterov ? d + μ·buf : buf)
 #[allow(clippy::too_many_arguments)]
 fn sgd_update(w: &mut [f32], g: &[f32], buf: &mut [f32], lr: f64, mu: f64, nesterov: bool, wd: f64, first: bool) {
     let (lr, mu, wd) = (lr as f32, mu as f32, wd as f32);
-    for ((wv, &gv), b) in w.iter_mut().zip(g).zip(buf.iter_mut()) {
-        let mut d = gv + wd * *wv;
-        if mu != 0.0 {
-            *b = if first { d } else { mu * *b + d };
-            d = if nesterov { d + mu * *b } else { *b };
+    if w.len() < 2 * UPDATE_CHUNK {
+        return sgd_chunk(w, g, buf, lr, mu, nesterov, wd, first);
+    }
+    w.par_chunks_mut(UPDATE_CHUNK)
+        .zip(g.par_chunks(UPDATE_CHUNK).zip(buf.par_chunks_mut(UPDATE_CHUNK)))
+        .for_each(|(w, (g, buf))| sgd_chunk(w, g, buf, lr, mu, nesterov, wd, first));
+}
+
+multiversion! {
+    /// `sgd_update` on one run of values.
+    fn sgd_chunk(w: &mut [f32], g: &[f32], buf: &mut [f32], lr: f32, mu: f32, nesterov: bool, wd: f32, first: bool) {
+        for ((wv, &gv), b) in w.iter_mut().zip(g).zip(buf.iter_mut()) {
+            let mut d = gv + wd * *wv;
+            if mu != 0.0 {
+                *b = if first { d } else { mu * *b + d };
+                d = if nesterov { d + mu * *b } else { *b };
+            }
+            *wv -= lr * d;
         }
-        *wv -= lr * d;
     }
 }
 
@@ -175,14 +193,48 @@ fn adam_update(
     let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
     let shrink = (1.0 - lr * decoupled) as f32;
     let (b1, b2, eps, l2) = (b1 as f32, b2 as f32, cfg.eps as f32, l2 as f32);
-    for (((wv, &gv), mv), vv) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        if decoupled != 0.0 {
-            *wv *= shrink;
+    let decays = decoupled != 0.0;
+    let k = AdamConstants {
+        b1,
+        b2,
+        eps,
+        l2,
+        shrink,
+        step_size,
+        bc2_sqrt,
+    };
+    if w.len() < 2 * UPDATE_CHUNK {
+        return adam_chunk(w, g, m, v, &k, decays);
+    }
+    w.par_chunks_mut(UPDATE_CHUNK)
+        .zip(g.par_chunks(UPDATE_CHUNK))
+        .zip(m.par_chunks_mut(UPDATE_CHUNK).zip(v.par_chunks_mut(UPDATE_CHUNK)))
+        .for_each(|((w, g), (m, v))| adam_chunk(w, g, m, v, &k, decays));
+}
+
+/// One Adam step's constants in f32.
+struct AdamConstants {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    l2: f32,
+    shrink: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
+multiversion! {
+    /// `adam_update` on one run of values (`decays`: the decoupled shrink applies).
+    fn adam_chunk(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConstants, decays: bool) {
+        for (((wv, &gv), mv), vv) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            if decays {
+                *wv *= k.shrink;
+            }
+            let d = gv + k.l2 * *wv;
+            *mv = k.b1 * *mv + (1.0 - k.b1) * d;
+            *vv = k.b2 * *vv + (1.0 - k.b2) * d * d;
+            *wv -= k.step_size * *mv / (vv.sqrt() / k.bc2_sqrt + k.eps);
         }
-        let d = gv + l2 * *wv;
-        *mv = b1 * *mv + (1.0 - b1) * d;
-        *vv = b2 * *vv + (1.0 - b2) * d * d;
-        *wv -= step_size * *mv / (vv.sqrt() / bc2_sqrt + eps);
     }
 }
 
