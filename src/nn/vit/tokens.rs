@@ -3,6 +3,7 @@
 //! norm and linear layer reads them as rows.
 
 use rand::Rng;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::nn::layer::{Layer, Mode, Param, ParamKind};
@@ -75,19 +76,23 @@ impl Layer for PatchTokens {
         let n = self.check(x)?;
         let (d, t, p) = (self.dim, self.tokens(), self.patches);
         y.resize_to(&[n * t, d])?;
-        let pos = &self.pos_embed.value.data;
-        for (ys, xs) in y.data.chunks_mut(t * d).zip(x.data.chunks(d * p)) {
-            ys[..d]
-                .iter_mut()
-                .zip(&self.cls_token.value.data)
-                .zip(&pos[..d])
-                .for_each(|((o, &c), &q)| *o = c + q);
-            for (i, row) in ys[d..].chunks_mut(d).enumerate() {
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = xs[j * p + i] + pos[(1 + i) * d + j];
+        let (pos, cls) = (&self.pos_embed.value.data, &self.cls_token.value.data);
+        // Samples in parallel: on one thread the other sat idle through the transposes.
+        y.data
+            .par_chunks_mut(t * d)
+            .zip(x.data.par_chunks(d * p))
+            .for_each(|(ys, xs)| {
+                ys[..d]
+                    .iter_mut()
+                    .zip(cls)
+                    .zip(&pos[..d])
+                    .for_each(|((o, &c), &q)| *o = c + q);
+                for (i, row) in ys[d..].chunks_mut(d).enumerate() {
+                    for (j, o) in row.iter_mut().enumerate() {
+                        *o = xs[j * p + i] + pos[(1 + i) * d + j];
+                    }
                 }
-            }
-        }
+            });
         Ok(())
     }
 
@@ -102,7 +107,8 @@ impl Layer for PatchTokens {
             ));
         }
         dx.resize_to(&x.shape)?;
-        for (gs, dxs) in dy.data.chunks(t * d).zip(dx.data.chunks_mut(d * p)) {
+        // The sums over samples in order, the transposes in parallel.
+        for gs in dy.data.chunks(t * d) {
             self.cls_token
                 .grad
                 .data
@@ -110,12 +116,17 @@ impl Layer for PatchTokens {
                 .zip(&gs[..d])
                 .for_each(|(a, &g)| *a += g);
             self.pos_embed.grad.data.iter_mut().zip(gs).for_each(|(a, &g)| *a += g);
-            for (i, row) in gs[d..].chunks(d).enumerate() {
-                for (j, &g) in row.iter().enumerate() {
-                    dxs[j * p + i] = g;
-                }
-            }
         }
+        dy.data
+            .par_chunks(t * d)
+            .zip(dx.data.par_chunks_mut(d * p))
+            .for_each(|(gs, dxs)| {
+                for (i, row) in gs[d..].chunks(d).enumerate() {
+                    for (j, &g) in row.iter().enumerate() {
+                        dxs[j * p + i] = g;
+                    }
+                }
+            });
         Ok(())
     }
 
