@@ -32,8 +32,8 @@ fn block_rows(values: usize, inputs: usize, outputs: usize) -> usize {
     (values / (inputs + outputs).max(1)).clamp(16, 1024)
 }
 
-/// `rows` in blocks of about `block` rows, their count a multiple of 4 and their sizes within a
-/// row of each other, so that they share out evenly on 1, 2 or 4 threads: 13 blocks of 512 on
+/// `rows` in blocks of about `block` rows, their count a multiple of 4 and all of one size but
+/// the last (shorter), so that they share out evenly on 1, 2 or 4 threads: 13 blocks of 512 on
 /// 2 threads left one idle for a twelfth of vit:128's qkv forward (6400 rows, 128 -> 384). From
 /// the row count alone: gemm's order of summation depends on the block's rows, and the output
 /// must not depend on the thread count.
