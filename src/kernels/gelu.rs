@@ -53,13 +53,21 @@ pub fn gelu_forward_keeping_slope(x: &mut [f32], g: &mut [f32]) {
 
 multiversion! {
     /// `gelu_forward_keeping_slope` on one thread.
-    pub fn forward_slope_chunk(xc: &mut [f32], gc: &mut [f32]) {
+    fn forward_slope_chunk(xc: &mut [f32], gc: &mut [f32]) {
         for (v, o) in xc.iter_mut().zip(gc.iter_mut()) {
             let (g, slope) = gelu_and_slope(*v);
             *o = g;
             *v = slope;
         }
     }
+}
+
+// d ← d·GELU'(u) from the slope the forward kept, in parallel runs.
+pub fn gelu_backward_from_slope(slope: &[f32], d: &mut [f32]) {
+    assert_eq!(slope.len(), d.len(), "gelu backward: slope");
+    d.par_chunks_mut(CHUNK)
+        .zip(slope.par_chunks(CHUNK))
+        .for_each(|(dc, sc)| scale_by_slope(sc, dc));
 }
 
 multiversion! {

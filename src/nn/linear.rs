@@ -1,11 +1,9 @@
 //! Linear: y = x Wᵀ + b with PyTorch's [out, in] weight layout. An input [N, ...] is read as
 //! [N, in] (what nn.Flatten before it would give), so models need no flatten copy.
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::kernels::dense::{dense_backward, dense_forward, dense_scratch_len, DenseThen, DENSE_MAX_WEIGHTS};
-use crate::kernels::gelu::{gelu_forward_keeping_slope, scale_by_slope};
+use crate::kernels::gelu::{gelu_backward_from_slope, gelu_forward_keeping_slope};
 use crate::kernels::matmul::{matmul, Op};
 use crate::kernels::narrow_product::{narrow_product, NARROW_MAX};
 use crate::nn::layer::{visit_weight_bias, Layer, Mode, Param, ParamKind};
@@ -181,10 +179,7 @@ impl Linear {
                 t,
             );
             if let Some(s) = gelu_slope {
-                dx.data
-                    .par_chunks_mut(1 << 14)
-                    .zip(s.par_chunks(1 << 14))
-                    .for_each(|(d, s)| scale_by_slope(s, d));
+                gelu_backward_from_slope(s, &mut dx.data);
             }
         }
         Ok(())
