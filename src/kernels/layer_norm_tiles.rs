@@ -118,6 +118,39 @@ fn forward<L: Lanes>(
     relu: bool,
     stats: &mut [ChannelStats],
 ) {
+    let (g, b) = (gamma.unwrap_or(&[]), beta.unwrap_or(&[]));
+    // Called in place, not through a function pointer: a pointer's target is compiled without
+    // the caller's AVX-512 (10x slower, measured).
+    macro_rules! run {
+        ($r:literal, $g:literal, $b:literal) => {
+            forward_with::<L, $r, $g, $b>(x, y, c, eps, g, b, stats)
+        };
+    }
+    match (relu, gamma.is_some(), beta.is_some()) {
+        (false, true, true) => run!(false, true, true),
+        (false, true, false) => run!(false, true, false),
+        (false, false, true) => run!(false, false, true),
+        (false, false, false) => run!(false, false, false),
+        (true, true, true) => run!(true, true, true),
+        (true, true, false) => run!(true, true, false),
+        (true, false, true) => run!(true, false, true),
+        (true, false, false) => run!(true, false, false),
+    }
+}
+
+/// `forward` with whether there is a fused ReLU, a γ and a β as constants: the output pass's
+/// loop then tests none of them per vector (LLVM did not hoist the tests: with them and the
+/// masked loads of every vector, the loop's overhead was a third of the forward's samples).
+#[inline(always)]
+fn forward_with<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
+    x: &[f32],
+    y: &mut [f32],
+    c: usize,
+    eps: f64,
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &mut [ChannelStats],
+) {
     let inv_c = 1.0 / c as f64;
     let full = c / LANES * LANES;
     let tile = tile_rows(c);
@@ -142,36 +175,97 @@ fn forward<L: Lanes>(
             (a[r], q[r]) = centered_sums::<L>(&xs[r * c..r * c + full], mean0[r]);
         }
         let (sd, sq) = (row_totals(a), row_totals(q));
-        let mut invstd = [0.0f32; ROWS];
-        for r in 0..rows {
-            let (mut sd, mut sq) = (sd[r] as f64, sq[r] as f64);
-            for &v in &xs[r * c + full..(r + 1) * c] {
-                let d = (v - mean0[r]) as f64;
-                sd += d;
-                sq += d * d;
+        // The 16 rows' f64 statistics and inverse deviations in loops of a constant length,
+        // the tails' sums apart, so that they run on f64 vectors: the scalar square root and
+        // division per row were 5-7% of the forward's samples.
+        let (mut sd, mut sq) = (sd.map(f64::from), sq.map(f64::from));
+        if full < c {
+            for r in 0..rows {
+                for &v in &xs[r * c + full..(r + 1) * c] {
+                    let d = (v - mean0[r]) as f64;
+                    sd[r] += d;
+                    sq[r] += d * d;
+                }
             }
-            let shift = sd * inv_c;
+        }
+        let (mut mean, mut var) = ([0.0f64; ROWS], [0.0f32; ROWS]);
+        for r in 0..ROWS {
+            let shift = sd[r] * inv_c;
+            mean[r] = mean0[r] as f64 + shift;
+            var[r] = (sq[r] * inv_c - shift * shift).max(0.0) as f32;
+        }
+        let mut invstd = [0.0f32; ROWS];
+        for (o, &v) in invstd.iter_mut().zip(&var) {
+            *o = inverse_std(v, eps);
+        }
+        for r in 0..rows {
             sts[r] = ChannelStats {
-                mean: mean0[r] as f64 + shift,
-                var: (sq * inv_c - shift * shift).max(0.0) as f32,
+                mean: mean[r],
+                var: var[r],
             };
-            invstd[r] = inverse_std(sts[r].var, eps);
         }
         for r in 0..rows {
             let (xr, yr) = (&xs[r * c..(r + 1) * c], &mut ys[r * c..(r + 1) * c]);
-            let center = Center::new(sts[r].mean);
-            let (hi, lo, inv) = (L::splat(center.hi), L::splat(center.lo), invstd[r]);
-            let mut j = 0;
-            while j < c {
-                let n = LANES.min(c - j);
-                let d = (L::load_first(&xr[j..], n) - hi) - lo;
-                let scale = gamma.map_or(L::splat(inv), |g| L::load_first(&g[j..], n).scale(inv));
-                let shift = beta.map_or(L::zero(), |b| L::load_first(&b[j..], n));
-                let o = d.mul_add(scale, shift);
-                (if relu { o.relu() } else { o }).store_first(&mut yr[j..], n);
-                j += LANES;
-            }
+            output_row::<L, RELU, G, B>(xr, yr, Center::new(sts[r].mean), invstd[r], gamma, beta);
         }
+    }
+}
+
+/// n lanes of y = act((x − mean)·invstd·γ + β) from x's lanes at column j (a function, not a
+/// closure: closures here were compiled without the caller's AVX-512, 4x slower).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn output_lanes<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
+    xv: L,
+    hi: L,
+    lo: L,
+    iv: L,
+    inv: f32,
+    gamma: &[f32],
+    beta: &[f32],
+    j: usize,
+    n: usize,
+) -> L {
+    let d = (xv - hi) - lo;
+    let scale = if G {
+        L::load_first(&gamma[j..], n).scale(inv)
+    } else {
+        iv
+    };
+    let shift = if B { L::load_first(&beta[j..], n) } else { L::zero() };
+    let o = d.mul_add(scale, shift);
+    if RELU {
+        o.relu()
+    } else {
+        o
+    }
+}
+
+/// One row's y = act((x − mean)·invstd·γ + β): whole vectors, then the tail's lanes.
+#[inline(always)]
+fn output_row<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
+    xr: &[f32],
+    yr: &mut [f32],
+    center: Center,
+    inv: f32,
+    gamma: &[f32],
+    beta: &[f32],
+) {
+    let c = xr.len();
+    let (hi, lo, iv) = (L::splat(center.hi), L::splat(center.lo), L::splat(inv));
+    let full = c / LANES * LANES;
+    for (j, (xv, yv)) in xr[..full]
+        .chunks_exact(LANES)
+        .zip(yr[..full].chunks_exact_mut(LANES))
+        .enumerate()
+    {
+        let v = output_lanes::<L, RELU, G, B>(L::load(xv), hi, lo, iv, inv, gamma, beta, j * LANES, LANES);
+        v.store(yv);
+    }
+    if full < c {
+        let n = c - full;
+        let v = output_lanes::<L, RELU, G, B>(L::load_first(&xr[full..], n), hi, lo, iv, inv, gamma, beta, full, n);
+        v.store_first(&mut yr[full..], n);
     }
 }
 
@@ -229,9 +323,34 @@ fn backward<L: Lanes>(
     dg: &mut [f32],
     db: &mut [f32],
 ) {
+    let g = gamma.unwrap_or(&[]);
+    // In place, not through a function pointer (see `forward`).
+    match (relu, gamma.is_some()) {
+        (false, true) => backward_with::<L, false, true>(x, y, dy, dx, c, eps, g, stats, dg, db),
+        (false, false) => backward_with::<L, false, false>(x, y, dy, dx, c, eps, g, stats, dg, db),
+        (true, true) => backward_with::<L, true, true>(x, y, dy, dx, c, eps, g, stats, dg, db),
+        (true, false) => backward_with::<L, true, false>(x, y, dy, dx, c, eps, g, stats, dg, db),
+    }
+}
+
+/// `backward` with whether there is a fused ReLU and a γ as constants (as `forward_with`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_with<L: Lanes, const RELU: bool, const G: bool>(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    c: usize,
+    eps: f64,
+    gamma: &[f32],
+    stats: &[ChannelStats],
+    dg: &mut [f32],
+    db: &mut [f32],
+) {
     let full = c / LANES * LANES;
     let inv_c = 1.0 / c as f64;
-    let grad = |yv: f32, d: f32| if relu { relu_mask(yv, d) } else { d };
+    let grad = |yv: f32, d: f32| if RELU { relu_mask(yv, d) } else { d };
     // At least one group: long rows (one per L1-sized tile) still share dγ, dβ four at a time.
     let tile = tile_rows(c).max(GROUP);
     for (t, sts) in stats.chunks(tile).enumerate() {
@@ -256,9 +375,9 @@ fn backward<L: Lanes>(
             let (sg, sq) = (&mut ag[r..r + k], &mut aq[r..r + k]);
             let (cs, iv) = (&centers[r..r + k], &inv[r..r + k]);
             if k == GROUP {
-                column_terms::<L, GROUP>(xs, ys, ds, c, full, gamma, relu, cs, iv, sg, sq, dg, db);
+                column_terms::<L, GROUP, RELU, G>(xs, ys, ds, c, full, gamma, cs, iv, sg, sq, dg, db);
             } else {
-                column_terms::<L, 1>(xs, ys, ds, c, full, gamma, relu, cs, iv, sg, sq, dg, db);
+                column_terms::<L, 1, RELU, G>(xs, ys, ds, c, full, gamma, cs, iv, sg, sq, dg, db);
             }
             for i in 0..k {
                 let o = i * c;
@@ -268,7 +387,7 @@ fn backward<L: Lanes>(
                 for j in full..c {
                     let g = grad(yr[j], dr[j]);
                     let xh = center.sub(xr[j]) * inv;
-                    let gg = gamma.map_or(g, |gm| gm[j] * g);
+                    let gg = if G { gamma[j] * g } else { g };
                     tail.0 += gg as f64;
                     tail.1 += (gg * xh) as f64;
                     dg[j] += g * xh;
@@ -282,24 +401,50 @@ fn backward<L: Lanes>(
         for r in 0..rows {
             let o = at + r * c;
             let (xr, yr, dr, dxr) = (&x[o..o + c], &y[o..o + c], &dy[o..o + c], &mut dx[o..o + c]);
-            let a = ((sg[r] as f64 + tails[r].0) * inv_c) as f32;
-            let b = ((sgx[r] as f64 + tails[r].1) * inv_c) as f32;
-            let (hi, lo, iv) = (L::splat(centers[r].hi), L::splat(centers[r].lo), L::splat(inv[r]));
-            let (av, bv) = (L::splat(a), L::splat(b));
+            // dx = invstd·(γg − a − x̂·b) = γg·invstd + (x − hi)·k1 + k0 with x̂ = (x − hi − lo)·invstd:
+            // k1 = −b·invstd², k0 = (lo·b·invstd − a)·invstd (three vector operations, not six).
+            let (a, b, iv) = (
+                (sg[r] as f64 + tails[r].0) * inv_c,
+                (sgx[r] as f64 + tails[r].1) * inv_c,
+                inv[r] as f64,
+            );
+            let k1 = L::splat((-b * iv * iv) as f32);
+            let k0 = L::splat(((centers[r].lo as f64 * b * iv - a) * iv) as f32);
+            let (hi, ivl) = (L::splat(centers[r].hi), L::splat(inv[r]));
             let mut j = 0;
-            while j < c {
-                let n = LANES.min(c - j);
-                let mut g = L::load_first(&dr[j..], n);
-                if relu {
-                    g = g.where_positive(L::load_first(&yr[j..], n));
-                }
-                let xh = ((L::load_first(&xr[j..], n) - hi) - lo) * iv;
-                let gg = gamma.map_or(g, |gm| g * L::load_first(&gm[j..], n));
-                (((gg - av) - xh * bv) * iv).store_first(&mut dxr[j..], n);
+            while j < full {
+                dx_lanes::<L, RELU, G>(xr, yr, dr, gamma, hi, ivl, k1, k0, j, LANES).store(&mut dxr[j..]);
                 j += LANES;
+            }
+            if full < c {
+                let n = c - full;
+                dx_lanes::<L, RELU, G>(xr, yr, dr, gamma, hi, ivl, k1, k0, full, n).store_first(&mut dxr[full..], n);
             }
         }
     }
+}
+
+/// n lanes of the backward's dx at column j (a function, not a closure: see `output_lanes`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_lanes<L: Lanes, const RELU: bool, const G: bool>(
+    xr: &[f32],
+    yr: &[f32],
+    dr: &[f32],
+    gamma: &[f32],
+    hi: L,
+    iv: L,
+    k1: L,
+    k0: L,
+    j: usize,
+    n: usize,
+) -> L {
+    let mut g = L::load_first(&dr[j..], n);
+    if RELU {
+        g = g.where_positive(L::load_first(&yr[j..], n));
+    }
+    let gg = if G { g * L::load_first(&gamma[j..], n) } else { g };
+    gg.mul_add(iv, (L::load_first(&xr[j..], n) - hi).mul_add(k1, k0))
 }
 
 /// Rows per group of the backward's first pass.
@@ -310,14 +455,13 @@ pub(crate) const GROUP: usize = 4;
 /// for the K rows (per row, the two stores cost as much as the rest of the pass).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn column_terms<L: Lanes, const K: usize>(
+fn column_terms<L: Lanes, const K: usize, const RELU: bool, const G: bool>(
     xs: &[f32],
     ys: &[f32],
     ds: &[f32],
     c: usize,
     full: usize,
-    gamma: Option<&[f32]>,
-    relu: bool,
+    gamma: &[f32],
     centers: &[Center],
     inv: &[f32],
     sg: &mut [L],
@@ -325,22 +469,23 @@ fn column_terms<L: Lanes, const K: usize>(
     dg: &mut [f32],
     db: &mut [f32],
 ) {
+    // x̂ = (x − hi − lo)·invstd as (x − hi)·invstd − lo·invstd: one fused operation fewer.
     let hi: [L; K] = std::array::from_fn(|i| L::splat(centers[i].hi));
-    let lo: [L; K] = std::array::from_fn(|i| L::splat(centers[i].lo));
+    let nlo: [L; K] = std::array::from_fn(|i| L::splat(-centers[i].lo * inv[i]));
     let iv: [L; K] = std::array::from_fn(|i| L::splat(inv[i]));
     let mut a: [L; K] = std::array::from_fn(|i| sg[i]);
     let mut q: [L; K] = std::array::from_fn(|i| sq[i]);
     for j in (0..full).step_by(LANES) {
-        let gm = gamma.map(|gm| L::load(&gm[j..]));
+        let gm = if G { L::load(&gamma[j..]) } else { L::zero() };
         let (mut tg, mut tb) = (L::load(&dg[j..]), L::load(&db[j..]));
         for i in 0..K {
             let o = i * c + j;
             let mut g = L::load(&ds[o..]);
-            if relu {
+            if RELU {
                 g = g.where_positive(L::load(&ys[o..]));
             }
-            let xh = ((L::load(&xs[o..]) - hi[i]) - lo[i]) * iv[i];
-            let gg = gm.map_or(g, |gm| g * gm);
+            let xh = (L::load(&xs[o..]) - hi[i]).mul_add(iv[i], nlo[i]);
+            let gg = if G { g * gm } else { g };
             a[i] = a[i] + gg;
             q[i] = gg.mul_add(xh, q[i]);
             tg = g.mul_add(xh, tg);
