@@ -140,34 +140,53 @@ multiversion! {
     /// two runs of them. The comparisons are the ones of `max_pool_2x2_values` in the same
     /// order, so the values (and which NaN) are the same. A fused conv's epilogue
     /// (`Conv2d::forward_max_pooled`: rows of the map itself, its im2col buffer as the scratch;
-    /// the direct kernel's padded rows, W + 2 apart).
-    pub fn max_pool_2x2_values_even_rows(xp: &[f32], row: usize, ow: usize, relu: bool, yp: &mut [f32], hp: &mut [f32]) {
+    /// the direct kernel's padded rows, W + 2 apart), then + `bias` and the ReLU as
+    /// `reduce::add_bias_relu` does (relu(max + b); + 0 under a ReLU without a bias).
+    pub fn max_pool_2x2_values_even_rows(xp: &[f32], row: usize, ow: usize, bias: Option<f32>, relu: bool, yp: &mut [f32], hp: &mut [f32]) {
         let oh = yp.len() / ow.max(1);
         let hp = &mut hp[..oh * row];
         for (h, p) in hp.iter_mut().zip(xp[..2 * oh * row].chunks_exact(2)) {
             *h = if beats(p[1], p[0]) { p[1] } else { p[0] };
         }
-        pool_row_pairs(hp, row, ow, relu, yp);
+        pool_row_pairs(hp, row, ow, bias, relu, yp);
     }
 }
 
 lanes_entry! {
     /// The second step of `max_pool_2x2_values_even_rows`: output row r is the max of the two
-    /// runs of horizontal maxima in `hp`'s row r (at 0 and row/2), ow values each, 16 lanes at
-    /// a time with the last block masked. Auto-vectorized, a 14-value row (28-wide maps) took
-    /// three 4-lane steps and two scalar ones, most of the pool's time in a seed-cnn inference.
-    pub fn pool_row_pairs(hp: &[f32], row: usize, ow: usize, relu: bool, yp: &mut [f32]) => pool_row_pairs_with
+    /// runs of horizontal maxima in `hp`'s row r (at 0 and row/2), ow values each, then
+    /// + bias and the ReLU; 16 lanes at a time with the last block masked. Auto-vectorized,
+    /// a 14-value row (28-wide maps) took three 4-lane steps and two scalar ones, most of the
+    /// pool's time in a seed-cnn inference.
+    pub fn pool_row_pairs(hp: &[f32], row: usize, ow: usize, bias: Option<f32>, relu: bool, yp: &mut [f32]) => pool_row_pairs_with
 }
 
 #[inline(always)]
-fn pool_row_pairs_with<L: Lanes>(hp: &[f32], row: usize, ow: usize, relu: bool, yp: &mut [f32]) {
-    let half = row / 2;
+fn pool_row_pairs_with<L: Lanes>(hp: &[f32], row: usize, ow: usize, bias: Option<f32>, relu: bool, yp: &mut [f32]) {
+    // The flags as constants, so that the loop tests neither.
+    let b = bias.unwrap_or(0.0);
+    match (bias.is_some() || relu, relu) {
+        (false, _) => row_pairs::<L, false, false>(hp, row, ow, b, yp),
+        (true, false) => row_pairs::<L, true, false>(hp, row, ow, b, yp),
+        (true, true) => row_pairs::<L, true, true>(hp, row, ow, b, yp),
+    }
+}
+
+#[inline(always)]
+fn row_pairs<L: Lanes, const ADD: bool, const RELU: bool>(hp: &[f32], row: usize, ow: usize, b: f32, yp: &mut [f32]) {
+    let (half, b) = (row / 2, L::splat(b));
     for (yr, rows) in yp.chunks_exact_mut(ow).zip(hp.chunks_exact(row)) {
         let mut j = 0;
         while j < ow {
             let n = LANES.min(ow - j);
-            let m = L::load_first(&rows[j..], n).pool_max(L::load_first(&rows[half + j..], n));
-            (if relu { m.relu() } else { m }).store_first(&mut yr[j..], n);
+            let mut m = L::load_first(&rows[j..], n).pool_max(L::load_first(&rows[half + j..], n));
+            if ADD {
+                m = m + b;
+            }
+            if RELU {
+                m = m.relu();
+            }
+            m.store_first(&mut yr[j..], n);
             j += LANES;
         }
     }
@@ -296,10 +315,11 @@ mod tests {
     }
 
     /// The row-pair path (rows of the map itself and the direct kernel's padded rows, W + 2
-    /// apart) gives the values of `max_pool_2x2_values`, bit for bit and NaN for NaN, on both
-    /// lane types: widths whose output rows are shorter than, equal to and longer than 16 lanes.
+    /// apart) gives the values of `max_pool_2x2_values` then `add_bias_relu`, bit for bit and
+    /// NaN for NaN, on both lane types: widths whose output rows are shorter than, equal to and
+    /// longer than 16 lanes, with and without a bias and a ReLU.
     #[test]
-    fn row_pairs_pool_as_the_plain_loop_does() {
+    fn row_pairs_pool_as_the_plain_loops_do() {
         let same = |p: &f32, q: &f32| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan());
         for (w, pad) in [(6, 0), (28, 0), (28, 2), (32, 0), (34, 2), (40, 0)] {
             let (h, row, ow) = (6, w + pad, w / 2);
@@ -307,23 +327,23 @@ mod tests {
             x[1] = f32::NAN;
             x[row + 4] = f32::NAN;
             x[row + 5] = f32::NAN;
+            x[2 * row + 2] = -0.0;
             x[2 * row + 3] = -0.0;
-            for relu in [false, true] {
+            for (bias, relu) in [(None, false), (None, true), (Some(0.5f32), false), (Some(-0.5), true)] {
                 let n = (h / 2) * ow;
                 let mut want = vec![0.0f32; n];
-                max_pool_2x2_values(&x, row, ow, relu, &mut want);
+                max_pool_2x2_values(&x, row, ow, false, &mut want);
+                if bias.is_some() || relu {
+                    let b = bias.map(|b| vec![b]);
+                    crate::kernels::reduce::add_bias_relu(&mut want, n, b.as_deref(), relu);
+                }
+                let what = format!("w {w} pad {pad} bias {bias:?} relu {relu}");
                 let (mut got, mut hp) = (vec![0.0f32; n], vec![0.0f32; h / 2 * row]);
-                max_pool_2x2_values_even_rows(&x, row, ow, relu, &mut got, &mut hp);
-                assert!(
-                    got.iter().zip(&want).all(|(p, q)| same(p, q)),
-                    "w {w} pad {pad} relu {relu}"
-                );
+                max_pool_2x2_values_even_rows(&x, row, ow, bias, relu, &mut got, &mut hp);
+                assert!(got.iter().zip(&want).all(|(p, q)| same(p, q)), "{what}");
                 let mut portable = vec![0.0f32; n];
-                pool_row_pairs_with::<crate::kernels::lanes::Portable>(&hp, row, ow, relu, &mut portable);
-                assert!(
-                    portable.iter().zip(&want).all(|(p, q)| same(p, q)),
-                    "portable w {w} pad {pad}"
-                );
+                pool_row_pairs_with::<crate::kernels::lanes::Portable>(&hp, row, ow, bias, relu, &mut portable);
+                assert!(portable.iter().zip(&want).all(|(p, q)| same(p, q)), "portable {what}");
             }
         }
     }

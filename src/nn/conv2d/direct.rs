@@ -271,13 +271,15 @@ impl Epilogue<'_> {
             copy_rows_bias_relu(src, row, yo, w, bias, res, self.relu);
             return;
         }
-        if row % 2 == 0 {
-            // The grid's rows are W + 2 apart: the pool reads each row's first W.
-            max_pool_2x2_values_even_rows(src, row, w / 2, false, yo, hp);
-        } else {
-            max_pool_2x2_values(src, row, w / 2, false, yo);
-        }
         // A pooled output has no residual (forward_direct asserts it).
+        if row % 2 == 0 {
+            // The grid's rows are W + 2 apart: the pool reads each row's first W, then adds
+            // the bias and applies the ReLU in the same pass.
+            let bias = self.bias.map(|bs| bs[o]);
+            max_pool_2x2_values_even_rows(src, row, w / 2, bias, self.relu, yo, hp);
+            return;
+        }
+        max_pool_2x2_values(src, row, w / 2, false, yo);
         let bias = self.bias.map(|bs| &bs[o..o + 1]);
         if bias.is_some() || self.relu {
             add_bias_relu(yo, yo.len(), bias, self.relu);
