@@ -48,7 +48,7 @@ pub(crate) trait Lanes:
     /// gradient mask).
     fn where_positive(self, by: Self) -> Self;
     /// `later` where it beats self (larger, or NaN where self is not), else self, lane by lane:
-    /// the max-pool's rule, under which the first maximum of a window wins (`pool::beats`).
+    /// the max-pool's rule, under which the first maximum of a window wins (`reduce::beats`).
     fn pool_max(self, later: Self) -> Self;
     /// The LANES × LANES square with rows and columns swapped: out[j] lane i = rows[i] lane j.
     fn transpose(rows: [Self; LANES]) -> [Self; LANES];
@@ -171,7 +171,7 @@ impl Lanes for Portable {
     #[inline(always)]
     fn pool_max(mut self, later: Self) -> Self {
         for (a, b) in self.0.iter_mut().zip(later.0) {
-            if crate::kernels::pool::beats(b, *a) {
+            if crate::kernels::reduce::beats(b, *a) {
                 *a = b;
             }
         }
@@ -511,7 +511,7 @@ mod tests {
         let a: [f32; LANES] = std::array::from_fn(|i| pairs[i % pairs.len()].0);
         let b: [f32; LANES] = std::array::from_fn(|i| pairs[i % pairs.len()].1);
         let want: [f32; LANES] = std::array::from_fn(|i| {
-            if crate::kernels::pool::beats(b[i], a[i]) {
+            if crate::kernels::reduce::beats(b[i], a[i]) {
                 b[i]
             } else {
                 a[i]

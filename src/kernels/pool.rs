@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
+use crate::kernels::reduce::beats;
 use crate::kernels::simd::multiversion;
 
 /// y[p, oy, ox] = max over the k×k window (then max(·, 0) when `relu`: a ReLU before the pool
@@ -88,12 +89,6 @@ fn max_pool_generic(
             .zip(x.par_chunks(h * w))
             .for_each(|(yp, xp)| plane(xp, yp, None)),
     }
-}
-
-/// b beats a: larger, or NaN where a is not (the first maximum in row-major order wins).
-#[inline(always)]
-pub(crate) fn beats(b: f32, a: f32) -> bool {
-    (b > a) | (b.is_nan() & !a.is_nan())
 }
 
 #[inline(always)]

@@ -90,6 +90,13 @@ pub fn relu_mask(y: f32, g: f32) -> f32 {
     f32::from_bits(g.to_bits() & ((y <= 0.0) as u32).wrapping_sub(1))
 }
 
+/// b beats a in a max-pool's window: larger, or NaN where a is not (the first maximum in
+/// row-major order wins). Here, below both the pool and the lane types that share the rule.
+#[inline(always)]
+pub(crate) fn beats(b: f32, a: f32) -> bool {
+    (b > a) | (b.is_nan() & !a.is_nan())
+}
+
 crate::kernels::simd::multiversion! {
     /// v = v + bias[row] (then max(·, 0) when `relu`) over rows of `cols` values: a conv's
     /// epilogue while its output is in cache.
