@@ -206,7 +206,7 @@ fn forward_with<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
         }
         for r in 0..rows {
             let (xr, yr) = (&xs[r * c..(r + 1) * c], &mut ys[r * c..(r + 1) * c]);
-            output_row::<L, RELU, G, B>(xr, yr, Center::new(sts[r].mean), invstd[r], gamma, beta);
+            output_row::<L, RELU, G, B>(xr, yr, Center::new(sts[r].mean), invstd[r], (gamma, beta));
         }
     }
 }
@@ -214,23 +214,19 @@ fn forward_with<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
 /// n lanes of y = act((x − mean)·invstd·γ + β) from x's lanes at column j (a function, not a
 /// closure: closures here were compiled without the caller's AVX-512, 4x slower).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn output_lanes<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
     xv: L,
-    hi: L,
-    lo: L,
-    iv: L,
+    center: Center,
     inv: f32,
-    gamma: &[f32],
-    beta: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
     j: usize,
     n: usize,
 ) -> L {
-    let d = (xv - hi) - lo;
+    let d = (xv - L::splat(center.hi)) - L::splat(center.lo);
     let scale = if G {
         L::load_first(&gamma[j..], n).scale(inv)
     } else {
-        iv
+        L::splat(inv)
     };
     let shift = if B { L::load_first(&beta[j..], n) } else { L::zero() };
     let o = d.mul_add(scale, shift);
@@ -248,23 +244,20 @@ fn output_row<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
     yr: &mut [f32],
     center: Center,
     inv: f32,
-    gamma: &[f32],
-    beta: &[f32],
+    affine: (&[f32], &[f32]),
 ) {
     let c = xr.len();
-    let (hi, lo, iv) = (L::splat(center.hi), L::splat(center.lo), L::splat(inv));
     let full = c / LANES * LANES;
     for (j, (xv, yv)) in xr[..full]
         .chunks_exact(LANES)
         .zip(yr[..full].chunks_exact_mut(LANES))
         .enumerate()
     {
-        let v = output_lanes::<L, RELU, G, B>(L::load(xv), hi, lo, iv, inv, gamma, beta, j * LANES, LANES);
-        v.store(yv);
+        output_lanes::<L, RELU, G, B>(L::load(xv), center, inv, affine, j * LANES, LANES).store(yv);
     }
     if full < c {
         let n = c - full;
-        let v = output_lanes::<L, RELU, G, B>(L::load_first(&xr[full..], n), hi, lo, iv, inv, gamma, beta, full, n);
+        let v = output_lanes::<L, RELU, G, B>(L::load_first(&xr[full..], n), center, inv, affine, full, n);
         v.store_first(&mut yr[full..], n);
     }
 }

@@ -74,21 +74,19 @@ impl Conv2d {
                     }
                     matmul(out, oc, ld, rows, w, Op::N, col, Op::N, false, threads);
                     // The column matrix is spent: its first half-plane is the pool's scratch.
+                    // Even widths: the bias and ReLU in the pool's own pass.
+                    let fused = ow % 2 == 0;
                     for (i, ys) in yb.chunks_mut(oc * pooled).enumerate() {
-                        if ow % 2 == 0 {
-                            // The bias and ReLU in the pool's own pass.
-                            for (o, yp) in ys.chunks_mut(pooled).enumerate() {
-                                let plane = &out[o * ld + i * cols..o * ld + (i + 1) * cols];
-                                let b = bias.map(|b| b[o]);
-                                max_pool_2x2_values_even_rows(plane, ow, pw, b, relu, yp, col);
-                            }
-                            continue;
-                        }
                         for (o, yp) in ys.chunks_mut(pooled).enumerate() {
                             let plane = &out[o * ld + i * cols..o * ld + (i + 1) * cols];
-                            max_pool_2x2_values(plane, ow, pw, false, yp);
+                            if fused {
+                                let b = bias.map(|b| b[o]);
+                                max_pool_2x2_values_even_rows(plane, ow, pw, b, relu, yp, col);
+                            } else {
+                                max_pool_2x2_values(plane, ow, pw, false, yp);
+                            }
                         }
-                        if bias.is_some() || relu {
+                        if !fused && (bias.is_some() || relu) {
                             add_bias_relu(ys, pooled, bias, relu);
                         }
                     }
