@@ -325,9 +325,11 @@ fn same_bits_on_more_threads(case: &str, threads: &[usize], run: impl Fn() -> Te
 }
 
 /// A lone sample's Winograd forward splits into bands of tile rows on several threads, each
-/// staging its own rows with their halo: the same bits as the whole map on one thread, for
-/// both tiles, pooled (odd heights drop their last row), with a residual, with and without
-/// bias and ReLU, band counts 2 to 4 (the last band shorter, or a single tile row).
+/// staging its own rows with their halo, or on maps one or two tile rows high into runs of
+/// output channels: the same bits as the whole map on one thread, for both tiles, pooled (odd
+/// heights drop their last row), with a residual, with and without bias and ReLU, band counts
+/// 2 to 4 (the last band shorter, or a single tile row), runs of 16 and 32 channels (the last
+/// one a single channel).
 #[test]
 fn winograd_bands_equal_the_whole_map_bit_for_bit() {
     use normlab::kernels::winograd::WinogradTile;
@@ -342,6 +344,9 @@ fn winograd_bands_equal_the_whole_map_bit_for_bit() {
         (3, 20, 14, 14, WinogradTile::F2, true, false, 1),
         (8, 12, 21, 14, WinogradTile::F4, true, false, 2),
         (18, 5, 7, 7, WinogradTile::F4, false, false, 2),
+        (24, 40, 7, 7, WinogradTile::F4, true, true, 0),
+        (16, 64, 7, 6, WinogradTile::F4, true, false, 1),
+        (20, 33, 5, 9, WinogradTile::F2, false, false, 2),
     ];
     for (c, oc, h, w, tile, bias, relu, what) in cases {
         let seed = rng.gen();

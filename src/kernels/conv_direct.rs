@@ -176,6 +176,31 @@ pub fn direct_is_vectorized() -> bool {
     }
 }
 
+/// Whether this CPU runs AVX-512 at half rate: AMD's family 19h (Zen 4) splits each 512-bit
+/// operation over two 256-bit units, so the direct kernel's multiply-adds cost twice what they
+/// cost on Intel's 512-bit units, and Winograd's saved multiplies pay on smaller convs
+/// (nn::conv2d's `auto_passes` picks by it). Asked once (cpuid traps to the hypervisor in a VM).
+pub fn vectors_run_at_half_rate() -> bool {
+    static HALF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HALF.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::__cpuid;
+            #[allow(unused_unsafe)]
+            // SAFETY: cpuid leaves 0 and 1 exist on every x86_64 CPU.
+            let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1).eax) };
+            // "AuthenticAMD" in ebx, edx, ecx.
+            let amd = [vendor.ebx, vendor.edx, vendor.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
+            let family = ((signature >> 8) & 0xf) + ((signature >> 20) & 0xff);
+            amd && family == 0x19 && direct_is_vectorized()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 lanes_entry! {
     /// Output channels o0..o0 + DIRECT_CHANNELS of the conv of the padded sample `xp` with the
     /// [OC, C, 3, 3] weights `w`, on the output grid: channel o0 + r at `out[r·V·LANES..]`

@@ -349,34 +349,51 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Without norms (the folded model), the eval forward sums the shortcut in conv2's Winograd
-    /// output transform (17 samples of 16+ channels) or the direct kernel's epilogue (one
-    /// sample, or 12 channels, where the CPU runs it): the same bits as the separate conv, sum
-    /// and ReLU of the train forward.
+    /// output transform or the direct kernel's epilogue (17 samples and one, 8 to 32 channels):
+    /// the same bits as the separate conv, sum and ReLU of the train forward with the same
+    /// algorithm (`auto` may pick another one for an eval forward than for training).
     #[test]
     fn fused_residual_sum_equals_the_separate_passes() {
+        use crate::nn::conv_algorithm::ConvAlgorithm;
         let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let norm: NormSpec = "none".parse().unwrap();
-        let direct = crate::kernels::conv_direct::direct_is_vectorized();
-        for (n, cin, cout, stride, hw) in [
+        let algorithms = [
+            ConvAlgorithm::Winograd(crate::kernels::winograd::WinogradTile::F4),
+            ConvAlgorithm::Direct,
+        ];
+        for ((n, cin, cout, stride, hw), algorithm) in [
             (17, 16, 16, 1, 9),
             (17, 16, 32, 2, 14),
             (1, 16, 16, 1, 9),
             (1, 8, 12, 2, 7),
             (3, 8, 12, 1, 9),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|case| algorithms.map(|a| (case, a)))
+        {
             let out = (hw - 1) / stride + 1;
             let mut block = BasicBlock::new(cin, cout, cout, stride, [out, out], &norm, "b", &mut g).unwrap();
+            block.visit_parts(&mut |part| {
+                if let Some(conv) = part.downcast_mut::<crate::nn::conv2d::Conv2d>() {
+                    conv.algorithm = algorithm;
+                }
+            });
             let data: Vec<f32> = (0..n * cin * hw * hw).map(|_| g.gen_range(-1.0..1.0)).collect();
             let x = Tensor::from_vec(&[n, cin, hw, hw], data).unwrap();
             let (mut fused, mut separate) = (Tensor::default(), Tensor::default());
             block.forward(&x, &mut fused, Mode::Eval).unwrap();
-            if (n > 1 && cout >= 16) || direct {
-                assert!(block.acts[2].data.is_empty(), "the eval forward did not fuse");
-            }
+            assert!(
+                block.acts[2].data.is_empty(),
+                "{algorithm:?}: the eval forward did not fuse"
+            );
             block.forward(&x, &mut separate, Mode::Train).unwrap();
             assert_eq!(fused.shape, separate.shape);
             let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&fused), bits(&separate), "{cin}->{cout} stride {stride}");
+            assert_eq!(
+                bits(&fused),
+                bits(&separate),
+                "{cin}->{cout} stride {stride} {algorithm:?}"
+            );
         }
     }
 }

@@ -60,6 +60,11 @@ pub struct Conv2d {
     /// The tile `wino_u` holds the current weights' transform for; None once the weights may
     /// have changed (see `weights_may_change`).
     wino_u_tile: Option<WinogradTile>,
+    /// U in runs of output channels for a lone sample split by channels (winograd_bands.rs):
+    /// run k, channels o0..o1, at t²·C·o0 as [t²][C][o1 - o0]; `wino_u_runs_of` the run width
+    /// it was cut for (None with `wino_u_tile`).
+    wino_u_runs: Vec<f32>,
+    wino_u_runs_of: Option<usize>,
     /// The weights packed for kernels::conv_direct_lanes, and whether they are the current
     /// weights' (dropped with `wino_u_tile`).
     lane_weights: Vec<f32>,
@@ -171,6 +176,8 @@ impl Conv2d {
             wino_u: Vec::new(),
             wino_u_adjoint: Vec::new(),
             wino_u_tile: None,
+            wino_u_runs: Vec::new(),
+            wino_u_runs_of: None,
             lane_weights: Vec::new(),
             lane_weights_current: false,
         }
@@ -203,6 +210,7 @@ impl Conv2d {
     /// as much as it saved at batch 1 (13.6-15.1 µs for 128x128x9 weights on one thread).
     fn weights_may_change(&mut self) {
         self.wino_u_tile = None;
+        self.wino_u_runs_of = None;
         self.lane_weights_current = false;
     }
 
@@ -322,8 +330,8 @@ impl Layer for Conv2d {
         Ok(relu_if(g, y, self.relu))
     }
 
-    fn forward(&mut self, x: &Tensor, y: &mut Tensor, _mode: Mode) -> Result<()> {
-        self.with_shared_scratch(x, |conv| conv.forward_any(x, y))
+    fn forward(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
+        self.with_shared_scratch(x, |conv| conv.forward_any(x, y, mode))
     }
 
     fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
@@ -359,9 +367,9 @@ impl Conv2d {
 
     // y_n = W[OC, C*k*k] · im2col(x_n) + b, for `batch` samples at a time:
     // [OC, batch·cols] = W · [im2col(x_p) side by side]
-    fn forward_any(&mut self, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    fn forward_any(&mut self, x: &Tensor, y: &mut Tensor, mode: Mode) -> Result<()> {
         let g = self.geometry(x)?;
-        match self.passes(&g, x.batch()).forward {
+        match self.passes(&g, x.batch(), mode).forward {
             ForwardMethod::Winograd(tile) => return self.forward_winograd(x, y, &g, tile, None, None),
             ForwardMethod::Direct { lanes } => return self.forward_direct(x, y, &g, lanes, None, None),
             ForwardMethod::Im2col => {}
@@ -488,7 +496,7 @@ impl Conv2d {
                 format!("output {:?} does not match gradient {:?}", y.shape, dy.shape),
             ));
         }
-        let passes = self.passes(&g, n);
+        let passes = self.passes(&g, n, Mode::Train);
         if passes.weight_grad.is_some() || (passes.input_grad.is_some() && self.input_grad) {
             self.backward_winograd(x, y, dy, dx, &g, passes)?;
             return Ok(());

@@ -10,6 +10,7 @@ use crate::kernels::im2col::im2col;
 use crate::kernels::matmul::{matmul, Op};
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
 use crate::kernels::reduce::add_bias_relu;
+use crate::nn::layer::Mode;
 use crate::tensor::Tensor;
 
 impl Conv2d {
@@ -33,7 +34,7 @@ impl Conv2d {
         // A lone sample big enough to be split over the threads keeps the plain forward's split
         // (this path runs one sample on one thread: vgg at batch 1 went 0.44 -> 0.72 ms).
         let split = n == 1 && rayon::current_num_threads() > 1 && oc * cols * rows >= SPLIT_FROM_MACS;
-        let forward = self.passes(&g, n).forward;
+        let forward = self.passes(&g, n, Mode::Eval).forward;
         if let (ForwardMethod::Direct { lanes }, true) = (forward, oh >= 2 && ow >= 2) {
             self.forward_direct(x, y, &g, lanes, Some(relu), None)?;
             return Ok(true);

@@ -5,6 +5,7 @@
 
 use super::{Conv2d, ForwardMethod};
 use crate::error::Result;
+use crate::nn::layer::Mode;
 use crate::tensor::Tensor;
 
 impl Conv2d {
@@ -18,7 +19,7 @@ impl Conv2d {
             return Ok(false);
         }
         let r = Some(r.data.as_slice());
-        match self.passes(&g, x.batch()).forward {
+        match self.passes(&g, x.batch(), Mode::Eval).forward {
             ForwardMethod::Winograd(tile) => {
                 self.with_shared_scratch(x, |conv| conv.forward_winograd(x, y, &g, tile, None, r))?
             }

@@ -3,8 +3,9 @@
 //! (the transforms themselves are kernels::winograd).
 
 use super::*;
-use crate::kernels::conv_direct::direct_is_vectorized;
+use crate::kernels::conv_direct::{direct_is_vectorized, vectors_run_at_half_rate};
 use crate::kernels::conv_direct_lanes::LANE_CHANNELS;
+use crate::kernels::lanes::LANES;
 
 impl GroupScratch {
     /// out = the 3x3 padding-1 conv of `src` (the planned samples × cin × h × w) with the
@@ -69,11 +70,11 @@ fn product_is_ahead(c: usize, oc: usize) -> bool {
 }
 
 impl Conv2d {
-    /// The method of each pass for geometry `g` and a batch of n samples. Winograd needs a 3x3
-    /// kernel, stride 1 and padding 1 (then dx is again such a conv), the direct forward a 3x3
-    /// kernel, padding 1 and stride 1 or 2; `Auto` takes the measured table below, and the
-    /// direct forward for stride 2.
-    pub fn passes(&self, g: &ConvGeometry, n: usize) -> ConvPasses {
+    /// The method of each pass for geometry `g`, a batch of n samples and the forward's `mode`
+    /// (the backward's is Train). Winograd needs a 3x3 kernel, stride 1 and padding 1 (then dx
+    /// is again such a conv), the direct forward a 3x3 kernel, padding 1 and stride 1 or 2;
+    /// `Auto` takes the measured table below, and the direct forward for stride 2.
+    pub fn passes(&self, g: &ConvGeometry, n: usize, mode: Mode) -> ConvPasses {
         let eligible = self.kernel == 3 && self.stride == 1 && self.padding == 1;
         // The direct kernel also takes stride 2 (its four phase planes).
         let direct_eligible = self.kernel == 3 && self.padding == 1 && self.stride <= 2;
@@ -95,7 +96,7 @@ impl Conv2d {
             _ if !eligible => all(None),
             ConvAlgorithm::Im2col | ConvAlgorithm::Direct | ConvAlgorithm::DirectLanes => all(None),
             ConvAlgorithm::Winograd(t) => all(Some(t)),
-            ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels, g.height, g.width),
+            ConvAlgorithm::Auto => auto_passes(n, g.channels, self.out_channels, g.height, g.width, mode),
         }
     }
 
@@ -172,9 +173,15 @@ impl Conv2d {
         residual: Option<&[f32]>,
     ) -> Result<()> {
         let n = x.batch();
-        let bands = rayon::current_num_threads().min(g.height.div_ceil(tile.m()));
-        if n == 1 && bands > 1 {
-            return self.forward_winograd_bands(x, y, g, tile, pool, residual, bands);
+        let threads = rayon::current_num_threads();
+        let bands = threads.min(g.height.div_ceil(tile.m()));
+        if n == 1 && threads > 1 {
+            if let Some(run) = channel_run(self.out_channels, g.height.div_ceil(tile.m()), threads) {
+                return self.forward_winograd_channel_runs(x, y, g, tile, pool, residual, run);
+            }
+            if bands > 1 {
+                return self.forward_winograd_bands(x, y, g, tile, pool, residual, bands);
+            }
         }
         let (c, oc) = (g.channels, self.out_channels);
         let (per_group, batch) = self.prepare_winograd(n, g, tile, Pass::Forward, false)?;
@@ -368,13 +375,26 @@ impl Conv2d {
 /// 14x14 level (19.7/18.8, pooled 18.2/20.4), 16->16 14x14 7.5/9.7, and 16->16 28x28, ahead
 /// alone (17.4/14.9) but 2-4 µs slower per block inside resnet's batch-1 forward (`bench
 /// --inference --layers`, alternating builds); on 7x7 maps too (64->128 34.4/37.1, 128->128
-/// 67.7/108.6). Every other forward takes the direct kernel where the CPU runs it on vectors
-/// (AVX-512).
-pub(super) fn auto_passes(n: usize, c: usize, oc: usize, h: usize, w: usize) -> ConvPasses {
+/// 67.7/108.6). Those figures are the Intel host's. Where AVX-512 runs at half rate (AMD's
+/// Zen 4: the direct kernel's multiply-adds cost twice as much) an eval forward takes F(4x4)
+/// for every such conv on maps of 7 and more: folded resnet at batch 1 on the AMD host, 2 threads, min of 8
+/// alternating runs of `bench --inference --layers`, 0.263 -> 0.228 ms (its 28x28 16->16
+/// blocks 45 -> 37 µs, 7x7 64->64 41 -> 34), vgg 0.219 -> 0.201 (7x7 128->128 70 -> 53),
+/// pruned vgg 0.129 -> 0.098, pruned resnet 0.178 -> 0.168, no layer slower. Every other
+/// forward takes the direct kernel where the CPU runs it on vectors (AVX-512). Training keeps
+/// the Intel rule there (not measured on the AMD host; and a small batch's gradients then
+/// follow the direct forward's ties: vgg_golden's max-pools route a tied window's gradient as
+/// PyTorch does, which F(4x4)'s position-dependent rounding breaks).
+pub(super) fn auto_passes(n: usize, c: usize, oc: usize, h: usize, w: usize, mode: Mode) -> ConvPasses {
     let wide = n >= 16 && c >= 16 && oc >= 16;
     let f4 = Some(WinogradTile::F4);
-    let small_batch =
-        n < 16 && direct_is_vectorized() && h.min(w) >= 14 && c.min(oc) >= 16 && c * oc * h * w >= 32 * 64 * 14 * 14;
+    let small_batch = n < 16
+        && direct_is_vectorized()
+        && c.min(oc) >= 16
+        && match vectors_run_at_half_rate() && mode == Mode::Eval {
+            true => h.min(w) >= 7,
+            false => h.min(w) >= 14 && c * oc * h * w >= 32 * 64 * 14 * 14,
+        };
     let forward = if (wide || small_batch) && c <= 128 {
         ForwardMethod::Winograd(WinogradTile::F4)
     } else if direct_is_vectorized() {
@@ -389,6 +409,18 @@ pub(super) fn auto_passes(n: usize, c: usize, oc: usize, h: usize, w: usize) -> 
         input_grad: f4.filter(|_| wide),
         weight_grad: f4.filter(|_| wide),
     }
+}
+
+/// The run of output channels per task when a lone sample's Winograd forward splits by
+/// channels rather than bands of tile rows (`threads` > 1, a map `tiles_h` tiles high): where
+/// the bands would leave a thread one tile row and every thread gets at least LANES channels.
+/// None: bands. A scratch probe of one eval conv + ReLU at batch 1, 2 threads, AMD host,
+/// min of two alternating runs' medians, µs, runs / bands: 7x7 128->128 42.7 / 69.3, 64->128
+/// 17.4 / 30.0, 64->64 15.0 / 14.7; 14x14 (two tile rows per band) 32->64 20.4 / 22.3 but
+/// 32->32 17.9 / 16.7, 64->64 67.4 / 60.5.
+pub(super) fn channel_run(oc: usize, tiles_h: usize, threads: usize) -> Option<usize> {
+    let run = oc.div_ceil(threads).next_multiple_of(LANES);
+    (tiles_h < 2 * threads && oc >= threads * LANES).then_some(run)
 }
 
 /// Whether the direct forward puts the output channels in the lanes (kernels::conv_direct_lanes)

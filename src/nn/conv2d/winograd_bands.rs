@@ -86,4 +86,87 @@ impl Conv2d {
         });
         Ok(())
     }
+
+    /// `forward_winograd` of one sample in runs of `run` output channels, one task per run:
+    /// each transforms the whole input (the transform is a sixth of the work), runs its
+    /// channels' sums and output transform. Bands leave each thread a tile row or two of a
+    /// small map, too few tiles for the channel sums' registers.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_winograd_channel_runs(
+        &mut self,
+        x: &Tensor,
+        y: &mut Tensor,
+        g: &ConvGeometry,
+        tile: WinogradTile,
+        pool: Option<bool>,
+        residual: Option<&[f32]>,
+        run: usize,
+    ) -> Result<()> {
+        let (c, oc, (h, w)) = (g.channels, self.out_channels, (g.height, g.width));
+        let t2 = tile.t() * tile.t();
+        let halve = usize::from(pool.is_some());
+        let (oh, ow) = (h >> halve, w >> halve);
+        let plane = oh * ow;
+        self.transform_kernels(tile, c)?;
+        if self.wino_u_runs_of != Some(run) {
+            try_resize(&mut self.wino_u_runs, t2 * c * oc, 0.0, "the Winograd kernels")?;
+            for o0 in (0..oc).step_by(run) {
+                let width = run.min(oc - o0);
+                let dst = &mut self.wino_u_runs[t2 * c * o0..][..t2 * c * width];
+                for (d, s) in dst.chunks_exact_mut(width).zip(self.wino_u.chunks_exact(oc)) {
+                    d.copy_from_slice(&s[o0..o0 + width]);
+                }
+            }
+            self.wino_u_runs_of = Some(run);
+        }
+        y.resize_to(&[1, oc, oh, ow])?;
+        assert!(
+            residual.is_none_or(|r| r.len() == y.len()),
+            "forward_winograd_channel_runs: residual"
+        );
+        let runs = oc.div_ceil(run);
+        self.groups
+            .resize_with(self.groups.len().max(runs), GroupScratch::default);
+        let mut plan = TilePlan::default();
+        plan.update(tile, 1, h, w);
+        for s in &mut self.groups[..runs] {
+            let what = "the Winograd convolution's scratch";
+            try_grow(&mut s.staging, plan.staging_len(c.max(run)), 0.0, what)?;
+            try_grow(&mut s.wa, t2 * c.max(run) * plan.tiles(), 0.0, what)?;
+            try_grow(&mut s.wb, t2 * c.max(run) * plan.tiles(), 0.0, what)?;
+        }
+        let (u, bias) = (&self.wino_u_runs, self.bias.as_ref().map(|b| b.value.data.as_slice()));
+        let relu = self.relu || residual.is_some();
+        y.data
+            .par_chunks_mut(run * plane)
+            .zip(self.groups[..runs].par_iter_mut())
+            .enumerate()
+            .for_each(|(k, (yk, s))| {
+                let (o0, width) = (k * run, yk.len() / plane);
+                let u = &u[t2 * c * o0..][..t2 * c * width];
+                let bias = bias.map(|b| &b[o0..o0 + width]);
+                s.plan.update(tile, 1, h, w);
+                match pool {
+                    Some(pool_relu) => {
+                        s.winograd_sums(&x.data, c, u, width, 1);
+                        winograd_output_transform(
+                            &s.plan,
+                            &s.wb,
+                            width,
+                            yk,
+                            bias,
+                            pool_relu,
+                            true,
+                            None,
+                            &mut s.staging,
+                        );
+                    }
+                    None => {
+                        let r = residual.map(|r| &r[o0 * plane..][..yk.len()]);
+                        s.winograd_conv(&x.data, c, u, width, yk, bias, relu, r, 1)
+                    }
+                }
+            });
+        Ok(())
+    }
 }
