@@ -2,14 +2,16 @@
 """normlab's kernels and training against PyTorch's, side by side, same thread count.
 
   .venv-torch/bin/python bench/kernels_vs_pytorch.py [--threads 2] [--quick] [--rounds 3]
-      [--only kernels,models,conv,KERNEL] [--json FILE]
+      [--reps 15] [--only kernels,models,conv,KERNEL] [--json FILE]
 
 Runs `normlab bench --filter K --json` (the kernels through normlab's layer code, plus end-to-end
 training on random data) for one kernel or model K at a time, then times PyTorch on the same
 shapes or model in this process, and prints normlab/PyTorch speed ratios (> 1 means normlab is
 faster). A shared host slows down in bursts of seconds, so the two sides alternate per kernel,
 model and the conv table, for --rounds rounds; each round gives one ratio per entry, and the
-report is the minimum and the median of those ratios. The conv table puts normlab's im2col
+report is the minimum and the median of those ratios. --reps sets the timed calls per kernel
+and conv shape on each side in each round (the median of them is the round's time): a burst
+shorter than half of them no longer moves a round's ratio. The conv table puts normlab's im2col
 (the method before Winograd) and its measured choice beside PyTorch's convolution.
 """
 import argparse
@@ -115,12 +117,13 @@ KERNELS = ["bn_train_fwd", "bn_train_fwd_bwd", "bn_eval_fwd", "gn_fwd_bwd", "ln_
 MODELS = ["seed-cnn", "vgg:32,32,M,64,64,M,128,128,M bn", "gn:8", "resnet"]
 
 
-def normlab_bench(exe, threads, part, quick):
+def normlab_bench(exe, threads, part, quick, reps):
     """One `normlab bench --filter PART` run: (copy GB/s, kernel records of exactly that kernel,
     training records, conv records)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
-        cmd = [exe, "bench", "--threads", str(threads), "--filter", part, "--json", out] + (["--quick"] if quick else [])
+        cmd = [exe, "bench", "--threads", str(threads), "--filter", part, "--json", out, "--reps", str(reps)]
+        cmd += ["--quick"] if quick else []
         subprocess.run(cmd, check=True, capture_output=True)
         with open(out) as f:
             run = json.load(f)
@@ -137,13 +140,15 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, help="timed calls per kernel and conv shape, each side, each round "
+                   "(default 15, 3 with --quick)")
     p.add_argument("--only", default="", help="comma-separated parts: kernels, models, conv, or single kernels "
                    "such as layernorm_fwd_bwd (default all)")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     exe = os.environ.get("NORMLAB", "target/release/normlab")
-    reps = 3 if args.quick else 15
+    reps = args.reps or (3 if args.quick else 15)
     only = set(filter(None, args.only.split(",")))
     parts = ((KERNELS if not only or "kernels" in only else [k for k in KERNELS if k in only]) + (MODELS if not only or "models" in only else [])
              + (["conv"] if not only or "conv" in only else []))
@@ -155,7 +160,7 @@ def main():
     kernel_rows, train_rows, conv_rows = {}, {}, {}
     for r in range(max(1, args.rounds)):
         for part in parts:
-            gbs, kernels, training, convs = normlab_bench(exe, args.threads, part, args.quick)
+            gbs, kernels, training, convs = normlab_bench(exe, args.threads, part, args.quick, reps)
             copy = max(copy, gbs)
             for k in kernels:
                 t = torch_kernel(k["kernel"], k["shape"], reps)
@@ -185,7 +190,7 @@ def main():
                         alg["bwd_ms"].append(c["backward_ms"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     med = statistics.median
-    print(f"threads {args.threads}, torch {torch.__version__}, {max(1, args.rounds)} alternating rounds; "
+    print(f"threads {args.threads}, torch {torch.__version__}, {max(1, args.rounds)} alternating rounds of {reps} timed calls a side; "
           f"memory copy {copy:.1f} GB/s; ratios > 1: normlab faster (per round: min, median)")
     if kernel_rows:
         # GB/s: normlab's minimum tensor traffic (bench.rs KERNELS: 2 or 5 tensor sizes) over its
