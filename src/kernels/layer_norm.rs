@@ -25,19 +25,24 @@ const FLUSH: usize = 16 * W;
 /// and written once per row) move as many bytes as the data.
 const LONG_ROW: usize = 1 << 15;
 
-/// Rows from this many values up to `LONG_ROW` take the tiles' backward too, in
+/// Rows from `LONG_TILES_FROM` values up to `LONG_TILES_TO` take the tiles' backward too, in
 /// tasks of at least `LONG_TASK_ROWS` rows: 4 rows per tile share each load and store of dγ
 /// and dβ, which for rows that do not fit L1 are L2 traffic as large as the row's own. Measured
 /// (2 threads, forward + backward): [512, 4096] 1.47–1.87 → 1.07–1.37 ms, [256, 16384]
 /// 3.62–4.13 → 3.26–3.66 ms; [128, 25088] level; [32, 12544] (8 rows per task) 0.33 → 0.55 ms
-/// and [1024, 1024] 0.43 → 0.45 ms slower, hence the bounds.
+/// and [1024, 1024] 0.43 → 0.45 ms slower, hence the bounds. Rows of 2^15 values and more
+/// (`LONG_ROW`) in such tasks took the columns' backward before: [64, 32768] 1.34–1.61 →
+/// 1.27–1.29 ms (AMD host, 3 alternating runs of a scratch probe, medians of 300).
 const LONG_TILES_FROM: usize = 2048;
+const LONG_TILES_TO: usize = 1 << 16;
 const LONG_TASK_ROWS: usize = 16;
 
 /// Whether `layer_norm_backward` takes the tiles for rows of `c` values, `rows` per task.
 fn backward_takes_tiles(c: usize, rows: usize) -> bool {
     layer_norm_tiles::takes_tiles(c)
-        || ((LONG_TILES_FROM..LONG_ROW).contains(&c) && rows >= LONG_TASK_ROWS && layer_norm_tiles::tiles_vectorized())
+        || ((LONG_TILES_FROM..LONG_TILES_TO).contains(&c)
+            && rows >= LONG_TASK_ROWS
+            && layer_norm_tiles::tiles_vectorized())
 }
 
 /// Values i..i+W of `v`, copied: the loops read their inputs into arrays, compute into an
@@ -77,11 +82,11 @@ pub fn layer_norm_backward(
     scratch: &mut Vec<f32>,
 ) {
     let c = shape.c.max(1);
-    if c >= LONG_ROW && x.len() >= 1 << 15 {
+    let (rows, used) = crate::kernels::shape::row_tasks(shape.n, x.len());
+    if c >= LONG_ROW && !backward_takes_tiles(c, rows) && x.len() >= 1 << 15 {
         layer_norm_backward_columns(x, y, dy, dx, c, eps, gamma, relu, stats, dgamma, dbeta);
         return;
     }
-    let (rows, used) = crate::kernels::shape::row_tasks(shape.n, x.len());
     let span = rows * c;
     // Allocates only when a call needs more than any before (the engine's layer: first step).
     if scratch.len() < used * 2 * c {
@@ -386,7 +391,8 @@ mod tests {
     #[test]
     fn layer_norm_backward_matches_the_per_element_reference() {
         // Under 2^15 values one task; above, several, each with its own accumulators; rows of
-        // 2^15 values and more split by columns (a last run shorter than COLUMN_TASK).
+        // 2^15 values and more split by columns (a last run shorter than COLUMN_TASK), or on
+        // tiles in tasks of 16 rows and more (64 rows on up to 2 threads).
         for (n, c) in [
             (1, 37),
             (3, 100),
@@ -395,6 +401,7 @@ mod tests {
             (40, 1000),
             (5, 9001),
             (3, 40_003),
+            (64, 33_000),
         ] {
             for (affine, relu) in [(false, false), (true, false), (true, true)] {
                 let shape = Ncs { n, c, s: 1 };
