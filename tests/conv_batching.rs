@@ -363,3 +363,41 @@ fn winograd_bands_equal_the_whole_map_bit_for_bit() {
         });
     }
 }
+
+/// The channel runs' cut of U follows the conv's current kernels: a lone 6x6 sample on 2
+/// threads through F(4x4), then the same conv switched to F(2x2), then to new weights, gives
+/// the bits of a fresh conv each time (a cut kept from the first call would be F(4x4)'s).
+#[test]
+fn winograd_channel_runs_follow_the_tile_and_the_weights() {
+    use normlab::kernels::winograd::WinogradTile;
+    use normlab::nn::conv_algorithm::ConvAlgorithm;
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let x = random(&[1, 16, 6, 6], &mut rng);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let bits = |conv: &mut Conv2d| {
+        let mut y = Tensor::default();
+        pool.install(|| conv.forward(&x, &mut y, Mode::Eval)).unwrap();
+        y.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    let fresh = |tile, seed| {
+        let mut conv = Conv2d::new(16, 40, 3, 1, 1, true, &mut ChaCha8Rng::seed_from_u64(seed));
+        conv.algorithm = ConvAlgorithm::Winograd(tile);
+        conv
+    };
+    let mut conv = fresh(WinogradTile::F4, 1);
+    assert_eq!(bits(&mut conv), bits(&mut fresh(WinogradTile::F4, 1)));
+    conv.algorithm = ConvAlgorithm::Winograd(WinogradTile::F2);
+    assert_eq!(
+        bits(&mut conv),
+        bits(&mut fresh(WinogradTile::F2, 1)),
+        "after the tile changed"
+    );
+    let other = fresh(WinogradTile::F2, 2);
+    conv.weight_mut().value = other.weight().value.clone();
+    conv.bias_mut().unwrap().value = other.bias().unwrap().value.clone();
+    assert_eq!(
+        bits(&mut conv),
+        bits(&mut fresh(WinogradTile::F2, 2)),
+        "after new weights"
+    );
+}

@@ -62,7 +62,7 @@ pub struct Conv2d {
     wino_u_tile: Option<WinogradTile>,
     /// U in runs of output channels for a lone sample split by channels (winograd_bands.rs):
     /// run k, channels o0..o1, at t²·C·o0 as [t²][C][o1 - o0]; `wino_u_runs_of` the run width
-    /// it was cut for (None with `wino_u_tile`).
+    /// it was cut for (None whenever `wino_u` is derived anew, for new weights or another tile).
     wino_u_runs: Vec<f32>,
     wino_u_runs_of: Option<usize>,
     /// The weights packed for kernels::conv_direct_lanes, and whether they are the current

@@ -155,6 +155,7 @@ impl Conv2d {
         try_resize(&mut self.wino_u, t2 * oc * c, 0.0, "the Winograd kernels")?;
         winograd_filter_transform(tile, &self.weight.value.data, oc, c, false, &mut self.wino_u);
         self.wino_u_tile = Some(tile);
+        self.wino_u_runs_of = None;
         Ok(())
     }
 
