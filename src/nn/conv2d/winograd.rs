@@ -9,8 +9,8 @@ use crate::kernels::lanes::LANES;
 
 impl GroupScratch {
     /// out = the 3x3 padding-1 conv of `src` (the planned samples × cin × h × w) with the
-    /// Winograd-domain kernels `u` [t²][cin][cout] (+ bias, + residual, then ReLU):
-    /// `winograd_sums`, then out = Aᵀ M A.
+    /// Winograd-domain kernels `u` [t²][cin][cout] (+ bias, + residual, then ReLU; with `pool`
+    /// the 2x2 max-pool first, no residual): `winograd_sums`, then out = Aᵀ M A.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn winograd_conv(
         &mut self,
@@ -21,6 +21,7 @@ impl GroupScratch {
         out: &mut [f32],
         bias: Option<&[f32]>,
         relu: bool,
+        pool: bool,
         residual: Option<&[f32]>,
         threads: usize,
     ) {
@@ -32,7 +33,7 @@ impl GroupScratch {
             out,
             bias,
             relu,
-            false,
+            pool,
             residual,
             &mut self.staging,
         );
@@ -208,27 +209,10 @@ impl Conv2d {
             .for_each(|(k, ((yg, xg), s))| {
                 for (i, (yb, xb)) in yg.chunks_mut(batch * ys).zip(xg.chunks(batch * xs)).enumerate() {
                     s.plan.update(tile, xb.len() / xs, g.height, g.width);
-                    match pool {
-                        Some(pool_relu) => {
-                            s.winograd_sums(xb, c, u, oc, threads);
-                            winograd_output_transform(
-                                &s.plan,
-                                &s.wb,
-                                oc,
-                                yb,
-                                bias,
-                                pool_relu,
-                                true,
-                                None,
-                                &mut s.staging,
-                            );
-                        }
-                        None => {
-                            let at = k * per_group * ys + i * batch * ys;
-                            let r = residual.map(|r| &r[at..at + yb.len()]);
-                            s.winograd_conv(xb, c, u, oc, yb, bias, relu, r, threads)
-                        }
-                    }
+                    let at = k * per_group * ys + i * batch * ys;
+                    let r = residual.map(|r| &r[at..at + yb.len()]);
+                    let act = pool.unwrap_or(relu);
+                    s.winograd_conv(xb, c, u, oc, yb, bias, act, pool.is_some(), r, threads)
                 }
             });
         Ok(())
@@ -316,7 +300,7 @@ impl Conv2d {
                         }
                     }
                     if dx_tile.is_some() {
-                        s.winograd_conv(grad, oc, u_adj, c, dxb, None, false, None, threads);
+                        s.winograd_conv(grad, oc, u_adj, c, dxb, None, false, false, None, threads);
                     }
                 }
                 s.out = masked;

@@ -146,26 +146,9 @@ impl Conv2d {
                 let u = &u[t2 * c * o0..][..t2 * c * width];
                 let bias = bias.map(|b| &b[o0..o0 + width]);
                 s.plan.update(tile, 1, h, w);
-                match pool {
-                    Some(pool_relu) => {
-                        s.winograd_sums(&x.data, c, u, width, 1);
-                        winograd_output_transform(
-                            &s.plan,
-                            &s.wb,
-                            width,
-                            yk,
-                            bias,
-                            pool_relu,
-                            true,
-                            None,
-                            &mut s.staging,
-                        );
-                    }
-                    None => {
-                        let r = residual.map(|r| &r[o0 * plane..][..yk.len()]);
-                        s.winograd_conv(&x.data, c, u, width, yk, bias, relu, r, 1)
-                    }
-                }
+                let r = residual.map(|r| &r[o0 * plane..][..yk.len()]);
+                let act = pool.unwrap_or(relu);
+                s.winograd_conv(&x.data, c, u, width, yk, bias, act, pool.is_some(), r, 1)
             });
         Ok(())
     }
