@@ -31,8 +31,8 @@ const LONG_ROW: usize = 1 << 15;
 /// (2 threads, forward + backward): [512, 4096] 1.47–1.87 → 1.07–1.37 ms, [256, 16384]
 /// 3.62–4.13 → 3.26–3.66 ms; [128, 25088] level; [32, 12544] (8 rows per task) 0.33 → 0.55 ms
 /// and [1024, 1024] 0.43 → 0.45 ms slower, hence the bounds. Rows of 2^15 values and more
-/// (`LONG_ROW`) in such tasks took the columns' backward before: [64, 32768] 1.34–1.61 →
-/// 1.27–1.29 ms (AMD host, 3 alternating runs of a scratch probe, medians of 300).
+/// (`LONG_ROW`) in such tasks took the columns' backward before: [64, 32768] 1.34–1.71 →
+/// 1.27–1.52 ms (AMD host, two sets of alternating runs of a scratch probe, medians of 300).
 const LONG_TILES_FROM: usize = 2048;
 const LONG_TILES_TO: usize = 1 << 16;
 const LONG_TASK_ROWS: usize = 16;

@@ -175,14 +175,13 @@ impl Conv2d {
         residual: Option<&[f32]>,
     ) -> Result<()> {
         let n = x.batch();
-        let threads = rayon::current_num_threads();
-        let bands = threads.min(g.height.div_ceil(tile.m()));
+        let (threads, tiles_h) = (rayon::current_num_threads(), g.height.div_ceil(tile.m()));
         if n == 1 && threads > 1 {
-            if let Some(run) = channel_run(self.out_channels, g.height.div_ceil(tile.m()), threads) {
+            if let Some(run) = channel_run(self.out_channels, tiles_h, threads) {
                 return self.forward_winograd_channel_runs(x, y, g, tile, pool, residual, run);
             }
-            if bands > 1 {
-                return self.forward_winograd_bands(x, y, g, tile, pool, residual, bands);
+            if tiles_h > 1 {
+                return self.forward_winograd_bands(x, y, g, tile, pool, residual, threads.min(tiles_h));
             }
         }
         let (c, oc) = (g.channels, self.out_channels);
