@@ -79,7 +79,7 @@ fn batched_conv_equals_sample_by_sample() {
 /// Inference's fused conv → ReLU → 2x2 max-pool (`ConvPool`, made by `fuse_conv_pools` for the
 /// folded model) gives exactly the two layers' outputs in eval mode, on batched small maps,
 /// one sample per gemm, odd sizes (a 7x7 map pools to 3x3), with and without a bias, in the
-/// direct kernel's epilogue and in Winograd's output transform (F2 and F4, tiles past the map's
+/// direct kernel (pooled in registers, by phases) and in Winograd's output transform (F2 and F4, tiles past the map's
 /// edge, more than 16 channels, a NaN in the input); in training it is the two layers (outputs
 /// and every gradient).
 #[test]
@@ -100,6 +100,8 @@ fn fused_conv_pool_equals_conv_then_pool() {
         // channel blocks (6 channels: a partial block), and odd maps over sample groups.
         (1, 16, 6, 14, 14, true, ConvAlgorithm::Direct),
         (3, 5, 7, 7, 9, false, ConvAlgorithm::Direct),
+        // A lone 28x28 sample in bands of row pairs (2+ threads), 33 channels, a NaN.
+        (1, 2, 33, 28, 28, true, ConvAlgorithm::Direct),
         (2, 16, 16, 14, 14, true, ConvAlgorithm::Winograd(WinogradTile::F4)),
         (3, 5, 21, 7, 9, false, ConvAlgorithm::Winograd(WinogradTile::F4)),
         (2, 4, 18, 10, 13, true, ConvAlgorithm::Winograd(WinogradTile::F2)),
@@ -107,7 +109,7 @@ fn fused_conv_pool_equals_conv_then_pool() {
     ];
     for (n, c, oc, h, w, bias, algorithm) in cases {
         let mut x = random(&[n, c, h, w], &mut ChaCha8Rng::seed_from_u64(rng.gen()));
-        if oc == 18 {
+        if oc == 18 || oc == 33 {
             // A NaN reaches every output channel of its windows: the pool's NaN rule.
             x.data[w + 3] = f32::NAN;
         }

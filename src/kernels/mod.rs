@@ -4,6 +4,7 @@ pub mod attention;
 pub mod batch_norm;
 pub mod conv_direct;
 pub mod conv_direct_lanes;
+pub mod conv_direct_pooled;
 pub mod dense;
 pub mod gelu;
 pub mod group_norm;

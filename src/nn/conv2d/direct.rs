@@ -11,6 +11,7 @@ use crate::kernels::conv_direct::{
     copy_rows_bias_relu, direct_conv3x3_block, direct_pad_input, direct_pad_rows, DirectGrid, DIRECT_CHANNELS,
 };
 use crate::kernels::conv_direct_lanes::{lanes_conv3x3_group, pack_lane_weights, LANE_CHANNELS};
+use crate::kernels::conv_direct_pooled::{direct_conv3x3_pooled_block, pooled_grid};
 use crate::kernels::lanes::LANES;
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
 use crate::kernels::simd::SharedOut;
@@ -75,9 +76,11 @@ impl Conv2d {
             bias: self.bias.as_ref().map(|b| b.value.data.as_slice()),
             relu: self.relu || pool == Some(true),
             pool: pool.is_some(),
+            phases: pool.is_some() && g.stride == 1 && !lanes,
             oc,
             grid,
         };
+        let padded = epilogue.padded(grid);
         let unit = if pool.is_some() { 2 } else { 1 };
         // Bands (of whole pooled row pairs) only where they come out about even: a pooled
         // 14-row map would split 8 + 6 rows; vgg's conv4 at batch 1 took 76-78 µs split that
@@ -99,10 +102,10 @@ impl Conv2d {
         self.groups.resize_with(tasks, GroupScratch::default);
         for s in self.groups.iter_mut() {
             let what = "the direct convolution's scratch";
-            try_grow(&mut s.staging, grid.padded_len(), 0.0, what)?;
-            try_grow(&mut s.out, grid.block_len(block_channels), 0.0, what)?;
+            try_grow(&mut s.staging, padded.padded_len(), 0.0, what)?;
+            try_grow(&mut s.out, padded.block_len(block_channels), 0.0, what)?;
             if pool.is_some() {
-                try_grow(&mut s.col, grid.out_h() * grid.row(), 0.0, what)?;
+                try_grow(&mut s.col, padded.out_h() * padded.row(), 0.0, what)?;
             }
         }
         if n == 1 {
@@ -112,7 +115,7 @@ impl Conv2d {
                 .zip(self.groups.par_iter_mut())
                 .enumerate()
                 .for_each(|(i, (yt, s))| {
-                    direct_pad_input(&x.data, grid, &mut s.staging);
+                    direct_pad_input(&x.data, padded, &mut s.staging);
                     let r = residual.map(|r| &r[i * per_task * ys..]);
                     epilogue.channels(&s.staging, i * per_task, yt, r, &mut s.out, &mut s.col)
                 });
@@ -124,7 +127,7 @@ impl Conv2d {
                 .enumerate()
                 .for_each(|(k, ((yg, xg), s))| {
                     for (i, (yn, xn)) in yg.chunks_mut(oc * ys).zip(xg.chunks(xs)).enumerate() {
-                        direct_pad_input(xn, grid, &mut s.staging);
+                        direct_pad_input(xn, padded, &mut s.staging);
                         let r = residual.map(|r| &r[(k * per_group + i) * oc * ys..]);
                         epilogue.channels(&s.staging, 0, yn, r, &mut s.out, &mut s.col);
                     }
@@ -142,7 +145,11 @@ struct Epilogue<'a> {
     bias: Option<&'a [f32]>,
     relu: bool,
     pool: bool,
+    /// Pooled in registers (kernels::conv_direct_pooled): a stride-1 pooled conv off the
+    /// lanes kernel, on the input padded into its stride-2 phases.
+    phases: bool,
     oc: usize,
+    /// The conv's grid.
     grid: DirectGrid,
 }
 
@@ -161,16 +168,17 @@ impl Epilogue<'_> {
         hp: &mut [f32],
     ) {
         let (h, w) = (self.grid.out_h(), self.grid.out_w());
-        let span = self.grid.vectors() * LANES;
+        let padded = self.padded(self.grid);
+        let span = padded.vectors() * LANES;
         let plane = if self.pool { (h / 2) * (w / 2) } else { h * w };
         let step = self.step();
         for (b, yb) in y.chunks_mut(step * plane).enumerate() {
             let o0 = o_start + b * step;
-            self.block(xp, self.grid, o0, block);
+            self.block(xp, padded, o0, block);
             for (r, yo) in yb.chunks_mut(plane).enumerate() {
                 let at = (b * step + r) * plane;
                 let res = res.map(|res| &res[at..at + plane]);
-                self.finish(self.grid, &block[r * span..(r + 1) * span], o0 + r, yo, res, hp);
+                self.finish(padded, &block[r * span..(r + 1) * span], o0 + r, yo, res, hp);
             }
         }
     }
@@ -202,7 +210,7 @@ impl Epilogue<'_> {
                 h: s * (r1 - r0) + 1 - s,
                 ..self.grid
             };
-            (s * r0, r0, r1, sub)
+            (s * r0, r0, r1, self.padded(sub))
         };
         if groups.len() < count {
             groups.resize_with(count, GroupScratch::default);
@@ -241,6 +249,15 @@ impl Epilogue<'_> {
         Ok(())
     }
 
+    /// The grid the input is padded on and `block` computes on for the conv grid `grid` (the
+    /// whole map's or a band's).
+    fn padded(&self, grid: DirectGrid) -> DirectGrid {
+        match self.phases {
+            true => pooled_grid(grid.channels, grid.h, grid.w),
+            false => grid,
+        }
+    }
+
     /// Output channels per `block`.
     fn step(&self) -> usize {
         if self.lanes.is_some() {
@@ -251,9 +268,10 @@ impl Epilogue<'_> {
     }
 
     /// Output channels o0.. (a block of DIRECT_CHANNELS, or a group of LANE_CHANNELS) of the
-    /// padded sample `xp` on `grid`'s output grid into `out`.
+    /// padded sample `xp` on `grid`'s output grid (a `padded` grid) into `out`.
     fn block(&self, xp: &[f32], grid: DirectGrid, o0: usize, out: &mut [f32]) {
         match self.lanes {
+            None if self.phases => direct_conv3x3_pooled_block(xp, grid, self.w, self.oc, o0, out),
             Some(packed) => {
                 let len = grid.channels * 9 * LANE_CHANNELS;
                 lanes_conv3x3_group(xp, grid, &packed[o0 / LANE_CHANNELS * len..][..len], out);
@@ -272,6 +290,12 @@ impl Epilogue<'_> {
             return;
         }
         // A pooled output has no residual (forward_direct asserts it).
+        if self.phases {
+            // Pooled already: the grid's rows hold the pooled rows.
+            let bias = self.bias.map(|bs| bs[o]);
+            copy_rows_bias_relu(src, row, yo, grid.w / 2, bias, None, self.relu);
+            return;
+        }
         if row % 2 == 0 {
             // The grid's rows are W + 2 apart: the pool reads each row's first W, then adds
             // the bias and applies the ReLU in the same pass.
