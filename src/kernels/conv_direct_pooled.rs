@@ -40,16 +40,106 @@ lanes_entry! {
 
 #[inline(always)]
 fn block<V: Lanes>(xp: &[f32], grid: DirectGrid, w: &[f32], out_channels: usize, o0: usize, out: &mut [f32]) {
+    let nv = grid.vectors();
+    assert!(
+        out.len() >= DIRECT_CHANNELS * nv * LANES,
+        "direct_conv3x3_pooled_block: out"
+    );
+    pooled::<V>(xp, grid, w, out_channels, o0, |r, v, m| {
+        m.store(&mut out[r * nv * LANES + v * LANES..]);
+    });
+}
+
+/// The pooled outputs of one vector of a pooled grid: the lanes that are outputs (x < w/2,
+/// y < h/2) and the index in the pooled plane of the first of them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeptLanes {
+    pub keep: u16,
+    pub at: u32,
+}
+
+/// `KeptLanes` of every vector of `grid` (a `pooled_grid`) into `lanes`.
+pub fn pooled_lanes(grid: DirectGrid, lanes: &mut Vec<KeptLanes>) {
+    let (row, ph, pw) = (grid.row(), grid.h / 2, grid.w / 2);
+    lanes.clear();
+    let mut at = 0u32;
+    for v in 0..grid.vectors() {
+        let mut keep = 0u16;
+        for l in 0..LANES {
+            let p = v * LANES + l;
+            if p / row < ph && p % row < pw {
+                keep |= 1 << l;
+            }
+        }
+        lanes.push(KeptLanes { keep, at });
+        at += keep.count_ones();
+    }
+}
+
+/// The epilogue of `direct_conv3x3_pooled_planes`: + bias[o], then ReLU when `relu`, each
+/// vector's outputs stored at their places in the plane (`lanes`: `pooled_lanes` of the grid).
+#[derive(Clone, Copy)]
+pub struct PooledPlanes<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub relu: bool,
+    pub lanes: &'a [KeptLanes],
+}
+
+lanes_entry! {
+    /// `direct_conv3x3_pooled_block` with its epilogue (`PooledPlanes`), straight into y: the
+    /// channels o0.. (up to DIRECT_CHANNELS, as many whole planes of (h/2)·(w/2) as `y`
+    /// holds). Where the block went through a grid buffer and a copy of its rows (masked
+    /// loads and stores of 14 values a row: a tenth of seed-cnn's folded forward), each vector
+    /// is compressed to its outputs in a register and stored once.
+    pub fn direct_conv3x3_pooled_planes(xp: &[f32], grid: DirectGrid, w: &[f32], out_channels: usize, o0: usize, epilogue: PooledPlanes, y: &mut [f32]) => planes
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn planes<V: Lanes>(
+    xp: &[f32],
+    grid: DirectGrid,
+    w: &[f32],
+    out_channels: usize,
+    o0: usize,
+    e: PooledPlanes,
+    y: &mut [f32],
+) {
+    let plane = (grid.h / 2) * (grid.w / 2);
+    assert_eq!(e.lanes.len(), grid.vectors(), "direct_conv3x3_pooled_planes: lanes");
+    let channels = (y.len() / plane.max(1)).min(DIRECT_CHANNELS);
+    let bias: [V; DIRECT_CHANNELS] =
+        std::array::from_fn(|r| V::splat(e.bias.map_or(0.0, |b| b[(o0 + r).min(out_channels - 1)])));
+    pooled::<V>(xp, grid, w, out_channels, o0, |r, v, m| {
+        if r >= channels {
+            return;
+        }
+        let m = if e.bias.is_some() { m + bias[r] } else { m };
+        let m = if e.relu { m.relu() } else { m };
+        let KeptLanes { keep, at } = e.lanes[v];
+        if keep != 0 {
+            m.store_kept(keep, &mut y[r * plane + at as usize..(r + 1) * plane]);
+        }
+    });
+}
+
+/// The pooled conv of 16 positions at a time, each channel r's pooled vector v handed to
+/// `store(r, v, max)`.
+#[inline(always)]
+fn pooled<V: Lanes>(
+    xp: &[f32],
+    grid: DirectGrid,
+    w: &[f32],
+    out_channels: usize,
+    o0: usize,
+    mut store: impl FnMut(usize, usize, V),
+) {
     assert_eq!(grid.stride, 2, "direct_conv3x3_pooled_block: a pooled grid");
     let (c, plane, nv) = (grid.channels, grid.plane(), grid.vectors());
     let k = c * 9;
     // Combination (3, 3) reaches a row and a column past the stride-2 taps, which the grid's
     // slack (three phase planes past the last channel's first) covers.
     assert!(xp.len() >= grid.padded_len(), "direct_conv3x3_pooled_block: input");
-    assert!(
-        out.len() >= DIRECT_CHANNELS * nv * LANES,
-        "direct_conv3x3_pooled_block: out"
-    );
     let offsets: [[usize; 4]; 4] = std::array::from_fn(|sy| std::array::from_fn(|sx| grid.tap(sy, sx)));
     let span = LANES + offsets[3][3];
     let ws: [&[f32]; DIRECT_CHANNELS] = std::array::from_fn(|r| {
@@ -71,8 +161,7 @@ fn block<V: Lanes>(xp: &[f32], grid: DirectGrid, w: &[f32], out_channels: usize,
             input_row::<V, 3>(at(3), &wc, &mut acc);
         }
         for (r, a) in acc.iter().enumerate() {
-            let m = a[0][0].pool_max(a[0][1]).pool_max(a[1][0].pool_max(a[1][1]));
-            m.store(&mut out[r * nv * LANES + v * LANES..]);
+            store(r, v, a[0][0].pool_max(a[0][1]).pool_max(a[1][0].pool_max(a[1][1])));
         }
     }
 }

@@ -61,6 +61,18 @@ pub(crate) trait Lanes:
     }
     /// The first n lanes, the others zero.
     fn keep_first(self, n: usize) -> Self;
+    /// Stores the lanes whose bit is set in `keep`, in lane order, at dst[..count] (count the
+    /// bits set); the rest of dst is untouched.
+    #[inline(always)]
+    fn store_kept(self, keep: u16, dst: &mut [f32]) {
+        let mut spill = [0.0f32; LANES];
+        self.store(&mut spill);
+        let dst = &mut dst[..keep.count_ones() as usize];
+        let kept = spill.iter().enumerate().filter(|&(l, _)| keep >> l & 1 == 1);
+        for (d, (_, &v)) in dst.iter_mut().zip(kept) {
+            *d = v;
+        }
+    }
     /// `later` where it is larger or either is NaN, else self (x86's max), lane by lane.
     fn max(self, later: Self) -> Self;
     /// `special::exp` lane by lane, the same operations in the same order.
@@ -358,6 +370,17 @@ pub(crate) mod avx512 {
             let mask = ((1u32 << n.min(super::LANES)) - 1) as __mmask16;
             Avx512(unsafe { _mm512_maskz_mov_ps(mask, self.0) })
         }
+        // Compressed in a register, then a masked store: the compress instruction's own
+        // memory form is microcoded on AMD's Zen 4.
+        #[inline(always)]
+        fn store_kept(self, keep: u16, dst: &mut [f32]) {
+            let dst = &mut dst[..keep.count_ones() as usize];
+            let mask = ((1u32 << dst.len()) - 1) as __mmask16;
+            unsafe {
+                let packed = _mm512_maskz_compress_ps(keep, self.0);
+                _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, packed)
+            }
+        }
         #[inline(always)]
         fn max(self, later: Self) -> Self {
             // maxps returns its second operand unless the first is larger.
@@ -635,6 +658,37 @@ mod tests {
             }
             // SAFETY: the CPU has AVX-512F.
             assert_eq!(unsafe { masked(&v, &by) }, want);
+        }
+    }
+
+    /// store_kept writes exactly the kept lanes, in order, and nothing past them, on both lane
+    /// types: no lane, one, a run, scattered ones, all.
+    #[test]
+    fn store_kept_packs_the_kept_lanes_in_order() {
+        let v: [f32; LANES] = std::array::from_fn(|i| i as f32 + 0.5);
+        for keep in [0u16, 1, 0x8000, 0x3ffe, 0xa5a5, 0x7fff, 0xffff] {
+            let want: Vec<f32> = (0..LANES).filter(|l| keep >> l & 1 == 1).map(|l| v[l]).collect();
+            let check = |got: [f32; LANES + 2], what: &str| {
+                assert_eq!(&got[..want.len()], &want[..], "{what} {keep:#x}");
+                assert!(
+                    got[want.len()..].iter().all(|x| *x == -1.0),
+                    "{what} {keep:#x}: wrote past the kept lanes"
+                );
+            };
+            let mut got = [-1.0f32; LANES + 2];
+            Portable::load(&v).store_kept(keep, &mut got);
+            check(got, "portable");
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn kept(v: &[f32; LANES], keep: u16) -> [f32; LANES + 2] {
+                    let mut out = [-1.0f32; LANES + 2];
+                    avx512::Avx512::load(v).store_kept(keep, &mut out);
+                    out
+                }
+                // SAFETY: the CPU has AVX-512F.
+                check(unsafe { kept(&v, keep) }, "avx512");
+            }
         }
     }
 }

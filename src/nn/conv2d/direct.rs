@@ -11,7 +11,9 @@ use crate::kernels::conv_direct::{
     copy_rows_bias_relu, direct_conv3x3_block, direct_pad_input, direct_pad_rows, DirectGrid, DIRECT_CHANNELS,
 };
 use crate::kernels::conv_direct_lanes::{lanes_conv3x3_group, pack_lane_weights, LANE_CHANNELS};
-use crate::kernels::conv_direct_pooled::{direct_conv3x3_pooled_block, pooled_grid};
+use crate::kernels::conv_direct_pooled::{
+    direct_conv3x3_pooled_block, direct_conv3x3_pooled_planes, pooled_grid, pooled_lanes, KeptLanes, PooledPlanes,
+};
 use crate::kernels::lanes::LANES;
 use crate::kernels::pool::{max_pool_2x2_values, max_pool_2x2_values_even_rows};
 use crate::kernels::simd::SharedOut;
@@ -70,13 +72,19 @@ impl Conv2d {
             pack_lane_weights(&self.weight.value.data, oc, g.channels, &mut self.lane_weights);
             self.lane_weights_current = true;
         }
+        let phases = pool.is_some() && g.stride == 1 && !lanes;
+        let mut kept = Vec::new();
+        if phases {
+            pooled_lanes(pooled_grid(g.channels, g.height, g.width), &mut kept);
+        }
         let epilogue = Epilogue {
             w: &self.weight.value.data,
             lanes: lanes.then_some(self.lane_weights.as_slice()),
             bias: self.bias.as_ref().map(|b| b.value.data.as_slice()),
             relu: self.relu || pool == Some(true),
             pool: pool.is_some(),
-            phases: pool.is_some() && g.stride == 1 && !lanes,
+            phases,
+            kept: &kept,
             oc,
             grid,
         };
@@ -148,6 +156,8 @@ struct Epilogue<'a> {
     /// Pooled in registers (kernels::conv_direct_pooled): a stride-1 pooled conv off the
     /// lanes kernel, on the input padded into its stride-2 phases.
     phases: bool,
+    /// With `phases`: where each vector of the whole map's pooled grid goes in a plane.
+    kept: &'a [KeptLanes],
     oc: usize,
     /// The conv's grid.
     grid: DirectGrid,
@@ -174,6 +184,17 @@ impl Epilogue<'_> {
         let step = self.step();
         for (b, yb) in y.chunks_mut(step * plane).enumerate() {
             let o0 = o_start + b * step;
+            if self.phases {
+                // Pooled, biased and stored in place by the kernel (bands take `block`: a
+                // band's rows of each channel are not one run of y).
+                let e = PooledPlanes {
+                    bias: self.bias,
+                    relu: self.relu,
+                    lanes: self.kept,
+                };
+                direct_conv3x3_pooled_planes(xp, padded, self.w, self.oc, o0, e, yb);
+                continue;
+            }
             self.block(xp, padded, o0, block);
             for (r, yo) in yb.chunks_mut(plane).enumerate() {
                 let at = (b * step + r) * plane;
