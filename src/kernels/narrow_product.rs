@@ -30,7 +30,7 @@ pub fn narrow_product(x: &[f32], w: &[f32], k: usize, o: usize, y: &mut [f32]) {
 }
 
 lanes_entry! {
-    /// `narrow_product` on one run of rows.
+    /// `narrow_product` on one run of at most `TASK_ROWS` rows (its partial sums live on the stack).
     pub fn narrow_rows(x: &[f32], w: &[f32], k: usize, o: usize, y: &mut [f32]) => rows
 }
 
