@@ -32,9 +32,10 @@ pub fn pooled_grid(channels: usize, h: usize, w: usize) -> DirectGrid {
 lanes_entry! {
     /// Output channels o0..o0 + DIRECT_CHANNELS (those past `out_channels` repeat the last) of
     /// the pooled conv of the padded sample `xp` (`direct_pad_input` on `grid`, a
-    /// `pooled_grid`) into `out`: channel r at
-    /// `out[r·V·LANES..]` (V = `grid.vectors()`), pooled position (y, x) at y·row + x; the
-    /// positions with x ≥ w / 2 or y ≥ h / 2 hold sums that are not pooled outputs. No bias.
+    /// `pooled_grid`) into the grid buffer `out`: channel r at `out[r·V·LANES..]` (V =
+    /// `grid.vectors()`), pooled position (y, x) at y·row + x; the positions with x ≥ w / 2 or
+    /// y ≥ h / 2 hold sums that are not pooled outputs. No bias. For bands of a lone sample,
+    /// whose rows of a channel are not one run of y; `direct_conv3x3_pooled_planes` otherwise.
     pub fn direct_conv3x3_pooled_block(xp: &[f32], grid: DirectGrid, w: &[f32], out_channels: usize, o0: usize, out: &mut [f32]) => block
 }
 
