@@ -166,14 +166,7 @@ fn copy_rows<V: Lanes>(
 /// Whether this CPU runs the direct kernel on vectors (AVX-512); elsewhere it runs on plain
 /// arrays, correct but slower than im2col + gemm, and `auto` does not take it.
 pub fn direct_is_vectorized() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::kernels::lanes::has_avx512()
 }
 
 /// Whether this CPU runs AVX-512 at half rate: AMD's family 19h (Zen 4) splits each 512-bit

@@ -5,22 +5,21 @@
 /// Values per vector: one AVX-512 register of f32.
 pub(crate) const LANES: usize = 16;
 
-/// A vector of LANES channels' values. The transforms are written once on this trait and
-/// compiled twice: on AVX-512 registers through intrinsics and on plain arrays. Arrays alone
-/// were turned by LLVM into gathers and scatters across the tile (5-10x slower); both
-/// versions do the same adds, subtracts and multiplies in the same order, so they agree bit
-/// for bit.
-pub(crate) trait Lanes:
+/// A vector of f32 lanes at some width: the loads, stores and arithmetic that kernels written
+/// for either width (`Lanes` or its 8-lane `Lanes::Half`) use.
+pub(crate) trait Vector:
     Copy + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self>
 {
+    /// Values per vector.
+    const WIDTH: usize;
     fn zero() -> Self;
-    /// The first LANES values of `src`.
+    /// The first WIDTH values of `src`.
     fn load(src: &[f32]) -> Self;
     fn store(self, dst: &mut [f32]);
     /// The first n values of `src`, the other lanes zero (the last block of channels or columns).
     #[inline(always)]
     fn load_first(src: &[f32], n: usize) -> Self {
-        if n == LANES {
+        if n == Self::WIDTH {
             return Self::load(src);
         }
         let mut spill = [0.0f32; LANES];
@@ -30,7 +29,7 @@ pub(crate) trait Lanes:
     /// Stores the first n lanes only.
     #[inline(always)]
     fn store_first(self, dst: &mut [f32], n: usize) {
-        if n == LANES {
+        if n == Self::WIDTH {
             return self.store(dst);
         }
         let mut spill = [0.0f32; LANES];
@@ -44,6 +43,21 @@ pub(crate) trait Lanes:
     fn mul_add(self, b: Self, c: Self) -> Self;
     /// max(v, 0) lane by lane, 0 for NaN (as `reduce::relu`).
     fn relu(self) -> Self;
+}
+
+/// Values in a `Lanes::Half`.
+pub(crate) const HALF_LANES: usize = 8;
+
+/// A vector of LANES channels' values. The transforms are written once on this trait and
+/// compiled twice: on AVX-512 registers through intrinsics and on plain arrays. Arrays alone
+/// were turned by LLVM into gathers and scatters across the tile (5-10x slower); both
+/// versions do the same adds, subtracts and multiplies in the same order, so they agree bit
+/// for bit.
+pub(crate) trait Lanes: Vector {
+    /// HALF_LANES values (a 256-bit register on AVX-512), for channel counts that would leave
+    /// most of a full vector empty: where AVX-512 runs at half rate (AMD's Zen 4) it costs
+    /// half of one.
+    type Half: Vector;
     /// self where `by` > 0 or NaN, else 0, lane by lane (as `reduce::relu_mask`: the ReLU's
     /// gradient mask).
     fn where_positive(self, by: Self) -> Self;
@@ -106,10 +120,11 @@ fn tree(mut v: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
     v[0]
 }
 
+/// W values in a plain array (LANES, or HALF_LANES for `Lanes::Half`).
 #[derive(Clone, Copy)]
-pub(crate) struct Portable([f32; LANES]);
+pub(crate) struct Portable<const W: usize = LANES>([f32; W]);
 
-impl std::ops::Add for Portable {
+impl<const W: usize> std::ops::Add for Portable<W> {
     type Output = Self;
     #[inline(always)]
     fn add(mut self, o: Self) -> Self {
@@ -118,7 +133,7 @@ impl std::ops::Add for Portable {
     }
 }
 
-impl std::ops::Sub for Portable {
+impl<const W: usize> std::ops::Sub for Portable<W> {
     type Output = Self;
     #[inline(always)]
     fn sub(mut self, o: Self) -> Self {
@@ -127,7 +142,7 @@ impl std::ops::Sub for Portable {
     }
 }
 
-impl std::ops::Mul for Portable {
+impl<const W: usize> std::ops::Mul for Portable<W> {
     type Output = Self;
     #[inline(always)]
     fn mul(mut self, o: Self) -> Self {
@@ -136,20 +151,21 @@ impl std::ops::Mul for Portable {
     }
 }
 
-impl Lanes for Portable {
+impl<const W: usize> Vector for Portable<W> {
+    const WIDTH: usize = W;
     #[inline(always)]
     fn zero() -> Self {
-        Portable([0.0; LANES])
+        Portable([0.0; W])
     }
     #[inline(always)]
     fn load(src: &[f32]) -> Self {
-        let mut v = [0.0; LANES];
-        v.copy_from_slice(&src[..LANES]);
+        let mut v = [0.0; W];
+        v.copy_from_slice(&src[..W]);
         Portable(v)
     }
     #[inline(always)]
     fn store(self, dst: &mut [f32]) {
-        dst[..LANES].copy_from_slice(&self.0);
+        dst[..W].copy_from_slice(&self.0);
     }
     #[inline(always)]
     fn scale(mut self, c: f32) -> Self {
@@ -158,7 +174,7 @@ impl Lanes for Portable {
     }
     #[inline(always)]
     fn splat(c: f32) -> Self {
-        Portable([c; LANES])
+        Portable([c; W])
     }
     #[inline(always)]
     fn mul_add(mut self, b: Self, c: Self) -> Self {
@@ -172,6 +188,10 @@ impl Lanes for Portable {
         self.0.iter_mut().for_each(|a| *a = crate::kernels::reduce::relu(*a));
         self
     }
+}
+
+impl Lanes for Portable {
+    type Half = Portable<HALF_LANES>;
     #[inline(always)]
     fn where_positive(mut self, by: Self) -> Self {
         self.0
@@ -228,8 +248,8 @@ pub(crate) mod avx512 {
     pub(crate) struct Avx512(__m512);
 
     // SAFETY (every intrinsic below): these inline into the `#[target_feature(enable =
-    // "avx512f")]` entry points, which run only on CPUs that have AVX-512F; loads and stores
-    // are bounds-checked against LANES values first.
+    // "avx512f,avx512vl,fma")]` entry points, which run only where `has_avx512()`; loads and
+    // stores are bounds-checked against the vector's width first.
     impl std::ops::Add for Avx512 {
         type Output = Self;
         #[inline(always)]
@@ -254,13 +274,90 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// HALF_LANES f32 in a 256-bit register (masked loads and stores through AVX-512VL), under
+    /// the same conditions as `Avx512`.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx256(__m256);
+
+    impl std::ops::Add for Avx256 {
+        type Output = Self;
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            Avx256(unsafe { _mm256_add_ps(self.0, o.0) })
+        }
+    }
+
+    impl std::ops::Sub for Avx256 {
+        type Output = Self;
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            Avx256(unsafe { _mm256_sub_ps(self.0, o.0) })
+        }
+    }
+
+    impl std::ops::Mul for Avx256 {
+        type Output = Self;
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            Avx256(unsafe { _mm256_mul_ps(self.0, o.0) })
+        }
+    }
+
+    impl super::Vector for Avx256 {
+        const WIDTH: usize = super::HALF_LANES;
+        #[inline(always)]
+        fn zero() -> Self {
+            Avx256(unsafe { _mm256_setzero_ps() })
+        }
+        #[inline(always)]
+        fn load(src: &[f32]) -> Self {
+            let src = &src[..super::HALF_LANES];
+            Avx256(unsafe { _mm256_loadu_ps(src.as_ptr()) })
+        }
+        #[inline(always)]
+        fn store(self, dst: &mut [f32]) {
+            let dst = &mut dst[..super::HALF_LANES];
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn load_first(src: &[f32], n: usize) -> Self {
+            let src = &src[..n.min(super::HALF_LANES)];
+            let mask = ((1u32 << src.len()) - 1) as __mmask8;
+            Avx256(unsafe { _mm256_maskz_loadu_ps(mask, src.as_ptr()) })
+        }
+        #[inline(always)]
+        fn store_first(self, dst: &mut [f32], n: usize) {
+            let dst = &mut dst[..n.min(super::HALF_LANES)];
+            let mask = ((1u32 << dst.len()) - 1) as __mmask8;
+            unsafe { _mm256_mask_storeu_ps(dst.as_mut_ptr(), mask, self.0) }
+        }
+        #[inline(always)]
+        fn scale(self, c: f32) -> Self {
+            Avx256(unsafe { _mm256_mul_ps(self.0, _mm256_set1_ps(c)) })
+        }
+        #[inline(always)]
+        fn splat(c: f32) -> Self {
+            Avx256(unsafe { _mm256_set1_ps(c) })
+        }
+        #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            Avx256(unsafe { _mm256_fmadd_ps(self.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        fn relu(self) -> Self {
+            // max(0, v) returns its second operand when either is NaN: 0, as reduce::relu.
+            Avx256(unsafe { _mm256_max_ps(_mm256_setzero_ps(), self.0) })
+        }
+    }
+
     /// Lanes 8..16 (through f64: extracting f32 x 8 needs AVX-512DQ).
     #[inline(always)]
     unsafe fn high_half(v: __m512) -> __m256 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 
-    impl super::Lanes for Avx512 {
+    impl super::Vector for Avx512 {
+        const WIDTH: usize = super::LANES;
         #[inline(always)]
         fn zero() -> Self {
             Avx512(unsafe { _mm512_setzero_ps() })
@@ -306,6 +403,10 @@ pub(crate) mod avx512 {
             // max(0, v) returns its second operand when either is NaN: 0, as reduce::relu.
             Avx512(unsafe { _mm512_max_ps(_mm512_setzero_ps(), self.0) })
         }
+    }
+
+    impl super::Lanes for Avx512 {
+        type Half = Avx256;
         #[inline(always)]
         fn where_positive(self, by: Self) -> Self {
             // "Not less than or equal, unordered": true where by > 0 and where by is NaN.
@@ -435,8 +536,23 @@ pub(crate) mod avx512 {
     }
 }
 
+/// Whether the CPU runs the AVX-512 lane types: AVX-512F, its 256-bit forms (VL, for `Avx256`'s
+/// masks) and FMA.
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Defines `pub fn $name(args)` that runs `$imp::<Avx512>` inside a function compiled with
-/// AVX-512F where the CPU has it, else `$imp::<Portable>`. The generic body must be inlined
+/// AVX-512F (and VL, FMA) where the CPU has it (`has_avx512`), else `$imp::<Portable>`. The generic body must be inlined
 /// into the target-feature function itself: passed in as a closure it was compiled without
 /// the feature, and the intrinsics became calls (3x slower than im2col).
 macro_rules! lanes_entry {
@@ -445,13 +561,13 @@ macro_rules! lanes_entry {
         #[allow(clippy::too_many_arguments)]
         pub fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx512f") {
-                #[target_feature(enable = "avx512f")]
+            if $crate::kernels::lanes::has_avx512() {
+                #[target_feature(enable = "avx512f,avx512vl,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn with_avx512($($arg: $ty),*) {
                     $imp::<$crate::kernels::lanes::avx512::Avx512>($($arg),*)
                 }
-                // SAFETY: the CPU has AVX-512F, which the lane type's intrinsics need.
+                // SAFETY: the CPU has AVX-512F and VL and FMA, which the lane types' intrinsics need.
                 return unsafe { with_avx512($($arg),*) };
             }
             $imp::<$crate::kernels::lanes::Portable>($($arg),*)

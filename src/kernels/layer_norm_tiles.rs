@@ -34,14 +34,7 @@ pub const TILE_ROW_MAX: usize = 256;
 /// Whether the tile kernels run on vector registers here (AVX-512); elsewhere their portable
 /// twin is correct but slower than the row kernels, which the layers keep.
 pub fn tiles_vectorized() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::kernels::lanes::has_avx512()
 }
 
 /// Whether rows of `c` values take the tiles on this CPU.

@@ -5,7 +5,8 @@
 //! (22 channels ran as 32), packs A on every call although each of its values is used only
 //! OC/16 times, and costs microseconds per call (attention makes six per sample and head).
 //! Here A is read in place, as stored or transposed, and the last few output columns run on
-//! one masked vector:
+//! one masked vector (where AVX-512 runs at half rate, on 8-lane vectors when that wastes
+//! fewer lanes: 19 columns as 24 rather than 32):
 //!
 //!   M[i][o] = Σ_k A[i][k] · U[k][o]
 //!
@@ -14,7 +15,8 @@
 //! the sum runs in chunks of k (Winograd 128x128: 0.73x -> 0.91x of gemm; still behind, so
 //! conv2d keeps gemm there).
 
-use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
+use crate::kernels::conv_direct::vectors_run_at_half_rate;
+use crate::kernels::lanes::{lanes_entry, Lanes, Vector, HALF_LANES, LANES};
 use crate::kernels::matmul::{Op, Operand};
 
 /// Output channels per column group: 4 vectors (a tail rides along with the last group).
@@ -37,6 +39,23 @@ lanes_entry! {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn product<V: Lanes>(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], rows: usize, c: usize, oc: usize) {
+    product_tails::<V>(m, ldm, a, u, rows, c, oc, vectors_run_at_half_rate())
+}
+
+/// `product`, on `Lanes::Half` vectors where `half_tails` (AVX-512 at half rate) and they
+/// waste fewer lanes (the same sums either way).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn product_tails<V: Lanes>(
+    m: &mut [f32],
+    ldm: usize,
+    a: Operand,
+    u: &[f32],
+    rows: usize,
+    c: usize,
+    oc: usize,
+    half_tails: bool,
+) {
     let span = |rows: usize, len: usize, ld: usize| {
         if rows == 0 || len == 0 {
             0
@@ -62,19 +81,29 @@ fn product<V: Lanes>(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], rows: usi
         return;
     }
     let chunk = (CHUNK_VALUES / oc).max(LANES);
+    // Half vectors where 16-lane ones would leave more than half of the last vector empty and
+    // the columns still make one group of 8-lane vectors (more groups read A once more each).
+    // One thread, the 36 positions of 392 tiles, AMD host (ymm multiply-adds at twice the zmm
+    // rate), min of 40 alternating rounds, ms, 16-lane / 8-lane: 17->19 0.166 / 0.141, 43->37
+    // 0.564 / 0.506, 64->24 0.534 / 0.416, 16->8 0.101 / 0.090, 32->22 0.312 / 0.297; but
+    // 37->82 (three 8-lane groups) 1.065 / 1.201.
+    let half = half_tails && (1..=HALF_LANES).contains(&(oc % LANES)) && oc < (GROUP_VECTORS + 1) * HALF_LANES;
     for k0 in (0..c).step_by(chunk) {
         let kc = chunk.min(c - k0);
-        match op {
-            Op::N => columns::<V, false>(m, ldm, (av, lda), u, rows, (k0, kc), oc),
-            Op::T => columns::<V, true>(m, ldm, (av, lda), u, rows, (k0, kc), oc),
+        let a = (av, lda);
+        match (op, half) {
+            (Op::N, false) => columns::<V, false>(m, ldm, a, u, rows, (k0, kc), oc),
+            (Op::T, false) => columns::<V, true>(m, ldm, a, u, rows, (k0, kc), oc),
+            (Op::N, true) => columns::<V::Half, false>(m, ldm, a, u, rows, (k0, kc), oc),
+            (Op::T, true) => columns::<V::Half, true>(m, ldm, a, u, rows, (k0, kc), oc),
         }
     }
 }
 
 /// `product` over k0 .. k0 + kc: M = A·U for the first chunk, M += A·U after; `AT`: A stored
-/// transposed.
+/// transposed. V: the vectors of any width.
 #[inline(always)]
-fn columns<V: Lanes, const AT: bool>(
+fn columns<V: Vector, const AT: bool>(
     m: &mut [f32],
     ldm: usize,
     (a, lda): (&[f32], usize),
@@ -86,10 +115,10 @@ fn columns<V: Lanes, const AT: bool>(
     let mut j = 0;
     while j < oc {
         let left = oc - j;
-        let (full, tail) = if left / LANES > GROUP_VECTORS {
+        let (full, tail) = if left / V::WIDTH > GROUP_VECTORS {
             (GROUP_VECTORS, 0)
         } else {
-            (left / LANES, left % LANES)
+            (left / V::WIDTH, left % V::WIDTH)
         };
         let g = Group {
             ldm,
@@ -103,8 +132,8 @@ fn columns<V: Lanes, const AT: bool>(
             tail,
         };
         // Rows per block: about 24 accumulators (of 32 registers) at any width. An 8-lane
-        // (256-bit) tail for ≤ 8 channels was 5-10% slower than the masked 16-lane one on this
-        // host (Intel Xeon with AVX-512: both widths run 2 multiply-adds a cycle).
+        // (256-bit) tail for ≤ 8 channels was 5-10% slower than the masked 16-lane one on the
+        // Intel host (AVX-512 there runs 2 multiply-adds a cycle at either width).
         match (full, tail > 0) {
             (0, false) => unreachable!("a column group has channels"),
             (0, true) => g.run::<V, AT, 12, 0, true>(m, rows),
@@ -118,11 +147,11 @@ fn columns<V: Lanes, const AT: bool>(
             (4, true) => g.run::<V, AT, 4, 4, true>(m, rows),
             _ => unreachable!("at most {GROUP_VECTORS} whole vectors per group"),
         }
-        j += full * LANES + tail;
+        j += full * V::WIDTH + tail;
     }
 }
 
-/// One column group: output columns j .. j + B·LANES + tail.
+/// One column group: output columns j .. j + B·WIDTH + tail.
 struct Group<'a> {
     ldm: usize,
     a: &'a [f32],
@@ -142,7 +171,7 @@ impl Group<'_> {
     /// lone sample's Winograd has 4 to 28 tiles (rows) per call, and 14x14 32->32 at batch 1
     /// spent more on its 4 left-over rows than on the block of 12.
     #[inline(always)]
-    fn run<V: Lanes, const AT: bool, const R: usize, const B: usize, const TAIL: bool>(
+    fn run<V: Vector, const AT: bool, const R: usize, const B: usize, const TAIL: bool>(
         &self,
         m: &mut [f32],
         rows: usize,
@@ -172,7 +201,7 @@ impl Group<'_> {
 
     /// Rows i .. i + R of this group.
     #[inline(always)]
-    fn block<V: Lanes, const AT: bool, const R: usize, const B: usize, const TAIL: bool>(
+    fn block<V: Vector, const AT: bool, const R: usize, const B: usize, const TAIL: bool>(
         &self,
         m: &mut [f32],
         i: usize,
@@ -191,10 +220,10 @@ impl Group<'_> {
             for r in 0..R {
                 let out = &m[(i + r) * self.ldm + j..];
                 for b in 0..B {
-                    acc[r][b] = V::load(&out[b * LANES..]);
+                    acc[r][b] = V::load(&out[b * V::WIDTH..]);
                 }
                 if TAIL {
-                    acc_tail[r] = V::load_first(&out[B * LANES..], tail);
+                    acc_tail[r] = V::load_first(&out[B * V::WIDTH..], tail);
                 }
             }
         }
@@ -211,9 +240,9 @@ impl Group<'_> {
             } else {
                 &[]
             };
-            let w: [V; B] = std::array::from_fn(|b| V::load(&u_row[b * LANES..]));
+            let w: [V; B] = std::array::from_fn(|b| V::load(&u_row[b * V::WIDTH..]));
             let w_tail = if TAIL {
-                V::load_first(&u_row[B * LANES..], tail)
+                V::load_first(&u_row[B * V::WIDTH..], tail)
             } else {
                 V::zero()
             };
@@ -230,10 +259,10 @@ impl Group<'_> {
         for r in 0..R {
             let out = &mut m[(i + r) * self.ldm + j..];
             for b in 0..B {
-                acc[r][b].store(&mut out[b * LANES..]);
+                acc[r][b].store(&mut out[b * V::WIDTH..]);
             }
             if TAIL {
-                acc_tail[r].store_first(&mut out[B * LANES..], tail);
+                acc_tail[r].store_first(&mut out[B * V::WIDTH..], tail);
             }
         }
     }
@@ -244,13 +273,24 @@ mod tests {
     use super::*;
     use crate::kernels::lanes::Portable;
 
+    #[inline(always)]
+    fn product_half<V: Lanes>(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], rows: usize, c: usize, oc: usize) {
+        product_tails::<V>(m, ldm, a, u, rows, c, oc, true)
+    }
+
+    lanes_entry! {
+        /// `register_product` with its tails of at most HALF_LANES columns on `Lanes::Half`
+        /// whatever the CPU.
+        pub fn register_product_half_tails(m: &mut [f32], ldm: usize, a: Operand, u: &[f32], rows: usize, c: usize, oc: usize) => product_half
+    }
+
     /// Every column-group shape (tails of 0 and 1..15 columns, 1-5 vectors, more than one
     /// group), A as stored and transposed, strided rows of A and M, a row count that leaves
     /// a remainder, against the f64 sum; the dispatched version equals the portable one bit for
-    /// bit.
+    /// bit, and so do the versions with tails of at most HALF_LANES columns on half vectors.
     #[test]
     fn product_matches_the_definition_at_every_width() {
-        for oc in [1, 5, 8, 9, 16, 22, 32, 40, 47, 64, 72, 93, 128, 150] {
+        for oc in [1, 5, 8, 9, 16, 19, 22, 32, 40, 47, 64, 72, 82, 93, 128, 150] {
             for c in [1, 3, 21, 40, 300] {
                 for op in [Op::N, Op::T] {
                     let rows = 29;
@@ -271,6 +311,15 @@ mod tests {
                     let mut portable = vec![7.0f32; rows * ldm];
                     product::<Portable>(&mut portable, ldm, (&a, lda, op), &u, rows, c, oc);
                     assert_eq!(got, portable, "oc {oc} c {c} {op:?}: dispatched against portable");
+                    for half_tails in [false, true] {
+                        let mut other = vec![7.0f32; rows * ldm];
+                        let a = (&a[..], lda, op);
+                        product_tails::<Portable>(&mut other, ldm, a, &u, rows, c, oc, half_tails);
+                        assert_eq!(other, got, "oc {oc} c {c} {op:?}: portable, half tails {half_tails}");
+                    }
+                    let mut half = vec![7.0f32; rows * ldm];
+                    register_product_half_tails(&mut half, ldm, (&a, lda, op), &u, rows, c, oc);
+                    assert_eq!(half, got, "oc {oc} c {c} {op:?}: dispatched with half tails");
                     let at = |i: usize, k: usize| if op == Op::N { a[i * lda + k] } else { a[k * lda + i] };
                     for i in 0..rows {
                         for o in 0..ldm {

@@ -41,20 +41,21 @@ impl WinogradTile {
     }
 }
 
-use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
+use crate::kernels::conv_direct::vectors_run_at_half_rate;
+use crate::kernels::lanes::{lanes_entry, Lanes, Vector, HALF_LANES, LANES};
 
 /// A 1-D transform of I values into O, applied to a window's columns and then to the rows of
 /// the result (L x Lᵀ for f = L·):
 /// Bᵀ, Aᵀ and A of F(2,3) and F(4,3) (points 0, ±1, ±2, ∞), written out as adds.
 trait OneD<const I: usize, const O: usize> {
-    fn apply<V: Lanes>(x: [V; I]) -> [V; O];
+    fn apply<V: Vector>(x: [V; I]) -> [V; O];
 }
 
 /// Bᵀ d, F(2,3).
 struct Bt2;
 impl OneD<4, 4> for Bt2 {
     #[inline(always)]
-    fn apply<V: Lanes>([d0, d1, d2, d3]: [V; 4]) -> [V; 4] {
+    fn apply<V: Vector>([d0, d1, d2, d3]: [V; 4]) -> [V; 4] {
         [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
     }
 }
@@ -64,7 +65,7 @@ impl OneD<4, 4> for Bt2 {
 struct Bt4;
 impl OneD<6, 6> for Bt4 {
     #[inline(always)]
-    fn apply<V: Lanes>([d0, d1, d2, d3, d4, d5]: [V; 6]) -> [V; 6] {
+    fn apply<V: Vector>([d0, d1, d2, d3, d4, d5]: [V; 6]) -> [V; 6] {
         let (four, minus_four, minus_five) = (V::splat(4.0), V::splat(-4.0), V::splat(-5.0));
         let (t1, t2) = (d2.mul_add(minus_four, d4), d1.mul_add(minus_four, d3));
         let (t3, t4) = (d4 - d2, (d3 - d1).scale(2.0));
@@ -83,7 +84,7 @@ impl OneD<6, 6> for Bt4 {
 struct At2;
 impl OneD<4, 2> for At2 {
     #[inline(always)]
-    fn apply<V: Lanes>([m0, m1, m2, m3]: [V; 4]) -> [V; 2] {
+    fn apply<V: Vector>([m0, m1, m2, m3]: [V; 4]) -> [V; 2] {
         [m0 + m1 + m2, m1 - m2 - m3]
     }
 }
@@ -92,7 +93,7 @@ impl OneD<4, 2> for At2 {
 struct At4;
 impl OneD<6, 4> for At4 {
     #[inline(always)]
-    fn apply<V: Lanes>([m0, m1, m2, m3, m4, m5]: [V; 6]) -> [V; 4] {
+    fn apply<V: Vector>([m0, m1, m2, m3, m4, m5]: [V; 6]) -> [V; 4] {
         // Products by 2, 4 and 8 are exact: the multiply-adds round as separate steps did.
         let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
         [
@@ -108,7 +109,7 @@ impl OneD<6, 4> for At4 {
 struct A2;
 impl OneD<2, 4> for A2 {
     #[inline(always)]
-    fn apply<V: Lanes>([g0, g1]: [V; 2]) -> [V; 4] {
+    fn apply<V: Vector>([g0, g1]: [V; 2]) -> [V; 4] {
         [g0, g0 + g1, g0 - g1, V::zero() - g1]
     }
 }
@@ -117,7 +118,7 @@ impl OneD<2, 4> for A2 {
 struct A4;
 impl OneD<4, 6> for A4 {
     #[inline(always)]
-    fn apply<V: Lanes>([g0, g1, g2, g3]: [V; 4]) -> [V; 6] {
+    fn apply<V: Vector>([g0, g1, g2, g3]: [V; 4]) -> [V; 6] {
         let (e, o) = (g0 + g2, g1 + g3);
         let (e2, o2) = (g2.mul_add(V::splat(4.0), g0), g3.mul_add(V::splat(8.0), g1.scale(2.0)));
         [g0, e + o, e - o, e2 + o2, e2 - o2, g3]
@@ -138,6 +139,10 @@ pub struct TilePlan {
     /// rows, the rows around it read from the image (a whole map: first 0, full_h = h).
     pub first: usize,
     pub full_h: usize,
+    /// A last block of at most HALF_LANES channels goes through the transforms on
+    /// `Lanes::Half` vectors (where AVX-512 runs at half rate: the same values at half the
+    /// cost of a 16-lane vector).
+    pub half_tails: bool,
 }
 
 impl TilePlan {
@@ -153,6 +158,7 @@ impl TilePlan {
             tiles_w: w.div_ceil(m),
             first: 0,
             full_h: h,
+            half_tails: vectors_run_at_half_rate(),
         };
     }
 
@@ -186,6 +192,11 @@ impl TilePlan {
     fn padded(&self) -> (usize, usize) {
         let m = self.m();
         (self.tiles_h * m + 2, self.tiles_w * m + 2)
+    }
+
+    /// Whether a block of n channels runs on `Lanes::Half` vectors.
+    fn half_block(&self, n: usize) -> bool {
+        self.half_tails && n <= HALF_LANES
     }
 
     /// Values of staging one sample of `channels` channels needs (the transforms' inputs and
@@ -287,19 +298,23 @@ fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
             let tile_out = &mut out[p * R * R * channels..];
             for c0 in (0..channels).step_by(LANES) {
                 let n = LANES.min(channels - c0);
-                window_block::<V, K, R, F>(staging, corner, pw, cp, c0, n, channels, tile_out);
+                if plan.half_block(n) {
+                    window_block::<V::Half, K, R, F>(staging, corner, pw, cp, c0, n, channels, tile_out);
+                } else {
+                    window_block::<V, K, R, F>(staging, corner, pw, cp, c0, n, channels, tile_out);
+                }
             }
         }
     }
 }
 
-/// One K×K window of LANES channels from c0 (n of them stored): F on the columns, loaded
+/// One K×K window of a vector's width of channels from c0 (n of them stored): F on the columns, loaded
 /// as they are transformed, then on the rows, stored as they come (through whole K×K and R×R
 /// arrays the transform spilled both to the stack and back: a quarter of its time on one
 /// spill).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn window_block<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
+fn window_block<V: Vector, const K: usize, const R: usize, F: OneD<K, R>>(
     staging: &[f32],
     corner: usize,
     pw: usize,
@@ -393,7 +408,8 @@ lanes_entry! {
 }
 
 /// One sample's output tiles into the channels-last `buf` [th·m][tw·m][Cp]: Aᵀ M A (+ bias,
-/// then ReLU), whole vectors of LANES channels.
+/// then ReLU), whole vectors of LANES channels (a last block on `Lanes::Half` vectors leaves
+/// the rest of its LANES stale: the unstaging reads only the channels that exist).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
@@ -405,29 +421,67 @@ fn output_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     bias: Option<&[f32]>,
     relu: bool,
 ) {
-    let (cp, bw) = (channels.next_multiple_of(LANES), plan.tiles_w * R);
-    let mut cols = [[V::zero(); K]; R];
     for ty in 0..plan.tiles_h {
         for tx in 0..plan.tiles_w {
             let p = first_tile + ty * plan.tiles_w + tx;
             for c0 in (0..channels).step_by(LANES) {
                 let n = LANES.min(channels - c0);
-                // Columns, then rows, streamed as in `transform_sample`.
-                let tile_m = &mbuf[p * K * K * channels + c0..];
-                for j in 0..K {
-                    let col: [V; K] = std::array::from_fn(|k| V::load_first(&tile_m[(k * K + j) * channels..], n));
-                    for (a, v) in F::apply(col).into_iter().enumerate() {
-                        cols[a][j] = v;
-                    }
+                let block = OutputBlock {
+                    plan,
+                    channels,
+                    c0,
+                    n,
+                    ty,
+                    tx,
+                };
+                if plan.half_block(n) {
+                    block.run::<V::Half, K, R, F>(mbuf, p, buf, bias, relu);
+                } else {
+                    block.run::<V, K, R, F>(mbuf, p, buf, bias, relu);
                 }
-                let b = bias.map_or(V::zero(), |b| V::load_first(&b[c0..], n));
-                for (a, row) in cols.iter().enumerate() {
-                    for (bcol, v) in F::apply(*row).into_iter().enumerate() {
-                        let v = if bias.is_some() { v + b } else { v };
-                        let v = if relu { v.relu() } else { v };
-                        v.store(&mut buf[((ty * R + a) * bw + tx * R + bcol) * cp + c0..]);
-                    }
-                }
+            }
+        }
+    }
+}
+
+/// Channels c0 .. c0 + n of output tile (ty, tx).
+struct OutputBlock<'a> {
+    plan: &'a TilePlan,
+    channels: usize,
+    c0: usize,
+    n: usize,
+    ty: usize,
+    tx: usize,
+}
+
+impl OutputBlock<'_> {
+    /// Aᵀ M A of tile p's block on vectors of W: columns, then rows, streamed as in
+    /// `transform_sample`.
+    #[inline(always)]
+    fn run<W: Vector, const K: usize, const R: usize, F: OneD<K, R>>(
+        &self,
+        mbuf: &[f32],
+        p: usize,
+        buf: &mut [f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+    ) {
+        let (channels, c0, n) = (self.channels, self.c0, self.n);
+        let (cp, bw) = (channels.next_multiple_of(LANES), self.plan.tiles_w * R);
+        let mut cols = [[W::zero(); K]; R];
+        let tile_m = &mbuf[p * K * K * channels + c0..];
+        for j in 0..K {
+            let col: [W; K] = std::array::from_fn(|k| W::load_first(&tile_m[(k * K + j) * channels..], n));
+            for (a, v) in F::apply(col).into_iter().enumerate() {
+                cols[a][j] = v;
+            }
+        }
+        let b = bias.map_or(W::zero(), |b| W::load_first(&b[c0..], n));
+        for (a, row) in cols.iter().enumerate() {
+            for (bcol, v) in F::apply(*row).into_iter().enumerate() {
+                let v = if bias.is_some() { v + b } else { v };
+                let v = if relu { v.relu() } else { v };
+                v.store(&mut buf[((self.ty * R + a) * bw + self.tx * R + bcol) * cp + c0..]);
             }
         }
     }
@@ -561,10 +615,15 @@ mod tests {
     /// changes nothing.
     #[test]
     fn portable_transforms_match_the_dispatched_ones() {
-        for tile in [WinogradTile::F2, WinogradTile::F4] {
+        let tiles = [WinogradTile::F2, WinogradTile::F4];
+        for (tile, half) in tiles.into_iter().flat_map(|t| [(t, false), (t, true)]) {
+            // 20 channels: a last block of 4, on half vectors when `half`; the portable
+            // reference stays on 16-lane vectors.
             let (samples, channels, h, w) = (3, 20, 7, 9);
-            let mut plan = TilePlan::default();
+            let (mut plan, mut reference) = (TilePlan::default(), TilePlan::default());
             plan.update(tile, samples, h, w);
+            reference.update(tile, samples, h, w);
+            (plan.half_tails, reference.half_tails) = (half, false);
             let t2 = tile.t() * tile.t();
             let x: Vec<f32> = (0..samples * channels * h * w)
                 .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
@@ -572,21 +631,21 @@ mod tests {
             let mut staging = vec![0.0; plan.staging_len(channels)];
             let len = t2 * plan.tiles() * channels;
             let (mut a, mut b) = (vec![0.0; len], vec![0.0; len]);
-            input_transform::<Portable>(&plan, &x, channels, &mut a, &mut staging);
+            input_transform::<Portable>(&reference, &x, channels, &mut a, &mut staging);
             // Whatever the buffer held before (the output transform's layout): only its
             // margins are zeroed, the rest is overwritten.
             staging.fill(f32::NAN);
             winograd_input_transform(&plan, &x, channels, &mut b, &mut staging);
-            assert_eq!(a, b, "{tile:?} input");
-            gradient_transform::<Portable>(&plan, &x, channels, &mut a, &mut staging);
+            assert_eq!(a, b, "{tile:?} input, half tails {half}");
+            gradient_transform::<Portable>(&reference, &x, channels, &mut a, &mut staging);
             staging.fill(f32::NAN);
             winograd_gradient_transform(&plan, &x, channels, &mut b, &mut staging);
-            assert_eq!(a, b, "{tile:?} gradient");
+            assert_eq!(a, b, "{tile:?} gradient, half tails {half}");
             let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.1 - 1.0).collect();
             // The output transform in the portable version or the dispatched one.
             let out = |portable: bool, y: &mut [f32], relu: bool, pool: bool, r: Option<&[f32]>, st: &mut [f32]| {
                 if portable {
-                    output_transform::<Portable>(&plan, &a, channels, y, Some(&bias), relu, pool, r, st);
+                    output_transform::<Portable>(&reference, &a, channels, y, Some(&bias), relu, pool, r, st);
                 } else {
                     winograd_output_transform(&plan, &a, channels, y, Some(&bias), relu, pool, r, st);
                 }
@@ -594,7 +653,7 @@ mod tests {
             let (mut ya, mut yb) = (vec![0.0; x.len()], vec![0.0; x.len()]);
             out(true, &mut ya, true, false, None, &mut staging);
             out(false, &mut yb, true, false, None, &mut staging);
-            assert_eq!(ya, yb, "{tile:?} output");
+            assert_eq!(ya, yb, "{tile:?} output, half tails {half}");
             // Plus a residual, then the ReLU: the separate passes' values, bit for bit.
             let r: Vec<f32> = (0..x.len()).map(|i| (i % 13) as f32 * 0.37 - 2.0).collect();
             let mut plain = vec![0.0; x.len()];
@@ -612,7 +671,7 @@ mod tests {
             let (mut pa, mut pb) = (vec![0.0; pooled], vec![0.0; pooled]);
             out(true, &mut pa, true, true, None, &mut staging);
             out(false, &mut pb, true, true, None, &mut staging);
-            assert_eq!(pa, pb, "{tile:?} pooled output");
+            assert_eq!(pa, pb, "{tile:?} pooled output, half tails {half}");
         }
     }
 }
