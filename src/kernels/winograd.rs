@@ -308,10 +308,10 @@ fn transform_sample<V: Lanes, const K: usize, const R: usize, F: OneD<K, R>>(
     }
 }
 
-/// One K×K window of a vector's width of channels from c0 (n of them stored): F on the columns, loaded
-/// as they are transformed, then on the rows, stored as they come (through whole K×K and R×R
-/// arrays the transform spilled both to the stack and back: a quarter of its time on one
-/// spill).
+/// One K×K window of a vector's width of channels from c0 (n of them stored): F on the
+/// columns, loaded as they are transformed, then on the rows, stored as they come (through
+/// whole K×K and R×R arrays the transform spilled both to the stack and back: a quarter of its
+/// time on one spill).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn window_block<V: Vector, const K: usize, const R: usize, F: OneD<K, R>>(
