@@ -552,9 +552,10 @@ pub(crate) fn has_avx512() -> bool {
 }
 
 /// Defines `pub fn $name(args)` that runs `$imp::<Avx512>` inside a function compiled with
-/// AVX-512F (and VL, FMA) where the CPU has it (`has_avx512`), else `$imp::<Portable>`. The generic body must be inlined
-/// into the target-feature function itself: passed in as a closure it was compiled without
-/// the feature, and the intrinsics became calls (3x slower than im2col).
+/// AVX-512F (and VL, FMA) where the CPU has it (`has_avx512`), else `$imp::<Portable>`. The
+/// generic body must be inlined into the target-feature function itself: passed in as a
+/// closure it was compiled without the feature, and the intrinsics became calls (3x slower
+/// than im2col).
 macro_rules! lanes_entry {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $imp:ident) => {
         $(#[$m])*
@@ -567,7 +568,7 @@ macro_rules! lanes_entry {
                 unsafe fn with_avx512($($arg: $ty),*) {
                     $imp::<$crate::kernels::lanes::avx512::Avx512>($($arg),*)
                 }
-                // SAFETY: the CPU has AVX-512F and VL and FMA, which the lane types' intrinsics need.
+                // SAFETY: the CPU has AVX-512F, VL and FMA, which the lane types' intrinsics need.
                 return unsafe { with_avx512($($arg),*) };
             }
             $imp::<$crate::kernels::lanes::Portable>($($arg),*)
