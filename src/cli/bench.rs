@@ -185,24 +185,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
     )?;
     if !report.kernels.is_empty() {
         outln!(
-            "{:<18} {:<18} {:>9} {:>9} {:>7}",
+            "{:<18} {:<18} {:>9} {:>9} {:>7} {:>9} {:>7}",
             "kernel",
             "shape (N,C,H,W)",
             "ms",
             "GB/s",
-            "copy%"
+            "copy%",
+            "stream ms",
+            "of ms"
         )?;
     }
     for k in &report.kernels {
         let shape = format!("{:?}", k.shape);
         outln!(
-            "{:<18} {:<18} {:>9.3} {:>9.1} {:>6.0}%",
+            "{:<18} {:<18} {:>9.3} {:>9.1} {:>6.0}% {:>9.3} {:>6.0}%",
             k.kernel,
             shape,
             k.ms,
             k.gb_per_s,
-            100.0 * k.copy_fraction
+            100.0 * k.copy_fraction,
+            k.streams_ms,
+            100.0 * k.streams_ms / k.ms
         )?;
+    }
+    if !report.kernels.is_empty() {
+        outln!("copy%: GB/s over the 256 MiB copy's; stream ms: the same reads and writes as plain streams on tensors of the shape (y = x, then dx = x + dy), timed in turns with the kernel: the limit where they fit in cache; of ms: that over ms")?;
     }
     if let Some(peak) = report.gemm_peak_gflops {
         outln!("gemm peak {peak:.0} GFLOP/s (f32, square products of 512 to 1536, every thread); conv GFLOP/s count the direct algorithm's 2·N·C·OC·H·W·9 per pass")?;
