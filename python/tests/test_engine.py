@@ -81,7 +81,12 @@ def test_ctrl_c_stops_the_run_resumably(tmp_path):
     out = tmp_path / "run"
     script = textwrap.dedent(
         f"""
+        import signal
         import normlab
+        # Python leaves SIGINT ignored when its parent started it so (a job put in the
+        # background by a non-interactive shell, as CI may be): the Ctrl-C handling under test
+        # needs Python's own handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         normlab.train(epochs=50, train_limit=4096, test_limit=256, data={DATA!r}, out={str(out)!r}, progress=False)
         """
     )
