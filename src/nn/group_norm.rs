@@ -47,8 +47,9 @@ struct Scratch {
     shift: Vec<f32>,
     /// Per channel Σdy and Σdy·x̂ of the eval-mode backward.
     fixed_sums: Vec<bnk::ChannelSums>,
-    /// nn.LayerNorm's form: per element dγ and dβ, and the backward's per-task accumulators.
-    elementwise_grads: (Vec<f64>, Vec<f64>),
+    /// nn.LayerNorm's form without γ and β: the dγ and dβ the kernel adds into (dropped), and
+    /// the backward's per-task accumulators.
+    elementwise_grads: (Vec<f32>, Vec<f32>),
     layer_norm_tasks: Vec<f32>,
 }
 
@@ -362,13 +363,21 @@ impl Layer for GroupNorm {
         }
         dx.resize_to(&x.shape)?;
         let sc = &mut self.scratch;
-        let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         let (eps, relu) = (self.config.eps, self.relu);
         if self.config.kind == WithinSample::LayerElementwise {
-            // One channel per element: dγ, dβ summed over the samples by the kernel itself.
-            let (dg, db) = &mut sc.elementwise_grads;
-            dg.resize(c, 0.0);
-            db.resize(c, 0.0);
+            // One channel per element: dγ, dβ summed over the samples by the kernel itself,
+            // added straight into the parameters' gradients (or into scratch without them).
+            let (gamma, dg, db) = match (self.weight.as_mut(), self.bias.as_mut()) {
+                (Some(w), Some(b)) => (Some(w.value.data.as_slice()), &mut w.grad.data, &mut b.grad.data),
+                (w, _) => {
+                    let (dg, db) = &mut sc.elementwise_grads;
+                    dg.clear();
+                    dg.resize(c, 0.0);
+                    db.clear();
+                    db.resize(c, 0.0);
+                    (w.map(|w| w.value.data.as_slice()), dg, db)
+                }
+            };
             crate::kernels::layer_norm::layer_norm_backward(
                 &x.data,
                 &y.data,
@@ -383,12 +392,9 @@ impl Layer for GroupNorm {
                 db,
                 &mut sc.layer_norm_tasks,
             );
-            if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-                w.grad.data.iter_mut().zip(dg.iter()).for_each(|(g, &v)| *g += v as f32);
-                b.grad.data.iter_mut().zip(db.iter()).for_each(|(g, &v)| *g += v as f32);
-            }
             return Ok(());
         }
+        let gamma = self.weight.as_ref().map(|p| p.value.data.as_slice());
         sc.channel_sums.resize(n * c, (0.0, 0.0));
         k::group_norm_backward(
             &x.data,

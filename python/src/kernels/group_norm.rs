@@ -12,8 +12,8 @@ use normlab::kernels::group_norm as gn;
 #[derive(Default)]
 struct LayerNormScratch {
     tasks: Vec<f32>,
-    dgamma: Vec<f64>,
-    dbeta: Vec<f64>,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
 }
 
 static LAYER_NORM_SCRATCH: std::sync::Mutex<LayerNormScratch> = std::sync::Mutex::new(LayerNormScratch {
@@ -139,7 +139,10 @@ fn gn_train_backward<'py>(
             // not hold the GIL).
             let mut guard = LAYER_NORM_SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
             let sc = &mut *guard;
+            // The kernel adds into them.
+            sc.dgamma.clear();
             sc.dgamma.resize(c, 0.0);
+            sc.dbeta.clear();
             sc.dbeta.resize(c, 0.0);
             normlab::kernels::layer_norm::layer_norm_backward(
                 xs,
@@ -155,7 +158,17 @@ fn gn_train_backward<'py>(
                 &mut sc.dbeta,
                 &mut sc.tasks,
             );
-            return rounded([&sc.dgamma, &sc.dbeta], [dw_out, db_out]);
+            // Already rounded once (the f64 sums of the kernel's tasks, added into zeros).
+            if dw_out.is_none() && db_out.is_none() {
+                let widened = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+                return Some((widened(&sc.dgamma), widened(&sc.dbeta)));
+            }
+            for (out, sum) in [dw_out, db_out].into_iter().zip([&sc.dgamma, &sc.dbeta]) {
+                if let Some(o) = out {
+                    o.copy_from_slice(sum);
+                }
+            }
+            return None;
         }
         let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
         let mut per = vec![(0.0f64, 0.0f64); n * c];
