@@ -366,16 +366,25 @@ impl Layer for GroupNorm {
         let (eps, relu) = (self.config.eps, self.relu);
         if self.config.kind == WithinSample::LayerElementwise {
             // One channel per element: dγ, dβ summed over the samples by the kernel itself,
-            // added straight into the parameters' gradients (or into scratch without them).
-            let (gamma, dg, db) = match (self.weight.as_mut(), self.bias.as_mut()) {
-                (Some(w), Some(b)) => (Some(w.value.data.as_slice()), &mut w.grad.data, &mut b.grad.data),
-                (w, _) => {
-                    let (dg, db) = &mut sc.elementwise_grads;
-                    dg.clear();
-                    dg.resize(c, 0.0);
-                    db.clear();
-                    db.resize(c, 0.0);
-                    (w.map(|w| w.value.data.as_slice()), dg, db)
+            // added straight into the parameters' gradients (into zeroed scratch for a missing
+            // parameter).
+            let (dg_scratch, db_scratch) = &mut sc.elementwise_grads;
+            let zeroed = |v: &mut Vec<f32>| {
+                v.clear();
+                v.resize(c, 0.0);
+            };
+            let (gamma, dg) = match self.weight.as_mut() {
+                Some(w) => (Some(w.value.data.as_slice()), &mut w.grad.data),
+                None => {
+                    zeroed(dg_scratch);
+                    (None, dg_scratch)
+                }
+            };
+            let db = match self.bias.as_mut() {
+                Some(b) => &mut b.grad.data,
+                None => {
+                    zeroed(db_scratch);
+                    db_scratch
                 }
             };
             crate::kernels::layer_norm::layer_norm_backward(
