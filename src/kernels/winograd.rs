@@ -324,15 +324,16 @@ fn window_block<V: Vector, const K: usize, const R: usize, F: OneD<K, R>>(
     channels: usize,
     tile_out: &mut [f32],
 ) {
-    let mut cols = [[V::zero(); K]; R];
-    for j in 0..K {
-        let col: [V; K] = std::array::from_fn(|k| V::load(&staging[(corner + k * pw + j) * cp + c0..]));
-        for (a, v) in F::apply(col).into_iter().enumerate() {
-            cols[a][j] = v;
-        }
-    }
-    for (a, row) in cols.iter().enumerate() {
-        for (b, v) in F::apply(*row).into_iter().enumerate() {
+    // Built by from_fn, not zeroed and then filled: the zeroed array was a libc memset call of
+    // up to 2.3 KB per window (with a vzeroupper before it), 3% of a slimmed vgg's inference.
+    let cols: [[V; R]; K] = std::array::from_fn(|j| {
+        F::apply(std::array::from_fn(|k| {
+            V::load(&staging[(corner + k * pw + j) * cp + c0..])
+        }))
+    });
+    for a in 0..R {
+        let row: [V; K] = std::array::from_fn(|j| cols[j][a]);
+        for (b, v) in F::apply(row).into_iter().enumerate() {
             v.store_first(&mut tile_out[(a * R + b) * channels + c0..], n);
         }
     }
@@ -468,17 +469,17 @@ impl OutputBlock<'_> {
     ) {
         let (channels, c0, n) = (self.channels, self.c0, self.n);
         let (cp, bw) = (channels.next_multiple_of(LANES), self.plan.tiles_w * R);
-        let mut cols = [[W::zero(); K]; R];
         let tile_m = &mbuf[p * K * K * channels + c0..];
-        for j in 0..K {
-            let col: [W; K] = std::array::from_fn(|k| W::load_first(&tile_m[(k * K + j) * channels..], n));
-            for (a, v) in F::apply(col).into_iter().enumerate() {
-                cols[a][j] = v;
-            }
-        }
+        // From from_fn, not a zeroed array (see `window_block`).
+        let cols: [[W; R]; K] = std::array::from_fn(|j| {
+            F::apply(std::array::from_fn(|k| {
+                W::load_first(&tile_m[(k * K + j) * channels..], n)
+            }))
+        });
         let b = bias.map_or(W::zero(), |b| W::load_first(&b[c0..], n));
-        for (a, row) in cols.iter().enumerate() {
-            for (bcol, v) in F::apply(*row).into_iter().enumerate() {
+        for a in 0..R {
+            let row: [W; K] = std::array::from_fn(|j| cols[j][a]);
+            for (bcol, v) in F::apply(row).into_iter().enumerate() {
                 let v = if bias.is_some() { v + b } else { v };
                 let v = if relu { v.relu() } else { v };
                 v.store(&mut buf[((self.ty * R + a) * bw + self.tx * R + bcol) * cp + c0..]);
