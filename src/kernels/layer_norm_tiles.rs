@@ -480,8 +480,11 @@ fn column_terms<L: Lanes, const K: usize, const RELU: bool, const G: bool>(
         tg.store(&mut dg[j..]);
         tb.store(&mut db[j..]);
     }
-    sg.copy_from_slice(&a);
-    sq.copy_from_slice(&q);
+    // Vector by vector: `copy_from_slice` of the K vectors was a libc memcpy call (behind a
+    // vzeroupper) per group of rows.
+    for i in 0..K {
+        (sg[i], sq[i]) = (a[i], q[i]);
+    }
 }
 
 lanes_entry! {

@@ -126,7 +126,10 @@ fn column_terms<L: Lanes, const K: usize>(
         }
         tg.store(&mut dg[j..]);
     }
-    sq.copy_from_slice(&q);
+    // Vector by vector, not `copy_from_slice` (a libc memcpy call: layer_norm_tiles.rs).
+    for i in 0..K {
+        sq[i] = q[i];
+    }
 }
 
 // With g = dy (masked by y > 0 after a fused ReLU) and x̂ = x·r:
