@@ -127,6 +127,7 @@ fn column_terms<L: Lanes, const K: usize>(
         tg.store(&mut dg[j..]);
     }
     // Vector by vector, not `copy_from_slice` (a libc memcpy call: layer_norm_tiles.rs).
+    #[allow(clippy::manual_memcpy)]
     for i in 0..K {
         sq[i] = q[i];
     }

@@ -32,14 +32,16 @@ fn output<'a>(out: &'a mut Option<Out>, c: usize, name: &str) -> PyResult<Option
     Ok(Some(o))
 }
 
-/// Per-channel f64 sums rounded into the caller's arrays when given, else new f64 vectors.
-fn rounded(sums: [&[f64]; 2], outs: [Option<&mut [f32]>; 2]) -> Option<(Vec<f64>, Vec<f64>)> {
+/// Per-channel sums (f64, or f32 already rounded once) rounded into the caller's arrays when
+/// given, else new f64 vectors.
+fn rounded<T: Copy + Into<f64>>(sums: [&[T]; 2], outs: [Option<&mut [f32]>; 2]) -> Option<(Vec<f64>, Vec<f64>)> {
+    let widened = |v: &[T]| v.iter().map(|&v| v.into()).collect::<Vec<f64>>();
     if outs.iter().all(Option::is_none) {
-        return Some((sums[0].to_vec(), sums[1].to_vec()));
+        return Some((widened(sums[0]), widened(sums[1])));
     }
     for (sum, out) in sums.into_iter().zip(outs) {
         if let Some(o) = out {
-            o.iter_mut().zip(sum).for_each(|(o, &v)| *o = v as f32);
+            o.iter_mut().zip(sum).for_each(|(o, &v)| *o = v.into() as f32);
         }
     }
     None
@@ -159,16 +161,7 @@ fn gn_train_backward<'py>(
                 &mut sc.tasks,
             );
             // Already rounded once (the f64 sums of the kernel's tasks, added into zeros).
-            if dw_out.is_none() && db_out.is_none() {
-                let widened = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-                return Some((widened(&sc.dgamma), widened(&sc.dbeta)));
-            }
-            for (out, sum) in [dw_out, db_out].into_iter().zip([&sc.dgamma, &sc.dbeta]) {
-                if let Some(o) = out {
-                    o.copy_from_slice(sum);
-                }
-            }
-            return None;
+            return rounded([&sc.dgamma, &sc.dbeta], [dw_out, db_out]);
         }
         let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
         let mut per = vec![(0.0f64, 0.0f64); n * c];
