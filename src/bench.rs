@@ -61,8 +61,8 @@ pub struct KernelResult {
     pub copy_fraction: f64,
     pub traffic_tensor_sizes: f64,
     /// Median ms of the same traffic as plain streams over tensors of this shape (`streams`),
-    /// timed in turns with the kernel: the limit at this size, where the data may sit in cache
-    /// and the 256 MiB copy's rate understates it.
+    /// timed in blocks alternating with the kernel's (`time_medians_alternating`): the limit at
+    /// this size, where the data may sit in cache and the 256 MiB copy's rate understates it.
     pub streams_ms: f64,
 }
 
@@ -125,23 +125,32 @@ fn parallel_copy_chunks(src: &[f32], dst: &mut [f32], chunk: usize) {
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
-/// Medians (seconds) of `reps` timings each of `f` and `g`, timed in turns after one warm-up
-/// call each, so that a burst of host load slows both alike.
+/// Timed calls per block of `time_medians_alternating`.
+const BLOCK: usize = 5;
+
+/// Medians (seconds) of `reps` timings each of `f` and `g`, timed in alternating blocks of
+/// `BLOCK` calls, each block after one untimed call of the same side: a burst of host load
+/// slows both alike, and each side runs from the cache its own previous call left, as
+/// PyTorch's back-to-back timing loop does. (Call by call, a kernel on tensors of a few MB ran
+/// after the streams had evicted its data: [6400, 128] LayerNorm forward + backward 0.75 ms
+/// in turns against 0.56-0.58 back to back in a probe minutes later, while PyTorch's side
+/// is timed back to back.)
 fn time_medians_alternating(
     reps: usize,
     mut f: impl FnMut() -> Result<()>,
     mut g: impl FnMut() -> Result<()>,
 ) -> Result<(f64, f64)> {
-    f()?;
-    g()?;
     let (mut tf, mut tg) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        f()?;
-        tf.push(t0.elapsed().as_secs_f64());
-        let t0 = Instant::now();
-        g()?;
-        tg.push(t0.elapsed().as_secs_f64());
+    while tf.len() < reps {
+        let block = BLOCK.min(reps - tf.len());
+        for (h, t) in [(&mut f as &mut dyn FnMut() -> Result<()>, &mut tf), (&mut g, &mut tg)] {
+            h()?;
+            for _ in 0..block {
+                let t0 = Instant::now();
+                h()?;
+                t.push(t0.elapsed().as_secs_f64());
+            }
+        }
     }
     let median = |mut t: Vec<f64>| {
         t.sort_by(|a, b| a.total_cmp(b));
@@ -174,15 +183,22 @@ fn kernel_call(
     let (mut y, mut dx) = (Tensor::default(), Tensor::default());
     let passes = passes.to_string();
     Ok(move || {
-        match passes.as_str() {
-            "eval" => layer.forward(&x, &mut y, Mode::Eval)?,
-            "fwd" => layer.forward(&x, &mut y, Mode::Train)?,
-            _ => {
-                layer.forward(&x, &mut y, Mode::Train)?;
-                layer.backward(&x, &y, &dy, &mut dx)?;
+        // With the workers polling, as a model's forward and backward run in training
+        // (`Model::forward`) and as PyTorch's OpenMP workers spin between regions: without it
+        // the second worker slept between the calls' regions, 4-12% of LayerNorm forward +
+        // backward on the token shapes and [128, 64, 14, 14] (alternating, geometric means
+        // of 8 rounds).
+        crate::workers::with_workers_awake(|| -> Result<()> {
+            match passes.as_str() {
+                "eval" => layer.forward(&x, &mut y, Mode::Eval)?,
+                "fwd" => layer.forward(&x, &mut y, Mode::Train)?,
+                _ => {
+                    layer.forward(&x, &mut y, Mode::Train)?;
+                    layer.backward(&x, &y, &dy, &mut dx)?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     })
 }
 
@@ -205,7 +221,7 @@ fn bench_kernel_against_streams(
     let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
     let backward = passes == "fwd+bwd";
     let times = time_medians_alternating(reps, kernel_call(kernel, spec, passes, shape)?, || {
-        streams(&x, &dy, &mut y, &mut dx, backward);
+        crate::workers::with_workers_awake(|| streams(&x, &dy, &mut y, &mut dx, backward));
         Ok(())
     })?;
     std::hint::black_box((&y, &dx));

@@ -209,7 +209,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         )?;
     }
     if !report.kernels.is_empty() {
-        outln!("copy%: GB/s over the 256 MiB copy's; stream ms: the same reads and writes as plain streams on tensors of the shape (y = x, then dx = x + dy), timed in turns with the kernel: the limit where they fit in cache; of ms: that over ms")?;
+        outln!("copy%: GB/s over the 256 MiB copy's; stream ms: the same reads and writes as plain streams on tensors of the shape (y = x, then dx = x + dy), timed in blocks alternating with the kernel's, each side warm: the limit where they fit in cache; of ms: that over ms")?;
     }
     if let Some(peak) = report.gemm_peak_gflops {
         outln!("gemm peak {peak:.0} GFLOP/s (f32, square products of 512 to 1536, every thread); conv GFLOP/s count the direct algorithm's 2·N·C·OC·H·W·9 per pass")?;
