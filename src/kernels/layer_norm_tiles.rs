@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use crate::kernels::batch_norm::{inverse_std, ChannelStats};
 use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
 use crate::kernels::reduce::{relu_mask, Center};
+use crate::kernels::simd::prefetch_l2;
 
 /// Rows per tile at most: one per lane.
 pub(crate) const ROWS: usize = LANES;
@@ -449,21 +450,6 @@ pub(crate) const GROUP: usize = 4;
 /// [6400, 256] 0.80 and 0.74, faster in 8-10 rounds of 10; [6400, 128] level (0.99, faster in
 /// 5 of 10; into L1 instead it was slower, ARCHITECTURE.md).
 const PREFETCH_ABOVE: usize = 128;
-
-/// Asks for the cache lines of `v` into L2 (a hint: no fault, no result).
-#[inline(always)]
-fn prefetch_l2(v: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in v.chunks(16) {
-        // SAFETY: a prefetch reads nothing architecturally; the address is inside `v`.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-            _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast());
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
-}
 
 /// The backward's first pass over the whole vectors of K rows: each row's Σγg, Σγg·x̂ added
 /// into its lanes `sg`, `sq`; every column's Σg·x̂, Σg into `dg`, `db`, loaded and stored once

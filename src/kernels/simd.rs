@@ -44,6 +44,22 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// Asks for the cache lines of `v` into L2: a hint, for a kernel that will read `v` after
+/// work on other data (no fault, no result, nothing on other targets).
+#[inline(always)]
+pub(crate) fn prefetch_l2(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in v.chunks(16) {
+        // SAFETY: a prefetch reads nothing architecturally; the address is inside `v`.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 /// An output buffer that parallel tasks write through, each to its own disjoint ranges (the
 /// strided runs of one channel). Reads and writes outside a task's own ranges are forbidden.
 pub struct SharedOut {
