@@ -48,6 +48,11 @@ pub fn group_norm_forward_train(
         let k = crate::kernels::layer_norm_tiles::layer_norm_forward;
         return k(x, y, shape.c, eps, gamma, beta, relu, stats);
     }
+    if groups == 1 && s == 1 && crate::kernels::layer_norm_rows::takes_rows(shape.c) {
+        // Longer token rows (384, 768): one at a time on vector lanes (layer_norm_rows.rs).
+        let k = crate::kernels::layer_norm_rows::layer_norm_forward;
+        return k(x, y, shape.c, eps, gamma, beta, relu, stats);
+    }
     let block = cg * s;
     let tile = tile_for(block);
     y.par_chunks_mut(block * tile)

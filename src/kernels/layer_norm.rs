@@ -3,7 +3,8 @@
 //! per-element sums GroupNorm's backward would write. The forward is GroupNorm's
 //! (`group_norm_forward_train` with G = 1, S = 1). Rows of 16-256 values go to
 //! `layer_norm_tiles` on AVX-512, forward and backward, and so does the backward of rows of
-//! 2,048 to 2^15 values in tasks of at least 16 rows. Row sums run in 16 f32 lanes added into f64
+//! 2,048 to 2^15 values in tasks of at least 16 rows; rows of 257-2,047 values go to
+//! `layer_norm_rows`, forward and backward. Row sums run in 16 f32 lanes added into f64
 //! lanes every `FLUSH` values: vector speed at f64-like accuracy.
 
 use rayon::prelude::*;
@@ -34,6 +35,7 @@ const LONG_ROW: usize = 1 << 15;
 /// (`LONG_ROW`) in such tasks took the columns' backward before: [64, 32768] 1.34–1.71 →
 /// 1.27–1.52 ms (AMD host, two sets of alternating runs of a scratch probe, medians of 300).
 const LONG_TILES_FROM: usize = 2048;
+const _: () = assert!(LONG_TILES_FROM == crate::kernels::layer_norm_rows::ROWS_BELOW);
 const LONG_TILES_TO: usize = 1 << 16;
 const LONG_TASK_ROWS: usize = 16;
 
@@ -101,6 +103,8 @@ pub fn layer_norm_backward(
         let (g, b) = a.split_at_mut(c);
         if backward_takes_tiles(c, rows) {
             layer_norm_tiles::layer_norm_backward_tiles(xt, yt, dt, dxt, c, eps, gamma, relu, st, g, b);
+        } else if crate::kernels::layer_norm_rows::takes_rows(c) {
+            crate::kernels::layer_norm_rows::layer_norm_backward_rows(xt, yt, dt, dxt, c, eps, gamma, relu, st, g, b);
         } else {
             backward_rows(xt, yt, dt, dxt, c, gamma, relu, st, eps, g, b);
         }

@@ -28,7 +28,7 @@ pub(crate) fn tile_rows(c: usize) -> usize {
 
 /// The shortest and longest rows the tiles take: below 16 values a row is all tail; above 256
 /// the row kernels were faster (measured: the forward's three passes and the backward at 384
-/// values; ARCHITECTURE.md).
+/// values; ARCHITECTURE.md), now those of layer_norm_rows.rs.
 pub const TILE_ROW_MIN: usize = LANES;
 pub const TILE_ROW_MAX: usize = 256;
 
@@ -78,7 +78,7 @@ pub(crate) fn row_fold<L: Lanes>(row: &[f32], add: impl Fn(L, L) -> L) -> L {
 
 /// (Σd, Σd²) of d = x − m over the whole vectors of a row, in two chains each.
 #[inline(always)]
-fn centered_sums<L: Lanes>(row: &[f32], m: f32) -> (L, L) {
+pub(crate) fn centered_sums<L: Lanes>(row: &[f32], m: f32) -> (L, L) {
     let m = L::splat(m);
     let (mut a, mut q) = ([L::zero(); 2], [L::zero(); 2]);
     let mut pairs = row.chunks_exact(2 * LANES);
@@ -233,7 +233,7 @@ fn output_lanes<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
 
 /// One row's y = act((x − mean)·invstd·γ + β): whole vectors, then the tail's lanes.
 #[inline(always)]
-fn output_row<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
+pub(crate) fn output_row<L: Lanes, const RELU: bool, const G: bool, const B: bool>(
     xr: &[f32],
     yr: &mut [f32],
     center: Center,
@@ -419,7 +419,7 @@ fn backward_with<L: Lanes, const RELU: bool, const G: bool>(
 /// n lanes of the backward's dx at column j (a function, not a closure: see `output_lanes`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dx_lanes<L: Lanes, const RELU: bool, const G: bool>(
+pub(crate) fn dx_lanes<L: Lanes, const RELU: bool, const G: bool>(
     xr: &[f32],
     yr: &[f32],
     dr: &[f32],
@@ -456,7 +456,7 @@ const PREFETCH_ABOVE: usize = 128;
 /// for the K rows (per row, the two stores cost as much as the rest of the pass).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn column_terms<L: Lanes, const K: usize, const RELU: bool, const G: bool>(
+pub(crate) fn column_terms<L: Lanes, const K: usize, const RELU: bool, const G: bool>(
     xs: &[f32],
     ys: &[f32],
     ds: &[f32],
@@ -509,7 +509,7 @@ lanes_entry! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::lanes::Portable;
 
@@ -574,7 +574,11 @@ mod tests {
     /// as the backward takes for long rows).
     #[test]
     fn tiles_match_the_definition() {
-        for &(n, c, offset) in &[
+        let mut runs: Vec<(&str, Run)> = vec![("portable", run::<Portable>)];
+        if tiles_vectorized() {
+            runs.push(("entry", run_entry));
+        }
+        let cases = [
             (5, 16, 0.0f32),
             (37, 64, 0.0),
             (16, 100, 3.0),
@@ -582,7 +586,14 @@ mod tests {
             (21, 200, 1.0),
             (3, 1024, 0.0),
             (9, 4100, 1e2),
-        ] {
+        ];
+        check_against_definition(&cases, &runs);
+    }
+
+    /// Each of `runs` (a forward then a backward) on rows (n, c, offset) of `cases`, with and
+    /// without γ, β and a fused ReLU, against the f64 definition.
+    pub(crate) fn check_against_definition(cases: &[(usize, usize, f32)], runs: &[(&str, Run)]) {
+        for &(n, c, offset) in cases {
             for (affine, relu) in [(true, false), (false, false), (true, true)] {
                 let x = values(n * c, 1, offset);
                 let dy = values(n * c, 2, 0.0);
@@ -595,11 +606,7 @@ mod tests {
                 };
                 let eps = 1e-5;
                 let (stats, y, dx, dg, db) = reference(&x, &dy, c, eps, &gamma, &beta, relu);
-                let mut runs: Vec<(&str, Run)> = vec![("portable", run::<Portable>)];
-                if tiles_vectorized() {
-                    runs.push(("entry", run_entry));
-                }
-                for (name, f) in runs {
+                for &(name, f) in runs {
                     let inputs = Inputs {
                         x: &x,
                         dy: &dy,
@@ -633,24 +640,25 @@ mod tests {
         }
     }
 
-    type Run = fn(&mut Outputs, &Inputs);
+    /// A forward then a backward of one kernel on `Inputs`, into `Outputs`.
+    pub(crate) type Run = fn(&mut Outputs, &Inputs);
 
-    struct Inputs<'a> {
-        x: &'a [f32],
-        dy: &'a [f32],
-        c: usize,
-        eps: f64,
-        gamma: Option<&'a [f32]>,
-        beta: Option<&'a [f32]>,
-        relu: bool,
+    pub(crate) struct Inputs<'a> {
+        pub x: &'a [f32],
+        pub dy: &'a [f32],
+        pub c: usize,
+        pub eps: f64,
+        pub gamma: Option<&'a [f32]>,
+        pub beta: Option<&'a [f32]>,
+        pub relu: bool,
     }
 
-    struct Outputs {
-        stats: Vec<ChannelStats>,
-        y: Vec<f32>,
-        dx: Vec<f32>,
-        dg: Vec<f32>,
-        db: Vec<f32>,
+    pub(crate) struct Outputs {
+        pub stats: Vec<ChannelStats>,
+        pub y: Vec<f32>,
+        pub dx: Vec<f32>,
+        pub dg: Vec<f32>,
+        pub db: Vec<f32>,
     }
 
     impl Outputs {

@@ -11,6 +11,7 @@ pub mod group_norm;
 pub mod im2col;
 pub mod lanes;
 pub mod layer_norm;
+pub mod layer_norm_rows;
 pub mod layer_norm_tiles;
 pub mod loss;
 pub mod lp_norm;
