@@ -5,11 +5,11 @@
       [--reps 15] [--only kernels,models,conv,KERNEL] [--json FILE]
 
 Runs `normlab bench --filter K --json` (the kernels through normlab's layer code, plus end-to-end
-training on random data) for one kernel or model K at a time, then times PyTorch on the same
-shapes or model in this process, and prints normlab/PyTorch speed ratios (> 1 means normlab is
-faster). A shared host slows down in bursts of seconds, so the two sides alternate per kernel,
-model and the conv table, for --rounds rounds; each round gives one ratio per entry, and the
-report is the minimum and the median of those ratios. --reps sets the timed calls per kernel
+training on random data) for one kernel K on one shape, or one model, at a time, then times
+PyTorch on the same shape or model in this process, and prints normlab/PyTorch speed ratios (> 1 means normlab is
+faster). A shared host slows down in bursts of seconds, so the two sides alternate per kernel
+and shape (`normlab bench --shape`), model and the conv table, for --rounds rounds; each round
+gives one ratio per entry, and the report is the minimum and the median of those ratios. --reps sets the timed calls per kernel
 and conv shape on each side in each round (the median of them is the round's time): a burst
 shorter than half of them no longer moves a round's ratio. The conv table puts normlab's im2col
 (the method before Winograd) and its measured choice beside PyTorch's convolution.
@@ -117,13 +117,14 @@ KERNELS = ["bn_train_fwd", "bn_train_fwd_bwd", "bn_eval_fwd", "gn_fwd_bwd", "ln_
 MODELS = ["seed-cnn", "vgg:32,32,M,64,64,M,128,128,M bn", "gn:8", "resnet"]
 
 
-def normlab_bench(exe, threads, part, quick, reps):
-    """One `normlab bench --filter PART` run: (copy GB/s, kernel records of exactly that kernel,
-    training records, conv records)."""
+def normlab_bench(exe, threads, part, quick, reps, shape=None):
+    """One `normlab bench --filter PART [--shape N,C,H,W]` run: (copy GB/s, kernel records of
+    exactly that kernel, training records, conv records)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         cmd = [exe, "bench", "--threads", str(threads), "--filter", part, "--json", out, "--reps", str(reps)]
         cmd += ["--quick"] if quick else []
+        cmd += ["--shape", ",".join(map(str, shape))] if shape else []
         subprocess.run(cmd, check=True, capture_output=True)
         with open(out) as f:
             run = json.load(f)
@@ -152,45 +153,55 @@ def main():
     only = set(filter(None, args.only.split(",")))
     parts = ((KERNELS if not only or "kernels" in only else [k for k in KERNELS if k in only]) + (MODELS if not only or "models" in only else [])
              + (["conv"] if not only or "conv" in only else []))
-    # Each kernel (all six shapes), model and the conv table alternates between the two sides, a
-    # few seconds apart, so a burst of host load hits both alike. Every round gives each entry
-    # one ratio (normlab's median time against PyTorch's, measured back to back); the report is
-    # the minimum and the median of those ratios over the rounds.
+    # Each kernel shape by shape (`normlab bench --shape`), each model and the conv table
+    # alternates between the two sides, a second or a few apart, so a burst of host load hits
+    # both alike. Every round gives each entry one ratio (normlab's median time against
+    # PyTorch's, measured back to back); the report is the minimum and the median of those
+    # ratios over the rounds. (Alternating per kernel, all its shapes on one side and then on
+    # the other, put the two sides of a shape up to ten seconds apart.)
     copy = 0.0
     kernel_rows, train_rows, conv_rows = {}, {}, {}
+    shapes = {}
+    for part in parts:
+        if part in KERNELS:
+            # The kernel's shapes, from normlab's own table (one quick call each).
+            _, kernels, _, _ = normlab_bench(exe, args.threads, part, True, 1)
+            shapes[part] = [k["shape"] for k in kernels]
     for r in range(max(1, args.rounds)):
         for part in parts:
-            gbs, kernels, training, convs = normlab_bench(exe, args.threads, part, args.quick, reps)
-            copy = max(copy, gbs)
-            for k in kernels:
-                t = torch_kernel(k["kernel"], k["shape"], reps)
-                row = kernel_rows.setdefault((k["kernel"], tuple(k["shape"])),
-                                             dict(ms=[], torch_ms=[], ratio=[], gb_per_s=[], copy_fraction=[],
-                                                  streams=[], torch_streams=[]))
-                row["ms"].append(k["ms"])
-                row["gb_per_s"].append(k["gb_per_s"])
-                row["copy_fraction"].append(k["copy_fraction"])
-                row["streams"].append(k["streams_ms"] / k["ms"])
-                row["torch_streams"].append(k["streams_ms"] / (t * 1e3))
-                row["torch_ms"].append(t * 1e3)
-                row["ratio"].append(t * 1e3 / k["ms"])
-            for t in training:
-                ips = torch_training(t["model"], t["norm"], t["batch_size"], 3 if args.quick else 10)
-                row = train_rows.setdefault((t["model"], t["norm"]), dict(images_per_sec=[], torch_images_per_sec=[],
-                                                                         ratio=[]))
-                row["images_per_sec"].append(t["images_per_sec"])
-                row["torch_images_per_sec"].append(ips)
-                row["ratio"].append(t["images_per_sec"] / ips)
-            for shape in dict.fromkeys(tuple(c["shape"]) for c in convs):
-                fwd, bwd = torch_conv(shape, reps)
-                row = conv_rows.setdefault(shape, dict(torch_fwd_ms=[], torch_bwd_ms=[], normlab={}))
-                row["torch_fwd_ms"].append(fwd * 1e3)
-                row["torch_bwd_ms"].append(bwd * 1e3)
-                for c in convs:
-                    if tuple(c["shape"]) == shape:
-                        alg = row["normlab"].setdefault(c["algorithm"], dict(fwd_ms=[], bwd_ms=[]))
-                        alg["fwd_ms"].append(c["forward_ms"])
-                        alg["bwd_ms"].append(c["backward_ms"])
+            runs = ([normlab_bench(exe, args.threads, part, args.quick, reps, shape) for shape in shapes[part]]
+                    if part in shapes else [normlab_bench(exe, args.threads, part, args.quick, reps)])
+            for gbs, kernels, training, convs in runs:
+                copy = max(copy, gbs)
+                for k in kernels:
+                    t = torch_kernel(k["kernel"], k["shape"], reps)
+                    row = kernel_rows.setdefault((k["kernel"], tuple(k["shape"])),
+                                                 dict(ms=[], torch_ms=[], ratio=[], gb_per_s=[], copy_fraction=[],
+                                                      streams=[], torch_streams=[]))
+                    row["ms"].append(k["ms"])
+                    row["gb_per_s"].append(k["gb_per_s"])
+                    row["copy_fraction"].append(k["copy_fraction"])
+                    row["streams"].append(k["streams_ms"] / k["ms"])
+                    row["torch_streams"].append(k["streams_ms"] / (t * 1e3))
+                    row["torch_ms"].append(t * 1e3)
+                    row["ratio"].append(t * 1e3 / k["ms"])
+                for t in training:
+                    ips = torch_training(t["model"], t["norm"], t["batch_size"], 3 if args.quick else 10)
+                    row = train_rows.setdefault((t["model"], t["norm"]), dict(images_per_sec=[], torch_images_per_sec=[],
+                                                                             ratio=[]))
+                    row["images_per_sec"].append(t["images_per_sec"])
+                    row["torch_images_per_sec"].append(ips)
+                    row["ratio"].append(t["images_per_sec"] / ips)
+                for shape in dict.fromkeys(tuple(c["shape"]) for c in convs):
+                    fwd, bwd = torch_conv(shape, reps)
+                    row = conv_rows.setdefault(shape, dict(torch_fwd_ms=[], torch_bwd_ms=[], normlab={}))
+                    row["torch_fwd_ms"].append(fwd * 1e3)
+                    row["torch_bwd_ms"].append(bwd * 1e3)
+                    for c in convs:
+                        if tuple(c["shape"]) == shape:
+                            alg = row["normlab"].setdefault(c["algorithm"], dict(fwd_ms=[], bwd_ms=[]))
+                            alg["fwd_ms"].append(c["forward_ms"])
+                            alg["bwd_ms"].append(c["backward_ms"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     med = statistics.median
     print(f"threads {args.threads}, torch {torch.__version__}, {max(1, args.rounds)} alternating rounds of {reps} timed calls a side; "

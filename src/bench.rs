@@ -348,10 +348,17 @@ pub fn bench_training(model: crate::models::Arch, norm: &'static str, batch: usi
 
 /// Everything whose name contains `filter` (all when empty), with `progress` called before
 /// each measurement.
-pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+pub fn run(
+    quick: bool,
+    reps: Option<usize>,
+    filter: &str,
+    shape: Option<[usize; 4]>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
     let reps = reps.unwrap_or(if quick { 3 } else { 15 });
     progress("memory copy");
-    let copy = copy_bandwidth(reps);
+    // One shape is one entry of a comparison that alternates shape by shape: a shorter copy.
+    let copy = copy_bandwidth(if shape.is_some() { reps.min(7) } else { reps });
     let mut kernels = Vec::new();
     for (kernel, spec, passes, traffic) in KERNELS.into_iter().filter(|k| k.0.contains(filter)) {
         let tokens: &[[usize; 4]] = if matches!(spec, "layernorm" | "rms") {
@@ -359,7 +366,8 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
         } else {
             &[]
         };
-        for &shape in SHAPES.iter().chain(tokens) {
+        let table: Vec<[usize; 4]> = SHAPES.iter().chain(tokens).copied().collect();
+        for shape in shape.map_or(table, |s| vec![s]) {
             progress(&format!("{kernel} {shape:?}"));
             let (secs, stream_secs) = bench_kernel_against_streams(kernel, spec, passes, shape, reps)?;
             let bytes = shape.iter().product::<usize>() as f64 * 4.0 * traffic;
@@ -390,7 +398,8 @@ pub fn run(quick: bool, reps: Option<usize>, filter: &str, progress: &mut dyn Fn
         }
     }
     let mut training = Vec::new();
-    for (model, norm) in TRAINING_MODELS {
+    // A shape asks for kernels only.
+    for (model, norm) in TRAINING_MODELS.into_iter().filter(|_| shape.is_none()) {
         let arch = crate::models::Arch::builtin(model);
         let name = arch.to_string();
         let label = format!("{name} {norm}");

@@ -291,6 +291,9 @@ fn options_are_checked_and_errors_name_the_flag() {
             "--batch-sizes",
         ),
         (vec!["compare", "--data", d, "--out", o, "--lrs", "0.1,nan"], "--lrs"),
+        (vec!["bench", "--shape", "8,0,4,4"], "--shape"),
+        (vec!["bench", "--shape", "65536,65536,1,1"], "2^26 values"),
+        (vec!["bench", "--shape", "8,4,4"], "--shape"),
         (
             vec!["train", "--resume", s(&run), "--lr", "0.5", "--seed", "9"],
             "--lr 0.5",

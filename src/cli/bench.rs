@@ -32,6 +32,11 @@ pub struct BenchArgs {
     /// Only the kernels or models whose name contains this (e.g. bn_train, gn, training) [default: all].
     #[arg(long, default_value = "")]
     pub filter: String,
+    /// Time the kernels on this one shape instead of their table (and no training), as
+    /// bench/kernels_vs_pytorch.py does to alternate with PyTorch shape by shape; each size 1 to
+    /// 2^24, at most 2^26 values in all.
+    #[arg(long, value_name = "N,C,H,W", value_parser = kernel_shape)]
+    pub shape: Option<[usize; 4]>,
     /// Worker threads, 1 to 256 [default: one per core].
     #[arg(long, value_name = "N", value_parser = threads)]
     pub threads: Option<usize>,
@@ -161,6 +166,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     use normlab::bench::{CONV_ALGORITHMS, CONV_SHAPES, KERNELS, SHAPES, TOKEN_SHAPES, TRAINING_MODELS};
     let measured = if a.filter == "conv" {
         1 + CONV_SHAPES.len() * CONV_ALGORITHMS.len()
+    } else if a.shape.is_some() {
+        KERNELS.len()
     } else {
         KERNELS.len() * SHAPES.len() + 2 * TOKEN_SHAPES.len() + TRAINING_MODELS.len()
     };
@@ -172,7 +179,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     let report = in_pool(|| {
-        normlab::bench::run(a.quick, a.reps.map(|r| r as usize), &a.filter, &mut |what| {
+        normlab::bench::run(a.quick, a.reps.map(|r| r as usize), &a.filter, a.shape, &mut |what| {
             bar.set_message(what.to_string());
             bar.inc(1);
         })
@@ -279,4 +286,25 @@ fn run_all_reduce(comm: &dyn normlab::dist::Communicator, quick: bool) -> Result
         }
     }
     Ok(())
+}
+
+/// `--shape N,C,H,W`: four sizes of 1 to 2^24, at most 2^26 values in all (the kernel and its
+/// streams reference hold eight tensors of the shape: 2 GiB at most).
+fn kernel_shape(s: &str) -> std::result::Result<[usize; 4], String> {
+    let sizes: Vec<usize> = s
+        .split(',')
+        .map(|v| v.trim().parse::<usize>().ok().filter(|n| (1..=1 << 24).contains(n)))
+        .collect::<Option<_>>()
+        .ok_or("must be four whole numbers N,C,H,W, each from 1 to 16777216")?;
+    let shape: [usize; 4] = sizes
+        .try_into()
+        .map_err(|_| "must be four whole numbers N,C,H,W, each from 1 to 16777216")?;
+    if shape
+        .iter()
+        .try_fold(1usize, |p, &n| p.checked_mul(n))
+        .is_none_or(|p| p > 1 << 26)
+    {
+        return Err("has more than 2^26 values (67108864): pass a smaller shape".into());
+    }
+    Ok(shape)
 }
