@@ -7,7 +7,7 @@
 //! 1,024: two rows). Measured (AMD host, forward + backward through the layer, 2 threads, the
 //! two versions alternating in one process, geometric means of 10 rounds of 101 calls), the
 //! time against those row kernels: [4096, 320] 0.69, [4096, 384] 0.70, [2048, 768] 0.77,
-//! [64, 768] 0.81, [2048, 1024] 0.83, [1024, 1536] 0.89, faster in 8-10 of 10 rounds.
+//! [64, 768] 0.81, [2048, 1024] 0.83, [1024, 1536] 0.89, faster in 7-10 of 10 rounds.
 //! Tried: the forward's statistics for 8 rows before their outputs (forward alone 0.80-0.90 of
 //! the time, forward + backward 1.08 times it at 384 and 768: not taken).
 
@@ -15,9 +15,9 @@ use rayon::prelude::*;
 
 use crate::kernels::batch_norm::{inverse_std, ChannelStats};
 use crate::kernels::lanes::{lanes_entry, Lanes, LANES};
-use crate::kernels::layer_norm_tiles::{centered_sums, column_terms, dx_lanes, output_row};
+use crate::kernels::layer_norm_tiles::{centered_sums, column_terms, output_row, row_dx, tail_terms};
 use crate::kernels::layer_norm_tiles::{tiles_vectorized, TILE_ROW_MAX};
-use crate::kernels::reduce::{relu_mask, shift_estimate, shifted_mean_var, Center};
+use crate::kernels::reduce::{shift_estimate, shifted_mean_var, Center};
 
 /// Rows of this many values and more are layer_norm.rs's long rows (its `LONG_TILES_FROM`).
 pub const ROWS_BELOW: usize = 2048;
@@ -163,41 +163,19 @@ fn backward_with<L: Lanes, const RELU: bool, const G: bool>(
 ) {
     let full = c / LANES * LANES;
     let inv_c = 1.0 / c as f64;
-    let grad = |yv: f32, d: f32| if RELU { relu_mask(yv, d) } else { d };
     let rows = x.chunks_exact(c).zip(y.chunks_exact(c)).zip(dy.chunks_exact(c));
     for (((xr, yr), dr), (dxr, st)) in rows.zip(dx.chunks_exact_mut(c).zip(stats)) {
         let (center, inv) = (Center::new(st.mean), inverse_std(st.var, eps));
         // Pass 1: Σγg and Σγg·x̂ in lanes (the tail in f64), the column terms into dγ, dβ.
         let (mut ag, mut aq) = ([L::zero()], [L::zero()]);
         column_terms::<L, 1, RELU, G>(xr, yr, dr, c, full, gamma, &[center], &[inv], &mut ag, &mut aq, dg, db);
-        let (mut tg, mut tq) = (0.0f64, 0.0f64);
-        for j in full..c {
-            let g = grad(yr[j], dr[j]);
-            let xh = center.sub(xr[j]) * inv;
-            let gg = if G { gamma[j] * g } else { g };
-            tg += gg as f64;
-            tq += (gg * xh) as f64;
-            dg[j] += g * xh;
-            db[j] += g;
-        }
-        // Pass 2, from L1: dx = γg·invstd + (x − hi)·k1 + k0 (see layer_norm_tiles.rs).
-        let (a, b, iv) = (
+        let (tg, tq) = tail_terms::<RELU, G>(xr, yr, dr, full, gamma, center, inv, dg, db);
+        // Pass 2, from L1.
+        let (a, b) = (
             (ag[0].reduce_sum() as f64 + tg) * inv_c,
             (aq[0].reduce_sum() as f64 + tq) * inv_c,
-            inv as f64,
         );
-        let k1 = L::splat((-b * iv * iv) as f32);
-        let k0 = L::splat(((center.lo as f64 * b * iv - a) * iv) as f32);
-        let (hi, ivl) = (L::splat(center.hi), L::splat(inv));
-        let mut j = 0;
-        while j < full {
-            dx_lanes::<L, RELU, G>(xr, yr, dr, gamma, hi, ivl, k1, k0, j, LANES).store(&mut dxr[j..]);
-            j += LANES;
-        }
-        if full < c {
-            let n = c - full;
-            dx_lanes::<L, RELU, G>(xr, yr, dr, gamma, hi, ivl, k1, k0, full, n).store_first(&mut dxr[full..], n);
-        }
+        row_dx::<L, RELU, G>(xr, yr, dr, dxr, gamma, center, inv, (a, b));
     }
 }
 

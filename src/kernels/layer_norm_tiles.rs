@@ -337,7 +337,6 @@ fn backward_with<L: Lanes, const RELU: bool, const G: bool>(
 ) {
     let full = c / LANES * LANES;
     let inv_c = 1.0 / c as f64;
-    let grad = |yv: f32, d: f32| if RELU { relu_mask(yv, d) } else { d };
     // At least one group: long rows (one per L1-sized tile) still share dγ, dβ four at a time.
     let tile = tile_rows(c).max(GROUP);
     for (t, sts) in stats.chunks(tile).enumerate() {
@@ -369,17 +368,7 @@ fn backward_with<L: Lanes, const RELU: bool, const G: bool>(
             for i in 0..k {
                 let o = i * c;
                 let (xr, yr, dr) = (&xs[o..o + c], &ys[o..o + c], &ds[o..o + c]);
-                let (center, inv) = (cs[i], iv[i]);
-                let tail = &mut tails[r + i];
-                for j in full..c {
-                    let g = grad(yr[j], dr[j]);
-                    let xh = center.sub(xr[j]) * inv;
-                    let gg = if G { gamma[j] * g } else { g };
-                    tail.0 += gg as f64;
-                    tail.1 += (gg * xh) as f64;
-                    dg[j] += g * xh;
-                    db[j] += g;
-                }
+                tails[r + i] = tail_terms::<RELU, G>(xr, yr, dr, full, gamma, cs[i], iv[i], dg, db);
             }
             r += k;
         }
@@ -393,33 +382,78 @@ fn backward_with<L: Lanes, const RELU: bool, const G: bool>(
                 prefetch_l2(&dy[next]);
             }
             let (xr, yr, dr, dxr) = (&x[o..o + c], &y[o..o + c], &dy[o..o + c], &mut dx[o..o + c]);
-            // dx = invstd·(γg − a − x̂·b) = γg·invstd + (x − hi)·k1 + k0 with x̂ = (x − hi − lo)·invstd:
-            // k1 = −b·invstd², k0 = (lo·b·invstd − a)·invstd (three vector operations, not six).
-            let (a, b, iv) = (
+            let (a, b) = (
                 (sg[r] as f64 + tails[r].0) * inv_c,
                 (sgx[r] as f64 + tails[r].1) * inv_c,
-                inv[r] as f64,
             );
-            let k1 = L::splat((-b * iv * iv) as f32);
-            let k0 = L::splat(((centers[r].lo as f64 * b * iv - a) * iv) as f32);
-            let (hi, ivl) = (L::splat(centers[r].hi), L::splat(inv[r]));
-            let mut j = 0;
-            while j < full {
-                dx_lanes::<L, RELU, G>(xr, yr, dr, gamma, hi, ivl, k1, k0, j, LANES).store(&mut dxr[j..]);
-                j += LANES;
-            }
-            if full < c {
-                let n = c - full;
-                dx_lanes::<L, RELU, G>(xr, yr, dr, gamma, hi, ivl, k1, k0, full, n).store_first(&mut dxr[full..], n);
-            }
+            row_dx::<L, RELU, G>(xr, yr, dr, dxr, gamma, centers[r], inv[r], (a, b));
         }
+    }
+}
+
+/// The column terms of a row's values full..c (past its whole vectors) added into `dg`, `db`;
+/// returns their (Σγg, Σγg·x̂) in f64.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tail_terms<const RELU: bool, const G: bool>(
+    xr: &[f32],
+    yr: &[f32],
+    dr: &[f32],
+    full: usize,
+    gamma: &[f32],
+    center: Center,
+    inv: f32,
+    dg: &mut [f32],
+    db: &mut [f32],
+) -> (f64, f64) {
+    let (mut sg, mut sq) = (0.0f64, 0.0f64);
+    for j in full..xr.len() {
+        let g = if RELU { relu_mask(yr[j], dr[j]) } else { dr[j] };
+        let xh = center.sub(xr[j]) * inv;
+        let gg = if G { gamma[j] * g } else { g };
+        sg += gg as f64;
+        sq += (gg * xh) as f64;
+        dg[j] += g * xh;
+        db[j] += g;
+    }
+    (sg, sq)
+}
+
+// dx = invstd·(γg − a − x̂·b) = γg·invstd + (x − hi)·k1 + k0 with x̂ = (x − hi − lo)·invstd:
+// k1 = −b·invstd², k0 = (lo·b·invstd − a)·invstd (three vector operations, not six).
+/// One row's dx from its coefficients a = Σγg/c and b = Σγg·x̂/c.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn row_dx<L: Lanes, const RELU: bool, const G: bool>(
+    xr: &[f32],
+    yr: &[f32],
+    dr: &[f32],
+    dxr: &mut [f32],
+    gamma: &[f32],
+    center: Center,
+    inv: f32,
+    (a, b): (f64, f64),
+) {
+    let (c, iv) = (xr.len(), inv as f64);
+    let full = c / LANES * LANES;
+    let k1 = L::splat((-b * iv * iv) as f32);
+    let k0 = L::splat(((center.lo as f64 * b * iv - a) * iv) as f32);
+    let (hi, ivl) = (L::splat(center.hi), L::splat(inv));
+    let mut j = 0;
+    while j < full {
+        dx_lanes::<L, RELU, G>(xr, yr, dr, gamma, hi, ivl, k1, k0, j, LANES).store(&mut dxr[j..]);
+        j += LANES;
+    }
+    if full < c {
+        let n = c - full;
+        dx_lanes::<L, RELU, G>(xr, yr, dr, gamma, hi, ivl, k1, k0, full, n).store_first(&mut dxr[full..], n);
     }
 }
 
 /// n lanes of the backward's dx at column j (a function, not a closure: see `output_lanes`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn dx_lanes<L: Lanes, const RELU: bool, const G: bool>(
+fn dx_lanes<L: Lanes, const RELU: bool, const G: bool>(
     xr: &[f32],
     yr: &[f32],
     dr: &[f32],
